@@ -1,0 +1,175 @@
+//! Connecting to PostgreSQL with timeouts, and turning connection failures into clear errors.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
+use sqlx::{ConnectOptions, Connection, PgConnection};
+
+use super::Error;
+
+/// Where and how to connect. Built from a URL (CLI, `urlSecretRef`) or from parts (StateStore).
+#[derive(Clone)]
+pub struct ConnectionSettings {
+    options: PgConnectOptions,
+    /// Bounds connecting, and every wait for a pooled connection.
+    pub connect_timeout: Duration,
+    pub max_connections: u32,
+}
+
+/// Parts of a connection as a StateStore declares them.
+pub struct ConnectionParts<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub database: &'a str,
+    pub user: &'a str,
+    pub password: Option<&'a str>,
+    pub ssl_mode: Option<&'a str>,
+}
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ConnectionSettings {
+    /// Parses a `postgres://` URL. The error never repeats the URL, which may hold a password.
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(Error::InvalidConnection(
+                "the database URL must start with postgres:// or postgresql://".into(),
+            ));
+        }
+        let options = PgConnectOptions::from_str(url).map_err(|_| {
+            Error::InvalidConnection(
+                "the database URL is malformed (expected postgres://user:password@host:port/database)"
+                    .into(),
+            )
+        })?;
+        Ok(Self::with_options(options))
+    }
+
+    pub fn from_parts(parts: &ConnectionParts<'_>) -> Result<Self, Error> {
+        let mut options = PgConnectOptions::new_without_pgpass()
+            .host(parts.host)
+            .port(parts.port)
+            .database(parts.database)
+            .username(parts.user);
+        if let Some(password) = parts.password {
+            options = options.password(password);
+        }
+        if let Some(mode) = parts.ssl_mode {
+            options = options.ssl_mode(parse_ssl_mode(mode)?);
+        }
+        Ok(Self::with_options(options))
+    }
+
+    fn with_options(options: PgConnectOptions) -> Self {
+        Self {
+            options: options
+                .application_name("statekeeper")
+                .disable_statement_logging(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_connections: 4,
+        }
+    }
+
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    pub fn with_max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// `host:port/database`, safe to show anywhere.
+    pub fn target(&self) -> String {
+        format!(
+            "{}:{}/{}",
+            self.options.get_host(),
+            self.options.get_port(),
+            self.options.get_database().unwrap_or("postgres")
+        )
+    }
+
+    pub fn user(&self) -> &str {
+        self.options.get_username()
+    }
+
+    /// Opens one connection first, so that a wrong password or an unreachable host is reported
+    /// precisely rather than as a pool timeout; then returns a lazily filled pool.
+    pub async fn connect(&self) -> Result<PgPool, Error> {
+        let probe = tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(&self.options))
+            .await
+            .map_err(|_| Error::ConnectTimeout {
+                target: self.target(),
+                after: self.connect_timeout,
+            })?
+            .map_err(|e| self.classify(e))?;
+        // Closing the probe is best effort: the pool does not need it.
+        let _ = probe.close().await;
+        Ok(PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.connect_timeout)
+            .idle_timeout(Duration::from_secs(300))
+            .connect_lazy_with(self.options.clone()))
+    }
+
+    /// Maps a connect failure to an error that names the problem and never the secret.
+    fn classify(&self, err: sqlx::Error) -> Error {
+        match &err {
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("28P01") | Some("28000") => Error::AuthenticationFailed {
+                    user: self.user().to_owned(),
+                },
+                Some("3D000") => Error::DatabaseNotFound {
+                    database: self.options.get_database().unwrap_or("postgres").to_owned(),
+                },
+                _ => Error::Unreachable {
+                    target: self.target(),
+                    reason: db.message().to_owned(),
+                },
+            },
+            sqlx::Error::Io(io) => Error::Unreachable {
+                target: self.target(),
+                reason: io.to_string(),
+            },
+            sqlx::Error::Tls(tls) => Error::Unreachable {
+                target: self.target(),
+                reason: format!("TLS negotiation failed: {tls}"),
+            },
+            sqlx::Error::PoolTimedOut => Error::ConnectTimeout {
+                target: self.target(),
+                after: self.connect_timeout,
+            },
+            _ => Error::Unreachable {
+                target: self.target(),
+                reason: "the server closed the connection during the handshake".into(),
+            },
+        }
+    }
+}
+
+fn parse_ssl_mode(mode: &str) -> Result<PgSslMode, Error> {
+    Ok(match mode {
+        "disable" => PgSslMode::Disable,
+        "allow" => PgSslMode::Allow,
+        "prefer" => PgSslMode::Prefer,
+        "require" => PgSslMode::Require,
+        "verify-ca" => PgSslMode::VerifyCa,
+        "verify-full" => PgSslMode::VerifyFull,
+        other => {
+            return Err(Error::InvalidConnection(format!(
+                "unknown sslMode \"{other}\" (use disable, allow, prefer, require, verify-ca or verify-full)"
+            )));
+        }
+    })
+}
+
+/// Replaces every occurrence of each secret in `text`: a last guard at the edges (CLI output,
+/// status, events) for messages that came from outside the engine.
+pub fn redact(text: &str, secrets: &[&str]) -> String {
+    secrets
+        .iter()
+        .filter(|s| s.len() >= 3)
+        .fold(text.to_owned(), |acc, s| acc.replace(s, "[REDACTED]"))
+}

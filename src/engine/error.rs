@@ -1,0 +1,114 @@
+use std::time::Duration;
+
+/// Every failure the engine reports. Messages never contain credentials: connection errors are
+/// classified here from sqlx's error kinds instead of echoing connection strings.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid schema name \"{name}\": {reason}")]
+    InvalidSchemaName { name: String, reason: String },
+
+    #[error("invalid connection settings: {0}")]
+    InvalidConnection(String),
+
+    #[error("cannot reach PostgreSQL at {target}: {reason}")]
+    Unreachable { target: String, reason: String },
+
+    #[error("PostgreSQL rejected the credentials of user \"{user}\" (password authentication failed)")]
+    AuthenticationFailed { user: String },
+
+    #[error("database \"{database}\" does not exist")]
+    DatabaseNotFound { database: String },
+
+    #[error("timed out after {}s connecting to PostgreSQL at {target}", .after.as_secs())]
+    ConnectTimeout { target: String, after: Duration },
+
+    #[error("state store schema \"{schema}\" is not initialized; run `statekeeper state init` first")]
+    NotInitialized { schema: String },
+
+    #[error(
+        "schema \"{schema}\" is at version {current}, newer than version {latest}, the latest this \
+         statekeeper knows; upgrade statekeeper before operating on this store"
+    )]
+    SchemaNewer { schema: String, current: i32, latest: i32 },
+
+    #[error(
+        "migration {version} was changed after it was applied: the database records checksum \
+         {recorded}, this statekeeper ships {shipped}"
+    )]
+    ChecksumMismatch { version: i32, recorded: String, shipped: String },
+
+    #[error("unknown target version {target}: this statekeeper ships versions 1 to {latest}")]
+    UnknownTargetVersion { target: i32, latest: i32 },
+
+    #[error(
+        "target version {target} is older than the current version {current}; use rollback to \
+         return to an earlier version"
+    )]
+    DowngradeRefused { target: i32, current: i32 },
+
+    #[error("reset refused: {0}")]
+    ResetRefused(String),
+
+    #[error("schema \"{schema}\" has no backups")]
+    NoBackups { schema: String },
+
+    #[error("backup \"{id}\" of schema \"{schema}\" not found")]
+    BackupNotFound { schema: String, id: String },
+
+    #[error("backup \"{id}\" cannot be restored: {reason}")]
+    IncompatibleBackup { id: String, reason: String },
+
+    #[error("migration {version} ({description}) failed, nothing was changed: {source}")]
+    MigrationFailed {
+        version: i32,
+        description: String,
+        source: sqlx::Error,
+    },
+
+    #[error(
+        "state store \"{schema}\" is busy: another operation held its lock for more than {}s",
+        .waited.as_secs()
+    )]
+    Busy { schema: String, waited: Duration },
+
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl Error {
+    /// A stable PascalCase reason, used for Kubernetes condition reasons and CLI JSON output.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidSchemaName { .. } => "InvalidSchemaName",
+            Error::InvalidConnection(_) => "InvalidConnection",
+            Error::Unreachable { .. } => "DatabaseUnreachable",
+            Error::AuthenticationFailed { .. } => "AuthenticationFailed",
+            Error::DatabaseNotFound { .. } => "DatabaseNotFound",
+            Error::ConnectTimeout { .. } => "ConnectTimeout",
+            Error::NotInitialized { .. } => "NotInitialized",
+            Error::SchemaNewer { .. } => "SchemaNewerThanOperator",
+            Error::ChecksumMismatch { .. } => "ChecksumMismatch",
+            Error::UnknownTargetVersion { .. } => "UnknownTargetVersion",
+            Error::DowngradeRefused { .. } => "DowngradeRefused",
+            Error::ResetRefused(_) => "ResetRefused",
+            Error::NoBackups { .. } => "NoBackups",
+            Error::BackupNotFound { .. } => "BackupNotFound",
+            Error::IncompatibleBackup { .. } => "IncompatibleBackup",
+            Error::MigrationFailed { .. } => "MigrationFailed",
+            Error::Busy { .. } => "StoreBusy",
+            Error::Database(_) => "DatabaseError",
+        }
+    }
+
+    /// Errors about reaching or logging into the database, as opposed to the store's content.
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidConnection(_)
+                | Error::Unreachable { .. }
+                | Error::AuthenticationFailed { .. }
+                | Error::DatabaseNotFound { .. }
+                | Error::ConnectTimeout { .. }
+        )
+    }
+}

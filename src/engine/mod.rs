@@ -1,0 +1,19 @@
+//! The state engine: everything statekeeper does to a state store, with no Kubernetes types.
+//! The CLI and the reconcilers both call it.
+
+pub mod backup;
+mod catalog;
+pub mod connection;
+mod error;
+pub mod identifier;
+pub mod migrations;
+pub mod store;
+
+pub use backup::BackupInfo;
+pub use connection::{redact, ConnectionParts, ConnectionSettings};
+pub use error::Error;
+pub use identifier::SchemaName;
+pub use migrations::{Migration, MigrationChain};
+pub use store::{
+    InitReport, ResetApproval, ResetReport, RollbackReport, StatusReport, Store, UpgradeReport,
+};
