@@ -1,0 +1,172 @@
+//! Shared test harness: a real throwaway PostgreSQL (no mocks) and one fresh database per test.
+//! Each test binary uses the server named by STATEKEEPER_TEST_DATABASE_URL, or starts its own
+//! through scripts/throwaway-postgres.sh, which stops it when the test process exits.
+#![allow(dead_code)]
+
+pub mod fake_kube;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
+use statekeeper::engine::{ConnectionSettings, SchemaName, Store};
+
+static ADMIN_URL: OnceLock<String> = OnceLock::new();
+static NEXT_DB: AtomicUsize = AtomicUsize::new(0);
+
+/// The superuser URL of the test server (its `postgres` database).
+pub fn admin_url() -> &'static str {
+    ADMIN_URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("STATEKEEPER_TEST_DATABASE_URL") {
+            return url;
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/throwaway-postgres.sh");
+        let out = Command::new("bash")
+            .args([script, "start", "--owner-pid", &std::process::id().to_string()])
+            .output()
+            .expect("run scripts/throwaway-postgres.sh");
+        assert!(
+            out.status.success(),
+            "could not start a throwaway PostgreSQL:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("STATEKEEPER_PG_URL="))
+            .expect("the script prints STATEKEEPER_PG_URL")
+            .to_owned()
+    })
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let admin = admin_url();
+        let name = format!(
+            "sk_{}_{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut conn = PgConnection::connect(admin).await.expect("connect to test server");
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let url = match admin.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => panic!("admin URL has no database part"),
+        };
+        Self { name, url }
+    }
+
+    pub async fn store(&self, schema: &str) -> Store {
+        let pool = ConnectionSettings::from_url(&self.url)
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("connect");
+        Store::new(pool, SchemaName::new(schema).expect("valid schema"))
+    }
+
+    pub async fn conn(&self) -> PgConnection {
+        PgConnection::connect(&self.url).await.expect("connect")
+    }
+
+    /// The password of the test server, to check that no output ever contains it.
+    pub fn password(&self) -> String {
+        let after_scheme = self.url.split("://").nth(1).unwrap_or_default();
+        let userinfo = after_scheme.split('@').next().unwrap_or_default();
+        userinfo.split(':').nth(1).unwrap_or_default().to_owned()
+    }
+}
+
+/// Every row of every table in a schema, as sorted JSON text: equal snapshots mean equal data.
+pub async fn snapshot(conn: &mut PgConnection, schema: &str) -> BTreeMap<String, Vec<String>> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = $1 ORDER BY 1",
+    )
+    .bind(schema)
+    .fetch_all(&mut *conn)
+    .await
+    .expect("list tables");
+    let mut out = BTreeMap::new();
+    for table in tables {
+        let rows: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT to_jsonb(t)::text FROM \"{schema}\".\"{table}\" t ORDER BY 1"
+        )))
+        .fetch_all(&mut *conn)
+        .await
+        .expect("read table");
+        out.insert(table, rows);
+    }
+    out
+}
+
+/// Names of all schemas in the database that are not PostgreSQL's own.
+pub async fn schemas(conn: &mut PgConnection) -> Vec<String> {
+    sqlx::query("SELECT nspname::text AS n FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema' ORDER BY 1")
+        .fetch_all(conn)
+        .await
+        .expect("list schemas")
+        .iter()
+        .map(|r| r.get::<String, _>("n"))
+        .collect()
+}
+
+/// Realistic rows for every table that schema version 1 defines.
+pub async fn populate_v1(conn: &mut PgConnection, schema: &str) {
+    let sql = format!(
+        r#"
+        SET search_path TO "{schema}";
+        INSERT INTO model_versions (name, fingerprint, version, definition)
+          SELECT 'db.model_' || i, md5(i::text), 'v' || i, jsonb_build_object('sql', 'select ' || i)
+          FROM generate_series(1, 40) i;
+        INSERT INTO function_versions (name, fingerprint) SELECT 'fn_' || i, md5('f' || i) FROM generate_series(1, 5) i;
+        INSERT INTO physical_relations (model_version_id, relation_name)
+          SELECT id, 'sk__db.model_' || id FROM model_versions;
+        INSERT INTO physical_relation_ancestry SELECT id, id - 1 FROM physical_relations WHERE id > 1;
+        INSERT INTO virtual_environments (name, plan_id, expires_at) VALUES
+          ('prod', 'plan-1', NULL), ('dev_alice', 'plan-2', now() + interval '7 days'), ('dev_old', 'plan-3', now() - interval '1 day');
+        INSERT INTO virtual_environment_refs SELECT e.name, m.name, m.id FROM virtual_environments e, model_versions m WHERE m.id % 3 = 0;
+        INSERT INTO virtual_environment_function_refs SELECT e.name, f.name, f.id FROM virtual_environments e, function_versions f;
+        INSERT INTO virtual_environment_checkpoints (environment, plan_id, description)
+          SELECT e.name, 'plan-' || i, 'checkpoint ' || i FROM virtual_environments e, generate_series(1, 3) i;
+        INSERT INTO virtual_environment_checkpoint_refs SELECT c.id, m.name, m.id FROM virtual_environment_checkpoints c, model_versions m WHERE m.id % 5 = 0;
+        INSERT INTO virtual_environment_checkpoint_function_refs SELECT c.id, f.name, f.id FROM virtual_environment_checkpoints c, function_versions f;
+        INSERT INTO locks (name, holder) VALUES ('plan', 'alice');
+        INSERT INTO state_operations (kind, status) VALUES ('plan', 'succeeded');
+        RESET search_path;
+        "#
+    );
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(conn)
+        .await
+        .expect("populate v1 tables");
+}
+
+/// Rows for the tables that versions 2 and 3 add.
+pub async fn populate_v3(conn: &mut PgConnection, schema: &str) {
+    let sql = format!(
+        r#"
+        SET search_path TO "{schema}";
+        INSERT INTO plan_runs (plan_id, environment, status) VALUES ('plan-9', 'prod', 'succeeded');
+        INSERT INTO virtual_environment_ref_events (environment, model_name, new_model_version_id) VALUES ('prod', 'db.model_3', 3);
+        INSERT INTO reconcile_events (source, kind, message) VALUES ('test', 'info', 'hello');
+        INSERT INTO state_operation_events (operation_id, kind, message) VALUES (1, 'log', 'ran');
+        INSERT INTO model_version_intervals (model_version_id, start_ts, end_ts)
+          SELECT id, '2026-01-01'::timestamptz + (id || ' days')::interval, '2026-01-02'::timestamptz + (id || ' days')::interval FROM model_versions;
+        RESET search_path;
+        "#
+    );
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(conn)
+        .await
+        .expect("populate v3 tables");
+}
