@@ -1,0 +1,158 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::SecretKeyRef;
+
+/// A PostgreSQL-backed state store that the operator initialises and watches over.
+#[derive(CustomResource, Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "statekeeper.dev",
+    version = "v1alpha1",
+    kind = "StateStore",
+    namespaced,
+    status = "StateStoreStatus",
+    shortname = "sks",
+    category = "statekeeper",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Schema Version","type":"integer","jsonPath":".status.schemaVersion"}"#,
+    printcolumn = r#"{"name":"Latest","type":"integer","jsonPath":".status.latestSchemaVersion","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StateStoreSpec {
+    /// How to reach the database.
+    pub connection: ConnectionSpec,
+    /// Schema holding the state tables: lower-case letters, digits and '_', at most 37 bytes so
+    /// that backup schemas `<schema>__backup_<id>` fit PostgreSQL's identifier limit.
+    #[serde(default = "default_schema")]
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]*$"), length(min = 1, max = 37))]
+    pub schema: String,
+    /// Allows `reset` operations on this store (each also needs its own approval).
+    #[serde(default)]
+    pub allow_reset: bool,
+    /// The primary virtual data environment: it never expires and the janitor never removes it.
+    #[serde(default = "default_unsuffixed_virtual_env")]
+    #[schemars(length(min = 1, max = 253))]
+    pub unsuffixed_virtual_env: String,
+    /// Whether the operator creates the schema when it is missing.
+    #[serde(default)]
+    pub init_policy: InitPolicy,
+}
+
+fn default_schema() -> String {
+    "statekeeper".into()
+}
+
+fn default_unsuffixed_virtual_env() -> String {
+    "prod".into()
+}
+
+/// Either a whole URL from a Secret, or host/port/database/user with a password Secret.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.urlSecretRef) != has(self.host)").message("set either urlSecretRef, or host with user and passwordSecretRef"))]
+#[x_kube(validation = Rule::new("!has(self.host) || has(self.user)").message("user is required with host"))]
+pub struct ConnectionSpec {
+    /// Database host name or address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Database port (default 5432).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub port: Option<u16>,
+    /// Database name (default `postgres`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// User name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The user's password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+    /// A whole `postgres://user:password@host:port/db` URL, instead of the fields above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_secret_ref: Option<SecretKeyRef>,
+    /// TLS mode, as libpq's sslmode (default `prefer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_mode: Option<SslMode>,
+    /// Seconds to wait when connecting (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 300))]
+    pub connect_timeout_seconds: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_libpq(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum InitPolicy {
+    /// Create the schema and apply all migrations when the store is not initialised.
+    #[default]
+    IfMissing,
+    /// Never create anything; report `Initialized=False` until someone runs `state init`.
+    Never,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StateStoreStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Initializing or Failed: a summary of the conditions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Schema version of the store (0 when not initialised).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<i32>,
+    /// The latest schema version this operator ships.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_schema_version: Option<i32>,
+    /// Row counts of the main state tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<BTreeMap<String, i64>>,
+    /// Backup schemas of this store, oldest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backups: Option<Vec<BackupStatus>>,
+    /// When the operator last looked at the database (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checked_time: Option<String>,
+    #[serde(default)]
+    #[schemars(schema_with = "super::conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    pub id: String,
+    pub created_at: String,
+    pub schema_version: i32,
+    pub reason: String,
+    pub rows: i64,
+}

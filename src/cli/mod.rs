@@ -1,0 +1,173 @@
+//! `statekeeper`: the command line. `state …` works against any PostgreSQL URL, no cluster needed.
+
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::engine::{ConnectionSettings, Error, ResetApproval, SchemaName, Store, redact};
+
+#[derive(Parser, Debug)]
+#[command(name = "statekeeper", version, about = "Manage the Postgres state store of data-transformation frameworks")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Operate on a state store directly.
+    State(StateArgs),
+    /// Run the Kubernetes operator (reconciles StateStore resources).
+    Operator(crate::controller::OperatorArgs),
+    /// Print the CustomResourceDefinitions as YAML.
+    Crd,
+}
+
+#[derive(Args, Debug)]
+pub struct StateArgs {
+    /// PostgreSQL URL, e.g. postgres://user:password@host:5432/db
+    #[arg(long, env = "STATEKEEPER_DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
+    /// Schema holding the state tables.
+    #[arg(long, env = "STATEKEEPER_SCHEMA", default_value = "statekeeper", global = true)]
+    schema: String,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text, global = true)]
+    output: OutputFormat,
+    /// Seconds to wait for another operation on the same store before giving up.
+    #[arg(long, default_value_t = 30, global = true)]
+    lock_timeout: u64,
+    #[command(subcommand)]
+    command: StateCommand,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum StateCommand {
+    /// Create the schema and apply all migrations (idempotent).
+    Init {
+        /// Stop at this schema version instead of the latest.
+        #[arg(long)]
+        target_version: Option<i32>,
+    },
+    /// Show schema version, pending migrations, row counts and backups.
+    Status,
+    /// Back up, then apply pending migrations up to a target version (default: latest).
+    #[command(visible_alias = "migrate")]
+    Upgrade {
+        #[arg(long)]
+        target_version: Option<i32>,
+    },
+    /// Restore a backup (the newest unless --backup-id names one); the replaced state is backed up.
+    Rollback {
+        #[arg(long)]
+        backup_id: Option<String>,
+    },
+    /// Drop every state table (a backup is kept). Needs --allow-reset and --auto-approve.
+    Reset {
+        /// Confirms that this store may be reset.
+        #[arg(long)]
+        allow_reset: bool,
+        /// Confirms this reset without asking.
+        #[arg(long)]
+        auto_approve: bool,
+    },
+    /// List backups, or drop one.
+    Backups {
+        #[command(subcommand)]
+        command: Option<BackupsCommand>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BackupsCommand {
+    /// List backups (the default).
+    List,
+    /// Drop the backup with this id.
+    Drop { backup_id: String },
+}
+
+/// Runs a `state` command; errors print one line (never a password) and exit non-zero.
+pub async fn run_state(args: StateArgs) -> ExitCode {
+    let secret = args
+        .database_url
+        .as_deref()
+        .and_then(password_of)
+        .unwrap_or_default();
+    match execute(&args).await {
+        Ok(rendered) => {
+            println!("{rendered}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            let message = redact(&err.to_string(), &[&secret]);
+            match args.output {
+                OutputFormat::Json => eprintln!(
+                    "{}",
+                    serde_json::json!({ "error": { "reason": err.reason(), "message": message } })
+                ),
+                OutputFormat::Text => eprintln!("error: {message}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(args: &StateArgs) -> Result<String, Error> {
+    let schema = SchemaName::new(&args.schema)?;
+    let url = args.database_url.as_deref().ok_or_else(|| {
+        Error::InvalidConnection(
+            "no database URL: pass --database-url or set STATEKEEPER_DATABASE_URL".into(),
+        )
+    })?;
+    let pool = ConnectionSettings::from_url(url)?.connect().await?;
+    let store = Store::new(pool, schema)
+        .with_actor(format!("cli:{}", whoami()))
+        .with_lock_timeout(std::time::Duration::from_secs(args.lock_timeout));
+    let json = args.output == OutputFormat::Json;
+    Ok(match &args.command {
+        StateCommand::Init { target_version } => {
+            output::init(&store.init(*target_version).await?, json)
+        }
+        StateCommand::Status => output::status(&store.status().await?, json),
+        StateCommand::Upgrade { target_version } => {
+            output::upgrade(&store.upgrade(*target_version).await?, json)
+        }
+        StateCommand::Rollback { backup_id } => {
+            output::rollback(&store.rollback(backup_id.as_deref()).await?, json)
+        }
+        StateCommand::Reset { allow_reset, auto_approve } => output::reset(
+            &store
+                .reset(ResetApproval {
+                    allow_reset: *allow_reset,
+                    approved: *auto_approve,
+                })
+                .await?,
+            json,
+        ),
+        StateCommand::Backups { command } => match command {
+            None | Some(BackupsCommand::List) => output::backups(&store.backups().await?, json),
+            Some(BackupsCommand::Drop { backup_id }) => {
+                output::dropped_backup(&store.drop_backup(backup_id).await?, json)
+            }
+        },
+    })
+}
+
+/// The password part of a URL, so that it can be redacted from anything printed.
+fn password_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let userinfo = rest.rsplit_once('@')?.0;
+    userinfo.split_once(':').map(|(_, p)| p.to_owned())
+}
+
+fn whoami() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+}

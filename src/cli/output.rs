@@ -1,0 +1,156 @@
+//! Human-readable and JSON renderings of engine reports.
+
+use serde::Serialize;
+
+use crate::engine::{BackupInfo, InitReport, ResetReport, RollbackReport, StatusReport, UpgradeReport};
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+fn steps(applied: &[crate::engine::store::AppliedStep]) -> String {
+    applied
+        .iter()
+        .map(|s| format!("  applied version {}: {}", s.version, s.description))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn backup_line(b: &BackupInfo) -> String {
+    format!(
+        "{}  version {}  {}  {} tables, {} rows  ({})",
+        b.id,
+        b.schema_version,
+        b.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
+        b.tables,
+        b.rows,
+        b.reason
+    )
+}
+
+pub fn init(r: &InitReport, json: bool) -> String {
+    if json {
+        return to_json(r);
+    }
+    if r.already_initialized {
+        format!(
+            "schema \"{}\" is already initialized at version {}; nothing to do",
+            r.schema, r.to_version
+        )
+    } else {
+        format!(
+            "initialized schema \"{}\" at version {} in {} ms\n{}",
+            r.schema,
+            r.to_version,
+            r.duration_ms,
+            steps(&r.applied)
+        )
+    }
+}
+
+pub fn status(r: &StatusReport, json: bool) -> String {
+    if json {
+        return to_json(r);
+    }
+    if !r.initialized {
+        return format!(
+            "schema \"{}\": not initialized (latest version {}); run `statekeeper state init`",
+            r.schema, r.latest_version
+        );
+    }
+    let mut out = vec![format!(
+        "schema \"{}\": version {} of {}{}",
+        r.schema,
+        r.current_version,
+        r.latest_version,
+        if r.pending.is_empty() {
+            " (up to date)".to_string()
+        } else {
+            format!(
+                " ({} pending: run `statekeeper state upgrade`)",
+                r.pending.len()
+            )
+        }
+    )];
+    out.push("rows:".into());
+    out.extend(r.counts.iter().map(|(t, n)| format!("  {t:<34} {n}")));
+    out.push(format!("backups: {}", r.backups.len()));
+    out.extend(r.backups.iter().map(|b| format!("  {}", backup_line(b))));
+    out.join("\n")
+}
+
+pub fn upgrade(r: &UpgradeReport, json: bool) -> String {
+    if json {
+        return to_json(r);
+    }
+    match &r.backup {
+        None => format!("schema \"{}\" is already at version {}; nothing to do", r.schema, r.to_version),
+        Some(b) => format!(
+            "upgraded schema \"{}\" from version {} to {} in {} ms\n  backup {} taken first ({} rows)\n{}",
+            r.schema,
+            r.from_version,
+            r.to_version,
+            r.duration_ms,
+            b.id,
+            b.rows,
+            steps(&r.applied)
+        ),
+    }
+}
+
+pub fn rollback(r: &RollbackReport, json: bool) -> String {
+    if json {
+        return to_json(r);
+    }
+    let undo = match &r.pre_rollback_backup {
+        Some(b) => format!(
+            "\n  the replaced state is in backup {} (undo with: statekeeper state rollback --backup-id {})",
+            b.id, b.id
+        ),
+        None => String::new(),
+    };
+    format!(
+        "rolled back schema \"{}\" to backup {} (version {} -> {}), {} rows restored in {} ms{}",
+        r.schema,
+        r.restored_backup.id,
+        r.from_version,
+        r.to_version,
+        r.rows_restored,
+        r.duration_ms,
+        undo
+    )
+}
+
+pub fn reset(r: &ResetReport, json: bool) -> String {
+    if json {
+        return to_json(r);
+    }
+    let kept = match &r.backup {
+        Some(b) => format!(
+            "\n  the dropped state is in backup {} (restore with: statekeeper state rollback --backup-id {})",
+            b.id, b.id
+        ),
+        None => String::new(),
+    };
+    format!(
+        "reset schema \"{}\": dropped {} tables (was version {}){}",
+        r.schema, r.tables_dropped, r.from_version, kept
+    )
+}
+
+pub fn backups(list: &[BackupInfo], json: bool) -> String {
+    if json {
+        return to_json(&list);
+    }
+    if list.is_empty() {
+        return "no backups".into();
+    }
+    list.iter().map(backup_line).collect::<Vec<_>>().join("\n")
+}
+
+pub fn dropped_backup(b: &BackupInfo, json: bool) -> String {
+    if json {
+        return to_json(b);
+    }
+    format!("dropped backup {}", b.id)
+}

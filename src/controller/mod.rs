@@ -1,0 +1,143 @@
+//! The operator: one reconciler per resource, sharing a context (client, events, pools).
+
+pub mod conditions;
+pub mod state_store;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Event, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+
+use crate::api::StateStore;
+use crate::engine::{ConnectionSettings, Error as EngineError};
+use state_store::PoolCache;
+
+/// The one field manager every status write uses (server-side apply).
+pub const FIELD_MANAGER: &str = "statekeeper";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the resource has no namespace")]
+    NotNamespaced,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct OperatorArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "STATEKEEPER_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Seconds between checks of a healthy store.
+    #[arg(long, default_value_t = 300)]
+    pub resync_seconds: u64,
+    /// Default seconds to wait when connecting to a database.
+    #[arg(long, default_value_t = 10)]
+    pub connect_timeout_seconds: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub resync_interval: Duration,
+    pub connect_timeout: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            resync_interval: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+            min_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Shared by every reconcile call.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub settings: Settings,
+    pools: PoolCache,
+    failures: tokio::sync::Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, settings: Settings) -> Self {
+        let reporter = Reporter {
+            controller: "statekeeper".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            pools: PoolCache::default(),
+            failures: Default::default(),
+        }
+    }
+
+    /// Events are best effort: a refused event must not fail the reconcile that caused it.
+    pub async fn publish(&self, event: &Event, reference: &ObjectReference) {
+        if let Err(error) = self.recorder.publish(event, reference).await {
+            tracing::warn!(%error, reason = %event.reason, "could not publish event");
+        }
+    }
+
+    async fn pool_for(&self, key: &str, settings: &ConnectionSettings, secrets: &[String]) -> Result<sqlx::PgPool, EngineError> {
+        self.pools.get_or_connect(key, settings, secrets).await
+    }
+
+    async fn forget_pool(&self, key: &str) {
+        self.pools.forget(key).await;
+    }
+
+    /// Exponential backoff per object: min_backoff, doubling, capped at max_backoff.
+    async fn next_backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().await;
+        let n = failures.entry(key.to_owned()).or_insert(0);
+        let delay = self.settings.min_backoff.saturating_mul(2u32.saturating_pow(*n)).min(self.settings.max_backoff);
+        *n = n.saturating_add(1);
+        delay
+    }
+
+    async fn reset_failures(&self, key: &str) {
+        self.failures.lock().await.remove(key);
+    }
+}
+
+/// Runs the controllers until SIGTERM/SIGINT.
+pub async fn run(args: OperatorArgs) -> Result<(), kube::Error> {
+    let client = Client::try_default().await?;
+    let settings = Settings {
+        resync_interval: Duration::from_secs(args.resync_seconds.max(10)),
+        connect_timeout: Duration::from_secs(args.connect_timeout_seconds.max(1)),
+        ..Settings::default()
+    };
+    let ctx = Arc::new(Context::new(client.clone(), settings));
+    let stores: Api<StateStore> = match &args.namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    tracing::info!(namespace = ?args.namespace, "statekeeper operator starting");
+    Controller::new(stores, watcher::Config::default().any_semantic())
+        .shutdown_on_signal()
+        .run(state_store::reconcile, state_store::error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(store = %object.name, "reconciled"),
+                Err(error) => tracing::warn!(%error, "reconcile error"),
+            }
+        })
+        .await;
+    tracing::info!("statekeeper operator stopped");
+    Ok(())
+}

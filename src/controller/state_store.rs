@@ -1,0 +1,476 @@
+//! The StateStore reconciler: connect, initialise when allowed, report what the store is.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+
+use super::conditions::{self, Desired, READY, RECONCILING, STALLED};
+use super::{Context, FIELD_MANAGER, ReconcileError};
+use crate::api::state_store::{BackupStatus, InitPolicy, StateStore, StateStoreStatus};
+use crate::api::SecretKeyRef;
+use crate::engine::{
+    ConnectionParts, ConnectionSettings, Error as EngineError, InitReport, SchemaName, StatusReport, Store, redact,
+};
+
+pub const CONNECTED: &str = "Connected";
+pub const INITIALIZED: &str = "Initialized";
+pub const SCHEMA_UP_TO_DATE: &str = "SchemaUpToDate";
+
+/// What the reconciler found, before it is turned into conditions.
+#[derive(Debug)]
+pub enum Observation {
+    /// The spec cannot work as written (e.g. an invalid schema name).
+    InvalidSpec(String),
+    /// A Secret the connection needs is missing or unusable.
+    SecretProblem { reason: &'static str, message: String },
+    /// The database could not be reached or refused us.
+    ConnectFailed { reason: &'static str, message: String },
+    /// The schema is not initialised and `initPolicy: Never` forbids creating it.
+    NotInitialized { schema: String },
+    /// The store answered, but is not something this operator can manage.
+    StoreFailed { reason: &'static str, message: String },
+    Observed {
+        report: Box<StatusReport>,
+        initialized_now: Option<InitReport>,
+    },
+}
+
+/// Conditions for an observation. Pure, so tests can check every branch directly.
+pub fn decide(observation: &Observation) -> Vec<Desired> {
+    let failed = |connected: Option<(bool, &str, &str)>, initialized: Option<(bool, &str, &str)>, reason: &str, message: &str| {
+        let mut out = vec![
+            Desired::new(READY, false, reason, message),
+            Desired::new(RECONCILING, false, reason, "waiting for the problem to be fixed; retrying with backoff"),
+            Desired::new(STALLED, true, reason, message),
+        ];
+        if let Some((status, r, m)) = connected {
+            out.push(Desired::new(CONNECTED, status, r, m));
+        }
+        if let Some((status, r, m)) = initialized {
+            out.push(Desired::new(INITIALIZED, status, r, m));
+        }
+        out
+    };
+    match observation {
+        Observation::InvalidSpec(message) => failed(None, None, "InvalidSpec", message),
+        Observation::SecretProblem { reason, message } | Observation::ConnectFailed { reason, message } => {
+            failed(Some((false, reason, message)), None, reason, message)
+        }
+        Observation::NotInitialized { schema } => {
+            let message = format!(
+                "schema \"{schema}\" is not initialized and initPolicy is Never; run `statekeeper state init` \
+                 against the database or set initPolicy: IfMissing"
+            );
+            failed(
+                Some((true, "Connected", "connected to the database")),
+                Some((false, "NotInitialized", &message)),
+                "NotInitialized",
+                &message,
+            )
+        }
+        Observation::StoreFailed { reason, message } => {
+            failed(Some((true, "Connected", "connected to the database")), None, reason, message)
+        }
+        Observation::Observed { report, initialized_now } => {
+            let initialized_message = match initialized_now {
+                Some(init) => format!("initialized schema \"{}\" at version {}", init.schema, init.to_version),
+                None => format!("schema \"{}\" is initialized", report.schema),
+            };
+            let up_to_date = if report.pending.is_empty() {
+                Desired::new(
+                    SCHEMA_UP_TO_DATE,
+                    true,
+                    "UpToDate",
+                    format!("schema version {} is the latest", report.current_version),
+                )
+            } else {
+                Desired::new(
+                    SCHEMA_UP_TO_DATE,
+                    false,
+                    "UpgradeAvailable",
+                    format!(
+                        "schema version {} of {}: {} migration(s) pending; apply a StateMigration of type \
+                         upgrade or run `statekeeper state upgrade`",
+                        report.current_version,
+                        report.latest_version,
+                        report.pending.len()
+                    ),
+                )
+            };
+            let count = |t: &str| report.counts.get(t).copied().unwrap_or(0);
+            vec![
+                Desired::new(
+                    READY,
+                    true,
+                    "StoreReady",
+                    format!(
+                        "schema \"{}\" at version {}: {} model versions, {} environments, {} backups",
+                        report.schema,
+                        report.current_version,
+                        count("model_versions"),
+                        count("virtual_environments"),
+                        report.backups.len()
+                    ),
+                ),
+                Desired::new(RECONCILING, false, "StoreReady", "nothing to do"),
+                Desired::new(STALLED, false, "StoreReady", "the store is healthy"),
+                Desired::new(CONNECTED, true, "Connected", "connected to the database"),
+                Desired::new(
+                    INITIALIZED,
+                    true,
+                    if initialized_now.is_some() { "InitializedNow" } else { "Initialized" },
+                    initialized_message,
+                ),
+                up_to_date,
+            ]
+        }
+    }
+}
+
+/// The printer-column phase, derived from the conditions.
+pub fn phase(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> &'static str {
+    if conditions::is_true(conds, READY) {
+        "Ready"
+    } else if conditions::is_true(conds, RECONCILING) {
+        "Initializing"
+    } else {
+        "Failed"
+    }
+}
+
+/// Events for conditions that changed status or reason since the last status.
+pub fn transition_events(
+    previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    next: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    for condition in next {
+        if ![READY, CONNECTED, INITIALIZED, SCHEMA_UP_TO_DATE].contains(&condition.type_.as_str()) {
+            continue;
+        }
+        let before = conditions::find(previous, &condition.type_);
+        let changed = before.is_none_or(|b| b.status != condition.status || b.reason != condition.reason);
+        if !changed {
+            continue;
+        }
+        let healthy = condition.status == "True";
+        // A first observation of a healthy state is not news, except Ready itself.
+        if before.is_none() && healthy && condition.type_ != READY && condition.reason != "InitializedNow" {
+            continue;
+        }
+        events.push(Event {
+            type_: if healthy || condition.reason == "UpgradeAvailable" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: condition.reason.clone(),
+            note: Some(condition.message.chars().take(1000).collect()),
+            action: condition.type_.clone(),
+            secondary: None,
+        });
+    }
+    events
+}
+
+pub async fn reconcile(store: Arc<StateStore>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let namespace = store.namespace().ok_or(ReconcileError::NotNamespaced)?;
+    let name = store.name_any();
+    let key = format!("{namespace}/{name}");
+    let (observation, secrets) = observe(&store, &namespace, &key, &ctx).await;
+    let healthy = matches!(observation, Observation::Observed { .. });
+
+    let previous = store.status.clone().unwrap_or_default();
+    let desired: Vec<Desired> = decide(&observation)
+        .into_iter()
+        .map(|mut d| {
+            let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+            d.message = redact(&d.message, &secret_refs);
+            d
+        })
+        .collect();
+    let conds = conditions::merge(&previous.conditions, &desired, store.meta().generation, Timestamp::now());
+    let mut status = StateStoreStatus {
+        observed_generation: store.meta().generation,
+        phase: Some(phase(&conds).into()),
+        latest_schema_version: Some(crate::engine::MigrationChain::shipped().latest()),
+        last_checked_time: Some(Timestamp::now().to_string()),
+        conditions: conds,
+        ..Default::default()
+    };
+    if let Observation::Observed { report, .. } = &observation {
+        status.schema_version = Some(report.current_version);
+        status.counts = Some(report.counts.clone());
+        status.backups = Some(
+            report
+                .backups
+                .iter()
+                .map(|b| BackupStatus {
+                    id: b.id.clone(),
+                    created_at: b.created_at.to_rfc3339(),
+                    schema_version: b.schema_version,
+                    reason: b.reason.clone(),
+                    rows: b.rows,
+                })
+                .collect(),
+        );
+    } else {
+        // Keep the last known facts about the store while it cannot be observed.
+        status.schema_version = previous.schema_version;
+        status.counts = previous.counts.clone();
+        status.backups = previous.backups.clone();
+    }
+
+    write_status(&ctx, &namespace, &name, &status).await?;
+    let reference = store.object_ref(&());
+    for event in transition_events(&previous.conditions, &status.conditions) {
+        ctx.publish(&event, &reference).await;
+    }
+
+    Ok(if healthy {
+        ctx.reset_failures(&key).await;
+        Action::requeue(ctx.settings.resync_interval)
+    } else {
+        Action::requeue(ctx.next_backoff(&key).await)
+    })
+}
+
+/// Called by the controller runtime when `reconcile` itself failed (the API server refused us).
+pub fn error_policy(store: Arc<StateStore>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(store = %store.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(15))
+}
+
+async fn write_status(ctx: &Context, namespace: &str, name: &str, status: &StateStoreStatus) -> Result<(), ReconcileError> {
+    let api: Api<StateStore> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = json!({
+        "apiVersion": "statekeeper.dev/v1alpha1",
+        "kind": "StateStore",
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}
+
+/// Connects (through the pool cache), initialises when allowed, and reads the store's status.
+/// Also returns the secret values it read, so that callers can redact them from messages.
+async fn observe(store: &StateStore, namespace: &str, key: &str, ctx: &Context) -> (Observation, Vec<String>) {
+    let schema = match SchemaName::new(&store.spec.schema) {
+        Ok(schema) => schema,
+        Err(e) => return (Observation::InvalidSpec(e.to_string()), Vec::new()),
+    };
+    let (settings, secrets) = match resolve_connection(store, namespace, ctx).await {
+        Ok(resolved) => resolved,
+        Err(observation) => return (observation, Vec::new()),
+    };
+    let pool = match ctx.pool_for(key, &settings, &secrets).await {
+        Ok(pool) => pool,
+        Err(e) => {
+            return (
+                Observation::ConnectFailed {
+                    reason: e.reason(),
+                    message: e.to_string(),
+                },
+                secrets,
+            );
+        }
+    };
+    let engine = Store::new(pool, schema).with_actor(format!("operator:{key}"));
+    let observation = match observe_store(&engine, store.spec.init_policy, ctx, store).await {
+        Ok(observation) => observation,
+        Err(e) => {
+            // A pooled connection that broke is rebuilt with a fresh, precise probe next time.
+            ctx.forget_pool(key).await;
+            if e.is_connection_error() || matches!(e, EngineError::Database(_)) {
+                Observation::ConnectFailed {
+                    reason: e.reason(),
+                    message: e.to_string(),
+                }
+            } else {
+                Observation::StoreFailed {
+                    reason: e.reason(),
+                    message: e.to_string(),
+                }
+            }
+        }
+    };
+    (observation, secrets)
+}
+
+async fn observe_store(
+    engine: &Store,
+    policy: InitPolicy,
+    ctx: &Context,
+    store: &StateStore,
+) -> Result<Observation, EngineError> {
+    let report = engine.status().await?;
+    if report.initialized {
+        return Ok(Observation::Observed {
+            report: Box::new(report),
+            initialized_now: None,
+        });
+    }
+    if policy == InitPolicy::Never {
+        return Ok(Observation::NotInitialized {
+            schema: engine.schema().to_string(),
+        });
+    }
+    ctx.publish(
+        &Event {
+            type_: EventType::Normal,
+            reason: "Initializing".into(),
+            note: Some(format!(
+                "creating schema \"{}\" and applying {} migrations",
+                engine.schema(),
+                engine.latest_version()
+            )),
+            action: "Initialize".into(),
+            secondary: None,
+        },
+        &store.object_ref(&()),
+    )
+    .await;
+    let init = engine.init(None).await?;
+    let report = engine.status().await?;
+    Ok(Observation::Observed {
+        report: Box::new(report),
+        initialized_now: Some(init),
+    })
+}
+
+/// Builds connection settings from the spec and its Secrets, or says precisely what is wrong.
+async fn resolve_connection(
+    store: &StateStore,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(ConnectionSettings, Vec<String>), Observation> {
+    let spec = &store.spec.connection;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let timeout = Duration::from_secs(
+        spec.connect_timeout_seconds
+            .map(u64::from)
+            .unwrap_or(ctx.settings.connect_timeout.as_secs()),
+    );
+    let settings = match (&spec.url_secret_ref, &spec.host) {
+        (Some(url_ref), None) => {
+            let url = read_secret_key(&secrets, namespace, url_ref).await?;
+            let settings = ConnectionSettings::from_url(&url).map_err(|e| Observation::InvalidSpec(format!(
+                "the URL in Secret \"{}\" key \"{}\" is not usable: {e}",
+                url_ref.name, url_ref.key
+            )))?;
+            let password = url_password(&url);
+            (settings, vec![url, password])
+        }
+        (None, Some(host)) => {
+            let user = spec.user.as_deref().ok_or_else(|| Observation::InvalidSpec("connection.user is required with connection.host".into()))?;
+            let password = match &spec.password_secret_ref {
+                Some(r) => Some(read_secret_key(&secrets, namespace, r).await?),
+                None => None,
+            };
+            let settings = ConnectionSettings::from_parts(&ConnectionParts {
+                host,
+                port: spec.port.unwrap_or(5432),
+                database: spec.database.as_deref().unwrap_or("postgres"),
+                user,
+                password: password.as_deref(),
+                ssl_mode: spec.ssl_mode.map(|m| m.as_libpq()),
+            })
+            .map_err(|e| Observation::InvalidSpec(e.to_string()))?;
+            (settings, password.into_iter().collect())
+        }
+        _ => {
+            return Err(Observation::InvalidSpec(
+                "set exactly one of connection.urlSecretRef and connection.host".into(),
+            ));
+        }
+    };
+    let (settings, secrets) = settings;
+    Ok((settings.with_connect_timeout(timeout).with_max_connections(2), secrets))
+}
+
+async fn read_secret_key(api: &Api<Secret>, namespace: &str, r: &SecretKeyRef) -> Result<String, Observation> {
+    let secret = api
+        .get_opt(&r.name)
+        .await
+        .map_err(|e| Observation::SecretProblem {
+            reason: "SecretUnreadable",
+            message: format!("cannot read Secret \"{}\" in namespace \"{namespace}\": {e}", r.name),
+        })?
+        .ok_or_else(|| Observation::SecretProblem {
+            reason: "SecretNotFound",
+            message: format!("Secret \"{}\" not found in namespace \"{namespace}\"", r.name),
+        })?;
+    let data = secret.data.unwrap_or_default();
+    let value = data.get(&r.key).ok_or_else(|| Observation::SecretProblem {
+        reason: "SecretKeyMissing",
+        message: format!(
+            "Secret \"{}\" has no key \"{}\" (it has: {})",
+            r.name,
+            r.key,
+            if data.is_empty() { "no keys".to_string() } else { data.keys().cloned().collect::<Vec<_>>().join(", ") }
+        ),
+    })?;
+    String::from_utf8(value.0.clone()).map_err(|_| Observation::SecretProblem {
+        reason: "SecretValueInvalid",
+        message: format!("Secret \"{}\" key \"{}\" is not UTF-8 text", r.name, r.key),
+    })
+}
+
+fn url_password(url: &str) -> String {
+    url.split_once("://")
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, p)| p.to_owned())
+        .unwrap_or_default()
+}
+
+/// One small pool per store, rebuilt when its connection settings or Secrets change.
+#[derive(Default)]
+pub struct PoolCache {
+    pools: tokio::sync::Mutex<HashMap<String, (String, PgPool)>>,
+}
+
+impl PoolCache {
+    pub async fn get_or_connect(&self, key: &str, settings: &ConnectionSettings, secrets: &[String]) -> Result<PgPool, EngineError> {
+        let fingerprint = {
+            let mut hasher = Sha256::new();
+            hasher.update(settings.target());
+            hasher.update(settings.user());
+            hasher.update(settings.connect_timeout.as_millis().to_le_bytes());
+            for secret in secrets {
+                hasher.update([0]);
+                hasher.update(secret);
+            }
+            hex::encode(hasher.finalize())
+        };
+        let mut pools = self.pools.lock().await;
+        if let Some((cached, pool)) = pools.get(key) {
+            if *cached == fingerprint && !pool.is_closed() {
+                return Ok(pool.clone());
+            }
+        }
+        if let Some((_, old)) = pools.remove(key) {
+            old.close().await;
+        }
+        let pool = settings.connect().await?;
+        pools.insert(key.to_owned(), (fingerprint, pool.clone()));
+        Ok(pool)
+    }
+
+    pub async fn forget(&self, key: &str) {
+        if let Some((_, pool)) = self.pools.lock().await.remove(key) {
+            pool.close().await;
+        }
+    }
+}
