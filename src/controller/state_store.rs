@@ -159,13 +159,20 @@ pub fn transition_events(
             continue;
         }
         let before = conditions::find(previous, &condition.type_);
-        let changed = before.is_none_or(|b| b.status != condition.status || b.reason != condition.reason);
+        let healthy = condition.status == "True";
+        // A failure whose reason changes is news; a healthy condition only when it turns healthy.
+        let changed = before.is_none_or(|b| {
+            b.status != condition.status || (!healthy && b.reason != condition.reason)
+        });
         if !changed {
             continue;
         }
-        let healthy = condition.status == "True";
         // A first observation of a healthy state is not news, except Ready itself.
         if before.is_none() && healthy && condition.type_ != READY && condition.reason != "InitializedNow" {
+            continue;
+        }
+        // One problem shows in several conditions (Connected and Ready): one event says it.
+        if events.iter().any(|e: &Event| e.reason == condition.reason) {
             continue;
         }
         events.push(Event {
@@ -362,7 +369,7 @@ async fn resolve_connection(
             .map(u64::from)
             .unwrap_or(ctx.settings.connect_timeout.as_secs()),
     );
-    let settings = match (&spec.url_secret_ref, &spec.host) {
+    let (settings, secret_values) = match (&spec.url_secret_ref, &spec.host) {
         (Some(url_ref), None) => {
             let url = read_secret_key(&secrets, namespace, url_ref).await?;
             let settings = ConnectionSettings::from_url(&url).map_err(|e| Observation::InvalidSpec(format!(
@@ -395,8 +402,7 @@ async fn resolve_connection(
             ));
         }
     };
-    let (settings, secrets) = settings;
-    Ok((settings.with_connect_timeout(timeout).with_max_connections(2), secrets))
+    Ok((settings.with_connect_timeout(timeout).with_max_connections(2), secret_values))
 }
 
 async fn read_secret_key(api: &Api<Secret>, namespace: &str, r: &SecretKeyRef) -> Result<String, Observation> {

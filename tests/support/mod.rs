@@ -170,3 +170,19 @@ pub async fn populate_v3(conn: &mut PgConnection, schema: &str) {
         .await
         .expect("populate v3 tables");
 }
+
+/// host, port, user, password, database of a test database URL.
+pub fn url_parts(url: &str) -> (String, u16, String, String, String) {
+    let rest = url.split_once("://").expect("scheme").1;
+    let (userinfo, hostpart) = rest.rsplit_once('@').expect("userinfo");
+    let (user, password) = userinfo.split_once(':').expect("password");
+    let (hostport, database) = hostpart.split_once('/').expect("database");
+    let (host, port) = hostport.rsplit_once(':').expect("port");
+    (
+        host.to_owned(),
+        port.parse().expect("numeric port"),
+        user.to_owned(),
+        password.to_owned(),
+        database.to_owned(),
+    )
+}

@@ -1,0 +1,344 @@
+//! The StateStore reconciler, called for real against a real PostgreSQL and an in-memory
+//! Kubernetes API: each test asserts the status, conditions and events that result.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64_free::encode;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+use statekeeper::api::StateStore;
+use statekeeper::controller::state_store::reconcile;
+use statekeeper::controller::{Context, Settings};
+use support::fake_kube::FakeKube;
+use support::{TestDb, url_parts};
+
+const NS: &str = "data";
+
+/// Minimal standard base64 for Secret data, so the tests need no extra crate.
+mod base64_free {
+    pub fn encode(input: &[u8]) -> String {
+        const TABLE: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in input.chunks(3) {
+            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
+
+fn store_path(name: &str) -> String {
+    format!("/apis/statekeeper.dev/v1alpha1/namespaces/{NS}/statestores/{name}")
+}
+
+fn put_secret(kube: &FakeKube, name: &str, data: &[(&str, &str)]) {
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(encode(v.as_bytes()))))
+        .collect();
+    kube.put(
+        &format!("/api/v1/namespaces/{NS}/secrets/{name}"),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS}, "data": data}),
+    );
+}
+
+/// A StateStore connecting by host/port/user with a password Secret.
+fn store_for(db: &TestDb, name: &str, extra_spec: Value) -> Value {
+    let (host, port, user, _, database) = url_parts(&db.url);
+    let mut spec = json!({
+        "connection": {
+            "host": host, "port": port, "database": database, "user": user,
+            "passwordSecretRef": {"name": "pg-credentials", "key": "password"},
+            "connectTimeoutSeconds": 3
+        },
+        "schema": "sqlmesh_state"
+    });
+    support_merge(&mut spec, &extra_spec);
+    json!({
+        "apiVersion": "statekeeper.dev/v1alpha1",
+        "kind": "StateStore",
+        "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1},
+        "spec": spec
+    })
+}
+
+fn support_merge(target: &mut Value, patch: &Value) {
+    if let (Value::Object(t), Value::Object(p)) = (&mut *target, patch) {
+        for (k, v) in p {
+            support_merge(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    } else {
+        *target = patch.clone();
+    }
+}
+
+struct Harness {
+    kube: FakeKube,
+    ctx: Arc<Context>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let kube = FakeKube::new();
+        let settings = Settings {
+            connect_timeout: Duration::from_secs(3),
+            ..Settings::default()
+        };
+        let ctx = Arc::new(Context::new(kube.client(), settings));
+        Self { kube, ctx }
+    }
+
+    /// Stores the object, reconciles it, and returns the action and the object as stored after.
+    async fn reconcile(&self, object: &Value) -> (Action, StateStore) {
+        let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+        let path = store_path(&name);
+        let mut stored = object.clone();
+        if let Some(existing) = self.kube.get(&path) {
+            stored["status"] = existing["status"].clone();
+        }
+        self.kube.put(&path, stored.clone());
+        let typed: StateStore = serde_json::from_value(self.kube.get(&path).unwrap()).unwrap();
+        let action = reconcile(Arc::new(typed), self.ctx.clone()).await.expect("reconcile");
+        let after: StateStore = serde_json::from_value(self.kube.get(&path).unwrap()).unwrap();
+        (action, after)
+    }
+
+    fn event_reasons(&self) -> Vec<(String, String)> {
+        self.kube
+            .events(NS)
+            .iter()
+            .map(|e| {
+                (
+                    e["type"].as_str().unwrap_or_default().to_owned(),
+                    e["reason"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn condition<'a>(store: &'a StateStore, type_: &str) -> (&'a str, &'a str, &'a str) {
+    let c = store
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition"));
+    (c.status.as_str(), c.reason.as_str(), c.message.as_str())
+}
+
+#[tokio::test]
+async fn ready_path_initializes_and_reports_the_store() {
+    let db = TestDb::new().await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    let object = store_for(&db, "analytics", json!({}));
+
+    let (action, store) = h.reconcile(&object).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    let status = store.status.clone().unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Ready"));
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(status.schema_version, Some(3));
+    assert_eq!(status.latest_schema_version, Some(3));
+    assert_eq!(status.counts.as_ref().unwrap()["model_versions"], 0);
+    assert_eq!(condition(&store, "Ready").0, "True");
+    assert_eq!(condition(&store, "Stalled").0, "False");
+    assert_eq!(condition(&store, "Reconciling").0, "False");
+    assert_eq!(condition(&store, "Connected"), ("True", "Connected", "connected to the database"));
+    assert_eq!(condition(&store, "Initialized").1, "InitializedNow");
+    assert_eq!(condition(&store, "SchemaUpToDate").1, "UpToDate");
+    assert_eq!(
+        h.event_reasons(),
+        vec![
+            ("Normal".into(), "Initializing".into()),
+            ("Normal".into(), "StoreReady".into()),
+            ("Normal".into(), "InitializedNow".into()),
+        ]
+    );
+    // The database really was initialised.
+    assert!(db.store("sqlmesh_state").await.status().await.unwrap().initialized);
+
+    // A second pass changes nothing that matters and emits no events.
+    let ready_since = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap().last_transition_time.clone();
+    let (_, again) = h.reconcile(&object).await;
+    let again_status = again.status.clone().unwrap();
+    assert_eq!(condition(&again, "Initialized").1, "Initialized");
+    assert_eq!(
+        again_status.conditions.iter().find(|c| c.type_ == "Ready").unwrap().last_transition_time,
+        ready_since
+    );
+    assert_eq!(h.event_reasons().len(), 3);
+    assert!(!h.kube.dump().contains(&db.password()), "the password reached the API");
+    // Only status and events were written: never the spec.
+    for (method, path) in h.kube.requests() {
+        if method == "PATCH" || method == "POST" || method == "PUT" {
+            assert!(path.ends_with("/status") || path.contains("/events"), "{method} {path}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn url_secret_connections_work_too() {
+    let db = TestDb::new().await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-url", &[("url", &db.url)]);
+    let mut object = store_for(&db, "by-url", json!({}));
+    object["spec"]["connection"] = json!({"urlSecretRef": {"name": "pg-url", "key": "url"}});
+    let (_, store) = h.reconcile(&object).await;
+    assert_eq!(condition(&store, "Ready").0, "True");
+    assert!(!h.kube.dump().contains(&db.password()));
+}
+
+#[tokio::test]
+async fn missing_secret_and_missing_key_say_what_to_fix() {
+    let db = TestDb::new().await;
+    let h = Harness::new();
+    let object = store_for(&db, "analytics", json!({}));
+
+    let (action, store) = h.reconcile(&object).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    assert_eq!(store.status.as_ref().unwrap().phase.as_deref(), Some("Failed"));
+    let (status, reason, message) = condition(&store, "Connected");
+    assert_eq!((status, reason), ("False", "SecretNotFound"));
+    assert!(message.contains("\"pg-credentials\"") && message.contains(NS), "{message}");
+    assert_eq!(condition(&store, "Ready").1, "SecretNotFound");
+    assert_eq!(condition(&store, "Stalled").0, "True");
+    assert_eq!(h.event_reasons(), vec![("Warning".into(), "SecretNotFound".into())]);
+
+    // Backoff grows while the problem persists.
+    let (action, _) = h.reconcile(&object).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    assert_eq!(h.event_reasons().len(), 1, "no repeated event for the same problem");
+
+    put_secret(&h.kube, "pg-credentials", &[("pasword", "typo-key-value")]);
+    let (_, store) = h.reconcile(&object).await;
+    let (_, reason, message) = condition(&store, "Connected");
+    assert_eq!(reason, "SecretKeyMissing");
+    assert!(message.contains("\"password\"") && message.contains("pasword"), "{message}");
+    assert!(!message.contains("typo-key-value"), "never the value: {message}");
+
+    // Fixing the Secret recovers the store, with a Normal event.
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    let (action, store) = h.reconcile(&object).await;
+    assert_eq!(condition(&store, "Ready").0, "True");
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert!(h.event_reasons().contains(&("Normal".into(), "StoreReady".into())));
+}
+
+#[tokio::test]
+async fn bad_credentials_are_reported_without_the_password() {
+    let db = TestDb::new().await;
+    let h = Harness::new();
+    let wrong = "definitely-not-the-password";
+    put_secret(&h.kube, "pg-credentials", &[("password", wrong)]);
+    let object = store_for(&db, "analytics", json!({}));
+
+    let (_, store) = h.reconcile(&object).await;
+    let (status, reason, message) = condition(&store, "Connected");
+    assert_eq!((status, reason), ("False", "AuthenticationFailed"));
+    assert!(message.contains("postgres"), "names the user: {message}");
+    assert_eq!(condition(&store, "Ready").1, "AuthenticationFailed");
+    assert!(h.event_reasons().contains(&("Warning".into(), "AuthenticationFailed".into())));
+    let everything = h.kube.dump();
+    assert!(!everything.contains(wrong) && !everything.contains(&db.password()));
+
+    // The cached pool follows the Secret: fixing it heals the store, breaking it again is seen.
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    let (_, store) = h.reconcile(&object).await;
+    assert_eq!(condition(&store, "Ready").0, "True");
+    put_secret(&h.kube, "pg-credentials", &[("password", wrong)]);
+    let (_, store) = h.reconcile(&object).await;
+    assert_eq!(condition(&store, "Connected").1, "AuthenticationFailed");
+    assert_eq!(store.status.as_ref().unwrap().schema_version, Some(3), "last known version kept");
+}
+
+#[tokio::test]
+async fn unreachable_database_is_reported() {
+    let db = TestDb::new().await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let object = store_for(&db, "analytics", json!({"connection": {"port": port}}));
+
+    let (_, store) = h.reconcile(&object).await;
+    let (status, reason, message) = condition(&store, "Connected");
+    assert_eq!((status, reason), ("False", "DatabaseUnreachable"));
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    assert_eq!(condition(&store, "Stalled").0, "True");
+    assert!(h.event_reasons().contains(&("Warning".into(), "DatabaseUnreachable".into())));
+}
+
+#[tokio::test]
+async fn never_policy_on_an_empty_database_creates_nothing() {
+    let db = TestDb::new().await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    let object = store_for(&db, "analytics", json!({"initPolicy": "Never"}));
+
+    let (_, store) = h.reconcile(&object).await;
+    assert_eq!(condition(&store, "Connected").0, "True");
+    let (status, reason, message) = condition(&store, "Initialized");
+    assert_eq!((status, reason), ("False", "NotInitialized"));
+    assert!(message.contains("initPolicy") && message.contains("statekeeper state init"), "{message}");
+    assert_eq!(condition(&store, "Ready").0, "False");
+    assert_eq!(store.status.as_ref().unwrap().phase.as_deref(), Some("Failed"));
+    assert!(h.event_reasons().contains(&("Warning".into(), "NotInitialized".into())));
+    let mut conn = db.conn().await;
+    assert!(!support::schemas(&mut conn).await.contains(&"sqlmesh_state".to_string()));
+}
+
+#[tokio::test]
+async fn older_and_newer_schemas_are_reported() {
+    let db = TestDb::new().await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    db.store("sqlmesh_state").await.init(Some(1)).await.unwrap();
+    let object = store_for(&db, "analytics", json!({}));
+
+    let (_, store) = h.reconcile(&object).await;
+    assert_eq!(condition(&store, "Ready").0, "True", "an older schema still works");
+    let (status, reason, message) = condition(&store, "SchemaUpToDate");
+    assert_eq!((status, reason), ("False", "UpgradeAvailable"));
+    assert!(message.contains("version 1 of 3"), "{message}");
+    assert_eq!(store.status.as_ref().unwrap().schema_version, Some(1));
+    assert!(h.event_reasons().contains(&("Normal".into(), "UpgradeAvailable".into())));
+
+    let mut conn = db.conn().await;
+    sqlx::query("INSERT INTO sqlmesh_state.state_versions VALUES (9, 'x', 'from a newer statekeeper', now())")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (_, store) = h.reconcile(&object).await;
+    let (status, reason, message) = condition(&store, "Ready");
+    assert_eq!((status, reason), ("False", "SchemaNewerThanOperator"));
+    assert!(message.contains("version 9"), "{message}");
+    assert_eq!(condition(&store, "Stalled").0, "True");
+}
+
+#[tokio::test]
+async fn invalid_schema_in_spec_is_stalled_with_a_reason() {
+    let db = TestDb::new().await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    let object = store_for(&db, "analytics", json!({"schema": "Bad-Name"}));
+    let (_, store) = h.reconcile(&object).await;
+    let (status, reason, message) = condition(&store, "Ready");
+    assert_eq!((status, reason), ("False", "InvalidSpec"));
+    assert!(message.contains("Bad-Name"), "{message}");
+    assert_eq!(condition(&store, "Stalled").0, "True");
+}
