@@ -38,8 +38,11 @@ async fn main() -> ExitCode {
 /// JSON logs for the operator; quiet, human logs for the CLI (its results go to stdout).
 fn init_logging(json: bool) {
     let default = if json { "info" } else { "warn" };
-    let filter = EnvFilter::try_from_env("STATEKEEPER_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_env("STATEKEEPER_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

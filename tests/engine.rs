@@ -72,7 +72,10 @@ async fn init_is_idempotent_and_creates_every_table() {
     assert!(status.pending.is_empty());
     assert_eq!(status.applied.len(), 3);
     assert_eq!(status.counts["model_versions"], 0);
-    assert_eq!(status.counts["state_migration_events"], 1, "init is recorded");
+    assert_eq!(
+        status.counts["state_migration_events"], 1,
+        "init is recorded"
+    );
     assert!(status.backups.is_empty());
 }
 
@@ -138,8 +141,14 @@ async fn upgrade_through_every_version_preserves_data() {
 
     let noop = store.upgrade(None).await.unwrap();
     assert!(noop.applied.is_empty() && noop.backup.is_none());
-    assert!(matches!(store.upgrade(Some(1)).await, Err(Error::DowngradeRefused { .. })));
-    assert!(matches!(store.upgrade(Some(9)).await, Err(Error::UnknownTargetVersion { .. })));
+    assert!(matches!(
+        store.upgrade(Some(1)).await,
+        Err(Error::DowngradeRefused { .. })
+    ));
+    assert!(matches!(
+        store.upgrade(Some(9)).await,
+        Err(Error::UnknownTargetVersion { .. })
+    ));
 }
 
 #[tokio::test]
@@ -172,9 +181,15 @@ async fn rollback_restores_exactly_and_can_itself_be_undone() {
     let before_rollback = snapshot(&mut conn, "state").await;
 
     let rollback = store.rollback(None).await.unwrap();
-    assert_eq!(rollback.restored_backup.id, upgrade.backup.as_ref().unwrap().id);
+    assert_eq!(
+        rollback.restored_backup.id,
+        upgrade.backup.as_ref().unwrap().id
+    );
     assert_eq!((rollback.from_version, rollback.to_version), (3, 2));
-    let pre = rollback.pre_rollback_backup.clone().expect("current state is kept");
+    let pre = rollback
+        .pre_rollback_backup
+        .clone()
+        .expect("current state is kept");
 
     let after = snapshot(&mut conn, "state").await;
     for (table, rows) in &before_upgrade {
@@ -198,10 +213,12 @@ async fn rollback_restores_exactly_and_can_itself_be_undone() {
     assert_eq!(store.status().await.unwrap().current_version, 2);
 
     // Identity sequences continue after the restored ids.
-    sqlx::query("INSERT INTO state.model_versions (name, fingerprint, version) VALUES ('new', 'x', 'v')")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO state.model_versions (name, fingerprint, version) VALUES ('new', 'x', 'v')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
     sqlx::query("DELETE FROM state.model_versions WHERE name = 'new'")
         .execute(&mut conn)
         .await
@@ -223,13 +240,22 @@ async fn rollback_errors_are_clear() {
     let db = TestDb::new().await;
     let store = db.store("state").await;
     store.init(None).await.unwrap();
-    assert!(matches!(store.rollback(None).await, Err(Error::NoBackups { .. })));
+    assert!(matches!(
+        store.rollback(None).await,
+        Err(Error::NoBackups { .. })
+    ));
     assert!(matches!(
         store.rollback(Some("20990101000000000")).await,
         Err(Error::BackupNotFound { .. })
     ));
-    let hostile = store.rollback(Some("1; DROP SCHEMA state")).await.unwrap_err();
-    assert!(matches!(hostile, Error::IncompatibleBackup { .. }), "{hostile}");
+    let hostile = store
+        .rollback(Some("1; DROP SCHEMA state"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(hostile, Error::IncompatibleBackup { .. }),
+        "{hostile}"
+    );
     assert!(store.status().await.unwrap().initialized);
 }
 
@@ -246,11 +272,18 @@ async fn a_failing_step_leaves_the_store_and_database_unchanged() {
 
     let failing = store.clone().with_chain(chain_with_failing_step());
     let err = failing.upgrade(None).await.unwrap_err();
-    assert!(matches!(err, Error::MigrationFailed { version: 4, .. }), "{err}");
+    assert!(
+        matches!(err, Error::MigrationFailed { version: 4, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("nothing was changed"));
 
     assert_eq!(snapshot(&mut conn, "state").await, before);
-    assert_eq!(schemas(&mut conn).await, schemas_before, "no backup schema left behind");
+    assert_eq!(
+        schemas(&mut conn).await,
+        schemas_before,
+        "no backup schema left behind"
+    );
     let extra: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'state' AND column_name = 'extra'",
     )
@@ -266,15 +299,29 @@ async fn a_failing_middle_step_applies_none_of_the_steps() {
     let mut conn = db.conn().await;
     let mut steps = MigrationChain::shipped().steps().to_vec();
     steps[1].sql = "CREATE TABLE plan_runs (id int); CREATE TABLE plan_runs (id int);";
-    let broken = db.store("state").await.with_chain(MigrationChain::new(steps));
+    let broken = db
+        .store("state")
+        .await
+        .with_chain(MigrationChain::new(steps));
     broken.init(Some(1)).await.unwrap();
     populate_v1(&mut conn, "state").await;
     let before = snapshot(&mut conn, "state").await;
 
     let err = broken.upgrade(None).await.unwrap_err();
-    assert!(matches!(err, Error::MigrationFailed { version: 2, .. }), "{err}");
+    assert!(
+        matches!(err, Error::MigrationFailed { version: 2, .. }),
+        "{err}"
+    );
     assert_eq!(snapshot(&mut conn, "state").await, before);
-    assert_eq!(db.store("state").await.status().await.unwrap().current_version, 1);
+    assert_eq!(
+        db.store("state")
+            .await
+            .status()
+            .await
+            .unwrap()
+            .current_version,
+        1
+    );
 }
 
 #[tokio::test]
@@ -287,17 +334,33 @@ async fn reset_needs_both_approvals_and_keeps_a_backup() {
     let before = snapshot(&mut conn, "state").await;
 
     for approval in [
-        ResetApproval { allow_reset: false, approved: false },
-        ResetApproval { allow_reset: false, approved: true },
-        ResetApproval { allow_reset: true, approved: false },
+        ResetApproval {
+            allow_reset: false,
+            approved: false,
+        },
+        ResetApproval {
+            allow_reset: false,
+            approved: true,
+        },
+        ResetApproval {
+            allow_reset: true,
+            approved: false,
+        },
     ] {
         let err = store.reset(approval).await.unwrap_err();
         assert!(matches!(err, Error::ResetRefused(_)), "{err}");
-        assert_eq!(snapshot(&mut conn, "state").await, before, "refused reset changed data");
+        assert_eq!(
+            snapshot(&mut conn, "state").await,
+            before,
+            "refused reset changed data"
+        );
     }
 
     let report = store
-        .reset(ResetApproval { allow_reset: true, approved: true })
+        .reset(ResetApproval {
+            allow_reset: true,
+            approved: true,
+        })
         .await
         .unwrap();
     assert_eq!(report.tables_dropped, ALL_TABLES.len());
@@ -326,7 +389,12 @@ async fn schema_names_that_are_sql_keywords_work_because_they_are_quoted() {
 
 #[tokio::test]
 async fn hostile_schema_names_are_refused_before_any_sql() {
-    for name in ["x\"; DROP SCHEMA public CASCADE; --", "Robert'); --", "a.b", "pg_temp"] {
+    for name in [
+        "x\"; DROP SCHEMA public CASCADE; --",
+        "Robert'); --",
+        "a.b",
+        "pg_temp",
+    ] {
         let err = SchemaName::new(name).unwrap_err();
         assert!(matches!(err, Error::InvalidSchemaName { .. }));
         assert!(!err.to_string().contains('\n'));
@@ -369,10 +437,16 @@ async fn unreachable_and_missing_databases_are_classified() {
 
     let db = TestDb::new().await;
     let missing = db.url.replace(&db.name, "no_such_db");
-    let err = ConnectionSettings::from_url(&missing).unwrap().connect().await.unwrap_err();
+    let err = ConnectionSettings::from_url(&missing)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::DatabaseNotFound { .. }), "{err}");
 
-    let err = ConnectionSettings::from_url("postgres://u:pw@host:notaport/db").err().unwrap();
+    let err = ConnectionSettings::from_url("postgres://u:pw@host:notaport/db")
+        .err()
+        .unwrap();
     assert!(matches!(err, Error::InvalidConnection(_)));
     assert!(!err.to_string().contains("pw@"));
 }
@@ -394,9 +468,16 @@ async fn checksum_drift_and_newer_schemas_are_refused() {
         store.upgrade(None).await.unwrap_err(),
         store.init(None).await.unwrap_err(),
     ] {
-        assert!(matches!(err, Error::ChecksumMismatch { version: 1, .. }), "{err}");
+        assert!(
+            matches!(err, Error::ChecksumMismatch { version: 1, .. }),
+            "{err}"
+        );
     }
-    assert_eq!(snapshot(&mut conn, "state").await, before, "nothing re-applied");
+    assert_eq!(
+        snapshot(&mut conn, "state").await,
+        before,
+        "nothing re-applied"
+    );
 
     sqlx::query("DELETE FROM state.state_versions")
         .execute(&mut conn)
@@ -407,7 +488,17 @@ async fn checksum_drift_and_newer_schemas_are_refused() {
         .await
         .unwrap();
     let err = store.upgrade(None).await.unwrap_err();
-    assert!(matches!(err, Error::SchemaNewer { current: 7, latest: 3, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::SchemaNewer {
+                current: 7,
+                latest: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(err.reason(), "SchemaNewerThanOperator");
 }
 
@@ -436,7 +527,10 @@ async fn operations_on_one_store_are_serialized_by_its_lock() {
     let busy = store
         .clone()
         .with_lock_timeout(Duration::from_millis(200))
-        .reset(ResetApproval { allow_reset: true, approved: true })
+        .reset(ResetApproval {
+            allow_reset: true,
+            approved: true,
+        })
         .await
         .unwrap_err();
     assert!(matches!(busy, Error::Busy { .. }), "{busy}");
@@ -456,7 +550,11 @@ async fn backups_are_listed_and_dropped() {
     other.upgrade(None).await.unwrap();
 
     let backups = store.backups().await.unwrap();
-    assert_eq!(backups.len(), 2, "only this store's backups, not state_other's");
+    assert_eq!(
+        backups.len(),
+        2,
+        "only this store's backups, not state_other's"
+    );
     assert_eq!(
         backups.iter().map(|b| b.schema_version).collect::<Vec<_>>(),
         vec![1, 2]
@@ -468,12 +566,12 @@ async fn backups_are_listed_and_dropped() {
     assert_eq!(store.backups().await.unwrap().len(), 1);
     assert_eq!(other.backups().await.unwrap().len(), 1);
     let mut conn = db.conn().await;
-    let exists: bool = sqlx::query("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) AS e")
-        .bind(format!("state__backup_{}", backups[0].id))
-        .fetch_one(&mut conn)
-        .await
-        .unwrap()
-        .get("e");
+    let exists: bool =
+        sqlx::query("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) AS e")
+            .bind(format!("state__backup_{}", backups[0].id))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+            .get("e");
     assert!(!exists);
-
 }

@@ -23,7 +23,11 @@ mod base64_free {
         const TABLE: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::new();
         for chunk in input.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for i in 0..4 {
                 if i <= chunk.len() {
@@ -108,7 +112,9 @@ impl Harness {
         }
         self.kube.put(&path, stored.clone());
         let typed: StateStore = serde_json::from_value(self.kube.get(&path).unwrap()).unwrap();
-        let action = reconcile(Arc::new(typed), self.ctx.clone()).await.expect("reconcile");
+        let action = reconcile(Arc::new(typed), self.ctx.clone())
+            .await
+            .expect("reconcile");
         let after: StateStore = serde_json::from_value(self.kube.get(&path).unwrap()).unwrap();
         (action, after)
     }
@@ -157,7 +163,10 @@ async fn ready_path_initializes_and_reports_the_store() {
     assert_eq!(condition(&store, "Ready").0, "True");
     assert_eq!(condition(&store, "Stalled").0, "False");
     assert_eq!(condition(&store, "Reconciling").0, "False");
-    assert_eq!(condition(&store, "Connected"), ("True", "Connected", "connected to the database"));
+    assert_eq!(
+        condition(&store, "Connected"),
+        ("True", "Connected", "connected to the database")
+    );
     assert_eq!(condition(&store, "Initialized").1, "InitializedNow");
     assert_eq!(condition(&store, "SchemaUpToDate").1, "UpToDate");
     assert_eq!(
@@ -169,23 +178,47 @@ async fn ready_path_initializes_and_reports_the_store() {
         ]
     );
     // The database really was initialised.
-    assert!(db.store("sqlmesh_state").await.status().await.unwrap().initialized);
+    assert!(
+        db.store("sqlmesh_state")
+            .await
+            .status()
+            .await
+            .unwrap()
+            .initialized
+    );
 
     // A second pass changes nothing that matters and emits no events.
-    let ready_since = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap().last_transition_time.clone();
+    let ready_since = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .last_transition_time
+        .clone();
     let (_, again) = h.reconcile(&object).await;
     let again_status = again.status.clone().unwrap();
     assert_eq!(condition(&again, "Initialized").1, "Initialized");
     assert_eq!(
-        again_status.conditions.iter().find(|c| c.type_ == "Ready").unwrap().last_transition_time,
+        again_status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap()
+            .last_transition_time,
         ready_since
     );
     assert_eq!(h.event_reasons().len(), 3);
-    assert!(!h.kube.dump().contains(&db.password()), "the password reached the API");
+    assert!(
+        !h.kube.dump().contains(&db.password()),
+        "the password reached the API"
+    );
     // Only status and events were written: never the spec.
     for (method, path) in h.kube.requests() {
         if method == "PATCH" || method == "POST" || method == "PUT" {
-            assert!(path.ends_with("/status") || path.contains("/events"), "{method} {path}");
+            assert!(
+                path.ends_with("/status") || path.contains("/events"),
+                "{method} {path}"
+            );
         }
     }
 }
@@ -210,32 +243,54 @@ async fn missing_secret_and_missing_key_say_what_to_fix() {
 
     let (action, store) = h.reconcile(&object).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
-    assert_eq!(store.status.as_ref().unwrap().phase.as_deref(), Some("Failed"));
+    assert_eq!(
+        store.status.as_ref().unwrap().phase.as_deref(),
+        Some("Failed")
+    );
     let (status, reason, message) = condition(&store, "Connected");
     assert_eq!((status, reason), ("False", "SecretNotFound"));
-    assert!(message.contains("\"pg-credentials\"") && message.contains(NS), "{message}");
+    assert!(
+        message.contains("\"pg-credentials\"") && message.contains(NS),
+        "{message}"
+    );
     assert_eq!(condition(&store, "Ready").1, "SecretNotFound");
     assert_eq!(condition(&store, "Stalled").0, "True");
-    assert_eq!(h.event_reasons(), vec![("Warning".into(), "SecretNotFound".into())]);
+    assert_eq!(
+        h.event_reasons(),
+        vec![("Warning".into(), "SecretNotFound".into())]
+    );
 
     // Backoff grows while the problem persists.
     let (action, _) = h.reconcile(&object).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
-    assert_eq!(h.event_reasons().len(), 1, "no repeated event for the same problem");
+    assert_eq!(
+        h.event_reasons().len(),
+        1,
+        "no repeated event for the same problem"
+    );
 
     put_secret(&h.kube, "pg-credentials", &[("pasword", "typo-key-value")]);
     let (_, store) = h.reconcile(&object).await;
     let (_, reason, message) = condition(&store, "Connected");
     assert_eq!(reason, "SecretKeyMissing");
-    assert!(message.contains("\"password\"") && message.contains("pasword"), "{message}");
-    assert!(!message.contains("typo-key-value"), "never the value: {message}");
+    assert!(
+        message.contains("\"password\"") && message.contains("pasword"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("typo-key-value"),
+        "never the value: {message}"
+    );
 
     // Fixing the Secret recovers the store, with a Normal event.
     put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
     let (action, store) = h.reconcile(&object).await;
     assert_eq!(condition(&store, "Ready").0, "True");
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
-    assert!(h.event_reasons().contains(&("Normal".into(), "StoreReady".into())));
+    assert!(
+        h.event_reasons()
+            .contains(&("Normal".into(), "StoreReady".into()))
+    );
 }
 
 #[tokio::test]
@@ -251,7 +306,10 @@ async fn bad_credentials_are_reported_without_the_password() {
     assert_eq!((status, reason), ("False", "AuthenticationFailed"));
     assert!(message.contains("postgres"), "names the user: {message}");
     assert_eq!(condition(&store, "Ready").1, "AuthenticationFailed");
-    assert!(h.event_reasons().contains(&("Warning".into(), "AuthenticationFailed".into())));
+    assert!(
+        h.event_reasons()
+            .contains(&("Warning".into(), "AuthenticationFailed".into()))
+    );
     let everything = h.kube.dump();
     assert!(!everything.contains(wrong) && !everything.contains(&db.password()));
 
@@ -262,7 +320,11 @@ async fn bad_credentials_are_reported_without_the_password() {
     put_secret(&h.kube, "pg-credentials", &[("password", wrong)]);
     let (_, store) = h.reconcile(&object).await;
     assert_eq!(condition(&store, "Connected").1, "AuthenticationFailed");
-    assert_eq!(store.status.as_ref().unwrap().schema_version, Some(3), "last known version kept");
+    assert_eq!(
+        store.status.as_ref().unwrap().schema_version,
+        Some(3),
+        "last known version kept"
+    );
 }
 
 #[tokio::test]
@@ -280,7 +342,10 @@ async fn unreachable_database_is_reported() {
     assert_eq!((status, reason), ("False", "DatabaseUnreachable"));
     assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
     assert_eq!(condition(&store, "Stalled").0, "True");
-    assert!(h.event_reasons().contains(&("Warning".into(), "DatabaseUnreachable".into())));
+    assert!(
+        h.event_reasons()
+            .contains(&("Warning".into(), "DatabaseUnreachable".into()))
+    );
 }
 
 #[tokio::test]
@@ -294,12 +359,25 @@ async fn never_policy_on_an_empty_database_creates_nothing() {
     assert_eq!(condition(&store, "Connected").0, "True");
     let (status, reason, message) = condition(&store, "Initialized");
     assert_eq!((status, reason), ("False", "NotInitialized"));
-    assert!(message.contains("initPolicy") && message.contains("statekeeper state init"), "{message}");
+    assert!(
+        message.contains("initPolicy") && message.contains("statekeeper state init"),
+        "{message}"
+    );
     assert_eq!(condition(&store, "Ready").0, "False");
-    assert_eq!(store.status.as_ref().unwrap().phase.as_deref(), Some("Failed"));
-    assert!(h.event_reasons().contains(&("Warning".into(), "NotInitialized".into())));
+    assert_eq!(
+        store.status.as_ref().unwrap().phase.as_deref(),
+        Some("Failed")
+    );
+    assert!(
+        h.event_reasons()
+            .contains(&("Warning".into(), "NotInitialized".into()))
+    );
     let mut conn = db.conn().await;
-    assert!(!support::schemas(&mut conn).await.contains(&"sqlmesh_state".to_string()));
+    assert!(
+        !support::schemas(&mut conn)
+            .await
+            .contains(&"sqlmesh_state".to_string())
+    );
 }
 
 #[tokio::test]
@@ -311,12 +389,19 @@ async fn older_and_newer_schemas_are_reported() {
     let object = store_for(&db, "analytics", json!({}));
 
     let (_, store) = h.reconcile(&object).await;
-    assert_eq!(condition(&store, "Ready").0, "True", "an older schema still works");
+    assert_eq!(
+        condition(&store, "Ready").0,
+        "True",
+        "an older schema still works"
+    );
     let (status, reason, message) = condition(&store, "SchemaUpToDate");
     assert_eq!((status, reason), ("False", "UpgradeAvailable"));
     assert!(message.contains("version 1 of 3"), "{message}");
     assert_eq!(store.status.as_ref().unwrap().schema_version, Some(1));
-    assert!(h.event_reasons().contains(&("Normal".into(), "UpgradeAvailable".into())));
+    assert!(
+        h.event_reasons()
+            .contains(&("Normal".into(), "UpgradeAvailable".into()))
+    );
 
     let mut conn = db.conn().await;
     sqlx::query("INSERT INTO sqlmesh_state.state_versions VALUES (9, 'x', 'from a newer statekeeper', now())")

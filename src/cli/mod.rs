@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::engine::{ConnectionSettings, Error, ResetApproval, SchemaName, Store, redact};
 
 #[derive(Parser, Debug)]
-#[command(name = "statekeeper", version, about = "Manage the Postgres state store of data-transformation frameworks")]
+#[command(
+    name = "statekeeper",
+    version,
+    about = "Manage the Postgres state store of data-transformation frameworks"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -28,10 +32,20 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct StateArgs {
     /// PostgreSQL URL, e.g. postgres://user:password@host:5432/db
-    #[arg(long, env = "STATEKEEPER_DATABASE_URL", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "STATEKEEPER_DATABASE_URL",
+        hide_env_values = true,
+        global = true
+    )]
     database_url: Option<String>,
     /// Schema holding the state tables.
-    #[arg(long, env = "STATEKEEPER_SCHEMA", default_value = "statekeeper", global = true)]
+    #[arg(
+        long,
+        env = "STATEKEEPER_SCHEMA",
+        default_value = "statekeeper",
+        global = true
+    )]
     schema: String,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text, global = true)]
@@ -143,7 +157,10 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
         StateCommand::Rollback { backup_id } => {
             output::rollback(&store.rollback(backup_id.as_deref()).await?, json)
         }
-        StateCommand::Reset { allow_reset, auto_approve } => output::reset(
+        StateCommand::Reset {
+            allow_reset,
+            auto_approve,
+        } => output::reset(
             &store
                 .reset(ResetApproval {
                     allow_reset: *allow_reset,

@@ -2,7 +2,9 @@
 
 use serde::Serialize;
 
-use crate::engine::{BackupInfo, InitReport, ResetReport, RollbackReport, StatusReport, UpgradeReport};
+use crate::engine::{
+    BackupInfo, InitReport, ResetReport, RollbackReport, StatusReport, UpgradeReport,
+};
 
 fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
@@ -84,7 +86,10 @@ pub fn upgrade(r: &UpgradeReport, json: bool) -> String {
         return to_json(r);
     }
     match &r.backup {
-        None => format!("schema \"{}\" is already at version {}; nothing to do", r.schema, r.to_version),
+        None => format!(
+            "schema \"{}\" is already at version {}; nothing to do",
+            r.schema, r.to_version
+        ),
         Some(b) => format!(
             "upgraded schema \"{}\" from version {} to {} in {} ms\n  backup {} taken first ({} rows)\n{}",
             r.schema,

@@ -19,7 +19,12 @@ pub struct Desired {
 }
 
 impl Desired {
-    pub fn new(type_: &'static str, status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             type_,
             status,
@@ -31,7 +36,12 @@ impl Desired {
 
 /// Builds the new condition list from the previous one. A condition keeps its
 /// `lastTransitionTime` unless its status flips; condition types not desired are dropped.
-pub fn merge(previous: &[Condition], desired: &[Desired], generation: Option<i64>, now: Timestamp) -> Vec<Condition> {
+pub fn merge(
+    previous: &[Condition],
+    desired: &[Desired],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
     desired
         .iter()
         .map(|d| {
@@ -94,7 +104,12 @@ mod tests {
     #[test]
     fn long_messages_are_truncated_on_a_char_boundary() {
         let long = "é".repeat(20_000);
-        let merged = merge(&[], &[Desired::new(READY, false, "R", long)], None, Timestamp::now());
+        let merged = merge(
+            &[],
+            &[Desired::new(READY, false, "R", long)],
+            None,
+            Timestamp::now(),
+        );
         assert!(merged[0].message.len() <= 32_004);
     }
 }

@@ -92,7 +92,12 @@ impl Context {
         }
     }
 
-    async fn pool_for(&self, key: &str, settings: &ConnectionSettings, secrets: &[String]) -> Result<sqlx::PgPool, EngineError> {
+    async fn pool_for(
+        &self,
+        key: &str,
+        settings: &ConnectionSettings,
+        secrets: &[String],
+    ) -> Result<sqlx::PgPool, EngineError> {
         self.pools.get_or_connect(key, settings, secrets).await
     }
 
@@ -104,7 +109,11 @@ impl Context {
     async fn next_backoff(&self, key: &str) -> Duration {
         let mut failures = self.failures.lock().await;
         let n = failures.entry(key.to_owned()).or_insert(0);
-        let delay = self.settings.min_backoff.saturating_mul(2u32.saturating_pow(*n)).min(self.settings.max_backoff);
+        let delay = self
+            .settings
+            .min_backoff
+            .saturating_mul(2u32.saturating_pow(*n))
+            .min(self.settings.max_backoff);
         *n = n.saturating_add(1);
         delay
     }

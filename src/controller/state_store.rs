@@ -16,10 +16,11 @@ use sqlx::PgPool;
 
 use super::conditions::{self, Desired, READY, RECONCILING, STALLED};
 use super::{Context, FIELD_MANAGER, ReconcileError};
-use crate::api::state_store::{BackupStatus, InitPolicy, StateStore, StateStoreStatus};
 use crate::api::SecretKeyRef;
+use crate::api::state_store::{BackupStatus, InitPolicy, StateStore, StateStoreStatus};
 use crate::engine::{
-    ConnectionParts, ConnectionSettings, Error as EngineError, InitReport, SchemaName, StatusReport, Store, redact,
+    ConnectionParts, ConnectionSettings, Error as EngineError, InitReport, SchemaName,
+    StatusReport, Store, redact,
 };
 
 pub const CONNECTED: &str = "Connected";
@@ -32,13 +33,22 @@ pub enum Observation {
     /// The spec cannot work as written (e.g. an invalid schema name).
     InvalidSpec(String),
     /// A Secret the connection needs is missing or unusable.
-    SecretProblem { reason: &'static str, message: String },
+    SecretProblem {
+        reason: &'static str,
+        message: String,
+    },
     /// The database could not be reached or refused us.
-    ConnectFailed { reason: &'static str, message: String },
+    ConnectFailed {
+        reason: &'static str,
+        message: String,
+    },
     /// The schema is not initialised and `initPolicy: Never` forbids creating it.
     NotInitialized { schema: String },
     /// The store answered, but is not something this operator can manage.
-    StoreFailed { reason: &'static str, message: String },
+    StoreFailed {
+        reason: &'static str,
+        message: String,
+    },
     Observed {
         report: Box<StatusReport>,
         initialized_now: Option<InitReport>,
@@ -47,10 +57,18 @@ pub enum Observation {
 
 /// Conditions for an observation. Pure, so tests can check every branch directly.
 pub fn decide(observation: &Observation) -> Vec<Desired> {
-    let failed = |connected: Option<(bool, &str, &str)>, initialized: Option<(bool, &str, &str)>, reason: &str, message: &str| {
+    let failed = |connected: Option<(bool, &str, &str)>,
+                  initialized: Option<(bool, &str, &str)>,
+                  reason: &str,
+                  message: &str| {
         let mut out = vec![
             Desired::new(READY, false, reason, message),
-            Desired::new(RECONCILING, false, reason, "waiting for the problem to be fixed; retrying with backoff"),
+            Desired::new(
+                RECONCILING,
+                false,
+                reason,
+                "waiting for the problem to be fixed; retrying with backoff",
+            ),
             Desired::new(STALLED, true, reason, message),
         ];
         if let Some((status, r, m)) = connected {
@@ -63,7 +81,8 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
     };
     match observation {
         Observation::InvalidSpec(message) => failed(None, None, "InvalidSpec", message),
-        Observation::SecretProblem { reason, message } | Observation::ConnectFailed { reason, message } => {
+        Observation::SecretProblem { reason, message }
+        | Observation::ConnectFailed { reason, message } => {
             failed(Some((false, reason, message)), None, reason, message)
         }
         Observation::NotInitialized { schema } => {
@@ -78,12 +97,21 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
                 &message,
             )
         }
-        Observation::StoreFailed { reason, message } => {
-            failed(Some((true, "Connected", "connected to the database")), None, reason, message)
-        }
-        Observation::Observed { report, initialized_now } => {
+        Observation::StoreFailed { reason, message } => failed(
+            Some((true, "Connected", "connected to the database")),
+            None,
+            reason,
+            message,
+        ),
+        Observation::Observed {
+            report,
+            initialized_now,
+        } => {
             let initialized_message = match initialized_now {
-                Some(init) => format!("initialized schema \"{}\" at version {}", init.schema, init.to_version),
+                Some(init) => format!(
+                    "initialized schema \"{}\" at version {}",
+                    init.schema, init.to_version
+                ),
                 None => format!("schema \"{}\" is initialized", report.schema),
             };
             let up_to_date = if report.pending.is_empty() {
@@ -128,7 +156,11 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
                 Desired::new(
                     INITIALIZED,
                     true,
-                    if initialized_now.is_some() { "InitializedNow" } else { "Initialized" },
+                    if initialized_now.is_some() {
+                        "InitializedNow"
+                    } else {
+                        "Initialized"
+                    },
                     initialized_message,
                 ),
                 up_to_date,
@@ -168,7 +200,11 @@ pub fn transition_events(
             continue;
         }
         // A first observation of a healthy state is not news, except Ready itself.
-        if before.is_none() && healthy && condition.type_ != READY && condition.reason != "InitializedNow" {
+        if before.is_none()
+            && healthy
+            && condition.type_ != READY
+            && condition.reason != "InitializedNow"
+        {
             continue;
         }
         // One problem shows in several conditions (Connected and Ready): one event says it.
@@ -190,7 +226,10 @@ pub fn transition_events(
     events
 }
 
-pub async fn reconcile(store: Arc<StateStore>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+pub async fn reconcile(
+    store: Arc<StateStore>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
     let namespace = store.namespace().ok_or(ReconcileError::NotNamespaced)?;
     let name = store.name_any();
     let key = format!("{namespace}/{name}");
@@ -206,7 +245,12 @@ pub async fn reconcile(store: Arc<StateStore>, ctx: Arc<Context>) -> Result<Acti
             d
         })
         .collect();
-    let conds = conditions::merge(&previous.conditions, &desired, store.meta().generation, Timestamp::now());
+    let conds = conditions::merge(
+        &previous.conditions,
+        &desired,
+        store.meta().generation,
+        Timestamp::now(),
+    );
     let mut status = StateStoreStatus {
         observed_generation: store.meta().generation,
         phase: Some(phase(&conds).into()),
@@ -258,21 +302,35 @@ pub fn error_policy(store: Arc<StateStore>, error: &ReconcileError, _ctx: Arc<Co
     Action::requeue(Duration::from_secs(15))
 }
 
-async fn write_status(ctx: &Context, namespace: &str, name: &str, status: &StateStoreStatus) -> Result<(), ReconcileError> {
+async fn write_status(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    status: &StateStoreStatus,
+) -> Result<(), ReconcileError> {
     let api: Api<StateStore> = Api::namespaced(ctx.client.clone(), namespace);
     let patch = json!({
         "apiVersion": "statekeeper.dev/v1alpha1",
         "kind": "StateStore",
         "status": status,
     });
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
     Ok(())
 }
 
 /// Connects (through the pool cache), initialises when allowed, and reads the store's status.
 /// Also returns the secret values it read, so that callers can redact them from messages.
-async fn observe(store: &StateStore, namespace: &str, key: &str, ctx: &Context) -> (Observation, Vec<String>) {
+async fn observe(
+    store: &StateStore,
+    namespace: &str,
+    key: &str,
+    ctx: &Context,
+) -> (Observation, Vec<String>) {
     let schema = match SchemaName::new(&store.spec.schema) {
         Ok(schema) => schema,
         Err(e) => return (Observation::InvalidSpec(e.to_string()), Vec::new()),
@@ -372,15 +430,19 @@ async fn resolve_connection(
     let (settings, secret_values) = match (&spec.url_secret_ref, &spec.host) {
         (Some(url_ref), None) => {
             let url = read_secret_key(&secrets, namespace, url_ref).await?;
-            let settings = ConnectionSettings::from_url(&url).map_err(|e| Observation::InvalidSpec(format!(
-                "the URL in Secret \"{}\" key \"{}\" is not usable: {e}",
-                url_ref.name, url_ref.key
-            )))?;
+            let settings = ConnectionSettings::from_url(&url).map_err(|e| {
+                Observation::InvalidSpec(format!(
+                    "the URL in Secret \"{}\" key \"{}\" is not usable: {e}",
+                    url_ref.name, url_ref.key
+                ))
+            })?;
             let password = url_password(&url);
             (settings, vec![url, password])
         }
         (None, Some(host)) => {
-            let user = spec.user.as_deref().ok_or_else(|| Observation::InvalidSpec("connection.user is required with connection.host".into()))?;
+            let user = spec.user.as_deref().ok_or_else(|| {
+                Observation::InvalidSpec("connection.user is required with connection.host".into())
+            })?;
             let password = match &spec.password_secret_ref {
                 Some(r) => Some(read_secret_key(&secrets, namespace, r).await?),
                 None => None,
@@ -402,20 +464,35 @@ async fn resolve_connection(
             ));
         }
     };
-    Ok((settings.with_connect_timeout(timeout).with_max_connections(2), secret_values))
+    Ok((
+        settings
+            .with_connect_timeout(timeout)
+            .with_max_connections(2),
+        secret_values,
+    ))
 }
 
-async fn read_secret_key(api: &Api<Secret>, namespace: &str, r: &SecretKeyRef) -> Result<String, Observation> {
+async fn read_secret_key(
+    api: &Api<Secret>,
+    namespace: &str,
+    r: &SecretKeyRef,
+) -> Result<String, Observation> {
     let secret = api
         .get_opt(&r.name)
         .await
         .map_err(|e| Observation::SecretProblem {
             reason: "SecretUnreadable",
-            message: format!("cannot read Secret \"{}\" in namespace \"{namespace}\": {e}", r.name),
+            message: format!(
+                "cannot read Secret \"{}\" in namespace \"{namespace}\": {e}",
+                r.name
+            ),
         })?
         .ok_or_else(|| Observation::SecretProblem {
             reason: "SecretNotFound",
-            message: format!("Secret \"{}\" not found in namespace \"{namespace}\"", r.name),
+            message: format!(
+                "Secret \"{}\" not found in namespace \"{namespace}\"",
+                r.name
+            ),
         })?;
     let data = secret.data.unwrap_or_default();
     let value = data.get(&r.key).ok_or_else(|| Observation::SecretProblem {
@@ -424,7 +501,11 @@ async fn read_secret_key(api: &Api<Secret>, namespace: &str, r: &SecretKeyRef) -
             "Secret \"{}\" has no key \"{}\" (it has: {})",
             r.name,
             r.key,
-            if data.is_empty() { "no keys".to_string() } else { data.keys().cloned().collect::<Vec<_>>().join(", ") }
+            if data.is_empty() {
+                "no keys".to_string()
+            } else {
+                data.keys().cloned().collect::<Vec<_>>().join(", ")
+            }
         ),
     })?;
     String::from_utf8(value.0.clone()).map_err(|_| Observation::SecretProblem {
@@ -448,7 +529,12 @@ pub struct PoolCache {
 }
 
 impl PoolCache {
-    pub async fn get_or_connect(&self, key: &str, settings: &ConnectionSettings, secrets: &[String]) -> Result<PgPool, EngineError> {
+    pub async fn get_or_connect(
+        &self,
+        key: &str,
+        settings: &ConnectionSettings,
+        secrets: &[String],
+    ) -> Result<PgPool, EngineError> {
         let fingerprint = {
             let mut hasher = Sha256::new();
             hasher.update(settings.target());
@@ -461,10 +547,11 @@ impl PoolCache {
             hex::encode(hasher.finalize())
         };
         let mut pools = self.pools.lock().await;
-        if let Some((cached, pool)) = pools.get(key) {
-            if *cached == fingerprint && !pool.is_closed() {
-                return Ok(pool.clone());
-            }
+        if let Some((cached, pool)) = pools.get(key)
+            && *cached == fingerprint
+            && !pool.is_closed()
+        {
+            return Ok(pool.clone());
         }
         if let Some((_, old)) = pools.remove(key) {
             old.close().await;

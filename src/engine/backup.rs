@@ -5,9 +5,9 @@ use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde::Serialize;
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
-use super::catalog;
-use super::identifier::{quote_ident, SchemaName, BACKUP_ID_LEN};
 use super::Error;
+use super::catalog;
+use super::identifier::{BACKUP_ID_LEN, SchemaName, quote_ident};
 
 /// The table inside every backup schema that describes the backup.
 pub const BACKUP_METADATA_TABLE: &str = "_statekeeper_backup";

@@ -2,8 +2,8 @@
 
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
-use super::identifier::quote_ident;
 use super::Error;
+use super::identifier::quote_ident;
 
 /// Base tables of a schema, by name.
 pub async fn tables(conn: &mut PgConnection, schema: &str) -> Result<Vec<String>, Error> {
@@ -25,7 +25,11 @@ pub async fn schema_exists(conn: &mut PgConnection, schema: &str) -> Result<bool
     )
 }
 
-pub async fn table_exists(conn: &mut PgConnection, schema: &str, table: &str) -> Result<bool, Error> {
+pub async fn table_exists(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<bool, Error> {
     Ok(sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))",
@@ -37,7 +41,11 @@ pub async fn table_exists(conn: &mut PgConnection, schema: &str, table: &str) ->
 }
 
 /// Column names of a table in ordinal order, quoted and joined for a column list.
-pub async fn column_list(conn: &mut PgConnection, schema: &str, table: &str) -> Result<String, Error> {
+pub async fn column_list(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<String, Error> {
     let columns: Vec<String> = sqlx::query_scalar(
         "SELECT a.attname::text FROM pg_attribute a \
          JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -48,7 +56,11 @@ pub async fn column_list(conn: &mut PgConnection, schema: &str, table: &str) -> 
     .bind(table)
     .fetch_all(conn)
     .await?;
-    Ok(columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "))
+    Ok(columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", "))
 }
 
 /// Moves every identity sequence of the schema past the largest id present, so that rows

@@ -98,13 +98,16 @@ impl ConnectionSettings {
     /// Opens one connection first, so that a wrong password or an unreachable host is reported
     /// precisely rather than as a pool timeout; then returns a lazily filled pool.
     pub async fn connect(&self) -> Result<PgPool, Error> {
-        let probe = tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(&self.options))
-            .await
-            .map_err(|_| Error::ConnectTimeout {
-                target: self.target(),
-                after: self.connect_timeout,
-            })?
-            .map_err(|e| self.classify(e))?;
+        let probe = tokio::time::timeout(
+            self.connect_timeout,
+            PgConnection::connect_with(&self.options),
+        )
+        .await
+        .map_err(|_| Error::ConnectTimeout {
+            target: self.target(),
+            after: self.connect_timeout,
+        })?
+        .map_err(|e| self.classify(e))?;
         // Closing the probe is best effort: the pool does not need it.
         let _ = probe.close().await;
         Ok(PgPoolOptions::new()

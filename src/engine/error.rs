@@ -13,7 +13,9 @@ pub enum Error {
     #[error("cannot reach PostgreSQL at {target}: {reason}")]
     Unreachable { target: String, reason: String },
 
-    #[error("PostgreSQL rejected the credentials of user \"{user}\" (password authentication failed)")]
+    #[error(
+        "PostgreSQL rejected the credentials of user \"{user}\" (password authentication failed)"
+    )]
     AuthenticationFailed { user: String },
 
     #[error("database \"{database}\" does not exist")]
@@ -22,20 +24,30 @@ pub enum Error {
     #[error("timed out after {}s connecting to PostgreSQL at {target}", .after.as_secs())]
     ConnectTimeout { target: String, after: Duration },
 
-    #[error("state store schema \"{schema}\" is not initialized; run `statekeeper state init` first")]
+    #[error(
+        "state store schema \"{schema}\" is not initialized; run `statekeeper state init` first"
+    )]
     NotInitialized { schema: String },
 
     #[error(
         "schema \"{schema}\" is at version {current}, newer than version {latest}, the latest this \
          statekeeper knows; upgrade statekeeper before operating on this store"
     )]
-    SchemaNewer { schema: String, current: i32, latest: i32 },
+    SchemaNewer {
+        schema: String,
+        current: i32,
+        latest: i32,
+    },
 
     #[error(
         "migration {version} was changed after it was applied: the database records checksum \
          {recorded}, this statekeeper ships {shipped}"
     )]
-    ChecksumMismatch { version: i32, recorded: String, shipped: String },
+    ChecksumMismatch {
+        version: i32,
+        recorded: String,
+        shipped: String,
+    },
 
     #[error("unknown target version {target}: this statekeeper ships versions 1 to {latest}")]
     UnknownTargetVersion { target: i32, latest: i32 },

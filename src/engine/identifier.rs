@@ -45,10 +45,15 @@ impl SchemaName {
             ));
         }
         if name.starts_with("pg_") || name == "information_schema" {
-            return Err(invalid("names starting with 'pg_' and 'information_schema' are reserved by PostgreSQL".into()));
+            return Err(invalid(
+                "names starting with 'pg_' and 'information_schema' are reserved by PostgreSQL"
+                    .into(),
+            ));
         }
         if name.contains(BACKUP_INFIX) {
-            return Err(invalid(format!("'{BACKUP_INFIX}' is reserved for backup schemas")));
+            return Err(invalid(format!(
+                "'{BACKUP_INFIX}' is reserved for backup schemas"
+            )));
         }
         Ok(Self(name.to_owned()))
     }
@@ -96,7 +101,12 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_names() {
-        for ok in ["sqlmesh", "_state", "state_2", &"a".repeat(MAX_SCHEMA_BYTES)] {
+        for ok in [
+            "sqlmesh",
+            "_state",
+            "state_2",
+            &"a".repeat(MAX_SCHEMA_BYTES),
+        ] {
             assert_eq!(SchemaName::new(ok).expect(ok).as_str(), ok);
         }
     }
@@ -118,14 +128,20 @@ mod tests {
             too_long.as_str(),
         ] {
             let err = SchemaName::new(bad).expect_err(bad);
-            assert!(matches!(err, Error::InvalidSchemaName { .. }), "{bad}: {err}");
+            assert!(
+                matches!(err, Error::InvalidSchemaName { .. }),
+                "{bad}: {err}"
+            );
         }
     }
 
     #[test]
     fn longest_backup_name_fits_identifier_limit() {
         let schema = SchemaName::new(&"s".repeat(MAX_SCHEMA_BYTES)).unwrap();
-        assert_eq!(schema.backup_schema(&"9".repeat(BACKUP_ID_LEN)).len(), MAX_IDENTIFIER_BYTES);
+        assert_eq!(
+            schema.backup_schema(&"9".repeat(BACKUP_ID_LEN)).len(),
+            MAX_IDENTIFIER_BYTES
+        );
     }
 
     #[test]

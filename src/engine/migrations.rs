@@ -28,7 +28,11 @@ impl MigrationChain {
     /// Panics on a malformed chain: only ever built from compile-time constants and tests.
     pub fn new(steps: Vec<Migration>) -> Self {
         for (i, step) in steps.iter().enumerate() {
-            assert_eq!(step.version as usize, i + 1, "migration versions must be 1..=n in order");
+            assert_eq!(
+                step.version as usize,
+                i + 1,
+                "migration versions must be 1..=n in order"
+            );
         }
         Self { steps }
     }
@@ -59,7 +63,9 @@ impl MigrationChain {
     }
 
     pub fn get(&self, version: i32) -> Option<&Migration> {
-        usize::try_from(version - 1).ok().and_then(|i| self.steps.get(i))
+        usize::try_from(version - 1)
+            .ok()
+            .and_then(|i| self.steps.get(i))
     }
 
     /// The steps strictly after `from` up to and including `to`.
@@ -85,6 +91,9 @@ mod tests {
         let mut sums: Vec<_> = chain.steps().iter().map(Migration::checksum).collect();
         sums.dedup();
         assert_eq!(sums.len(), chain.steps().len());
-        assert_eq!(chain.between(1, 3).map(|m| m.version).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            chain.between(1, 3).map(|m| m.version).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
     }
 }

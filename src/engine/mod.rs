@@ -10,7 +10,7 @@ pub mod migrations;
 pub mod store;
 
 pub use backup::BackupInfo;
-pub use connection::{redact, ConnectionParts, ConnectionSettings};
+pub use connection::{ConnectionParts, ConnectionSettings, redact};
 pub use error::Error;
 pub use identifier::SchemaName;
 pub use migrations::{Migration, MigrationChain};

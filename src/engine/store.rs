@@ -9,11 +9,11 @@ use serde::Serialize;
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, Transaction};
 
+use super::Error;
 use super::backup::{self, BackupInfo};
 use super::catalog;
-use super::identifier::{quote_ident, SchemaName};
+use super::identifier::{SchemaName, quote_ident};
 use super::migrations::MigrationChain;
-use super::Error;
 
 /// First key of every statekeeper advisory lock; the second is derived from the schema name.
 const LOCK_CLASS: i32 = 0x5354_4B50; // "STKP"
@@ -360,10 +360,12 @@ impl Store {
             rows_restored += loaded.rows_affected() as i64;
         }
         if carried_events
-            && catalog::table_exists(&mut tx, self.schema.as_str(), "state_migration_events").await?
+            && catalog::table_exists(&mut tx, self.schema.as_str(), "state_migration_events")
+                .await?
         {
             let columns =
-                catalog::column_list(&mut tx, self.schema.as_str(), "state_migration_events").await?;
+                catalog::column_list(&mut tx, self.schema.as_str(), "state_migration_events")
+                    .await?;
             sqlx::query(AssertSqlSafe(format!(
                 "INSERT INTO {store}.state_migration_events ({columns}) OVERRIDING SYSTEM VALUE \
                  SELECT {columns} FROM pg_temp.statekeeper_carried_events c \
@@ -420,7 +422,9 @@ impl Store {
         let mut tx = self.begin_locked().await?;
         let current = self.verified_version(&mut tx).await?;
         let backup = match current {
-            Some(version) => Some(backup::create(&mut tx, &self.schema, version, "pre-reset").await?),
+            Some(version) => {
+                Some(backup::create(&mut tx, &self.schema, version, "pre-reset").await?)
+            }
             None => None,
         };
         let tables_dropped = self.drop_state_tables(&mut tx).await?;
@@ -487,7 +491,10 @@ impl Store {
         Ok(tx)
     }
 
-    async fn read_ledger(&self, conn: &mut PgConnection) -> Result<Option<Vec<AppliedVersion>>, Error> {
+    async fn read_ledger(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<Option<Vec<AppliedVersion>>, Error> {
         if !catalog::table_exists(conn, self.schema.as_str(), "state_versions").await? {
             return Ok(None);
         }
@@ -566,22 +573,23 @@ impl Store {
     }
 
     async fn run_step_sql(&self, conn: &mut PgConnection, version: i32) -> Result<(), Error> {
-        let step = self
-            .chain
-            .get(version)
-            .ok_or(Error::UnknownTargetVersion {
-                target: version,
-                latest: self.chain.latest(),
-            })?;
+        let step = self.chain.get(version).ok_or(Error::UnknownTargetVersion {
+            target: version,
+            latest: self.chain.latest(),
+        })?;
         sqlx::query(AssertSqlSafe(format!(
             "SET LOCAL search_path TO {}",
             self.schema.quoted()
         )))
         .execute(&mut *conn)
         .await?;
-        let result = sqlx::raw_sql(AssertSqlSafe(step.sql)).execute(&mut *conn).await;
+        let result = sqlx::raw_sql(AssertSqlSafe(step.sql))
+            .execute(&mut *conn)
+            .await;
         // Restore the default path even when the step failed, for clear later errors.
-        let _ = sqlx::query("SET LOCAL search_path TO DEFAULT").execute(&mut *conn).await;
+        let _ = sqlx::query("SET LOCAL search_path TO DEFAULT")
+            .execute(&mut *conn)
+            .await;
         result.map_err(|source| Error::MigrationFailed {
             version: step.version,
             description: step.description.into(),
@@ -662,7 +670,9 @@ impl Store {
                 self.chain.latest()
             )));
         }
-        for (version, checksum) in backup::recorded_versions(conn, &self.schema, &restored.id).await? {
+        for (version, checksum) in
+            backup::recorded_versions(conn, &self.schema, &restored.id).await?
+        {
             match self.chain.get(version) {
                 Some(step) if step.checksum() == checksum => {}
                 _ => {

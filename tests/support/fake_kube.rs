@@ -70,8 +70,14 @@ impl FakeKube {
 
     /// events.k8s.io/v1 Events in a namespace, oldest first.
     pub fn events(&self, namespace: &str) -> Vec<Value> {
-        let mut events = self.list(&format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events"));
-        events.sort_by_key(|e| e["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse::<u64>().ok()));
+        let mut events = self.list(&format!(
+            "/apis/events.k8s.io/v1/namespaces/{namespace}/events"
+        ));
+        events.sort_by_key(|e| {
+            e["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok())
+        });
         events
     }
 
@@ -117,7 +123,10 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-async fn handle(state: Arc<Mutex<State>>, req: Request<kube::client::Body>) -> Response<Full<Bytes>> {
+async fn handle(
+    state: Arc<Mutex<State>>,
+    req: Request<kube::client::Body>,
+) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let content_type = req
@@ -162,14 +171,19 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<kube::client::Body>) -> R
                 .collect();
             // A path whose last segment is a resource plural is a collection.
             let segments: Vec<&str> = object_path.trim_matches('/').split('/').collect();
-            let is_collection = segments.len() % 2 == 1 || segments.get(segments.len().wrapping_sub(2)) == Some(&"namespaces");
+            let is_collection = segments.len() % 2 == 1
+                || segments.get(segments.len().wrapping_sub(2)) == Some(&"namespaces");
             if is_collection || !items.is_empty() {
                 return respond(
                     StatusCode::OK,
                     &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv}, "items": items}),
                 );
             }
-            status_error(StatusCode::NOT_FOUND, "NotFound", format!("{path} not found"))
+            status_error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{path} not found"),
+            )
         }
         Method::POST => {
             let mut object = parsed;
@@ -177,12 +191,22 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<kube::client::Body>) -> R
                 Some(n) => n.to_owned(),
                 None => match object["metadata"]["generateName"].as_str() {
                     Some(prefix) => format!("{prefix}{rv}"),
-                    None => return status_error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "metadata.name is required".into()),
+                    None => {
+                        return status_error(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "Invalid",
+                            "metadata.name is required".into(),
+                        );
+                    }
                 },
             };
             let key = format!("{object_path}/{name}");
             if state.objects.contains_key(&key) {
-                return status_error(StatusCode::CONFLICT, "AlreadyExists", format!("{name} already exists"));
+                return status_error(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    format!("{name} already exists"),
+                );
             }
             object["metadata"]["name"] = json!(name);
             object["metadata"]["resourceVersion"] = json!(rv);
@@ -200,7 +224,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<kube::client::Body>) -> R
                     state.objects.insert(object_path, object.clone());
                     return respond(StatusCode::CREATED, &object);
                 }
-                return status_error(StatusCode::NOT_FOUND, "NotFound", format!("{path} not found"));
+                return status_error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("{path} not found"),
+                );
             };
             match subresource {
                 // One field manager owns the whole status: applying it replaces it.
@@ -226,8 +254,16 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<kube::client::Body>) -> R
         }
         Method::DELETE => match state.objects.remove(&object_path) {
             Some(object) => respond(StatusCode::OK, &object),
-            None => status_error(StatusCode::NOT_FOUND, "NotFound", format!("{path} not found")),
+            None => status_error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{path} not found"),
+            ),
         },
-        _ => status_error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", method.to_string()),
+        _ => status_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            method.to_string(),
+        ),
     }
 }

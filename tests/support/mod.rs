@@ -24,7 +24,12 @@ pub fn admin_url() -> &'static str {
         }
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/throwaway-postgres.sh");
         let out = Command::new("bash")
-            .args([script, "start", "--owner-pid", &std::process::id().to_string()])
+            .args([
+                script,
+                "start",
+                "--owner-pid",
+                &std::process::id().to_string(),
+            ])
             .output()
             .expect("run scripts/throwaway-postgres.sh");
         assert!(
@@ -54,7 +59,9 @@ impl TestDb {
             std::process::id(),
             NEXT_DB.fetch_add(1, Ordering::SeqCst)
         );
-        let mut conn = PgConnection::connect(admin).await.expect("connect to test server");
+        let mut conn = PgConnection::connect(admin)
+            .await
+            .expect("connect to test server");
         sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)
             .await

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The quickstart: builds statekeeper, starts a throwaway PostgreSQL on 127.0.0.1 (installing it
+# with apt-get if needed), and walks the CLI through init -> status -> upgrade -> rollback.
+# Everything it creates is removed when it exits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ statekeeper %s\n' "$*"; ./target/release/statekeeper "$@"; }
+
+say "Building statekeeper (release)"
+cargo build --release --locked --bin statekeeper
+
+say "Starting a throwaway PostgreSQL"
+pg_env=$(scripts/throwaway-postgres.sh start --owner-pid $$)
+eval "$pg_env"
+trap 'scripts/throwaway-postgres.sh stop "$STATEKEEPER_PG_DIR"' EXIT
+export STATEKEEPER_DATABASE_URL="$STATEKEEPER_PG_URL"
+export STATEKEEPER_SCHEMA=quickstart_state
+echo "PostgreSQL is running on 127.0.0.1 (data in $STATEKEEPER_PG_DIR)"
+
+say "1. Initialise the state store at schema version 1 (as an older release would have)"
+run state init --target-version 1
+
+say "2. Some state arrives: model versions and a promoted prod environment"
+psql "$STATEKEEPER_PG_URL" -q -v ON_ERROR_STOP=1 <<'SQL'
+SET search_path TO quickstart_state;
+INSERT INTO model_versions (name, fingerprint, version)
+  SELECT 'analytics.orders_' || i, md5(i::text), 'v1' FROM generate_series(1, 25) i;
+INSERT INTO virtual_environments (name, plan_id) VALUES ('prod', 'plan-1');
+INSERT INTO virtual_environment_refs SELECT 'prod', name, id FROM model_versions;
+SQL
+run state status
+
+say "3. Upgrade to the latest schema: a backup is taken first, all in one transaction"
+run state upgrade
+
+say "4. Status now: up to date, one backup"
+run state status
+
+say "5. Roll back to the backup: the store is exactly as before the upgrade"
+run state rollback
+run state status
+
+say "6. Backups (the rollback kept the state it replaced, so it can be undone)"
+run state backups
+run state backups --output json | head -n 12
+
+say "Done. The throwaway PostgreSQL is stopped and removed on exit."

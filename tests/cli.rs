@@ -1,0 +1,241 @@
+//! The `statekeeper state …` CLI, run as a real process against a real PostgreSQL.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use support::{TestDb, schemas};
+
+fn statekeeper(url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+        .args(args)
+        .env("STATEKEEPER_DATABASE_URL", url)
+        .env_remove("STATEKEEPER_SCHEMA")
+        .output()
+        .expect("run statekeeper")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn json(out: &Output) -> Value {
+    assert!(out.status.success(), "failed: {}", stderr(out));
+    serde_json::from_slice(&out.stdout).expect("valid JSON on stdout")
+}
+
+/// A failure prints exactly one line, no panic or backtrace, and exits 1.
+fn assert_clean_failure(out: &Output) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout: {} stderr: {}",
+        stdout(out),
+        stderr(out)
+    );
+    let err = stderr(out);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    err
+}
+
+#[tokio::test]
+async fn walk_through_every_command() {
+    let db = TestDb::new().await;
+    let url = &db.url;
+    let s = ["--schema", "sqlmesh"];
+
+    let init = json(&statekeeper(
+        url,
+        &[
+            "state",
+            "init",
+            "--target-version",
+            "1",
+            s[0],
+            s[1],
+            "-o",
+            "json",
+        ],
+    ));
+    assert_eq!(init["toVersion"], 1);
+    let again = statekeeper(url, &["state", "init", s[0], s[1]]);
+    assert!(
+        stdout(&again).contains("already initialized at version 1"),
+        "{}",
+        stdout(&again)
+    );
+
+    let status = json(&statekeeper(
+        url,
+        &["state", "status", s[0], s[1], "-o", "json"],
+    ));
+    assert_eq!(status["currentVersion"], 1);
+    assert_eq!(status["pending"].as_array().unwrap().len(), 2);
+    let text = stdout(&statekeeper(url, &["state", "status", s[0], s[1]]));
+    assert!(
+        text.contains("version 1 of 3") && text.contains("2 pending"),
+        "{text}"
+    );
+
+    // `migrate` is the word sqlbuild and SQLMesh users know.
+    let up = json(&statekeeper(
+        url,
+        &["state", "migrate", s[0], s[1], "-o", "json"],
+    ));
+    assert_eq!(
+        (up["fromVersion"].as_i64(), up["toVersion"].as_i64()),
+        (Some(1), Some(3))
+    );
+    let backup_id = up["backup"]["id"].as_str().unwrap().to_owned();
+
+    let list = json(&statekeeper(
+        url,
+        &["state", "backups", s[0], s[1], "-o", "json"],
+    ));
+    assert_eq!(list[0]["id"], backup_id.as_str());
+
+    let rollback = statekeeper(
+        url,
+        &["state", "rollback", "--backup-id", &backup_id, s[0], s[1]],
+    );
+    assert!(rollback.status.success(), "{}", stderr(&rollback));
+    assert!(stdout(&rollback).contains("undo with: statekeeper state rollback --backup-id"));
+    let status = json(&statekeeper(
+        url,
+        &["state", "status", s[0], s[1], "-o", "json"],
+    ));
+    assert_eq!(status["currentVersion"], 1);
+    assert_eq!(status["backups"].as_array().unwrap().len(), 2);
+
+    let refused = statekeeper(url, &["state", "reset", s[0], s[1]]);
+    let err = assert_clean_failure(&refused);
+    assert!(err.contains("--allow-reset"), "{err}");
+    let refused = statekeeper(url, &["state", "reset", "--allow-reset", s[0], s[1]]);
+    assert!(assert_clean_failure(&refused).contains("--auto-approve"));
+    assert_eq!(
+        json(&statekeeper(
+            url,
+            &["state", "status", s[0], s[1], "-o", "json"]
+        ))["initialized"],
+        true
+    );
+
+    let reset = statekeeper(
+        url,
+        &[
+            "state",
+            "reset",
+            "--allow-reset",
+            "--auto-approve",
+            s[0],
+            s[1],
+        ],
+    );
+    assert!(reset.status.success(), "{}", stderr(&reset));
+    assert_eq!(
+        json(&statekeeper(
+            url,
+            &["state", "status", s[0], s[1], "-o", "json"]
+        ))["initialized"],
+        false
+    );
+
+    let dropped = statekeeper(url, &["state", "backups", "drop", &backup_id, s[0], s[1]]);
+    assert!(stdout(&dropped).contains(&backup_id));
+    assert_eq!(
+        json(&statekeeper(
+            url,
+            &["state", "backups", s[0], s[1], "-o", "json"]
+        ))
+        .as_array()
+        .unwrap()
+        .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn wrong_password_prints_one_line_without_the_password() {
+    let db = TestDb::new().await;
+    let real = db.password();
+    let wrong = "Sup3rSecretWrongPw";
+    let url = db
+        .url
+        .replacen(&format!(":{real}@"), &format!(":{wrong}@"), 1);
+    for format in ["text", "json"] {
+        let out = statekeeper(&url, &["state", "status", "-o", format]);
+        let err = assert_clean_failure(&out);
+        assert!(err.contains("rejected the credentials"), "{err}");
+        assert!(!err.contains(wrong) && !err.contains(&real), "{err}");
+        if format == "json" {
+            let parsed: Value = serde_json::from_str(&err).unwrap();
+            assert_eq!(parsed["error"]["reason"], "AuthenticationFailed");
+        }
+    }
+    // Passed as a flag instead of the environment: same result.
+    let out = Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+        .args(["state", "status", "--database-url", &url])
+        .env_remove("STATEKEEPER_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!assert_clean_failure(&out).contains(wrong));
+}
+
+#[tokio::test]
+async fn hostile_schema_is_refused_and_nothing_is_created() {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    let before = schemas(&mut conn).await;
+    let out = statekeeper(
+        &db.url,
+        &[
+            "state",
+            "init",
+            "--schema",
+            "x\"; DROP SCHEMA public CASCADE; --",
+        ],
+    );
+    let err = assert_clean_failure(&out);
+    assert!(err.contains("invalid schema name"), "{err}");
+    assert_eq!(schemas(&mut conn).await, before);
+}
+
+#[test]
+fn missing_url_and_unreachable_host_are_clear() {
+    let out = Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+        .args(["state", "status"])
+        .env_remove("STATEKEEPER_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(assert_clean_failure(&out).contains("--database-url"));
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let out = statekeeper(
+        &format!("postgres://u:pw-in-url@127.0.0.1:{port}/db"),
+        &["state", "status"],
+    );
+    let err = assert_clean_failure(&out);
+    assert!(
+        err.contains(&format!("cannot reach PostgreSQL at 127.0.0.1:{port}/db")),
+        "{err}"
+    );
+    assert!(!err.contains("pw-in-url"));
+}
+
+#[test]
+fn help_never_shows_the_database_url_from_the_environment() {
+    let out = statekeeper("postgres://u:leaky-secret@h/db", &["state", "--help"]);
+    assert!(out.status.success());
+    assert!(!stdout(&out).contains("leaky-secret"));
+}

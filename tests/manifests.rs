@@ -1,0 +1,169 @@
+//! crds/, deploy/ and examples/ stay true to the code.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_json::Value;
+use statekeeper::api::StateStore;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn yaml_documents(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|doc| Value::deserialize(doc).expect("valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+#[test]
+fn crds_dir_matches_the_generated_crds() {
+    let committed =
+        std::fs::read_to_string(Path::new(ROOT).join("crds/statestores.statekeeper.dev.yaml"))
+            .unwrap();
+    let generated = statekeeper::api::crds_yaml().unwrap();
+    assert!(
+        committed == generated,
+        "crds/ is stale: run `cargo run -- crd > crds/statestores.statekeeper.dev.yaml`"
+    );
+}
+
+#[test]
+fn crd_has_status_subresource_list_map_conditions_and_cel_rules() {
+    let crd = &yaml_documents(&statekeeper::api::crds_yaml().unwrap())[0];
+    let version = &crd["spec"]["versions"][0];
+    assert!(version["subresources"]["status"].is_object());
+    let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
+    assert_eq!(status["conditions"]["x-kubernetes-list-type"], "map");
+    assert_eq!(
+        status["conditions"]["x-kubernetes-list-map-keys"][0],
+        "type"
+    );
+    let connection =
+        &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["connection"];
+    let rules: Vec<&str> = connection["x-kubernetes-validations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["rule"].as_str())
+        .collect();
+    assert!(
+        rules.contains(&"has(self.urlSecretRef) != has(self.host)"),
+        "{rules:?}"
+    );
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    for wanted in ["Phase", "Schema Version", "Age"] {
+        assert!(columns.contains(&wanted), "{columns:?}");
+    }
+}
+
+#[test]
+fn every_example_state_store_parses_into_the_real_type() {
+    let mut found = 0;
+    for entry in std::fs::read_dir(Path::new(ROOT).join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        for doc in yaml_documents(&std::fs::read_to_string(&path).unwrap()) {
+            if doc["kind"] == "StateStore" {
+                let store: StateStore = serde_json::from_value(doc.clone())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let c = &store.spec.connection;
+                assert!(
+                    c.url_secret_ref.is_some() != c.host.is_some(),
+                    "{}",
+                    path.display()
+                );
+                statekeeper::engine::SchemaName::new(&store.spec.schema).unwrap();
+                found += 1;
+            }
+        }
+    }
+    assert!(found >= 2, "examples/ holds StateStores");
+}
+
+/// The RBAC rules are exactly the API calls the operator makes.
+#[test]
+fn rbac_grants_only_what_the_operator_calls() {
+    let text = std::fs::read_to_string(Path::new(ROOT).join("deploy/rbac.yaml")).unwrap();
+    let role = yaml_documents(&text)
+        .into_iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .unwrap();
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for group in rule["apiGroups"].as_array().unwrap() {
+            for resource in rule["resources"].as_array().unwrap() {
+                for verb in rule["verbs"].as_array().unwrap() {
+                    granted.insert(format!(
+                        "{}/{} {}",
+                        group.as_str().unwrap(),
+                        resource.as_str().unwrap(),
+                        verb.as_str().unwrap()
+                    ));
+                }
+            }
+        }
+    }
+    let called: BTreeSet<String> = [
+        "statekeeper.dev/statestores get",
+        "statekeeper.dev/statestores list",
+        "statekeeper.dev/statestores watch",
+        "statekeeper.dev/statestores/status patch",
+        "/secrets get",
+        "events.k8s.io/events create",
+        "events.k8s.io/events patch",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(granted, called);
+}
+
+#[test]
+fn deploy_renders_with_kustomize_and_runs_non_root() {
+    let Ok(out) = Command::new("kubectl")
+        .args(["kustomize", &format!("{ROOT}/deploy")])
+        .output()
+    else {
+        eprintln!(
+            "SKIPPED deploy_renders_with_kustomize_and_runs_non_root: kubectl is not installed"
+        );
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = yaml_documents(&String::from_utf8_lossy(&out.stdout));
+    let kinds: BTreeSet<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in [
+        "CustomResourceDefinition",
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+    ] {
+        assert!(kinds.contains(kind), "deploy/ renders no {kind}");
+    }
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let container = &pod["containers"][0];
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    assert_eq!(container["args"][0], "operator");
+    assert_eq!(deployment["metadata"]["namespace"], "statekeeper-system");
+}
