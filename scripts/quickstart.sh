@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+if [ -t 1 ]; then bold=$'\033[1m'; plain=$'\033[0m'; else bold=""; plain=""; fi
+say() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
 run() { printf '$ statekeeper %s\n' "$*"; ./target/release/statekeeper "$@"; }
 
 say "Building statekeeper (release)"
@@ -23,7 +24,8 @@ say "1. Initialise the state store at schema version 1 (as an older release woul
 run state init --target-version 1
 
 say "2. Some state arrives: model versions and a promoted prod environment"
-psql "$STATEKEEPER_PG_URL" -q -v ON_ERROR_STOP=1 <<'SQL'
+psql=$(command -v psql || ls /usr/lib/postgresql/*/bin/psql | sort -V | tail -n 1)
+"$psql" "$STATEKEEPER_PG_URL" -q -v ON_ERROR_STOP=1 <<'SQL'
 SET search_path TO quickstart_state;
 INSERT INTO model_versions (name, fingerprint, version)
   SELECT 'analytics.orders_' || i, md5(i::text), 'v1' FROM generate_series(1, 25) i;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Renders deploy/ with kustomize and validates it, plus examples/, against Kubernetes schemas
-# offline (kubernetes-validate); StateStores are validated against our own generated CRD.
+# Renders deploy/ (kustomize) and charts/statekeeper (Helm's own SDK, offline) and validates them,
+# plus examples/, against Kubernetes schemas (kubernetes-validate); StateStores are validated
+# against our generated CRD; the chart must lint cleanly and grant the same RBAC as deploy/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,18 +9,20 @@ if ! command -v kubectl >/dev/null 2>&1; then
   echo "SKIPPED manifest rendering: kubectl is not installed" >&2
   exit 0
 fi
-if ! python3 -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null; then
-  echo "installing kubernetes-validate (pip)" >&2
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore kubernetes-validate >&2
+if ! python3 -c 'import kubernetes_validate, jsonschema, yaml, helm_python' 2>/dev/null; then
+  echo "installing kubernetes-validate and helm-python-sdk (pip)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    kubernetes-validate helm-python-sdk >&2
 fi
 
 rendered=$(mktemp --suffix=.yaml)
 trap 'rm -f "$rendered"' EXIT
 kubectl kustomize deploy/ > "$rendered"
 python3 - "$rendered" crds/statestores.statekeeper.dev.yaml examples/*.yaml <<'PY'
-import sys, yaml, jsonschema, kubernetes_validate
+import sys, yaml, jsonschema, kubernetes_validate, helm_python as helm
 
 rendered, crd_file, *examples = sys.argv[1:]
+chart_dir = "charts/statekeeper"
 crd = yaml.safe_load(open(crd_file))
 schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 failures = 0
@@ -38,6 +41,37 @@ for path in [rendered, *examples]:
         except Exception as e:  # report every failure, then fail once
             failures += 1
             print(f"INVALID {name}: {str(e).splitlines()[0]}")
+def rules_of(docs):
+    role = next(d for d in docs if d and d["kind"] == "ClusterRole")
+    return sorted((tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"])
+
+lint = helm.lint(chart_dir, strict=True, kube_version="v1.34.0")
+problems = [m for m in lint["messages"] if m["severity"] >= 2] + lint["errors"]
+for p in problems:
+    failures += 1
+    print(f"LINT {chart_dir}: {p}")
+with helm.Chart.load(chart_dir) as chart:
+    if [c["data"] for c in chart.crds] != [open(crd_file).read()]:
+        failures += 1
+        print(f"STALE {chart_dir}/crds: copy crds/*.yaml into it")
+    for values in ({}, {"watchNamespace": "data", "serviceAccount": {"create": False, "name": "existing"}}):
+        out = chart.render(values, name="statekeeper", namespace="statekeeper-system", is_install=True)
+        docs = [d for name, text in out.items() if name.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+        for doc in docs:
+            try:
+                kubernetes_validate.validate(doc, "1.34", strict=True)
+                checked += 1
+            except Exception as e:
+                failures += 1
+                print(f"INVALID chart {doc['kind']}/{doc['metadata']['name']} {values}: {str(e).splitlines()[0]}")
+        if rules_of(docs) != rules_of(yaml.safe_load_all(open("deploy/rbac.yaml"))):
+            failures += 1
+            print("RBAC of charts/statekeeper differs from deploy/rbac.yaml")
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        if values.get("watchNamespace") and "--namespace=data" not in deployment["spec"]["template"]["spec"]["containers"][0]["args"]:
+            failures += 1
+            print("chart ignores watchNamespace")
+
 print(f"manifests: {checked} passed, {failures} failed")
 sys.exit(1 if failures else 0)
 PY

@@ -27,6 +27,12 @@ fn crds_dir_matches_the_generated_crds() {
         committed == generated,
         "crds/ is stale: run `cargo run -- crd > crds/statestores.statekeeper.dev.yaml`"
     );
+    let in_chart =
+        std::fs::read_to_string(Path::new(ROOT).join("charts/statekeeper/crds/statestores.statekeeper.dev.yaml")).unwrap();
+    assert!(
+        in_chart == generated,
+        "charts/statekeeper/crds is stale: copy crds/statestores.statekeeper.dev.yaml into it"
+    );
 }
 
 #[test]
