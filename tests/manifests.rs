@@ -27,8 +27,10 @@ fn crds_dir_matches_the_generated_crds() {
         committed == generated,
         "crds/ is stale: run `cargo run -- crd > crds/statestores.statekeeper.dev.yaml`"
     );
-    let in_chart =
-        std::fs::read_to_string(Path::new(ROOT).join("charts/statekeeper/crds/statestores.statekeeper.dev.yaml")).unwrap();
+    let in_chart = std::fs::read_to_string(
+        Path::new(ROOT).join("charts/statekeeper/crds/statestores.statekeeper.dev.yaml"),
+    )
+    .unwrap();
     assert!(
         in_chart == generated,
         "charts/statekeeper/crds is stale: copy crds/statestores.statekeeper.dev.yaml into it"
@@ -171,5 +173,7 @@ fn deploy_renders_with_kustomize_and_runs_non_root() {
         false
     );
     assert_eq!(container["args"][0], "operator");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(deployment["metadata"]["namespace"], "statekeeper-system");
 }

@@ -212,6 +212,18 @@ async fn ready_path_initializes_and_reports_the_store() {
         !h.kube.dump().contains(&db.password()),
         "the password reached the API"
     );
+    let metrics = h.ctx.metrics.render();
+    assert!(
+        metrics.contains(r#"statekeeper_store_ready{namespace="data",name="analytics"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"statekeeper_store_schema_version{namespace="data",name="analytics"} 3"#)
+    );
+    assert!(metrics.contains(
+        r#"statekeeper_reconciliations_total{kind="StateStore",outcome="StoreReady"} 2"#
+    ));
     // Only status and events were written: never the spec.
     for (method, path) in h.kube.requests() {
         if method == "PATCH" || method == "POST" || method == "PUT" {
@@ -258,6 +270,12 @@ async fn missing_secret_and_missing_key_say_what_to_fix() {
     assert_eq!(
         h.event_reasons(),
         vec![("Warning".into(), "SecretNotFound".into())]
+    );
+    assert!(
+        h.ctx
+            .metrics
+            .render()
+            .contains(r#"statekeeper_store_ready{namespace="data",name="analytics"} 0"#)
     );
 
     // Backoff grows while the problem persists.

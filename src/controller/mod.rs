@@ -2,6 +2,7 @@
 
 pub mod conditions;
 pub mod state_store;
+pub mod telemetry;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::ListParams;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::runtime::watcher;
@@ -17,6 +19,7 @@ use kube::{Api, Client};
 use crate::api::StateStore;
 use crate::engine::{ConnectionSettings, Error as EngineError};
 use state_store::PoolCache;
+use telemetry::Metrics;
 
 /// The one field manager every status write uses (server-side apply).
 pub const FIELD_MANAGER: &str = "statekeeper";
@@ -27,6 +30,18 @@ pub enum ReconcileError {
     Kube(#[from] kube::Error),
     #[error("the resource has no namespace")]
     NotNamespaced,
+}
+
+/// Why the operator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot reach the Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot listen on {addr} for /metrics, /healthz and /readyz: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -40,6 +55,9 @@ pub struct OperatorArgs {
     /// Default seconds to wait when connecting to a database.
     #[arg(long, default_value_t = 10)]
     pub connect_timeout_seconds: u64,
+    /// Address of the HTTP endpoints /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub http_addr: std::net::SocketAddr,
 }
 
 #[derive(Clone, Debug)]
@@ -66,6 +84,7 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub settings: Settings,
+    pub metrics: Arc<Metrics>,
     pools: PoolCache,
     failures: tokio::sync::Mutex<HashMap<String, u32>>,
 }
@@ -80,6 +99,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
+            metrics: Arc::default(),
             pools: PoolCache::default(),
             failures: Default::default(),
         }
@@ -124,7 +144,13 @@ impl Context {
 }
 
 /// Runs the controllers until SIGTERM/SIGINT.
-pub async fn run(args: OperatorArgs) -> Result<(), kube::Error> {
+pub async fn run(args: OperatorArgs) -> Result<(), StartError> {
+    let listener = telemetry::bind(args.http_addr)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: args.http_addr,
+            source,
+        })?;
     let client = Client::try_default().await?;
     let settings = Settings {
         resync_interval: Duration::from_secs(args.resync_seconds.max(10)),
@@ -136,7 +162,11 @@ pub async fn run(args: OperatorArgs) -> Result<(), kube::Error> {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
-    tracing::info!(namespace = ?args.namespace, "statekeeper operator starting");
+    let http = tokio::spawn(telemetry::serve(listener, ctx.metrics.clone()));
+    // Ready once the API server answers a list of our resources (proves CRDs and RBAC).
+    stores.list(&ListParams::default().limit(1)).await?;
+    ctx.metrics.set_ready(true);
+    tracing::info!(namespace = ?args.namespace, http = %args.http_addr, "statekeeper operator started");
     Controller::new(stores, watcher::Config::default().any_semantic())
         .shutdown_on_signal()
         .run(state_store::reconcile, state_store::error_policy, ctx)
@@ -147,6 +177,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), kube::Error> {
             }
         })
         .await;
+    http.abort();
     tracing::info!("statekeeper operator stopped");
     Ok(())
 }

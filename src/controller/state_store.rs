@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
 use super::conditions::{self, Desired, READY, RECONCILING, STALLED};
+use super::telemetry::ObjectLabels;
 use super::{Context, FIELD_MANAGER, ReconcileError};
 use crate::api::SecretKeyRef;
 use crate::api::state_store::{BackupStatus, InitPolicy, StateStore, StateStoreStatus};
@@ -230,6 +231,7 @@ pub async fn reconcile(
     store: Arc<StateStore>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
+    let started = std::time::Instant::now();
     let namespace = store.namespace().ok_or(ReconcileError::NotNamespaced)?;
     let name = store.name_any();
     let key = format!("{namespace}/{name}");
@@ -287,6 +289,25 @@ pub async fn reconcile(
     for event in transition_events(&previous.conditions, &status.conditions) {
         ctx.publish(&event, &reference).await;
     }
+
+    let labels = ObjectLabels {
+        namespace: namespace.clone(),
+        name: name.clone(),
+    };
+    ctx.metrics
+        .store_ready
+        .get_or_create(&labels)
+        .set(i64::from(healthy));
+    if let Some(version) = status.schema_version {
+        ctx.metrics
+            .store_schema_version
+            .get_or_create(&labels)
+            .set(i64::from(version));
+    }
+    let outcome =
+        conditions::find(&status.conditions, READY).map_or("Unknown", |c| c.reason.as_str());
+    ctx.metrics
+        .record_reconcile("StateStore", outcome, started.elapsed());
 
     Ok(if healthy {
         ctx.reset_failures(&key).await;
