@@ -187,12 +187,7 @@ impl Store {
                 duration_ms: elapsed_ms(started),
             });
         }
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE SCHEMA IF NOT EXISTS {}",
-            self.schema.quoted()
-        )))
-        .execute(&mut *tx)
-        .await?;
+        self.ensure_schema(&mut tx).await?;
         self.create_ledger(&mut tx).await?;
         let applied = self.apply_steps(&mut tx, 0, target).await?;
         self.record_event(&mut tx, "init", 0, target, None, serde_json::json!({}))
@@ -310,22 +305,14 @@ impl Store {
         let restored = backup::find(&mut tx, &self.schema, backup_id).await?;
         self.check_backup_compatible(&mut tx, &restored).await?;
         let current = self.verified_version(&mut tx).await?;
-        let pre_rollback_backup = match current {
-            Some(version) => {
-                Some(backup::create(&mut tx, &self.schema, version, "pre-rollback").await?)
-            }
-            None => None,
-        };
+        let pre_rollback_backup = self
+            .backup_if_initialized(&mut tx, current, "pre-rollback")
+            .await?;
         let carried_events = self.carry_migration_events(&mut tx).await?;
         self.drop_state_tables(&mut tx).await?;
 
         // Rebuild the exact schema of the backup's version, then load its rows.
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE SCHEMA IF NOT EXISTS {}",
-            self.schema.quoted()
-        )))
-        .execute(&mut *tx)
-        .await?;
+        self.ensure_schema(&mut tx).await?;
         self.create_ledger(&mut tx).await?;
         for step in self.chain.between(0, restored.schema_version) {
             self.run_step_sql(&mut tx, step.version).await?;
@@ -421,12 +408,9 @@ impl Store {
         let started = Instant::now();
         let mut tx = self.begin_locked().await?;
         let current = self.verified_version(&mut tx).await?;
-        let backup = match current {
-            Some(version) => {
-                Some(backup::create(&mut tx, &self.schema, version, "pre-reset").await?)
-            }
-            None => None,
-        };
+        let backup = self
+            .backup_if_initialized(&mut tx, current, "pre-reset")
+            .await?;
         let tables_dropped = self.drop_state_tables(&mut tx).await?;
         tx.commit().await?;
         Ok(ResetReport {
@@ -558,6 +542,31 @@ impl Store {
             .ok_or_else(|| Error::NotInitialized {
                 schema: self.schema.to_string(),
             })
+    }
+
+    /// Backs up the store when it has a ledger; a store without one has nothing to keep.
+    async fn backup_if_initialized(
+        &self,
+        conn: &mut PgConnection,
+        current: Option<i32>,
+        reason: &str,
+    ) -> Result<Option<BackupInfo>, Error> {
+        match current {
+            Some(version) => Ok(Some(
+                backup::create(conn, &self.schema, version, reason).await?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    async fn ensure_schema(&self, conn: &mut PgConnection) -> Result<(), Error> {
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            self.schema.quoted()
+        )))
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 
     async fn create_ledger(&self, conn: &mut PgConnection) -> Result<(), Error> {
