@@ -49,6 +49,17 @@ pub enum Error {
         shipped: String,
     },
 
+    #[error(
+        "{operation} needs schema version {required} or later, but \"{schema}\" is at version \
+         {current}; run `statekeeper state upgrade` first"
+    )]
+    SchemaTooOld {
+        schema: String,
+        current: i32,
+        required: i32,
+        operation: String,
+    },
+
     #[error("unknown target version {target}: this statekeeper ships versions 1 to {latest}")]
     UnknownTargetVersion { target: i32, latest: i32 },
 
@@ -100,6 +111,7 @@ impl Error {
             Error::NotInitialized { .. } => "NotInitialized",
             Error::SchemaNewer { .. } => "SchemaNewerThanOperator",
             Error::ChecksumMismatch { .. } => "ChecksumMismatch",
+            Error::SchemaTooOld { .. } => "SchemaTooOld",
             Error::UnknownTargetVersion { .. } => "UnknownTargetVersion",
             Error::DowngradeRefused { .. } => "DowngradeRefused",
             Error::ResetRefused(_) => "ResetRefused",

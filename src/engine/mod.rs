@@ -5,7 +5,9 @@ pub mod backup;
 mod catalog;
 pub mod connection;
 mod error;
+pub mod generator;
 pub mod identifier;
+pub mod janitor;
 pub mod migrations;
 pub mod store;
 
@@ -13,6 +15,7 @@ pub use backup::BackupInfo;
 pub use connection::{ConnectionParts, ConnectionSettings, redact};
 pub use error::Error;
 pub use identifier::SchemaName;
+pub use janitor::{JanitorOptions, JanitorReport};
 pub use migrations::{Migration, MigrationChain};
 pub use store::{
     InitReport, ResetApproval, ResetReport, RollbackReport, StatusReport, Store, UpgradeReport,

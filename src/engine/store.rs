@@ -165,6 +165,14 @@ impl Store {
         &self.schema
     }
 
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub(crate) fn actor(&self) -> &str {
+        &self.actor
+    }
+
     pub fn latest_version(&self) -> i32 {
         self.chain.latest()
     }
@@ -473,6 +481,63 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         Ok(tx)
+    }
+
+    /// Takes the store's lock for a whole session (operations made of many transactions).
+    /// The same key as `begin_locked`, so the two exclude each other.
+    pub(crate) async fn lock_session(&self, conn: &mut PgConnection) -> Result<(), Error> {
+        sqlx::query(AssertSqlSafe(format!(
+            "SET lock_timeout = {}",
+            self.lock_timeout.as_millis()
+        )))
+        .execute(&mut *conn)
+        .await?;
+        let locked = sqlx::query("SELECT pg_advisory_lock($1, hashtext($2))")
+            .bind(LOCK_CLASS)
+            .bind(self.schema.as_str())
+            .execute(&mut *conn)
+            .await;
+        sqlx::query("RESET lock_timeout")
+            .execute(&mut *conn)
+            .await?;
+        match locked {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
+                Err(Error::Busy {
+                    schema: self.schema.to_string(),
+                    waited: self.lock_timeout,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(crate) async fn unlock_session(&self, conn: &mut PgConnection) -> Result<(), Error> {
+        sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+            .bind(LOCK_CLASS)
+            .bind(self.schema.as_str())
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The verified current version, refusing stores older than `required`.
+    pub(crate) async fn require_version(
+        &self,
+        conn: &mut PgConnection,
+        required: i32,
+        operation: &str,
+    ) -> Result<i32, Error> {
+        let current = self.require_initialized(conn).await?;
+        if current < required {
+            return Err(Error::SchemaTooOld {
+                schema: self.schema.to_string(),
+                current,
+                required,
+                operation: operation.to_owned(),
+            });
+        }
+        Ok(current)
     }
 
     async fn read_ledger(

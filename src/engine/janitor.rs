@@ -1,0 +1,428 @@
+//! The janitor: removes expired environments, old checkpoints and unreferenced model/function
+//! versions in bounded batches. Each batch is its own short transaction, so writers never wait
+//! long and an interrupted run loses nothing: the next run continues where it stopped. The
+//! store's advisory lock is held (at session level) for the whole run, so no migration overlaps.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
+
+use super::Error;
+use super::store::Store;
+
+/// The first schema version with everything the janitor relies on (intervals, indexes).
+pub const JANITOR_MIN_VERSION: i32 = 3;
+/// A batch that loses a race with a writer (a new reference appeared) is retried this often.
+const RACE_RETRIES: u32 = 5;
+
+#[derive(Clone, Debug)]
+pub struct JanitorOptions {
+    /// Remove environments whose `expires_at` has passed.
+    pub expired_environments: bool,
+    /// Keep the newest N checkpoints of each environment; `None` keeps every checkpoint.
+    pub keep_checkpoints: Option<u32>,
+    /// Checkpoints younger than this always survive.
+    pub checkpoint_min_age: Duration,
+    /// Unreferenced versions younger than this survive (protects plans in flight).
+    pub version_grace: Duration,
+    /// The primary environment: never removed, nor its checkpoints.
+    pub unsuffixed_environment: String,
+    /// Report exactly what a real run would remove, and change nothing.
+    pub dry_run: bool,
+    /// Rows per batch (per transaction).
+    pub batch_size: u32,
+}
+
+impl Default for JanitorOptions {
+    fn default() -> Self {
+        Self {
+            expired_environments: true,
+            keep_checkpoints: Some(10),
+            checkpoint_min_age: Duration::from_secs(7 * 24 * 3600),
+            version_grace: Duration::from_secs(24 * 3600),
+            unsuffixed_environment: "prod".into(),
+            dry_run: false,
+            batch_size: 1000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JanitorReport {
+    pub dry_run: bool,
+    pub expired_environments: u64,
+    /// Checkpoints removed, with their expired environment or by retention.
+    pub checkpoints: u64,
+    pub model_versions: u64,
+    pub function_versions: u64,
+    /// Physical relations released (their names go to the caller's sink).
+    pub physical_relations: u64,
+    pub intervals: u64,
+    pub batches: u64,
+    /// Batches retried because a writer referenced a version while it was being removed.
+    pub retried_batches: u64,
+    #[serde(skip)]
+    pub duration: Duration,
+}
+
+impl JanitorReport {
+    pub fn removed_rows(&self) -> u64 {
+        self.expired_environments
+            + self.checkpoints
+            + self.model_versions
+            + self.function_versions
+            + self.physical_relations
+            + self.intervals
+    }
+}
+
+impl Store {
+    /// Runs the janitor. `on_released` receives the name of every physical relation released, so
+    /// callers can drop the tables; memory stays flat however much is removed.
+    pub async fn janitor(
+        &self,
+        options: &JanitorOptions,
+        mut on_released: impl FnMut(String) + Send,
+    ) -> Result<JanitorReport, Error> {
+        let started = Instant::now();
+        // Detached from the pool: if this run is cancelled mid-way, dropping the connection ends
+        // its session and PostgreSQL releases the session lock, instead of a pooled connection
+        // keeping the store locked.
+        let mut conn = self.pool().acquire().await?.detach();
+        self.lock_session(&mut conn).await?;
+        let result = self
+            .janitor_locked(&mut conn, options, &mut on_released)
+            .await;
+        if self.unlock_session(&mut conn).await.is_ok() {
+            let _ = conn.close().await;
+        }
+        let mut report = result?;
+        report.duration = started.elapsed();
+        Ok(report)
+    }
+
+    async fn janitor_locked(
+        &self,
+        conn: &mut PgConnection,
+        options: &JanitorOptions,
+        on_released: &mut (dyn FnMut(String) + Send),
+    ) -> Result<JanitorReport, Error> {
+        let current = self
+            .require_version(conn, JANITOR_MIN_VERSION, "the janitor")
+            .await?;
+        debug_assert!(current >= JANITOR_MIN_VERSION);
+        let mut report = JanitorReport {
+            dry_run: options.dry_run,
+            ..Default::default()
+        };
+        if options.dry_run {
+            // The same statements as a real run, inside one transaction that is rolled back.
+            let mut outer = conn.begin().await?;
+            self.janitor_phases(&mut outer, options, &mut report, on_released)
+                .await?;
+            outer.rollback().await?;
+            return Ok(report);
+        }
+        let operation = self.start_operation(conn, options).await?;
+        match self
+            .janitor_phases(conn, options, &mut report, on_released)
+            .await
+        {
+            Ok(()) => {
+                self.finish_operation(conn, operation, "succeeded", &report, None)
+                    .await?;
+                Ok(report)
+            }
+            Err(e) => {
+                let _ = self
+                    .finish_operation(conn, operation, "failed", &report, Some(&e.to_string()))
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn janitor_phases(
+        &self,
+        conn: &mut PgConnection,
+        options: &JanitorOptions,
+        report: &mut JanitorReport,
+        on_released: &mut (dyn FnMut(String) + Send),
+    ) -> Result<(), Error> {
+        let s = self.schema().quoted();
+        let batch = i64::from(options.batch_size.max(1));
+        let unsuffixed = options.unsuffixed_environment.as_str();
+
+        if options.expired_environments {
+            let sql = format!(
+                "WITH victims AS (
+                   SELECT name FROM {s}.virtual_environments
+                   WHERE expires_at < now() AND name <> $1
+                   ORDER BY name LIMIT $2 FOR UPDATE SKIP LOCKED),
+                 checkpoints AS (
+                   DELETE FROM {s}.virtual_environment_checkpoints c USING victims v
+                   WHERE c.environment = v.name RETURNING 1),
+                 environments AS (
+                   DELETE FROM {s}.virtual_environments e USING victims v
+                   WHERE e.name = v.name RETURNING 1)
+                 SELECT (SELECT count(*) FROM environments) AS environments,
+                        (SELECT count(*) FROM checkpoints) AS checkpoints"
+            );
+            loop {
+                let row = self
+                    .run_batch(conn, report, |tx| {
+                        Box::pin(
+                            sqlx::query(AssertSqlSafe(sql.clone()))
+                                .bind(unsuffixed)
+                                .bind(batch)
+                                .fetch_one(tx),
+                        )
+                    })
+                    .await?;
+                let environments: i64 = row.try_get("environments")?;
+                report.expired_environments += environments as u64;
+                report.checkpoints += row.try_get::<i64, _>("checkpoints")? as u64;
+                if environments < batch {
+                    break;
+                }
+            }
+        }
+
+        if let Some(keep) = options.keep_checkpoints {
+            let keep = i64::from(keep);
+            let min_age = options.checkpoint_min_age.as_secs_f64();
+            let crowded = format!(
+                "SELECT environment FROM {s}.virtual_environment_checkpoints
+                 WHERE environment <> $1 AND environment > $2
+                 GROUP BY environment HAVING count(*) > $3 ORDER BY environment LIMIT 100"
+            );
+            let prune = format!(
+                "WITH keep AS (
+                   SELECT id FROM {s}.virtual_environment_checkpoints WHERE environment = $1
+                   ORDER BY created_at DESC, id DESC LIMIT $2),
+                 victims AS (
+                   SELECT id FROM {s}.virtual_environment_checkpoints
+                   WHERE environment = $1 AND created_at < now() - make_interval(secs => $3)
+                     AND id NOT IN (SELECT id FROM keep)
+                   ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
+                 DELETE FROM {s}.virtual_environment_checkpoints c USING victims v
+                 WHERE c.id = v.id RETURNING 1"
+            );
+            let mut after = String::new();
+            loop {
+                let environments: Vec<String> = sqlx::query_scalar(AssertSqlSafe(crowded.clone()))
+                    .bind(unsuffixed)
+                    .bind(&after)
+                    .bind(keep)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                let Some(last) = environments.last().cloned() else {
+                    break;
+                };
+                for environment in &environments {
+                    loop {
+                        let removed = self
+                            .run_batch(conn, report, |tx| {
+                                Box::pin(
+                                    sqlx::query(AssertSqlSafe(prune.clone()))
+                                        .bind(environment)
+                                        .bind(keep)
+                                        .bind(min_age)
+                                        .bind(batch)
+                                        .execute(tx),
+                                )
+                            })
+                            .await?
+                            .rows_affected() as i64;
+                        report.checkpoints += removed as u64;
+                        if removed < batch {
+                            break;
+                        }
+                    }
+                }
+                after = last;
+            }
+        }
+
+        let grace = options.version_grace.as_secs_f64();
+        let versions = format!(
+            "WITH victims AS (
+               SELECT mv.id FROM {s}.model_versions mv
+               WHERE mv.id > $1 AND mv.created_at < now() - make_interval(secs => $2)
+                 AND NOT EXISTS (SELECT 1 FROM {s}.virtual_environment_refs r WHERE r.model_version_id = mv.id)
+                 AND NOT EXISTS (SELECT 1 FROM {s}.virtual_environment_checkpoint_refs r WHERE r.model_version_id = mv.id)
+               ORDER BY mv.id LIMIT $3 FOR UPDATE SKIP LOCKED),
+             relations AS (
+               DELETE FROM {s}.physical_relations p USING victims v
+               WHERE p.model_version_id = v.id RETURNING p.relation_name),
+             intervals AS (
+               DELETE FROM {s}.model_version_intervals i USING victims v
+               WHERE i.model_version_id = v.id RETURNING 1),
+             versions AS (
+               DELETE FROM {s}.model_versions m USING victims v WHERE m.id = v.id RETURNING m.id)
+             SELECT (SELECT count(*) FROM versions) AS versions,
+                    (SELECT max(id) FROM versions) AS last_id,
+                    (SELECT count(*) FROM intervals) AS intervals,
+                    ARRAY(SELECT relation_name FROM relations) AS relations"
+        );
+        let mut after = 0i64;
+        loop {
+            let row = self
+                .run_batch(conn, report, |tx| {
+                    Box::pin(
+                        sqlx::query(AssertSqlSafe(versions.clone()))
+                            .bind(after)
+                            .bind(grace)
+                            .bind(batch)
+                            .fetch_one(tx),
+                    )
+                })
+                .await?;
+            let removed: i64 = row.try_get("versions")?;
+            report.model_versions += removed as u64;
+            report.intervals += row.try_get::<i64, _>("intervals")? as u64;
+            let relations: Vec<String> = row.try_get("relations")?;
+            report.physical_relations += relations.len() as u64;
+            relations.into_iter().for_each(&mut *on_released);
+            match row.try_get::<Option<i64>, _>("last_id")? {
+                Some(last) if removed >= batch => after = last,
+                _ => break,
+            }
+        }
+
+        let functions = format!(
+            "WITH victims AS (
+               SELECT fv.id FROM {s}.function_versions fv
+               WHERE fv.id > $1 AND fv.created_at < now() - make_interval(secs => $2)
+                 AND NOT EXISTS (SELECT 1 FROM {s}.virtual_environment_function_refs r WHERE r.function_version_id = fv.id)
+                 AND NOT EXISTS (SELECT 1 FROM {s}.virtual_environment_checkpoint_function_refs r WHERE r.function_version_id = fv.id)
+               ORDER BY fv.id LIMIT $3 FOR UPDATE SKIP LOCKED),
+             removed AS (
+               DELETE FROM {s}.function_versions f USING victims v WHERE f.id = v.id RETURNING f.id)
+             SELECT count(*) AS removed, max(id) AS last_id FROM removed"
+        );
+        let mut after = 0i64;
+        loop {
+            let row = self
+                .run_batch(conn, report, |tx| {
+                    Box::pin(
+                        sqlx::query(AssertSqlSafe(functions.clone()))
+                            .bind(after)
+                            .bind(grace)
+                            .bind(batch)
+                            .fetch_one(tx),
+                    )
+                })
+                .await?;
+            let removed: i64 = row.try_get("removed")?;
+            report.function_versions += removed as u64;
+            match row.try_get::<Option<i64>, _>("last_id")? {
+                Some(last) if removed >= batch => after = last,
+                _ => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one batch in its own transaction (a savepoint inside a dry run). A foreign-key
+    /// violation means a writer referenced a row while we removed it: the batch rolls back and
+    /// is evaluated again, so the writer's reference always wins.
+    async fn run_batch<T>(
+        &self,
+        conn: &mut PgConnection,
+        report: &mut JanitorReport,
+        statement: impl for<'c> Fn(
+            &'c mut PgConnection,
+        ) -> futures::future::BoxFuture<'c, Result<T, sqlx::Error>>,
+    ) -> Result<T, Error> {
+        let mut attempt = 0;
+        loop {
+            let mut tx = conn.begin().await?;
+            match statement(&mut tx).await {
+                Ok(value) => {
+                    tx.commit().await?;
+                    report.batches += 1;
+                    return Ok(value);
+                }
+                Err(sqlx::Error::Database(db))
+                    if db.code().as_deref() == Some("23503") && attempt < RACE_RETRIES =>
+                {
+                    tx.rollback().await?;
+                    attempt += 1;
+                    report.retried_batches += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn start_operation(
+        &self,
+        conn: &mut PgConnection,
+        options: &JanitorOptions,
+    ) -> Result<i64, Error> {
+        let id = sqlx::query_scalar(AssertSqlSafe(format!(
+            "INSERT INTO {}.state_operations (kind, status, details) VALUES ('janitor', 'running', $1) RETURNING id",
+            self.schema().quoted()
+        )))
+        .bind(serde_json::json!({
+            "expiredEnvironments": options.expired_environments,
+            "keepCheckpoints": options.keep_checkpoints,
+            "checkpointMinAgeSeconds": options.checkpoint_min_age.as_secs(),
+            "versionGraceSeconds": options.version_grace.as_secs(),
+            "batchSize": options.batch_size,
+            "actor": self.actor(),
+        }))
+        .fetch_one(conn)
+        .await?;
+        Ok(id)
+    }
+
+    async fn finish_operation(
+        &self,
+        conn: &mut PgConnection,
+        id: i64,
+        status: &str,
+        report: &JanitorReport,
+        error: Option<&str>,
+    ) -> Result<(), Error> {
+        let s = self.schema().quoted();
+        let mut details = serde_json::to_value(report).unwrap_or_default();
+        details["durationMs"] = serde_json::json!(report.duration.as_millis() as u64);
+        if let Some(error) = error {
+            details["error"] = serde_json::json!(error);
+        }
+        let mut tx = conn.begin().await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {s}.state_operations SET status = $2, finished_at = now(), details = details || $3 WHERE id = $1"
+        )))
+        .bind(id)
+        .bind(status)
+        .bind(&details)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {s}.state_operation_events (operation_id, kind, message) VALUES ($1, $2, $3)"
+        )))
+        .bind(id)
+        .bind(format!("janitor_{status}"))
+        .bind(match error {
+            Some(error) => format!("janitor failed after removing {} rows: {error}", report.removed_rows()),
+            None => format!(
+                "janitor removed {} expired environments, {} checkpoints, {} model versions, {} function versions, {} physical relations, {} intervals",
+                report.expired_environments,
+                report.checkpoints,
+                report.model_versions,
+                report.function_versions,
+                report.physical_relations,
+                report.intervals
+            ),
+        })
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
