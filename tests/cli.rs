@@ -239,3 +239,39 @@ fn help_never_shows_the_database_url_from_the_environment() {
     assert!(out.status.success());
     assert!(!stdout(&out).contains("leaky-secret"));
 }
+
+#[tokio::test]
+async fn janitor_dry_run_then_real_run() {
+    let db = TestDb::new().await;
+    let store = db.store("state").await;
+    store.init(None).await.unwrap();
+    store
+        .generate(&statekeeper::engine::generator::GenerateOptions {
+            model_versions: 2_000,
+            environments: 8,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let args = ["state", "janitor", "--schema", "state", "--keep-checkpoints", "2", "--checkpoint-min-age", "3d", "--grace", "1h", "--batch-size", "250"];
+
+    let dry = json(&statekeeper(&db.url, &[&args[..], &["--dry-run", "-o", "json"]].concat()));
+    assert_eq!(dry["dryRun"], true);
+    assert!(dry["modelVersions"].as_u64().unwrap() > 0);
+    let names = dry["releasedRelations"].as_array().unwrap();
+    assert_eq!(names.len() as u64, dry["physicalRelations"].as_u64().unwrap());
+
+    let real = statekeeper(&db.url, &args);
+    assert!(real.status.success(), "{}", stderr(&real));
+    let text = stdout(&real);
+    assert!(
+        text.contains(&format!("model versions         {}", dry["modelVersions"])),
+        "the real run removes what the dry run reported: {text}"
+    );
+    let again = json(&statekeeper(&db.url, &[&args[..], &["-o", "json"]].concat()));
+    assert_eq!(again["modelVersions"], 0);
+
+    let bad = statekeeper(&db.url, &["state", "janitor", "--grace", "soon"]);
+    assert_eq!(bad.status.code(), Some(2), "clap rejects a malformed duration");
+    assert!(stderr(&bad).contains("--grace"));
+}

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::engine::{ConnectionSettings, Error, ResetApproval, SchemaName, Store, redact};
+use crate::engine::{
+    ConnectionSettings, Error, JanitorOptions, ResetApproval, SchemaName, Store, redact,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -93,11 +95,55 @@ enum StateCommand {
         #[arg(long)]
         auto_approve: bool,
     },
+    /// Remove expired environments, old checkpoints and unreferenced versions, in batches.
+    Janitor(JanitorArgs),
     /// List backups, or drop one.
     Backups {
         #[command(subcommand)]
         command: Option<BackupsCommand>,
     },
+}
+
+#[derive(Args, Debug)]
+struct JanitorArgs {
+    /// Report what would be removed; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Keep the newest N checkpoints of each environment.
+    #[arg(long, default_value_t = 10, conflicts_with = "keep_all_checkpoints")]
+    keep_checkpoints: u32,
+    /// Never remove checkpoints.
+    #[arg(long)]
+    keep_all_checkpoints: bool,
+    /// Checkpoints younger than this always survive (e.g. 7d, 36h).
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    checkpoint_min_age: std::time::Duration,
+    /// Unreferenced versions younger than this survive (protects plans in flight).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    grace: std::time::Duration,
+    /// Leave expired environments in place.
+    #[arg(long)]
+    keep_expired_environments: bool,
+    /// The primary environment, never removed.
+    #[arg(long, default_value = "prod")]
+    unsuffixed_env: String,
+    /// Rows removed per transaction.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch_size: u32,
+}
+
+impl JanitorArgs {
+    fn options(&self) -> JanitorOptions {
+        JanitorOptions {
+            expired_environments: !self.keep_expired_environments,
+            keep_checkpoints: (!self.keep_all_checkpoints).then_some(self.keep_checkpoints),
+            checkpoint_min_age: self.checkpoint_min_age,
+            version_grace: self.grace,
+            unsuffixed_environment: self.unsuffixed_env.clone(),
+            dry_run: self.dry_run,
+            batch_size: self.batch_size,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -169,6 +215,18 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
                 .await?,
             json,
         ),
+        StateCommand::Janitor(janitor) => {
+            // Names are only printed in JSON; text output shows counts.
+            let mut released = Vec::new();
+            let report = store
+                .janitor(&janitor.options(), |name| {
+                    if json {
+                        released.push(name);
+                    }
+                })
+                .await?;
+            output::janitor(&report, &released, json)
+        }
         StateCommand::Backups { command } => match command {
             None | Some(BackupsCommand::List) => output::backups(&store.backups().await?, json),
             Some(BackupsCommand::Drop { backup_id }) => {

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::engine::{
-    BackupInfo, InitReport, ResetReport, RollbackReport, StatusReport, UpgradeReport,
+    BackupInfo, InitReport, JanitorReport, ResetReport, RollbackReport, StatusReport, UpgradeReport,
 };
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -158,4 +158,35 @@ pub fn dropped_backup(b: &BackupInfo, json: bool) -> String {
         return to_json(b);
     }
     format!("dropped backup {}", b.id)
+}
+
+pub fn janitor(r: &JanitorReport, released: &[String], json: bool) -> String {
+    if json {
+        let mut value = serde_json::to_value(r).unwrap_or_default();
+        value["durationMs"] = serde_json::json!(r.duration.as_millis() as u64);
+        value["releasedRelations"] = serde_json::json!(released);
+        return serde_json::to_string_pretty(&value).unwrap_or_default();
+    }
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    format!(
+        "janitor {verb} (in {} ms, {} batches{}):\n  expired environments   {}\n  checkpoints            {}\n  model versions         {}\n  function versions      {}\n  physical relations     {}\n  intervals              {}{}",
+        r.duration.as_millis(),
+        r.batches,
+        if r.dry_run {
+            ", dry run: nothing was changed"
+        } else {
+            ""
+        },
+        r.expired_environments,
+        r.checkpoints,
+        r.model_versions,
+        r.function_versions,
+        r.physical_relations,
+        r.intervals,
+        if r.physical_relations > 0 {
+            "\n  (--output json lists the released physical relations, to drop their tables)"
+        } else {
+            ""
+        }
+    )
 }
