@@ -253,13 +253,32 @@ async fn janitor_dry_run_then_real_run() {
         })
         .await
         .unwrap();
-    let args = ["state", "janitor", "--schema", "state", "--keep-checkpoints", "2", "--checkpoint-min-age", "3d", "--grace", "1h", "--batch-size", "250"];
+    let args = [
+        "state",
+        "janitor",
+        "--schema",
+        "state",
+        "--keep-checkpoints",
+        "2",
+        "--checkpoint-min-age",
+        "3d",
+        "--grace",
+        "1h",
+        "--batch-size",
+        "250",
+    ];
 
-    let dry = json(&statekeeper(&db.url, &[&args[..], &["--dry-run", "-o", "json"]].concat()));
+    let dry = json(&statekeeper(
+        &db.url,
+        &[&args[..], &["--dry-run", "-o", "json"]].concat(),
+    ));
     assert_eq!(dry["dryRun"], true);
     assert!(dry["modelVersions"].as_u64().unwrap() > 0);
     let names = dry["releasedRelations"].as_array().unwrap();
-    assert_eq!(names.len() as u64, dry["physicalRelations"].as_u64().unwrap());
+    assert_eq!(
+        names.len() as u64,
+        dry["physicalRelations"].as_u64().unwrap()
+    );
 
     let real = statekeeper(&db.url, &args);
     assert!(real.status.success(), "{}", stderr(&real));
@@ -268,10 +287,17 @@ async fn janitor_dry_run_then_real_run() {
         text.contains(&format!("model versions         {}", dry["modelVersions"])),
         "the real run removes what the dry run reported: {text}"
     );
-    let again = json(&statekeeper(&db.url, &[&args[..], &["-o", "json"]].concat()));
+    let again = json(&statekeeper(
+        &db.url,
+        &[&args[..], &["-o", "json"]].concat(),
+    ));
     assert_eq!(again["modelVersions"], 0);
 
     let bad = statekeeper(&db.url, &["state", "janitor", "--grace", "soon"]);
-    assert_eq!(bad.status.code(), Some(2), "clap rejects a malformed duration");
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "clap rejects a malformed duration"
+    );
     assert!(stderr(&bad).contains("--grace"));
 }

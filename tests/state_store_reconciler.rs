@@ -445,3 +445,196 @@ async fn invalid_schema_in_spec_is_stalled_with_a_reason() {
     assert!(message.contains("Bad-Name"), "{message}");
     assert_eq!(condition(&store, "Stalled").0, "True");
 }
+
+fn janitor_store(db: &TestDb, janitor: Value) -> Value {
+    let mut object = store_for(db, "analytics", json!({ "janitor": janitor }));
+    object["metadata"]["creationTimestamp"] = json!("2026-11-21T00:30:00Z");
+    object
+}
+
+fn at(ctx: &Context, time: &str) {
+    ctx.set_clock(Some(time.parse().unwrap()));
+}
+
+async fn janitor_runs(db: &TestDb) -> i64 {
+    let mut conn = db.conn().await;
+    sqlx::query_scalar("SELECT count(*) FROM sqlmesh_state.state_operations WHERE kind = 'janitor'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+}
+
+async fn generated_store(db: &TestDb) {
+    let engine = db.store("sqlmesh_state").await;
+    engine.init(None).await.unwrap();
+    engine
+        .generate(&statekeeper::engine::generator::GenerateOptions {
+            model_versions: 1_500,
+            environments: 8,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn scheduled_janitor_runs_like_a_cronjob() {
+    let db = TestDb::new().await;
+    generated_store(&db).await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    let object = janitor_store(
+        &db,
+        json!({"schedule": "0 3 * * *", "timeZone": "Europe/Berlin", "keepCheckpoints": 3, "checkpointMinAge": "5d", "versionGracePeriod": "1h", "batchSize": 200}),
+    );
+
+    // 02:00 in Berlin: not yet. The next run is 03:00 CET = 02:00 UTC.
+    at(&h.ctx, "2026-11-21T01:00:00Z");
+    let (action, store) = h.reconcile(&object).await;
+    let janitor = store.status.as_ref().unwrap().janitor.clone().unwrap();
+    assert_eq!(
+        janitor.next_schedule_time.as_deref(),
+        Some("2026-11-21T02:00:00Z")
+    );
+    assert!(janitor.last_schedule_time.is_none());
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(janitor_runs(&db).await, 0);
+    let versions_before = store.status.as_ref().unwrap().counts.as_ref().unwrap()["model_versions"];
+
+    // Just after 03:00 Berlin: one run.
+    at(&h.ctx, "2026-11-21T02:00:30Z");
+    let (action, store) = h.reconcile(&object).await;
+    let status = store.status.clone().unwrap();
+    let janitor = status.janitor.clone().unwrap();
+    assert_eq!(
+        janitor.last_schedule_time.as_deref(),
+        Some("2026-11-21T02:00:00Z")
+    );
+    assert_eq!(
+        janitor.last_successful_time.as_deref(),
+        Some("2026-11-21T02:00:30Z")
+    );
+    assert_eq!(
+        janitor.next_schedule_time.as_deref(),
+        Some("2026-11-22T02:00:00Z")
+    );
+    let result = janitor.last_result.unwrap();
+    assert!(result.model_versions > 0 && result.expired_environments > 0 && result.checkpoints > 0);
+    assert_eq!(
+        status.counts.as_ref().unwrap()["model_versions"],
+        versions_before - result.model_versions as i64,
+        "counts are refreshed after the run"
+    );
+    let (cond, reason, message) = condition(&store, "JanitorSucceeded");
+    assert_eq!((cond, reason), ("True", "Succeeded"));
+    assert!(message.contains("model versions"), "{message}");
+    assert!(
+        h.event_reasons()
+            .contains(&("Normal".into(), "JanitorSucceeded".into()))
+    );
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(janitor_runs(&db).await, 1);
+
+    // The same occurrence never runs twice.
+    at(&h.ctx, "2026-11-21T02:10:00Z");
+    let (_, store) = h.reconcile(&object).await;
+    assert_eq!(janitor_runs(&db).await, 1);
+    assert_eq!(condition(&store, "JanitorSucceeded").1, "Succeeded");
+
+    // Three days of operator downtime: exactly one catch-up run, for the latest occurrence.
+    at(&h.ctx, "2026-11-24T09:00:00Z");
+    let (_, store) = h.reconcile(&object).await;
+    assert_eq!(janitor_runs(&db).await, 2);
+    assert_eq!(
+        store
+            .status
+            .unwrap()
+            .janitor
+            .unwrap()
+            .last_schedule_time
+            .as_deref(),
+        Some("2026-11-24T02:00:00Z")
+    );
+    at(&h.ctx, "2026-11-24T09:05:00Z");
+    h.reconcile(&object).await;
+    assert_eq!(janitor_runs(&db).await, 2);
+}
+
+#[tokio::test]
+async fn scheduled_janitor_honours_deadline_suspend_and_reports_failures() {
+    let db = TestDb::new().await;
+    generated_store(&db).await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+
+    // Too late for the starting deadline: skipped, with a Warning, and recorded as scheduled.
+    let late = janitor_store(
+        &db,
+        json!({"schedule": "0 * * * *", "startingDeadlineSeconds": 60}),
+    );
+    at(&h.ctx, "2026-11-21T10:05:00Z");
+    let (_, store) = h.reconcile(&late).await;
+    assert_eq!(janitor_runs(&db).await, 0);
+    assert!(
+        h.event_reasons()
+            .contains(&("Warning".into(), "MissedSchedule".into()))
+    );
+    assert_eq!(
+        store
+            .status
+            .unwrap()
+            .janitor
+            .unwrap()
+            .last_schedule_time
+            .as_deref(),
+        Some("2026-11-21T10:00:00Z")
+    );
+
+    // Suspended: nothing runs and nothing is scheduled.
+    let suspended = janitor_store(&db, json!({"schedule": "* * * * *", "suspend": true}));
+    at(&h.ctx, "2026-11-21T11:00:30Z");
+    let (_, store) = h.reconcile(&suspended).await;
+    assert_eq!(janitor_runs(&db).await, 0);
+    assert!(
+        store
+            .status
+            .unwrap()
+            .janitor
+            .unwrap()
+            .next_schedule_time
+            .is_none()
+    );
+
+    // An invalid schedule is a condition with a reason; the store itself stays Ready.
+    let invalid = janitor_store(&db, json!({"schedule": "0 0 3 * * *"}));
+    let (_, store) = h.reconcile(&invalid).await;
+    let (cond, reason, message) = condition(&store, "JanitorSucceeded");
+    assert_eq!((cond, reason), ("False", "InvalidJanitorSpec"));
+    assert!(message.contains("5 fields"), "{message}");
+    assert_eq!(condition(&store, "Ready").0, "True");
+
+    // A failing run (the store is too old for the janitor) turns the condition False.
+    let old = TestDb::new().await;
+    old.store("sqlmesh_state")
+        .await
+        .init(Some(2))
+        .await
+        .unwrap();
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &old.password())]);
+    let object = janitor_store(&old, json!({"schedule": "0 * * * *"}));
+    at(&h.ctx, "2026-11-21T10:00:10Z");
+    let (_, store) = h.reconcile(&object).await;
+    let (cond, reason, message) = condition(&store, "JanitorSucceeded");
+    assert_eq!((cond, reason), ("False", "SchemaTooOld"));
+    assert!(message.contains("statekeeper state upgrade"), "{message}");
+    assert!(
+        h.event_reasons()
+            .contains(&("Warning".into(), "JanitorFailed".into()))
+    );
+    assert!(
+        h.ctx.metrics.render().contains(
+            r#"statekeeper_janitor_runs_total{kind="StateStore",outcome="SchemaTooOld"} 1"#
+        )
+    );
+}

@@ -20,6 +20,7 @@ use super::SecretKeyRef;
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Schema Version","type":"integer","jsonPath":".status.schemaVersion"}"#,
     printcolumn = r#"{"name":"Latest","type":"integer","jsonPath":".status.latestSchemaVersion","priority":1}"#,
+    printcolumn = r#"{"name":"Last Janitor","type":"date","jsonPath":".status.janitor.lastSuccessfulTime"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -41,6 +42,69 @@ pub struct StateStoreSpec {
     /// Whether the operator creates the schema when it is missing.
     #[serde(default)]
     pub init_policy: InitPolicy,
+    /// Run the janitor on a schedule, like a CronJob.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub janitor: Option<JanitorSpec>,
+}
+
+/// The scheduled janitor: removes expired environments, old checkpoints and unreferenced
+/// versions in bounded batches, never overlapping another operation on the store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JanitorSpec {
+    /// Standard 5-field cron expression (minute hour day-of-month month day-of-week), or a
+    /// nickname such as `@daily`.
+    #[schemars(length(min = 1, max = 100))]
+    pub schedule: String,
+    /// IANA time zone the schedule is read in (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// Pause scheduling; a run in progress finishes.
+    #[serde(default)]
+    pub suspend: bool,
+    /// A run more than this many seconds late (e.g. after operator downtime) is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub starting_deadline_seconds: Option<u64>,
+    /// Remove environments whose expiry has passed.
+    #[serde(default = "default_true")]
+    pub expired_environments: bool,
+    /// Keep the newest N checkpoints of each environment (default 10); null keeps them all.
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: Option<u32>,
+    /// Checkpoints younger than this always survive (default 7d).
+    #[serde(default = "default_checkpoint_min_age")]
+    pub checkpoint_min_age: String,
+    /// Unreferenced versions younger than this survive, protecting plans in flight (default 24h).
+    #[serde(default = "default_version_grace_period")]
+    pub version_grace_period: String,
+    /// Rows removed per transaction (default 1000).
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub batch_size: u32,
+    /// Only report what would be removed.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_keep_checkpoints() -> Option<u32> {
+    Some(10)
+}
+
+fn default_checkpoint_min_age() -> String {
+    "7d".into()
+}
+
+fn default_version_grace_period() -> String {
+    "24h".into()
+}
+
+fn default_batch_size() -> u32 {
+    1000
 }
 
 fn default_schema() -> String {
@@ -142,9 +206,41 @@ pub struct StateStoreStatus {
     /// When the operator last looked at the database (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checked_time: Option<String>,
+    /// The scheduled janitor, when `spec.janitor` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub janitor: Option<JanitorStatus>,
     #[serde(default)]
     #[schemars(schema_with = "super::conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JanitorStatus {
+    /// The occurrence of the schedule the last run was for (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<String>,
+    /// What the last successful run removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_result: Option<JanitorResult>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JanitorResult {
+    pub dry_run: bool,
+    pub expired_environments: u64,
+    pub checkpoints: u64,
+    pub model_versions: u64,
+    pub function_versions: u64,
+    pub physical_relations: u64,
+    pub intervals: u64,
+    pub batches: u64,
+    pub duration_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

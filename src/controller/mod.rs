@@ -1,7 +1,9 @@
 //! The operator: one reconciler per resource, sharing a context (client, events, pools).
 
 pub mod conditions;
+pub mod schedule;
 pub mod state_store;
+pub mod store_janitor;
 pub mod telemetry;
 
 use std::collections::HashMap;
@@ -87,6 +89,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pools: PoolCache,
     failures: tokio::sync::Mutex<HashMap<String, u32>>,
+    /// A pinned time for tests; the wall clock when unset.
+    clock: std::sync::Mutex<Option<k8s_openapi::jiff::Timestamp>>,
 }
 
 impl Context {
@@ -102,6 +106,23 @@ impl Context {
             metrics: Arc::default(),
             pools: PoolCache::default(),
             failures: Default::default(),
+            clock: Default::default(),
+        }
+    }
+
+    /// Now, as reconcilers see it.
+    pub fn now(&self) -> k8s_openapi::jiff::Timestamp {
+        self.clock
+            .lock()
+            .ok()
+            .and_then(|pinned| *pinned)
+            .unwrap_or_else(k8s_openapi::jiff::Timestamp::now)
+    }
+
+    /// Pins the reconcilers' clock (tests of schedules); `None` returns to the wall clock.
+    pub fn set_clock(&self, now: Option<k8s_openapi::jiff::Timestamp>) {
+        if let Ok(mut pinned) = self.clock.lock() {
+            *pinned = now;
         }
     }
 

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -15,6 +14,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
 use super::conditions::{self, Desired, READY, RECONCILING, STALLED};
+use super::store_janitor;
 use super::telemetry::ObjectLabels;
 use super::{Context, FIELD_MANAGER, ReconcileError};
 use crate::api::SecretKeyRef;
@@ -235,11 +235,60 @@ pub async fn reconcile(
     let namespace = store.namespace().ok_or(ReconcileError::NotNamespaced)?;
     let name = store.name_any();
     let key = format!("{namespace}/{name}");
-    let (observation, secrets) = observe(&store, &namespace, &key, &ctx).await;
+    let (mut observation, secrets, engine) = observe(&store, &namespace, &key, &ctx).await;
     let healthy = matches!(observation, Observation::Observed { .. });
-
     let previous = store.status.clone().unwrap_or_default();
-    let desired: Vec<Desired> = decide(&observation)
+    let reference = store.object_ref(&());
+
+    // The scheduled janitor runs only against a healthy store.
+    let janitor = match (&store.spec.janitor, &engine) {
+        (Some(spec), Some(engine)) => {
+            let created = store
+                .meta()
+                .creation_timestamp
+                .as_ref()
+                .map_or_else(|| ctx.now(), |t| t.0);
+            let step = store_janitor::step(
+                spec,
+                &store.spec.unsuffixed_virtual_env,
+                previous.janitor.as_ref(),
+                conditions::find(&previous.conditions, store_janitor::JANITOR_SUCCEEDED),
+                created,
+                engine,
+                &ctx,
+                &reference,
+            )
+            .await;
+            if step.changed_store
+                && let Ok(report) = engine.status().await
+                && let Observation::Observed {
+                    report: observed, ..
+                } = &mut observation
+            {
+                **observed = report;
+            }
+            Some(step)
+        }
+        _ => None,
+    };
+
+    let mut desired = decide(&observation);
+    match &janitor {
+        Some(step) => desired.extend(step.condition.clone()),
+        // While the store cannot be observed, the last janitor verdict still stands.
+        None if store.spec.janitor.is_some() => desired.extend(
+            conditions::find(&previous.conditions, store_janitor::JANITOR_SUCCEEDED).map(|c| {
+                Desired::new(
+                    store_janitor::JANITOR_SUCCEEDED,
+                    c.status == "True",
+                    c.reason.clone(),
+                    c.message.clone(),
+                )
+            }),
+        ),
+        None => {}
+    }
+    let desired: Vec<Desired> = desired
         .into_iter()
         .map(|mut d| {
             let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
@@ -247,18 +296,19 @@ pub async fn reconcile(
             d
         })
         .collect();
-    let conds = conditions::merge(
-        &previous.conditions,
-        &desired,
-        store.meta().generation,
-        Timestamp::now(),
-    );
+    let now = ctx.now();
+    let conds = conditions::merge(&previous.conditions, &desired, store.meta().generation, now);
     let mut status = StateStoreStatus {
         observed_generation: store.meta().generation,
         phase: Some(phase(&conds).into()),
         latest_schema_version: Some(crate::engine::MigrationChain::shipped().latest()),
-        last_checked_time: Some(Timestamp::now().to_string()),
+        last_checked_time: Some(now.to_string()),
         conditions: conds,
+        janitor: match &janitor {
+            Some(step) => Some(step.status.clone()),
+            None if store.spec.janitor.is_some() => previous.janitor.clone(),
+            None => None,
+        },
         ..Default::default()
     };
     if let Observation::Observed { report, .. } = &observation {
@@ -285,7 +335,6 @@ pub async fn reconcile(
     }
 
     write_status(&ctx, &namespace, &name, &status).await?;
-    let reference = store.object_ref(&());
     for event in transition_events(&previous.conditions, &status.conditions) {
         ctx.publish(&event, &reference).await;
     }
@@ -311,7 +360,7 @@ pub async fn reconcile(
 
     Ok(if healthy {
         ctx.reset_failures(&key).await;
-        Action::requeue(ctx.settings.resync_interval)
+        Action::requeue(janitor.map_or(ctx.settings.resync_interval, |step| step.requeue))
     } else {
         Action::requeue(ctx.next_backoff(&key).await)
     })
@@ -351,14 +400,14 @@ async fn observe(
     namespace: &str,
     key: &str,
     ctx: &Context,
-) -> (Observation, Vec<String>) {
+) -> (Observation, Vec<String>, Option<Store>) {
     let schema = match SchemaName::new(&store.spec.schema) {
         Ok(schema) => schema,
-        Err(e) => return (Observation::InvalidSpec(e.to_string()), Vec::new()),
+        Err(e) => return (Observation::InvalidSpec(e.to_string()), Vec::new(), None),
     };
     let (settings, secrets) = match resolve_connection(store, namespace, ctx).await {
         Ok(resolved) => resolved,
-        Err(observation) => return (observation, Vec::new()),
+        Err(observation) => return (observation, Vec::new(), None),
     };
     let pool = match ctx.pool_for(key, &settings, &secrets).await {
         Ok(pool) => pool,
@@ -369,6 +418,7 @@ async fn observe(
                     message: e.to_string(),
                 },
                 secrets,
+                None,
             );
         }
     };
@@ -391,7 +441,8 @@ async fn observe(
             }
         }
     };
-    (observation, secrets)
+    let healthy = matches!(observation, Observation::Observed { .. });
+    (observation, secrets, healthy.then_some(engine))
 }
 
 async fn observe_store(

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub reconcile_duration: Family<KindLabels, Histogram>,
     pub store_ready: Family<ObjectLabels, Gauge>,
     pub store_schema_version: Family<ObjectLabels, Gauge>,
+    pub janitor_runs: Family<OutcomeLabels, Counter>,
+    pub janitor_removed_rows: Counter,
     ready: AtomicBool,
 }
 
@@ -77,8 +79,22 @@ impl Default for Metrics {
             "Schema version of each StateStore",
             store_schema_version.clone(),
         );
+        let janitor_runs = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "janitor_runs",
+            "Scheduled janitor runs by outcome",
+            janitor_runs.clone(),
+        );
+        let janitor_removed_rows = Counter::default();
+        registry.register(
+            "janitor_removed_rows",
+            "Rows removed by scheduled janitor runs",
+            janitor_removed_rows.clone(),
+        );
         Self {
             registry,
+            janitor_runs,
+            janitor_removed_rows,
             reconciliations,
             reconcile_duration,
             store_ready,
@@ -99,6 +115,16 @@ impl Metrics {
         self.reconcile_duration
             .get_or_create(&KindLabels { kind })
             .observe(took.as_secs_f64());
+    }
+
+    pub fn record_janitor_run(&self, outcome: &str, removed_rows: u64) {
+        self.janitor_runs
+            .get_or_create(&OutcomeLabels {
+                kind: "StateStore",
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.janitor_removed_rows.inc_by(removed_rows);
     }
 
     /// Prometheus text exposition format.
