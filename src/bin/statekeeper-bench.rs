@@ -1,0 +1,297 @@
+//! `statekeeper-bench`: fills stores with realistic synthetic state, and measures operations on
+//! them. Without --database-url it starts a throwaway PostgreSQL (scripts/throwaway-postgres.sh).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use statekeeper::engine::generator::GenerateOptions;
+use statekeeper::engine::{ConnectionSettings, JanitorOptions, SchemaName, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "statekeeper-bench",
+    about = "Generate synthetic state and benchmark statekeeper operations"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fill an initialised, empty store with synthetic state.
+    Generate {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        shape: Shape,
+    },
+    /// Janitor on a store with half of its versions unreferenced, while a writer keeps writing.
+    Janitor {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        shape: Shape,
+        #[arg(long, default_value_t = 1000)]
+        batch_size: u32,
+        /// Pause between two writer transactions.
+        #[arg(long, default_value_t = 5)]
+        writer_pause_ms: u64,
+    },
+}
+
+#[derive(Args)]
+struct Target {
+    /// PostgreSQL URL; a throwaway local server when omitted.
+    #[arg(long, env = "STATEKEEPER_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    #[arg(long, default_value = "bench_state")]
+    schema: String,
+}
+
+#[derive(Args)]
+struct Shape {
+    #[arg(long, default_value_t = 100_000)]
+    model_versions: u64,
+    #[arg(long, default_value_t = 200)]
+    environments: u32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, default_value_t = 500)]
+    unreferenced_per_mille: u32,
+}
+
+impl Shape {
+    fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            model_versions: self.model_versions,
+            environments: self.environments,
+            seed: self.seed,
+            unreferenced_per_mille: self.unreferenced_per_mille,
+            ..GenerateOptions::default()
+        }
+    }
+}
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> BenchResult<()> {
+    match cli.command {
+        Command::Generate { target, shape } => {
+            let url = database(&target).await?;
+            let store = connect(&url, &target.schema).await?;
+            let started = Instant::now();
+            let report = store.generate(&shape.options()).await?;
+            println!("generated in {:.1}s:", started.elapsed().as_secs_f64());
+            for (table, rows) in report.rows {
+                println!("  {table:<34} {rows}");
+            }
+            Ok(())
+        }
+        Command::Janitor {
+            target,
+            shape,
+            batch_size,
+            writer_pause_ms,
+        } => {
+            let url = database(&target).await?;
+            let store = fresh_store(&url, &target.schema).await?;
+            let started = Instant::now();
+            store.generate(&shape.options()).await?;
+            let generated = started.elapsed();
+            let mut conn = PgConnection::connect(&url).await?;
+            let schema = SchemaName::new(&target.schema)?.quoted();
+            let unreferenced: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT count(*) FROM {schema}.model_versions mv WHERE NOT EXISTS (SELECT 1 FROM {schema}.virtual_environment_refs r WHERE r.model_version_id = mv.id)"
+            )))
+            .fetch_one(&mut conn)
+            .await?;
+
+            let stop = Arc::new(AtomicBool::new(false));
+            let writer = tokio::spawn(writer_loop(
+                url.clone(),
+                schema.clone(),
+                stop.clone(),
+                Duration::from_millis(writer_pause_ms),
+            ));
+            let options = JanitorOptions {
+                batch_size,
+                version_grace: Duration::from_secs(3600),
+                ..JanitorOptions::default()
+            };
+            let mut released = 0u64;
+            let report = store.janitor(&options, |_| released += 1).await?;
+            stop.store(true, Ordering::Relaxed);
+            let waits = writer.await??;
+
+            let secs = report.duration.as_secs_f64();
+            println!(
+                "janitor benchmark: {} model versions ({} unreferenced before the run), {} environments",
+                shape.model_versions, unreferenced, shape.environments
+            );
+            println!(
+                "  generate                {:>10.1} s",
+                generated.as_secs_f64()
+            );
+            println!(
+                "  janitor                 {secs:>10.1} s   ({} batches of {batch_size})",
+                report.batches
+            );
+            println!(
+                "  removed                 {:>10} rows: {} environments, {} checkpoints, {} model versions, {} function versions, {} relations, {} intervals",
+                report.removed_rows(),
+                report.expired_environments,
+                report.checkpoints,
+                report.model_versions,
+                report.function_versions,
+                report.physical_relations,
+                report.intervals
+            );
+            println!(
+                "  rows removed per second {:>10.0}   (model versions per second {:.0})",
+                report.removed_rows() as f64 / secs,
+                report.model_versions as f64 / secs
+            );
+            println!(
+                "  concurrent writer       {:>10} transactions, longest wait {:.1} ms, p99 {:.1} ms, lost 0",
+                waits.len(),
+                ms(waits.last()),
+                ms(waits.get(waits.len().saturating_sub(1) * 99 / 100))
+            );
+            println!("  peak memory (RSS)       {:>10.1} MiB", peak_rss_mib());
+            Ok(())
+        }
+    }
+}
+
+fn ms(d: Option<&Duration>) -> f64 {
+    d.map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// Promotes new versions into a live environment as fast as a busy scheduler would, timing
+/// every transaction; returns the sorted latencies. Every commit is checked afterwards.
+async fn writer_loop(
+    url: String,
+    schema: String,
+    stop: Arc<AtomicBool>,
+    pause: Duration,
+) -> BenchResult<Vec<Duration>> {
+    let mut conn = PgConnection::connect(&url).await?;
+    let mut waits = Vec::new();
+    let mut i = 0i64;
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let mut tx = conn.begin().await?;
+        let id: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "INSERT INTO {schema}.model_versions (name, fingerprint, version) VALUES ('bench_writer', md5($1::text), 'v' || $1) RETURNING id"
+        )))
+        .bind(i)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {schema}.virtual_environment_refs (environment, model_name, model_version_id) VALUES ('prod', 'bench_writer_' || ($1 % 50), $2)
+             ON CONFLICT (environment, model_name) DO UPDATE SET model_version_id = excluded.model_version_id"
+        )))
+        .bind(i)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        waits.push(started.elapsed());
+        i += 1;
+        tokio::time::sleep(pause).await;
+    }
+    let kept: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {schema}.virtual_environment_refs r JOIN {schema}.model_versions m ON m.id = r.model_version_id WHERE r.model_name LIKE 'bench_writer_%'"
+    )))
+    .fetch_one(&mut conn)
+    .await?;
+    if kept != i.min(50) {
+        return Err(format!(
+            "the writer committed {} promotions but {kept} survived",
+            i.min(50)
+        )
+        .into());
+    }
+    waits.sort();
+    Ok(waits)
+}
+
+async fn connect(url: &str, schema: &str) -> BenchResult<Store> {
+    let pool = ConnectionSettings::from_url(url)?
+        .with_max_connections(4)
+        .connect()
+        .await?;
+    Ok(Store::new(pool, SchemaName::new(schema)?).with_actor("statekeeper-bench"))
+}
+
+/// An empty, initialised store: the benchmark's own schema is dropped and recreated.
+async fn fresh_store(url: &str, schema: &str) -> BenchResult<Store> {
+    let name = SchemaName::new(schema)?;
+    let mut conn = PgConnection::connect(url).await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {} CASCADE",
+        name.quoted()
+    )))
+    .execute(&mut conn)
+    .await?;
+    let store = connect(url, schema).await?;
+    store.init(None).await?;
+    Ok(store)
+}
+
+/// The given URL, or a throwaway server that stops by itself when this process exits.
+async fn database(target: &Target) -> BenchResult<String> {
+    if let Some(url) = &target.database_url {
+        return Ok(url.clone());
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/throwaway-postgres.sh");
+    let out = tokio::process::Command::new("bash")
+        .args([
+            script,
+            "start",
+            "--owner-pid",
+            &std::process::id().to_string(),
+        ])
+        .output()
+        .await?;
+    if !out.status.success() {
+        return Err(format!(
+            "could not start a throwaway PostgreSQL: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let url = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("STATEKEEPER_PG_URL=").map(str::to_owned))
+        .ok_or("the throwaway script printed no URL")?;
+    Ok(url)
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
