@@ -94,6 +94,15 @@ pub enum Error {
     )]
     Busy { schema: String, waited: Duration },
 
+    #[error("environments not found in the store: {}", .0.join(", "))]
+    UnknownEnvironments(Vec<String>),
+
+    #[error("cannot write the export: {0}")]
+    ExportWrite(String),
+
+    #[error("the export file is not importable: {0}; nothing was changed")]
+    InvalidExport(String),
+
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -120,6 +129,9 @@ impl Error {
             Error::IncompatibleBackup { .. } => "IncompatibleBackup",
             Error::MigrationFailed { .. } => "MigrationFailed",
             Error::Busy { .. } => "StoreBusy",
+            Error::UnknownEnvironments(_) => "UnknownEnvironments",
+            Error::ExportWrite(_) => "ExportWriteFailed",
+            Error::InvalidExport(_) => "InvalidExport",
             Error::Database(_) => "DatabaseError",
         }
     }

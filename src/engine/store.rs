@@ -453,7 +453,7 @@ impl Store {
     }
 
     /// Begins a transaction and takes the store's advisory lock, waiting at most `lock_timeout`.
-    async fn begin_locked(&self) -> Result<Transaction<'static, Postgres>, Error> {
+    pub(crate) async fn begin_locked(&self) -> Result<Transaction<'static, Postgres>, Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(AssertSqlSafe(format!(
             "SET LOCAL lock_timeout = {}",

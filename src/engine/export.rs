@@ -1,0 +1,434 @@
+//! Export format v1 (docs/export-format.md): one JSON document streamed from one consistent
+//! snapshot straight into the writer, optionally compressed, hashed and counted on the fly.
+//! No table is ever held in memory.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use async_compression::tokio::write::{GzipEncoder, ZstdEncoder};
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use super::Error;
+use super::store::Store;
+
+/// The export file version this statekeeper writes and reads.
+pub const FILE_VERSION: u32 = 1;
+/// The first schema version whose stores can be exported (every current-state table exists).
+pub const EXPORT_MIN_VERSION: i32 = 3;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "gzip" | "gz" => Ok(Self::Gzip),
+            "zstd" | "zst" => Ok(Self::Zstd),
+            other => Err(format!(
+                "unknown compression \"{other}\" (use none, gzip or zstd)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ExportOptions {
+    /// Only these environments (with every version they reference); `None` exports everything.
+    pub environments: Option<Vec<String>>,
+    pub compression: Compression,
+}
+
+/// The header of every export file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub timestamp: String,
+    pub file_version: u32,
+    /// False would mark a file for reading only (e.g. a partial debugging dump).
+    pub importable: bool,
+    /// The schema the export was taken from.
+    pub store: String,
+    /// The environments filter, `null` for a full export.
+    pub environments: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Versions {
+    pub schema_version: i32,
+    pub statekeeper_version: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportReport {
+    pub schema_version: i32,
+    pub environments: u64,
+    /// Rows per table.
+    pub rows: BTreeMap<String, u64>,
+    /// Bytes written, after compression.
+    pub bytes: u64,
+    /// Hex sha256 of the bytes written.
+    pub sha256: String,
+    pub compression: Compression,
+    #[serde(skip)]
+    pub duration: Duration,
+}
+
+impl ExportReport {
+    pub fn total_rows(&self) -> u64 {
+        self.rows.values().sum()
+    }
+}
+
+/// Passes writes through while counting and hashing them.
+pub struct Measured<W> {
+    inner: W,
+    bytes: u64,
+    hasher: Sha256,
+}
+
+impl<W> Measured<W> {
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            bytes: 0,
+            hasher: Sha256::new(),
+        }
+    }
+
+    pub fn finish(self) -> (W, u64, String) {
+        (self.inner, self.bytes, hex::encode(self.hasher.finalize()))
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Measured<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                this.hasher.update(&buf[..n]);
+                this.bytes += n as u64;
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The compressing layer over the measured destination.
+enum Encoder<W: AsyncWrite + Unpin> {
+    Plain(tokio::io::BufWriter<Measured<W>>),
+    Gzip(GzipEncoder<Measured<W>>),
+    Zstd(ZstdEncoder<Measured<W>>),
+}
+
+impl<W: AsyncWrite + Unpin> Encoder<W> {
+    fn new(writer: W, compression: Compression) -> Self {
+        let measured = Measured::new(writer);
+        match compression {
+            Compression::None => {
+                Self::Plain(tokio::io::BufWriter::with_capacity(256 * 1024, measured))
+            }
+            Compression::Gzip => Self::Gzip(GzipEncoder::new(measured)),
+            Compression::Zstd => Self::Zstd(ZstdEncoder::new(measured)),
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Plain(w) => w.write_all(bytes).await,
+            Self::Gzip(w) => w.write_all(bytes).await,
+            Self::Zstd(w) => w.write_all(bytes).await,
+        }
+    }
+
+    /// Flushes every layer (writing compression trailers) and returns the measurements.
+    async fn finish(self) -> std::io::Result<(W, u64, String)> {
+        let measured = match self {
+            Self::Plain(mut w) => {
+                w.flush().await?;
+                w.into_inner()
+            }
+            Self::Gzip(mut w) => {
+                w.shutdown().await?;
+                w.into_inner()
+            }
+            Self::Zstd(mut w) => {
+                w.shutdown().await?;
+                w.into_inner()
+            }
+        };
+        Ok(measured.finish())
+    }
+}
+
+fn io_error(e: std::io::Error) -> Error {
+    Error::ExportWrite(e.to_string())
+}
+
+impl Store {
+    /// Streams an export of the store into `writer` from one REPEATABLE READ snapshot: the file
+    /// is consistent while writers go on, and nothing waits on the export. Returns the writer.
+    pub async fn export<W: AsyncWrite + Unpin + Send>(
+        &self,
+        writer: W,
+        options: &ExportOptions,
+    ) -> Result<(ExportReport, W), Error> {
+        let started = Instant::now();
+        let mut conn = self.pool().acquire().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let schema_version = self
+            .require_version(&mut tx, EXPORT_MIN_VERSION, "export")
+            .await?;
+        if let Some(wanted) = &options.environments {
+            let missing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT w FROM unnest($1::text[]) w WHERE NOT EXISTS (SELECT 1 FROM {}.virtual_environments e WHERE e.name = w) ORDER BY 1",
+                self.schema().quoted()
+            )))
+            .bind(wanted)
+            .fetch_all(&mut *tx)
+            .await?;
+            if !missing.is_empty() {
+                return Err(Error::UnknownEnvironments(missing));
+            }
+        }
+
+        let mut out = Encoder::new(writer, options.compression);
+        let mut report = ExportReport {
+            schema_version,
+            compression: options.compression,
+            ..Default::default()
+        };
+        let metadata = Metadata {
+            timestamp: chrono::Utc::now().to_rfc3339(),
+            file_version: FILE_VERSION,
+            importable: true,
+            store: self.schema().to_string(),
+            environments: options.environments.clone(),
+        };
+        let versions = Versions {
+            schema_version,
+            statekeeper_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let header = format!(
+            "{{\"metadata\":{},\"versions\":{}",
+            serde_json::to_string(&metadata).map_err(|e| Error::ExportWrite(e.to_string()))?,
+            serde_json::to_string(&versions).map_err(|e| Error::ExportWrite(e.to_string()))?
+        );
+        out.write(header.as_bytes()).await.map_err(io_error)?;
+
+        let s = self.schema().quoted();
+        let filtered = options.environments.is_some();
+        // Versions an environment export needs: those its environments and checkpoints reference.
+        let version_filter = if filtered {
+            format!(
+                "WHERE t.id IN (SELECT model_version_id FROM {s}.virtual_environment_refs WHERE environment = ANY($1)
+                   UNION SELECT r.model_version_id FROM {s}.virtual_environment_checkpoint_refs r
+                     JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id WHERE c.environment = ANY($1))"
+            )
+        } else {
+            String::new()
+        };
+        let function_filter = if filtered {
+            format!(
+                "WHERE t.id IN (SELECT function_version_id FROM {s}.virtual_environment_function_refs WHERE environment = ANY($1)
+                   UNION SELECT r.function_version_id FROM {s}.virtual_environment_checkpoint_function_refs r
+                     JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id WHERE c.environment = ANY($1))"
+            )
+        } else {
+            String::new()
+        };
+        let exported_versions = format!("SELECT t.id FROM {s}.model_versions t {version_filter}");
+        let exported_relations = format!(
+            "SELECT id FROM {s}.physical_relations WHERE model_version_id IN ({exported_versions})"
+        );
+        let mut sections: Vec<(&str, String)> = vec![
+            ("model_versions", format!("SELECT to_jsonb(t)::text FROM {s}.model_versions t {version_filter} ORDER BY t.id")),
+            (
+                "model_version_intervals",
+                format!("SELECT to_jsonb(t)::text FROM {s}.model_version_intervals t WHERE t.model_version_id IN ({exported_versions}) ORDER BY t.id"),
+            ),
+            ("function_versions", format!("SELECT to_jsonb(t)::text FROM {s}.function_versions t {function_filter} ORDER BY t.id")),
+            (
+                "physical_relations",
+                format!("SELECT to_jsonb(t)::text FROM {s}.physical_relations t WHERE t.model_version_id IN ({exported_versions}) ORDER BY t.id"),
+            ),
+            (
+                "physical_relation_ancestry",
+                format!(
+                    "SELECT to_jsonb(t)::text FROM {s}.physical_relation_ancestry t
+                     WHERE t.relation_id IN ({exported_relations}) AND t.parent_relation_id IN ({exported_relations})
+                     ORDER BY t.relation_id, t.parent_relation_id"
+                ),
+            ),
+        ];
+        if !filtered {
+            // Store-wide state belongs to full exports only.
+            sections.push((
+                "locks",
+                format!("SELECT to_jsonb(t)::text FROM {s}.locks t ORDER BY t.name"),
+            ));
+            sections.push((
+                "state_operations",
+                format!("SELECT to_jsonb(t)::text FROM {s}.state_operations t ORDER BY t.id"),
+            ));
+        }
+        let environments = options.environments.clone().unwrap_or_default();
+        for (section, sql) in &sections {
+            out.write(format!(",\"{section}\":[").as_bytes())
+                .await
+                .map_err(io_error)?;
+            let n = stream_rows(&mut tx, &mut out, sql, &environments).await?;
+            out.write(b"]").await.map_err(io_error)?;
+            report.rows.insert((*section).to_owned(), n);
+        }
+
+        // Environments keyed by name, each with its refs and checkpoints (with their refs).
+        out.write(b",\"environments\":{").await.map_err(io_error)?;
+        let env_filter = if filtered {
+            "WHERE t.name = ANY($1)"
+        } else {
+            ""
+        };
+        let mut names_query = sqlx::query_scalar::<_, String>(AssertSqlSafe(format!(
+            "SELECT t.name FROM {s}.virtual_environments t {env_filter} ORDER BY t.name"
+        )));
+        if filtered {
+            names_query = names_query.bind(&environments);
+        }
+        let names = names_query.fetch_all(&mut *tx).await?;
+        let env_row =
+            format!("SELECT to_jsonb(t)::text FROM {s}.virtual_environments t WHERE t.name = $1");
+        let refs = format!(
+            "SELECT to_jsonb(t)::text FROM {s}.virtual_environment_refs t WHERE t.environment = $1 ORDER BY t.model_name"
+        );
+        let function_refs = format!(
+            "SELECT to_jsonb(t)::text FROM {s}.virtual_environment_function_refs t WHERE t.environment = $1 ORDER BY t.function_name"
+        );
+        let checkpoints = format!(
+            "SELECT jsonb_build_object(
+               'checkpoint', to_jsonb(c),
+               'refs', COALESCE((SELECT jsonb_agg(to_jsonb(r) ORDER BY r.model_name) FROM {s}.virtual_environment_checkpoint_refs r WHERE r.checkpoint_id = c.id), '[]'::jsonb),
+               'function_refs', COALESCE((SELECT jsonb_agg(to_jsonb(r) ORDER BY r.function_name) FROM {s}.virtual_environment_checkpoint_function_refs r WHERE r.checkpoint_id = c.id), '[]'::jsonb)
+             )::text FROM {s}.virtual_environment_checkpoints c WHERE c.environment = $1 ORDER BY c.id"
+        );
+        let counts = format!(
+            "SELECT (SELECT count(*) FROM {s}.virtual_environment_checkpoint_refs r JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id WHERE c.environment = $1),
+                    (SELECT count(*) FROM {s}.virtual_environment_checkpoint_function_refs r JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id WHERE c.environment = $1)"
+        );
+        for (i, name) in names.iter().enumerate() {
+            let key = serde_json::to_string(name).map_err(|e| Error::ExportWrite(e.to_string()))?;
+            let row: String = sqlx::query_scalar(AssertSqlSafe(env_row.clone()))
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            let lead = if i == 0 { "" } else { "," };
+            out.write(format!("{lead}{key}:{{\"environment\":{row},\"refs\":[").as_bytes())
+                .await
+                .map_err(io_error)?;
+            let n = stream_rows(&mut tx, &mut out, &refs, name).await?;
+            *report
+                .rows
+                .entry("virtual_environment_refs".into())
+                .or_default() += n;
+            out.write(b"],\"function_refs\":[")
+                .await
+                .map_err(io_error)?;
+            let n = stream_rows(&mut tx, &mut out, &function_refs, name).await?;
+            *report
+                .rows
+                .entry("virtual_environment_function_refs".into())
+                .or_default() += n;
+            out.write(b"],\"checkpoints\":[").await.map_err(io_error)?;
+            let n = stream_rows(&mut tx, &mut out, &checkpoints, name).await?;
+            *report
+                .rows
+                .entry("virtual_environment_checkpoints".into())
+                .or_default() += n;
+            out.write(b"]}").await.map_err(io_error)?;
+            let (checkpoint_refs, checkpoint_function_refs): (i64, i64) =
+                sqlx::query_as(AssertSqlSafe(counts.clone()))
+                    .bind(name)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            *report
+                .rows
+                .entry("virtual_environment_checkpoint_refs".into())
+                .or_default() += checkpoint_refs as u64;
+            *report
+                .rows
+                .entry("virtual_environment_checkpoint_function_refs".into())
+                .or_default() += checkpoint_function_refs as u64;
+        }
+        report.environments = names.len() as u64;
+        report
+            .rows
+            .insert("virtual_environments".into(), names.len() as u64);
+        out.write(b"}}\n").await.map_err(io_error)?;
+        tx.commit().await?;
+
+        let (writer, bytes, sha256) = out.finish().await.map_err(io_error)?;
+        report.bytes = bytes;
+        report.sha256 = sha256;
+        report.duration = started.elapsed();
+        Ok((report, writer))
+    }
+}
+
+/// Streams one query's JSON rows into the writer, comma-separated; returns how many.
+async fn stream_rows<W: AsyncWrite + Unpin + Send, B>(
+    conn: &mut PgConnection,
+    out: &mut Encoder<W>,
+    sql: &str,
+    bind: B,
+) -> Result<u64, Error>
+where
+    B: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+{
+    let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql.to_owned()));
+    // Unfiltered sections have no placeholder, and PostgreSQL refuses unused parameters.
+    if sql.contains("$1") {
+        query = query.bind(bind);
+    }
+    let mut rows = query.fetch(conn);
+    let mut n = 0u64;
+    while let Some(row) = rows.try_next().await? {
+        if n > 0 {
+            out.write(b",").await.map_err(io_error)?;
+        }
+        out.write(row.as_bytes()).await.map_err(io_error)?;
+        n += 1;
+    }
+    Ok(n)
+}

@@ -1,0 +1,504 @@
+//! Export and import against a real PostgreSQL: round trips, merge, filtered exports, bad files.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use statekeeper::engine::generator::GenerateOptions;
+use statekeeper::engine::{Compression, Error, ExportOptions, ImportMode, ImportOptions, Store};
+use support::{TestDb, snapshot};
+
+const SCHEMA: &str = "state";
+/// Current-state tables: an export round-trips every row of each.
+const CURRENT_STATE: &[&str] = &[
+    "model_versions",
+    "model_version_intervals",
+    "function_versions",
+    "physical_relations",
+    "physical_relation_ancestry",
+    "virtual_environments",
+    "virtual_environment_refs",
+    "virtual_environment_function_refs",
+    "virtual_environment_checkpoints",
+    "virtual_environment_checkpoint_refs",
+    "virtual_environment_checkpoint_function_refs",
+    "locks",
+    "state_operations",
+];
+
+async fn source(db: &TestDb) -> Store {
+    let store = db.store(SCHEMA).await;
+    store.init(None).await.unwrap();
+    store
+        .generate(&GenerateOptions {
+            model_versions: 2_000,
+            environments: 10,
+            seed: 11,
+            checkpoints_per_environment: 4,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut conn = db.conn().await;
+    sqlx::query("INSERT INTO state.state_operations (kind, status, details) VALUES ('plan', 'succeeded', '{\"note\": \"tab\\tand \\\"quotes\\\" and \\\\ backslash\"}')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    store
+}
+
+async fn current_state(db: &TestDb) -> BTreeMap<String, Vec<String>> {
+    let mut conn = db.conn().await;
+    snapshot(&mut conn, SCHEMA)
+        .await
+        .into_iter()
+        .filter(|(t, _)| CURRENT_STATE.contains(&t.as_str()))
+        .collect()
+}
+
+async fn export(
+    store: &Store,
+    options: &ExportOptions,
+) -> (Vec<u8>, statekeeper::engine::ExportReport) {
+    let (report, bytes) = store.export(Vec::new(), options).await.unwrap();
+    (bytes, report)
+}
+
+async fn empty_store() -> (TestDb, Store) {
+    let db = TestDb::new().await;
+    let store = db.store(SCHEMA).await;
+    store.init(None).await.unwrap();
+    (db, store)
+}
+
+fn replace() -> ImportOptions {
+    ImportOptions {
+        mode: ImportMode::Replace,
+        expected_sha256: None,
+    }
+}
+
+#[tokio::test]
+async fn full_round_trip_reproduces_every_row_with_every_compression() {
+    let a = TestDb::new().await;
+    let store_a = source(&a).await;
+    let original = current_state(&a).await;
+    assert_eq!(original.len(), CURRENT_STATE.len());
+    for (table, rows) in &original {
+        assert!(!rows.is_empty(), "the generator fills {table}");
+    }
+
+    for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
+        let (bytes, report) = export(
+            &store_a,
+            &ExportOptions {
+                environments: None,
+                compression,
+            },
+        )
+        .await;
+        assert_eq!(report.bytes as usize, bytes.len());
+        assert_eq!(report.sha256.len(), 64);
+        assert_eq!(report.rows["model_versions"], 2_000);
+        assert_eq!(report.rows["virtual_environments"], 10);
+        if compression == Compression::None {
+            let doc: serde_json::Value =
+                serde_json::from_slice(&bytes).expect("plain exports are JSON");
+            assert_eq!(doc["metadata"]["file_version"], 1);
+            assert_eq!(doc["versions"]["schema_version"], 3);
+            assert!(doc["environments"]["prod"]["checkpoints"][0]["refs"].is_array());
+        } else {
+            assert!(
+                report.bytes < report.total_rows() * 50,
+                "{compression:?} compresses"
+            );
+        }
+
+        let (b, store_b) = empty_store().await;
+        let imported = store_b
+            .import(
+                std::io::Cursor::new(bytes.clone()),
+                &ImportOptions {
+                    mode: ImportMode::Replace,
+                    expected_sha256: Some(report.sha256.clone()),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(imported.compression, compression);
+        assert_eq!(imported.sha256, report.sha256);
+        assert_eq!(imported.environments, 10);
+        assert_eq!(imported.rows["model_versions"], 2_000);
+        let copy = current_state(&b).await;
+        for table in CURRENT_STATE {
+            assert!(
+                copy[*table] == original[*table],
+                "{table} differs after a {compression:?} round trip"
+            );
+        }
+        // New rows in the imported store get fresh ids.
+        let mut conn = b.conn().await;
+        sqlx::query("INSERT INTO state.model_versions (name, fingerprint, version) VALUES ('after', 'import', 'v1')")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn replace_keeps_a_backup_that_rollback_restores() {
+    let a = TestDb::new().await;
+    let store_a = source(&a).await;
+    let (bytes, _) = export(&store_a, &ExportOptions::default()).await;
+
+    let b = TestDb::new().await;
+    let store_b = b.store(SCHEMA).await;
+    store_b.init(None).await.unwrap();
+    store_b
+        .generate(&GenerateOptions {
+            model_versions: 300,
+            environments: 3,
+            seed: 99,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = current_state(&b).await;
+
+    let report = store_b
+        .import(std::io::Cursor::new(bytes), &replace())
+        .await
+        .unwrap();
+    let backup = report.backup.expect("the replaced state is kept");
+    assert_eq!(backup.reason, "pre-import");
+    assert_eq!(current_state(&b).await, current_state(&a).await);
+
+    store_b.rollback(Some(&backup.id)).await.unwrap();
+    assert_eq!(current_state(&b).await, before);
+    let mut conn = b.conn().await;
+    let ops: Vec<String> =
+        sqlx::query_scalar("SELECT operation FROM state.state_migration_events ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert!(
+        ops.ends_with(&["import".to_string(), "rollback".to_string()]),
+        "{ops:?}"
+    );
+}
+
+#[tokio::test]
+async fn environment_filtered_export_imports_on_its_own() {
+    let a = TestDb::new().await;
+    let store_a = source(&a).await;
+    let wanted = vec!["env_2".to_string(), "prod".to_string()];
+    let (bytes, report) = export(
+        &store_a,
+        &ExportOptions {
+            environments: Some(wanted.clone()),
+            compression: Compression::Zstd,
+        },
+    )
+    .await;
+    assert_eq!(report.environments, 2);
+    assert!(report.rows["model_versions"] < 2_000);
+    assert!(
+        !report.rows.contains_key("locks"),
+        "store-wide state belongs to full exports"
+    );
+
+    let (c, store_c) = empty_store().await;
+    store_c
+        .import(std::io::Cursor::new(bytes), &replace())
+        .await
+        .unwrap();
+    let mut conn = c.conn().await;
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM state.virtual_environments ORDER BY name")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(names, wanted);
+    // Exactly the versions those environments and their checkpoints reference.
+    let mut a_conn = a.conn().await;
+    let referenced = "SELECT count(DISTINCT id) FROM state.model_versions WHERE id IN (
+        SELECT model_version_id FROM state.virtual_environment_refs WHERE environment IN ('env_2', 'prod')
+        UNION SELECT r.model_version_id FROM state.virtual_environment_checkpoint_refs r JOIN state.virtual_environment_checkpoints c ON c.id = r.checkpoint_id WHERE c.environment IN ('env_2', 'prod'))";
+    let expected: i64 = sqlx::query_scalar(referenced)
+        .fetch_one(&mut a_conn)
+        .await
+        .unwrap();
+    let got: i64 = sqlx::query_scalar("SELECT count(*) FROM state.model_versions")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(got, expected);
+
+    let unknown = store_a
+        .export(
+            Vec::new(),
+            &ExportOptions {
+                environments: Some(vec!["nope".into()]),
+                compression: Compression::None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(unknown, Error::UnknownEnvironments(ref e) if e == &["nope".to_string()]),
+        "{unknown}"
+    );
+}
+
+#[tokio::test]
+async fn merge_replaces_namesakes_and_keeps_the_rest() {
+    let a = TestDb::new().await;
+    let store_a = source(&a).await;
+    let (bytes, _) = export(
+        &store_a,
+        &ExportOptions {
+            environments: Some(vec!["env_1".into()]),
+            compression: Compression::Gzip,
+        },
+    )
+    .await;
+
+    let (b, store_b) = empty_store().await;
+    let mut conn = b.conn().await;
+    // B has its own versions (ids that collide with A's), an env_1 to be replaced and a local env.
+    sqlx::raw_sql(
+        "INSERT INTO state.model_versions (name, fingerprint, version) SELECT 'local_' || i, md5('local' || i), 'v1' FROM generate_series(1, 50) i;
+         INSERT INTO state.virtual_environments (name) VALUES ('env_1'), ('local_only');
+         INSERT INTO state.virtual_environment_refs VALUES ('env_1', 'stale', 1), ('local_only', 'kept', 2);",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    store_b
+        .import(
+            std::io::Cursor::new(bytes),
+            &ImportOptions {
+                mode: ImportMode::Merge,
+                expected_sha256: None,
+            },
+        )
+        .await
+        .unwrap();
+
+    let refs = |env: &'static str| {
+        format!(
+            "SELECT string_agg(r.model_name || '=' || m.name || '/' || m.fingerprint, ',' ORDER BY r.model_name)
+             FROM state.virtual_environment_refs r JOIN state.model_versions m ON m.id = r.model_version_id WHERE r.environment = '{env}'"
+        )
+    };
+    let mut a_conn = a.conn().await;
+    let in_a: String = sqlx::query_scalar(sqlx::AssertSqlSafe(refs("env_1")))
+        .fetch_one(&mut a_conn)
+        .await
+        .unwrap();
+    let in_b: String = sqlx::query_scalar(sqlx::AssertSqlSafe(refs("env_1")))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        in_b, in_a,
+        "env_1 now refers to the same versions (by name and fingerprint) as in the source"
+    );
+    assert!(!in_b.contains("stale"));
+    let kept: String = sqlx::query_scalar(sqlx::AssertSqlSafe(refs("local_only")))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let expected_kept: String = sqlx::query_scalar("SELECT 'kept=local_2/' || md5('local2')")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kept, expected_kept);
+    let locals: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM state.model_versions WHERE name LIKE 'local\\_%'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(locals, 50, "versions not in the file stay");
+    let checkpoints: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM state.virtual_environment_checkpoints WHERE environment = 'env_1'),
+                (SELECT count(*) FROM state.virtual_environment_checkpoint_refs r JOIN state.virtual_environment_checkpoints c ON c.id = r.checkpoint_id WHERE c.environment = 'env_1')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(checkpoints.0, 4);
+    assert!(checkpoints.1 > 0);
+}
+
+/// Every bad file is refused with a clear reason, and the store is left exactly as it was.
+#[tokio::test]
+async fn bad_files_are_refused_and_change_nothing() {
+    let a = TestDb::new().await;
+    let store_a = source(&a).await;
+    let (plain, report) = export(&store_a, &ExportOptions::default()).await;
+    let (gzip, _) = export(
+        &store_a,
+        &ExportOptions {
+            environments: None,
+            compression: Compression::Gzip,
+        },
+    )
+    .await;
+    let doc: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+
+    // Exports put "metadata" and "versions" first, so that imports can refuse a file early.
+    let edited = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut d = doc.clone();
+        edit(&mut d);
+        let map = d.as_object().unwrap();
+        let mut parts = Vec::new();
+        for key in ["metadata", "versions"] {
+            parts.push(format!("\"{key}\":{}", map[key]));
+        }
+        for (key, value) in map
+            .iter()
+            .filter(|(k, _)| *k != "metadata" && *k != "versions")
+        {
+            parts.push(format!("\"{key}\":{value}"));
+        }
+        format!("{{{}}}", parts.join(",")).into_bytes()
+    };
+    let mut corrupt_gzip = gzip.clone();
+    let middle = corrupt_gzip.len() / 2;
+    for byte in &mut corrupt_gzip[middle..middle + 64] {
+        *byte ^= 0x5a;
+    }
+    let text = String::from_utf8(plain.clone()).unwrap();
+    let duplicate_environment = text.replacen("\"environments\":{", "\"environments\":{\"prod\":{\"environment\":{\"name\":\"prod\"},\"refs\":[],\"function_refs\":[],\"checkpoints\":[]},", 1);
+
+    let cases: Vec<(&str, Vec<u8>, Option<String>, &str)> = vec![
+        (
+            "truncated",
+            plain[..plain.len() / 2].to_vec(),
+            None,
+            "truncated or corrupt",
+        ),
+        (
+            "truncated gzip",
+            gzip[..gzip.len() / 2].to_vec(),
+            None,
+            "truncated or corrupt",
+        ),
+        ("corrupt gzip", corrupt_gzip, None, "truncated or corrupt"),
+        (
+            "not json",
+            b"PGDMP\x01\x0e binary dump".to_vec(),
+            None,
+            "truncated or corrupt",
+        ),
+        ("empty", Vec::new(), None, "empty"),
+        (
+            "wrong file version",
+            edited(&|d| d["metadata"]["file_version"] = 2.into()),
+            None,
+            "file version 2 is not supported",
+        ),
+        (
+            "wrong schema version",
+            edited(&|d| d["versions"]["schema_version"] = 2.into()),
+            None,
+            "schema version 2",
+        ),
+        (
+            "not importable",
+            edited(&|d| d["metadata"]["importable"] = false.into()),
+            None,
+            "not importable",
+        ),
+        (
+            "checksum mismatch",
+            plain.clone(),
+            Some("0".repeat(64)),
+            "checksum mismatch",
+        ),
+        (
+            "duplicate model version",
+            edited(&|d| {
+                let first = d["model_versions"][0].clone();
+                d["model_versions"].as_array_mut().unwrap().push(first);
+            }),
+            None,
+            "appears 2 times",
+        ),
+        (
+            "duplicate environment",
+            duplicate_environment.into_bytes(),
+            None,
+            "environment prod appears 2 times",
+        ),
+        (
+            "dangling reference",
+            edited(&|d| {
+                d["environments"]["prod"]["refs"].as_array_mut().unwrap().push(serde_json::json!({"environment": "prod", "model_name": "ghost", "model_version_id": 999999}));
+            }),
+            None,
+            "refers to model version 999999",
+        ),
+        (
+            "wrong type",
+            edited(&|d| d["model_versions"][0]["created_at"] = "yesterday-ish".into()),
+            None,
+            "yesterday-ish",
+        ),
+        (
+            "unknown section",
+            edited(&|d| d["extra"] = serde_json::json!([])),
+            None,
+            "unknown section \"extra\"",
+        ),
+        (
+            "missing section",
+            edited(&|d| {
+                d.as_object_mut().unwrap().remove("environments");
+            }),
+            None,
+            "section \"environments\" is missing",
+        ),
+    ];
+
+    let (b, store_b) = empty_store().await;
+    store_b
+        .generate(&GenerateOptions {
+            model_versions: 200,
+            environments: 3,
+            seed: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut conn = b.conn().await;
+    let before = snapshot(&mut conn, SCHEMA).await;
+    for (name, bytes, expected_sha256, reason) in cases {
+        let err = store_b
+            .import(
+                std::io::Cursor::new(bytes),
+                &ImportOptions {
+                    mode: ImportMode::Replace,
+                    expected_sha256,
+                },
+            )
+            .await
+            .expect_err(name);
+        assert!(matches!(err, Error::InvalidExport(_)), "{name}: {err}");
+        let message = err.to_string();
+        assert!(message.contains(reason), "{name}: {message}");
+        assert!(message.contains("nothing was changed"), "{name}: {message}");
+        assert_eq!(
+            snapshot(&mut conn, SCHEMA).await,
+            before,
+            "{name} changed the store"
+        );
+    }
+    assert!(
+        store_b.backups().await.unwrap().is_empty(),
+        "refused imports leave no backup"
+    );
+    let _ = report;
+}
