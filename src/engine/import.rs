@@ -599,7 +599,7 @@ impl Store {
         .await?;
         let (counts, environments) = {
             // JSON rows contain no raw control characters, so 0x01/0x02 can never collide.
-            let mut copy = (&mut *tx)
+            let mut copy = tx
                 .copy_in_raw(
                     "COPY statekeeper_import (section, environment, doc) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')",
                 )
