@@ -301,3 +301,158 @@ async fn janitor_dry_run_then_real_run() {
     );
     assert!(stderr(&bad).contains("--grace"));
 }
+
+#[tokio::test]
+async fn export_and_import_through_files_and_pipes() {
+    let source = TestDb::new().await;
+    let store = source.store("state").await;
+    store.init(None).await.unwrap();
+    store
+        .generate(&statekeeper::engine::generator::GenerateOptions {
+            model_versions: 500,
+            environments: 4,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("sk-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("state.json.zst");
+    let path = file.to_str().unwrap();
+
+    let exported = json(&statekeeper(
+        &source.url,
+        &[
+            "state",
+            "export",
+            "--schema",
+            "state",
+            "--to",
+            path,
+            "--compression",
+            "zstd",
+            "-o",
+            "json",
+        ],
+    ));
+    let sha = exported["sha256"].as_str().unwrap().to_owned();
+    assert_eq!(
+        exported["bytes"].as_u64().unwrap(),
+        std::fs::metadata(&file).unwrap().len()
+    );
+    assert!(
+        !dir.join("state.json.partial").exists(),
+        "no partial file is left behind"
+    );
+
+    let target = TestDb::new().await;
+    statekeeper(&target.url, &["state", "init", "--schema", "state"]);
+    let imported = statekeeper(
+        &target.url,
+        &[
+            "state",
+            "import",
+            "--schema",
+            "state",
+            "--from",
+            &format!("file://{path}"),
+            "--sha256",
+            &sha,
+        ],
+    );
+    assert!(imported.status.success(), "{}", stderr(&imported));
+    assert!(
+        stdout(&imported).contains("imported") && stdout(&imported).contains("undo with"),
+        "{}",
+        stdout(&imported)
+    );
+
+    // A wrong checksum is refused with one clear line.
+    let refused = statekeeper(
+        &target.url,
+        &[
+            "state",
+            "import",
+            "--schema",
+            "state",
+            "-i",
+            path,
+            "--sha256",
+            &"f".repeat(64),
+        ],
+    );
+    assert!(assert_clean_failure(&refused).contains("checksum mismatch"));
+
+    // Pipes: export to stdout, import from stdin; stdout carries only the data.
+    let piped = statekeeper(
+        &source.url,
+        &[
+            "state",
+            "export",
+            "--schema",
+            "state",
+            "--to",
+            "-",
+            "--environment",
+            "prod",
+        ],
+    );
+    assert!(piped.status.success());
+    assert!(
+        stderr(&piped).contains("exported"),
+        "summary on stderr: {}",
+        stderr(&piped)
+    );
+    let doc: Value = serde_json::from_slice(&piped.stdout).expect("stdout is exactly the export");
+    assert_eq!(doc["metadata"]["environments"][0], "prod");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+        .args([
+            "state", "import", "--schema", "state", "--from", "-", "--merge",
+        ])
+        .env("STATEKEEPER_DATABASE_URL", &target.url)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&piped.stdout)
+        .unwrap();
+    let merged = child.wait_with_output().unwrap();
+    assert!(
+        merged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merged.stderr)
+    );
+    assert!(String::from_utf8_lossy(&merged.stdout).contains("Merge mode"));
+
+    let missing = statekeeper(
+        &target.url,
+        &[
+            "state",
+            "import",
+            "--schema",
+            "state",
+            "--from",
+            "/no/such/file.json",
+        ],
+    );
+    assert!(assert_clean_failure(&missing).contains("cannot open /no/such/file.json"));
+    let s3 = statekeeper(
+        &target.url,
+        &[
+            "state",
+            "export",
+            "--schema",
+            "state",
+            "--to",
+            "s3://bucket/key",
+        ],
+    );
+    assert!(assert_clean_failure(&s3).contains("s3://"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

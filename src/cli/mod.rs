@@ -1,6 +1,7 @@
 //! `statekeeper`: the command line. `state …` works against any PostgreSQL URL, no cluster needed.
 
 mod output;
+mod transfer;
 
 use std::process::ExitCode;
 
@@ -97,11 +98,44 @@ enum StateCommand {
     },
     /// Remove expired environments, old checkpoints and unreferenced versions, in batches.
     Janitor(JanitorArgs),
+    /// Stream a versioned JSON export of the store to a file or stdout.
+    Export(ExportArgs),
+    /// Import an export file (validated fully before anything changes; a backup is kept).
+    Import(ImportArgs),
     /// List backups, or drop one.
     Backups {
         #[command(subcommand)]
         command: Option<BackupsCommand>,
     },
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// Destination: a path, file://PATH, or - for stdout.
+    #[arg(long)]
+    to: String,
+    /// Export only this environment (with every version it references); repeatable.
+    #[arg(long = "environment", value_name = "NAME")]
+    environments: Vec<String>,
+    /// none, gzip or zstd.
+    #[arg(long, default_value = "none")]
+    compression: crate::engine::Compression,
+}
+
+#[derive(Args, Debug)]
+struct ImportArgs {
+    /// Source: a path, file://PATH, or - for stdin. Compression is detected.
+    #[arg(long, short = 'i')]
+    from: String,
+    /// The store ends up equal to the file (the default).
+    #[arg(long, conflicts_with = "merge")]
+    replace: bool,
+    /// Environments and versions in the file replace their namesakes; the rest stays.
+    #[arg(long)]
+    merge: bool,
+    /// Refuse the file unless its sha256 is this hex digest.
+    #[arg(long, value_name = "HEX")]
+    sha256: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -163,7 +197,10 @@ pub async fn run_state(args: StateArgs) -> ExitCode {
         .unwrap_or_default();
     match execute(&args).await {
         Ok(rendered) => {
-            println!("{rendered}");
+            // Empty when the command's output was data on stdout (export --to -).
+            if !rendered.is_empty() {
+                println!("{rendered}");
+            }
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -226,6 +263,84 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
                 })
                 .await?;
             output::janitor(&report, &released, json)
+        }
+        StateCommand::Export(export) => {
+            let location = transfer::Location::parse(&export.to)?;
+            let options = crate::engine::ExportOptions {
+                environments: (!export.environments.is_empty())
+                    .then(|| export.environments.clone()),
+                compression: export.compression,
+            };
+            let bar = transfer::progress("exporting");
+            let report = match &location {
+                transfer::Location::Std => {
+                    let out = transfer::Counted::new(tokio::io::stdout(), bar.clone());
+                    store.export(out, &options).await?.0
+                }
+                transfer::Location::Path(path) => {
+                    // Written beside the target and renamed at the end: no half-written file
+                    // ever carries the final name.
+                    let partial = path.with_extension("partial");
+                    let file = tokio::fs::File::create(&partial).await.map_err(|e| {
+                        Error::ExportWrite(format!("cannot create {}: {e}", partial.display()))
+                    })?;
+                    let out = transfer::Counted::new(file, bar.clone());
+                    let result = store.export(out, &options).await;
+                    match result {
+                        Ok((report, out)) => {
+                            out.inner
+                                .sync_all()
+                                .await
+                                .map_err(|e| Error::ExportWrite(e.to_string()))?;
+                            tokio::fs::rename(&partial, path).await.map_err(|e| {
+                                Error::ExportWrite(format!(
+                                    "cannot rename to {}: {e}",
+                                    path.display()
+                                ))
+                            })?;
+                            report
+                        }
+                        Err(e) => {
+                            let _ = tokio::fs::remove_file(&partial).await;
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            bar.finish_and_clear();
+            output::exported(&report, &location.to_string(), json)
+        }
+        StateCommand::Import(import) => {
+            let location = transfer::Location::parse(&import.from)?;
+            let options = crate::engine::ImportOptions {
+                mode: if import.merge {
+                    crate::engine::ImportMode::Merge
+                } else {
+                    crate::engine::ImportMode::Replace
+                },
+                expected_sha256: import.sha256.clone(),
+            };
+            let bar = transfer::progress("importing");
+            let report = match &location {
+                transfer::Location::Std => {
+                    store
+                        .import(
+                            transfer::Counted::new(tokio::io::stdin(), bar.clone()),
+                            &options,
+                        )
+                        .await?
+                }
+                transfer::Location::Path(path) => {
+                    let file = tokio::fs::File::open(path).await.map_err(|e| {
+                        Error::InvalidExport(format!("cannot open {}: {e}", path.display()))
+                    })?;
+                    store
+                        .import(transfer::Counted::new(file, bar.clone()), &options)
+                        .await?
+                }
+            };
+            bar.finish_and_clear();
+            output::imported(&report, &location.to_string(), json)
         }
         StateCommand::Backups { command } => match command {
             None | Some(BackupsCommand::List) => output::backups(&store.backups().await?, json),

@@ -3,7 +3,8 @@
 use serde::Serialize;
 
 use crate::engine::{
-    BackupInfo, InitReport, JanitorReport, ResetReport, RollbackReport, StatusReport, UpgradeReport,
+    BackupInfo, ExportReport, ImportReport, InitReport, JanitorReport, ResetReport, RollbackReport,
+    StatusReport, UpgradeReport,
 };
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -188,5 +189,53 @@ pub fn janitor(r: &JanitorReport, released: &[String], json: bool) -> String {
         } else {
             ""
         }
+    )
+}
+
+/// The export summary; with stdout as the destination it goes to stderr (stdout is the data).
+pub fn exported(r: &ExportReport, to: &str, json: bool) -> String {
+    let summary = if json {
+        let mut value = serde_json::to_value(r).unwrap_or_default();
+        value["durationMs"] = serde_json::json!(r.duration.as_millis() as u64);
+        value["destination"] = serde_json::json!(to);
+        serde_json::to_string_pretty(&value).unwrap_or_default()
+    } else {
+        format!(
+            "exported {} rows ({} environments, schema version {}) to {to}: {}, sha256 {} in {:.1}s",
+            r.total_rows(),
+            r.environments,
+            r.schema_version,
+            super::transfer::human_bytes(r.bytes),
+            r.sha256,
+            r.duration.as_secs_f64()
+        )
+    };
+    if to == "-" {
+        eprintln!("{summary}");
+        String::new()
+    } else {
+        summary
+    }
+}
+
+pub fn imported(r: &ImportReport, from: &str, json: bool) -> String {
+    if json {
+        let mut value = serde_json::to_value(r).unwrap_or_default();
+        value["durationMs"] = serde_json::json!(r.duration.as_millis() as u64);
+        value["source"] = serde_json::json!(from);
+        return serde_json::to_string_pretty(&value).unwrap_or_default();
+    }
+    let rows: u64 = r.rows.values().sum();
+    format!(
+        "imported {rows} rows ({} environments, {:?} mode) from {from} ({}, sha256 {}) in {:.1}s{}",
+        r.environments,
+        r.mode,
+        super::transfer::human_bytes(r.bytes),
+        r.sha256,
+        r.duration.as_secs_f64(),
+        r.backup
+            .as_ref()
+            .map(|b| format!("\n  the previous state is in backup {} (undo with: statekeeper state rollback --backup-id {})", b.id, b.id))
+            .unwrap_or_default()
     )
 }
