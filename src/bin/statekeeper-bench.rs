@@ -30,6 +30,19 @@ enum Command {
         #[command(flatten)]
         shape: Shape,
     },
+    /// Export and import at growing sizes, next to pg_dump --data-only and a psql restore of
+    /// the same schema in the same run.
+    ExportImport {
+        #[command(flatten)]
+        target: Target,
+        /// Model versions per round.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+        sizes: Vec<u64>,
+        #[arg(long, default_value_t = 200)]
+        environments: u32,
+        #[arg(long, default_value = "zstd")]
+        compression: statekeeper::engine::Compression,
+    },
     /// Janitor on a store with half of its versions unreferenced, while a writer keeps writing.
     Janitor {
         #[command(flatten)]
@@ -101,6 +114,68 @@ async fn run(cli: Cli) -> BenchResult<()> {
             for (table, rows) in report.rows {
                 println!("  {table:<34} {rows}");
             }
+            Ok(())
+        }
+        Command::ExportImport {
+            target,
+            sizes,
+            environments,
+            compression,
+        } => {
+            let url = database(&target).await?;
+            let dir =
+                std::env::temp_dir().join(format!("statekeeper-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            println!(
+                "export/import benchmark ({compression:?} export; pg_dump --data-only plain SQL with COPY; same schema, same run)"
+            );
+            println!(
+                "{:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   ratios",
+                "versions",
+                "rows",
+                "export s",
+                "MiB",
+                "peak MiB",
+                "import s",
+                "peak MiB",
+                "pg_dump s",
+                "MiB",
+                "restore s"
+            );
+            for size in sizes {
+                let round = export_import_round(
+                    &url,
+                    &target.schema,
+                    &dir,
+                    size,
+                    environments,
+                    compression,
+                )
+                .await;
+                let r = match round {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        return Err(e);
+                    }
+                };
+                println!(
+                    "{:>9} {:>9} {:>9.2} {:>9.1} {:>9.1} {:>9.2} {:>9.1} {:>9.2} {:>9.1} {:>9.2}   export/pg_dump {:.2}x, import/restore {:.2}x",
+                    size,
+                    r.rows,
+                    r.export.as_secs_f64(),
+                    r.export_bytes as f64 / 1048576.0,
+                    r.export_peak_mib,
+                    r.import.as_secs_f64(),
+                    r.import_peak_mib,
+                    r.pg_dump.as_secs_f64(),
+                    r.dump_bytes as f64 / 1048576.0,
+                    r.restore.as_secs_f64(),
+                    r.export.as_secs_f64() / r.pg_dump.as_secs_f64(),
+                    r.import.as_secs_f64() / r.restore.as_secs_f64(),
+                );
+            }
+            std::fs::remove_dir_all(&dir)?;
             Ok(())
         }
         Command::Janitor {
@@ -177,6 +252,162 @@ async fn run(cli: Cli) -> BenchResult<()> {
             Ok(())
         }
     }
+}
+
+struct Round {
+    rows: u64,
+    export: Duration,
+    export_bytes: u64,
+    export_peak_mib: f64,
+    import: Duration,
+    import_peak_mib: f64,
+    pg_dump: Duration,
+    dump_bytes: u64,
+    restore: Duration,
+}
+
+async fn export_import_round(
+    url: &str,
+    schema: &str,
+    dir: &std::path::Path,
+    size: u64,
+    environments: u32,
+    compression: statekeeper::engine::Compression,
+) -> BenchResult<Round> {
+    let source = fresh_store(url, schema).await?;
+    source
+        .generate(&GenerateOptions {
+            model_versions: size,
+            environments,
+            ..GenerateOptions::default()
+        })
+        .await?;
+
+    let file = dir.join("export.json");
+    reset_peak_rss();
+    let (report, _) = source
+        .export(
+            tokio::fs::File::create(&file).await?,
+            &statekeeper::engine::ExportOptions {
+                environments: None,
+                compression,
+            },
+        )
+        .await?;
+    let export_peak_mib = peak_rss_mib();
+
+    let import_schema = format!("{schema}_import");
+    let target = fresh_store(url, &import_schema).await?;
+    reset_peak_rss();
+    let imported = target
+        .import(
+            tokio::fs::File::open(&file).await?,
+            &statekeeper::engine::ImportOptions::default(),
+        )
+        .await?;
+    let import_peak_mib = peak_rss_mib();
+    if imported.sha256 != report.sha256 {
+        return Err("the imported file's sha256 differs from the export's".into());
+    }
+    // Keep the database small between rounds: the import's pre-import backup of an empty store.
+    if let Some(backup) = &imported.backup {
+        target.drop_backup(&backup.id).await?;
+    }
+
+    // pg_dump the same schema's data, then restore it into the same (emptied) tables with psql.
+    let dump = dir.join("dump.sql");
+    let started = Instant::now();
+    run_tool(
+        "pg_dump",
+        &[
+            "--data-only",
+            "--schema",
+            schema,
+            "--file",
+            path_str(&dump)?,
+            url,
+        ],
+    )
+    .await?;
+    let pg_dump = started.elapsed();
+    let mut conn = PgConnection::connect(url).await?;
+    let quoted = SchemaName::new(schema)?.quoted();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE schemaname = $1",
+    )
+    .bind(schema)
+    .fetch_all(&mut conn)
+    .await?;
+    sqlx::query(AssertSqlSafe(format!("TRUNCATE {}", tables.join(", "))))
+        .execute(&mut conn)
+        .await?;
+    let started = Instant::now();
+    run_tool(
+        "psql",
+        &[
+            "--quiet",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "--file",
+            path_str(&dump)?,
+            url,
+        ],
+    )
+    .await?;
+    let restore = started.elapsed();
+    let restored: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {quoted}.model_versions"
+    )))
+    .fetch_one(&mut conn)
+    .await?;
+    if restored as u64 != size {
+        return Err(format!("psql restored {restored} model versions of {size}").into());
+    }
+    Ok(Round {
+        rows: report.total_rows(),
+        export: report.duration,
+        export_bytes: report.bytes,
+        export_peak_mib,
+        import: imported.duration,
+        import_peak_mib,
+        pg_dump,
+        dump_bytes: std::fs::metadata(&dump)?.len(),
+        restore,
+    })
+}
+
+fn path_str(path: &std::path::Path) -> BenchResult<&str> {
+    path.to_str()
+        .ok_or_else(|| "temporary path is not UTF-8".into())
+}
+
+/// Runs a PostgreSQL client tool from the server's bin directory, or PATH.
+async fn run_tool(name: &str, args: &[&str]) -> BenchResult<()> {
+    let mut program = std::path::PathBuf::from(name);
+    if let Ok(dirs) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut candidates: Vec<_> = dirs
+            .flatten()
+            .map(|d| d.path().join("bin").join(name))
+            .filter(|p| p.exists())
+            .collect();
+        candidates.sort();
+        if let Some(newest) = candidates.pop() {
+            program = newest;
+        }
+    }
+    let out = tokio::process::Command::new(&program)
+        .args(args)
+        .output()
+        .await?;
+    if !out.status.success() {
+        return Err(format!("{name} failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(())
+}
+
+/// Resets this process's peak RSS (VmHWM), so each operation's peak is measured on its own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 fn ms(d: Option<&Duration>) -> f64 {
