@@ -502,3 +502,47 @@ async fn bad_files_are_refused_and_change_nothing() {
     );
     let _ = report;
 }
+
+/// The file is one consistent snapshot: rows committed while the export runs are not in it.
+#[tokio::test]
+async fn export_reads_one_snapshot_while_writers_go_on() {
+    let a = TestDb::new().await;
+    let store = source(&a).await;
+    let (writer, mut reader) = tokio::io::duplex(16 * 1024);
+    let export = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .export(writer, &ExportOptions::default())
+                .await
+                .map(|(report, _)| report)
+        }
+    });
+    // Nobody reads yet, so the export blocks on a full pipe, mid-file, holding its snapshot.
+    let mut head = vec![0u8; 1024];
+    tokio::io::AsyncReadExt::read_exact(&mut reader, &mut head)
+        .await
+        .unwrap();
+    let mut conn = a.conn().await;
+    sqlx::raw_sql(
+        "INSERT INTO state.model_versions (name, fingerprint, version) SELECT 'late_' || i, md5('late' || i), 'v1' FROM generate_series(1, 100) i;
+         INSERT INTO state.virtual_environments (name) VALUES ('late_env');",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert!(
+        !export.is_finished(),
+        "the export must still be running while the writer commits"
+    );
+    let mut rest = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut rest)
+        .await
+        .unwrap();
+    let report = export.await.unwrap().unwrap();
+    head.extend(rest);
+    let doc: serde_json::Value = serde_json::from_slice(&head).unwrap();
+    assert_eq!(doc["model_versions"].as_array().unwrap().len(), 2_000);
+    assert!(doc["environments"].get("late_env").is_none());
+    assert_eq!(report.rows["model_versions"], 2_000);
+}

@@ -279,20 +279,20 @@ impl Store {
             "SELECT id FROM {s}.physical_relations WHERE model_version_id IN ({exported_versions})"
         );
         let mut sections: Vec<(&str, String)> = vec![
-            ("model_versions", format!("SELECT to_jsonb(t)::text FROM {s}.model_versions t {version_filter} ORDER BY t.id")),
+            ("model_versions", format!("SELECT row_to_json(t)::text FROM {s}.model_versions t {version_filter} ORDER BY t.id")),
             (
                 "model_version_intervals",
-                format!("SELECT to_jsonb(t)::text FROM {s}.model_version_intervals t WHERE t.model_version_id IN ({exported_versions}) ORDER BY t.id"),
+                format!("SELECT row_to_json(t)::text FROM {s}.model_version_intervals t WHERE t.model_version_id IN ({exported_versions}) ORDER BY t.id"),
             ),
-            ("function_versions", format!("SELECT to_jsonb(t)::text FROM {s}.function_versions t {function_filter} ORDER BY t.id")),
+            ("function_versions", format!("SELECT row_to_json(t)::text FROM {s}.function_versions t {function_filter} ORDER BY t.id")),
             (
                 "physical_relations",
-                format!("SELECT to_jsonb(t)::text FROM {s}.physical_relations t WHERE t.model_version_id IN ({exported_versions}) ORDER BY t.id"),
+                format!("SELECT row_to_json(t)::text FROM {s}.physical_relations t WHERE t.model_version_id IN ({exported_versions}) ORDER BY t.id"),
             ),
             (
                 "physical_relation_ancestry",
                 format!(
-                    "SELECT to_jsonb(t)::text FROM {s}.physical_relation_ancestry t
+                    "SELECT row_to_json(t)::text FROM {s}.physical_relation_ancestry t
                      WHERE t.relation_id IN ({exported_relations}) AND t.parent_relation_id IN ({exported_relations})
                      ORDER BY t.relation_id, t.parent_relation_id"
                 ),
@@ -302,11 +302,11 @@ impl Store {
             // Store-wide state belongs to full exports only.
             sections.push((
                 "locks",
-                format!("SELECT to_jsonb(t)::text FROM {s}.locks t ORDER BY t.name"),
+                format!("SELECT row_to_json(t)::text FROM {s}.locks t ORDER BY t.name"),
             ));
             sections.push((
                 "state_operations",
-                format!("SELECT to_jsonb(t)::text FROM {s}.state_operations t ORDER BY t.id"),
+                format!("SELECT row_to_json(t)::text FROM {s}.state_operations t ORDER BY t.id"),
             ));
         }
         for (section, sql) in &sections {
@@ -330,19 +330,20 @@ impl Store {
         )))
         .fetch_all(&mut *tx)
         .await?;
-        let env_row =
-            format!("SELECT to_jsonb(t)::text FROM {s}.virtual_environments t WHERE t.name = $1");
+        let env_row = format!(
+            "SELECT row_to_json(t)::text FROM {s}.virtual_environments t WHERE t.name = $1"
+        );
         let refs = format!(
-            "SELECT to_jsonb(t)::text FROM {s}.virtual_environment_refs t WHERE t.environment = {ENVIRONMENT} ORDER BY t.model_name"
+            "SELECT row_to_json(t)::text FROM {s}.virtual_environment_refs t WHERE t.environment = {ENVIRONMENT} ORDER BY t.model_name"
         );
         let function_refs = format!(
-            "SELECT to_jsonb(t)::text FROM {s}.virtual_environment_function_refs t WHERE t.environment = {ENVIRONMENT} ORDER BY t.function_name"
+            "SELECT row_to_json(t)::text FROM {s}.virtual_environment_function_refs t WHERE t.environment = {ENVIRONMENT} ORDER BY t.function_name"
         );
         let checkpoints = format!(
-            "SELECT jsonb_build_object(
-               'checkpoint', to_jsonb(c),
-               'refs', COALESCE((SELECT jsonb_agg(to_jsonb(r) ORDER BY r.model_name) FROM {s}.virtual_environment_checkpoint_refs r WHERE r.checkpoint_id = c.id), '[]'::jsonb),
-               'function_refs', COALESCE((SELECT jsonb_agg(to_jsonb(r) ORDER BY r.function_name) FROM {s}.virtual_environment_checkpoint_function_refs r WHERE r.checkpoint_id = c.id), '[]'::jsonb)
+            "SELECT json_build_object(
+               'checkpoint', row_to_json(c),
+               'refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.model_name) FROM {s}.virtual_environment_checkpoint_refs r WHERE r.checkpoint_id = c.id), '[]'::json),
+               'function_refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.function_name) FROM {s}.virtual_environment_checkpoint_function_refs r WHERE r.checkpoint_id = c.id), '[]'::json)
              )::text FROM {s}.virtual_environment_checkpoints c WHERE c.environment = {ENVIRONMENT} ORDER BY c.id"
         );
         let counts = format!(
@@ -438,11 +439,19 @@ async fn stream_rows<W: AsyncWrite + Unpin + Send>(
         chunk_out.clear();
         chunk_out.extend(held.take());
         for &byte in chunk.iter() {
-            if byte == b'\n' {
-                rows += 1;
-                chunk_out.push(b',');
-            } else {
-                chunk_out.push(byte);
+            match byte {
+                b'\n' => {
+                    rows += 1;
+                    chunk_out.push(b',');
+                }
+                // COPY quotes a field only if it holds a raw line break: never valid here, and
+                // never silently passed on as a corrupt file.
+                0x01 => {
+                    return Err(Error::ExportWrite(
+                        "PostgreSQL returned a row with a raw line break; refusing to write a corrupt export".into(),
+                    ));
+                }
+                _ => chunk_out.push(byte),
             }
         }
         held = chunk_out.pop();
