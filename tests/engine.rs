@@ -4,33 +4,25 @@ mod support;
 
 use std::time::Duration;
 
-use sqlx::{Connection, Row};
+use sqlx::Row;
 use statekeeper::engine::{
     ConnectionSettings, Error, Migration, MigrationChain, ResetApproval, SchemaName,
 };
 use support::{TestDb, populate_v1, populate_v3, schemas, snapshot};
 
-const ALL_TABLES: &[&str] = &[
-    "state_versions",
-    "model_versions",
-    "function_versions",
-    "physical_relations",
-    "physical_relation_ancestry",
-    "virtual_environments",
-    "virtual_environment_refs",
-    "virtual_environment_function_refs",
-    "virtual_environment_checkpoints",
-    "virtual_environment_checkpoint_refs",
-    "virtual_environment_checkpoint_function_refs",
-    "locks",
-    "state_operations",
-    "model_version_intervals",
-    "plan_runs",
-    "virtual_environment_ref_events",
-    "reconcile_events",
-    "state_migration_events",
-    "state_operation_events",
-];
+/// Every table of a store at the latest version: current state, the ledger and history.
+fn all_tables() -> Vec<&'static str> {
+    let mut tables = support::CURRENT_STATE_TABLES.to_vec();
+    tables.extend([
+        "state_versions",
+        "plan_runs",
+        "virtual_environment_ref_events",
+        "reconcile_events",
+        "state_migration_events",
+        "state_operation_events",
+    ]);
+    tables
+}
 
 /// The shipped chain plus a fourth step that fails halfway through.
 fn chain_with_failing_step() -> MigrationChain {
@@ -55,10 +47,10 @@ async fn init_is_idempotent_and_creates_every_table() {
 
     let mut conn = db.conn().await;
     let before = snapshot(&mut conn, "sqlmesh_state").await;
-    for table in ALL_TABLES {
-        assert!(before.contains_key(*table), "missing table {table}");
+    for table in all_tables() {
+        assert!(before.contains_key(table), "missing table {table}");
     }
-    assert_eq!(before.len(), ALL_TABLES.len());
+    assert_eq!(before.len(), all_tables().len());
 
     let second = store.init(None).await.unwrap();
     assert!(second.already_initialized);
@@ -363,7 +355,7 @@ async fn reset_needs_both_approvals_and_keeps_a_backup() {
         })
         .await
         .unwrap();
-    assert_eq!(report.tables_dropped, ALL_TABLES.len());
+    assert_eq!(report.tables_dropped, all_tables().len());
     let backup = report.backup.expect("reset keeps a backup");
     assert_eq!(backup.reason, "pre-reset");
     assert!(snapshot(&mut conn, "state").await.is_empty());
@@ -518,12 +510,7 @@ async fn operations_on_one_store_are_serialized_by_its_lock() {
     assert_eq!(store.status().await.unwrap().backups.len(), 1);
 
     // Another session holds the store's lock: a short lock timeout reports Busy.
-    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock(1398033232, hashtext('state'))")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let mut holder = support::hold_store_lock(&db, "state").await;
     let busy = store
         .clone()
         .with_lock_timeout(Duration::from_millis(200))

@@ -10,21 +10,7 @@ use support::{TestDb, snapshot};
 
 const SCHEMA: &str = "state";
 /// Current-state tables: an export round-trips every row of each.
-const CURRENT_STATE: &[&str] = &[
-    "model_versions",
-    "model_version_intervals",
-    "function_versions",
-    "physical_relations",
-    "physical_relation_ancestry",
-    "virtual_environments",
-    "virtual_environment_refs",
-    "virtual_environment_function_refs",
-    "virtual_environment_checkpoints",
-    "virtual_environment_checkpoint_refs",
-    "virtual_environment_checkpoint_function_refs",
-    "locks",
-    "state_operations",
-];
+const CURRENT_STATE: &[&str] = support::CURRENT_STATE_TABLES;
 
 async fn source(db: &TestDb) -> Store {
     let store = db.store(SCHEMA).await;

@@ -443,12 +443,7 @@ async fn janitor_refuses_old_schemas_and_waits_for_other_operations() {
     assert!(err.to_string().contains("statekeeper state upgrade"));
 
     store.upgrade(None).await.unwrap();
-    let mut holder = db.conn().await;
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock(1398033232, hashtext('state'))")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let mut holder = support::hold_store_lock(&db, "state").await;
     let busy = store
         .clone()
         .with_lock_timeout(Duration::from_millis(200))

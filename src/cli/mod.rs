@@ -274,7 +274,7 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
             let bar = transfer::progress("exporting");
             let report = match &location {
                 transfer::Location::Std => {
-                    let out = transfer::Counted::new(tokio::io::stdout(), bar.clone());
+                    let out = transfer::counted(tokio::io::stdout(), &bar);
                     store.export(out, &options).await?.0
                 }
                 transfer::Location::Path(path) => {
@@ -284,7 +284,7 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
                     let file = tokio::fs::File::create(&partial).await.map_err(|e| {
                         Error::ExportWrite(format!("cannot create {}: {e}", partial.display()))
                     })?;
-                    let out = transfer::Counted::new(file, bar.clone());
+                    let out = transfer::counted(file, &bar);
                     let result = store.export(out, &options).await;
                     match result {
                         Ok((report, out)) => {
@@ -324,10 +324,7 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
             let report = match &location {
                 transfer::Location::Std => {
                     store
-                        .import(
-                            transfer::Counted::new(tokio::io::stdin(), bar.clone()),
-                            &options,
-                        )
+                        .import(transfer::counted(tokio::io::stdin(), &bar), &options)
                         .await?
                 }
                 transfer::Location::Path(path) => {
@@ -335,7 +332,7 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
                         Error::InvalidExport(format!("cannot open {}: {e}", path.display()))
                     })?;
                     store
-                        .import(transfer::Counted::new(file, bar.clone()), &options)
+                        .import(transfer::counted(file, &bar), &options)
                         .await?
                 }
             };

@@ -2,13 +2,11 @@
 //! progress spinner on a terminal and silence otherwise.
 
 use std::io::IsTerminal;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::engine::Error;
+use crate::engine::io::Observed;
 
 /// Where an export goes or an import comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,52 +58,12 @@ pub fn progress(verb: &'static str) -> ProgressBar {
 }
 
 /// Counts bytes through a reader or writer into a progress bar.
-pub struct Counted<T> {
-    pub inner: T,
-    bar: ProgressBar,
-}
-
-impl<T> Counted<T> {
-    pub fn new(inner: T, bar: ProgressBar) -> Self {
-        Self { inner, bar }
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &result {
-            this.bar.inc(*n as u64);
-        }
-        result
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &result {
-            this.bar.inc((buf.filled().len() - before) as u64);
-        }
-        result
-    }
+pub fn counted<T>(
+    inner: T,
+    bar: &ProgressBar,
+) -> Observed<T, impl FnMut(&[u8]) + Unpin + Send + use<T>> {
+    let bar = bar.clone();
+    Observed::new(inner, move |bytes: &[u8]| bar.inc(bytes.len() as u64))
 }
 
 /// Human-readable byte counts for summaries.

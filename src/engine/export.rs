@@ -3,8 +3,7 @@
 //! No table is ever held in memory.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
-use std::task::{Context as TaskContext, Poll};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_compression::tokio::write::{GzipEncoder, ZstdEncoder};
@@ -15,6 +14,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::Error;
+use super::io::Observed;
 use super::store::Store;
 
 /// The export file version this statekeeper writes and reads.
@@ -93,55 +93,25 @@ impl ExportReport {
     }
 }
 
-/// Passes writes through while counting and hashing them.
-pub struct Measured<W> {
-    inner: W,
-    bytes: u64,
-    hasher: Sha256,
+/// Bytes counted and hashed as they are written.
+#[derive(Default)]
+pub(crate) struct Measure {
+    pub bytes: u64,
+    pub hasher: Sha256,
 }
 
-impl<W> Measured<W> {
-    pub fn new(inner: W) -> Self {
-        Self {
-            inner,
-            bytes: 0,
-            hasher: Sha256::new(),
-        }
+impl Measure {
+    pub fn add(&mut self, bytes: &[u8]) {
+        self.bytes += bytes.len() as u64;
+        self.hasher.update(bytes);
     }
 
-    pub fn finish(self) -> (W, u64, String) {
-        (self.inner, self.bytes, hex::encode(self.hasher.finalize()))
+    pub fn finish(self) -> (u64, String) {
+        (self.bytes, hex::encode(self.hasher.finalize()))
     }
 }
 
-impl<W: AsyncWrite + Unpin> AsyncWrite for Measured<W> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                this.hasher.update(&buf[..n]);
-                this.bytes += n as u64;
-                Poll::Ready(Ok(n))
-            }
-            other => other,
-        }
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+type Measured<W> = Observed<W, Box<dyn FnMut(&[u8]) + Send>>;
 
 /// The compressing layer over the measured destination.
 enum Encoder<W: AsyncWrite + Unpin> {
@@ -151,8 +121,15 @@ enum Encoder<W: AsyncWrite + Unpin> {
 }
 
 impl<W: AsyncWrite + Unpin> Encoder<W> {
-    fn new(writer: W, compression: Compression) -> Self {
-        let measured = Measured::new(writer);
+    fn new(writer: W, compression: Compression, measure: Arc<Mutex<Measure>>) -> Self {
+        let measured: Measured<W> = Observed::new(
+            writer,
+            Box::new(move |bytes: &[u8]| {
+                if let Ok(mut m) = measure.lock() {
+                    m.add(bytes);
+                }
+            }),
+        );
         match compression {
             Compression::None => {
                 Self::Plain(tokio::io::BufWriter::with_capacity(256 * 1024, measured))
@@ -170,8 +147,8 @@ impl<W: AsyncWrite + Unpin> Encoder<W> {
         }
     }
 
-    /// Flushes every layer (writing compression trailers) and returns the measurements.
-    async fn finish(self) -> std::io::Result<(W, u64, String)> {
+    /// Flushes every layer (writing compression trailers) and returns the destination.
+    async fn finish(self) -> std::io::Result<W> {
         let measured = match self {
             Self::Plain(mut w) => {
                 w.flush().await?;
@@ -186,7 +163,7 @@ impl<W: AsyncWrite + Unpin> Encoder<W> {
                 w.into_inner()
             }
         };
-        Ok(measured.finish())
+        Ok(measured.inner)
     }
 }
 
@@ -232,7 +209,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
 
-        let mut out = Encoder::new(writer, options.compression);
+        let measure = Arc::new(Mutex::new(Measure::default()));
+        let mut out = Encoder::new(writer, options.compression, measure.clone());
         let mut report = ExportReport {
             schema_version,
             compression: options.compression,
@@ -405,7 +383,13 @@ impl Store {
         out.write(b"}}\n").await.map_err(io_error)?;
         tx.commit().await?;
 
-        let (writer, bytes, sha256) = out.finish().await.map_err(io_error)?;
+        let writer = out.finish().await.map_err(io_error)?;
+        let (bytes, sha256) = std::mem::take(
+            &mut *measure
+                .lock()
+                .map_err(|_| Error::ExportWrite("checksum state poisoned".into()))?,
+        )
+        .finish();
         report.bytes = bytes;
         report.sha256 = sha256;
         report.duration = started.elapsed();

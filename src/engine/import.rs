@@ -7,22 +7,21 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use async_compression::tokio::bufread::{GzipDecoder, ZstdDecoder};
 use serde::Serialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
-use sha2::{Digest, Sha256};
 use sqlx::{AssertSqlSafe, PgConnection};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, ReadBuf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
 
 use super::Error;
 use super::backup::{self, BackupInfo};
 use super::catalog;
-use super::export::{Compression, FILE_VERSION, Metadata, Versions};
+use super::export::{Compression, FILE_VERSION, Measure, Metadata, Versions};
+use super::io::Observed;
 use super::store::Store;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -103,37 +102,6 @@ const TABLES: &[(&str, &str)] = &[
 // ---------------------------------------------------------------------------------------------
 // Reading: raw bytes are counted and hashed as they are read, before decompression.
 
-#[derive(Default)]
-struct Measure {
-    bytes: u64,
-    hasher: Sha256,
-}
-
-struct MeasuredReader<R> {
-    inner: R,
-    measure: Arc<Mutex<Measure>>,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for MeasuredReader<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &result {
-            let new = &buf.filled()[before..];
-            if let Ok(mut m) = this.measure.lock() {
-                m.bytes += new.len() as u64;
-                m.hasher.update(new);
-            }
-        }
-        result
-    }
-}
-
 type BoxedRead = Pin<Box<dyn AsyncRead + Send>>;
 
 /// Detects gzip and zstd by their magic bytes and returns the decompressed stream.
@@ -141,13 +109,12 @@ async fn decoded<R: AsyncRead + Unpin + Send + 'static>(
     reader: R,
     measure: Arc<Mutex<Measure>>,
 ) -> Result<(BoxedRead, Compression), Error> {
-    let mut buffered = BufReader::with_capacity(
-        256 * 1024,
-        MeasuredReader {
-            inner: reader,
-            measure,
-        },
-    );
+    let measured = Observed::new(reader, move |bytes: &[u8]| {
+        if let Ok(mut m) = measure.lock() {
+            m.add(bytes);
+        }
+    });
+    let mut buffered = BufReader::with_capacity(256 * 1024, measured);
     let head = buffered
         .fill_buf()
         .await
@@ -636,12 +603,12 @@ impl Store {
             copy.finish().await.map_err(|e| invalid(&e))?;
             (counts, environments)
         };
-        let (bytes, sha256) = {
-            let m = measure
+        let (bytes, sha256) = std::mem::take(
+            &mut *measure
                 .lock()
-                .map_err(|_| Error::InvalidExport("checksum state poisoned".into()))?;
-            (m.bytes, hex::encode(m.hasher.clone().finalize()))
-        };
+                .map_err(|_| Error::InvalidExport("checksum state poisoned".into()))?,
+        )
+        .finish();
         if let Some(expected) = &options.expected_sha256
             && !expected.eq_ignore_ascii_case(&sha256)
         {

@@ -9,6 +9,7 @@ pub mod export;
 pub mod generator;
 pub mod identifier;
 pub mod import;
+pub mod io;
 pub mod janitor;
 pub mod migrations;
 pub mod store;

@@ -193,3 +193,36 @@ pub fn url_parts(url: &str) -> (String, u16, String, String, String) {
         database.to_owned(),
     )
 }
+
+/// Every current-state table (not the ledger, not history): what exports round-trip.
+pub const CURRENT_STATE_TABLES: &[&str] = &[
+    "model_versions",
+    "model_version_intervals",
+    "function_versions",
+    "physical_relations",
+    "physical_relation_ancestry",
+    "virtual_environments",
+    "virtual_environment_refs",
+    "virtual_environment_function_refs",
+    "virtual_environment_checkpoints",
+    "virtual_environment_checkpoint_refs",
+    "virtual_environment_checkpoint_function_refs",
+    "locks",
+    "state_operations",
+];
+
+/// A connection whose open transaction holds the store's advisory lock, as another operation
+/// would; rolling it back (or dropping it) releases the lock.
+pub async fn hold_store_lock(db: &TestDb, schema: &str) -> PgConnection {
+    let mut holder = db.conn().await;
+    sqlx::query("BEGIN")
+        .execute(&mut holder)
+        .await
+        .expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock(1398033232, hashtext($1))")
+        .bind(schema)
+        .execute(&mut holder)
+        .await
+        .expect("take the store lock");
+    holder
+}
