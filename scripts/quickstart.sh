@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The quickstart: builds statekeeper, starts a throwaway PostgreSQL on 127.0.0.1 (installing it
-# with apt-get if needed), and walks the CLI through init -> status -> upgrade -> rollback.
+# with apt-get if needed), and walks the CLI through init -> status -> upgrade -> rollback ->
+# export -> import.
 # Everything it creates is removed when it exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,5 +48,13 @@ run state status
 say "6. Backups (the rollback kept the state it replaced, so it can be undone)"
 run state backups
 run state backups --output json | head -n 12
+
+say "7. Upgrade again, then export the store (zstd) and import it into a second schema"
+run state upgrade
+export_file="$STATEKEEPER_PG_DIR/quickstart-export.json.zst"
+run state export --to "$export_file" --compression zstd
+run state init --schema quickstart_copy
+run state import --schema quickstart_copy --from "$export_file"
+run state status --schema quickstart_copy
 
 say "Done. The throwaway PostgreSQL is stopped and removed on exit."
