@@ -224,6 +224,27 @@ async fn ready_path_initializes_and_reports_the_store() {
     assert!(metrics.contains(
         r#"statekeeper_reconciliations_total{kind="StateStore",outcome="StoreReady"} 2"#
     ));
+    // Status writes are watch events that wake the reconciler: a pass that finds nothing new
+    // does not write again, so the operator settles instead of looping.
+    let status_writes = || {
+        h.kube
+            .requests()
+            .iter()
+            .filter(|(method, path)| method == "PATCH" && path.ends_with("/status"))
+            .count()
+    };
+    assert_eq!(
+        status_writes(),
+        2,
+        "the second pass changed Initialized's reason"
+    );
+    h.reconcile(&object).await;
+    h.reconcile(&object).await;
+    assert_eq!(
+        status_writes(),
+        2,
+        "an unchanged status is not written again"
+    );
     // Only status and events were written: never the spec.
     for (method, path) in h.kube.requests() {
         if method == "PATCH" || method == "POST" || method == "PUT" {

@@ -334,7 +334,25 @@ pub async fn reconcile(
         status.backups = previous.backups.clone();
     }
 
-    write_status(&ctx, &namespace, &name, &status).await?;
+    // Every status write is a watch event that wakes this reconciler again: write only when
+    // something changed, or when the last write is older than the resync interval (so that
+    // `lastCheckedTime` still moves), and the loop settles after one extra pass.
+    let changed = {
+        let mut before = previous.clone();
+        let mut after = status.clone();
+        before.last_checked_time = None;
+        after.last_checked_time = None;
+        before != after
+    };
+    let stale = previous
+        .last_checked_time
+        .as_deref()
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .and_then(|t| Duration::try_from(now.duration_since(t)).ok())
+        .is_none_or(|age| age >= ctx.settings.resync_interval);
+    if changed || stale {
+        write_status(&ctx, &namespace, &name, &status).await?;
+    }
     for event in transition_events(&previous.conditions, &status.conditions) {
         ctx.publish(&event, &reference).await;
     }
