@@ -278,33 +278,12 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
                     store.export(out, &options).await?.0
                 }
                 transfer::Location::Path(path) => {
-                    // Written beside the target and renamed at the end: no half-written file
-                    // ever carries the final name.
-                    let partial = path.with_extension("partial");
-                    let file = tokio::fs::File::create(&partial).await.map_err(|e| {
-                        Error::ExportWrite(format!("cannot create {}: {e}", partial.display()))
-                    })?;
-                    let out = transfer::counted(file, &bar);
-                    let result = store.export(out, &options).await;
-                    match result {
-                        Ok((report, out)) => {
-                            out.inner
-                                .sync_all()
-                                .await
-                                .map_err(|e| Error::ExportWrite(e.to_string()))?;
-                            tokio::fs::rename(&partial, path).await.map_err(|e| {
-                                Error::ExportWrite(format!(
-                                    "cannot rename to {}: {e}",
-                                    path.display()
-                                ))
-                            })?;
-                            report
-                        }
-                        Err(e) => {
-                            let _ = tokio::fs::remove_file(&partial).await;
-                            return Err(e);
-                        }
-                    }
+                    let progress = bar.clone();
+                    store
+                        .export_to_path(path, &options, move |bytes: &[u8]| {
+                            progress.inc(bytes.len() as u64)
+                        })
+                        .await?
                 }
             };
             bar.finish_and_clear();

@@ -446,3 +446,35 @@ async fn stream_rows<W: AsyncWrite + Unpin + Send>(
     }
     Ok(rows)
 }
+
+impl Store {
+    /// Exports into the file at `path`. The file is written beside it as `<path>.partial`, synced
+    /// and renamed when complete: no half-written file ever carries the final name, and a failed
+    /// export leaves nothing behind. `observe` sees every byte written (progress).
+    pub async fn export_to_path(
+        &self,
+        path: &std::path::Path,
+        options: &ExportOptions,
+        observe: impl FnMut(&[u8]) + Unpin + Send,
+    ) -> Result<ExportReport, Error> {
+        let partial = path.with_extension("partial");
+        let file = tokio::fs::File::create(&partial)
+            .await
+            .map_err(|e| Error::ExportWrite(format!("cannot create {}: {e}", partial.display())))?;
+        match self.export(Observed::new(file, observe), options).await {
+            Ok((report, out)) => {
+                out.inner.sync_all().await.map_err(|e| {
+                    Error::ExportWrite(format!("cannot sync {}: {e}", partial.display()))
+                })?;
+                tokio::fs::rename(&partial, path).await.map_err(|e| {
+                    Error::ExportWrite(format!("cannot rename to {}: {e}", path.display()))
+                })?;
+                Ok(report)
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&partial).await;
+                Err(e)
+            }
+        }
+    }
+}
