@@ -18,13 +18,16 @@ fi
 rendered=$(mktemp --suffix=.yaml)
 trap 'rm -f "$rendered"' EXIT
 kubectl kustomize deploy/ > "$rendered"
-python3 - "$rendered" crds/statestores.statekeeper.dev.yaml examples/*.yaml <<'PY'
+python3 - "$rendered" crds examples/*.yaml <<'PY'
 import sys, yaml, jsonschema, kubernetes_validate, helm_python as helm
 
-rendered, crd_file, *examples = sys.argv[1:]
+rendered, _crd_dir, *examples = sys.argv[1:]
 chart_dir = "charts/statekeeper"
-crd = yaml.safe_load(open(crd_file))
-schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+import glob
+schemas = {}
+for path in glob.glob("crds/*.statekeeper.dev.yaml"):
+    crd = yaml.safe_load(open(path))
+    schemas[crd["spec"]["names"]["kind"]] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 failures = 0
 checked = 0
 for path in [rendered, *examples]:
@@ -34,7 +37,7 @@ for path in [rendered, *examples]:
         name = f'{path}: {doc["kind"]}/{doc["metadata"]["name"]}'
         try:
             if doc["apiVersion"].startswith("statekeeper.dev/"):
-                jsonschema.validate(doc, schema)
+                jsonschema.validate(doc, schemas[doc["kind"]])
             else:
                 kubernetes_validate.validate(doc, "1.34", strict=True)
             checked += 1
@@ -51,9 +54,11 @@ for p in problems:
     failures += 1
     print(f"LINT {chart_dir}: {p}")
 with helm.Chart.load(chart_dir) as chart:
-    if [c["data"] for c in chart.crds] != [open(crd_file).read()]:
+    import glob, os
+    committed = {os.path.basename(f): open(f).read() for f in glob.glob("crds/*.statekeeper.dev.yaml")}
+    if {os.path.basename(c["name"]): c["data"] for c in chart.crds} != committed:
         failures += 1
-        print(f"STALE {chart_dir}/crds: copy crds/*.yaml into it")
+        print(f"STALE {chart_dir}/crds: copy crds/*.statekeeper.dev.yaml into it")
     for values in ({}, {"watchNamespace": "data", "serviceAccount": {"create": False, "name": "existing"}}):
         out = chart.render(values, name="statekeeper", namespace="statekeeper-system", is_install=True)
         docs = [d for name, text in out.items() if name.endswith(".yaml") for d in yaml.safe_load_all(text) if d]

@@ -18,28 +18,23 @@ fn yaml_documents(text: &str) -> Vec<Value> {
 }
 
 #[test]
-fn crds_dir_matches_the_generated_crds() {
-    let committed =
-        std::fs::read_to_string(Path::new(ROOT).join("crds/statestores.statekeeper.dev.yaml"))
-            .unwrap();
-    let generated = statekeeper::api::crds_yaml().unwrap();
-    assert!(
-        committed == generated,
-        "crds/ is stale: run `cargo run -- crd > crds/statestores.statekeeper.dev.yaml`"
-    );
-    let in_chart = std::fs::read_to_string(
-        Path::new(ROOT).join("charts/statekeeper/crds/statestores.statekeeper.dev.yaml"),
-    )
-    .unwrap();
-    assert!(
-        in_chart == generated,
-        "charts/statekeeper/crds is stale: copy crds/statestores.statekeeper.dev.yaml into it"
-    );
+fn crds_dir_and_chart_match_the_generated_crds() {
+    for (file, generated) in statekeeper::api::crds().unwrap() {
+        for dir in ["crds", "charts/statekeeper/crds"] {
+            let committed = std::fs::read_to_string(Path::new(ROOT).join(dir).join(file))
+                .unwrap_or_else(|e| panic!("{dir}/{file}: {e}"));
+            assert!(
+                committed == generated,
+                "{dir}/{file} is stale: run `cargo run -- crd` and split it into crds/ and charts/statekeeper/crds/"
+            );
+        }
+    }
 }
 
 #[test]
 fn crd_has_status_subresource_list_map_conditions_and_cel_rules() {
     let crd = &yaml_documents(&statekeeper::api::crds_yaml().unwrap())[0];
+    assert_eq!(crd["spec"]["names"]["kind"], "StateStore");
     let version = &crd["spec"]["versions"][0];
     assert!(version["subresources"]["status"].is_object());
     let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
@@ -80,6 +75,15 @@ fn every_example_state_store_parses_into_the_real_type() {
             continue;
         }
         for doc in yaml_documents(&std::fs::read_to_string(&path).unwrap()) {
+            if doc["kind"] == "StateExport" {
+                let export: statekeeper::api::StateExport = serde_json::from_value(doc.clone())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                statekeeper::controller::state_export::destination_path(
+                    &export.spec.destination.url,
+                )
+                .unwrap();
+                found += 1;
+            }
             if doc["kind"] == "StateStore" {
                 let store: StateStore = serde_json::from_value(doc.clone())
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -94,7 +98,7 @@ fn every_example_state_store_parses_into_the_real_type() {
             }
         }
     }
-    assert!(found >= 2, "examples/ holds StateStores");
+    assert!(found >= 3, "examples/ holds StateStores and a StateExport");
 }
 
 /// The RBAC rules are exactly the API calls the operator makes.
@@ -128,6 +132,10 @@ fn rbac_grants_only_what_the_operator_calls() {
         "/secrets get",
         "events.k8s.io/events create",
         "events.k8s.io/events patch",
+        "statekeeper.dev/stateexports get",
+        "statekeeper.dev/stateexports list",
+        "statekeeper.dev/stateexports watch",
+        "statekeeper.dev/stateexports/status patch",
     ]
     .into_iter()
     .map(String::from)

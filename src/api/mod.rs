@@ -1,5 +1,6 @@
 //! CustomResourceDefinition types (`statekeeper.dev/v1alpha1`). `crds/` is generated from them.
 
+pub mod state_export;
 pub mod state_store;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -7,6 +8,7 @@ use kube::CustomResourceExt;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
+pub use state_export::{StateExport, StateExportSpec, StateExportStatus};
 pub use state_store::{StateStore, StateStoreSpec, StateStoreStatus};
 
 pub const API_GROUP: &str = "statekeeper.dev";
@@ -34,13 +36,21 @@ pub fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
     schema
 }
 
-/// Every CRD this operator serves, as one multi-document YAML stream.
+/// Every CRD this operator serves: (file name in `crds/`, YAML document).
+pub fn crds() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
+    Ok(vec![
+        (
+            "statestores.statekeeper.dev.yaml",
+            format!("---\n{}", serde_yaml::to_string(&StateStore::crd())?),
+        ),
+        (
+            "stateexports.statekeeper.dev.yaml",
+            format!("---\n{}", serde_yaml::to_string(&StateExport::crd())?),
+        ),
+    ])
+}
+
+/// All CRDs as one multi-document YAML stream (`statekeeper crd`).
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
-    let docs = [StateStore::crd()];
-    let mut out = String::new();
-    for crd in docs {
-        out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&crd)?);
-    }
-    Ok(out)
+    Ok(crds()?.into_iter().map(|(_, yaml)| yaml).collect())
 }

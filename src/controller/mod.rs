@@ -2,6 +2,7 @@
 
 pub mod conditions;
 pub mod schedule;
+pub mod state_export;
 pub mod state_store;
 pub mod store_janitor;
 pub mod telemetry;
@@ -179,25 +180,41 @@ pub async fn run(args: OperatorArgs) -> Result<(), StartError> {
         ..Settings::default()
     };
     let ctx = Arc::new(Context::new(client.clone(), settings));
-    let stores: Api<StateStore> = match &args.namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
+    let (stores, exports): (Api<StateStore>, Api<crate::api::StateExport>) = match &args.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
     };
     let http = tokio::spawn(telemetry::serve(listener, ctx.metrics.clone()));
     // Ready once the API server answers a list of our resources (proves CRDs and RBAC).
     stores.list(&ListParams::default().limit(1)).await?;
     ctx.metrics.set_ready(true);
     tracing::info!(namespace = ?args.namespace, http = %args.http_addr, "statekeeper operator started");
-    Controller::new(stores, watcher::Config::default().any_semantic())
+    let store_controller = Controller::new(stores, watcher::Config::default().any_semantic())
         .shutdown_on_signal()
-        .run(state_store::reconcile, state_store::error_policy, ctx)
+        .run(
+            state_store::reconcile,
+            state_store::error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| async move {
             match result {
                 Ok((object, _)) => tracing::debug!(store = %object.name, "reconciled"),
                 Err(error) => tracing::warn!(%error, "reconcile error"),
             }
-        })
-        .await;
+        });
+    let export_controller = Controller::new(exports, watcher::Config::default().any_semantic())
+        .shutdown_on_signal()
+        .run(state_export::reconcile, state_export::error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(export = %object.name, "reconciled"),
+                Err(error) => tracing::warn!(%error, "reconcile error"),
+            }
+        });
+    futures::join!(store_controller, export_controller);
     http.abort();
     tracing::info!("statekeeper operator stopped");
     Ok(())

@@ -56,6 +56,16 @@ pub enum Observation {
     },
 }
 
+impl Observation {
+    /// Why the store cannot be used (the reason and message of `Ready=False`); None when healthy.
+    pub fn problem(&self) -> Option<(String, String)> {
+        decide(self)
+            .into_iter()
+            .find(|d| d.type_ == READY && !d.status)
+            .map(|d| (d.reason, d.message))
+    }
+}
+
 /// Conditions for an observation. Pure, so tests can check every branch directly.
 pub fn decide(observation: &Observation) -> Vec<Desired> {
     let failed = |connected: Option<(bool, &str, &str)>,
@@ -413,34 +423,44 @@ async fn write_status(
 
 /// Connects (through the pool cache), initialises when allowed, and reads the store's status.
 /// Also returns the secret values it read, so that callers can redact them from messages.
+/// Connects to a StateStore's database through the pool cache. On success, returns the engine
+/// handle and the secret values read (for redaction); otherwise what went wrong, as an observation.
+pub async fn connect(
+    store: &StateStore,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(Store, Vec<String>), (Observation, Vec<String>)> {
+    let key = format!("{namespace}/{}", store.name_any());
+    let schema = SchemaName::new(&store.spec.schema)
+        .map_err(|e| (Observation::InvalidSpec(e.to_string()), Vec::new()))?;
+    let (settings, secrets) = resolve_connection(store, namespace, ctx)
+        .await
+        .map_err(|observation| (observation, Vec::new()))?;
+    match ctx.pool_for(&key, &settings, &secrets).await {
+        Ok(pool) => Ok((
+            Store::new(pool, schema).with_actor(format!("operator:{key}")),
+            secrets,
+        )),
+        Err(e) => Err((
+            Observation::ConnectFailed {
+                reason: e.reason(),
+                message: e.to_string(),
+            },
+            secrets,
+        )),
+    }
+}
+
 async fn observe(
     store: &StateStore,
     namespace: &str,
     key: &str,
     ctx: &Context,
 ) -> (Observation, Vec<String>, Option<Store>) {
-    let schema = match SchemaName::new(&store.spec.schema) {
-        Ok(schema) => schema,
-        Err(e) => return (Observation::InvalidSpec(e.to_string()), Vec::new(), None),
+    let (engine, secrets) = match connect(store, namespace, ctx).await {
+        Ok(connected) => connected,
+        Err((observation, secrets)) => return (observation, secrets, None),
     };
-    let (settings, secrets) = match resolve_connection(store, namespace, ctx).await {
-        Ok(resolved) => resolved,
-        Err(observation) => return (observation, Vec::new(), None),
-    };
-    let pool = match ctx.pool_for(key, &settings, &secrets).await {
-        Ok(pool) => pool,
-        Err(e) => {
-            return (
-                Observation::ConnectFailed {
-                    reason: e.reason(),
-                    message: e.to_string(),
-                },
-                secrets,
-                None,
-            );
-        }
-    };
-    let engine = Store::new(pool, schema).with_actor(format!("operator:{key}"));
     let observation = match observe_store(&engine, store.spec.init_policy, ctx, store).await {
         Ok(observation) => observation,
         Err(e) => {

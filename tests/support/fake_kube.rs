@@ -169,11 +169,16 @@ async fn handle(
                 .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
                 .map(|(_, v)| v.clone())
                 .collect();
-            // A path whose last segment is a resource plural is a collection.
+            // After /api/v1 or /apis/<group>/<version>, a collection path has an odd number of
+            // segments ([namespaces, ns,] plural) and an object path an even one (…, name).
             let segments: Vec<&str> = object_path.trim_matches('/').split('/').collect();
-            let is_collection = segments.len() % 2 == 1
-                || segments.get(segments.len().wrapping_sub(2)) == Some(&"namespaces");
-            if is_collection || !items.is_empty() {
+            let prefix = if segments.first() == Some(&"api") {
+                2
+            } else {
+                3
+            };
+            let is_collection = segments.len().saturating_sub(prefix) % 2 == 1;
+            if is_collection {
                 return respond(
                     StatusCode::OK,
                     &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv}, "items": items}),
