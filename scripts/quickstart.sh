@@ -47,7 +47,7 @@ run state status
 
 say "6. Backups (the rollback kept the state it replaced, so it can be undone)"
 run state backups
-run state backups --output json | head -n 12
+run state backups --output json
 
 say "7. Upgrade again, then export the store (zstd) and import it into a second schema"
 run state upgrade

@@ -1,3 +1,4 @@
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,8 +15,18 @@ async fn main() -> ExitCode {
         }
         Command::Crd => match statekeeper::api::crds_yaml() {
             Ok(yaml) => {
-                print!("{yaml}");
-                ExitCode::SUCCESS
+                let mut stdout = std::io::stdout().lock();
+                match stdout
+                    .write_all(yaml.as_bytes())
+                    .and_then(|()| stdout.flush())
+                {
+                    // A reader that went away (`| head`) is not an error.
+                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                        eprintln!("error: cannot write the CRDs: {e}");
+                        ExitCode::FAILURE
+                    }
+                    _ => ExitCode::SUCCESS,
+                }
             }
             Err(e) => {
                 eprintln!("error: cannot render CRDs: {e}");

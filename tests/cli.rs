@@ -456,3 +456,20 @@ async fn export_and_import_through_files_and_pipes() {
     assert!(assert_clean_failure(&s3).contains("s3://"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_closed_stdout_ends_quietly() {
+    let db = TestDb::new().await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+        .args(["state", "status", "--output", "json"])
+        .env("STATEKEEPER_DATABASE_URL", &db.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Like `| head -n 0`: the reader is gone before anything is written.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}

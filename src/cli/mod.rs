@@ -3,6 +3,7 @@
 mod output;
 mod transfer;
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -198,10 +199,19 @@ pub async fn run_state(args: StateArgs) -> ExitCode {
     match execute(&args).await {
         Ok(rendered) => {
             // Empty when the command's output was data on stdout (export --to -).
-            if !rendered.is_empty() {
-                println!("{rendered}");
+            if rendered.is_empty() {
+                return ExitCode::SUCCESS;
             }
-            ExitCode::SUCCESS
+            let mut stdout = std::io::stdout().lock();
+            match writeln!(stdout, "{rendered}").and_then(|()| stdout.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                // The reader went away (`| head`): the work is done, stop quietly.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot write the output: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(err) => {
             let message = redact(&err.to_string(), &[&secret]);
