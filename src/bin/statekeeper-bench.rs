@@ -228,14 +228,9 @@ async fn run(cli: Cli) -> BenchResult<()> {
                 report.batches
             );
             println!(
-                "  removed                 {:>10} rows: {} environments, {} checkpoints, {} model versions, {} function versions, {} relations, {} intervals",
+                "  removed                 {:>10} rows: {}",
                 report.removed_rows(),
-                report.expired_environments,
-                report.checkpoints,
-                report.model_versions,
-                report.function_versions,
-                report.physical_relations,
-                report.intervals
+                report.summary()
             );
             println!(
                 "  rows removed per second {:>10.0}   (model versions per second {:.0})",

@@ -194,7 +194,7 @@ pub async fn run_state(args: StateArgs) -> ExitCode {
     let secret = args
         .database_url
         .as_deref()
-        .and_then(password_of)
+        .and_then(crate::engine::connection::password_in_url)
         .unwrap_or_default();
     match execute(&args).await {
         Ok(rendered) => {
@@ -335,13 +335,6 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
             }
         },
     })
-}
-
-/// The password part of a URL, so that it can be redacted from anything printed.
-fn password_of(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let userinfo = rest.rsplit_once('@')?.0;
-    userinfo.split_once(':').map(|(_, p)| p.to_owned())
 }
 
 fn whoami() -> String {

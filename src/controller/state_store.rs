@@ -546,7 +546,7 @@ async fn resolve_connection(
                     url_ref.name, url_ref.key
                 ))
             })?;
-            let password = url_password(&url);
+            let password = crate::engine::connection::password_in_url(&url).unwrap_or_default();
             (settings, vec![url, password])
         }
         (None, Some(host)) => {
@@ -622,14 +622,6 @@ async fn read_secret_key(
         reason: "SecretValueInvalid",
         message: format!("Secret \"{}\" key \"{}\" is not UTF-8 text", r.name, r.key),
     })
-}
-
-fn url_password(url: &str) -> String {
-    url.split_once("://")
-        .and_then(|(_, rest)| rest.rsplit_once('@'))
-        .and_then(|(userinfo, _)| userinfo.split_once(':'))
-        .map(|(_, p)| p.to_owned())
-        .unwrap_or_default()
 }
 
 /// One small pool per store, rebuilt when its connection settings or Secrets change.

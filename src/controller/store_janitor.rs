@@ -13,7 +13,7 @@ use super::Context;
 use super::conditions::Desired;
 use super::schedule::{self, Due, Schedule};
 use crate::api::state_store::{JanitorResult, JanitorSpec, JanitorStatus};
-use crate::engine::{JanitorOptions, JanitorReport, Store};
+use crate::engine::{JanitorOptions, Store};
 
 pub const JANITOR_SUCCEEDED: &str = "JanitorSucceeded";
 
@@ -59,24 +59,6 @@ fn carried(previous: Option<&Condition>) -> Option<Desired> {
             c.message.clone(),
         )
     })
-}
-
-fn summary(r: &JanitorReport) -> String {
-    format!(
-        "{} {} expired environments, {} checkpoints, {} model versions, {} function versions, {} physical relations, {} intervals in {} ms",
-        if r.dry_run {
-            "dry run: would remove"
-        } else {
-            "removed"
-        },
-        r.expired_environments,
-        r.checkpoints,
-        r.model_versions,
-        r.function_versions,
-        r.physical_relations,
-        r.intervals,
-        r.duration.as_millis()
-    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -169,7 +151,11 @@ pub async fn step(
                         duration_ms: report.duration.as_millis() as u64,
                     });
                     changed_store = !report.dry_run && report.removed_rows() > 0;
-                    let message = format!("run for {scheduled}: {}", summary(report));
+                    let message = format!(
+                        "run for {scheduled}: {} in {} ms",
+                        report.summary(),
+                        report.duration.as_millis()
+                    );
                     condition = Some(Desired::new(
                         JANITOR_SUCCEEDED,
                         true,

@@ -168,6 +168,14 @@ fn parse_ssl_mode(mode: &str) -> Result<PgSslMode, Error> {
     })
 }
 
+/// The password in a `postgres://user:password@host/db` URL, so that it can be redacted from
+/// anything printed. Never used to connect: that goes through `ConnectionSettings::from_url`.
+pub fn password_in_url(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let userinfo = rest.rsplit_once('@')?.0;
+    userinfo.split_once(':').map(|(_, p)| p.to_owned())
+}
+
 /// Replaces every occurrence of each secret in `text`: a last guard at the edges (CLI output,
 /// status, events) for messages that came from outside the engine.
 pub fn redact(text: &str, secrets: &[&str]) -> String {

@@ -68,6 +68,24 @@ pub struct JanitorReport {
 }
 
 impl JanitorReport {
+    /// "removed 3 expired environments, … 40 intervals" (or "dry run: would remove …").
+    pub fn summary(&self) -> String {
+        format!(
+            "{} {} expired environments, {} checkpoints, {} model versions, {} function versions, {} physical relations, {} intervals",
+            if self.dry_run {
+                "dry run: would remove"
+            } else {
+                "removed"
+            },
+            self.expired_environments,
+            self.checkpoints,
+            self.model_versions,
+            self.function_versions,
+            self.physical_relations,
+            self.intervals
+        )
+    }
+
     pub fn removed_rows(&self) -> u64 {
         self.expired_environments
             + self.checkpoints
@@ -410,15 +428,7 @@ impl Store {
         .bind(format!("janitor_{status}"))
         .bind(match error {
             Some(error) => format!("janitor failed after removing {} rows: {error}", report.removed_rows()),
-            None => format!(
-                "janitor removed {} expired environments, {} checkpoints, {} model versions, {} function versions, {} physical relations, {} intervals",
-                report.expired_environments,
-                report.checkpoints,
-                report.model_versions,
-                report.function_versions,
-                report.physical_relations,
-                report.intervals
-            ),
+            None => format!("janitor {}", report.summary()),
         })
         .execute(&mut *tx)
         .await?;
