@@ -78,10 +78,29 @@ fn every_example_state_store_parses_into_the_real_type() {
             if doc["kind"] == "StateExport" {
                 let export: statekeeper::api::StateExport = serde_json::from_value(doc.clone())
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                statekeeper::controller::state_export::destination_path(
-                    &export.spec.destination.url,
-                )
-                .unwrap();
+                let spec = &export.spec;
+                let name = export.metadata.name.clone().unwrap_or_default();
+                let url = match &spec.schedule {
+                    Some(schedule) => {
+                        statekeeper::controller::schedule::Schedule::parse(
+                            schedule,
+                            spec.time_zone.as_deref(),
+                        )
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                        statekeeper::controller::export_schedule::child_url(
+                            &spec.destination.url,
+                            &format!("{name}-20261122030000"),
+                            spec.compression.into(),
+                        )
+                    }
+                    None => statekeeper::controller::state_export::file_url(
+                        &spec.destination.url,
+                        &name,
+                        spec.compression.into(),
+                    ),
+                };
+                statekeeper::engine::Destination::parse(&url, &spec.destination.options)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 found += 1;
             }
             if doc["kind"] == "StateStore" {

@@ -5,7 +5,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// A one-shot backup of a StateStore: runs once, and its status keeps the result for good.
+/// A backup of a StateStore. Without `schedule` it is a one-shot export: it runs once and its
+/// status keeps the result for good. With `schedule` it is a schedule, like a CronJob: each due
+/// run creates a one-shot child StateExport named `<name>-<UTC yyyymmddhhmmss>`.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "statekeeper.dev",
@@ -15,11 +17,17 @@ use serde::{Deserialize, Serialize};
     status = "StateExportStatus",
     shortname = "skx",
     category = "statekeeper",
-    validation = Rule::new("self.spec == oldSelf.spec").message("spec is immutable: create a new StateExport"),
+    validation = Rule::new("has(oldSelf.spec.schedule) || self.spec == oldSelf.spec").message("the spec of a one-shot export is immutable: create a new StateExport"),
+    validation = Rule::new("has(self.spec.schedule) == has(oldSelf.spec.schedule)").message("a StateExport cannot switch between one-shot and scheduled: create a new one"),
+    validation = Rule::new("!has(self.spec.schedule) || size(self.metadata.name) <= 63").message("a scheduled StateExport's name is at most 63 characters (it labels its children)"),
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Store","type":"string","jsonPath":".spec.storeRef.name"}"#,
+    printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
+    printcolumn = r#"{"name":"Suspended","type":"boolean","jsonPath":".spec.suspend"}"#,
+    printcolumn = r#"{"name":"Last Backup","type":"date","jsonPath":".status.lastSuccessfulTime"}"#,
+    printcolumn = r#"{"name":"Next Run","type":"string","jsonPath":".status.nextScheduleTime"}"#,
     printcolumn = r#"{"name":"Bytes","type":"integer","jsonPath":".status.bytes"}"#,
-    printcolumn = r#"{"name":"Finished","type":"date","jsonPath":".status.finishedAt"}"#,
+    printcolumn = r#"{"name":"Finished","type":"date","jsonPath":".status.finishedAt","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -32,10 +40,80 @@ pub struct StateExportSpec {
     pub environments: Vec<String>,
     #[serde(default)]
     pub compression: ExportCompression,
-    /// Attempts before the export is marked Failed for good (default 3).
+    /// Attempts before an export is marked Failed for good (default 3).
     #[serde(default = "default_backoff_limit")]
     #[schemars(range(min = 1, max = 20))]
     pub backoff_limit: u32,
+    /// Standard 5-field cron expression (or a nickname such as `@daily`): makes this a schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 100))]
+    pub schedule: Option<String>,
+    /// IANA time zone the schedule is read in (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// Pause the schedule; an export in progress finishes. Run-now requests still run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+    /// A run more than this many seconds late (e.g. after operator downtime) is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub starting_deadline_seconds: Option<u64>,
+    /// Run once as soon as the schedule is created, then follow the schedule.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub immediate: bool,
+    /// How many finished exports of a schedule (and their files) to keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+}
+
+impl StateExportSpec {
+    /// The spec of a one-shot child of this schedule, writing to `url`.
+    pub fn child(&self, url: String) -> Self {
+        Self {
+            destination: Destination {
+                url,
+                ..self.destination.clone()
+            },
+            schedule: None,
+            time_zone: None,
+            suspend: false,
+            starting_deadline_seconds: None,
+            immediate: false,
+            retention: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// Keeps the newest finished exports of a schedule; older ones are deleted with their files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retention {
+    /// Succeeded exports to keep (default 7).
+    #[serde(default = "default_keep_last")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep_last: u32,
+    /// Failed exports to keep for inspection (default 3).
+    #[serde(default = "default_keep_failed")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub keep_failed: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            keep_last: default_keep_last(),
+            keep_failed: default_keep_failed(),
+        }
+    }
+}
+
+fn default_keep_last() -> u32 {
+    7
+}
+
+fn default_keep_failed() -> u32 {
+    3
 }
 
 fn default_backoff_limit() -> u32 {
@@ -49,10 +127,33 @@ pub struct StoreRef {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct Destination {
-    /// Where the file goes: `file:///absolute/path` on a volume mounted into the operator.
-    #[schemars(length(min = 8, max = 2048), regex(pattern = r"^file:///"))]
+    /// Where the file goes: `file:///absolute/path` (a volume mounted into the operator),
+    /// `s3://bucket/key`, `gs://bucket/key` or `az://container/key`. A URL ending in `/` is a
+    /// folder: the file is named `<StateExport name>.json[.gz|.zst]` inside it. A schedule's URL
+    /// is always a folder.
+    #[schemars(
+        length(min = 6, max = 2048),
+        regex(pattern = r"^(file:///|s3a?://|gs://|az://|azure://|abfss?://)[^@]*$")
+    )]
     pub url: String,
+    /// Object store settings that are not secret, e.g. `endpoint`, `region`,
+    /// `virtual_hosted_style_request` (S3) or `azure_storage_account_name`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+    /// A Secret whose keys are object store settings too, for credentials such as
+    /// `aws_access_key_id` and `aws_secret_access_key`, `google_service_account_key` or
+    /// `azure_storage_account_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// A Secret in the resource's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SecretRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -69,7 +170,7 @@ pub enum ExportCompression {
 pub struct StateExportStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Pending, Running, Succeeded or Failed.
+    /// One-shot: Pending, Succeeded or Failed. Schedule: Scheduled, Active or Suspended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// Where the file was written.
@@ -94,9 +195,41 @@ pub struct StateExportStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
     /// Attempts made so far.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,
+    /// Schedule: when the latest run was due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<String>,
+    /// Schedule: when the next run is due (none while suspended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<String>,
+    /// Schedule: the newest export that succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_export: Option<String>,
+    /// Schedule: when that export finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_time: Option<String>,
+    /// Schedule: the export running now, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_export: Option<String>,
+    /// Schedule: the last `statekeeper.dev/run-now` annotation value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_now: Option<String>,
     #[serde(default)]
     #[schemars(schema_with = "super::conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+impl From<ExportCompression> for crate::engine::Compression {
+    fn from(value: ExportCompression) -> Self {
+        match value {
+            ExportCompression::None => Self::None,
+            ExportCompression::Gzip => Self::Gzip,
+            ExportCompression::Zstd => Self::Zstd,
+        }
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

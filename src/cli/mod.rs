@@ -112,9 +112,14 @@ enum StateCommand {
 
 #[derive(Args, Debug)]
 struct ExportArgs {
-    /// Destination: a path, file://PATH, or - for stdout.
+    /// Destination: a path, file:///PATH, s3://BUCKET/KEY, gs://BUCKET/KEY,
+    /// az://CONTAINER/KEY, or - for stdout.
     #[arg(long)]
     to: String,
+    /// Object store option KEY=VALUE (endpoint, region, aws_access_key_id, ...); repeatable.
+    /// AWS_*, GOOGLE_* and AZURE_* environment variables are read too.
+    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = transfer::key_value)]
+    storage_options: Vec<(String, String)>,
     /// Export only this environment (with every version it references); repeatable.
     #[arg(long = "environment", value_name = "NAME")]
     environments: Vec<String>,
@@ -125,9 +130,14 @@ struct ExportArgs {
 
 #[derive(Args, Debug)]
 struct ImportArgs {
-    /// Source: a path, file://PATH, or - for stdin. Compression is detected.
+    /// Source: a path, file:///PATH, s3://BUCKET/KEY, gs://BUCKET/KEY, az://CONTAINER/KEY,
+    /// or - for stdin. Compression is detected.
     #[arg(long, short = 'i')]
     from: String,
+    /// Object store option KEY=VALUE (endpoint, region, aws_access_key_id, ...); repeatable.
+    /// AWS_*, GOOGLE_* and AZURE_* environment variables are read too.
+    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = transfer::key_value)]
+    storage_options: Vec<(String, String)>,
     /// The store ends up equal to the file (the default).
     #[arg(long, conflicts_with = "merge")]
     replace: bool,
@@ -234,6 +244,20 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
             "no database URL: pass --database-url or set STATEKEEPER_DATABASE_URL".into(),
         )
     })?;
+    // A bad destination or source fails before anything connects.
+    if let StateCommand::Export(ExportArgs {
+        to: location,
+        storage_options,
+        ..
+    })
+    | StateCommand::Import(ImportArgs {
+        from: location,
+        storage_options,
+        ..
+    }) = &args.command
+    {
+        transfer::Location::parse(location, storage_options)?;
+    }
     let pool = ConnectionSettings::from_url(url)?.connect().await?;
     let store = Store::new(pool, schema)
         .with_actor(format!("cli:{}", whoami()))
@@ -275,7 +299,7 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
             output::janitor(&report, &released, json)
         }
         StateCommand::Export(export) => {
-            let location = transfer::Location::parse(&export.to)?;
+            let location = transfer::Location::parse(&export.to, &export.storage_options)?;
             let options = crate::engine::ExportOptions {
                 environments: (!export.environments.is_empty())
                     .then(|| export.environments.clone()),
@@ -287,10 +311,10 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
                     let out = transfer::counted(tokio::io::stdout(), &bar);
                     store.export(out, &options).await?.0
                 }
-                transfer::Location::Path(path) => {
+                transfer::Location::Object(destination) => {
                     let progress = bar.clone();
                     store
-                        .export_to_path(path, &options, move |bytes: &[u8]| {
+                        .export_to(destination, &options, move |bytes: &[u8]| {
                             progress.inc(bytes.len() as u64)
                         })
                         .await?
@@ -300,7 +324,7 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
             output::exported(&report, &location.to_string(), json)
         }
         StateCommand::Import(import) => {
-            let location = transfer::Location::parse(&import.from)?;
+            let location = transfer::Location::parse(&import.from, &import.storage_options)?;
             let options = crate::engine::ImportOptions {
                 mode: if import.merge {
                     crate::engine::ImportMode::Merge
@@ -316,12 +340,10 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
                         .import(transfer::counted(tokio::io::stdin(), &bar), &options)
                         .await?
                 }
-                transfer::Location::Path(path) => {
-                    let file = tokio::fs::File::open(path).await.map_err(|e| {
-                        Error::InvalidExport(format!("cannot open {}: {e}", path.display()))
-                    })?;
+                transfer::Location::Object(source) => {
+                    let reader = source.open().await?;
                     store
-                        .import(transfer::counted(file, &bar), &options)
+                        .import(transfer::counted(reader, &bar), &options)
                         .await?
                 }
             };

@@ -1,34 +1,38 @@
-//! `state export` and `state import`: files, `file://` URLs, or `-` for stdout/stdin, with a
+//! `state export` and `state import`: paths, `file://`, `s3://`, `gs://` and `az://` URLs, or `-`
+//! for stdout/stdin, with a
 //! progress spinner on a terminal and silence otherwise.
 
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::engine::Error;
+use std::collections::BTreeMap;
+
 use crate::engine::io::Observed;
+use crate::engine::{Destination, Error};
 
 /// Where an export goes or an import comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Location {
     Std,
-    Path(std::path::PathBuf),
+    Object(Destination),
 }
 
 impl Location {
-    pub fn parse(value: &str) -> Result<Self, Error> {
+    /// `-` is stdin/stdout; anything else a path or URL, with `options` (and, for cloud
+    /// URLs, the provider's environment variables) configuring the object store.
+    pub fn parse(value: &str, options: &[(String, String)]) -> Result<Self, Error> {
         if value == "-" {
+            if let Some((key, _)) = options.first() {
+                return Err(Error::InvalidDestination {
+                    url: "-".into(),
+                    reason: format!("option \"{key}\" makes no sense for stdin/stdout"),
+                });
+            }
             return Ok(Self::Std);
         }
-        if let Some(path) = value.strip_prefix("file://") {
-            return Ok(Self::Path(path.into()));
-        }
-        if let Some((scheme, _)) = value.split_once("://") {
-            return Err(Error::InvalidConnection(format!(
-                "destination scheme \"{scheme}://\" is not supported by this build (use a path, file://PATH or -)"
-            )));
-        }
-        Ok(Self::Path(value.into()))
+        let options: BTreeMap<String, String> = options.iter().cloned().collect();
+        Ok(Self::Object(Destination::parse_with_env(value, &options)?))
     }
 }
 
@@ -36,9 +40,17 @@ impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Location::Std => f.write_str("-"),
-            Location::Path(p) => write!(f, "{}", p.display()),
+            Location::Object(destination) => f.write_str(destination.url()),
         }
     }
+}
+
+/// Parses `KEY=VALUE` for `--storage-option`.
+pub fn key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(key, _)| !key.is_empty())
+        .map(|(key, value)| (key.trim().to_owned(), value.to_owned()))
+        .ok_or_else(|| "expected KEY=VALUE".to_owned())
 }
 
 /// A spinner counting bytes, shown only when stderr is a terminal.

@@ -1,6 +1,7 @@
 //! The operator: one reconciler per resource, sharing a context (client, events, pools).
 
 pub mod conditions;
+pub mod export_schedule;
 pub mod schedule;
 pub mod state_export;
 pub mod state_store;
@@ -205,15 +206,18 @@ pub async fn run(args: OperatorArgs) -> Result<(), StartError> {
                 Err(error) => tracing::warn!(%error, "reconcile error"),
             }
         });
-    let export_controller = Controller::new(exports, watcher::Config::default().any_semantic())
-        .shutdown_on_signal()
-        .run(state_export::reconcile, state_export::error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((object, _)) => tracing::debug!(export = %object.name, "reconciled"),
-                Err(error) => tracing::warn!(%error, "reconcile error"),
-            }
-        });
+    // A schedule owns its one-shot children: a child's progress wakes its schedule.
+    let export_controller =
+        Controller::new(exports.clone(), watcher::Config::default().any_semantic())
+            .owns(exports, watcher::Config::default().any_semantic())
+            .shutdown_on_signal()
+            .run(state_export::reconcile, state_export::error_policy, ctx)
+            .for_each(|result| async move {
+                match result {
+                    Ok((object, _)) => tracing::debug!(export = %object.name, "reconciled"),
+                    Err(error) => tracing::warn!(%error, "reconcile error"),
+                }
+            });
     futures::join!(store_controller, export_controller);
     http.abort();
     tracing::info!("statekeeper operator stopped");

@@ -1,9 +1,11 @@
-//! The StateExport reconciler: a one-shot backup. It runs once; its status keeps the result for
+//! The StateExport reconciler. A one-shot export runs once; its status keeps the result for
 //! good; a failed attempt is retried with backoff until `backoffLimit`, then Failed for good.
+//! A StateExport with a schedule is handed to [`export_schedule`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -11,32 +13,102 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::conditions::{self, Desired, READY, RECONCILING, STALLED};
+use super::export_schedule;
 use super::state_store;
 use super::{Context, FIELD_MANAGER, ReconcileError};
 use crate::api::StateStore;
-use crate::api::state_export::{ExportCompression, StateExport, StateExportStatus};
-use crate::engine::{Compression, ExportOptions, redact};
+use crate::api::state_export::{StateExport, StateExportStatus};
+use crate::engine::{Compression, Destination, ExportOptions, redact};
 
+pub const PHASE_PENDING: &str = "Pending";
+pub const PHASE_RUNNING: &str = "Running";
 pub const PHASE_SUCCEEDED: &str = "Succeeded";
 pub const PHASE_FAILED: &str = "Failed";
 
-/// The path of a `file:///absolute/path` destination, or why it cannot be used.
-pub fn destination_path(url: &str) -> Result<std::path::PathBuf, String> {
-    let path = url.strip_prefix("file://").ok_or_else(|| {
-        format!("destination \"{url}\" is not supported: use file:///absolute/path")
-    })?;
-    if !path.starts_with('/') || path.split('/').any(|part| part == "..") {
-        return Err(format!(
-            "destination \"{url}\" must be an absolute path without \"..\""
-        ));
+/// The URL of the file an export writes: `url` itself, or `<url><name>.<extension>` when `url`
+/// ends in `/` (a folder).
+pub fn file_url(url: &str, name: &str, compression: Compression) -> String {
+    if url.ends_with('/') {
+        format!("{url}{name}.{}", compression.file_extension())
+    } else {
+        url.to_owned()
     }
-    Ok(path.into())
+}
+
+/// Why a destination cannot be used: permanent problems fail the export for good, the rest
+/// (a Secret not created yet) are retried.
+pub struct DestinationProblem {
+    pub reason: &'static str,
+    pub message: String,
+    pub permanent: bool,
+}
+
+/// The destination at `url`, configured by the spec's options and the keys of its credentials
+/// Secret. Credential values never appear in the messages.
+pub async fn resolve_destination(
+    ctx: &Context,
+    namespace: &str,
+    spec: &crate::api::state_export::Destination,
+    url: &str,
+) -> Result<Destination, DestinationProblem> {
+    let mut options = spec.options.clone();
+    if let Some(secret_ref) = &spec.credentials_secret_ref {
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+        let secret = secrets
+            .get_opt(&secret_ref.name)
+            .await
+            .map_err(|e| DestinationProblem {
+                reason: "SecretUnreadable",
+                message: format!(
+                    "cannot read Secret \"{}\" in namespace \"{namespace}\": {e}",
+                    secret_ref.name
+                ),
+                permanent: false,
+            })?
+            .ok_or_else(|| DestinationProblem {
+                reason: "SecretNotFound",
+                message: format!(
+                    "credentials Secret \"{}\" not found in namespace \"{namespace}\"",
+                    secret_ref.name
+                ),
+                permanent: false,
+            })?;
+        for (key, value) in secret.data.unwrap_or_default() {
+            let value = String::from_utf8(value.0).map_err(|_| DestinationProblem {
+                reason: "SecretValueInvalid",
+                message: format!(
+                    "Secret \"{}\" key \"{key}\" is not UTF-8 text",
+                    secret_ref.name
+                ),
+                permanent: true,
+            })?;
+            if options.contains_key(&key) {
+                return Err(DestinationProblem {
+                    reason: "InvalidDestination",
+                    message: format!(
+                        "option \"{key}\" is set both in destination.options and in Secret \"{}\"",
+                        secret_ref.name
+                    ),
+                    permanent: true,
+                });
+            }
+            options.insert(key, value);
+        }
+    }
+    Destination::parse(url, &options).map_err(|e| DestinationProblem {
+        reason: e.reason(),
+        message: e.to_string(),
+        permanent: true,
+    })
 }
 
 pub async fn reconcile(
     export: Arc<StateExport>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
+    if export.spec.schedule.is_some() {
+        return export_schedule::reconcile(export, ctx).await;
+    }
     let namespace = export.namespace().ok_or(ReconcileError::NotNamespaced)?;
     let name = export.name_any();
     let previous = export.status.clone().unwrap_or_default();
@@ -54,35 +126,50 @@ pub async fn reconcile(
     let reference = export.object_ref(&());
     let key = format!("{namespace}/{name}");
     let spec = &export.spec;
+    let compression = Compression::from(spec.compression);
+    let url = file_url(&spec.destination.url, &name, compression);
     let mut status = StateExportStatus {
         observed_generation: export.meta().generation,
-        url: Some(spec.destination.url.clone()),
-        attempts: previous.attempts,
+        url: Some(url.clone()),
         ..previous.clone()
     };
 
-    let path = match destination_path(&spec.destination.url) {
-        Ok(path) => path,
-        Err(message) => {
+    let destination = match resolve_destination(&ctx, &namespace, &spec.destination, &url).await {
+        Ok(destination) => destination,
+        Err(problem) if problem.permanent => {
             // A destination that cannot work never will: fail for good, now.
             status.phase = Some(PHASE_FAILED.into());
-            return finish(
+            write_status(
                 &ctx,
                 &export,
                 status,
                 &previous,
-                failed("UnsupportedDestination", &message, true),
+                failed(problem.reason, &problem.message, true),
                 &reference,
             )
-            .await;
+            .await?;
+            return Ok(Action::await_change());
+        }
+        Err(problem) => {
+            status.phase = Some(PHASE_PENDING.into());
+            write_status(
+                &ctx,
+                &export,
+                status,
+                &previous,
+                failed(problem.reason, &problem.message, false),
+                &reference,
+            )
+            .await?;
+            return Ok(Action::requeue(ctx.next_backoff(&key).await));
         }
     };
     let (engine, secrets) = match store_engine(&ctx, &namespace, &spec.store_ref.name).await? {
         Ok(connected) => connected,
         Err((reason, message)) => {
             // The store may appear or heal: stay Pending, say why, and look again later.
-            status.phase = Some("Pending".into());
-            finish(
+            status.phase = Some(PHASE_PENDING.into());
+            write_status(
                 &ctx,
                 &export,
                 status,
@@ -94,19 +181,70 @@ pub async fn reconcile(
             return Ok(Action::requeue(ctx.next_backoff(&key).await));
         }
     };
+    // A backup never overwrites a file it did not write: only the first attempt can find one.
+    if previous.attempts == 0 {
+        match destination.exists().await {
+            Ok(false) => {}
+            Ok(true) => {
+                status.phase = Some(PHASE_FAILED.into());
+                let message = format!(
+                    "{url} already exists; refusing to overwrite it (delete it or choose another destination)"
+                );
+                write_status(
+                    &ctx,
+                    &export,
+                    status,
+                    &previous,
+                    failed("DestinationExists", &message, true),
+                    &reference,
+                )
+                .await?;
+                return Ok(Action::await_change());
+            }
+            Err(e) => {
+                status.phase = Some(PHASE_PENDING.into());
+                write_status(
+                    &ctx,
+                    &export,
+                    status,
+                    &previous,
+                    failed(e.reason(), &e.to_string(), false),
+                    &reference,
+                )
+                .await?;
+                return Ok(Action::requeue(ctx.next_backoff(&key).await));
+            }
+        }
+    }
 
-    let started = ctx.now();
+    // Record the attempt before running it: after a crash, the retry knows it is one.
     status.attempts += 1;
-    status.started_at = Some(started.to_string());
+    status.started_at = Some(ctx.now().to_string());
+    status.phase = Some(PHASE_RUNNING.into());
+    let running = vec![
+        Desired::new(READY, false, "ExportRunning", format!("exporting to {url}")),
+        Desired::new(
+            RECONCILING,
+            true,
+            "ExportRunning",
+            format!("attempt {} of {}", status.attempts, spec.backoff_limit),
+        ),
+        Desired::new(STALLED, false, "ExportRunning", "the export is running"),
+    ];
+    let previous = write_status(
+        &ctx,
+        &export,
+        status.clone(),
+        &previous,
+        running,
+        &reference,
+    )
+    .await?;
     let options = ExportOptions {
         environments: (!spec.environments.is_empty()).then(|| spec.environments.clone()),
-        compression: match spec.compression {
-            ExportCompression::None => Compression::None,
-            ExportCompression::Gzip => Compression::Gzip,
-            ExportCompression::Zstd => Compression::Zstd,
-        },
+        compression,
     };
-    match engine.export_to_path(&path, &options, |_| {}).await {
+    match engine.export_to(&destination, &options, |_| {}).await {
         Ok(report) => {
             status.phase = Some(PHASE_SUCCEEDED.into());
             status.bytes = Some(report.bytes);
@@ -116,10 +254,9 @@ pub async fn reconcile(
             status.duration_ms = Some(report.duration.as_millis() as u64);
             status.finished_at = Some(ctx.now().to_string());
             let message = format!(
-                "exported {} rows ({} environments) to {}: {} bytes, sha256 {}",
+                "exported {} rows ({} environments) to {url}: {} bytes, sha256 {}",
                 report.total_rows(),
                 report.environments,
-                spec.destination.url,
                 report.bytes,
                 report.sha256
             );
@@ -135,7 +272,7 @@ pub async fn reconcile(
                 ),
                 Desired::new(STALLED, false, "ExportSucceeded", "the export is complete"),
             ];
-            finish(&ctx, &export, status, &previous, desired, &reference).await?;
+            write_status(&ctx, &export, status, &previous, desired, &reference).await?;
             Ok(Action::await_change())
         }
         Err(e) => {
@@ -145,11 +282,21 @@ pub async fn reconcile(
                 "attempt {} of {} failed: {}",
                 status.attempts,
                 spec.backoff_limit,
-                redact(&e.to_string(), &secret_refs)
+                destination.redact(&redact(&e.to_string(), &secret_refs))
             );
-            status.phase = Some(if exhausted { PHASE_FAILED } else { "Pending" }.into());
+            status.phase = Some(
+                if exhausted {
+                    PHASE_FAILED
+                } else {
+                    PHASE_PENDING
+                }
+                .into(),
+            );
+            if exhausted {
+                status.finished_at = Some(ctx.now().to_string());
+            }
             let status_attempts = status.attempts;
-            finish(
+            write_status(
                 &ctx,
                 &export,
                 status,
@@ -226,7 +373,7 @@ pub fn error_policy(
 }
 
 /// Conditions of a failure; `final_` when no retry will follow.
-fn failed(reason: &str, message: &str, final_: bool) -> Vec<Desired> {
+pub(super) fn failed(reason: &str, message: &str, final_: bool) -> Vec<Desired> {
     vec![
         Desired::new(READY, false, reason, message),
         Desired::new(
@@ -244,14 +391,14 @@ fn failed(reason: &str, message: &str, final_: bool) -> Vec<Desired> {
 }
 
 /// Writes the status (one field manager, server-side apply) and an Event when Ready changed.
-async fn finish(
+pub(super) async fn write_status(
     ctx: &Context,
     export: &StateExport,
     mut status: StateExportStatus,
     previous: &StateExportStatus,
     desired: Vec<Desired>,
     reference: &k8s_openapi::api::core::v1::ObjectReference,
-) -> Result<Action, ReconcileError> {
+) -> Result<StateExportStatus, ReconcileError> {
     status.conditions = conditions::merge(
         &previous.conditions,
         &desired,
@@ -273,7 +420,7 @@ async fn finish(
         if before.is_none_or(|b| b.status != ready.status || b.reason != ready.reason) {
             ctx.publish(
                 &Event {
-                    type_: if ready.status == "True" {
+                    type_: if ready.status == "True" || ready.reason == "ExportRunning" {
                         EventType::Normal
                     } else {
                         EventType::Warning
@@ -290,5 +437,5 @@ async fn finish(
         ctx.metrics
             .record_reconcile("StateExport", &ready.reason, Duration::ZERO);
     }
-    Ok(Action::await_change())
+    Ok(status)
 }

@@ -97,6 +97,12 @@ pub enum Error {
     #[error("environments not found in the store: {}", .0.join(", "))]
     UnknownEnvironments(Vec<String>),
 
+    #[error("cannot use \"{url}\": {reason}")]
+    InvalidDestination { url: String, reason: String },
+
+    #[error("\"{url}\" is unavailable: {reason}")]
+    DestinationUnavailable { url: String, reason: String },
+
     #[error("cannot write the export: {0}")]
     ExportWrite(String),
 
@@ -130,6 +136,8 @@ impl Error {
             Error::MigrationFailed { .. } => "MigrationFailed",
             Error::Busy { .. } => "StoreBusy",
             Error::UnknownEnvironments(_) => "UnknownEnvironments",
+            Error::InvalidDestination { .. } => "InvalidDestination",
+            Error::DestinationUnavailable { .. } => "DestinationUnavailable",
             Error::ExportWrite(_) => "ExportWriteFailed",
             Error::InvalidExport(_) => "InvalidExport",
             Error::Database(_) => "DatabaseError",

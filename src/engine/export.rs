@@ -14,6 +14,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::Error;
+use super::destination::Destination;
 use super::io::Observed;
 use super::store::Store;
 
@@ -29,6 +30,17 @@ pub enum Compression {
     None,
     Gzip,
     Zstd,
+}
+
+impl Compression {
+    /// The conventional file name ending of an export with this compression.
+    pub fn file_extension(self) -> &'static str {
+        match self {
+            Compression::None => "json",
+            Compression::Gzip => "json.gz",
+            Compression::Zstd => "json.zst",
+        }
+    }
 }
 
 impl std::str::FromStr for Compression {
@@ -147,11 +159,12 @@ impl<W: AsyncWrite + Unpin> Encoder<W> {
         }
     }
 
-    /// Flushes every layer (writing compression trailers) and returns the destination.
+    /// Shuts every layer down, the destination included (writing compression trailers and
+    /// completing an upload), and returns the destination.
     async fn finish(self) -> std::io::Result<W> {
         let measured = match self {
             Self::Plain(mut w) => {
-                w.flush().await?;
+                w.shutdown().await?;
                 w.into_inner()
             }
             Self::Gzip(mut w) => {
@@ -173,7 +186,8 @@ fn io_error(e: std::io::Error) -> Error {
 
 impl Store {
     /// Streams an export of the store into `writer` from one REPEATABLE READ snapshot: the file
-    /// is consistent while writers go on, and nothing waits on the export. Returns the writer.
+    /// is consistent while writers go on, and nothing waits on the export. Returns the writer,
+    /// shut down (an upload is complete once this returns).
     pub async fn export<W: AsyncWrite + Unpin + Send>(
         &self,
         writer: W,
@@ -448,32 +462,29 @@ async fn stream_rows<W: AsyncWrite + Unpin + Send>(
 }
 
 impl Store {
-    /// Exports into the file at `path`. The file is written beside it as `<path>.partial`, synced
-    /// and renamed when complete: no half-written file ever carries the final name, and a failed
-    /// export leaves nothing behind. `observe` sees every byte written (progress).
-    pub async fn export_to_path(
+    /// Exports into `destination`. The object appears under its final name only once complete
+    /// (a local file is written beside it, synced and renamed; S3, GCS and Azure commit the
+    /// upload at the end): a failed export leaves no half-written file and no pending multipart
+    /// upload behind. `observe` sees every byte written (progress).
+    pub async fn export_to(
         &self,
-        path: &std::path::Path,
+        destination: &Destination,
         options: &ExportOptions,
         observe: impl FnMut(&[u8]) + Unpin + Send,
     ) -> Result<ExportReport, Error> {
-        let partial = path.with_extension("partial");
-        let file = tokio::fs::File::create(&partial)
-            .await
-            .map_err(|e| Error::ExportWrite(format!("cannot create {}: {e}", partial.display())))?;
-        match self.export(Observed::new(file, observe), options).await {
-            Ok((report, out)) => {
-                out.inner.sync_all().await.map_err(|e| {
-                    Error::ExportWrite(format!("cannot sync {}: {e}", partial.display()))
-                })?;
-                tokio::fs::rename(&partial, path).await.map_err(|e| {
-                    Error::ExportWrite(format!("cannot rename to {}: {e}", path.display()))
-                })?;
-                Ok(report)
-            }
+        let mut upload = Observed::new(destination.upload(), observe);
+        match self.export(&mut upload, options).await {
+            Ok((report, _)) => Ok(report),
             Err(e) => {
-                let _ = tokio::fs::remove_file(&partial).await;
-                Err(e)
+                upload.inner.abort().await;
+                Err(match e {
+                    Error::ExportWrite(reason) => Error::ExportWrite(format!(
+                        "{}: {}",
+                        destination.url(),
+                        destination.redact(&reason)
+                    )),
+                    other => other,
+                })
             }
         }
     }

@@ -4,6 +4,7 @@
 pub mod backup;
 mod catalog;
 pub mod connection;
+pub mod destination;
 mod error;
 pub mod export;
 pub mod generator;
@@ -16,6 +17,7 @@ pub mod store;
 
 pub use backup::BackupInfo;
 pub use connection::{ConnectionParts, ConnectionSettings, redact};
+pub use destination::Destination;
 pub use error::Error;
 pub use export::{Compression, ExportOptions, ExportReport};
 pub use identifier::SchemaName;

@@ -1,0 +1,358 @@
+//! Where export files live: a local path (`file://` or a plain path) or an object in S3 or an
+//! S3-compatible server (`s3://`), Google Cloud Storage (`gs://`) or Azure Blob Storage
+//! (`az://`), all through `object_store`. Large files go up as multipart uploads, so memory
+//! stays bounded whatever the file size, and no reader ever sees a half-written object.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Once};
+use std::task::{Context, Poll};
+
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::buffered::BufWriter;
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::Error;
+
+/// Files up to this size are one PUT; larger ones a multipart upload in 5 MiB parts.
+const UPLOAD_BUFFER: usize = 8 * 1024 * 1024;
+/// Parts in flight at once: bounds memory to a few parts whatever the file size.
+const UPLOAD_CONCURRENCY: usize = 2;
+
+/// The kind of store a URL names; decides which option keys it accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    File,
+    S3,
+    Gcs,
+    Azure,
+}
+
+impl Scheme {
+    /// The prefix of the provider's environment variables (`AWS_ENDPOINT`, ...), if any.
+    fn env_prefix(self) -> Option<&'static str> {
+        match self {
+            Scheme::File => None,
+            Scheme::S3 => Some("aws_"),
+            Scheme::Gcs => Some("google_"),
+            Scheme::Azure => Some("azure_"),
+        }
+    }
+
+    /// Whether `key` is an option of this scheme's object store.
+    fn accepts(self, key: &str) -> bool {
+        match self {
+            Scheme::File => false,
+            Scheme::S3 => key.parse::<AmazonS3ConfigKey>().is_ok(),
+            Scheme::Gcs => key.parse::<GoogleConfigKey>().is_ok(),
+            Scheme::Azure => key.parse::<AzureConfigKey>().is_ok(),
+        }
+    }
+}
+
+/// One export file's location, ready to write, read or delete.
+#[derive(Clone, Debug)]
+pub struct Destination {
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    url: String,
+    scheme: Scheme,
+    /// Option values that must never appear in error text.
+    secrets: Vec<String>,
+}
+
+impl Destination {
+    /// Parses `url` (`file:///abs/path`, `s3://bucket/key`, `gs://bucket/key`,
+    /// `az://container/key`, or a plain local path) with `options`, the object store's own
+    /// configuration keys (`endpoint`, `region`, `aws_access_key_id`, `azure_storage_account_name`,
+    /// ...; case-insensitive). An unknown key is an error, so a typo never goes unnoticed. An
+    /// `http://` endpoint allows plain HTTP (S3-compatible servers inside a cluster).
+    pub fn parse(url: &str, options: &BTreeMap<String, String>) -> Result<Self, Error> {
+        install_crypto_provider();
+        let secrets: Vec<String> = options
+            .iter()
+            .filter(|(key, _)| is_secret_key(key))
+            .map(|(_, value)| value.clone())
+            .filter(|value| !value.is_empty())
+            .collect();
+        let invalid = |reason: String| Error::InvalidDestination {
+            url: url.to_owned(),
+            reason,
+        };
+        let Some((scheme_text, _)) = url.split_once("://") else {
+            return Self::local(url, std::path::Path::new(url), options, secrets);
+        };
+        let scheme = match scheme_text {
+            "file" => Scheme::File,
+            "s3" | "s3a" => Scheme::S3,
+            "gs" => Scheme::Gcs,
+            "az" | "azure" | "abfs" | "abfss" => Scheme::Azure,
+            other => {
+                return Err(invalid(format!(
+                    "scheme \"{other}://\" is not supported; use file://, s3://, gs:// or az://"
+                )));
+            }
+        };
+        let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            // Never accept credentials in a URL: URLs are printed in status and logs.
+            return Err(Error::InvalidDestination {
+                url: format!("{scheme_text}://…"),
+                reason: "credentials do not belong in the URL; pass them as options (a Secret in the operator)".into(),
+            });
+        }
+        if scheme == Scheme::File {
+            let path = parsed
+                .to_file_path()
+                .map_err(|()| invalid("a file:// URL needs an absolute path".into()))?;
+            return Self::local(url, &path, options, secrets);
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("the URL names no bucket or container".into()));
+        }
+        let key = parsed.path().trim_start_matches('/');
+        if key.is_empty() || key.ends_with('/') {
+            return Err(invalid("the URL names no object (it ends in /)".into()));
+        }
+        let path = ObjectPath::parse(key).map_err(|e| invalid(e.to_string()))?;
+        let mut config: Vec<(String, String)> = Vec::new();
+        for (key, value) in options {
+            let key = key.to_ascii_lowercase();
+            if !scheme.accepts(&key) {
+                return Err(invalid(format!(
+                    "unknown option \"{key}\" for {scheme_text}:// destinations"
+                )));
+            }
+            config.push((key, value.clone()));
+        }
+        let endpoint_is_http = config.iter().any(|(key, value)| {
+            key.parse::<AmazonS3ConfigKey>()
+                .is_ok_and(|k| k == AmazonS3ConfigKey::Endpoint)
+                && value.starts_with("http://")
+        });
+        let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
+            Scheme::S3 => {
+                let mut builder = AmazonS3Builder::new().with_url(url);
+                for (key, value) in &config {
+                    if let Ok(k) = key.parse() {
+                        builder = builder.with_config(k, value);
+                    }
+                }
+                if endpoint_is_http {
+                    builder = builder.with_allow_http(true);
+                }
+                builder.build().map(|s| Arc::new(s) as _)
+            }
+            Scheme::Gcs => {
+                let mut builder = GoogleCloudStorageBuilder::new().with_url(url);
+                for (key, value) in &config {
+                    if let Ok(k) = key.parse() {
+                        builder = builder.with_config(k, value);
+                    }
+                }
+                builder.build().map(|s| Arc::new(s) as _)
+            }
+            Scheme::Azure => {
+                let mut builder = MicrosoftAzureBuilder::new().with_url(url);
+                for (key, value) in &config {
+                    if let Ok(k) = key.parse() {
+                        builder = builder.with_config(k, value);
+                    }
+                }
+                builder.build().map(|s| Arc::new(s) as _)
+            }
+            Scheme::File => unreachable!("handled above"),
+        };
+        let store = built.map_err(|e| invalid(redact(&e.to_string(), &secrets)))?;
+        Ok(Self {
+            store,
+            path,
+            url: url.to_owned(),
+            scheme,
+            secrets,
+        })
+    }
+
+    /// Like [`Destination::parse`], with options also taken from the provider's environment
+    /// variables (`AWS_*` for s3://, `GOOGLE_*` for gs://, `AZURE_*` for az://), as the
+    /// providers' own CLIs do. Explicit options win. For the CLI; the operator never reads its
+    /// own environment for credentials.
+    pub fn parse_with_env(url: &str, options: &BTreeMap<String, String>) -> Result<Self, Error> {
+        let scheme = match url.split_once("://").map(|(s, _)| s) {
+            Some("s3" | "s3a") => Scheme::S3,
+            Some("gs") => Scheme::Gcs,
+            Some("az" | "azure" | "abfs" | "abfss") => Scheme::Azure,
+            _ => return Self::parse(url, options),
+        };
+        let mut merged: BTreeMap<String, String> = std::env::vars()
+            .map(|(key, value)| (key.to_ascii_lowercase(), value))
+            .filter(|(key, _)| {
+                scheme
+                    .env_prefix()
+                    .is_some_and(|prefix| key.starts_with(prefix))
+                    && scheme.accepts(key)
+            })
+            .collect();
+        for (key, value) in options {
+            merged.insert(key.to_ascii_lowercase(), value.clone());
+        }
+        Self::parse(url, &merged)
+    }
+
+    fn local(
+        url: &str,
+        path: &std::path::Path,
+        options: &BTreeMap<String, String>,
+        secrets: Vec<String>,
+    ) -> Result<Self, Error> {
+        let invalid = |reason: String| Error::InvalidDestination {
+            url: url.to_owned(),
+            reason,
+        };
+        if let Some(key) = options.keys().next() {
+            return Err(invalid(format!(
+                "unknown option \"{key}\": local files take no options"
+            )));
+        }
+        if path.as_os_str().is_empty() || path.to_string_lossy().ends_with('/') {
+            return Err(invalid("the path names no file (it ends in /)".into()));
+        }
+        let absolute = std::path::absolute(path).map_err(|e| invalid(e.to_string()))?;
+        let object_path =
+            ObjectPath::from_absolute_path(&absolute).map_err(|e| invalid(e.to_string()))?;
+        Ok(Self {
+            // fsync: a backup that a power cut can lose is no backup.
+            store: Arc::new(LocalFileSystem::new().with_fsync(true)),
+            path: object_path,
+            url: url.to_owned(),
+            scheme: Scheme::File,
+            secrets,
+        })
+    }
+
+    /// The URL as given (never holds credentials).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    /// A writer for a new object at this location. Nothing is visible under the final name until
+    /// [`tokio::io::AsyncWriteExt::shutdown`] succeeds; call [`Upload::abort`] on failure.
+    pub fn upload(&self) -> Upload {
+        Upload {
+            inner: BufWriter::with_capacity(self.store.clone(), self.path.clone(), UPLOAD_BUFFER)
+                .with_max_concurrency(UPLOAD_CONCURRENCY),
+            finishing: false,
+        }
+    }
+
+    /// Streams the object, for import.
+    pub async fn open(&self) -> Result<impl AsyncRead + Send + Unpin + 'static, Error> {
+        let result = self
+            .store
+            .get(&self.path)
+            .await
+            .map_err(|e| self.unavailable("cannot read", e))?;
+        let secrets = self.secrets.clone();
+        let stream = result
+            .into_stream()
+            .map_err(move |e| std::io::Error::other(redact(&e.to_string(), &secrets)));
+        Ok(tokio_util::io::StreamReader::new(stream))
+    }
+
+    /// Deletes the object; one that is already gone counts as deleted.
+    pub async fn delete(&self) -> Result<(), Error> {
+        match self.store.delete(&self.path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.unavailable("cannot delete", e)),
+        }
+    }
+
+    /// Whether the object exists.
+    pub async fn exists(&self) -> Result<bool, Error> {
+        match self.store.head(&self.path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.unavailable("cannot look up", e)),
+        }
+    }
+
+    /// Redacts this destination's secret option values from `text`.
+    pub fn redact(&self, text: &str) -> String {
+        redact(text, &self.secrets)
+    }
+
+    fn unavailable(&self, what: &str, e: object_store::Error) -> Error {
+        Error::DestinationUnavailable {
+            url: self.url.clone(),
+            reason: format!("{what}: {}", redact(&e.to_string(), &self.secrets)),
+        }
+    }
+}
+
+/// An object being written: buffered, then one PUT or a multipart upload.
+pub struct Upload {
+    inner: BufWriter,
+    /// Set once shutdown began: from then on the upload completes or fails as a whole.
+    finishing: bool,
+}
+
+impl Upload {
+    /// Discards everything written so far (incomplete multipart parts included).
+    pub async fn abort(mut self) {
+        if !self.finishing {
+            let _ = self.inner.abort().await;
+        }
+    }
+}
+
+impl AsyncWrite for Upload {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.finishing = true;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Keys whose values are credentials: never echoed in errors.
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["secret", "key", "token", "password", "sas", "credential"]
+        .iter()
+        .any(|word| key.contains(word))
+        && !key.ends_with("key_id")
+}
+
+fn redact(text: &str, secrets: &[String]) -> String {
+    let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    super::redact(text, &refs)
+}
+
+/// object_store's HTTP client uses rustls without a built-in crypto provider: install ring, the
+/// one kube and sqlx already use, once per process.
+fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
