@@ -35,11 +35,7 @@ async fn source(db: &TestDb) -> Store {
 
 async fn current_state(db: &TestDb) -> BTreeMap<String, Vec<String>> {
     let mut conn = db.conn().await;
-    snapshot(&mut conn, SCHEMA)
-        .await
-        .into_iter()
-        .filter(|(t, _)| CURRENT_STATE.contains(&t.as_str()))
-        .collect()
+    support::current_state(&mut conn, SCHEMA).await
 }
 
 async fn export(

@@ -154,6 +154,8 @@ fn rbac_grants_only_what_the_operator_calls() {
         "statekeeper.dev/stateexports get",
         "statekeeper.dev/stateexports list",
         "statekeeper.dev/stateexports watch",
+        "statekeeper.dev/stateexports create",
+        "statekeeper.dev/stateexports delete",
         "statekeeper.dev/stateexports/status patch",
     ]
     .into_iter()

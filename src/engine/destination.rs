@@ -286,7 +286,7 @@ impl Destination {
         }
     }
 
-    /// Redacts this destination's secret option values from `text`.
+    /// Redacts this destination's secret option values from `text`, and puts it on one line.
     pub fn redact(&self, text: &str) -> String {
         redact(text, &self.secrets)
     }
@@ -343,9 +343,13 @@ fn is_secret_key(key: &str) -> bool {
         && !key.ends_with("key_id")
 }
 
+/// Error text fit for a status condition: secrets redacted, on one line (S3 errors carry XML).
 fn redact(text: &str, secrets: &[String]) -> String {
     let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
     super::redact(text, &refs)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// object_store's HTTP client uses rustls without a built-in crypto provider: install ring, the

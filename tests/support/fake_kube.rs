@@ -107,6 +107,46 @@ fn status_error(code: StatusCode, reason: &str, message: String) -> Response<Ful
     )
 }
 
+/// The `key=value` pairs of a list's `labelSelector` (equality selectors only).
+fn label_selector(query: &str) -> Vec<(String, String)> {
+    let decode = |text: &str| {
+        let bytes = text.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'%' if i + 2 < bytes.len() => {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                    out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                    i += 3;
+                }
+                b'+' => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                b => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    query
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("labelSelector="))
+        .flat_map(|selector| {
+            decode(selector)
+                .split(',')
+                .filter_map(|term| {
+                    term.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.trim_start_matches('=').to_owned()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// RFC 7386 JSON merge patch.
 fn merge_patch(target: &mut Value, patch: &Value) {
     match (target, patch) {
@@ -129,6 +169,7 @@ async fn handle(
 ) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let selector = label_selector(req.uri().query().unwrap_or(""));
     let content_type = req
         .headers()
         .get("content-type")
@@ -167,6 +208,11 @@ async fn handle(
                 .objects
                 .iter()
                 .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
+                .filter(|(_, v)| {
+                    selector
+                        .iter()
+                        .all(|(key, value)| v["metadata"]["labels"][key].as_str() == Some(value))
+                })
                 .map(|(_, v)| v.clone())
                 .collect();
             // After /api/v1 or /apis/<group>/<version>, a collection path has an odd number of

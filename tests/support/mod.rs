@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod fake_kube;
+pub mod operator;
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -117,6 +119,15 @@ pub async fn snapshot(conn: &mut PgConnection, schema: &str) -> BTreeMap<String,
 }
 
 /// Names of all schemas in the database that are not PostgreSQL's own.
+/// The rows of the current-state tables (what an export carries), table by table.
+pub async fn current_state(conn: &mut PgConnection, schema: &str) -> BTreeMap<String, Vec<String>> {
+    snapshot(conn, schema)
+        .await
+        .into_iter()
+        .filter(|(t, _)| CURRENT_STATE_TABLES.contains(&t.as_str()))
+        .collect()
+}
+
 pub async fn schemas(conn: &mut PgConnection) -> Vec<String> {
     sqlx::query("SELECT nspname::text AS n FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema' ORDER BY 1")
         .fetch_all(conn)

@@ -1,0 +1,141 @@
+//! A real S3-compatible server for destination tests: the one named by
+//! STATEKEEPER_TEST_S3_ENDPOINT, or one started through scripts/throwaway-s3.sh (moto's server on
+//! 127.0.0.1), which stops when the test process exits. Each test gets buckets of its own.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+static ENDPOINT: OnceLock<String> = OnceLock::new();
+static NEXT_BUCKET: AtomicUsize = AtomicUsize::new(0);
+
+/// The secret access key every test uses: tests assert it never shows up anywhere.
+pub const SECRET_ACCESS_KEY: &str = "sk-test-secret-0f3c9a";
+
+pub fn endpoint() -> &'static str {
+    ENDPOINT.get_or_init(|| {
+        if let Ok(endpoint) = std::env::var("STATEKEEPER_TEST_S3_ENDPOINT") {
+            return endpoint;
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/throwaway-s3.sh");
+        let out = Command::new("bash")
+            .args([
+                script,
+                "start",
+                "--owner-pid",
+                &std::process::id().to_string(),
+            ])
+            .output()
+            .expect("run scripts/throwaway-s3.sh");
+        assert!(
+            out.status.success(),
+            "could not start a throwaway S3 server:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("STATEKEEPER_S3_ENDPOINT="))
+            .expect("the script prints STATEKEEPER_S3_ENDPOINT")
+            .to_owned()
+    })
+}
+
+/// A fresh, empty bucket.
+pub async fn bucket() -> String {
+    let name = format!(
+        "sk-{}-{}",
+        std::process::id(),
+        NEXT_BUCKET.fetch_add(1, Ordering::SeqCst)
+    );
+    let (status, body) = request("PUT", &format!("/{name}")).await;
+    assert_eq!(status, 200, "create bucket {name}: {body}");
+    name
+}
+
+/// Object store options for the test server: endpoint, region and credentials.
+pub fn options() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("endpoint".to_owned(), endpoint().to_owned()),
+        ("region".to_owned(), "us-east-1".to_owned()),
+        (
+            "aws_access_key_id".to_owned(),
+            "statekeeper-test".to_owned(),
+        ),
+        (
+            "aws_secret_access_key".to_owned(),
+            SECRET_ACCESS_KEY.to_owned(),
+        ),
+    ])
+}
+
+/// The keys in a bucket, sorted.
+pub async fn keys(bucket: &str) -> Vec<String> {
+    let (status, body) = request("GET", &format!("/{bucket}?list-type=2")).await;
+    assert_eq!(status, 200, "{body}");
+    let mut keys = tags(&body, "Key");
+    keys.sort();
+    keys
+}
+
+/// Multipart uploads started but neither completed nor aborted.
+pub async fn pending_uploads(bucket: &str) -> Vec<String> {
+    let (status, body) = request("GET", &format!("/{bucket}?uploads")).await;
+    assert_eq!(status, 200, "{body}");
+    tags(&body, "UploadId")
+}
+
+/// The size of an object in bytes, and how many parts it was uploaded in (1 for a plain PUT).
+pub async fn object_parts(bucket: &str, key: &str) -> (u64, u32) {
+    let (status, body) = request("GET", &format!("/{bucket}?list-type=2&prefix={key}")).await;
+    assert_eq!(status, 200, "{body}");
+    let size = tags(&body, "Size")
+        .first()
+        .and_then(|s| s.parse().ok())
+        .expect("object listed");
+    // A multipart object's ETag ends in -<parts>.
+    let etag = tags(&body, "ETag").first().cloned().unwrap_or_default();
+    let parts = etag
+        .trim_matches(|c| c == '"' || c == ';' || c == '&')
+        .replace("&quot;", "")
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.trim_matches('"').parse().ok())
+        .unwrap_or(1);
+    (size, parts)
+}
+
+fn tags(xml: &str, tag: &str) -> Vec<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    xml.split(&open)
+        .skip(1)
+        .filter_map(|rest| rest.split_once(&close).map(|(value, _)| value.to_owned()))
+        .collect()
+}
+
+/// One unsigned HTTP/1.1 request to the test server (it does not check signatures).
+async fn request(method: &str, path: &str) -> (u16, String) {
+    let authority = endpoint().trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .expect("connect to the S3 test server");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
