@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use kube::runtime::controller::Action;
 use serde_json::json;
-use support::TestDb;
+use statekeeper::api::StateExport;
+use statekeeper::controller::export_schedule::RUN_NOW_ANNOTATION;
 use support::operator::*;
+use support::{TestDb, s3};
 
 #[tokio::test]
 async fn state_export_runs_once_and_keeps_its_result() {
@@ -175,6 +177,437 @@ async fn state_export_with_an_unusable_destination_fails_at_once() {
         Some("Failed")
     );
     let (_, reason, message) = export_condition(&export, "Ready");
-    assert_eq!(reason, "UnsupportedDestination");
+    assert_eq!(reason, "InvalidDestination");
     assert!(message.contains("absolute path"), "{message}");
+}
+
+/// A store with generated state, its password Secret and S3 credentials in the fake API.
+async fn s3_harness(db: &TestDb) -> Harness {
+    generated_store(db).await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    h.kube.put(
+        &store_path("analytics"),
+        store_for(db, "analytics", json!({})),
+    );
+    let options = s3::options();
+    put_secret(
+        &h.kube,
+        "backup-credentials",
+        &[
+            ("aws_access_key_id", &options["aws_access_key_id"]),
+            ("aws_secret_access_key", &options["aws_secret_access_key"]),
+        ],
+    );
+    h
+}
+
+/// The non-secret S3 settings of a destination on the test server.
+fn s3_destination(url: &str) -> serde_json::Value {
+    json!({
+        "url": url,
+        "options": {"endpoint": s3::endpoint(), "region": "us-east-1"},
+        "credentialsSecretRef": {"name": "backup-credentials"}
+    })
+}
+
+#[tokio::test]
+async fn one_shot_export_to_s3_with_credentials_from_a_secret() {
+    let db = TestDb::new().await;
+    let h = s3_harness(&db).await;
+    let bucket = s3::bucket().await;
+    let mut object = state_export("adhoc", "unused", json!({}));
+    object["spec"]["destination"] = s3_destination(&format!("s3://{bucket}/manual/"));
+    h.kube.put(&export_path("adhoc"), object.clone());
+
+    let (_, export) = h.reconcile_export("adhoc").await;
+    let status = export.status.clone().unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:?}");
+    // A folder URL gets the export's name.
+    let url = format!("s3://{bucket}/manual/adhoc.json.zst");
+    assert_eq!(status.url.as_deref(), Some(url.as_str()));
+    assert_eq!(s3::keys(&bucket).await, vec!["manual/adhoc.json.zst"]);
+    let (size, _) = s3::object_parts(&bucket, "manual/adhoc.json.zst").await;
+    assert_eq!(status.bytes, Some(size));
+    // Secrets are stored base64-encoded: the plain key anywhere would be a leak.
+    assert!(!h.kube.dump().contains(s3::SECRET_ACCESS_KEY));
+    for event in h.kube.events(NS) {
+        assert!(!event.to_string().contains(s3::SECRET_ACCESS_KEY));
+    }
+
+    // A second one-shot export to the same file refuses to overwrite it.
+    let mut again = object.clone();
+    again["metadata"]["name"] = json!("adhoc-again");
+    again["spec"]["destination"]["url"] = json!(url);
+    h.kube.put(&export_path("adhoc-again"), again);
+    let (_, export) = h.reconcile_export("adhoc-again").await;
+    assert_eq!(
+        export.status.as_ref().unwrap().phase.as_deref(),
+        Some("Failed")
+    );
+    assert_eq!(export_condition(&export, "Ready").1, "DestinationExists");
+    let (size_after, _) = s3::object_parts(&bucket, "manual/adhoc.json.zst").await;
+    assert_eq!(size_after, size, "the first backup is untouched");
+}
+
+#[tokio::test]
+async fn credentials_problems_are_reported_without_secrets() {
+    let h = Harness::new();
+    // The credentials Secret does not exist yet: Pending, retried.
+    let mut object = state_export("waiting", "unused", json!({}));
+    object["spec"]["destination"] = s3_destination("s3://bucket/x.json");
+    h.kube.put(&export_path("waiting"), object);
+    let (action, export) = h.reconcile_export("waiting").await;
+    assert_eq!(
+        export.status.as_ref().unwrap().phase.as_deref(),
+        Some("Pending")
+    );
+    let (ready, reason, message) = export_condition(&export, "Ready");
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "SecretNotFound")
+    );
+    assert!(message.contains("backup-credentials"), "{message}");
+    assert_ne!(action, Action::await_change());
+
+    // A typo in an option can never work: Failed at once, naming the option.
+    put_secret(
+        &h.kube,
+        "backup-credentials",
+        &[("aws_secret_access_key", s3::SECRET_ACCESS_KEY)],
+    );
+    let mut object = state_export("typo", "unused", json!({}));
+    object["spec"]["destination"] = s3_destination("s3://bucket/x.json");
+    object["spec"]["destination"]["options"]["endpont"] = json!("http://x");
+    h.kube.put(&export_path("typo"), object);
+    let (_, export) = h.reconcile_export("typo").await;
+    assert_eq!(
+        export.status.as_ref().unwrap().phase.as_deref(),
+        Some("Failed")
+    );
+    let (_, reason, message) = export_condition(&export, "Ready");
+    assert_eq!(reason, "InvalidDestination");
+    assert!(message.contains("\"endpont\""), "{message}");
+    assert!(!h.kube.dump().contains(s3::SECRET_ACCESS_KEY));
+}
+
+fn schedule_object(bucket: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut object = state_export(
+        "nightly",
+        "unused",
+        json!({"schedule": "0 3 * * *", "timeZone": "Europe/Berlin"}),
+    );
+    object["spec"]["destination"] = s3_destination(&format!("s3://{bucket}/nightly"));
+    object["metadata"]["creationTimestamp"] = json!("2026-11-20T12:00:00Z");
+    support_merge(&mut object, &extra);
+    object
+}
+
+fn children(h: &Harness) -> Vec<StateExport> {
+    let mut list: Vec<StateExport> = h
+        .kube
+        .list(&format!(
+            "/apis/statekeeper.dev/v1alpha1/namespaces/{NS}/stateexports"
+        ))
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .filter(|e: &StateExport| e.spec.schedule.is_none())
+        .collect();
+    list.sort_by_key(|c| c.metadata.name.clone());
+    list
+}
+
+fn child_names(h: &Harness) -> Vec<String> {
+    children(h)
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap())
+        .collect()
+}
+
+/// Lets every unfinished child run (the one-shot reconciler, for real).
+async fn run_children(h: &Harness) {
+    for child in children(h) {
+        let name = child.metadata.name.clone().unwrap();
+        let finished = matches!(
+            child.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        if !finished {
+            h.reconcile_export(&name).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_schedule_creates_named_owned_children_in_its_time_zone_and_never_overlaps() {
+    let db = TestDb::new().await;
+    let h = s3_harness(&db).await;
+    let bucket = s3::bucket().await;
+    h.kube
+        .put(&export_path("nightly"), schedule_object(&bucket, json!({})));
+
+    // Before 03:00 Berlin (02:00 UTC): nothing due; the next run is announced.
+    at(&h.ctx, "2026-11-21T01:59:00Z");
+    let (action, parent) = h.reconcile_export("nightly").await;
+    let status = parent.status.clone().unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Scheduled"));
+    assert_eq!(
+        status.next_schedule_time.as_deref(),
+        Some("2026-11-21T02:00:00Z")
+    );
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    assert!(child_names(&h).is_empty());
+
+    // Due: one child, named after the occurrence in UTC, labelled and owned by the schedule.
+    at(&h.ctx, "2026-11-21T02:00:05Z");
+    let (_, parent) = h.reconcile_export("nightly").await;
+    assert_eq!(child_names(&h), vec!["nightly-20261121020000"]);
+    let child = &children(&h)[0];
+    assert_eq!(
+        child.metadata.labels.as_ref().unwrap()["statekeeper.dev/schedule"],
+        "nightly"
+    );
+    let owner = &child.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("StateExport", "nightly", Some(true))
+    );
+    assert_eq!(
+        child.spec.destination.url,
+        format!("s3://{bucket}/nightly/nightly-20261121020000.json.zst")
+    );
+    assert!(child.spec.schedule.is_none());
+    let status = parent.status.clone().unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Active"));
+    assert_eq!(
+        status.active_export.as_deref(),
+        Some("nightly-20261121020000")
+    );
+    assert_eq!(
+        status.last_schedule_time.as_deref(),
+        Some("2026-11-21T02:00:00Z")
+    );
+    assert!(
+        h.event_reasons()
+            .contains(&("Normal".into(), "ExportCreated".into()))
+    );
+
+    // A retried reconcile at the same moment creates nothing new.
+    h.reconcile_export("nightly").await;
+    assert_eq!(child_names(&h).len(), 1);
+
+    // The next night comes while that export still runs: no second run at once.
+    at(&h.ctx, "2026-11-22T02:00:10Z");
+    let (_, parent) = h.reconcile_export("nightly").await;
+    assert_eq!(child_names(&h).len(), 1, "never two runs at once");
+    assert_eq!(
+        parent.status.unwrap().last_schedule_time.as_deref(),
+        Some("2026-11-21T02:00:00Z")
+    );
+
+    // The child finishes (the one-shot reconciler runs it); the waiting run starts.
+    run_children(&h).await;
+    assert_eq!(
+        s3::keys(&bucket).await,
+        vec!["nightly/nightly-20261121020000.json.zst"]
+    );
+    at(&h.ctx, "2026-11-22T02:00:20Z");
+    let (_, parent) = h.reconcile_export("nightly").await;
+    assert_eq!(
+        child_names(&h),
+        vec!["nightly-20261121020000", "nightly-20261122020000"]
+    );
+    let status = parent.status.clone().unwrap();
+    assert_eq!(
+        status.last_successful_export.as_deref(),
+        Some("nightly-20261121020000")
+    );
+    assert!(status.sha256.is_some() && status.bytes.is_some());
+    run_children(&h).await;
+    let (_, parent) = h.reconcile_export("nightly").await;
+    let status = parent.status.unwrap();
+    assert_eq!(
+        status.last_successful_export.as_deref(),
+        Some("nightly-20261122020000")
+    );
+    assert_eq!(status.phase.as_deref(), Some("Scheduled"));
+    assert_eq!(
+        status.next_schedule_time.as_deref(),
+        Some("2026-11-23T02:00:00Z")
+    );
+    let parent: StateExport =
+        serde_json::from_value(h.kube.get(&export_path("nightly")).unwrap()).unwrap();
+    assert_eq!(export_condition(&parent, "Ready").0, "True");
+
+    // Settled: another reconcile writes nothing (no status loop on a real cluster).
+    let before = h
+        .kube
+        .requests()
+        .iter()
+        .filter(|(m, _)| m == "PATCH")
+        .count();
+    h.reconcile_export("nightly").await;
+    let after = h
+        .kube
+        .requests()
+        .iter()
+        .filter(|(m, _)| m == "PATCH")
+        .count();
+    assert_eq!(before, after);
+}
+
+#[tokio::test]
+async fn downtime_catches_up_once_and_deadlines_and_suspend_are_honoured() {
+    let db = TestDb::new().await;
+    let h = s3_harness(&db).await;
+    let bucket = s3::bucket().await;
+    h.kube
+        .put(&export_path("nightly"), schedule_object(&bucket, json!({})));
+
+    // The operator was down for three nights: exactly one catch-up run, for the latest one.
+    at(&h.ctx, "2026-11-24T09:00:00Z");
+    h.reconcile_export("nightly").await;
+    assert_eq!(child_names(&h), vec!["nightly-20261124020000"]);
+    run_children(&h).await;
+    h.reconcile_export("nightly").await;
+    assert_eq!(child_names(&h).len(), 1);
+
+    // With a starting deadline, a run found too late is skipped with a Warning.
+    h.kube.put(
+        &export_path("nightly"),
+        schedule_object(&bucket, json!({"spec": {"startingDeadlineSeconds": 300}})),
+    );
+    at(&h.ctx, "2026-11-25T03:00:00Z");
+    let (_, parent) = h.reconcile_export("nightly").await;
+    assert_eq!(child_names(&h).len(), 1, "a missed run is not started");
+    assert!(
+        h.event_reasons()
+            .contains(&("Warning".into(), "MissedSchedule".into()))
+    );
+    assert_eq!(
+        parent.status.unwrap().last_schedule_time.as_deref(),
+        Some("2026-11-25T02:00:00Z")
+    );
+
+    // Suspended: nothing runs and no next run is announced.
+    h.kube.put(
+        &export_path("nightly"),
+        schedule_object(&bucket, json!({"spec": {"suspend": true}})),
+    );
+    at(&h.ctx, "2026-11-26T02:00:30Z");
+    let (_, parent) = h.reconcile_export("nightly").await;
+    assert_eq!(child_names(&h).len(), 1);
+    let status = parent.status.unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Suspended"));
+    assert_eq!(status.next_schedule_time, None);
+
+    // Run-now works even while suspended, once per annotation value.
+    let mut object = schedule_object(&bucket, json!({"spec": {"suspend": true}}));
+    object["metadata"]["annotations"] = json!({ RUN_NOW_ANNOTATION: "first" });
+    h.kube.put(&export_path("nightly"), object.clone());
+    at(&h.ctx, "2026-11-26T10:15:42Z");
+    let (_, parent) = h.reconcile_export("nightly").await;
+    assert!(child_names(&h).contains(&"nightly-20261126101542".to_owned()));
+    assert_eq!(
+        parent.status.unwrap().last_run_now.as_deref(),
+        Some("first")
+    );
+    run_children(&h).await;
+    at(&h.ctx, "2026-11-26T10:20:00Z");
+    h.reconcile_export("nightly").await;
+    assert_eq!(child_names(&h).len(), 2, "the same request runs once");
+    object["metadata"]["annotations"] = json!({ RUN_NOW_ANNOTATION: "second" });
+    h.kube.put(&export_path("nightly"), object);
+    h.reconcile_export("nightly").await;
+    assert_eq!(child_names(&h).len(), 3, "a new request runs again");
+}
+
+#[tokio::test]
+async fn immediate_runs_at_creation_and_retention_prunes_children_and_files() {
+    let db = TestDb::new().await;
+    let h = s3_harness(&db).await;
+    let bucket = s3::bucket().await;
+    h.kube.put(
+        &export_path("nightly"),
+        schedule_object(
+            &bucket,
+            json!({"spec": {"immediate": true, "retention": {"keepLast": 2, "keepFailed": 1}}}),
+        ),
+    );
+    at(&h.ctx, "2026-11-20T12:00:03Z");
+    h.reconcile_export("nightly").await;
+    assert_eq!(
+        child_names(&h),
+        vec!["nightly-20261120120000"],
+        "first run at creation"
+    );
+    run_children(&h).await;
+
+    // Four more nights.
+    for day in 21..=24 {
+        at(&h.ctx, &format!("2026-11-{day}T02:00:01Z"));
+        h.reconcile_export("nightly").await;
+        run_children(&h).await;
+    }
+    at(&h.ctx, "2026-11-24T02:05:00Z");
+    let (_, parent) = h.reconcile_export("nightly").await;
+    assert_eq!(
+        child_names(&h),
+        vec!["nightly-20261123020000", "nightly-20261124020000"],
+        "the two newest succeeded exports are kept"
+    );
+    assert_eq!(
+        s3::keys(&bucket).await,
+        vec![
+            "nightly/nightly-20261123020000.json.zst",
+            "nightly/nightly-20261124020000.json.zst"
+        ],
+        "pruned exports took their files with them"
+    );
+    assert!(
+        h.event_reasons()
+            .contains(&("Normal".into(), "ExportPruned".into()))
+    );
+    assert_eq!(
+        parent.status.unwrap().last_successful_export.as_deref(),
+        Some("nightly-20261124020000")
+    );
+
+    // A failing run is reported on the schedule with its reason and kept for inspection.
+    h.kube.put(
+        &export_path("nightly"),
+        schedule_object(
+            &bucket,
+            json!({"spec": {"environments": ["nope"], "backoffLimit": 1, "retention": {"keepLast": 2, "keepFailed": 1}}}),
+        ),
+    );
+    at(&h.ctx, "2026-11-25T02:00:01Z");
+    h.reconcile_export("nightly").await;
+    run_children(&h).await;
+    let (_, parent) = h.reconcile_export("nightly").await;
+    let (ready, reason, message) = export_condition(&parent, "Ready");
+    assert_eq!((ready.as_str(), reason.as_str()), ("False", "ExportFailed"));
+    assert!(
+        message.contains("nightly-20261125020000") && message.contains("nope"),
+        "{message}"
+    );
+    assert_eq!(child_names(&h).len(), 3);
+}
+
+#[tokio::test]
+async fn an_invalid_schedule_is_stalled_with_its_reason() {
+    let h = Harness::new();
+    let mut object = state_export(
+        "broken",
+        "s3://bucket/folder",
+        json!({"schedule": "every night"}),
+    );
+    object["metadata"]["creationTimestamp"] = json!("2026-11-20T12:00:00Z");
+    h.kube.put(&export_path("broken"), object);
+    let (action, export) = h.reconcile_export("broken").await;
+    assert_eq!(action, Action::await_change());
+    let (_, reason, message) = export_condition(&export, "Stalled");
+    assert_eq!(reason, "InvalidSchedule");
+    assert!(message.contains("5 fields"), "{message}");
+    assert!(child_names(&h).is_empty());
 }
