@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it (.ci/run calls this):
 #   formatting, clippy, unit + engine + CLI + reconciler + manifest tests against a throwaway
 #   PostgreSQL, manifest validation, and the end-to-end suite (skipped, saying so, without a cluster).
-# Installs what it needs (PostgreSQL via apt-get, kubernetes-validate via pip) when missing.
+# Installs what it needs when missing: PostgreSQL via apt-get; moto (the S3-compatible test
+# server), kubernetes-validate and helm-python-sdk via pip into a private virtualenv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,14 @@ trap 'scripts/throwaway-postgres.sh stop "$STATEKEEPER_PG_DIR"' EXIT
 export STATEKEEPER_TEST_DATABASE_URL="$STATEKEEPER_PG_URL"
 echo "PostgreSQL is up on 127.0.0.1 (data in $STATEKEEPER_PG_DIR)"
 
-step "cargo test (unit, engine, CLI, reconcilers, manifests)"
+step "starting a throwaway S3-compatible server (moto)"
+s3_env=$(scripts/throwaway-s3.sh start --owner-pid $$)
+eval "$s3_env"
+trap 'scripts/throwaway-postgres.sh stop "$STATEKEEPER_PG_DIR"; scripts/throwaway-s3.sh stop "$STATEKEEPER_S3_PID"' EXIT
+export STATEKEEPER_TEST_S3_ENDPOINT="$STATEKEEPER_S3_ENDPOINT"
+echo "S3 is up at $STATEKEEPER_S3_ENDPOINT"
+
+step "cargo test (unit, engine, CLI, destinations, reconcilers, manifests)"
 cargo test --all-targets --locked -- --skip operator_makes_the_example_store_ready
 
 step "end-to-end suite"

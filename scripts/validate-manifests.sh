@@ -9,16 +9,12 @@ if ! command -v kubectl >/dev/null 2>&1; then
   echo "SKIPPED manifest rendering: kubectl is not installed" >&2
   exit 0
 fi
-if ! python3 -c 'import kubernetes_validate, jsonschema, yaml, helm_python' 2>/dev/null; then
-  echo "installing kubernetes-validate and helm-python-sdk (pip)" >&2
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-    kubernetes-validate helm-python-sdk >&2
-fi
+python=$(scripts/python-env.sh kubernetes-validate helm-python-sdk jsonschema pyyaml)
 
 rendered=$(mktemp --suffix=.yaml)
 trap 'rm -f "$rendered"' EXIT
 kubectl kustomize deploy/ > "$rendered"
-python3 - "$rendered" crds examples/*.yaml <<'PY'
+"$python" - "$rendered" crds examples/*.yaml <<'PY'
 import sys, yaml, jsonschema, kubernetes_validate, helm_python as helm
 
 rendered, _crd_dir, *examples = sys.argv[1:]
