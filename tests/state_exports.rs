@@ -611,3 +611,57 @@ async fn an_invalid_schedule_is_stalled_with_its_reason() {
     assert!(message.contains("5 fields"), "{message}");
     assert!(child_names(&h).is_empty());
 }
+
+#[tokio::test]
+async fn an_attempt_interrupted_by_an_operator_restart_is_retried_or_counted() {
+    let db = TestDb::new().await;
+    generated_store(&db).await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    h.kube.put(
+        &store_path("analytics"),
+        store_for(&db, "analytics", json!({})),
+    );
+    let dir = temp_dir("restart");
+    // The operator died mid-export: status says Running, attempt 1, and a file may exist.
+    let file = dir.join("x.json.zst");
+    std::fs::write(&file, b"left by the interrupted attempt").unwrap();
+    let interrupted =
+        json!({"phase": "Running", "attempts": 1, "startedAt": "2026-11-22T10:00:00Z"});
+    let mut object = state_export(
+        "retry",
+        &format!("file://{}", file.display()),
+        json!({"backoffLimit": 2}),
+    );
+    object["status"] = interrupted.clone();
+    h.kube.put(&export_path("retry"), object);
+    at(&h.ctx, "2026-11-22T10:05:00Z");
+    let (_, export) = h.reconcile_export("retry").await;
+    let status = export.status.unwrap();
+    assert_eq!(
+        (status.phase.as_deref(), status.attempts),
+        (Some("Succeeded"), 2),
+        "the retry may replace its own earlier output"
+    );
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().len(),
+        status.bytes.unwrap()
+    );
+
+    // With no attempts left, the interrupted attempt counts: Failed, not a silent extra run.
+    let mut object = state_export(
+        "spent",
+        &format!("file://{}/y.json", dir.display()),
+        json!({"backoffLimit": 1}),
+    );
+    object["status"] = interrupted;
+    h.kube.put(&export_path("spent"), object);
+    let (_, export) = h.reconcile_export("spent").await;
+    assert_eq!(
+        export.status.as_ref().unwrap().phase.as_deref(),
+        Some("Failed")
+    );
+    assert_eq!(export_condition(&export, "Ready").1, "BackoffLimitExceeded");
+    assert!(!dir.join("y.json").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -278,15 +278,21 @@ async fn export_import_round(
         })
         .await?;
 
+    // The same path as `state export --to FILE` and StateExport: object_store, fsync, rename.
     let file = dir.join("export.json");
+    let destination = statekeeper::engine::Destination::parse(
+        &file.to_string_lossy(),
+        &std::collections::BTreeMap::new(),
+    )?;
     reset_peak_rss();
-    let (report, _) = source
-        .export(
-            tokio::fs::File::create(&file).await?,
+    let report = source
+        .export_to(
+            &destination,
             &statekeeper::engine::ExportOptions {
                 environments: None,
                 compression,
             },
+            |_| {},
         )
         .await?;
     let export_peak_mib = peak_rss_mib();
@@ -296,7 +302,7 @@ async fn export_import_round(
     reset_peak_rss();
     let imported = target
         .import(
-            tokio::fs::File::open(&file).await?,
+            destination.open().await?,
             &statekeeper::engine::ImportOptions::default(),
         )
         .await?;

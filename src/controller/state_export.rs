@@ -217,6 +217,25 @@ pub async fn reconcile(
         }
     }
 
+    // An attempt that was interrupted (operator restart) still counts.
+    if previous.attempts >= spec.backoff_limit {
+        status.phase = Some(PHASE_FAILED.into());
+        status.finished_at = Some(ctx.now().to_string());
+        let message = format!(
+            "attempt {} of {} was interrupted (the operator stopped) and no attempts are left",
+            previous.attempts, spec.backoff_limit
+        );
+        write_status(
+            &ctx,
+            &export,
+            status,
+            &previous,
+            failed("BackoffLimitExceeded", &message, true),
+            &reference,
+        )
+        .await?;
+        return Ok(Action::await_change());
+    }
     // Record the attempt before running it: after a crash, the retry knows it is one.
     status.attempts += 1;
     status.started_at = Some(ctx.now().to_string());
