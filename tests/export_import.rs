@@ -46,6 +46,21 @@ async fn export(
     (bytes, report)
 }
 
+/// Every constraint and index of the `state` schema, as PostgreSQL would recreate them.
+async fn schema_definition(conn: &mut sqlx::PgConnection) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT t.relname || ' ' || c.conname || ' ' || pg_get_constraintdef(c.oid)
+         FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
+         JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname = 'state'
+         UNION ALL
+         SELECT indexdef FROM pg_indexes WHERE schemaname = 'state'
+         ORDER BY 1",
+    )
+    .fetch_all(conn)
+    .await
+    .unwrap()
+}
+
 async fn empty_store() -> (TestDb, Store) {
     let db = TestDb::new().await;
     let store = db.store(SCHEMA).await;
@@ -118,8 +133,13 @@ async fn full_round_trip_reproduces_every_row_with_every_compression() {
                 "{table} differs after a {compression:?} round trip"
             );
         }
-        // New rows in the imported store get fresh ids.
+        // Keys and indexes set aside for the load are all back, exactly as the schema defines them.
         let mut conn = b.conn().await;
+        assert_eq!(
+            schema_definition(&mut conn).await,
+            schema_definition(&mut a.conn().await).await
+        );
+        // New rows in the imported store get fresh ids.
         sqlx::query("INSERT INTO state.model_versions (name, fingerprint, version) VALUES ('after', 'import', 'v1')")
             .execute(&mut conn)
             .await

@@ -722,29 +722,75 @@ impl Store {
         Ok(())
     }
 
-    /// The store becomes exactly the file, ids included.
+    /// The store becomes exactly the file, ids included. The tables are emptied and reloaded
+    /// under TRUNCATE's exclusive locks, so their foreign keys and secondary indexes are dropped
+    /// for the load and restored after it, in the same transaction: PostgreSQL then checks each
+    /// key with one join instead of a trigger per row and builds each index once, and a
+    /// violation still fails (and undoes) the whole import.
     async fn apply_replace(&self, conn: &mut PgConnection) -> Result<(), Error> {
         let s = self.schema().quoted();
         let tables: Vec<String> = TABLES.iter().map(|(_, t)| format!("{s}.{t}")).collect();
+        let names: Vec<String> = TABLES.iter().map(|(_, t)| (*t).to_owned()).collect();
         sqlx::query(AssertSqlSafe(format!("TRUNCATE {}", tables.join(", "))))
             .execute(&mut *conn)
             .await?;
-        sqlx::query("SET CONSTRAINTS ALL DEFERRED")
-            .execute(&mut *conn)
-            .await?;
+        // Every foreign key from or to a reloaded table, as DROP and ADD statements.
+        let keys: Vec<(String, String)> = sqlx::query_as(
+            "SELECT format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname),
+                    format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname, c.conname, pg_get_constraintdef(c.oid))
+             FROM pg_constraint c
+             JOIN pg_class t ON t.oid = c.conrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             JOIN pg_class r ON r.oid = c.confrelid
+             WHERE c.contype = 'f' AND n.nspname = $1
+               AND (t.relname = ANY($2) OR r.relname = ANY($2))
+             ORDER BY t.relname, c.conname",
+        )
+        .bind(self.schema().as_str())
+        .bind(&names)
+        .fetch_all(&mut *conn)
+        .await?;
+        // Secondary indexes (not backing a primary key or unique constraint) are built once
+        // after the load, which is cheaper than maintaining them row by row.
+        let indexes: Vec<(String, String)> = sqlx::query_as(
+            "SELECT format('DROP INDEX %I.%I', n.nspname, i.relname), pg_get_indexdef(x.indexrelid)
+             FROM pg_index x
+             JOIN pg_class i ON i.oid = x.indexrelid
+             JOIN pg_class t ON t.oid = x.indrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE n.nspname = $1 AND t.relname = ANY($2)
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid)
+             ORDER BY i.relname",
+        )
+        .bind(self.schema().as_str())
+        .bind(&names)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (drop, _) in keys.iter().chain(&indexes) {
+            sqlx::query(AssertSqlSafe(drop.clone()))
+                .execute(&mut *conn)
+                .await?;
+        }
         for (section, table) in TABLES {
             sqlx::query(AssertSqlSafe(format!(
                 "INSERT INTO {s}.{table} OVERRIDING SYSTEM VALUE
-                 SELECT (jsonb_populate_record(NULL::{s}.{table}, doc)).* FROM statekeeper_import WHERE section = '{section}' ORDER BY seq"
+                 SELECT (jsonb_populate_record(NULL::{s}.{table}, doc)).* FROM statekeeper_import WHERE section = '{section}'"
             )))
             .execute(&mut *conn)
             .await
             .map_err(|e| invalid(&e))?;
         }
-        sqlx::query("SET CONSTRAINTS ALL IMMEDIATE")
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| invalid(&e))?;
+        for (_, create) in &indexes {
+            sqlx::query(AssertSqlSafe(create.clone()))
+                .execute(&mut *conn)
+                .await?;
+        }
+        for (_, add) in &keys {
+            sqlx::query(AssertSqlSafe(add.clone()))
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| invalid(&e))?;
+        }
         Ok(())
     }
 
