@@ -99,9 +99,11 @@ enum StateCommand {
     },
     /// Remove expired environments, old checkpoints and unreferenced versions, in batches.
     Janitor(JanitorArgs),
-    /// Stream a versioned JSON export of the store to a file or stdout.
+    /// Stream a versioned JSON export of the store to a file, an object store (S3, GCS, Azure) or
+    /// stdout.
     Export(ExportArgs),
-    /// Import an export file (validated fully before anything changes; a backup is kept).
+    /// Import an export from a file, an object store or stdin (validated fully before anything
+    /// changes; a backup is kept).
     Import(ImportArgs),
     /// List backups, or drop one.
     Backups {
@@ -114,7 +116,7 @@ enum StateCommand {
 struct ExportArgs {
     /// Destination: a path, file:///PATH, s3://BUCKET/KEY, gs://BUCKET/KEY,
     /// az://CONTAINER/KEY, or - for stdout.
-    #[arg(long)]
+    #[arg(long, value_name = "URL")]
     to: String,
     /// Object store option KEY=VALUE (endpoint, region, aws_access_key_id, ...); repeatable.
     /// AWS_*, GOOGLE_* and AZURE_* environment variables are read too.
@@ -132,7 +134,7 @@ struct ExportArgs {
 struct ImportArgs {
     /// Source: a path, file:///PATH, s3://BUCKET/KEY, gs://BUCKET/KEY, az://CONTAINER/KEY,
     /// or - for stdin. Compression is detected.
-    #[arg(long, short = 'i')]
+    #[arg(long, short = 'i', value_name = "URL")]
     from: String,
     /// Object store option KEY=VALUE (endpoint, region, aws_access_key_id, ...); repeatable.
     /// AWS_*, GOOGLE_* and AZURE_* environment variables are read too.
