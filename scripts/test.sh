@@ -2,8 +2,9 @@
 # The whole test suite, as CI runs it (.ci/run calls this):
 #   formatting, clippy, unit + engine + CLI + reconciler + manifest tests against a throwaway
 #   PostgreSQL, manifest validation, and the end-to-end suite (skipped, saying so, without a cluster).
-# Installs what it needs when missing: PostgreSQL via apt-get; moto (the S3-compatible test
-# server), kubernetes-validate and helm-python-sdk via pip into a private virtualenv.
+# Installs what it needs when missing: PostgreSQL (and Node.js) via apt-get; moto (the
+# S3-compatible test server), kubernetes-validate and helm-python-sdk via pip into a private
+# virtualenv; Azurite (the Azure Blob Storage emulator) via npm into ~/.cache/statekeeper/node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,13 @@ eval "$s3_env"
 trap 'scripts/throwaway-postgres.sh stop "$STATEKEEPER_PG_DIR"; scripts/throwaway-s3.sh stop "$STATEKEEPER_S3_PID"' EXIT
 export STATEKEEPER_TEST_S3_ENDPOINT="$STATEKEEPER_S3_ENDPOINT"
 echo "S3 is up at $STATEKEEPER_S3_ENDPOINT"
+
+step "starting a throwaway Azure Blob Storage emulator (Azurite)"
+azure_env=$(scripts/throwaway-azure.sh start --owner-pid $$)
+eval "$azure_env"
+trap 'scripts/throwaway-postgres.sh stop "$STATEKEEPER_PG_DIR"; scripts/throwaway-s3.sh stop "$STATEKEEPER_S3_PID"; scripts/throwaway-azure.sh stop "$STATEKEEPER_AZURE_PID"' EXIT
+export STATEKEEPER_TEST_AZURE_ENDPOINT="$STATEKEEPER_AZURE_ENDPOINT"
+echo "Azure Blob Storage is up at $STATEKEEPER_AZURE_ENDPOINT"
 
 step "cargo test (unit, engine, CLI, destinations, reconcilers, manifests)"
 cargo test --all-targets --locked -- --skip operator_makes_the_example_store_ready

@@ -334,3 +334,49 @@ async fn cli_exports_to_and_imports_from_s3_with_credentials_from_the_environmen
     assert!(err.contains("not found"), "{err}");
     assert!(!err.contains(s3::SECRET_ACCESS_KEY), "{err}");
 }
+
+#[tokio::test]
+async fn azure_round_trip_in_blocks_through_a_real_emulator() {
+    let db = TestDb::new().await;
+    // Over the single-PUT buffer: the blob goes up as blocks committed at the end.
+    let store = generated(&db, 15_000).await;
+    let prefix = format!("run-{}", std::process::id());
+    let url = format!("az://{}/{prefix}/state.json", support::azure::CONTAINER);
+    let destination = Destination::parse(&url, &support::azure::options()).unwrap();
+    assert!(!destination.exists().await.unwrap());
+    let report = store
+        .export_to(
+            &destination,
+            &ExportOptions {
+                environments: None,
+                compression: Compression::None,
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert!(report.bytes > 8 * 1024 * 1024, "{} bytes", report.bytes);
+    assert!(destination.exists().await.unwrap());
+
+    let target = TestDb::new().await;
+    let copy = target.store("state").await;
+    copy.init(None).await.unwrap();
+    let imported = copy
+        .import(
+            destination.open().await.unwrap(),
+            &ImportOptions {
+                mode: Default::default(),
+                expected_sha256: Some(report.sha256.clone()),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(imported.bytes, report.bytes);
+    let (before, after) = (
+        current_state(&mut db.conn().await, "state").await,
+        current_state(&mut target.conn().await, "state").await,
+    );
+    assert!(before == after, "the import differs from the source");
+    destination.delete().await.unwrap();
+    assert!(!destination.exists().await.unwrap());
+}

@@ -131,11 +131,14 @@ impl Destination {
             }
             config.push((key, value.clone()));
         }
+        // An http:// endpoint (an S3-compatible server or emulator in the cluster) needs plain
+        // HTTP allowed; anything else stays HTTPS-only.
         let endpoint_is_http = config.iter().any(|(key, value)| {
-            key.parse::<AmazonS3ConfigKey>()
-                .is_ok_and(|k| k == AmazonS3ConfigKey::Endpoint)
-                && value.starts_with("http://")
+            (key.contains("endpoint") || key.ends_with("base_url")) && value.starts_with("http://")
         });
+        if endpoint_is_http && !config.iter().any(|(key, _)| key.ends_with("allow_http")) {
+            config.push(("allow_http".into(), "true".into()));
+        }
         let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
             Scheme::S3 => {
                 let mut builder = AmazonS3Builder::new().with_url(url);
@@ -143,9 +146,6 @@ impl Destination {
                     if let Ok(k) = key.parse() {
                         builder = builder.with_config(k, value);
                     }
-                }
-                if endpoint_is_http {
-                    builder = builder.with_allow_http(true);
                 }
                 builder.build().map(|s| Arc::new(s) as _)
             }
@@ -359,4 +359,36 @@ fn install_crypto_provider() {
     ONCE.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_scheme_accepts_allow_http_and_endpoints() {
+        for scheme in [Scheme::S3, Scheme::Gcs, Scheme::Azure] {
+            assert!(scheme.accepts("allow_http"), "{scheme:?}");
+        }
+        assert!(Scheme::S3.accepts("endpoint"));
+        assert!(Scheme::Azure.accepts("azure_storage_endpoint"));
+        assert!(Scheme::Gcs.accepts("google_base_url"));
+        assert!(!Scheme::S3.accepts("endpont"));
+    }
+
+    #[test]
+    fn secret_keys_are_recognised() {
+        for key in [
+            "aws_secret_access_key",
+            "AWS_SESSION_TOKEN",
+            "google_service_account_key",
+            "azure_storage_account_key",
+            "azure_storage_sas_key",
+        ] {
+            assert!(is_secret_key(key), "{key}");
+        }
+        for key in ["aws_access_key_id", "endpoint", "region"] {
+            assert!(!is_secret_key(key), "{key}");
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! through scripts/throwaway-postgres.sh, which stops it when the test process exits.
 #![allow(dead_code)]
 
+pub mod azure;
 pub mod fake_kube;
 pub mod operator;
 pub mod s3;
