@@ -16,13 +16,7 @@ use support::{TestDb, s3};
 #[tokio::test]
 async fn state_export_runs_once_and_keeps_its_result() {
     let db = TestDb::new().await;
-    generated_store(&db).await;
-    let h = Harness::new();
-    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
-    h.kube.put(
-        &store_path("analytics"),
-        store_for(&db, "analytics", json!({})),
-    );
+    let h = store_harness(&db).await;
     let dir = temp_dir("once");
     let file = dir.join("backup.json.zst");
     h.kube.put(
@@ -181,8 +175,8 @@ async fn state_export_with_an_unusable_destination_fails_at_once() {
     assert!(message.contains("absolute path"), "{message}");
 }
 
-/// A store with generated state, its password Secret and S3 credentials in the fake API.
-async fn s3_harness(db: &TestDb) -> Harness {
+/// The StateStore `analytics` on generated state, with its password Secret, in the fake API.
+async fn store_harness(db: &TestDb) -> Harness {
     generated_store(db).await;
     let h = Harness::new();
     put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
@@ -190,6 +184,12 @@ async fn s3_harness(db: &TestDb) -> Harness {
         &store_path("analytics"),
         store_for(db, "analytics", json!({})),
     );
+    h
+}
+
+/// The same, plus S3 credentials in a Secret.
+async fn s3_harness(db: &TestDb) -> Harness {
+    let h = store_harness(db).await;
     let options = s3::options();
     put_secret(
         &h.kube,
@@ -615,13 +615,7 @@ async fn an_invalid_schedule_is_stalled_with_its_reason() {
 #[tokio::test]
 async fn an_attempt_interrupted_by_an_operator_restart_is_retried_or_counted() {
     let db = TestDb::new().await;
-    generated_store(&db).await;
-    let h = Harness::new();
-    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
-    h.kube.put(
-        &store_path("analytics"),
-        store_for(&db, "analytics", json!({})),
-    );
+    let h = store_harness(&db).await;
     let dir = temp_dir("restart");
     // The operator died mid-export: status says Running, attempt 1, and a file may exist.
     let file = dir.join("x.json.zst");

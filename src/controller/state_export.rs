@@ -136,49 +136,27 @@ pub async fn reconcile(
 
     let destination = match resolve_destination(&ctx, &namespace, &spec.destination, &url).await {
         Ok(destination) => destination,
-        Err(problem) if problem.permanent => {
-            // A destination that cannot work never will: fail for good, now.
-            status.phase = Some(PHASE_FAILED.into());
-            write_status(
-                &ctx,
-                &export,
-                status,
-                &previous,
-                failed(problem.reason, &problem.message, true),
-                &reference,
-            )
-            .await?;
-            return Ok(Action::await_change());
-        }
+        // A destination that cannot work never will: fail for good, now. A missing Secret may
+        // still appear: stay Pending.
         Err(problem) => {
-            status.phase = Some(PHASE_PENDING.into());
-            write_status(
+            let (reason, message) = (problem.reason, problem.message);
+            return stop(
                 &ctx,
                 &export,
                 status,
                 &previous,
-                failed(problem.reason, &problem.message, false),
-                &reference,
+                reason,
+                &message,
+                problem.permanent,
             )
-            .await?;
-            return Ok(Action::requeue(ctx.next_backoff(&key).await));
+            .await;
         }
     };
     let (engine, secrets) = match store_engine(&ctx, &namespace, &spec.store_ref.name).await? {
         Ok(connected) => connected,
+        // The store may appear or heal: stay Pending, say why, and look again later.
         Err((reason, message)) => {
-            // The store may appear or heal: stay Pending, say why, and look again later.
-            status.phase = Some(PHASE_PENDING.into());
-            write_status(
-                &ctx,
-                &export,
-                status,
-                &previous,
-                failed(&reason, &message, false),
-                &reference,
-            )
-            .await?;
-            return Ok(Action::requeue(ctx.next_backoff(&key).await));
+            return stop(&ctx, &export, status, &previous, &reason, &message, false).await;
         }
     };
     // A backup never overwrites a file it did not write: only the first attempt can find one.
@@ -186,55 +164,51 @@ pub async fn reconcile(
         match destination.exists().await {
             Ok(false) => {}
             Ok(true) => {
-                status.phase = Some(PHASE_FAILED.into());
                 let message = format!(
                     "{url} already exists; refusing to overwrite it (delete it or choose another destination)"
                 );
-                write_status(
+                return stop(
                     &ctx,
                     &export,
                     status,
                     &previous,
-                    failed("DestinationExists", &message, true),
-                    &reference,
+                    "DestinationExists",
+                    &message,
+                    true,
                 )
-                .await?;
-                return Ok(Action::await_change());
+                .await;
             }
             Err(e) => {
-                status.phase = Some(PHASE_PENDING.into());
-                write_status(
+                let message = e.to_string();
+                return stop(
                     &ctx,
                     &export,
                     status,
                     &previous,
-                    failed(e.reason(), &e.to_string(), false),
-                    &reference,
+                    e.reason(),
+                    &message,
+                    false,
                 )
-                .await?;
-                return Ok(Action::requeue(ctx.next_backoff(&key).await));
+                .await;
             }
         }
     }
-
     // An attempt that was interrupted (operator restart) still counts.
     if previous.attempts >= spec.backoff_limit {
-        status.phase = Some(PHASE_FAILED.into());
-        status.finished_at = Some(ctx.now().to_string());
         let message = format!(
             "attempt {} of {} was interrupted (the operator stopped) and no attempts are left",
             previous.attempts, spec.backoff_limit
         );
-        write_status(
+        return stop(
             &ctx,
             &export,
             status,
             &previous,
-            failed("BackoffLimitExceeded", &message, true),
-            &reference,
+            "BackoffLimitExceeded",
+            &message,
+            true,
         )
-        .await?;
-        return Ok(Action::await_change());
+        .await;
     }
     // Record the attempt before running it: after a crash, the retry knows it is one.
     status.attempts += 1;
@@ -389,6 +363,35 @@ pub fn error_policy(
 ) -> Action {
     tracing::warn!(export = %export.name_any(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(15))
+}
+
+/// Ends a reconcile without running the export: Failed for good (`final_`), or Pending and
+/// looked at again after a backoff.
+async fn stop(
+    ctx: &Context,
+    export: &StateExport,
+    mut status: StateExportStatus,
+    previous: &StateExportStatus,
+    reason: &str,
+    message: &str,
+    final_: bool,
+) -> Result<Action, ReconcileError> {
+    status.phase = Some(if final_ { PHASE_FAILED } else { PHASE_PENDING }.into());
+    if final_ {
+        status.finished_at = Some(ctx.now().to_string());
+    }
+    let reference = export.object_ref(&());
+    let desired = failed(reason, message, final_);
+    write_status(ctx, export, status, previous, desired, &reference).await?;
+    if final_ {
+        return Ok(Action::await_change());
+    }
+    let key = format!(
+        "{}/{}",
+        export.namespace().unwrap_or_default(),
+        export.name_any()
+    );
+    Ok(Action::requeue(ctx.next_backoff(&key).await))
 }
 
 /// Conditions of a failure; `final_` when no retry will follow.

@@ -4,7 +4,6 @@
 //! `statekeeper-test`; tests keep apart by key prefix.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::OnceLock;
 
 static ENDPOINT: OnceLock<String> = OnceLock::new();
@@ -19,26 +18,7 @@ pub fn endpoint() -> &'static str {
         if let Ok(endpoint) = std::env::var("STATEKEEPER_TEST_AZURE_ENDPOINT") {
             return endpoint;
         }
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/throwaway-azure.sh");
-        let out = Command::new("bash")
-            .args([
-                script,
-                "start",
-                "--owner-pid",
-                &std::process::id().to_string(),
-            ])
-            .output()
-            .expect("run scripts/throwaway-azure.sh");
-        assert!(
-            out.status.success(),
-            "could not start Azurite:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("STATEKEEPER_AZURE_ENDPOINT="))
-            .expect("the script prints STATEKEEPER_AZURE_ENDPOINT")
-            .to_owned()
+        super::start_throwaway("throwaway-azure.sh", "STATEKEEPER_AZURE_ENDPOINT")
     })
 }
 

@@ -25,27 +25,34 @@ pub fn admin_url() -> &'static str {
         if let Ok(url) = std::env::var("STATEKEEPER_TEST_DATABASE_URL") {
             return url;
         }
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/throwaway-postgres.sh");
-        let out = Command::new("bash")
-            .args([
-                script,
-                "start",
-                "--owner-pid",
-                &std::process::id().to_string(),
-            ])
-            .output()
-            .expect("run scripts/throwaway-postgres.sh");
-        assert!(
-            out.status.success(),
-            "could not start a throwaway PostgreSQL:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("STATEKEEPER_PG_URL="))
-            .expect("the script prints STATEKEEPER_PG_URL")
-            .to_owned()
+        start_throwaway("throwaway-postgres.sh", "STATEKEEPER_PG_URL")
     })
+}
+
+/// Starts a throwaway server with `scripts/<script> start`, stopped by the script once this test
+/// process exits, and returns the `variable=value` it prints.
+pub fn start_throwaway(script: &str, variable: &str) -> String {
+    let path = format!("{}/scripts/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .args([
+            &path,
+            "start",
+            "--owner-pid",
+            &std::process::id().to_string(),
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run scripts/{script}: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/{script} could not start its server:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let prefix = format!("{variable}=");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("scripts/{script} printed no {variable}"))
+        .to_owned()
 }
 
 /// A database of its own for one test.

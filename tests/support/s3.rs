@@ -3,7 +3,6 @@
 //! 127.0.0.1), which stops when the test process exits. Each test gets buckets of its own.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -20,26 +19,7 @@ pub fn endpoint() -> &'static str {
         if let Ok(endpoint) = std::env::var("STATEKEEPER_TEST_S3_ENDPOINT") {
             return endpoint;
         }
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/throwaway-s3.sh");
-        let out = Command::new("bash")
-            .args([
-                script,
-                "start",
-                "--owner-pid",
-                &std::process::id().to_string(),
-            ])
-            .output()
-            .expect("run scripts/throwaway-s3.sh");
-        assert!(
-            out.status.success(),
-            "could not start a throwaway S3 server:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("STATEKEEPER_S3_ENDPOINT="))
-            .expect("the script prints STATEKEEPER_S3_ENDPOINT")
-            .to_owned()
+        super::start_throwaway("throwaway-s3.sh", "STATEKEEPER_S3_ENDPOINT")
     })
 }
 
