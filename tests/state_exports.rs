@@ -439,6 +439,23 @@ async fn a_schedule_creates_named_owned_children_in_its_time_zone_and_never_over
         serde_json::from_value(h.kube.get(&export_path("nightly")).unwrap()).unwrap();
     assert_eq!(export_condition(&parent, "Ready").0, "True");
 
+    // Metrics for alerting: the schedule's last success, and bytes written.
+    let metrics = h.ctx.metrics.render();
+    let last_run: k8s_openapi::jiff::Timestamp = "2026-11-22T02:00:20Z".parse().unwrap();
+    assert!(
+        metrics.contains(&format!(
+            r#"statekeeper_export_last_success_timestamp_seconds{{namespace="data",name="nightly"}} {}"#,
+            last_run.as_second()
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"statekeeper_export_attempts_total{kind="StateExport",outcome="Succeeded"} 2"#
+        ),
+        "{metrics}"
+    );
+
     // Settled: another reconcile writes nothing (no status loop on a real cluster).
     let before = h
         .kube
@@ -592,6 +609,9 @@ async fn immediate_runs_at_creation_and_retention_prunes_children_and_files() {
         "{message}"
     );
     assert_eq!(child_names(&h).len(), 3);
+    assert!(h.ctx.metrics.render().contains(
+        r#"statekeeper_export_attempts_total{kind="StateExport",outcome="UnknownEnvironments"} 1"#
+    ));
 }
 
 #[tokio::test]

@@ -255,6 +255,13 @@ pub async fn reconcile(
             );
             status.rows = Some(report.rows);
             ctx.reset_failures(&key).await;
+            ctx.metrics.record_export(
+                &namespace,
+                backup_name(&export),
+                "Succeeded",
+                report.bytes,
+                ctx.now().as_second(),
+            );
             let desired = vec![
                 Desired::new(READY, true, "ExportSucceeded", message),
                 Desired::new(
@@ -277,6 +284,8 @@ pub async fn reconcile(
                 spec.backoff_limit,
                 destination.redact(&redact(&e.to_string(), &secret_refs))
             );
+            ctx.metrics
+                .record_export(&namespace, backup_name(&export), e.reason(), 0, 0);
             status.phase = Some(
                 if exhausted {
                     PHASE_FAILED
@@ -363,6 +372,17 @@ pub fn error_policy(
 ) -> Action {
     tracing::warn!(export = %export.name_any(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(15))
+}
+
+/// The backup an export belongs to, for metrics: its schedule, or itself.
+fn backup_name(export: &StateExport) -> &str {
+    export
+        .labels()
+        .get(export_schedule::SCHEDULE_LABEL)
+        .map_or_else(
+            || export.meta().name.as_deref().unwrap_or_default(),
+            String::as_str,
+        )
 }
 
 /// Ends a reconcile without running the export: Failed for good (`final_`), or Pending and

@@ -47,6 +47,9 @@ pub struct Metrics {
     pub store_schema_version: Family<ObjectLabels, Gauge>,
     pub janitor_runs: Family<OutcomeLabels, Counter>,
     pub janitor_removed_rows: Counter,
+    pub export_attempts: Family<OutcomeLabels, Counter>,
+    pub export_bytes: Counter,
+    pub export_last_success: Family<ObjectLabels, Gauge>,
     ready: AtomicBool,
 }
 
@@ -91,8 +94,29 @@ impl Default for Metrics {
             "Rows removed by scheduled janitor runs",
             janitor_removed_rows.clone(),
         );
+        let export_attempts = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "export_attempts",
+            "StateExport attempts by outcome (Succeeded, or the failure's reason)",
+            export_attempts.clone(),
+        );
+        let export_bytes = Counter::default();
+        registry.register(
+            "export_bytes",
+            "Bytes written by successful StateExports",
+            export_bytes.clone(),
+        );
+        let export_last_success = Family::<ObjectLabels, Gauge>::default();
+        registry.register(
+            "export_last_success_timestamp_seconds",
+            "Unix time of the last successful export of each schedule (or one-shot StateExport); alert when it grows old",
+            export_last_success.clone(),
+        );
         Self {
             registry,
+            export_attempts,
+            export_bytes,
+            export_last_success,
             janitor_runs,
             janitor_removed_rows,
             reconciliations,
@@ -125,6 +149,32 @@ impl Metrics {
             })
             .inc();
         self.janitor_removed_rows.inc_by(removed_rows);
+    }
+
+    /// One export attempt; `backup` names the schedule of a scheduled run (else the export).
+    pub fn record_export(
+        &self,
+        namespace: &str,
+        backup: &str,
+        outcome: &str,
+        bytes: u64,
+        finished_unix_seconds: i64,
+    ) {
+        self.export_attempts
+            .get_or_create(&OutcomeLabels {
+                kind: "StateExport",
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        if outcome == "Succeeded" {
+            self.export_bytes.inc_by(bytes);
+            self.export_last_success
+                .get_or_create(&ObjectLabels {
+                    namespace: namespace.to_owned(),
+                    name: backup.to_owned(),
+                })
+                .set(finished_unix_seconds);
+        }
     }
 
     /// Prometheus text exposition format.
