@@ -163,16 +163,7 @@ pub async fn reconcile(
             status.last_schedule_time = Some(scheduled.to_string());
             status.next_schedule_time = next.map(|t| t.to_string());
             ctx.publish(
-                &Event {
-                    type_: EventType::Warning,
-                    reason: "MissedSchedule".into(),
-                    note: Some(format!(
-                        "skipped the export due at {scheduled}: more than {}s late (startingDeadlineSeconds)",
-                        spec.starting_deadline_seconds.unwrap_or_default()
-                    )),
-                    action: "Schedule".into(),
-                    secondary: None,
-                },
+                &schedule::missed_event("export", *scheduled, spec.starting_deadline_seconds),
                 &reference,
             )
             .await;

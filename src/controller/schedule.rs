@@ -101,6 +101,25 @@ pub fn decide(
     }
 }
 
+/// The Warning Event for a run skipped because it was found more than the starting deadline late.
+pub fn missed_event(
+    what: &str,
+    scheduled: Timestamp,
+    deadline_seconds: Option<u64>,
+) -> kube::runtime::events::Event {
+    kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Warning,
+        reason: "MissedSchedule".into(),
+        note: Some(format!(
+            "skipped the {what} scheduled for {scheduled}: it is more than \
+             startingDeadlineSeconds ({}s) late",
+            deadline_seconds.unwrap_or_default()
+        )),
+        action: "Schedule".into(),
+        secondary: None,
+    }
+}
+
 /// How long to wait before looking again: until the next occurrence, bounded by `cap`.
 pub fn requeue_after(due: &Due, now: Timestamp, cap: Duration) -> Duration {
     let next = match due {

@@ -116,17 +116,7 @@ pub async fn step(
             status.last_schedule_time = Some(scheduled.to_string());
             status.next_schedule_time = next.map(|t| t.to_string());
             ctx.publish(
-                &Event {
-                    type_: EventType::Warning,
-                    reason: "MissedSchedule".into(),
-                    note: Some(format!(
-                        "skipped the janitor run scheduled for {scheduled}: it is more than \
-                         startingDeadlineSeconds ({}s) late",
-                        spec.starting_deadline_seconds.unwrap_or_default()
-                    )),
-                    action: "Janitor".into(),
-                    secondary: None,
-                },
+                &schedule::missed_event("janitor run", scheduled, spec.starting_deadline_seconds),
                 reference,
             )
             .await;
