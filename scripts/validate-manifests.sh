@@ -55,7 +55,8 @@ with helm.Chart.load(chart_dir) as chart:
     if {os.path.basename(c["name"]): c["data"] for c in chart.crds} != committed:
         failures += 1
         print(f"STALE {chart_dir}/crds: copy crds/*.statekeeper.dev.yaml into it")
-    for values in ({}, {"watchNamespace": "data", "serviceAccount": {"create": False, "name": "existing"}}):
+    backups = {"backupVolume": {"mountPath": "/backups", "volume": {"persistentVolumeClaim": {"claimName": "statekeeper-backups"}}}}
+    for values in ({}, {"watchNamespace": "data", "serviceAccount": {"create": False, "name": "existing"}}, backups):
         out = chart.render(values, name="statekeeper", namespace="statekeeper-system", is_install=True)
         docs = [d for name, text in out.items() if name.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
         for doc in docs:
@@ -72,6 +73,15 @@ with helm.Chart.load(chart_dir) as chart:
         if values.get("watchNamespace") and "--namespace=data" not in deployment["spec"]["template"]["spec"]["containers"][0]["args"]:
             failures += 1
             print("chart ignores watchNamespace")
+        pod = deployment["spec"]["template"]["spec"]
+        mounted = [m["mountPath"] for m in pod["containers"][0].get("volumeMounts", [])]
+        claims = [v.get("persistentVolumeClaim", {}).get("claimName") for v in pod.get("volumes", [])]
+        if values.get("backupVolume") and (mounted != ["/backups"] or claims != ["statekeeper-backups"]):
+            failures += 1
+            print(f"chart ignores backupVolume: mounts {mounted}, claims {claims}")
+        if not values.get("backupVolume") and (mounted or claims):
+            failures += 1
+            print("chart mounts a backup volume nobody asked for")
 
 print(f"manifests: {checked} passed, {failures} failed")
 sys.exit(1 if failures else 0)
