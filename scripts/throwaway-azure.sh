@@ -17,7 +17,7 @@ ACCOUNT=devstoreaccount1
 KEY='Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='
 prefix=${XDG_CACHE_HOME:-$HOME/.cache}/statekeeper/node
 
-port_is_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+source scripts/lib/throwaway.sh
 
 ensure_azurite() {
   if [ -x "$prefix/node_modules/.bin/azurite-blob" ]; then return 0; fi
@@ -37,41 +37,25 @@ start() {
   local owner_pid=""
   if [ "${1:-}" = "--owner-pid" ]; then owner_pid="$2"; fi
   ensure_azurite
-  local python port pid logfile
+  local python logfile endpoint
   python=$(scripts/python-env.sh 'azure-storage-blob>=12,<13')
   logfile=$(mktemp /tmp/statekeeper-azure.XXXXXX.log)
-  for _ in 1 2 3 4 5; do
-    port=$(( 20000 + RANDOM % 40000 ))
-    port_is_free "$port" || continue
-    setsid nohup "$prefix/node_modules/.bin/azurite-blob" --blobHost 127.0.0.1 --blobPort "$port" \
-      --inMemoryPersistence --skipApiVersionCheck --disableTelemetry --silent \
-      >"$logfile" 2>&1 </dev/null &
-    pid=$!
-    for _ in $(seq 1 100); do
-      if ! kill -0 "$pid" 2>/dev/null; then break; fi
-      if ! port_is_free "$port"; then
-        local endpoint="http://127.0.0.1:$port/$ACCOUNT"
-        "$python" - "$endpoint" "$ACCOUNT" "$KEY" <<'PY'
+  if ! serve_on_free_port "$owner_pid" "$logfile" "$prefix/node_modules/.bin/azurite-blob" \
+    --blobHost 127.0.0.1 --blobPort @PORT@ --inMemoryPersistence --skipApiVersionCheck \
+    --disableTelemetry --silent; then
+    log "could not start Azurite; its log follows"
+    cat "$logfile" >&2
+    exit 1
+  fi
+  endpoint="http://127.0.0.1:$SERVER_PORT/$ACCOUNT"
+  "$python" - "$endpoint" "$ACCOUNT" "$KEY" <<'PY'
 import sys
 from azure.storage.blob import BlobServiceClient
 endpoint, account, key = sys.argv[1:]
 BlobServiceClient(endpoint, credential={"account_name": account, "account_key": key}).create_container("statekeeper-test")
 PY
-        if [ -n "$owner_pid" ]; then
-          setsid nohup bash -c "while kill -0 $owner_pid 2>/dev/null; do sleep 1; done; kill $pid" \
-            >/dev/null 2>&1 </dev/null &
-        fi
-        echo "STATEKEEPER_AZURE_ENDPOINT=$endpoint"
-        echo "STATEKEEPER_AZURE_PID=$pid"
-        return 0
-      fi
-      sleep 0.1
-    done
-    kill "$pid" 2>/dev/null || true
-  done
-  log "could not start Azurite; its log follows"
-  cat "$logfile" >&2
-  exit 1
+  echo "STATEKEEPER_AZURE_ENDPOINT=$endpoint"
+  echo "STATEKEEPER_AZURE_PID=$SERVER_PID"
 }
 
 case "${1:-}" in

@@ -44,7 +44,7 @@ as_owner() {
   fi
 }
 
-port_is_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+source "$(dirname "$0")/lib/throwaway.sh"
 
 start() {
   local owner_pid=""

@@ -27,6 +27,14 @@ async fn generated(db: &TestDb, model_versions: u64) -> statekeeper::engine::Sto
     store
 }
 
+/// A whole-store export without compression: large enough to go up in parts.
+fn uncompressed() -> ExportOptions {
+    ExportOptions {
+        environments: None,
+        compression: Compression::None,
+    }
+}
+
 #[tokio::test]
 async fn s3_round_trip_uses_multipart_and_imports_every_row() {
     let db = TestDb::new().await;
@@ -36,14 +44,7 @@ async fn s3_round_trip_uses_multipart_and_imports_every_row() {
     let url = format!("s3://{bucket}/nightly/state.json");
     let destination = Destination::parse(&url, &s3::options()).unwrap();
     let report = store
-        .export_to(
-            &destination,
-            &ExportOptions {
-                environments: None,
-                compression: Compression::None,
-            },
-            |_| {},
-        )
+        .export_to(&destination, &uncompressed(), |_| {})
         .await
         .unwrap();
     assert_eq!(s3::keys(&bucket).await, vec!["nightly/state.json"]);
@@ -105,16 +106,9 @@ async fn a_failed_export_leaves_no_object_and_no_pending_upload() {
     let (engine, target) = (store.clone(), destination.clone());
     let export = tokio::spawn(async move {
         engine
-            .export_to(
-                &target,
-                &ExportOptions {
-                    environments: None,
-                    compression: Compression::None,
-                },
-                move |bytes: &[u8]| {
-                    counter.fetch_add(bytes.len() as u64, Ordering::SeqCst);
-                },
-            )
+            .export_to(&target, &uncompressed(), move |bytes: &[u8]| {
+                counter.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+            })
             .await
     });
     let mut admin = db.conn().await;
@@ -163,7 +157,7 @@ async fn a_failed_export_leaves_no_object_and_no_pending_upload() {
 #[tokio::test]
 async fn bad_destinations_are_refused_with_reasons_and_no_secrets() {
     let options = s3::options();
-    let cases: [(&str, BTreeMap<String, String>, &str); 6] = [
+    let cases: [(&str, BTreeMap<String, String>, &str); 7] = [
         ("ftp://host/x.json", BTreeMap::new(), "not supported"),
         (
             "s3://bucket/x.json",
@@ -178,6 +172,11 @@ async fn bad_destinations_are_refused_with_reasons_and_no_secrets() {
         ),
         ("file://relative/x.json", BTreeMap::new(), "absolute path"),
         (
+            "az://container/x.json?sv=2024&sig=TOPSECRETSIG",
+            BTreeMap::new(),
+            "with ? or # is not supported",
+        ),
+        (
             "/tmp/x.json",
             BTreeMap::from([("region".into(), "eu".into())]),
             "local files take no options",
@@ -189,6 +188,7 @@ async fn bad_destinations_are_refused_with_reasons_and_no_secrets() {
         assert_eq!(error.reason(), "InvalidDestination", "{url}: {message}");
         assert!(message.contains(expected), "{url}: {message}");
         assert!(!message.contains("pw@"), "{message}");
+        assert!(!message.contains("TOPSECRETSIG"), "{message}");
     }
 
     // A missing bucket: a clear, one-line error that never shows the secret key.
@@ -345,14 +345,7 @@ async fn azure_round_trip_in_blocks_through_a_real_emulator() {
     let destination = Destination::parse(&url, &support::azure::options()).unwrap();
     assert!(!destination.exists().await.unwrap());
     let report = store
-        .export_to(
-            &destination,
-            &ExportOptions {
-                environments: None,
-                compression: Compression::None,
-            },
-            |_| {},
-        )
+        .export_to(&destination, &uncompressed(), |_| {})
         .await
         .unwrap();
     assert!(report.bytes > 8 * 1024 * 1024, "{} bytes", report.bytes);

@@ -135,7 +135,7 @@ pub struct Destination {
     /// is always a folder.
     #[schemars(
         length(min = 6, max = 2048),
-        regex(pattern = r"^(file:///|s3a?://|gs://|az://|azure://|abfss?://)[^@]*$")
+        regex(pattern = r"^(file:///|s3a?://|gs://|az://|azure://|abfss?://)[^@?#]*$")
     )]
     pub url: String,
     /// Object store settings that are not secret, e.g. `endpoint`, `region`,

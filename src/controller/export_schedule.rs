@@ -48,10 +48,7 @@ pub fn child_url(folder: &str, child: &str, compression: Compression) -> String 
 }
 
 fn is_finished(child: &StateExport) -> bool {
-    matches!(
-        child.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some(PHASE_SUCCEEDED | PHASE_FAILED)
-    )
+    matches!(phase_of(child), Some(PHASE_SUCCEEDED | PHASE_FAILED))
 }
 
 fn phase_of(child: &StateExport) -> Option<&str> {

@@ -25,35 +25,57 @@ const UPLOAD_BUFFER: usize = 8 * 1024 * 1024;
 /// Parts in flight at once: bounds memory to a few parts whatever the file size.
 const UPLOAD_CONCURRENCY: usize = 2;
 
-/// The kind of store a URL names; decides which option keys it accepts.
+/// The object store a URL names; decides which option keys it accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scheme {
-    File,
+enum Scheme {
     S3,
     Gcs,
     Azure,
 }
 
 impl Scheme {
-    /// The prefix of the provider's environment variables (`AWS_ENDPOINT`, ...), if any.
-    fn env_prefix(self) -> Option<&'static str> {
+    /// The store of a URL scheme (`s3`, `gs`, `az`, ...); `file` and unknown schemes are not.
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "s3" | "s3a" => Some(Scheme::S3),
+            "gs" => Some(Scheme::Gcs),
+            "az" | "azure" | "abfs" | "abfss" => Some(Scheme::Azure),
+            _ => None,
+        }
+    }
+
+    /// The prefix of the provider's environment variables (`AWS_ENDPOINT`, ...).
+    fn env_prefix(self) -> &'static str {
         match self {
-            Scheme::File => None,
-            Scheme::S3 => Some("aws_"),
-            Scheme::Gcs => Some("google_"),
-            Scheme::Azure => Some("azure_"),
+            Scheme::S3 => "aws_",
+            Scheme::Gcs => "google_",
+            Scheme::Azure => "azure_",
         }
     }
 
     /// Whether `key` is an option of this scheme's object store.
     fn accepts(self, key: &str) -> bool {
         match self {
-            Scheme::File => false,
             Scheme::S3 => key.parse::<AmazonS3ConfigKey>().is_ok(),
             Scheme::Gcs => key.parse::<GoogleConfigKey>().is_ok(),
             Scheme::Azure => key.parse::<AzureConfigKey>().is_ok(),
         }
     }
+}
+
+/// Builds one provider's store from its builder and the (already validated) option keys.
+macro_rules! build_store {
+    ($builder:expr, $config:expr) => {{
+        let mut builder = $builder;
+        for (key, value) in $config {
+            if let Ok(key) = key.parse() {
+                builder = builder.with_config(key, value);
+            }
+        }
+        builder
+            .build()
+            .map(|store| Arc::new(store) as Arc<dyn ObjectStore>)
+    }};
 }
 
 /// One export file's location, ready to write, read or delete.
@@ -62,7 +84,6 @@ pub struct Destination {
     store: Arc<dyn ObjectStore>,
     path: ObjectPath,
     url: String,
-    scheme: Scheme,
     /// Option values that must never appear in error text.
     secrets: Vec<String>,
 }
@@ -81,23 +102,14 @@ impl Destination {
             .map(|(_, value)| value.clone())
             .filter(|value| !value.is_empty())
             .collect();
+        // Errors show the URL without a query or fragment: that is where tokens would be.
+        let shown = url.split(['?', '#']).next().unwrap_or_default();
         let invalid = |reason: String| Error::InvalidDestination {
-            url: url.to_owned(),
+            url: shown.to_owned(),
             reason,
         };
         let Some((scheme_text, _)) = url.split_once("://") else {
             return Self::local(url, std::path::Path::new(url), options, secrets);
-        };
-        let scheme = match scheme_text {
-            "file" => Scheme::File,
-            "s3" | "s3a" => Scheme::S3,
-            "gs" => Scheme::Gcs,
-            "az" | "azure" | "abfs" | "abfss" => Scheme::Azure,
-            other => {
-                return Err(invalid(format!(
-                    "scheme \"{other}://\" is not supported; use file://, s3://, gs:// or az://"
-                )));
-            }
         };
         let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
         if !parsed.username().is_empty() || parsed.password().is_some() {
@@ -107,12 +119,23 @@ impl Destination {
                 reason: "credentials do not belong in the URL; pass them as options (a Secret in the operator)".into(),
             });
         }
-        if scheme == Scheme::File {
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            // A query is where SAS tokens and signatures live; it would be printed with the URL.
+            return Err(invalid(
+                "a URL with ? or # is not supported; pass tokens as options (a Secret in the operator)".into(),
+            ));
+        }
+        if scheme_text == "file" {
             let path = parsed
                 .to_file_path()
                 .map_err(|()| invalid("a file:// URL needs an absolute path".into()))?;
             return Self::local(url, &path, options, secrets);
         }
+        let Some(scheme) = Scheme::from_name(scheme_text) else {
+            return Err(invalid(format!(
+                "scheme \"{scheme_text}://\" is not supported; use file://, s3://, gs:// or az://"
+            )));
+        };
         if parsed.host_str().is_none_or(str::is_empty) {
             return Err(invalid("the URL names no bucket or container".into()));
         }
@@ -139,42 +162,16 @@ impl Destination {
         if endpoint_is_http && !config.iter().any(|(key, _)| key.ends_with("allow_http")) {
             config.push(("allow_http".into(), "true".into()));
         }
-        let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
-            Scheme::S3 => {
-                let mut builder = AmazonS3Builder::new().with_url(url);
-                for (key, value) in &config {
-                    if let Ok(k) = key.parse() {
-                        builder = builder.with_config(k, value);
-                    }
-                }
-                builder.build().map(|s| Arc::new(s) as _)
-            }
-            Scheme::Gcs => {
-                let mut builder = GoogleCloudStorageBuilder::new().with_url(url);
-                for (key, value) in &config {
-                    if let Ok(k) = key.parse() {
-                        builder = builder.with_config(k, value);
-                    }
-                }
-                builder.build().map(|s| Arc::new(s) as _)
-            }
-            Scheme::Azure => {
-                let mut builder = MicrosoftAzureBuilder::new().with_url(url);
-                for (key, value) in &config {
-                    if let Ok(k) = key.parse() {
-                        builder = builder.with_config(k, value);
-                    }
-                }
-                builder.build().map(|s| Arc::new(s) as _)
-            }
-            Scheme::File => unreachable!("handled above"),
+        let built = match scheme {
+            Scheme::S3 => build_store!(AmazonS3Builder::new().with_url(url), &config),
+            Scheme::Gcs => build_store!(GoogleCloudStorageBuilder::new().with_url(url), &config),
+            Scheme::Azure => build_store!(MicrosoftAzureBuilder::new().with_url(url), &config),
         };
         let store = built.map_err(|e| invalid(redact(&e.to_string(), &secrets)))?;
         Ok(Self {
             store,
             path,
             url: url.to_owned(),
-            scheme,
             secrets,
         })
     }
@@ -184,20 +181,15 @@ impl Destination {
     /// providers' own CLIs do. Explicit options win. For the CLI; the operator never reads its
     /// own environment for credentials.
     pub fn parse_with_env(url: &str, options: &BTreeMap<String, String>) -> Result<Self, Error> {
-        let scheme = match url.split_once("://").map(|(s, _)| s) {
-            Some("s3" | "s3a") => Scheme::S3,
-            Some("gs") => Scheme::Gcs,
-            Some("az" | "azure" | "abfs" | "abfss") => Scheme::Azure,
-            _ => return Self::parse(url, options),
+        let Some(scheme) = url
+            .split_once("://")
+            .and_then(|(name, _)| Scheme::from_name(name))
+        else {
+            return Self::parse(url, options);
         };
         let mut merged: BTreeMap<String, String> = std::env::vars()
             .map(|(key, value)| (key.to_ascii_lowercase(), value))
-            .filter(|(key, _)| {
-                scheme
-                    .env_prefix()
-                    .is_some_and(|prefix| key.starts_with(prefix))
-                    && scheme.accepts(key)
-            })
+            .filter(|(key, _)| key.starts_with(scheme.env_prefix()) && scheme.accepts(key))
             .collect();
         for (key, value) in options {
             merged.insert(key.to_ascii_lowercase(), value.clone());
@@ -231,7 +223,6 @@ impl Destination {
             store: Arc::new(LocalFileSystem::new().with_fsync(true)),
             path: object_path,
             url: url.to_owned(),
-            scheme: Scheme::File,
             secrets,
         })
     }
@@ -239,10 +230,6 @@ impl Destination {
     /// The URL as given (never holds credentials).
     pub fn url(&self) -> &str {
         &self.url
-    }
-
-    pub fn scheme(&self) -> Scheme {
-        self.scheme
     }
 
     /// A writer for a new object at this location. Nothing is visible under the final name until

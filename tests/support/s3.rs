@@ -78,10 +78,10 @@ pub async fn object_parts(bucket: &str, key: &str) -> (u64, u32) {
     // A multipart object's ETag ends in -<parts>.
     let etag = tags(&body, "ETag").first().cloned().unwrap_or_default();
     let parts = etag
-        .trim_matches(|c| c == '"' || c == ';' || c == '&')
         .replace("&quot;", "")
+        .trim_matches('"')
         .rsplit_once('-')
-        .and_then(|(_, n)| n.trim_matches('"').parse().ok())
+        .and_then(|(_, n)| n.parse().ok())
         .unwrap_or(1);
     (size, parts)
 }
