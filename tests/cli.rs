@@ -108,7 +108,7 @@ async fn walk_through_every_command() {
         &["state", "rollback", "--backup-id", &backup_id, s[0], s[1]],
     );
     assert!(rollback.status.success(), "{}", stderr(&rollback));
-    assert!(stdout(&rollback).contains("undo with: statekeeper state rollback --backup-id"));
+    assert!(stdout(&rollback).contains("undo with: statekeeper state rollback --schema"));
     let status = json(&statekeeper(
         url,
         &["state", "status", s[0], s[1], "-o", "json"],
@@ -393,6 +393,8 @@ async fn export_and_import_through_files_and_pipes() {
             "state",
             "--to",
             "-",
+            "--format",
+            "statekeeper",
             "--environment",
             "prod",
         ],

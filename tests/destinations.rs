@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use statekeeper::engine::generator::GenerateOptions;
-use statekeeper::engine::{Compression, Destination, ExportOptions, ImportOptions};
+use statekeeper::engine::{Compression, Destination, ExportFormat, ExportOptions, ImportOptions};
 use support::{TestDb, current_state, s3};
 
 async fn generated(db: &TestDb, model_versions: u64) -> statekeeper::engine::Store {
@@ -32,6 +32,7 @@ fn uncompressed() -> ExportOptions {
     ExportOptions {
         environments: None,
         compression: Compression::None,
+        format: ExportFormat::Statekeeper,
     }
 }
 
@@ -223,6 +224,7 @@ async fn local_files_are_written_whole_and_never_half() {
             &ExportOptions {
                 environments: None,
                 compression: Compression::Zstd,
+                format: ExportFormat::Statekeeper,
             },
             |_| {},
         )
@@ -238,6 +240,7 @@ async fn local_files_are_written_whole_and_never_half() {
             &ExportOptions {
                 environments: Some(vec!["nope".into()]),
                 compression: Compression::None,
+                format: ExportFormat::Statekeeper,
             },
             |_| {},
         )

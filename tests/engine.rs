@@ -60,7 +60,10 @@ async fn init_is_idempotent_and_creates_every_table() {
 
     let status = store.status().await.unwrap();
     assert!(status.initialized);
-    assert_eq!((status.current_version, status.latest_version), (3, 3));
+    assert_eq!(
+        (status.current_version, status.latest_version),
+        (3, Some(3))
+    );
     assert!(status.pending.is_empty());
     assert_eq!(status.applied.len(), 3);
     assert_eq!(status.counts["model_versions"], 0);
@@ -355,7 +358,7 @@ async fn reset_needs_both_approvals_and_keeps_a_backup() {
         })
         .await
         .unwrap();
-    assert_eq!(report.tables_dropped, all_tables().len());
+    assert_eq!(report.tables_reset, all_tables().len());
     let backup = report.backup.expect("reset keeps a backup");
     assert_eq!(backup.reason, "pre-reset");
     assert!(snapshot(&mut conn, "state").await.is_empty());

@@ -5,10 +5,22 @@ mod support;
 use std::collections::BTreeMap;
 
 use statekeeper::engine::generator::GenerateOptions;
-use statekeeper::engine::{Compression, Error, ExportOptions, ImportMode, ImportOptions, Store};
+use statekeeper::engine::{
+    Compression, Error, ExportFormat, ExportOptions, ImportMode, ImportOptions, Store,
+};
 use support::{TestDb, snapshot};
 
 const SCHEMA: &str = "state";
+
+/// statekeeper's logical format v1, which these tests are about (the exact format has its own
+/// tests in tests/frameworks.rs).
+fn logical() -> ExportOptions {
+    ExportOptions {
+        format: ExportFormat::Statekeeper,
+        ..Default::default()
+    }
+}
+
 /// Current-state tables: an export round-trips every row of each.
 const CURRENT_STATE: &[&str] = support::CURRENT_STATE_TABLES;
 
@@ -91,6 +103,7 @@ async fn full_round_trip_reproduces_every_row_with_every_compression() {
             &ExportOptions {
                 environments: None,
                 compression,
+                format: ExportFormat::Statekeeper,
             },
         )
         .await;
@@ -151,7 +164,7 @@ async fn full_round_trip_reproduces_every_row_with_every_compression() {
 async fn replace_keeps_a_backup_that_rollback_restores() {
     let a = TestDb::new().await;
     let store_a = source(&a).await;
-    let (bytes, _) = export(&store_a, &ExportOptions::default()).await;
+    let (bytes, _) = export(&store_a, &logical()).await;
 
     let b = TestDb::new().await;
     let store_b = b.store(SCHEMA).await;
@@ -199,6 +212,7 @@ async fn environment_filtered_export_imports_on_its_own() {
         &ExportOptions {
             environments: Some(wanted.clone()),
             compression: Compression::Zstd,
+            format: ExportFormat::Statekeeper,
         },
     )
     .await;
@@ -242,6 +256,7 @@ async fn environment_filtered_export_imports_on_its_own() {
             &ExportOptions {
                 environments: Some(vec!["nope".into()]),
                 compression: Compression::None,
+                format: ExportFormat::Statekeeper,
             },
         )
         .await
@@ -261,6 +276,7 @@ async fn merge_replaces_namesakes_and_keeps_the_rest() {
         &ExportOptions {
             environments: Some(vec!["env_1".into()]),
             compression: Compression::Gzip,
+            format: ExportFormat::Statekeeper,
         },
     )
     .await;
@@ -339,12 +355,13 @@ async fn merge_replaces_namesakes_and_keeps_the_rest() {
 async fn bad_files_are_refused_and_change_nothing() {
     let a = TestDb::new().await;
     let store_a = source(&a).await;
-    let (plain, report) = export(&store_a, &ExportOptions::default()).await;
+    let (plain, report) = export(&store_a, &logical()).await;
     let (gzip, _) = export(
         &store_a,
         &ExportOptions {
             environments: None,
             compression: Compression::Gzip,
+            format: ExportFormat::Statekeeper,
         },
     )
     .await;
@@ -515,7 +532,7 @@ async fn export_reads_one_snapshot_while_writers_go_on() {
         let store = store.clone();
         async move {
             store
-                .export(writer, &ExportOptions::default())
+                .export(writer, &logical())
                 .await
                 .map(|(report, _)| report)
         }

@@ -112,7 +112,7 @@ fn every_example_state_store_parses_into_the_real_type() {
                     "{}",
                     path.display()
                 );
-                statekeeper::engine::SchemaName::new(&store.spec.schema).unwrap();
+                statekeeper::engine::SchemaName::new(store.spec.schema_name()).unwrap();
                 found += 1;
             }
         }

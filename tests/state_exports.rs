@@ -84,7 +84,7 @@ async fn state_export_waits_for_its_store_and_gives_up_after_its_backoff_limit()
         state_export(
             "partial",
             &url,
-            json!({"environments": ["nope"], "backoffLimit": 2}),
+            json!({"format": "statekeeper", "environments": ["nope"], "backoffLimit": 2}),
         ),
     );
     at(&h.ctx, "2026-11-22T10:00:00Z");
@@ -595,7 +595,7 @@ async fn immediate_runs_at_creation_and_retention_prunes_children_and_files() {
         &export_path("nightly"),
         schedule_object(
             &bucket,
-            json!({"spec": {"environments": ["nope"], "backoffLimit": 1, "retention": {"keepLast": 2, "keepFailed": 1}}}),
+            json!({"spec": {"format": "statekeeper", "environments": ["nope"], "backoffLimit": 1, "retention": {"keepLast": 2, "keepFailed": 1}}}),
         ),
     );
     at(&h.ctx, "2026-11-25T02:00:01Z");

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("has(oldSelf.spec.schedule) || self.spec == oldSelf.spec").message("the spec of a one-shot export is immutable: create a new StateExport"),
     validation = Rule::new("has(self.spec.schedule) == has(oldSelf.spec.schedule)").message("a StateExport cannot switch between one-shot and scheduled: create a new one"),
     validation = Rule::new("!has(self.spec.schedule) || size(self.metadata.name) <= 63").message("a scheduled StateExport's name is at most 63 characters (it labels its children)"),
+    validation = Rule::new("!has(self.spec.environments) || size(self.spec.environments) == 0 || (has(self.spec.format) && self.spec.format != 'exact')").message("environments select part of a store: set format: statekeeper (or sqlmesh for a SQLMesh store); an exact export always holds every table"),
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Store","type":"string","jsonPath":".spec.storeRef.name"}"#,
     printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
@@ -40,6 +41,11 @@ pub struct StateExportSpec {
     pub environments: Vec<String>,
     #[serde(default)]
     pub compression: ExportCompression,
+    /// `exact` (the default: every row of every table of the store, history included; restores
+    /// bit for bit), `statekeeper` (statekeeper's logical format, mergeable, current state only)
+    /// or `sqlmesh` (the document `sqlmesh state export` writes; SQLMesh stores only).
+    #[serde(default)]
+    pub format: ExportFormat,
     /// Attempts before an export is marked Failed for good (default 3).
     #[serde(default = "default_backoff_limit")]
     #[schemars(range(min = 1, max = 20))]
@@ -154,6 +160,25 @@ pub struct Destination {
 pub struct SecretRef {
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    #[default]
+    Exact,
+    Statekeeper,
+    Sqlmesh,
+}
+
+impl From<ExportFormat> for crate::engine::ExportFormat {
+    fn from(value: ExportFormat) -> Self {
+        match value {
+            ExportFormat::Exact => Self::Exact,
+            ExportFormat::Statekeeper => Self::Statekeeper,
+            ExportFormat::Sqlmesh => Self::Sqlmesh,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

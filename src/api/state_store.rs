@@ -17,7 +17,10 @@ use super::SecretKeyRef;
     status = "StateStoreStatus",
     shortname = "sks",
     category = "statekeeper",
+    validation = Rule::new("(has(self.spec.framework) ? self.spec.framework : 'statekeeper') == (has(oldSelf.spec.framework) ? oldSelf.spec.framework : 'statekeeper')").message("spec.framework is immutable: create a new StateStore for another framework"),
+    validation = Rule::new("!has(self.spec.janitor) || !has(self.spec.framework) || self.spec.framework == 'statekeeper'").message("spec.janitor runs statekeeper's janitor, for framework statekeeper only; a SQLMesh store is cleaned by `sqlmesh janitor`"),
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Framework","type":"string","jsonPath":".spec.framework"}"#,
     printcolumn = r#"{"name":"Schema Version","type":"integer","jsonPath":".status.schemaVersion"}"#,
     printcolumn = r#"{"name":"Latest","type":"integer","jsonPath":".status.latestSchemaVersion","priority":1}"#,
     printcolumn = r#"{"name":"Last Janitor","type":"date","jsonPath":".status.janitor.lastSuccessfulTime"}"#,
@@ -25,13 +28,19 @@ use super::SecretKeyRef;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StateStoreSpec {
+    /// The framework whose state the store holds: `statekeeper` (statekeeper's own schema, which
+    /// it creates and upgrades) or `sqlmesh` (SQLMesh's state tables, which SQLMesh creates and
+    /// migrates; statekeeper backs them up, restores, exports and imports them). Immutable.
+    #[serde(default)]
+    pub framework: StoreFramework,
     /// How to reach the database.
     pub connection: ConnectionSpec,
-    /// Schema holding the state tables: lower-case letters, digits and '_', at most 37 bytes so
-    /// that backup schemas `<schema>__backup_<id>` fit PostgreSQL's identifier limit.
-    #[serde(default = "default_schema")]
+    /// Schema holding the state tables (default: `statekeeper`, or `sqlmesh` for a SQLMesh store):
+    /// lower-case letters, digits and '_', at most 37 bytes so that backup schemas
+    /// `<schema>__backup_<id>` fit PostgreSQL's identifier limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]*$"), length(min = 1, max = 37))]
-    pub schema: String,
+    pub schema: Option<String>,
     /// Allows `reset` operations on this store (each also needs its own approval).
     #[serde(default)]
     pub allow_reset: bool,
@@ -39,7 +48,9 @@ pub struct StateStoreSpec {
     #[serde(default = "default_unsuffixed_virtual_env")]
     #[schemars(length(min = 1, max = 253))]
     pub unsuffixed_virtual_env: String,
-    /// Whether the operator creates the schema when it is missing.
+    /// Whether the operator creates the schema when it is missing. Applies to framework
+    /// `statekeeper` only: SQLMesh creates its own tables (`sqlmesh plan`, `sqlmesh migrate`) and
+    /// the store reports `NotInitialized` until it has.
     #[serde(default)]
     pub init_policy: InitPolicy,
     /// Run the janitor on a schedule, like a CronJob.
@@ -107,8 +118,33 @@ fn default_batch_size() -> u32 {
     1000
 }
 
-fn default_schema() -> String {
-    "statekeeper".into()
+impl StateStoreSpec {
+    /// The schema the state lives in: as set, or the framework's default.
+    pub fn schema_name(&self) -> &str {
+        self.schema.as_deref().unwrap_or(
+            crate::engine::Framework::from(self.framework)
+                .profile()
+                .default_schema,
+        )
+    }
+}
+
+/// The framework whose state a store holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreFramework {
+    #[default]
+    Statekeeper,
+    Sqlmesh,
+}
+
+impl From<StoreFramework> for crate::engine::Framework {
+    fn from(value: StoreFramework) -> Self {
+        match value {
+            StoreFramework::Statekeeper => Self::Statekeeper,
+            StoreFramework::Sqlmesh => Self::Sqlmesh,
+        }
+    }
 }
 
 fn default_unsuffixed_virtual_env() -> String {
@@ -191,13 +227,21 @@ pub struct StateStoreStatus {
     /// Ready, Initializing or Failed: a summary of the conditions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
-    /// Schema version of the store (0 when not initialised).
+    /// The framework whose state the store holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub framework: Option<String>,
+    /// Schema version of the store (0 when not initialised); for SQLMesh, its state schema
+    /// version (`_versions.schema_version`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_version: Option<i32>,
-    /// The latest schema version this operator ships.
+    /// The framework's own versions: for SQLMesh, `sqlmeshVersion` and `sqlglotVersion`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub framework_versions: Option<BTreeMap<String, String>>,
+    /// The latest schema version this operator ships (framework statekeeper).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_schema_version: Option<i32>,
-    /// Row counts of the main state tables.
+    /// Row counts of the main state tables (SQLMesh: snapshots, environments, expired
+    /// environments, intervals, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counts: Option<BTreeMap<String, i64>>,
     /// Backup schemas of this store, oldest first.

@@ -42,6 +42,9 @@ enum Command {
         environments: u32,
         #[arg(long, default_value = "zstd")]
         compression: statekeeper::engine::Compression,
+        /// exact (every table, history included) or statekeeper (current state only).
+        #[arg(long, default_value = "exact")]
+        format: statekeeper::engine::ExportFormat,
     },
     /// Janitor on a store with half of its versions unreferenced, while a writer keeps writing.
     Janitor {
@@ -121,13 +124,14 @@ async fn run(cli: Cli) -> BenchResult<()> {
             sizes,
             environments,
             compression,
+            format,
         } => {
             let url = database(&target).await?;
             let dir =
                 std::env::temp_dir().join(format!("statekeeper-bench-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
             println!(
-                "export/import benchmark ({compression:?} export; pg_dump --data-only plain SQL with COPY; same schema, same run)"
+                "export/import benchmark ({format} format, {compression:?}; pg_dump --data-only plain SQL with COPY; same schema, same run)"
             );
             println!(
                 "{:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   ratios",
@@ -150,6 +154,7 @@ async fn run(cli: Cli) -> BenchResult<()> {
                     size,
                     environments,
                     compression,
+                    format,
                 )
                 .await;
                 let r = match round {
@@ -268,6 +273,7 @@ async fn export_import_round(
     size: u64,
     environments: u32,
     compression: statekeeper::engine::Compression,
+    format: statekeeper::engine::ExportFormat,
 ) -> BenchResult<Round> {
     let source = fresh_store(url, schema).await?;
     source
@@ -291,6 +297,7 @@ async fn export_import_round(
             &statekeeper::engine::ExportOptions {
                 environments: None,
                 compression,
+                format,
             },
             |_| {},
         )

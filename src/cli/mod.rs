@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::engine::{
-    ConnectionSettings, Error, JanitorOptions, ResetApproval, SchemaName, Store, redact,
+    ConnectionSettings, Error, ExportFormat, Framework, JanitorOptions, ResetApproval, SchemaName,
+    Store, redact,
 };
 
 #[derive(Parser, Debug)]
@@ -43,14 +44,18 @@ pub struct StateArgs {
         global = true
     )]
     database_url: Option<String>,
-    /// Schema holding the state tables.
+    /// The framework whose state the store holds: statekeeper (statekeeper's own schema) or
+    /// sqlmesh (SQLMesh's state tables, which SQLMesh creates and migrates).
     #[arg(
         long,
-        env = "STATEKEEPER_SCHEMA",
+        env = "STATEKEEPER_FRAMEWORK",
         default_value = "statekeeper",
         global = true
     )]
-    schema: String,
+    framework: Framework,
+    /// Schema holding the state tables (default: statekeeper, or sqlmesh with --framework sqlmesh).
+    #[arg(long, env = "STATEKEEPER_SCHEMA", global = true)]
+    schema: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text, global = true)]
     output: OutputFormat,
@@ -75,8 +80,11 @@ enum StateCommand {
         #[arg(long)]
         target_version: Option<i32>,
     },
-    /// Show schema version, pending migrations, row counts and backups.
+    /// Show the store's versions, pending migrations, row counts and backups.
     Status,
+    /// Take a backup now (before running `sqlmesh migrate` or any risky command by hand); prints
+    /// its id, which `rollback --backup-id` restores.
+    Backup,
     /// Back up, then apply pending migrations up to a target version (default: latest).
     #[command(visible_alias = "migrate")]
     Upgrade {
@@ -128,6 +136,11 @@ struct ExportArgs {
     /// none, gzip or zstd.
     #[arg(long, default_value = "none")]
     compression: crate::engine::Compression,
+    /// exact (every row of every table, history included: restores bit for bit), statekeeper
+    /// (statekeeper's logical format, mergeable) or sqlmesh (the document `sqlmesh state export`
+    /// writes).
+    #[arg(long, default_value = "exact")]
+    format: ExportFormat,
 }
 
 #[derive(Args, Debug)]
@@ -240,7 +253,11 @@ pub async fn run_state(args: StateArgs) -> ExitCode {
 }
 
 async fn execute(args: &StateArgs) -> Result<String, Error> {
-    let schema = SchemaName::new(&args.schema)?;
+    let schema = SchemaName::new(
+        args.schema
+            .as_deref()
+            .unwrap_or(args.framework.profile().default_schema),
+    )?;
     let url = args.database_url.as_deref().ok_or_else(|| {
         Error::InvalidConnection(
             "no database URL: pass --database-url or set STATEKEEPER_DATABASE_URL".into(),
@@ -262,6 +279,7 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
     }
     let pool = ConnectionSettings::from_url(url)?.connect().await?;
     let store = Store::new(pool, schema)
+        .with_framework(args.framework)
         .with_actor(format!("cli:{}", whoami()))
         .with_lock_timeout(std::time::Duration::from_secs(args.lock_timeout));
     let json = args.output == OutputFormat::Json;
@@ -270,6 +288,7 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
             output::init(&store.init(*target_version).await?, json)
         }
         StateCommand::Status => output::status(&store.status().await?, json),
+        StateCommand::Backup => output::backup(&store.backup().await?, json),
         StateCommand::Upgrade { target_version } => {
             output::upgrade(&store.upgrade(*target_version).await?, json)
         }
@@ -306,6 +325,7 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
                 environments: (!export.environments.is_empty())
                     .then(|| export.environments.clone()),
                 compression: export.compression,
+                format: export.format,
             };
             let bar = transfer::progress("exporting");
             let report = match &location {

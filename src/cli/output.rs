@@ -3,8 +3,8 @@
 use serde::Serialize;
 
 use crate::engine::{
-    BackupInfo, ExportReport, ImportReport, InitReport, JanitorReport, ResetReport, RollbackReport,
-    StatusReport, UpgradeReport,
+    BackupInfo, ExportReport, Framework, ImportReport, InitReport, JanitorReport, ResetReport,
+    RollbackReport, StatusReport, UpgradeReport,
 };
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -20,14 +20,46 @@ fn steps(applied: &[crate::engine::store::AppliedStep]) -> String {
 }
 
 fn backup_line(b: &BackupInfo) -> String {
+    let details = b
+        .version_details
+        .iter()
+        .map(|(k, v)| format!(", {k} {v}"))
+        .collect::<String>();
     format!(
-        "{}  version {}  {}  {} tables, {} rows  ({})",
+        "{}  {} version {}{}  {}  {} tables, {} rows  ({})",
         b.id,
+        b.framework.profile().display_name,
         b.schema_version,
+        details,
         b.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
         b.tables,
         b.rows,
         b.reason
+    )
+}
+
+/// The `--framework` flag a follow-up command needs (empty for statekeeper's own schema).
+fn framework_flag(framework: Framework) -> String {
+    if framework == Framework::default() {
+        String::new()
+    } else {
+        format!(" --framework {framework}")
+    }
+}
+
+pub fn backup(b: &BackupInfo, json: bool) -> String {
+    if json {
+        return to_json(b);
+    }
+    format!(
+        "backup {} of schema \"{}\": {} tables, {} rows\n  restore with: statekeeper state rollback{} --schema {} --backup-id {}",
+        b.id,
+        b.schema,
+        b.tables,
+        b.rows,
+        framework_flag(b.framework),
+        b.schema,
+        b.id
     )
 }
 
@@ -55,26 +87,39 @@ pub fn status(r: &StatusReport, json: bool) -> String {
     if json {
         return to_json(r);
     }
+    let profile = r.framework.profile();
     if !r.initialized {
         return format!(
-            "schema \"{}\": not initialized (latest version {}); run `statekeeper state init`",
-            r.schema, r.latest_version
+            "{} schema \"{}\": not initialized; {}",
+            profile.display_name, r.schema, profile.not_initialized_hint
         );
     }
-    let mut out = vec![format!(
-        "schema \"{}\": version {} of {}{}",
-        r.schema,
-        r.current_version,
-        r.latest_version,
-        if r.pending.is_empty() {
-            " (up to date)".to_string()
-        } else {
-            format!(
-                " ({} pending: run `statekeeper state upgrade`)",
-                r.pending.len()
-            )
-        }
-    )];
+    let headline = match r.latest_version {
+        Some(latest) => format!(
+            "schema \"{}\": version {} of {latest}{}",
+            r.schema,
+            r.current_version,
+            if r.pending.is_empty() {
+                " (up to date)".to_string()
+            } else {
+                format!(
+                    " ({} pending: run `statekeeper state upgrade`)",
+                    r.pending.len()
+                )
+            }
+        ),
+        None => format!(
+            "{} schema \"{}\": state schema version {}{}",
+            profile.display_name,
+            r.schema,
+            r.current_version,
+            r.versions
+                .iter()
+                .map(|(k, v)| format!(", {k} {v}"))
+                .collect::<String>()
+        ),
+    };
+    let mut out = vec![headline];
     out.push("rows:".into());
     out.extend(r.counts.iter().map(|(t, n)| format!("  {t:<34} {n}")));
     out.push(format!("backups: {}", r.backups.len()));
@@ -110,8 +155,11 @@ pub fn rollback(r: &RollbackReport, json: bool) -> String {
     }
     let undo = match &r.pre_rollback_backup {
         Some(b) => format!(
-            "\n  the replaced state is in backup {} (undo with: statekeeper state rollback --backup-id {})",
-            b.id, b.id
+            "\n  the replaced state is in backup {} (undo with: statekeeper state rollback{} --schema {} --backup-id {})",
+            b.id,
+            framework_flag(b.framework),
+            r.schema,
+            b.id
         ),
         None => String::new(),
     };
@@ -133,14 +181,17 @@ pub fn reset(r: &ResetReport, json: bool) -> String {
     }
     let kept = match &r.backup {
         Some(b) => format!(
-            "\n  the dropped state is in backup {} (restore with: statekeeper state rollback --backup-id {})",
-            b.id, b.id
+            "\n  the removed state is in backup {} (restore with: statekeeper state rollback{} --schema {} --backup-id {})",
+            b.id,
+            framework_flag(b.framework),
+            r.schema,
+            b.id
         ),
         None => String::new(),
     };
     format!(
-        "reset schema \"{}\": dropped {} tables (was version {}){}",
-        r.schema, r.tables_dropped, r.from_version, kept
+        "reset schema \"{}\": {} tables reset (was version {}){}",
+        r.schema, r.tables_reset, r.from_version, kept
     )
 }
 

@@ -236,6 +236,7 @@ pub async fn reconcile(
     let options = ExportOptions {
         environments: (!spec.environments.is_empty()).then(|| spec.environments.clone()),
         compression,
+        format: spec.format.into(),
     };
     match engine.export_to(&destination, &options, |_| {}).await {
         Ok(report) => {
@@ -277,7 +278,13 @@ pub async fn reconcile(
         }
         Err(e) => {
             let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
-            let exhausted = status.attempts >= spec.backoff_limit;
+            // A request the store can never serve (a format its framework lacks) is not retried.
+            let exhausted = status.attempts >= spec.backoff_limit
+                || matches!(
+                    e,
+                    crate::engine::Error::UnsupportedFormat { .. }
+                        | crate::engine::Error::InvalidExportRequest(_)
+                );
             let message = format!(
                 "attempt {} of {} failed: {}",
                 status.attempts,

@@ -18,7 +18,9 @@ use super::store_janitor;
 use super::telemetry::ObjectLabels;
 use super::{Context, FIELD_MANAGER, ReconcileError};
 use crate::api::SecretKeyRef;
-use crate::api::state_store::{BackupStatus, InitPolicy, StateStore, StateStoreStatus};
+use crate::api::state_store::{
+    BackupStatus, InitPolicy, StateStore, StateStoreStatus, StoreFramework,
+};
 use crate::engine::{
     ConnectionParts, ConnectionSettings, Error as EngineError, InitReport, SchemaName,
     StatusReport, Store, redact,
@@ -43,8 +45,9 @@ pub enum Observation {
         reason: &'static str,
         message: String,
     },
-    /// The schema is not initialised and `initPolicy: Never` forbids creating it.
-    NotInitialized { schema: String },
+    /// The store's tables do not exist, and statekeeper may not (`initPolicy: Never`) or cannot
+    /// (the framework creates them) create them.
+    NotInitialized { message: String },
     /// The store answered, but is not something this operator can manage.
     StoreFailed {
         reason: &'static str,
@@ -96,18 +99,12 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
         | Observation::ConnectFailed { reason, message } => {
             failed(Some((false, reason, message)), None, reason, message)
         }
-        Observation::NotInitialized { schema } => {
-            let message = format!(
-                "schema \"{schema}\" is not initialized and initPolicy is Never; run `statekeeper state init` \
-                 against the database or set initPolicy: IfMissing"
-            );
-            failed(
-                Some((true, "Connected", "connected to the database")),
-                Some((false, "NotInitialized", &message)),
-                "NotInitialized",
-                &message,
-            )
-        }
+        Observation::NotInitialized { message } => failed(
+            Some((true, "Connected", "connected to the database")),
+            Some((false, "NotInitialized", message)),
+            "NotInitialized",
+            message,
+        ),
         Observation::StoreFailed { reason, message } => failed(
             Some((true, "Connected", "connected to the database")),
             None,
@@ -125,7 +122,18 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
                 ),
                 None => format!("schema \"{}\" is initialized", report.schema),
             };
-            let up_to_date = if report.pending.is_empty() {
+            let profile = report.framework.profile();
+            let up_to_date = if !profile.owns_schema {
+                Desired::new(
+                    SCHEMA_UP_TO_DATE,
+                    true,
+                    "ManagedByFramework",
+                    format!(
+                        "{} migrates its own state tables; state schema version {}",
+                        profile.display_name, report.current_version
+                    ),
+                )
+            } else if report.pending.is_empty() {
                 Desired::new(
                     SCHEMA_UP_TO_DATE,
                     true,
@@ -141,26 +149,39 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
                         "schema version {} of {}: {} migration(s) pending; apply a StateMigration of type \
                          upgrade or run `statekeeper state upgrade`",
                         report.current_version,
-                        report.latest_version,
+                        report.latest_version.unwrap_or(report.current_version),
                         report.pending.len()
                     ),
                 )
             };
             let count = |t: &str| report.counts.get(t).copied().unwrap_or(0);
+            let ready = if profile.owns_schema {
+                format!(
+                    "schema \"{}\" at version {}: {} model versions, {} environments, {} backups",
+                    report.schema,
+                    report.current_version,
+                    count("model_versions"),
+                    count("virtual_environments"),
+                    report.backups.len()
+                )
+            } else {
+                format!(
+                    "{} state in schema \"{}\" (state schema version {}{}): {} snapshots, {} environments, {} backups",
+                    profile.display_name,
+                    report.schema,
+                    report.current_version,
+                    report
+                        .versions
+                        .iter()
+                        .map(|(k, v)| format!(", {k} {v}"))
+                        .collect::<String>(),
+                    count("snapshots"),
+                    count("environments"),
+                    report.backups.len()
+                )
+            };
             vec![
-                Desired::new(
-                    READY,
-                    true,
-                    "StoreReady",
-                    format!(
-                        "schema \"{}\" at version {}: {} model versions, {} environments, {} backups",
-                        report.schema,
-                        report.current_version,
-                        count("model_versions"),
-                        count("virtual_environments"),
-                        report.backups.len()
-                    ),
-                ),
+                Desired::new(READY, true, "StoreReady", ready),
                 Desired::new(RECONCILING, false, "StoreReady", "nothing to do"),
                 Desired::new(STALLED, false, "StoreReady", "the store is healthy"),
                 Desired::new(CONNECTED, true, "Connected", "connected to the database"),
@@ -311,7 +332,9 @@ pub async fn reconcile(
     let mut status = StateStoreStatus {
         observed_generation: store.meta().generation,
         phase: Some(phase(&conds).into()),
-        latest_schema_version: Some(crate::engine::MigrationChain::shipped().latest()),
+        framework: Some(crate::engine::Framework::from(store.spec.framework).to_string()),
+        latest_schema_version: (store.spec.framework == StoreFramework::Statekeeper)
+            .then(|| crate::engine::MigrationChain::shipped().latest()),
         last_checked_time: Some(now.to_string()),
         conditions: conds,
         janitor: match &janitor {
@@ -323,6 +346,7 @@ pub async fn reconcile(
     };
     if let Observation::Observed { report, .. } = &observation {
         status.schema_version = Some(report.current_version);
+        status.framework_versions = (!report.versions.is_empty()).then(|| report.versions.clone());
         status.counts = Some(report.counts.clone());
         status.backups = Some(
             report
@@ -340,6 +364,7 @@ pub async fn reconcile(
     } else {
         // Keep the last known facts about the store while it cannot be observed.
         status.schema_version = previous.schema_version;
+        status.framework_versions = previous.framework_versions.clone();
         status.counts = previous.counts.clone();
         status.backups = previous.backups.clone();
     }
@@ -431,14 +456,16 @@ pub async fn connect(
     ctx: &Context,
 ) -> Result<(Store, Vec<String>), (Observation, Vec<String>)> {
     let key = format!("{namespace}/{}", store.name_any());
-    let schema = SchemaName::new(&store.spec.schema)
+    let schema = SchemaName::new(store.spec.schema_name())
         .map_err(|e| (Observation::InvalidSpec(e.to_string()), Vec::new()))?;
     let (settings, secrets) = resolve_connection(store, namespace, ctx)
         .await
         .map_err(|observation| (observation, Vec::new()))?;
     match ctx.pool_for(&key, &settings, &secrets).await {
         Ok(pool) => Ok((
-            Store::new(pool, schema).with_actor(format!("operator:{key}")),
+            Store::new(pool, schema)
+                .with_framework(store.spec.framework.into())
+                .with_actor(format!("operator:{key}")),
             secrets,
         )),
         Err(e) => Err((
@@ -496,9 +523,24 @@ async fn observe_store(
             initialized_now: None,
         });
     }
+    let profile = engine.profile();
+    if !profile.owns_schema {
+        return Ok(Observation::NotInitialized {
+            message: format!(
+                "no {} state tables in schema \"{}\" yet: {}",
+                profile.display_name,
+                engine.schema(),
+                profile.not_initialized_hint
+            ),
+        });
+    }
     if policy == InitPolicy::Never {
         return Ok(Observation::NotInitialized {
-            schema: engine.schema().to_string(),
+            message: format!(
+                "schema \"{}\" is not initialized and initPolicy is Never; run `statekeeper state init` \
+                 against the database or set initPolicy: IfMissing",
+                engine.schema()
+            ),
         });
     }
     ctx.publish(

@@ -1,12 +1,16 @@
-//! Backup schemas `<schema>__backup_<id>`: full copies of every state table, made inside the
-//! transaction of the operation that needs them, so a failed operation leaves no backup behind.
+//! Backup schemas `<schema>__backup_<id>`: copies of every table of a store with their indexes,
+//! primary keys, unique and check constraints, made inside the transaction of the operation that
+//! needs them, so a failed operation leaves no backup behind.
+
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
-use serde::Serialize;
-use sqlx::{AssertSqlSafe, PgConnection, Row};
+use serde::{Deserialize, Serialize};
+use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::Error;
 use super::catalog;
+use super::frameworks::{Framework, StoreVersion};
 use super::identifier::{BACKUP_ID_LEN, SchemaName, quote_ident};
 
 /// The table inside every backup schema that describes the backup.
@@ -18,12 +22,32 @@ pub struct BackupInfo {
     pub id: String,
     pub schema: String,
     pub created_at: DateTime<Utc>,
+    /// The framework of the store the backup was taken from.
+    pub framework: Framework,
     /// The store's schema version when the backup was taken.
     pub schema_version: i32,
-    /// Why it was taken: `pre-upgrade`, `pre-rollback`, `pre-reset`.
+    /// Further version facts of the store at the time (SQLMesh's and SQLGlot's versions).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub version_details: BTreeMap<String, String>,
+    /// Why it was taken: `manual`, `pre-upgrade`, `pre-rollback`, `pre-reset`, `pre-import`.
     pub reason: String,
     pub tables: i32,
     pub rows: i64,
+}
+
+/// The metadata row as stored; backups made before frameworks existed lack the newer columns.
+#[derive(Deserialize)]
+struct StoredMetadata {
+    backup_id: String,
+    schema_version: i32,
+    reason: String,
+    created_at: DateTime<Utc>,
+    tables: i32,
+    row_count: i64,
+    #[serde(default)]
+    framework: Option<Framework>,
+    #[serde(default)]
+    versions: Option<BTreeMap<String, String>>,
 }
 
 /// Backup ids are exactly 17 digits; anything else is refused before it reaches SQL.
@@ -42,40 +66,44 @@ fn format_id(at: DateTime<Utc>) -> String {
     at.format("%Y%m%d%H%M%S%3f").to_string()
 }
 
-/// Copies every table of the store into a new backup schema.
+/// What a new backup records about its store.
+pub struct BackupSource<'a> {
+    pub schema: &'a SchemaName,
+    pub framework: Framework,
+    pub version: &'a StoreVersion,
+    pub tables: &'a [String],
+}
+
+/// Copies the given tables of the store into a new backup schema.
 pub async fn create(
     conn: &mut PgConnection,
-    schema: &SchemaName,
-    schema_version: i32,
+    source: &BackupSource<'_>,
     reason: &str,
 ) -> Result<BackupInfo, Error> {
+    let schema = source.schema;
     let mut at = Utc::now();
     let mut id = format_id(at);
     while catalog::schema_exists(conn, &schema.backup_schema(&id)).await? {
         at += ChronoDuration::milliseconds(1);
         id = format_id(at);
     }
-    let backup_schema = quote_ident(&schema.backup_schema(&id));
-    sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA {backup_schema}")))
-        .execute(&mut *conn)
-        .await?;
-    let tables = catalog::tables(conn, schema.as_str()).await?;
+    let backup_schema = schema.backup_schema(&id);
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE SCHEMA {}",
+        quote_ident(&backup_schema)
+    )))
+    .execute(&mut *conn)
+    .await?;
     let mut rows = 0i64;
-    for table in &tables {
-        let copied = sqlx::query(AssertSqlSafe(format!(
-            "CREATE TABLE {backup_schema}.{t} AS TABLE {store}.{t}",
-            t = quote_ident(table),
-            store = schema.quoted(),
-        )))
-        .execute(&mut *conn)
-        .await?;
-        rows += copied.rows_affected() as i64;
+    for table in source.tables {
+        rows += copy_table(conn, schema.as_str(), &backup_schema, table).await?;
     }
     sqlx::query(AssertSqlSafe(format!(
-        "CREATE TABLE {backup_schema}.{meta} (backup_id text NOT NULL, source_schema text NOT NULL, \
+        "CREATE TABLE {}.{} (backup_id text NOT NULL, source_schema text NOT NULL, \
          schema_version integer NOT NULL, reason text NOT NULL, created_at timestamptz NOT NULL, \
-         tables integer NOT NULL, row_count bigint NOT NULL)",
-        meta = quote_ident(BACKUP_METADATA_TABLE)
+         tables integer NOT NULL, row_count bigint NOT NULL, framework text NOT NULL, versions jsonb NOT NULL)",
+        quote_ident(&backup_schema),
+        quote_ident(BACKUP_METADATA_TABLE)
     )))
     .execute(&mut *conn)
     .await?;
@@ -83,14 +111,17 @@ pub async fn create(
         id,
         schema: schema.as_str().to_owned(),
         created_at: at,
-        schema_version,
+        framework: source.framework,
+        schema_version: source.version.schema_version,
+        version_details: source.version.details.clone(),
         reason: reason.to_owned(),
-        tables: tables.len() as i32,
+        tables: source.tables.len() as i32,
         rows,
     };
     sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {backup_schema}.{meta} VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        meta = quote_ident(BACKUP_METADATA_TABLE)
+        "INSERT INTO {}.{} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        quote_ident(&backup_schema),
+        quote_ident(BACKUP_METADATA_TABLE)
     )))
     .bind(&info.id)
     .bind(&info.schema)
@@ -99,9 +130,40 @@ pub async fn create(
     .bind(info.created_at)
     .bind(info.tables)
     .bind(info.rows)
+    .bind(info.framework.as_str())
+    .bind(serde_json::to_value(&info.version_details).unwrap_or_default())
     .execute(&mut *conn)
     .await?;
     Ok(info)
+}
+
+/// Copies one table with its rows, then adds its key constraints and indexes (built once, after
+/// the load). Foreign keys are not copied: a restore keeps the live ones or recreates them.
+pub(crate) async fn copy_table(
+    conn: &mut PgConnection,
+    from_schema: &str,
+    to_schema: &str,
+    table: &str,
+) -> Result<i64, Error> {
+    let from = format!("{}.{}", quote_ident(from_schema), quote_ident(table));
+    let to = format!("{}.{}", quote_ident(to_schema), quote_ident(table));
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE {to} (LIKE {from} INCLUDING ALL EXCLUDING INDEXES EXCLUDING DEFAULTS)"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    let columns = catalog::column_list(conn, from_schema, table).await?;
+    let copied = sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {to} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM {from}"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    for statement in catalog::index_definitions(conn, from_schema, to_schema, table).await? {
+        sqlx::query(AssertSqlSafe(statement))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(copied.rows_affected() as i64)
 }
 
 /// Every backup of the store, oldest first.
@@ -132,25 +194,30 @@ pub async fn read_metadata(
     schema: &SchemaName,
     id: &str,
 ) -> Result<BackupInfo, Error> {
-    let row = sqlx::query(AssertSqlSafe(format!(
-        "SELECT backup_id, schema_version, reason, created_at, tables, row_count FROM {}.{}",
+    let incompatible = |reason: String| Error::IncompatibleBackup {
+        id: id.to_owned(),
+        reason,
+    };
+    let row: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT to_jsonb(m)::text FROM {}.{} m",
         quote_ident(&schema.backup_schema(id)),
         quote_ident(BACKUP_METADATA_TABLE)
     )))
     .fetch_optional(&mut *conn)
-    .await?
-    .ok_or_else(|| Error::IncompatibleBackup {
-        id: id.to_owned(),
-        reason: "its metadata table is empty".into(),
-    })?;
+    .await?;
+    let row = row.ok_or_else(|| incompatible("its metadata table is empty".into()))?;
+    let stored: StoredMetadata = serde_json::from_str(&row)
+        .map_err(|e| incompatible(format!("its metadata cannot be read: {e}")))?;
     Ok(BackupInfo {
-        id: row.try_get("backup_id")?,
+        id: stored.backup_id,
         schema: schema.as_str().to_owned(),
-        created_at: row.try_get("created_at")?,
-        schema_version: row.try_get("schema_version")?,
-        reason: row.try_get("reason")?,
-        tables: row.try_get("tables")?,
-        rows: row.try_get("row_count")?,
+        created_at: stored.created_at,
+        framework: stored.framework.unwrap_or_default(),
+        schema_version: stored.schema_version,
+        version_details: stored.versions.unwrap_or_default(),
+        reason: stored.reason,
+        tables: stored.tables,
+        rows: stored.row_count,
     })
 }
 
@@ -178,6 +245,19 @@ pub async fn find(
     }
 }
 
+/// The tables a backup holds (its metadata table aside).
+pub async fn tables(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    id: &str,
+) -> Result<Vec<String>, Error> {
+    Ok(catalog::tables(conn, &schema.backup_schema(id))
+        .await?
+        .into_iter()
+        .filter(|t| t != BACKUP_METADATA_TABLE)
+        .collect())
+}
+
 pub async fn drop(conn: &mut PgConnection, schema: &SchemaName, id: &str) -> Result<(), Error> {
     sqlx::query(AssertSqlSafe(format!(
         "DROP SCHEMA {} CASCADE",
@@ -186,25 +266,4 @@ pub async fn drop(conn: &mut PgConnection, schema: &SchemaName, id: &str) -> Res
     .execute(conn)
     .await?;
     Ok(())
-}
-
-/// Versions and checksums recorded in a backup's own copy of `state_versions`.
-pub async fn recorded_versions(
-    conn: &mut PgConnection,
-    schema: &SchemaName,
-    id: &str,
-) -> Result<Vec<(i32, String)>, Error> {
-    let backup_schema = schema.backup_schema(id);
-    if !catalog::table_exists(conn, &backup_schema, "state_versions").await? {
-        return Ok(Vec::new());
-    }
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT version, checksum FROM {}.state_versions ORDER BY version",
-        quote_ident(&backup_schema)
-    )))
-    .fetch_all(conn)
-    .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get("version")?, r.try_get("checksum")?)))
-        .collect()
 }

@@ -40,7 +40,8 @@ pub async fn table_exists(
     .await?)
 }
 
-/// Column names of a table in ordinal order, quoted and joined for a column list.
+/// Column names of a table in ordinal order, quoted and joined for a column list. Generated
+/// columns are left out: PostgreSQL computes them and refuses values for them.
 pub async fn column_list(
     conn: &mut PgConnection,
     schema: &str,
@@ -50,6 +51,7 @@ pub async fn column_list(
         "SELECT a.attname::text FROM pg_attribute a \
          JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
+           AND a.attgenerated = '' \
          ORDER BY a.attnum",
     )
     .bind(schema)
@@ -89,4 +91,91 @@ pub async fn resync_identities(conn: &mut PgConnection, schema: &str) -> Result<
             .await?;
     }
     Ok(())
+}
+
+/// Columns of a table in ordinal order with their types (`format_type`), generated columns
+/// included: equal lists mean rows move between the two tables unchanged.
+pub async fn columns(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<(String, String)>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+         JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
+         ORDER BY a.attnum",
+    )
+    .bind(schema)
+    .bind(table)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Statements that give `to_schema.table` the primary key, unique and exclusion constraints and
+/// the other indexes of `from_schema.table`, under the same names.
+pub async fn index_definitions(
+    conn: &mut PgConnection,
+    from_schema: &str,
+    to_schema: &str,
+    table: &str,
+) -> Result<Vec<String>, Error> {
+    let target = format!("{}.{}", quote_ident(to_schema), quote_ident(table));
+    let constraints: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.conname::text, pg_get_constraintdef(c.oid) FROM pg_constraint c \
+         JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace \
+         WHERE n.nspname = $1 AND t.relname = $2 AND c.contype IN ('p', 'u', 'x') ORDER BY c.conname",
+    )
+    .bind(from_schema)
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await?;
+    // pg_get_indexdef names the table schema-qualified as quote_ident would: swap in the target.
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT pg_get_indexdef(x.indexrelid), format(' ON %s.%s USING ', quote_ident(n.nspname), quote_ident(t.relname)) \
+         FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace \
+         WHERE n.nspname = $1 AND t.relname = $2 \
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid AND c.conrelid = x.indrelid) \
+         ORDER BY 1",
+    )
+    .bind(from_schema)
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut statements: Vec<String> = constraints
+        .into_iter()
+        .map(|(name, definition)| {
+            format!(
+                "ALTER TABLE {target} ADD CONSTRAINT {} {definition}",
+                quote_ident(&name)
+            )
+        })
+        .collect();
+    for (definition, source_on) in indexes {
+        if !definition.contains(&source_on) {
+            return Err(Error::Database(sqlx::Error::Protocol(format!(
+                "cannot copy index of {table}: unexpected definition {definition}"
+            ))));
+        }
+        statements.push(definition.replacen(&source_on, &format!(" ON {target} USING "), 1));
+    }
+    Ok(statements)
+}
+
+/// Names of a table's generated columns, which take no values.
+pub async fn generated_columns(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<String>, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT a.attname::text FROM pg_attribute a \
+         JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
+           AND a.attgenerated <> ''",
+    )
+    .bind(schema)
+    .bind(table)
+    .fetch_all(conn)
+    .await?)
 }

@@ -24,10 +24,37 @@ pub enum Error {
     #[error("timed out after {}s connecting to PostgreSQL at {target}", .after.as_secs())]
     ConnectTimeout { target: String, after: Duration },
 
+    #[error("the {framework} state store in schema \"{schema}\" is not initialized: {hint}")]
+    NotInitialized {
+        schema: String,
+        framework: String,
+        hint: String,
+    },
+
     #[error(
-        "state store schema \"{schema}\" is not initialized; run `statekeeper state init` first"
+        "schema \"{schema}\" holds {found} state tables, not {expected}'s: use --framework {flag} \
+         (on a StateStore: spec.framework: {flag})"
     )]
-    NotInitialized { schema: String },
+    WrongFramework {
+        schema: String,
+        found: String,
+        expected: String,
+        flag: String,
+    },
+
+    #[error("statekeeper does not {operation} {framework} stores: {hint}")]
+    UnsupportedOperation {
+        operation: String,
+        framework: String,
+        hint: String,
+    },
+
+    #[error("{framework} stores cannot be exported as \"{format}\" (formats: {supported})")]
+    UnsupportedFormat {
+        format: String,
+        framework: String,
+        supported: String,
+    },
 
     #[error(
         "schema \"{schema}\" is at version {current}, newer than version {latest}, the latest this \
@@ -103,6 +130,9 @@ pub enum Error {
     #[error("\"{url}\" is unavailable: {reason}")]
     DestinationUnavailable { url: String, reason: String },
 
+    #[error("{0}")]
+    InvalidExportRequest(String),
+
     #[error("cannot write the export: {0}")]
     ExportWrite(String),
 
@@ -124,6 +154,9 @@ impl Error {
             Error::DatabaseNotFound { .. } => "DatabaseNotFound",
             Error::ConnectTimeout { .. } => "ConnectTimeout",
             Error::NotInitialized { .. } => "NotInitialized",
+            Error::WrongFramework { .. } => "WrongFramework",
+            Error::UnsupportedOperation { .. } => "UnsupportedOperation",
+            Error::UnsupportedFormat { .. } => "UnsupportedFormat",
             Error::SchemaNewer { .. } => "SchemaNewerThanOperator",
             Error::ChecksumMismatch { .. } => "ChecksumMismatch",
             Error::SchemaTooOld { .. } => "SchemaTooOld",
@@ -138,6 +171,7 @@ impl Error {
             Error::UnknownEnvironments(_) => "UnknownEnvironments",
             Error::InvalidDestination { .. } => "InvalidDestination",
             Error::DestinationUnavailable { .. } => "DestinationUnavailable",
+            Error::InvalidExportRequest(_) => "InvalidExportRequest",
             Error::ExportWrite(_) => "ExportWriteFailed",
             Error::InvalidExport(_) => "InvalidExport",
             Error::Database(_) => "DatabaseError",

@@ -1,6 +1,6 @@
-//! Export format v1 (docs/export-format.md): one JSON document streamed from one consistent
-//! snapshot straight into the writer, optionally compressed, hashed and counted on the fly.
-//! No table is ever held in memory.
+//! Exports (docs/export-format.md): one JSON document in the chosen format, streamed from one
+//! consistent snapshot straight into the writer, optionally compressed, hashed and counted on the
+//! fly. No table is ever held in memory. Each format's document is written by its own module.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -10,18 +10,14 @@ use async_compression::tokio::write::{GzipEncoder, ZstdEncoder};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use sqlx::{AssertSqlSafe, PgConnection};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::Error;
 use super::destination::Destination;
+use super::frameworks::{ExportFormat, Framework};
 use super::io::Observed;
 use super::store::Store;
-
-/// The export file version this statekeeper writes and reads.
-pub const FILE_VERSION: u32 = 1;
-/// The first schema version whose stores can be exported (every current-state table exists).
-pub const EXPORT_MIN_VERSION: i32 = 3;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -62,30 +58,14 @@ pub struct ExportOptions {
     /// Only these environments (with every version they reference); `None` exports everything.
     pub environments: Option<Vec<String>>,
     pub compression: Compression,
-}
-
-/// The header of every export file.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Metadata {
-    pub timestamp: String,
-    pub file_version: u32,
-    /// False would mark a file for reading only (e.g. a partial debugging dump).
-    pub importable: bool,
-    /// The schema the export was taken from.
-    pub store: String,
-    /// The environments filter, `null` for a full export.
-    pub environments: Option<Vec<String>>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Versions {
-    pub schema_version: i32,
-    pub statekeeper_version: String,
+    pub format: ExportFormat,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExportReport {
+    pub framework: Framework,
+    pub format: ExportFormat,
     pub schema_version: i32,
     pub environments: u64,
     /// Rows per table.
@@ -194,210 +174,58 @@ impl Store {
         options: &ExportOptions,
     ) -> Result<(ExportReport, W), Error> {
         let started = Instant::now();
-        let mut conn = self.pool().acquire().await?;
-        let mut tx = conn.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *tx)
-            .await?;
-        let schema_version = self
-            .require_version(&mut tx, EXPORT_MIN_VERSION, "export")
-            .await?;
-        let s = self.schema().quoted();
-        if let Some(wanted) = &options.environments {
-            let missing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT w FROM unnest($1::text[]) w WHERE NOT EXISTS (SELECT 1 FROM {s}.virtual_environments e WHERE e.name = w) ORDER BY 1"
-            )))
-            .bind(wanted)
-            .fetch_all(&mut *tx)
-            .await?;
-            if !missing.is_empty() {
-                return Err(Error::UnknownEnvironments(missing));
-            }
+        let profile = self.profile();
+        if !profile.supports_format(options.format) {
+            return Err(profile.unsupported_format(options.format));
         }
-        // COPY takes no parameters: the filter travels in a transaction-local setting instead of
-        // being spliced into SQL text.
-        let filter = serde_json::to_string(&options.environments.clone().unwrap_or_default())
-            .map_err(|e| Error::ExportWrite(e.to_string()))?;
-        sqlx::query("SELECT set_config('statekeeper.export_environments', $1, true)")
-            .bind(filter)
+        if options.format == ExportFormat::Exact && options.environments.is_some() {
+            return Err(Error::InvalidExportRequest(
+                "an exact export always holds every table; choose environments with the \
+                 statekeeper or sqlmesh format"
+                    .into(),
+            ));
+        }
+        let mut tx = self.begin_snapshot().await?;
+        sqlx::query("SET TRANSACTION READ ONLY")
             .execute(&mut *tx)
             .await?;
-
         let measure = Arc::new(Mutex::new(Measure::default()));
-        let mut out = Encoder::new(writer, options.compression, measure.clone());
+        let mut out = Output {
+            encoder: Encoder::new(writer, options.compression, measure.clone()),
+        };
         let mut report = ExportReport {
-            schema_version,
+            framework: self.framework(),
+            format: options.format,
             compression: options.compression,
             ..Default::default()
         };
-        let metadata = Metadata {
-            timestamp: chrono::Utc::now().to_rfc3339(),
-            file_version: FILE_VERSION,
-            importable: true,
-            store: self.schema().to_string(),
-            environments: options.environments.clone(),
-        };
-        let versions = Versions {
-            schema_version,
-            statekeeper_version: env!("CARGO_PKG_VERSION").into(),
-        };
-        let header = format!(
-            "{{\"metadata\":{},\"versions\":{}",
-            serde_json::to_string(&metadata).map_err(|e| Error::ExportWrite(e.to_string()))?,
-            serde_json::to_string(&versions).map_err(|e| Error::ExportWrite(e.to_string()))?
-        );
-        out.write(header.as_bytes()).await.map_err(io_error)?;
-
-        let filtered = options.environments.is_some();
-        // Versions an environment export needs: those its environments and checkpoints reference.
-        let (version_filter, function_filter) = if filtered {
-            (
-                format!(
-                    "WHERE t.id IN (SELECT model_version_id FROM {s}.virtual_environment_refs WHERE environment = ANY({ENVIRONMENTS})
-                       UNION SELECT r.model_version_id FROM {s}.virtual_environment_checkpoint_refs r
-                         JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id WHERE c.environment = ANY({ENVIRONMENTS}))"
-                ),
-                format!(
-                    "WHERE t.id IN (SELECT function_version_id FROM {s}.virtual_environment_function_refs WHERE environment = ANY({ENVIRONMENTS})
-                       UNION SELECT r.function_version_id FROM {s}.virtual_environment_checkpoint_function_refs r
-                         JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id WHERE c.environment = ANY({ENVIRONMENTS}))"
-                ),
-            )
-        } else {
-            (String::new(), String::new())
-        };
-        let exported_versions = format!("SELECT t.id FROM {s}.model_versions t {version_filter}");
-        let exported_relations = format!(
-            "SELECT id FROM {s}.physical_relations WHERE model_version_id IN ({exported_versions})"
-        );
-        let mut sections: Vec<(&str, String)> = vec![
-            ("model_versions", format!("SELECT row_to_json(t)::text FROM {s}.model_versions t {version_filter} ORDER BY t.id")),
-            (
-                "model_version_intervals",
-                format!("SELECT row_to_json(t)::text FROM {s}.model_version_intervals t WHERE t.model_version_id IN ({exported_versions}) ORDER BY t.id"),
-            ),
-            ("function_versions", format!("SELECT row_to_json(t)::text FROM {s}.function_versions t {function_filter} ORDER BY t.id")),
-            (
-                "physical_relations",
-                format!("SELECT row_to_json(t)::text FROM {s}.physical_relations t WHERE t.model_version_id IN ({exported_versions}) ORDER BY t.id"),
-            ),
-            (
-                "physical_relation_ancestry",
-                format!(
-                    "SELECT row_to_json(t)::text FROM {s}.physical_relation_ancestry t
-                     WHERE t.relation_id IN ({exported_relations}) AND t.parent_relation_id IN ({exported_relations})
-                     ORDER BY t.relation_id, t.parent_relation_id"
-                ),
-            ),
-        ];
-        if !filtered {
-            // Store-wide state belongs to full exports only.
-            sections.push((
-                "locks",
-                format!("SELECT row_to_json(t)::text FROM {s}.locks t ORDER BY t.name"),
-            ));
-            sections.push((
-                "state_operations",
-                format!("SELECT row_to_json(t)::text FROM {s}.state_operations t ORDER BY t.id"),
-            ));
+        match options.format {
+            ExportFormat::Exact => {
+                super::exact::write(self, &mut tx, &mut out, &mut report).await?
+            }
+            ExportFormat::Statekeeper => {
+                super::frameworks::statekeeper::export::write(
+                    self,
+                    &mut tx,
+                    &mut out,
+                    &mut report,
+                    options,
+                )
+                .await?
+            }
+            ExportFormat::Sqlmesh => {
+                super::frameworks::sqlmesh::export::write(
+                    self,
+                    &mut tx,
+                    &mut out,
+                    &mut report,
+                    options,
+                )
+                .await?
+            }
         }
-        for (section, sql) in &sections {
-            out.write(format!(",\"{section}\":[").as_bytes())
-                .await
-                .map_err(io_error)?;
-            let n = stream_rows(&mut tx, &mut out, sql).await?;
-            out.write(b"]").await.map_err(io_error)?;
-            report.rows.insert((*section).to_owned(), n);
-        }
-
-        // Environments keyed by name, each with its refs and checkpoints (with their refs).
-        out.write(b",\"environments\":{").await.map_err(io_error)?;
-        let env_filter = if filtered {
-            format!("WHERE t.name = ANY({ENVIRONMENTS})")
-        } else {
-            String::new()
-        };
-        let names: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT t.name FROM {s}.virtual_environments t {env_filter} ORDER BY t.name"
-        )))
-        .fetch_all(&mut *tx)
-        .await?;
-        let env_row = format!(
-            "SELECT row_to_json(t)::text FROM {s}.virtual_environments t WHERE t.name = $1"
-        );
-        let refs = format!(
-            "SELECT row_to_json(t)::text FROM {s}.virtual_environment_refs t WHERE t.environment = {ENVIRONMENT} ORDER BY t.model_name"
-        );
-        let function_refs = format!(
-            "SELECT row_to_json(t)::text FROM {s}.virtual_environment_function_refs t WHERE t.environment = {ENVIRONMENT} ORDER BY t.function_name"
-        );
-        let checkpoints = format!(
-            "SELECT json_build_object(
-               'checkpoint', row_to_json(c),
-               'refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.model_name) FROM {s}.virtual_environment_checkpoint_refs r WHERE r.checkpoint_id = c.id), '[]'::json),
-               'function_refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.function_name) FROM {s}.virtual_environment_checkpoint_function_refs r WHERE r.checkpoint_id = c.id), '[]'::json)
-             )::text FROM {s}.virtual_environment_checkpoints c WHERE c.environment = {ENVIRONMENT} ORDER BY c.id"
-        );
-        let counts = format!(
-            "SELECT (SELECT count(*) FROM {s}.virtual_environment_checkpoint_refs r JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id WHERE c.environment = $1),
-                    (SELECT count(*) FROM {s}.virtual_environment_checkpoint_function_refs r JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id WHERE c.environment = $1)"
-        );
-        for (i, name) in names.iter().enumerate() {
-            let key = serde_json::to_string(name).map_err(|e| Error::ExportWrite(e.to_string()))?;
-            sqlx::query("SELECT set_config('statekeeper.export_environment', $1, true)")
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
-            let row: String = sqlx::query_scalar(AssertSqlSafe(env_row.clone()))
-                .bind(name)
-                .fetch_one(&mut *tx)
-                .await?;
-            let lead = if i == 0 { "" } else { "," };
-            out.write(format!("{lead}{key}:{{\"environment\":{row},\"refs\":[").as_bytes())
-                .await
-                .map_err(io_error)?;
-            let n = stream_rows(&mut tx, &mut out, &refs).await?;
-            *report
-                .rows
-                .entry("virtual_environment_refs".into())
-                .or_default() += n;
-            out.write(b"],\"function_refs\":[")
-                .await
-                .map_err(io_error)?;
-            let n = stream_rows(&mut tx, &mut out, &function_refs).await?;
-            *report
-                .rows
-                .entry("virtual_environment_function_refs".into())
-                .or_default() += n;
-            out.write(b"],\"checkpoints\":[").await.map_err(io_error)?;
-            let n = stream_rows(&mut tx, &mut out, &checkpoints).await?;
-            *report
-                .rows
-                .entry("virtual_environment_checkpoints".into())
-                .or_default() += n;
-            out.write(b"]}").await.map_err(io_error)?;
-            let (checkpoint_refs, checkpoint_function_refs): (i64, i64) =
-                sqlx::query_as(AssertSqlSafe(counts.clone()))
-                    .bind(name)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            *report
-                .rows
-                .entry("virtual_environment_checkpoint_refs".into())
-                .or_default() += checkpoint_refs as u64;
-            *report
-                .rows
-                .entry("virtual_environment_checkpoint_function_refs".into())
-                .or_default() += checkpoint_function_refs as u64;
-        }
-        report.environments = names.len() as u64;
-        report
-            .rows
-            .insert("virtual_environments".into(), names.len() as u64);
-        out.write(b"}}\n").await.map_err(io_error)?;
         tx.commit().await?;
-
-        let writer = out.finish().await.map_err(io_error)?;
+        let writer = out.encoder.finish().await.map_err(io_error)?;
         let (bytes, sha256) = std::mem::take(
             &mut *measure
                 .lock()
@@ -411,9 +239,55 @@ impl Store {
     }
 }
 
-/// SQL expressions for the environment filters, read from transaction-local settings.
-const ENVIRONMENTS: &str = "ARRAY(SELECT jsonb_array_elements_text(current_setting('statekeeper.export_environments')::jsonb))";
-const ENVIRONMENT: &str = "current_setting('statekeeper.export_environment')";
+/// Fails with the names in `wanted` that `table` (a qualified environments table with a `name`
+/// column) does not hold.
+pub(crate) async fn refuse_unknown_environments(
+    conn: &mut PgConnection,
+    table: &str,
+    wanted: &[String],
+) -> Result<(), Error> {
+    let missing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT w FROM unnest($1::text[]) w WHERE NOT EXISTS (SELECT 1 FROM {table} e WHERE e.name = w) ORDER BY 1"
+    )))
+    .bind(wanted)
+    .fetch_all(conn)
+    .await?;
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::UnknownEnvironments(missing))
+    }
+}
+
+/// Where a format writes its document: compressed, counted and hashed on the way out.
+pub(crate) struct Output<W: AsyncWrite + Unpin> {
+    encoder: Encoder<W>,
+}
+
+impl<W: AsyncWrite + Unpin + Send> Output<W> {
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.encoder.write(bytes).await.map_err(io_error)
+    }
+
+    /// `{"metadata":…,"versions":…` — the opening every format shares.
+    pub async fn write_json_header(
+        &mut self,
+        metadata: &impl Serialize,
+        versions: &impl Serialize,
+    ) -> Result<(), Error> {
+        let header = format!(
+            "{{\"metadata\":{},\"versions\":{}",
+            serde_json::to_string(metadata).map_err(|e| Error::ExportWrite(e.to_string()))?,
+            serde_json::to_string(versions).map_err(|e| Error::ExportWrite(e.to_string()))?
+        );
+        self.write(header.as_bytes()).await
+    }
+
+    /// Streams the JSON rows of one query, comma-separated; returns how many.
+    pub async fn stream_rows(&mut self, conn: &mut PgConnection, sql: &str) -> Result<u64, Error> {
+        stream_rows(conn, &mut self.encoder, sql).await
+    }
+}
 
 /// Streams one query's JSON rows into the writer, comma-separated; returns how many. COPY moves
 /// the rows as raw bytes, far faster than decoding them one by one: the CSV format with 0x01 as

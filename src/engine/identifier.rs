@@ -89,6 +89,12 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
+/// Quotes any text as a SQL string literal, doubling embedded quotes (standard_conforming_strings
+/// is on in every supported PostgreSQL, so backslashes are plain characters).
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
 /// Keeps error messages on one readable line whatever a hostile name contains.
 fn printable(name: &str) -> String {
     let shown: String = name.chars().take(80).collect();

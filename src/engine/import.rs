@@ -1,9 +1,11 @@
-//! Import of export files (docs/export-format.md). The file is streamed (memory stays flat)
-//! into a temporary staging table inside the import's transaction; only after the whole file was
-//! read, its checksum matched and every check passed does the store change, in the same
-//! transaction, with a backup of the replaced state. Any refusal leaves the store as it was.
+//! Import of export files (docs/export-format.md), whatever their format: the format is detected
+//! from the document's header and each format's module reads its sections. The file is streamed
+//! (memory stays flat) into a temporary staging table inside the import's transaction; only after
+//! the whole file was read, its checksum matched and every check passed does the store change, in
+//! the same transaction, with a backup of the replaced state. Any refusal leaves the store as it
+//! was.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -18,9 +20,12 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
 
 use super::Error;
-use super::backup::{self, BackupInfo};
+use super::backup::BackupInfo;
 use super::catalog;
-use super::export::{Compression, FILE_VERSION, Measure, Metadata, Versions};
+use super::exact;
+use super::export::{Compression, Measure};
+use super::frameworks::{self, ExportFormat};
+use super::identifier::{quote_ident, quote_literal};
 use super::io::Observed;
 use super::store::Store;
 
@@ -30,7 +35,7 @@ pub enum ImportMode {
     /// The store ends up equal to the file.
     #[default]
     Replace,
-    /// Environments and versions in the file replace their namesakes; everything else stays.
+    /// What the file holds replaces its namesakes in the store; everything else stays.
     Merge,
 }
 
@@ -45,10 +50,13 @@ pub struct ImportOptions {
 #[serde(rename_all = "camelCase")]
 pub struct ImportReport {
     pub mode: ImportMode,
+    /// The file's format, detected from its content.
+    pub format: ExportFormat,
+    /// The schema the file was exported from, when the format records it.
     pub source_store: String,
     pub schema_version: i32,
     pub environments: u64,
-    /// Rows read from the file, per section.
+    /// Rows read from the file, per section or table.
     pub rows: BTreeMap<String, u64>,
     pub bytes: u64,
     pub sha256: String,
@@ -58,46 +66,6 @@ pub struct ImportReport {
     #[serde(skip)]
     pub duration: Duration,
 }
-
-/// Sections of flat rows at the top of the document.
-const TOP_SECTIONS: &[&str] = &[
-    "model_versions",
-    "model_version_intervals",
-    "function_versions",
-    "physical_relations",
-    "physical_relation_ancestry",
-    "locks",
-    "state_operations",
-];
-/// Sections every importable file has (`locks` and `state_operations` only in full exports).
-const REQUIRED_SECTIONS: &[&str] = &[
-    "model_versions",
-    "model_version_intervals",
-    "function_versions",
-    "physical_relations",
-    "physical_relation_ancestry",
-    "environments",
-];
-
-/// Staged section name -> target table, in insertion order (parents first).
-const TABLES: &[(&str, &str)] = &[
-    ("model_versions", "model_versions"),
-    ("function_versions", "function_versions"),
-    ("model_version_intervals", "model_version_intervals"),
-    ("physical_relations", "physical_relations"),
-    ("physical_relation_ancestry", "physical_relation_ancestry"),
-    ("environment", "virtual_environments"),
-    ("refs", "virtual_environment_refs"),
-    ("function_refs", "virtual_environment_function_refs"),
-    ("checkpoint", "virtual_environment_checkpoints"),
-    ("checkpoint_refs", "virtual_environment_checkpoint_refs"),
-    (
-        "checkpoint_function_refs",
-        "virtual_environment_checkpoint_function_refs",
-    ),
-    ("locks", "locks"),
-    ("state_operations", "state_operations"),
-];
 
 // ---------------------------------------------------------------------------------------------
 // Reading: raw bytes are counted and hashed as they are read, before decompression.
@@ -134,15 +102,74 @@ async fn decoded<R: AsyncRead + Unpin + Send + 'static>(
 // ---------------------------------------------------------------------------------------------
 // Parsing: serde's streaming deserializer walks the document; rows go out in bounded batches.
 
-/// One staged row: section, environment key (JSON-encoded, or empty), compact JSON row.
-struct Row {
-    section: &'static str,
-    environment: String,
-    doc: String,
+/// One staged row: its section (or target table), a key (the environment, JSON-encoded, or
+/// empty) and the row as compact JSON.
+pub(crate) struct Row {
+    pub section: Arc<str>,
+    pub key: String,
+    pub doc: String,
 }
 
-enum Message {
-    Header(Metadata, Versions),
+/// The opening of every document: its format, `metadata` and `versions`.
+pub(crate) struct Header {
+    pub format: ExportFormat,
+    pub metadata: serde_json::Value,
+    pub versions: serde_json::Value,
+}
+
+impl Header {
+    pub fn metadata_str(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).and_then(|v| v.as_str())
+    }
+
+    pub fn versions_str(&self, key: &str) -> Option<&str> {
+        self.versions.get(key).and_then(|v| v.as_str())
+    }
+
+    /// `metadata.file_version` and `metadata.importable`, which every format has.
+    pub fn check_importable(&self, supported_file_version: u64) -> Result<(), Error> {
+        match self.metadata.get("file_version").and_then(|v| v.as_u64()) {
+            Some(v) if v == supported_file_version => {}
+            Some(v) => {
+                return Err(Error::InvalidExport(format!(
+                    "file version {v} is not supported (this statekeeper reads version {supported_file_version})"
+                )));
+            }
+            None => {
+                return Err(Error::InvalidExport(
+                    "metadata.file_version is missing or not a number".into(),
+                ));
+            }
+        }
+        if self.metadata.get("importable").and_then(|v| v.as_bool()) != Some(true) {
+            return Err(Error::InvalidExport(
+                "the file is marked as not importable (for example an export of local, \
+                 unversioned snapshots)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `versions.schema_version` as a number.
+    pub fn schema_version(&self) -> Result<i32, Error> {
+        self.versions
+            .get("schema_version")
+            .and_then(|v| v.as_i64())
+            .and_then(|v| i32::try_from(v).ok())
+            .ok_or_else(|| {
+                Error::InvalidExport("versions.schema_version is missing or not a number".into())
+            })
+    }
+}
+
+pub(crate) enum Message {
+    Header(Header),
+    /// A table of an exact export begins, with its columns (name, type).
+    Table {
+        name: String,
+        columns: Vec<(String, String)>,
+    },
     Rows(Vec<Row>),
     /// Sent only after the whole document parsed and every byte was read: the one signal that
     /// allows the import to touch the store. A channel that closes without it means failure.
@@ -154,11 +181,12 @@ enum Message {
 
 const BATCH: usize = 512;
 
-struct Emitter {
+/// What a format's section reader hands rows to.
+pub(crate) struct Emitter {
     tx: mpsc::Sender<Message>,
     batch: Vec<Row>,
     counts: BTreeMap<String, u64>,
-    environments: u64,
+    pub environments: u64,
 }
 
 impl Emitter {
@@ -168,24 +196,23 @@ impl Emitter {
             .map_err(|_| "the import was stopped".to_string())
     }
 
-    fn row(
-        &mut self,
-        section: &'static str,
-        environment: &str,
-        raw: &RawValue,
-    ) -> Result<(), String> {
+    /// Stages a row given as raw JSON, compacting pretty-printed values (staging is line-based).
+    pub fn row(&mut self, section: &Arc<str>, key: &str, raw: &RawValue) -> Result<(), String> {
         let text = raw.get();
-        // Staging is line-based: rows from pretty-printed files are compacted first.
         let doc = if text.contains(['\n', '\r']) {
-            let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-            value.to_string()
+            super::json::minify(text)
         } else {
             text.to_owned()
         };
-        *self.counts.entry(section.to_owned()).or_default() += 1;
+        self.row_text(section, key, doc)
+    }
+
+    /// Stages a row that is already compact JSON.
+    pub fn row_text(&mut self, section: &Arc<str>, key: &str, doc: String) -> Result<(), String> {
+        *self.counts.entry(section.to_string()).or_default() += 1;
         self.batch.push(Row {
-            section,
-            environment: environment.to_owned(),
+            section: section.clone(),
+            key: key.to_owned(),
             doc,
         });
         if self.batch.len() >= BATCH {
@@ -193,6 +220,13 @@ impl Emitter {
             self.send(Message::Rows(batch))?;
         }
         Ok(())
+    }
+
+    /// Announces a table (exact format); rows staged before it are sent first, so order holds.
+    pub fn table(&mut self, name: String, columns: Vec<(String, String)>) -> Result<(), String> {
+        self.flush()?;
+        self.counts.entry(name.clone()).or_default();
+        self.send(Message::Table { name, columns })
     }
 
     fn flush(&mut self) -> Result<(), String> {
@@ -204,72 +238,21 @@ impl Emitter {
     }
 }
 
-struct Document<'a>(&'a mut Emitter);
-
-impl<'de> Visitor<'de> for Document<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a statekeeper export document (a JSON object)")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let emitter = self.0;
-        let first: Option<String> = map.next_key()?;
-        if first.as_deref() != Some("metadata") {
-            return Err(de::Error::custom(
-                "not a statekeeper export: it does not start with \"metadata\"",
-            ));
-        }
-        let metadata: Metadata = map.next_value()?;
-        if map.next_key::<String>()?.as_deref() != Some("versions") {
-            return Err(de::Error::custom("\"versions\" must follow \"metadata\""));
-        }
-        let versions: Versions = map.next_value()?;
-        emitter
-            .send(Message::Header(metadata, versions))
-            .map_err(de::Error::custom)?;
-        let mut seen = HashSet::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if !seen.insert(key.clone()) {
-                return Err(de::Error::custom(format!(
-                    "section \"{key}\" appears twice"
-                )));
-            }
-            if key == "environments" {
-                map.next_value_seed(Environments(emitter))?;
-            } else if let Some(section) = TOP_SECTIONS.iter().find(|s| **s == key) {
-                map.next_value_seed(Rows {
-                    emitter,
-                    section,
-                    environment: "",
-                })?;
-            } else {
-                return Err(de::Error::custom(format!("unknown section \"{key}\"")));
-            }
-        }
-        if let Some(missing) = REQUIRED_SECTIONS.iter().find(|s| !seen.contains(**s)) {
-            return Err(de::Error::custom(format!(
-                "section \"{missing}\" is missing"
-            )));
-        }
-        Ok(())
-    }
+/// A JSON array of rows, each staged under `section` and `key`.
+pub(crate) struct RowsSeed<'a> {
+    pub emitter: &'a mut Emitter,
+    pub section: Arc<str>,
+    pub key: &'a str,
 }
 
-struct Rows<'a> {
-    emitter: &'a mut Emitter,
-    section: &'static str,
-    environment: &'a str,
-}
-
-impl<'de> DeserializeSeed<'de> for Rows<'_> {
+impl<'de> DeserializeSeed<'de> for RowsSeed<'_> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_seq(self)
     }
 }
 
-impl<'de> Visitor<'de> for Rows<'_> {
+impl<'de> Visitor<'de> for RowsSeed<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "an array of {} rows", self.section)
@@ -277,174 +260,66 @@ impl<'de> Visitor<'de> for Rows<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while let Some(raw) = seq.next_element::<Box<RawValue>>()? {
             self.emitter
-                .row(self.section, self.environment, &raw)
+                .row(&self.section, self.key, &raw)
                 .map_err(de::Error::custom)?;
         }
         Ok(())
     }
 }
 
-struct Environments<'a>(&'a mut Emitter);
+/// The whole document: reads the header, detects the format, and hands the remaining sections to
+/// that format's reader.
+struct Document<'a>(&'a mut Emitter);
 
-impl<'de> DeserializeSeed<'de> for Environments<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Environments<'_> {
+impl<'de> Visitor<'de> for Document<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an object of environments keyed by name")
+        f.write_str("an export document (a JSON object)")
     }
+
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(name) = map.next_key::<String>()? {
-            let key = serde_json::to_string(&name).map_err(de::Error::custom)?;
-            self.0.environments += 1;
-            map.next_value_seed(Environment {
-                emitter: self.0,
-                key: &key,
-            })?;
+        let emitter = self.0;
+        let first: Option<String> = map.next_key()?;
+        if first.as_deref() != Some("metadata") {
+            return Err(de::Error::custom(
+                "not a statekeeper or SQLMesh export: it does not start with \"metadata\"",
+            ));
         }
-        Ok(())
-    }
-}
-
-struct Environment<'a> {
-    emitter: &'a mut Emitter,
-    key: &'a str,
-}
-
-impl<'de> DeserializeSeed<'de> for Environment<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Environment<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an environment: {environment, refs, function_refs, checkpoints}")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut has_row = false;
-        while let Some(field) = map.next_key::<String>()? {
-            match field.as_str() {
-                "environment" => {
-                    let raw: Box<RawValue> = map.next_value()?;
-                    self.emitter
-                        .row("environment", self.key, &raw)
-                        .map_err(de::Error::custom)?;
-                    has_row = true;
-                }
-                "refs" => map.next_value_seed(Rows {
-                    emitter: self.emitter,
-                    section: "refs",
-                    environment: self.key,
-                })?,
-                "function_refs" => map.next_value_seed(Rows {
-                    emitter: self.emitter,
-                    section: "function_refs",
-                    environment: self.key,
-                })?,
-                "checkpoints" => map.next_value_seed(Checkpoints {
-                    emitter: self.emitter,
-                    key: self.key,
-                })?,
-                other => {
-                    return Err(de::Error::custom(format!(
-                        "unknown field \"{other}\" in environment {}",
-                        self.key
-                    )));
-                }
+        let metadata: serde_json::Value = map.next_value()?;
+        if map.next_key::<String>()?.as_deref() != Some("versions") {
+            return Err(de::Error::custom("\"versions\" must follow \"metadata\""));
+        }
+        let versions: serde_json::Value = map.next_value()?;
+        if !metadata.is_object() || !versions.is_object() {
+            return Err(de::Error::custom(
+                "\"metadata\" and \"versions\" must be objects",
+            ));
+        }
+        let format = if metadata.get("format").and_then(|f| f.as_str()) == Some(exact::FORMAT) {
+            ExportFormat::Exact
+        } else if versions.get("sqlmesh_version").is_some() {
+            ExportFormat::Sqlmesh
+        } else if versions.get("statekeeper_version").is_some() {
+            ExportFormat::Statekeeper
+        } else {
+            return Err(de::Error::custom(
+                "not a statekeeper or SQLMesh export: \"versions\" names neither",
+            ));
+        };
+        emitter
+            .send(Message::Header(Header {
+                format,
+                metadata,
+                versions,
+            }))
+            .map_err(de::Error::custom)?;
+        match format {
+            ExportFormat::Exact => exact::read_sections(&mut map, emitter),
+            ExportFormat::Statekeeper => {
+                frameworks::statekeeper::import::read_sections(&mut map, emitter)
             }
+            ExportFormat::Sqlmesh => frameworks::sqlmesh::import::read_sections(&mut map, emitter),
         }
-        if !has_row {
-            return Err(de::Error::custom(format!(
-                "environment {} has no \"environment\" row",
-                self.key
-            )));
-        }
-        Ok(())
-    }
-}
-
-struct Checkpoints<'a> {
-    emitter: &'a mut Emitter,
-    key: &'a str,
-}
-
-impl<'de> DeserializeSeed<'de> for Checkpoints<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Checkpoints<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an array of checkpoints")
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq
-            .next_element_seed(Checkpoint {
-                emitter: &mut *self.emitter,
-                key: self.key,
-            })?
-            .is_some()
-        {}
-        Ok(())
-    }
-}
-
-struct Checkpoint<'a> {
-    emitter: &'a mut Emitter,
-    key: &'a str,
-}
-
-impl<'de> DeserializeSeed<'de> for Checkpoint<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Checkpoint<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a checkpoint: {checkpoint, refs, function_refs}")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(field) = map.next_key::<String>()? {
-            match field.as_str() {
-                "checkpoint" => {
-                    let raw: Box<RawValue> = map.next_value()?;
-                    self.emitter
-                        .row("checkpoint", self.key, &raw)
-                        .map_err(de::Error::custom)?;
-                }
-                "refs" => map.next_value_seed(Rows {
-                    emitter: self.emitter,
-                    section: "checkpoint_refs",
-                    environment: self.key,
-                })?,
-                "function_refs" => map.next_value_seed(Rows {
-                    emitter: self.emitter,
-                    section: "checkpoint_function_refs",
-                    environment: self.key,
-                })?,
-                other => {
-                    return Err(de::Error::custom(format!(
-                        "unknown field \"{other}\" in a checkpoint of {}",
-                        self.key
-                    )));
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -485,8 +360,105 @@ fn parse(mut reader: impl std::io::Read, tx: mpsc::Sender<Message>) -> Result<()
 
 // ---------------------------------------------------------------------------------------------
 
+/// What a format's importer gets: the parsed stream and what was measured of the raw bytes.
+pub(crate) struct Incoming<'a> {
+    rx: &'a mut mpsc::Receiver<Message>,
+    measure: &'a Arc<Mutex<Measure>>,
+    pub compression: Compression,
+    pub options: &'a ImportOptions,
+    pub started: Instant,
+}
+
+/// Everything the file held, once staged.
+pub(crate) struct Staged {
+    pub counts: BTreeMap<String, u64>,
+    pub environments: u64,
+    /// Tables announced by an exact export, with their columns, in file order.
+    pub tables: Vec<(String, Vec<(String, String)>)>,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl Incoming<'_> {
+    /// Streams every row into the temporary table `statekeeper_import (seq, section, environment,
+    /// doc jsonb)`, then checks the checksum. Returns only after the whole file was read.
+    pub async fn stage(&mut self, conn: &mut PgConnection) -> Result<Staged, Error> {
+        sqlx::query(
+            "CREATE TEMP TABLE statekeeper_import (seq bigserial, section text NOT NULL, environment text, doc jsonb NOT NULL) ON COMMIT DROP",
+        )
+        .execute(&mut *conn)
+        .await?;
+        let mut tables = Vec::new();
+        let (counts, environments) = {
+            // JSON rows contain no raw control characters, so 0x01/0x02 can never collide.
+            let mut copy = conn
+                .copy_in_raw(
+                    "COPY statekeeper_import (section, environment, doc) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')",
+                )
+                .await?;
+            let mut buffer = Vec::with_capacity(512 * 1024);
+            let (counts, environments) = loop {
+                let rows = match self.rx.recv().await {
+                    Some(Message::Rows(rows)) => rows,
+                    Some(Message::Table { name, columns }) => {
+                        tables.push((name, columns));
+                        continue;
+                    }
+                    Some(Message::End {
+                        counts,
+                        environments,
+                    }) => break (counts, environments),
+                    Some(Message::Header(..)) => {
+                        return Err(Error::InvalidExport("the header appears twice".into()));
+                    }
+                    // The parser stopped without finishing: the caller reports its error.
+                    None => return Err(Error::InvalidExport(STREAM_ENDED.into())),
+                };
+                for row in rows {
+                    buffer.extend_from_slice(row.section.as_bytes());
+                    buffer.push(0x02);
+                    buffer.extend_from_slice(row.key.as_bytes());
+                    buffer.push(0x02);
+                    buffer.extend_from_slice(row.doc.as_bytes());
+                    buffer.push(b'\n');
+                }
+                if buffer.len() >= 256 * 1024 {
+                    copy.send(std::mem::take(&mut buffer)).await?;
+                }
+            };
+            if !buffer.is_empty() {
+                copy.send(buffer).await?;
+            }
+            copy.finish().await.map_err(|e| invalid(&e))?;
+            (counts, environments)
+        };
+        let (bytes, sha256) = std::mem::take(
+            &mut *self
+                .measure
+                .lock()
+                .map_err(|_| Error::InvalidExport("checksum state poisoned".into()))?,
+        )
+        .finish();
+        if let Some(expected) = &self.options.expected_sha256
+            && !expected.eq_ignore_ascii_case(&sha256)
+        {
+            return Err(Error::InvalidExport(format!(
+                "checksum mismatch: expected sha256 {expected}, the file has {sha256}"
+            )));
+        }
+        Ok(Staged {
+            counts,
+            environments,
+            tables,
+            bytes,
+            sha256,
+        })
+    }
+}
+
 impl Store {
-    /// Imports an export file. Compression is detected from the content.
+    /// Imports an export file of any format this store's framework reads. Compression and format
+    /// are detected from the content.
     pub async fn import<R: AsyncRead + Unpin + Send + 'static>(
         &self,
         reader: R,
@@ -500,7 +472,13 @@ impl Store {
         let parser = tokio::task::spawn_blocking(move || parse(bridge, tx));
 
         let result = self
-            .import_staged(&mut rx, options, compression, &measure, started)
+            .import_parsed(Incoming {
+                rx: &mut rx,
+                measure: &measure,
+                compression,
+                options,
+                started,
+            })
             .await;
         // Whatever happened, stop the parser (dropping the receiver) and surface its error first:
         // a truncated file explains a failure better than what followed from it.
@@ -521,403 +499,161 @@ impl Store {
         }
     }
 
-    async fn import_staged(
-        &self,
-        rx: &mut mpsc::Receiver<Message>,
-        options: &ImportOptions,
-        compression: Compression,
-        measure: &Arc<Mutex<Measure>>,
-        started: Instant,
-    ) -> Result<ImportReport, Error> {
-        let Some(Message::Header(metadata, versions)) = rx.recv().await else {
+    async fn import_parsed(&self, mut incoming: Incoming<'_>) -> Result<ImportReport, Error> {
+        let Some(Message::Header(header)) = incoming.rx.recv().await else {
             return Err(Error::InvalidExport(STREAM_ENDED.into()));
         };
-        if metadata.file_version != FILE_VERSION {
+        let profile = self.profile();
+        if !profile.supports_format(header.format) {
+            let fits = frameworks::Framework::ALL
+                .iter()
+                .find(|f| f.profile().supports_format(header.format))
+                .map(|f| {
+                    format!(
+                        " (import it into a {} store: --framework {f})",
+                        f.profile().display_name
+                    )
+                })
+                .unwrap_or_default();
             return Err(Error::InvalidExport(format!(
-                "file version {} is not supported (this statekeeper reads version {FILE_VERSION})",
-                metadata.file_version
+                "it is a {} export, which {} stores do not read{fits}",
+                header.format, profile.display_name
             )));
         }
-        if !metadata.importable {
-            return Err(Error::InvalidExport(
-                "the file is marked as not importable".into(),
-            ));
-        }
-        let mut tx = self.begin_locked().await?;
-        let current = self
-            .require_version(&mut tx, super::export::EXPORT_MIN_VERSION, "import")
-            .await?;
-        if versions.schema_version != current {
-            return Err(Error::InvalidExport(format!(
-                "the file has schema version {}, the store has {current}; upgrade the {} first",
-                versions.schema_version,
-                if versions.schema_version > current {
-                    "store"
-                } else {
-                    "source store and export again"
-                }
-            )));
-        }
-
-        sqlx::query(
-            "CREATE TEMP TABLE statekeeper_import (seq bigserial, section text NOT NULL, environment text, doc jsonb NOT NULL) ON COMMIT DROP",
-        )
-        .execute(&mut *tx)
-        .await?;
-        let (counts, environments) = {
-            // JSON rows contain no raw control characters, so 0x01/0x02 can never collide.
-            let mut copy = tx
-                .copy_in_raw(
-                    "COPY statekeeper_import (section, environment, doc) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')",
-                )
-                .await?;
-            let mut buffer = Vec::with_capacity(512 * 1024);
-            let (counts, environments) = loop {
-                let rows = match rx.recv().await {
-                    Some(Message::Rows(rows)) => rows,
-                    Some(Message::End {
-                        counts,
-                        environments,
-                    }) => break (counts, environments),
-                    Some(Message::Header(..)) => {
-                        return Err(Error::InvalidExport("the header appears twice".into()));
-                    }
-                    // The parser stopped without finishing: the caller reports its error.
-                    None => return Err(Error::InvalidExport(STREAM_ENDED.into())),
-                };
-                for row in rows {
-                    buffer.extend_from_slice(row.section.as_bytes());
-                    buffer.push(0x02);
-                    buffer.extend_from_slice(row.environment.as_bytes());
-                    buffer.push(0x02);
-                    buffer.extend_from_slice(row.doc.as_bytes());
-                    buffer.push(b'\n');
-                }
-                if buffer.len() >= 256 * 1024 {
-                    copy.send(std::mem::take(&mut buffer)).await?;
-                }
-            };
-            if !buffer.is_empty() {
-                copy.send(buffer).await?;
+        match header.format {
+            ExportFormat::Exact => exact::import(self, header, &mut incoming).await,
+            ExportFormat::Statekeeper => {
+                frameworks::statekeeper::import::import(self, header, &mut incoming).await
             }
-            copy.finish().await.map_err(|e| invalid(&e))?;
-            (counts, environments)
-        };
-        let (bytes, sha256) = std::mem::take(
-            &mut *measure
-                .lock()
-                .map_err(|_| Error::InvalidExport("checksum state poisoned".into()))?,
-        )
-        .finish();
-        if let Some(expected) = &options.expected_sha256
-            && !expected.eq_ignore_ascii_case(&sha256)
-        {
-            return Err(Error::InvalidExport(format!(
-                "checksum mismatch: expected sha256 {expected}, the file has {sha256}"
-            )));
-        }
-        sqlx::query("CREATE INDEX ON statekeeper_import (section, (doc->>'id'))")
-            .execute(&mut *tx)
-            .await?;
-        self.validate_staged(&mut tx).await?;
-
-        let backup = backup::create(&mut tx, self.schema(), current, "pre-import").await?;
-        match options.mode {
-            ImportMode::Replace => self.apply_replace(&mut tx).await?,
-            ImportMode::Merge => self.apply_merge(&mut tx).await?,
-        }
-        catalog::resync_identities(&mut tx, self.schema().as_str()).await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {}.state_migration_events (operation, from_version, to_version, backup_id, actor, details) VALUES ('import', $1, $1, $2, $3, $4)",
-            self.schema().quoted()
-        )))
-        .bind(current)
-        .bind(&backup.id)
-        .bind(self.actor())
-        .bind(serde_json::json!({
-            "mode": options.mode,
-            "sourceStore": metadata.store,
-            "exportedAt": metadata.timestamp,
-            "environments": metadata.environments,
-            "sha256": sha256,
-            "bytes": bytes,
-        }))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(ImportReport {
-            mode: options.mode,
-            source_store: metadata.store,
-            schema_version: current,
-            environments,
-            rows: counts,
-            bytes,
-            sha256,
-            compression,
-            backup: Some(backup),
-            duration: started.elapsed(),
-        })
-    }
-
-    /// Every rule a file must satisfy before it may touch the store; the first broken rule wins.
-    async fn validate_staged(&self, conn: &mut PgConnection) -> Result<(), Error> {
-        let staged = |section: &str| {
-            format!("(SELECT * FROM statekeeper_import WHERE section = '{section}')")
-        };
-        let unique = |section: &str, what: &str, key: &str| {
-            format!(
-                "SELECT format('{what} %s appears %s times', {key}, count(*)) FROM {} x GROUP BY {key} HAVING count(*) > 1",
-                staged(section)
-            )
-        };
-        let present = |section: &str, field: &str, target: &str, target_field: &str, what: &str| {
-            format!(
-                "SELECT format('{what}', x.environment::jsonb #>> '{{}}', x.doc->>'{field}') FROM {} x
-                 WHERE NOT EXISTS (SELECT 1 FROM statekeeper_import t WHERE t.section = '{target}' AND t.doc->>'{target_field}' = x.doc->>'{field}')",
-                staged(section)
-            )
-        };
-        let checks = vec![
-            "SELECT format('a %s row is not a JSON object', section) FROM statekeeper_import WHERE jsonb_typeof(doc) <> 'object'".to_string(),
-            unique("model_versions", "model version id", "x.doc->>'id'"),
-            unique("model_versions", "model version", "(x.doc->>'name') || ' ' || (x.doc->>'fingerprint')"),
-            unique("function_versions", "function version id", "x.doc->>'id'"),
-            unique("function_versions", "function version", "(x.doc->>'name') || ' ' || (x.doc->>'fingerprint')"),
-            unique("physical_relations", "physical relation id", "x.doc->>'id'"),
-            unique("physical_relations", "physical relation", "x.doc->>'relation_name'"),
-            unique("model_version_intervals", "interval id", "x.doc->>'id'"),
-            unique("environment", "environment", "x.environment::jsonb #>> '{}'"),
-            unique("checkpoint", "checkpoint id", "x.doc->>'id'"),
-            unique("refs", "model reference", "(x.environment::jsonb #>> '{}') || '/' || (x.doc->>'model_name')"),
-            format!(
-                "SELECT format('environment %s holds a row named %s', x.environment::jsonb #>> '{{}}', x.doc->>'name') FROM {} x WHERE x.doc->>'name' IS DISTINCT FROM x.environment::jsonb #>> '{{}}'",
-                staged("environment")
-            ),
-            "SELECT format('a %s row of environment %s names environment %s', section, environment::jsonb #>> '{}', doc->>'environment') FROM statekeeper_import
-             WHERE section IN ('refs', 'function_refs', 'checkpoint') AND doc->>'environment' IS DISTINCT FROM environment::jsonb #>> '{}'".to_string(),
-            present("refs", "model_version_id", "model_versions", "id", "environment %s refers to model version %s, which the file does not contain"),
-            present("function_refs", "function_version_id", "function_versions", "id", "environment %s refers to function version %s, which the file does not contain"),
-            present("checkpoint_refs", "model_version_id", "model_versions", "id", "a checkpoint of environment %s refers to model version %s, which the file does not contain"),
-            present("checkpoint_function_refs", "function_version_id", "function_versions", "id", "a checkpoint of environment %s refers to function version %s, which the file does not contain"),
-            present("checkpoint_refs", "checkpoint_id", "checkpoint", "id", "environment %s has references for checkpoint %s, which the file does not contain"),
-            present("physical_relations", "model_version_id", "model_versions", "id", "%sphysical relation of model version %s, which the file does not contain"),
-            present("model_version_intervals", "model_version_id", "model_versions", "id", "%sinterval of model version %s, which the file does not contain"),
-            present("physical_relation_ancestry", "parent_relation_id", "physical_relations", "id", "%sancestry names relation %s, which the file does not contain"),
-            present("physical_relation_ancestry", "relation_id", "physical_relations", "id", "%sancestry names relation %s, which the file does not contain"),
-        ];
-        // Rows that do not convert to their table's row type fail when applied, inside this same
-        // transaction and with PostgreSQL's reason: no separate pass over the file is needed.
-        for check in checks {
-            let problem: Option<Option<String>> =
-                sqlx::query_scalar(AssertSqlSafe(format!("{check} LIMIT 1")))
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(|e| invalid(&e))?;
-            if let Some(Some(problem)) = problem {
-                return Err(Error::InvalidExport(
-                    problem.replace("environment  ", "environment "),
-                ));
+            ExportFormat::Sqlmesh => {
+                frameworks::sqlmesh::import::import(self, header, &mut incoming).await
             }
         }
-        Ok(())
-    }
-
-    /// The store becomes exactly the file, ids included. The tables are emptied and reloaded
-    /// under TRUNCATE's exclusive locks, so their foreign keys and secondary indexes are dropped
-    /// for the load and restored after it, in the same transaction: PostgreSQL then checks each
-    /// key with one join instead of a trigger per row and builds each index once, and a
-    /// violation still fails (and undoes) the whole import.
-    async fn apply_replace(&self, conn: &mut PgConnection) -> Result<(), Error> {
-        let s = self.schema().quoted();
-        let tables: Vec<String> = TABLES.iter().map(|(_, t)| format!("{s}.{t}")).collect();
-        let names: Vec<String> = TABLES.iter().map(|(_, t)| (*t).to_owned()).collect();
-        sqlx::query(AssertSqlSafe(format!("TRUNCATE {}", tables.join(", "))))
-            .execute(&mut *conn)
-            .await?;
-        // Every foreign key from or to a reloaded table, as DROP and ADD statements.
-        let keys: Vec<(String, String)> = sqlx::query_as(
-            "SELECT format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname),
-                    format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname, c.conname, pg_get_constraintdef(c.oid))
-             FROM pg_constraint c
-             JOIN pg_class t ON t.oid = c.conrelid
-             JOIN pg_namespace n ON n.oid = t.relnamespace
-             JOIN pg_class r ON r.oid = c.confrelid
-             WHERE c.contype = 'f' AND n.nspname = $1
-               AND (t.relname = ANY($2) OR r.relname = ANY($2))
-             ORDER BY t.relname, c.conname",
-        )
-        .bind(self.schema().as_str())
-        .bind(&names)
-        .fetch_all(&mut *conn)
-        .await?;
-        // Secondary indexes (not backing a primary key or unique constraint) are built once
-        // after the load, which is cheaper than maintaining them row by row.
-        let indexes: Vec<(String, String)> = sqlx::query_as(
-            "SELECT format('DROP INDEX %I.%I', n.nspname, i.relname), pg_get_indexdef(x.indexrelid)
-             FROM pg_index x
-             JOIN pg_class i ON i.oid = x.indexrelid
-             JOIN pg_class t ON t.oid = x.indrelid
-             JOIN pg_namespace n ON n.oid = t.relnamespace
-             WHERE n.nspname = $1 AND t.relname = ANY($2)
-               AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid)
-             ORDER BY i.relname",
-        )
-        .bind(self.schema().as_str())
-        .bind(&names)
-        .fetch_all(&mut *conn)
-        .await?;
-        for (drop, _) in keys.iter().chain(&indexes) {
-            sqlx::query(AssertSqlSafe(drop.clone()))
-                .execute(&mut *conn)
-                .await?;
-        }
-        for (section, table) in TABLES {
-            sqlx::query(AssertSqlSafe(format!(
-                "INSERT INTO {s}.{table} OVERRIDING SYSTEM VALUE
-                 SELECT (jsonb_populate_record(NULL::{s}.{table}, doc)).* FROM statekeeper_import WHERE section = '{section}'"
-            )))
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| invalid(&e))?;
-        }
-        for (_, create) in &indexes {
-            sqlx::query(AssertSqlSafe(create.clone()))
-                .execute(&mut *conn)
-                .await?;
-        }
-        for (_, add) in &keys {
-            sqlx::query(AssertSqlSafe(add.clone()))
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| invalid(&e))?;
-        }
-        Ok(())
-    }
-
-    /// Versions (by name and fingerprint), relations (by name) and environments (by name) in the
-    /// file replace their namesakes; ids are remapped to the store's; everything else stays.
-    async fn apply_merge(&self, conn: &mut PgConnection) -> Result<(), Error> {
-        let s = self.schema().quoted();
-        let rows = |section: &str, table: &str| {
-            format!(
-                "(SELECT (jsonb_populate_record(NULL::{s}.{table}, doc)).* FROM statekeeper_import WHERE section = '{section}')"
-            )
-        };
-        let statements = [
-            // Model and function versions: update namesakes, insert the rest, map file ids to ours.
-            format!(
-                "UPDATE {s}.model_versions m SET version = f.version, kind = f.kind, definition = f.definition, created_at = f.created_at
-                 FROM {} f WHERE m.name = f.name AND m.fingerprint = f.fingerprint",
-                rows("model_versions", "model_versions")
-            ),
-            format!(
-                "INSERT INTO {s}.model_versions (name, fingerprint, version, kind, definition, created_at)
-                 SELECT f.name, f.fingerprint, f.version, f.kind, f.definition, f.created_at FROM {} f
-                 WHERE NOT EXISTS (SELECT 1 FROM {s}.model_versions m WHERE m.name = f.name AND m.fingerprint = f.fingerprint)",
-                rows("model_versions", "model_versions")
-            ),
-            format!(
-                "CREATE TEMP TABLE statekeeper_version_map ON COMMIT DROP AS
-                 SELECT f.id AS file_id, m.id AS local_id FROM {} f JOIN {s}.model_versions m ON m.name = f.name AND m.fingerprint = f.fingerprint",
-                rows("model_versions", "model_versions")
-            ),
-            format!(
-                "UPDATE {s}.function_versions m SET definition = f.definition, created_at = f.created_at
-                 FROM {} f WHERE m.name = f.name AND m.fingerprint = f.fingerprint",
-                rows("function_versions", "function_versions")
-            ),
-            format!(
-                "INSERT INTO {s}.function_versions (name, fingerprint, definition, created_at)
-                 SELECT f.name, f.fingerprint, f.definition, f.created_at FROM {} f
-                 WHERE NOT EXISTS (SELECT 1 FROM {s}.function_versions m WHERE m.name = f.name AND m.fingerprint = f.fingerprint)",
-                rows("function_versions", "function_versions")
-            ),
-            format!(
-                "CREATE TEMP TABLE statekeeper_function_map ON COMMIT DROP AS
-                 SELECT f.id AS file_id, m.id AS local_id FROM {} f JOIN {s}.function_versions m ON m.name = f.name AND m.fingerprint = f.fingerprint",
-                rows("function_versions", "function_versions")
-            ),
-            // Intervals of merged versions are replaced by the file's.
-            format!(
-                "DELETE FROM {s}.model_version_intervals WHERE model_version_id IN (SELECT local_id FROM statekeeper_version_map)"
-            ),
-            format!(
-                "INSERT INTO {s}.model_version_intervals (model_version_id, start_ts, end_ts, is_dev, created_at)
-                 SELECT v.local_id, f.start_ts, f.end_ts, f.is_dev, f.created_at FROM {} f JOIN statekeeper_version_map v ON v.file_id = f.model_version_id",
-                rows("model_version_intervals", "model_version_intervals")
-            ),
-            // Physical relations by name, then their ancestry.
-            format!(
-                "INSERT INTO {s}.physical_relations (model_version_id, relation_name, created_at)
-                 SELECT v.local_id, f.relation_name, f.created_at FROM {} f JOIN statekeeper_version_map v ON v.file_id = f.model_version_id
-                 ON CONFLICT (relation_name) DO UPDATE SET model_version_id = excluded.model_version_id",
-                rows("physical_relations", "physical_relations")
-            ),
-            format!(
-                "CREATE TEMP TABLE statekeeper_relation_map ON COMMIT DROP AS
-                 SELECT f.id AS file_id, p.id AS local_id FROM {} f JOIN {s}.physical_relations p ON p.relation_name = f.relation_name",
-                rows("physical_relations", "physical_relations")
-            ),
-            format!(
-                "INSERT INTO {s}.physical_relation_ancestry (relation_id, parent_relation_id)
-                 SELECT c.local_id, p.local_id FROM {} f
-                 JOIN statekeeper_relation_map c ON c.file_id = f.relation_id JOIN statekeeper_relation_map p ON p.file_id = f.parent_relation_id
-                 ON CONFLICT DO NOTHING",
-                rows("physical_relation_ancestry", "physical_relation_ancestry")
-            ),
-            // Environments in the file replace their namesakes wholesale (refs and checkpoints).
-            format!(
-                "DELETE FROM {s}.virtual_environments WHERE name IN (SELECT environment::jsonb #>> '{{}}' FROM statekeeper_import WHERE section = 'environment')"
-            ),
-            format!("INSERT INTO {s}.virtual_environments SELECT * FROM {} e", rows("environment", "virtual_environments")),
-            format!(
-                "INSERT INTO {s}.virtual_environment_refs (environment, model_name, model_version_id)
-                 SELECT f.environment, f.model_name, v.local_id FROM {} f JOIN statekeeper_version_map v ON v.file_id = f.model_version_id",
-                rows("refs", "virtual_environment_refs")
-            ),
-            format!(
-                "INSERT INTO {s}.virtual_environment_function_refs (environment, function_name, function_version_id)
-                 SELECT f.environment, f.function_name, v.local_id FROM {} f JOIN statekeeper_function_map v ON v.file_id = f.function_version_id",
-                rows("function_refs", "virtual_environment_function_refs")
-            ),
-            format!(
-                "CREATE TEMP TABLE statekeeper_checkpoint_map ON COMMIT DROP AS
-                 SELECT f.id AS file_id, nextval(pg_get_serial_sequence('{s}.virtual_environment_checkpoints', 'id')) AS local_id FROM {} f",
-                rows("checkpoint", "virtual_environment_checkpoints")
-            ),
-            format!(
-                "INSERT INTO {s}.virtual_environment_checkpoints (id, environment, plan_id, description, created_at) OVERRIDING SYSTEM VALUE
-                 SELECT c.local_id, f.environment, f.plan_id, f.description, f.created_at FROM {} f JOIN statekeeper_checkpoint_map c ON c.file_id = f.id",
-                rows("checkpoint", "virtual_environment_checkpoints")
-            ),
-            format!(
-                "INSERT INTO {s}.virtual_environment_checkpoint_refs (checkpoint_id, model_name, model_version_id)
-                 SELECT c.local_id, f.model_name, v.local_id FROM {} f
-                 JOIN statekeeper_checkpoint_map c ON c.file_id = f.checkpoint_id JOIN statekeeper_version_map v ON v.file_id = f.model_version_id",
-                rows("checkpoint_refs", "virtual_environment_checkpoint_refs")
-            ),
-            format!(
-                "INSERT INTO {s}.virtual_environment_checkpoint_function_refs (checkpoint_id, function_name, function_version_id)
-                 SELECT c.local_id, f.function_name, v.local_id FROM {} f
-                 JOIN statekeeper_checkpoint_map c ON c.file_id = f.checkpoint_id JOIN statekeeper_function_map v ON v.file_id = f.function_version_id",
-                rows("checkpoint_function_refs", "virtual_environment_checkpoint_function_refs")
-            ),
-        ];
-        for sql in statements {
-            sqlx::query(AssertSqlSafe(sql))
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| invalid(&e))?;
-        }
-        Ok(())
     }
 }
 
+/// Drops the foreign keys and secondary indexes of tables about to be emptied and reloaded, and
+/// returns the statements that restore them. Under the exclusive locks a reload takes anyway,
+/// PostgreSQL then checks each key with one join instead of a trigger per row and builds each
+/// index once; a violation still fails (and undoes) the whole import.
+pub(crate) async fn drop_secondary_structures(
+    conn: &mut PgConnection,
+    schema: &str,
+    tables: &[String],
+) -> Result<Vec<String>, Error> {
+    let keys: Vec<(String, String)> = sqlx::query_as(
+        "SELECT format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname),
+                format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname, c.conname, pg_get_constraintdef(c.oid))
+         FROM pg_constraint c
+         JOIN pg_class t ON t.oid = c.conrelid
+         JOIN pg_namespace n ON n.oid = t.relnamespace
+         JOIN pg_class r ON r.oid = c.confrelid
+         WHERE c.contype = 'f' AND n.nspname = $1
+           AND (t.relname = ANY($2) OR r.relname = ANY($2))
+         ORDER BY t.relname, c.conname",
+    )
+    .bind(schema)
+    .bind(tables)
+    .fetch_all(&mut *conn)
+    .await?;
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT format('DROP INDEX %I.%I', n.nspname, i.relname), pg_get_indexdef(x.indexrelid)
+         FROM pg_index x
+         JOIN pg_class i ON i.oid = x.indexrelid
+         JOIN pg_class t ON t.oid = x.indrelid
+         JOIN pg_namespace n ON n.oid = t.relnamespace
+         WHERE n.nspname = $1 AND t.relname = ANY($2)
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid)
+         ORDER BY i.relname",
+    )
+    .bind(schema)
+    .bind(tables)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (drop, _) in keys.iter().chain(&indexes) {
+        sqlx::query(AssertSqlSafe(drop.clone()))
+            .execute(&mut *conn)
+            .await?;
+    }
+    // Indexes first, then keys (which may rely on them).
+    Ok(indexes
+        .into_iter()
+        .chain(keys)
+        .map(|(_, restore)| restore)
+        .collect())
+}
+
+pub(crate) async fn restore_secondary_structures(
+    conn: &mut PgConnection,
+    statements: &[String],
+) -> Result<(), Error> {
+    for statement in statements {
+        sqlx::query(AssertSqlSafe(statement.clone()))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| invalid(&e))?;
+    }
+    Ok(())
+}
+
+/// How staged rows carry their values.
+#[derive(Clone, Copy)]
+pub(crate) enum StagedShape {
+    /// A JSON array of PostgreSQL text values in the table's column order (exact format).
+    ByPosition,
+    /// A JSON object of PostgreSQL text values keyed by column name; missing columns are NULL.
+    ByName,
+}
+
+/// Inserts the rows staged under `section` into `schema.table`, converting each text value with
+/// the column type's own input function (so values arrive exactly as written). `defaults` gives
+/// SQL expressions for columns a staged row leaves out.
+pub(crate) async fn insert_staged(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+    section: &str,
+    shape: StagedShape,
+    defaults: &[(&str, &str)],
+) -> Result<u64, Error> {
+    let columns = catalog::columns(conn, schema, table).await?;
+    let generated = catalog::generated_columns(conn, schema, table).await?;
+    let mut names = Vec::new();
+    let mut values = Vec::new();
+    for (position, (name, type_)) in columns.iter().enumerate() {
+        if generated.contains(name) {
+            continue;
+        }
+        names.push(quote_ident(name));
+        let value = match shape {
+            StagedShape::ByPosition => format!("x.doc->>{position}"),
+            StagedShape::ByName => format!("x.doc->>{}", quote_literal(name)),
+        };
+        values.push(match defaults.iter().find(|(column, _)| column == name) {
+            Some((_, default)) => format!("COALESCE(({value})::{type_}, {default})"),
+            None => format!("({value})::{type_}"),
+        });
+    }
+    let inserted = sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {}.{} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM statekeeper_import x \
+         WHERE x.section = {} ORDER BY x.seq",
+        quote_ident(schema),
+        quote_ident(table),
+        names.join(", "),
+        values.join(", "),
+        quote_literal(section),
+    )))
+    .execute(conn)
+    .await
+    .map_err(|e| invalid(&e))?;
+    Ok(inserted.rows_affected())
+}
+
 /// The marker the staging step returns when the stream ended early; the parser's error says why.
-const STREAM_ENDED: &str = "the file ended before its header";
+pub(crate) const STREAM_ENDED: &str = "the file ended before its header";
 
 /// Database errors while loading a file are problems with the file (types, constraints).
-fn invalid(e: &sqlx::Error) -> Error {
+pub(crate) fn invalid(e: &sqlx::Error) -> Error {
     match e {
         sqlx::Error::Database(db) => Error::InvalidExport(db.message().to_owned()),
         other => Error::InvalidExport(other.to_string()),

@@ -104,6 +104,9 @@ impl Store {
         options: &JanitorOptions,
         mut on_released: impl FnMut(String) + Send,
     ) -> Result<JanitorReport, Error> {
+        if !self.profile().owns_schema {
+            return Err(self.profile().not_ours("run the janitor on"));
+        }
         let started = Instant::now();
         // Detached from the pool: if this run is cancelled mid-way, dropping the connection ends
         // its session and PostgreSQL releases the session lock, instead of a pooled connection

@@ -1,0 +1,351 @@
+//! The exact, table-level format (docs/export-format.md): every row of every table of a store,
+//! each value in PostgreSQL's own text form, so that `import --replace` restores the store bit for
+//! bit — statekeeper's history tables and ledger, or a framework's tables, whatever their
+//! columns. The same code serves every framework: the profile only says which tables.
+//!
+//! ```json
+//! {"metadata": {"timestamp", "file_version": 1, "format": "exact", "framework", "importable", "store"},
+//!  "versions": {"schema_version", "statekeeper_version", "framework_versions": {…}},
+//!  "tables": {"<table>": {"columns": [["name", "type"], …], "rows": [["text", null, …], …]}, …}}
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use sqlx::{AssertSqlSafe, PgConnection};
+use tokio::io::AsyncWrite;
+
+use super::Error;
+use super::catalog;
+use super::export::{ExportReport, Output};
+use super::frameworks::{self, Event, ExportFormat, Framework};
+use super::identifier::quote_ident;
+use super::import::{
+    Emitter, Header, ImportMode, ImportReport, Incoming, RowsSeed, StagedShape,
+    drop_secondary_structures, insert_staged, restore_secondary_structures,
+};
+use super::store::Store;
+use super::tableset::qualified_list;
+
+/// `metadata.format` of exact exports.
+pub const FORMAT: &str = "exact";
+pub const FILE_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Metadata {
+    timestamp: String,
+    file_version: u32,
+    format: String,
+    framework: Framework,
+    importable: bool,
+    store: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Versions {
+    schema_version: i32,
+    statekeeper_version: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    framework_versions: BTreeMap<String, String>,
+}
+
+/// Session settings under which every type's text form is unambiguous and exact.
+const TEXT_SETTINGS: &[&str] = &[
+    "SET LOCAL DateStyle = 'ISO, YMD'",
+    "SET LOCAL IntervalStyle = 'postgres'",
+    "SET LOCAL TimeZone = 'UTC'",
+    "SET LOCAL extra_float_digits = 3",
+    "SET LOCAL bytea_output = 'hex'",
+];
+
+async fn use_text_settings(conn: &mut PgConnection) -> Result<(), Error> {
+    for setting in TEXT_SETTINGS {
+        sqlx::query(*setting).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Writes the whole document from the caller's snapshot.
+pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
+    store: &Store,
+    tx: &mut PgConnection,
+    out: &mut Output<W>,
+    report: &mut ExportReport,
+) -> Result<(), Error> {
+    use_text_settings(tx).await?;
+    let version = store.require_initialized(tx).await?;
+    report.schema_version = version.schema_version;
+    let metadata = Metadata {
+        timestamp: chrono::Utc::now().to_rfc3339(),
+        file_version: FILE_VERSION,
+        format: FORMAT.into(),
+        framework: store.framework(),
+        importable: true,
+        store: store.schema().to_string(),
+    };
+    let versions = Versions {
+        schema_version: version.schema_version,
+        statekeeper_version: env!("CARGO_PKG_VERSION").into(),
+        framework_versions: version.details,
+    };
+    out.write_json_header(&metadata, &versions).await?;
+    out.write(b",\"tables\":{").await?;
+    for (i, table) in store.tables(tx).await?.iter().enumerate() {
+        let columns = catalog::columns(tx, store.schema().as_str(), table).await?;
+        let text = |e: serde_json::Error| Error::ExportWrite(e.to_string());
+        out.write(
+            format!(
+                "{}{}:{{\"columns\":{},\"rows\":[",
+                if i == 0 { "" } else { "," },
+                serde_json::to_string(table).map_err(text)?,
+                serde_json::to_string(&columns).map_err(text)?
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let values = columns
+            .iter()
+            .map(|(name, _)| format!("t.{}::text", quote_ident(name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = out
+            .stream_rows(
+                tx,
+                &format!(
+                    "SELECT to_json(ARRAY[{values}]::text[])::text FROM {}.{} t",
+                    store.schema().quoted(),
+                    quote_ident(table)
+                ),
+            )
+            .await?;
+        out.write(b"]}").await?;
+        report.rows.insert(table.clone(), rows);
+    }
+    out.write(b"}}\n").await
+}
+
+/// Reads `tables` (the sections after the header).
+pub(crate) fn read_sections<'de, A: MapAccess<'de>>(
+    map: &mut A,
+    emitter: &mut Emitter,
+) -> Result<(), A::Error> {
+    let mut seen_tables = false;
+    while let Some(key) = map.next_key::<String>()? {
+        if key != "tables" || seen_tables {
+            return Err(de::Error::custom(format!(
+                "unexpected section \"{key}\" in an exact export"
+            )));
+        }
+        seen_tables = true;
+        map.next_value_seed(Tables(emitter))?;
+    }
+    if !seen_tables {
+        return Err(de::Error::custom("section \"tables\" is missing"));
+    }
+    Ok(())
+}
+
+struct Tables<'a>(&'a mut Emitter);
+
+impl<'de> DeserializeSeed<'de> for Tables<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Tables<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object of tables keyed by name")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut names = std::collections::HashSet::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if !names.insert(name.clone()) {
+                return Err(de::Error::custom(format!("table \"{name}\" appears twice")));
+            }
+            map.next_value_seed(Table {
+                emitter: self.0,
+                name,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+struct Table<'a> {
+    emitter: &'a mut Emitter,
+    name: String,
+}
+
+impl<'de> DeserializeSeed<'de> for Table<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Table<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a table: {columns, rows}")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        if map.next_key::<String>()?.as_deref() != Some("columns") {
+            return Err(de::Error::custom(format!(
+                "table \"{}\" must start with \"columns\"",
+                self.name
+            )));
+        }
+        let columns: Vec<(String, String)> = map.next_value()?;
+        self.emitter
+            .table(self.name.clone(), columns)
+            .map_err(de::Error::custom)?;
+        if map.next_key::<String>()?.as_deref() != Some("rows") {
+            return Err(de::Error::custom(format!(
+                "table \"{}\" has no \"rows\" after its columns",
+                self.name
+            )));
+        }
+        map.next_value_seed(RowsSeed {
+            emitter: self.emitter,
+            section: Arc::from(self.name.as_str()),
+            key: "",
+        })?;
+        if let Some(extra) = map.next_key::<String>()? {
+            return Err(de::Error::custom(format!(
+                "unexpected field \"{extra}\" in table \"{}\"",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Replaces every table of the store with the file's rows. Refused, with nothing changed, unless
+/// the file is an exact export of a store of the same framework and version whose tables have
+/// exactly the store's columns.
+pub(crate) async fn import(
+    store: &Store,
+    header: Header,
+    incoming: &mut Incoming<'_>,
+) -> Result<ImportReport, Error> {
+    header.check_importable(u64::from(FILE_VERSION))?;
+    let metadata: Metadata = serde_json::from_value(header.metadata.clone())
+        .map_err(|e| Error::InvalidExport(format!("its metadata cannot be read: {e}")))?;
+    if metadata.framework != store.framework() {
+        return Err(Error::InvalidExport(format!(
+            "it is an exact export of a {} store; import it into one (--framework {})",
+            metadata.framework.profile().display_name,
+            metadata.framework
+        )));
+    }
+    if incoming.options.mode == ImportMode::Merge {
+        return Err(Error::InvalidExport(
+            "an exact export restores a whole store: import it with --replace".into(),
+        ));
+    }
+    let file_version = header.schema_version()?;
+    let mut tx = store.begin_locked().await?;
+    let current = store.require_initialized(&mut tx).await?;
+    if file_version != current.schema_version {
+        return Err(Error::InvalidExport(format!(
+            "the file has schema version {file_version}, the store has {}; {}",
+            current.schema_version,
+            store.profile().version_mismatch_hint
+        )));
+    }
+    use_text_settings(&mut tx).await?;
+    let staged = incoming.stage(&mut tx).await?;
+
+    let schema = store.schema().as_str();
+    let live = store.tables(&mut tx).await?;
+    for (table, columns) in &staged.tables {
+        if !live.contains(table) {
+            return Err(Error::InvalidExport(format!(
+                "it holds table \"{table}\", which the store does not have"
+            )));
+        }
+        let store_columns = catalog::columns(&mut tx, schema, table).await?;
+        if *columns != store_columns {
+            return Err(Error::InvalidExport(format!(
+                "table \"{table}\" has columns ({}) in the file but ({}) in the store",
+                describe(columns),
+                describe(&store_columns)
+            )));
+        }
+    }
+    if let Some(missing) = live
+        .iter()
+        .find(|t| !staged.tables.iter().any(|(name, _)| name == *t))
+    {
+        return Err(Error::InvalidExport(format!(
+            "it lacks table \"{missing}\" of the store"
+        )));
+    }
+    sqlx::query("CREATE INDEX ON statekeeper_import (section, seq)")
+        .execute(&mut *tx)
+        .await?;
+
+    store.lock_tables(&mut tx).await?;
+    let backup = store.create_backup(&mut tx, &current, "pre-import").await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "TRUNCATE {}",
+        qualified_list(schema, &live)
+    )))
+    .execute(&mut *tx)
+    .await?;
+    let restore = drop_secondary_structures(&mut tx, schema, &live).await?;
+    for table in &live {
+        insert_staged(&mut tx, schema, table, table, StagedShape::ByPosition, &[]).await?;
+    }
+    restore_secondary_structures(&mut tx, &restore).await?;
+    catalog::resync_identities(&mut tx, schema).await?;
+    // The file's own ledger (statekeeper) must match this binary like any other.
+    frameworks::read_version(store, &mut tx).await?;
+    frameworks::record_event(
+        store,
+        &mut tx,
+        &Event {
+            operation: "import",
+            from_version: current.schema_version,
+            to_version: current.schema_version,
+            backup_id: Some(&backup.id),
+            details: serde_json::json!({
+                "mode": ImportMode::Replace,
+                "format": ExportFormat::Exact,
+                "sourceStore": metadata.store,
+                "exportedAt": metadata.timestamp,
+                "sha256": staged.sha256,
+                "bytes": staged.bytes,
+            }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(ImportReport {
+        mode: ImportMode::Replace,
+        format: ExportFormat::Exact,
+        source_store: metadata.store,
+        schema_version: current.schema_version,
+        environments: 0,
+        rows: staged.counts,
+        bytes: staged.bytes,
+        sha256: staged.sha256,
+        compression: incoming.compression,
+        backup: Some(backup),
+        duration: incoming.started.elapsed(),
+    })
+}
+
+fn describe(columns: &[(String, String)]) -> String {
+    columns
+        .iter()
+        .map(|(name, type_)| format!("{name} {type_}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,542 @@
+//! Reading statekeeper's logical format v1 (docs/export-format.md): every row is staged, checked
+//! for completeness, duplicates and dangling references, then the store is replaced by the file
+//! or the file is merged into it, in one transaction with a backup of the replaced state.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use sqlx::{AssertSqlSafe, PgConnection};
+
+use super::Event;
+use super::export::{EXPORT_MIN_VERSION, FILE_VERSION};
+use crate::engine::Error;
+use crate::engine::catalog;
+use crate::engine::frameworks::{ExportFormat, StoreVersion};
+use crate::engine::import::{
+    Emitter, Header, ImportMode, ImportReport, Incoming, RowsSeed, drop_secondary_structures,
+    invalid, restore_secondary_structures,
+};
+use crate::engine::store::Store;
+
+/// Sections of flat rows at the top of the document.
+const TOP_SECTIONS: &[&str] = &[
+    "model_versions",
+    "model_version_intervals",
+    "function_versions",
+    "physical_relations",
+    "physical_relation_ancestry",
+    "locks",
+    "state_operations",
+];
+/// Sections every importable file has (`locks` and `state_operations` only in full exports).
+const REQUIRED_SECTIONS: &[&str] = &[
+    "model_versions",
+    "model_version_intervals",
+    "function_versions",
+    "physical_relations",
+    "physical_relation_ancestry",
+    "environments",
+];
+
+/// Staged section name -> target table, in insertion order (parents first).
+const TABLES: &[(&str, &str)] = &[
+    ("model_versions", "model_versions"),
+    ("function_versions", "function_versions"),
+    ("model_version_intervals", "model_version_intervals"),
+    ("physical_relations", "physical_relations"),
+    ("physical_relation_ancestry", "physical_relation_ancestry"),
+    ("environment", "virtual_environments"),
+    ("refs", "virtual_environment_refs"),
+    ("function_refs", "virtual_environment_function_refs"),
+    ("checkpoint", "virtual_environment_checkpoints"),
+    ("checkpoint_refs", "virtual_environment_checkpoint_refs"),
+    (
+        "checkpoint_function_refs",
+        "virtual_environment_checkpoint_function_refs",
+    ),
+    ("locks", "locks"),
+    ("state_operations", "state_operations"),
+];
+
+/// Reads the sections after the header.
+pub(crate) fn read_sections<'de, A: MapAccess<'de>>(
+    map: &mut A,
+    emitter: &mut Emitter,
+) -> Result<(), A::Error> {
+    let mut seen = HashSet::new();
+    while let Some(key) = map.next_key::<String>()? {
+        if !seen.insert(key.clone()) {
+            return Err(de::Error::custom(format!(
+                "section \"{key}\" appears twice"
+            )));
+        }
+        if key == "environments" {
+            map.next_value_seed(Environments(emitter))?;
+        } else if TOP_SECTIONS.contains(&key.as_str()) {
+            map.next_value_seed(RowsSeed {
+                emitter,
+                section: section(&key),
+                key: "",
+            })?;
+        } else {
+            return Err(de::Error::custom(format!("unknown section \"{key}\"")));
+        }
+    }
+    if let Some(missing) = REQUIRED_SECTIONS.iter().find(|s| !seen.contains(**s)) {
+        return Err(de::Error::custom(format!(
+            "section \"{missing}\" is missing"
+        )));
+    }
+    Ok(())
+}
+
+fn section(name: &str) -> Arc<str> {
+    Arc::from(name)
+}
+
+struct Environments<'a>(&'a mut Emitter);
+
+impl<'de> DeserializeSeed<'de> for Environments<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Environments<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object of environments keyed by name")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(name) = map.next_key::<String>()? {
+            let key = serde_json::to_string(&name).map_err(de::Error::custom)?;
+            self.0.environments += 1;
+            map.next_value_seed(Environment {
+                emitter: self.0,
+                key: &key,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+struct Environment<'a> {
+    emitter: &'a mut Emitter,
+    key: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for Environment<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Environment<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an environment: {environment, refs, function_refs, checkpoints}")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut has_row = false;
+        while let Some(field) = map.next_key::<String>()? {
+            match field.as_str() {
+                "environment" => {
+                    let raw: Box<RawValue> = map.next_value()?;
+                    self.emitter
+                        .row(&section("environment"), self.key, &raw)
+                        .map_err(de::Error::custom)?;
+                    has_row = true;
+                }
+                "refs" => map.next_value_seed(RowsSeed {
+                    emitter: self.emitter,
+                    section: section("refs"),
+                    key: self.key,
+                })?,
+                "function_refs" => map.next_value_seed(RowsSeed {
+                    emitter: self.emitter,
+                    section: section("function_refs"),
+                    key: self.key,
+                })?,
+                "checkpoints" => map.next_value_seed(Checkpoints {
+                    emitter: self.emitter,
+                    key: self.key,
+                })?,
+                other => {
+                    return Err(de::Error::custom(format!(
+                        "unknown field \"{other}\" in environment {}",
+                        self.key
+                    )));
+                }
+            }
+        }
+        if !has_row {
+            return Err(de::Error::custom(format!(
+                "environment {} has no \"environment\" row",
+                self.key
+            )));
+        }
+        Ok(())
+    }
+}
+
+struct Checkpoints<'a> {
+    emitter: &'a mut Emitter,
+    key: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for Checkpoints<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Checkpoints<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of checkpoints")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(Checkpoint {
+                emitter: &mut *self.emitter,
+                key: self.key,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
+struct Checkpoint<'a> {
+    emitter: &'a mut Emitter,
+    key: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for Checkpoint<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Checkpoint<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a checkpoint: {checkpoint, refs, function_refs}")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(field) = map.next_key::<String>()? {
+            match field.as_str() {
+                "checkpoint" => {
+                    let raw: Box<RawValue> = map.next_value()?;
+                    self.emitter
+                        .row(&section("checkpoint"), self.key, &raw)
+                        .map_err(de::Error::custom)?;
+                }
+                "refs" => map.next_value_seed(RowsSeed {
+                    emitter: self.emitter,
+                    section: section("checkpoint_refs"),
+                    key: self.key,
+                })?,
+                "function_refs" => map.next_value_seed(RowsSeed {
+                    emitter: self.emitter,
+                    section: section("checkpoint_function_refs"),
+                    key: self.key,
+                })?,
+                other => {
+                    return Err(de::Error::custom(format!(
+                        "unknown field \"{other}\" in a checkpoint of {}",
+                        self.key
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Imports a v1 file into statekeeper's schema.
+pub(crate) async fn import(
+    store: &Store,
+    header: Header,
+    incoming: &mut Incoming<'_>,
+) -> Result<ImportReport, Error> {
+    header.check_importable(u64::from(FILE_VERSION))?;
+    let file_version = header.schema_version()?;
+    let source_store = header.metadata_str("store").unwrap_or_default().to_owned();
+    let mut tx = store.begin_locked().await?;
+    let current = store
+        .require_version(&mut tx, EXPORT_MIN_VERSION, "import")
+        .await?;
+    if file_version != current {
+        return Err(Error::InvalidExport(format!(
+            "the file has schema version {file_version}, the store has {current}; upgrade the {} first",
+            if file_version > current {
+                "store"
+            } else {
+                "source store and export again"
+            }
+        )));
+    }
+    let staged = incoming.stage(&mut tx).await?;
+    sqlx::query("CREATE INDEX ON statekeeper_import (section, (doc->>'id'))")
+        .execute(&mut *tx)
+        .await?;
+    validate_staged(&mut tx).await?;
+
+    let version = StoreVersion {
+        schema_version: current,
+        details: Default::default(),
+    };
+    let backup = store.create_backup(&mut tx, &version, "pre-import").await?;
+    match incoming.options.mode {
+        ImportMode::Replace => apply_replace(store, &mut tx).await?,
+        ImportMode::Merge => apply_merge(store, &mut tx).await?,
+    }
+    catalog::resync_identities(&mut tx, store.schema().as_str()).await?;
+    super::record_event(
+        store,
+        &mut tx,
+        &Event {
+            operation: "import",
+            from_version: current,
+            to_version: current,
+            backup_id: Some(&backup.id),
+            details: serde_json::json!({
+                "mode": incoming.options.mode,
+                "format": "statekeeper",
+                "sourceStore": source_store,
+                "exportedAt": header.metadata_str("timestamp"),
+                "environments": header.metadata.get("environments"),
+                "sha256": staged.sha256,
+                "bytes": staged.bytes,
+            }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(ImportReport {
+        mode: incoming.options.mode,
+        format: ExportFormat::Statekeeper,
+        source_store,
+        schema_version: current,
+        environments: staged.environments,
+        rows: staged.counts,
+        bytes: staged.bytes,
+        sha256: staged.sha256,
+        compression: incoming.compression,
+        backup: Some(backup),
+        duration: incoming.started.elapsed(),
+    })
+}
+
+/// Every rule a file must satisfy before it may touch the store; the first broken rule wins.
+async fn validate_staged(conn: &mut PgConnection) -> Result<(), Error> {
+    let staged =
+        |section: &str| format!("(SELECT * FROM statekeeper_import WHERE section = '{section}')");
+    let unique = |section: &str, what: &str, key: &str| {
+        format!(
+            "SELECT format('{what} %s appears %s times', {key}, count(*)) FROM {} x GROUP BY {key} HAVING count(*) > 1",
+            staged(section)
+        )
+    };
+    let present = |section: &str, field: &str, target: &str, target_field: &str, what: &str| {
+        format!(
+            "SELECT format('{what}', x.environment::jsonb #>> '{{}}', x.doc->>'{field}') FROM {} x
+             WHERE NOT EXISTS (SELECT 1 FROM statekeeper_import t WHERE t.section = '{target}' AND t.doc->>'{target_field}' = x.doc->>'{field}')",
+            staged(section)
+        )
+    };
+    let checks = vec![
+        "SELECT format('a %s row is not a JSON object', section) FROM statekeeper_import WHERE jsonb_typeof(doc) <> 'object'".to_string(),
+        unique("model_versions", "model version id", "x.doc->>'id'"),
+        unique("model_versions", "model version", "(x.doc->>'name') || ' ' || (x.doc->>'fingerprint')"),
+        unique("function_versions", "function version id", "x.doc->>'id'"),
+        unique("function_versions", "function version", "(x.doc->>'name') || ' ' || (x.doc->>'fingerprint')"),
+        unique("physical_relations", "physical relation id", "x.doc->>'id'"),
+        unique("physical_relations", "physical relation", "x.doc->>'relation_name'"),
+        unique("model_version_intervals", "interval id", "x.doc->>'id'"),
+        unique("environment", "environment", "x.environment::jsonb #>> '{}'"),
+        unique("checkpoint", "checkpoint id", "x.doc->>'id'"),
+        unique("refs", "model reference", "(x.environment::jsonb #>> '{}') || '/' || (x.doc->>'model_name')"),
+        format!(
+            "SELECT format('environment %s holds a row named %s', x.environment::jsonb #>> '{{}}', x.doc->>'name') FROM {} x WHERE x.doc->>'name' IS DISTINCT FROM x.environment::jsonb #>> '{{}}'",
+            staged("environment")
+        ),
+        "SELECT format('a %s row of environment %s names environment %s', section, environment::jsonb #>> '{}', doc->>'environment') FROM statekeeper_import
+         WHERE section IN ('refs', 'function_refs', 'checkpoint') AND doc->>'environment' IS DISTINCT FROM environment::jsonb #>> '{}'".to_string(),
+        present("refs", "model_version_id", "model_versions", "id", "environment %s refers to model version %s, which the file does not contain"),
+        present("function_refs", "function_version_id", "function_versions", "id", "environment %s refers to function version %s, which the file does not contain"),
+        present("checkpoint_refs", "model_version_id", "model_versions", "id", "a checkpoint of environment %s refers to model version %s, which the file does not contain"),
+        present("checkpoint_function_refs", "function_version_id", "function_versions", "id", "a checkpoint of environment %s refers to function version %s, which the file does not contain"),
+        present("checkpoint_refs", "checkpoint_id", "checkpoint", "id", "environment %s has references for checkpoint %s, which the file does not contain"),
+        present("physical_relations", "model_version_id", "model_versions", "id", "%sphysical relation of model version %s, which the file does not contain"),
+        present("model_version_intervals", "model_version_id", "model_versions", "id", "%sinterval of model version %s, which the file does not contain"),
+        present("physical_relation_ancestry", "parent_relation_id", "physical_relations", "id", "%sancestry names relation %s, which the file does not contain"),
+        present("physical_relation_ancestry", "relation_id", "physical_relations", "id", "%sancestry names relation %s, which the file does not contain"),
+    ];
+    // Rows that do not convert to their table's row type fail when applied, inside this same
+    // transaction and with PostgreSQL's reason: no separate pass over the file is needed.
+    for check in checks {
+        let problem: Option<Option<String>> =
+            sqlx::query_scalar(AssertSqlSafe(format!("{check} LIMIT 1")))
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| invalid(&e))?;
+        if let Some(Some(problem)) = problem {
+            return Err(Error::InvalidExport(
+                problem.replace("environment  ", "environment "),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The store becomes exactly the file, ids included. The tables are emptied and reloaded
+/// under TRUNCATE's exclusive locks, so their foreign keys and secondary indexes are dropped
+/// for the load and restored after it, in the same transaction: PostgreSQL then checks each
+/// key with one join instead of a trigger per row and builds each index once, and a
+/// violation still fails (and undoes) the whole import.
+async fn apply_replace(store: &Store, conn: &mut PgConnection) -> Result<(), Error> {
+    let s = store.schema().quoted();
+    let tables: Vec<String> = TABLES.iter().map(|(_, t)| format!("{s}.{t}")).collect();
+    let names: Vec<String> = TABLES.iter().map(|(_, t)| (*t).to_owned()).collect();
+    sqlx::query(AssertSqlSafe(format!("TRUNCATE {}", tables.join(", "))))
+        .execute(&mut *conn)
+        .await?;
+    let restore = drop_secondary_structures(conn, store.schema().as_str(), &names).await?;
+    for (section, table) in TABLES {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {s}.{table} OVERRIDING SYSTEM VALUE
+             SELECT (jsonb_populate_record(NULL::{s}.{table}, doc)).* FROM statekeeper_import WHERE section = '{section}'"
+        )))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| invalid(&e))?;
+    }
+    restore_secondary_structures(conn, &restore).await
+}
+
+/// Versions (by name and fingerprint), relations (by name) and environments (by name) in the
+/// file replace their namesakes; ids are remapped to the store's; everything else stays.
+async fn apply_merge(store: &Store, conn: &mut PgConnection) -> Result<(), Error> {
+    let s = store.schema().quoted();
+    let rows = |section: &str, table: &str| {
+        format!(
+            "(SELECT (jsonb_populate_record(NULL::{s}.{table}, doc)).* FROM statekeeper_import WHERE section = '{section}')"
+        )
+    };
+    let statements = [
+        // Model and function versions: update namesakes, insert the rest, map file ids to ours.
+        format!(
+            "UPDATE {s}.model_versions m SET version = f.version, kind = f.kind, definition = f.definition, created_at = f.created_at
+             FROM {} f WHERE m.name = f.name AND m.fingerprint = f.fingerprint",
+            rows("model_versions", "model_versions")
+        ),
+        format!(
+            "INSERT INTO {s}.model_versions (name, fingerprint, version, kind, definition, created_at)
+             SELECT f.name, f.fingerprint, f.version, f.kind, f.definition, f.created_at FROM {} f
+             WHERE NOT EXISTS (SELECT 1 FROM {s}.model_versions m WHERE m.name = f.name AND m.fingerprint = f.fingerprint)",
+            rows("model_versions", "model_versions")
+        ),
+        format!(
+            "CREATE TEMP TABLE statekeeper_version_map ON COMMIT DROP AS
+             SELECT f.id AS file_id, m.id AS local_id FROM {} f JOIN {s}.model_versions m ON m.name = f.name AND m.fingerprint = f.fingerprint",
+            rows("model_versions", "model_versions")
+        ),
+        format!(
+            "UPDATE {s}.function_versions m SET definition = f.definition, created_at = f.created_at
+             FROM {} f WHERE m.name = f.name AND m.fingerprint = f.fingerprint",
+            rows("function_versions", "function_versions")
+        ),
+        format!(
+            "INSERT INTO {s}.function_versions (name, fingerprint, definition, created_at)
+             SELECT f.name, f.fingerprint, f.definition, f.created_at FROM {} f
+             WHERE NOT EXISTS (SELECT 1 FROM {s}.function_versions m WHERE m.name = f.name AND m.fingerprint = f.fingerprint)",
+            rows("function_versions", "function_versions")
+        ),
+        format!(
+            "CREATE TEMP TABLE statekeeper_function_map ON COMMIT DROP AS
+             SELECT f.id AS file_id, m.id AS local_id FROM {} f JOIN {s}.function_versions m ON m.name = f.name AND m.fingerprint = f.fingerprint",
+            rows("function_versions", "function_versions")
+        ),
+        // Intervals of merged versions are replaced by the file's.
+        format!(
+            "DELETE FROM {s}.model_version_intervals WHERE model_version_id IN (SELECT local_id FROM statekeeper_version_map)"
+        ),
+        format!(
+            "INSERT INTO {s}.model_version_intervals (model_version_id, start_ts, end_ts, is_dev, created_at)
+             SELECT v.local_id, f.start_ts, f.end_ts, f.is_dev, f.created_at FROM {} f JOIN statekeeper_version_map v ON v.file_id = f.model_version_id",
+            rows("model_version_intervals", "model_version_intervals")
+        ),
+        // Physical relations by name, then their ancestry.
+        format!(
+            "INSERT INTO {s}.physical_relations (model_version_id, relation_name, created_at)
+             SELECT v.local_id, f.relation_name, f.created_at FROM {} f JOIN statekeeper_version_map v ON v.file_id = f.model_version_id
+             ON CONFLICT (relation_name) DO UPDATE SET model_version_id = excluded.model_version_id",
+            rows("physical_relations", "physical_relations")
+        ),
+        format!(
+            "CREATE TEMP TABLE statekeeper_relation_map ON COMMIT DROP AS
+             SELECT f.id AS file_id, p.id AS local_id FROM {} f JOIN {s}.physical_relations p ON p.relation_name = f.relation_name",
+            rows("physical_relations", "physical_relations")
+        ),
+        format!(
+            "INSERT INTO {s}.physical_relation_ancestry (relation_id, parent_relation_id)
+             SELECT c.local_id, p.local_id FROM {} f
+             JOIN statekeeper_relation_map c ON c.file_id = f.relation_id JOIN statekeeper_relation_map p ON p.file_id = f.parent_relation_id
+             ON CONFLICT DO NOTHING",
+            rows("physical_relation_ancestry", "physical_relation_ancestry")
+        ),
+        // Environments in the file replace their namesakes wholesale (refs and checkpoints).
+        format!(
+            "DELETE FROM {s}.virtual_environments WHERE name IN (SELECT environment::jsonb #>> '{{}}' FROM statekeeper_import WHERE section = 'environment')"
+        ),
+        format!("INSERT INTO {s}.virtual_environments SELECT * FROM {} e", rows("environment", "virtual_environments")),
+        format!(
+            "INSERT INTO {s}.virtual_environment_refs (environment, model_name, model_version_id)
+             SELECT f.environment, f.model_name, v.local_id FROM {} f JOIN statekeeper_version_map v ON v.file_id = f.model_version_id",
+            rows("refs", "virtual_environment_refs")
+        ),
+        format!(
+            "INSERT INTO {s}.virtual_environment_function_refs (environment, function_name, function_version_id)
+             SELECT f.environment, f.function_name, v.local_id FROM {} f JOIN statekeeper_function_map v ON v.file_id = f.function_version_id",
+            rows("function_refs", "virtual_environment_function_refs")
+        ),
+        format!(
+            "CREATE TEMP TABLE statekeeper_checkpoint_map ON COMMIT DROP AS
+             SELECT f.id AS file_id, nextval(pg_get_serial_sequence('{s}.virtual_environment_checkpoints', 'id')) AS local_id FROM {} f",
+            rows("checkpoint", "virtual_environment_checkpoints")
+        ),
+        format!(
+            "INSERT INTO {s}.virtual_environment_checkpoints (id, environment, plan_id, description, created_at) OVERRIDING SYSTEM VALUE
+             SELECT c.local_id, f.environment, f.plan_id, f.description, f.created_at FROM {} f JOIN statekeeper_checkpoint_map c ON c.file_id = f.id",
+            rows("checkpoint", "virtual_environment_checkpoints")
+        ),
+        format!(
+            "INSERT INTO {s}.virtual_environment_checkpoint_refs (checkpoint_id, model_name, model_version_id)
+             SELECT c.local_id, f.model_name, v.local_id FROM {} f
+             JOIN statekeeper_checkpoint_map c ON c.file_id = f.checkpoint_id JOIN statekeeper_version_map v ON v.file_id = f.model_version_id",
+            rows("checkpoint_refs", "virtual_environment_checkpoint_refs")
+        ),
+        format!(
+            "INSERT INTO {s}.virtual_environment_checkpoint_function_refs (checkpoint_id, function_name, function_version_id)
+             SELECT c.local_id, f.function_name, v.local_id FROM {} f
+             JOIN statekeeper_checkpoint_map c ON c.file_id = f.checkpoint_id JOIN statekeeper_function_map v ON v.file_id = f.function_version_id",
+            rows("checkpoint_function_refs", "virtual_environment_checkpoint_function_refs")
+        ),
+    ];
+    for sql in statements {
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| invalid(&e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Re-spacing JSON text without parsing it into values, so that key order and number spelling
+//! stay exactly as written. Frameworks store JSON text written by their own serializers; these
+//! functions reproduce those spellings from any valid JSON text.
+
+/// How characters beyond ASCII are spelled inside strings.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NonAscii {
+    /// As they come.
+    Keep,
+    /// As raw UTF-8 (serde, pydantic): `\uXXXX` escapes of non-ASCII characters are decoded.
+    Raw,
+    /// As `\uXXXX` escapes (Python's `json.dumps`, `ensure_ascii=True`).
+    Escaped,
+}
+
+/// Whitespace outside strings removed: `{"a":[1,2]}`.
+pub fn minify(text: &str) -> String {
+    respace(text, false, NonAscii::Keep)
+}
+
+/// The spelling of pydantic's `model_dump_json`: compact, non-ASCII characters as raw UTF-8.
+pub fn compact_utf8(text: &str) -> String {
+    respace(text, false, NonAscii::Raw)
+}
+
+/// The spelling of Python's `json.dumps` with its defaults: `", "` and `": "` separators and
+/// non-ASCII characters escaped.
+pub fn python_dumps(text: &str) -> String {
+    respace(text, true, NonAscii::Escaped)
+}
+
+fn respace(text: &str, spaced: bool, non_ascii: NonAscii) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 8);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                out.push('"');
+                copy_string(&mut chars, &mut out, non_ascii);
+            }
+            ' ' | '\t' | '\n' | '\r' => {}
+            ',' | ':' => {
+                out.push(c);
+                if spaced {
+                    out.push(' ');
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Copies the rest of a string (after its opening quote) up to and including the closing quote.
+fn copy_string(
+    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
+    out: &mut String,
+    non_ascii: NonAscii,
+) {
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                out.push('"');
+                return;
+            }
+            '\\' => match chars.next() {
+                Some('u') => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    let unit = u32::from_str_radix(&hex, 16).ok();
+                    match (non_ascii, unit) {
+                        (NonAscii::Raw, Some(unit)) if unit >= 0x80 => {
+                            push_decoded(chars, out, unit, &hex);
+                        }
+                        _ => {
+                            out.push_str("\\u");
+                            out.push_str(&hex);
+                        }
+                    }
+                }
+                Some(escaped) => {
+                    out.push('\\');
+                    out.push(escaped);
+                }
+                None => out.push('\\'),
+            },
+            c if non_ascii == NonAscii::Escaped && !(' '..='~').contains(&c) => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+/// Decodes one `\uXXXX` escape (and its low surrogate, when it is a high one) into UTF-8; an
+/// escape that does not form a character is kept as written.
+fn push_decoded(
+    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
+    out: &mut String,
+    unit: u32,
+    hex: &str,
+) {
+    if (0xD800..0xDC00).contains(&unit) {
+        let mut lookahead = chars.clone();
+        if lookahead.next() == Some('\\') && lookahead.next() == Some('u') {
+            let low_hex: String = lookahead.by_ref().take(4).collect();
+            if let Ok(low) = u32::from_str_radix(&low_hex, 16)
+                && (0xDC00..0xE000).contains(&low)
+                && let Some(c) = char::from_u32(0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00))
+            {
+                *chars = lookahead;
+                out.push(c);
+                return;
+            }
+        }
+    } else if let Some(c) = char::from_u32(unit) {
+        out.push(c);
+        return;
+    }
+    out.push_str("\\u");
+    out.push_str(hex);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minify_keeps_strings_and_numbers_as_written() {
+        let text = "{\n  \"a b\": [1.50, 2e3],\n  \"c\": \"x  y\\n\\\" :,\"\n}";
+        assert_eq!(
+            minify(text),
+            "{\"a b\":[1.50,2e3],\"c\":\"x  y\\n\\\" :,\"}"
+        );
+    }
+
+    #[test]
+    fn python_spelling_escapes_non_ascii_and_spaces_separators() {
+        let text = "{\"k\":[\"é\",\"😀\",1]}";
+        assert_eq!(
+            python_dumps(text),
+            "{\"k\": [\"\\u00e9\", \"\\ud83d\\ude00\", 1]}"
+        );
+    }
+
+    #[test]
+    fn compact_utf8_decodes_escaped_non_ascii_only() {
+        let text = "{ \"k\": \"\\u00e9\\ud83d\\ude00\\u000a\\\"\" }";
+        assert_eq!(compact_utf8(text), "{\"k\":\"é😀\\u000a\\\"\"}");
+    }
+
+    #[test]
+    fn spellings_round_trip_to_the_same_value() {
+        let text = "{\"a\": {\"b\": [\"é\\t\", null, true, -0.5e-7]}}";
+        let value: serde_json::Value = serde_json::from_str(text).unwrap();
+        for respelled in [minify(text), compact_utf8(text), python_dumps(text)] {
+            let again: serde_json::Value = serde_json::from_str(&respelled).unwrap();
+            assert_eq!(again, value, "{respelled}");
+        }
+    }
+}
