@@ -3,8 +3,9 @@
 #   formatting, clippy, unit + engine + CLI + reconciler + manifest tests against a throwaway
 #   PostgreSQL, manifest validation, and the end-to-end suite (skipped, saying so, without a cluster).
 # Installs what it needs when missing: PostgreSQL (and Node.js) via apt-get; moto (the
-# S3-compatible test server), kubernetes-validate and helm-python-sdk via pip into a private
-# virtualenv; Azurite (the Azure Blob Storage emulator) via npm into ~/.cache/statekeeper/node.
+# S3-compatible test server), SQLMesh (pinned in tests/fixtures/sqlmesh-requirements.txt),
+# kubernetes-validate and helm-python-sdk via pip into a private virtualenv; Azurite (the Azure
+# Blob Storage emulator) via npm into ~/.cache/statekeeper/node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +41,12 @@ trap 'scripts/throwaway-postgres.sh stop "$STATEKEEPER_PG_DIR"; scripts/throwawa
 export STATEKEEPER_TEST_AZURE_ENDPOINT="$STATEKEEPER_AZURE_ENDPOINT"
 echo "Azure Blob Storage is up at $STATEKEEPER_AZURE_ENDPOINT"
 
-step "cargo test (unit, engine, CLI, destinations, reconcilers, manifests)"
+step "installing the pinned SQLMesh that writes the state the SQLMesh tests read"
+sqlmesh_python=$(scripts/python-env.sh -r tests/fixtures/sqlmesh-requirements.txt)
+export STATEKEEPER_SQLMESH="$(dirname "$sqlmesh_python")/sqlmesh"
+"$STATEKEEPER_SQLMESH" --version
+
+step "cargo test (unit, engine, CLI, destinations, reconcilers, SQLMesh, manifests)"
 cargo test --all-targets --locked -- --skip operator_makes_the_example_store_ready
 
 step "end-to-end suite"

@@ -282,7 +282,8 @@ impl<'de> Visitor<'de> for Document<'_> {
         let first: Option<String> = map.next_key()?;
         if first.as_deref() != Some("metadata") {
             return Err(de::Error::custom(
-                "not a statekeeper or SQLMesh export: it does not start with \"metadata\"",
+                "not a statekeeper or SQLMesh export: it does not start with \"metadata\" (every \
+                 export begins with its metadata and versions; re-sorting its keys breaks that)",
             ));
         }
         let metadata: serde_json::Value = map.next_value()?;

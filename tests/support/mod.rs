@@ -7,6 +7,7 @@ pub mod azure;
 pub mod fake_kube;
 pub mod operator;
 pub mod s3;
+pub mod sqlmesh;
 
 use std::collections::BTreeMap;
 use std::process::Command;

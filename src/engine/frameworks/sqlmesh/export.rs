@@ -18,6 +18,14 @@ use crate::engine::catalog;
 use crate::engine::export::{ExportOptions, ExportReport, Output, refuse_unknown_environments};
 use crate::engine::store::Store;
 
+/// `metadata`, with SQLMesh's fields in SQLMesh's order.
+#[derive(serde::Serialize)]
+struct Metadata {
+    timestamp: String,
+    file_version: u32,
+    importable: bool,
+}
+
 /// Writes the whole document from the caller's snapshot.
 pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     store: &Store,
@@ -37,12 +45,14 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     )))
     .fetch_one(&mut *tx)
     .await?;
-    let metadata = serde_json::json!({
+    let metadata = Metadata {
         // As SQLMesh writes it: UTC, to the minute.
-        "timestamp": chrono::Utc::now().format("%Y-%m-%d %H:%M:00+00:00").to_string(),
-        "file_version": 1,
-        "importable": true,
-    });
+        timestamp: chrono::Utc::now()
+            .format("%Y-%m-%d %H:%M:00+00:00")
+            .to_string(),
+        file_version: 1,
+        importable: true,
+    };
     out.write_json_header(
         &metadata,
         &RawValue::from_string(versions).map_err(json_error)?,
