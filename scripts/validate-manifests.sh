@@ -14,7 +14,7 @@ python=$(scripts/python-env.sh kubernetes-validate helm-python-sdk jsonschema py
 rendered=$(mktemp --suffix=.yaml)
 trap 'rm -f "$rendered"' EXIT
 kubectl kustomize deploy/ > "$rendered"
-"$python" - "$rendered" crds examples/*.yaml <<'PY'
+"$python" - "$rendered" crds examples/*.yaml examples/*/*.yaml <<'PY'
 import sys, yaml, jsonschema, kubernetes_validate, helm_python as helm
 
 rendered, _crd_dir, *examples = sys.argv[1:]

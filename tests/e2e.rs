@@ -1,5 +1,7 @@
 //! End to end against a real cluster: installs crds/, runs the operator binary, applies
-//! examples/statestore.yaml pointed at a throwaway local PostgreSQL, and waits for Ready.
+//! examples/statestore.yaml pointed at a throwaway local PostgreSQL, and waits for Ready; then
+//! examples/sqlmesh/statestore.yaml pointed at state the real SQLMesh wrote, waits for Ready with
+//! SQLMesh's versions in status, and checks that the API server keeps `spec.framework` immutable.
 //! Runs only when STATEKEEPER_E2E_KUBECONFIG names a kubeconfig; otherwise it says it skipped.
 
 mod support;
@@ -16,11 +18,7 @@ impl Drop for Operator {
 }
 
 fn kubectl(kubeconfig: &str, args: &[&str]) -> String {
-    let out = Command::new("kubectl")
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .output()
-        .expect("run kubectl");
+    let out = kubectl_output(kubeconfig, args);
     assert!(
         out.status.success(),
         "kubectl {}: {}",
@@ -28,6 +26,14 @@ fn kubectl(kubeconfig: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn kubectl_output(kubeconfig: &str, args: &[&str]) -> std::process::Output {
+    Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .expect("run kubectl")
 }
 
 #[tokio::test]
@@ -119,6 +125,70 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
         ],
     );
     assert_eq!(version.trim(), "3");
+
+    // A SQLMesh store, on state the real SQLMesh planned.
+    let (sqlmesh_db, _project) = support::sqlmesh::planned().await;
+    let example = format!("{root}/examples/sqlmesh/statestore.yaml");
+    kubectl(&kubeconfig, &["apply", "-f", &example]);
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "patch",
+            "secret",
+            "sqlmesh-state-url",
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"stringData":{{"url":"{}"}}}}"#, sqlmesh_db.url),
+        ],
+    );
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "wait",
+            "statestore/sqlmesh-state",
+            "--for=condition=Ready",
+            "--timeout=180s",
+        ],
+    );
+    let sqlmesh_version = kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "get",
+            "statestore/sqlmesh-state",
+            "-o",
+            "jsonpath={.status.frameworkVersions.sqlmeshVersion}",
+        ],
+    );
+    assert_eq!(sqlmesh_version.trim(), support::sqlmesh::sqlmesh_version());
+    let refused = kubectl_output(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "patch",
+            "statestore",
+            "sqlmesh-state",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"framework":"statekeeper"}}"#,
+        ],
+    );
+    assert!(!refused.status.success(), "the framework changed");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("spec.framework is immutable"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // Both examples share the namespace: delete them together at the end.
+    kubectl(&kubeconfig, &["delete", "-f", &example, "--wait=false"]);
     kubectl(
         &kubeconfig,
         &[
@@ -126,6 +196,7 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
             "-f",
             &format!("{root}/examples/statestore.yaml"),
             "--wait=false",
+            "--ignore-not-found",
         ],
     );
 }

@@ -66,14 +66,28 @@ fn crd_has_status_subresource_list_map_conditions_and_cel_rules() {
     }
 }
 
+/// Every YAML file under examples/, its subfolders (examples/sqlmesh/) included.
+fn example_files() -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut folders = vec![Path::new(ROOT).join("examples")];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                folders.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
 #[test]
 fn every_example_state_store_parses_into_the_real_type() {
     let mut found = 0;
-    for entry in std::fs::read_dir(Path::new(ROOT).join("examples")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "yaml") {
-            continue;
-        }
+    for path in example_files() {
         for doc in yaml_documents(&std::fs::read_to_string(&path).unwrap()) {
             if doc["kind"] == "StateExport" {
                 let export: statekeeper::api::StateExport = serde_json::from_value(doc.clone())
@@ -117,7 +131,10 @@ fn every_example_state_store_parses_into_the_real_type() {
             }
         }
     }
-    assert!(found >= 3, "examples/ holds StateStores and a StateExport");
+    assert!(
+        found >= 6,
+        "examples/ holds StateStores and StateExports, SQLMesh's included ({found})"
+    );
 }
 
 /// The RBAC rules are exactly the API calls the operator makes.
