@@ -565,3 +565,44 @@ async fn backups_are_listed_and_dropped() {
             .get("e");
     assert!(!exists);
 }
+
+/// A backup is a copy of every table with its keys, constraints and indexes, under their names.
+#[tokio::test]
+async fn backups_keep_keys_constraints_and_indexes() {
+    let db = TestDb::new().await;
+    let store = db.store("state").await;
+    store.init(None).await.unwrap();
+    let mut conn = db.conn().await;
+    populate_v1(&mut conn, "state").await;
+    let backup = store.backup().await.unwrap();
+    assert_eq!(backup.reason, "manual");
+    let structure = |schema: String| {
+        format!(
+            "SELECT t.relname || ': ' || string_agg(pg_get_constraintdef(c.oid), '; ' ORDER BY c.conname)
+             FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE n.nspname = '{schema}' AND c.contype IN ('p', 'u', 'c')
+             GROUP BY t.relname
+             UNION ALL
+             SELECT i.indexname || ': ' || regexp_replace(i.indexdef, ' ON \\S+ USING ', ' ON t USING ')
+             FROM pg_indexes i WHERE i.schemaname = '{schema}' AND i.tablename <> '_statekeeper_backup'
+             ORDER BY 1"
+        )
+    };
+    let live: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(structure("state".into())))
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    let copied: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(structure(format!(
+        "state__backup_{}",
+        backup.id
+    ))))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(live.len() > 20, "{live:?}");
+    assert_eq!(copied, live);
+    // And every row.
+    let mut backed_up = snapshot(&mut conn, &format!("state__backup_{}", backup.id)).await;
+    backed_up.remove("_statekeeper_backup");
+    assert_eq!(backed_up, snapshot(&mut conn, "state").await);
+}

@@ -698,3 +698,38 @@ async fn reconcilers_report_a_sqlmesh_store_and_export_it_on_a_schedule() {
     project.copy_for(&reference).import(&path, true);
     assert_same_state(&target, &reference).await;
 }
+
+#[tokio::test]
+async fn reset_empties_sqlmeshs_tables_but_versions_and_rollback_brings_them_back() {
+    let (db, _project) = planned().await;
+    let store = sqlmesh_store(&db).await;
+    let mut conn = db.conn().await;
+    let before = snapshot(&mut conn, "sqlmesh").await;
+    let refused = store
+        .reset(statekeeper::engine::ResetApproval {
+            allow_reset: true,
+            approved: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.reason(), "ResetRefused");
+    let report = store
+        .reset(statekeeper::engine::ResetApproval {
+            allow_reset: true,
+            approved: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.tables_reset, 5);
+    let after = snapshot(&mut conn, "sqlmesh").await;
+    assert_eq!(after.len(), 6, "SQLMesh's tables are kept");
+    for (table, rows) in &after {
+        assert_eq!(rows.is_empty(), table != "_versions", "{table}");
+    }
+    assert_eq!(after["_versions"], before["_versions"]);
+    store
+        .rollback(Some(&report.backup.unwrap().id))
+        .await
+        .unwrap();
+    assert_eq!(snapshot(&mut conn, "sqlmesh").await, before);
+}

@@ -11,6 +11,8 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use statekeeper::engine::generator::GenerateOptions;
 use statekeeper::engine::{ConnectionSettings, JanitorOptions, SchemaName, Store};
 
+mod sqlmesh_bench;
+
 #[derive(Parser)]
 #[command(
     name = "statekeeper-bench",
@@ -45,6 +47,31 @@ enum Command {
         /// exact (every table, history included) or statekeeper (current state only).
         #[arg(long, default_value = "exact")]
         format: statekeeper::engine::ExportFormat,
+    },
+    /// SQLMesh's state export and import next to statekeeper's, on state the real SQLMesh planned
+    /// (a generated project: scripts/sqlmesh-bench-project.py), in the same run on the same
+    /// server; both sides run as commands under /usr/bin/time (wall time, peak RSS).
+    Sqlmesh {
+        /// PostgreSQL URL of a user that may create databases; a throwaway local server when
+        /// omitted.
+        #[arg(long, env = "STATEKEEPER_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Models per round.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        models: Vec<u32>,
+        /// Development environments, each changing 5 % of the models.
+        #[arg(long, default_value_t = 2)]
+        dev_envs: u32,
+        /// Runs of each command; the median time and the largest peak are reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+        /// The sqlmesh CLI (default: STATEKEEPER_SQLMESH, or the pinned SQLMesh installed into the
+        /// test virtualenv).
+        #[arg(long, env = "STATEKEEPER_SQLMESH")]
+        sqlmesh: Option<String>,
+        /// Where the generated projects go (kept for a later look).
+        #[arg(long, default_value = "/tmp/statekeeper-bench-sqlmesh")]
+        work_dir: std::path::PathBuf,
     },
     /// Janitor on a store with half of its versions unreferenced, while a writer keeps writing.
     Janitor {
@@ -118,6 +145,36 @@ async fn run(cli: Cli) -> BenchResult<()> {
                 println!("  {table:<34} {rows}");
             }
             Ok(())
+        }
+        Command::Sqlmesh {
+            database_url,
+            models,
+            dev_envs,
+            repeat,
+            sqlmesh,
+            work_dir,
+        } => {
+            let url = database(&Target {
+                database_url,
+                schema: "unused".into(),
+            })
+            .await?;
+            let sqlmesh = match sqlmesh {
+                Some(path) => path,
+                None => install_sqlmesh().await?,
+            };
+            sqlmesh_bench::run(
+                &sqlmesh_bench::Settings {
+                    admin_url: url,
+                    sqlmesh,
+                    dev_envs,
+                    repeat: repeat.max(1),
+                    work_dir,
+                    statekeeper: sibling_binary("statekeeper")?,
+                },
+                &models,
+            )
+            .await
         }
         Command::ExportImport {
             target,
@@ -411,6 +468,46 @@ async fn run_tool(name: &str, args: &[&str]) -> BenchResult<()> {
         return Err(format!("{name} failed: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
     Ok(())
+}
+
+/// The pinned SQLMesh of the tests (tests/fixtures/sqlmesh-requirements.txt), installed into the
+/// private virtualenv by scripts/python-env.sh.
+async fn install_sqlmesh() -> BenchResult<String> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = tokio::process::Command::new("bash")
+        .args([
+            &format!("{root}/scripts/python-env.sh"),
+            "-r",
+            &format!("{root}/tests/fixtures/sqlmesh-requirements.txt"),
+        ])
+        .output()
+        .await?;
+    if !out.status.success() {
+        return Err(format!(
+            "cannot install SQLMesh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let python = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Ok(std::path::Path::new(&python)
+        .with_file_name("sqlmesh")
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// A binary built beside this one (`statekeeper`, from the same `cargo build`).
+fn sibling_binary(name: &str) -> BenchResult<std::path::PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} not found: build it too (cargo build --release --bins)",
+            path.display()
+        )
+        .into())
+    }
 }
 
 /// Resets this process's peak RSS (VmHWM), so each operation's peak is measured on its own.

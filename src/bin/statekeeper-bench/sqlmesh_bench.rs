@@ -1,0 +1,313 @@
+//! `statekeeper-bench sqlmesh`: SQLMesh's own `state export` / `state import` next to
+//! statekeeper's, on the same store in the same run. A project of N models is generated and
+//! planned once with the real SQLMesh (scripts/sqlmesh-bench-project.py); then each command runs
+//! `repeat` times as a child process under `/usr/bin/time`, so both sides are measured the same
+//! way: wall time (median) and peak resident memory (largest).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+
+use super::BenchResult;
+
+pub struct Settings {
+    pub admin_url: String,
+    pub sqlmesh: String,
+    pub dev_envs: u32,
+    pub repeat: u32,
+    pub work_dir: PathBuf,
+    pub statekeeper: PathBuf,
+}
+
+/// One command's measurements.
+#[derive(Clone, Copy)]
+struct Measured {
+    seconds: f64,
+    peak_mib: f64,
+}
+
+struct Round {
+    models: u32,
+    snapshots: i64,
+    intervals: i64,
+    environments: i64,
+    plan_seconds: f64,
+    file_mib: f64,
+    export: (Measured, Measured),
+    import: (Measured, Measured),
+}
+
+pub async fn run(settings: &Settings, sizes: &[u32]) -> BenchResult<()> {
+    if !Path::new("/usr/bin/time").exists() {
+        return Err(
+            "/usr/bin/time is missing: install the Debian package `time` (apt-get install time)"
+                .into(),
+        );
+    }
+    println!(
+        "SQLMesh state export/import vs statekeeper (--format sqlmesh); same store, same run; \
+         median of {} runs, largest peak RSS",
+        settings.repeat
+    );
+    let mut rounds = Vec::new();
+    for &models in sizes {
+        let round = round(settings, models).await?;
+        print_round(&round);
+        rounds.push(round);
+    }
+    println!();
+    println!(
+        "| models | snapshots | intervals | file | sqlmesh export | statekeeper export | speed-up | sqlmesh import | statekeeper import | speed-up | peak RSS sqlmesh / statekeeper (export; import) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rounds {
+        println!(
+            "| {} | {} | {} | {:.1} MiB | {:.2} s | {:.3} s | {:.0}× | {:.2} s | {:.3} s | {:.0}× | {:.0} / {:.1} MiB; {:.0} / {:.1} MiB |",
+            r.models,
+            r.snapshots,
+            r.intervals,
+            r.file_mib,
+            r.export.0.seconds,
+            r.export.1.seconds,
+            r.export.0.seconds / r.export.1.seconds,
+            r.import.0.seconds,
+            r.import.1.seconds,
+            r.import.0.seconds / r.import.1.seconds,
+            r.export.0.peak_mib,
+            r.export.1.peak_mib,
+            r.import.0.peak_mib,
+            r.import.1.peak_mib,
+        );
+    }
+    Ok(())
+}
+
+fn print_round(r: &Round) {
+    println!(
+        "{} models ({} snapshots, {} intervals, {} environments; planned in {:.0} s; file {:.1} MiB)",
+        r.models, r.snapshots, r.intervals, r.environments, r.plan_seconds, r.file_mib
+    );
+    for (what, (theirs, ours)) in [("export", r.export), ("import", r.import)] {
+        println!(
+            "  {what}: sqlmesh {:.2} s, {:.0} MiB; statekeeper {:.3} s, {:.1} MiB; {:.0}× faster",
+            theirs.seconds,
+            theirs.peak_mib,
+            ours.seconds,
+            ours.peak_mib,
+            theirs.seconds / ours.seconds
+        );
+    }
+}
+
+async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
+    let source = format!("bench_sqlmesh_{models}");
+    let target = format!("bench_sqlmesh_{models}_target");
+    let source_url = recreate_database(&settings.admin_url, &source).await?;
+    let target_url = database_url(&settings.admin_url, &target)?;
+    let dir = settings.work_dir.join(models.to_string());
+
+    let started = Instant::now();
+    let generator = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/sqlmesh-bench-project.py"
+    );
+    let python = Path::new(&settings.sqlmesh).with_file_name("python");
+    check(
+        tokio::process::Command::new(&python)
+            .arg(generator)
+            .args(["--models", &models.to_string(), "--dir"])
+            .arg(&dir)
+            .args(["--state-url", &source_url, "--plan", "--force"])
+            .args(["--dev-envs", &settings.dev_envs.to_string()])
+            .args(["--sqlmesh", &settings.sqlmesh])
+            .output()
+            .await?,
+        "generating and planning the project",
+    )?;
+    let plan_seconds = started.elapsed().as_secs_f64();
+
+    let theirs_file = dir.join("sqlmesh-export.json");
+    let ours_file = dir.join("statekeeper-export.json");
+    let sqlmesh_export = measure(settings.repeat, || {
+        let _ = std::fs::remove_dir_all(dir.join(".cache"));
+        let _ = std::fs::remove_file(&theirs_file);
+        let mut command = timed_command(&settings.sqlmesh, &dir, &[]);
+        command
+            .args(["state", "export", "-o"])
+            .arg(&theirs_file)
+            .arg("--no-confirm");
+        command
+    })
+    .await?;
+    let ours_export = measure(settings.repeat, || {
+        let _ = std::fs::remove_file(&ours_file);
+        let mut command = timed_command(settings.statekeeper.to_string_lossy().as_ref(), &dir, &[]);
+        command
+            .args([
+                "state",
+                "export",
+                "--framework",
+                "sqlmesh",
+                "--format",
+                "sqlmesh",
+            ])
+            .args(["--database-url", &source_url, "--to"])
+            .arg(&ours_file);
+        command
+    })
+    .await?;
+
+    // Both import SQLMesh's own file into a database SQLMesh has just created its tables in.
+    let gateway_db = (
+        "SQLMESH__GATEWAYS__BENCH__STATE_CONNECTION__DATABASE",
+        target.as_str(),
+    );
+    let mut sqlmesh_import = Vec::new();
+    let mut ours_import = Vec::new();
+    for _ in 0..settings.repeat {
+        for sqlmesh_side in [true, false] {
+            recreate_database(&settings.admin_url, &target).await?;
+            check(
+                timed_command(&settings.sqlmesh, &dir, &[gateway_db])
+                    .arg("migrate")
+                    .output()?,
+                "sqlmesh migrate",
+            )?;
+            let mut command = if sqlmesh_side {
+                let mut c = timed_command(&settings.sqlmesh, &dir, &[gateway_db]);
+                c.args(["state", "import", "-i"])
+                    .arg(&theirs_file)
+                    .args(["--replace", "--no-confirm"]);
+                c
+            } else {
+                let mut c =
+                    timed_command(settings.statekeeper.to_string_lossy().as_ref(), &dir, &[]);
+                c.args(["state", "import", "--framework", "sqlmesh", "--replace"])
+                    .args(["--database-url", &target_url, "--from"])
+                    .arg(&theirs_file);
+                c
+            };
+            let measured = run_timed(&mut command)?;
+            if sqlmesh_side {
+                sqlmesh_import.push(measured);
+            } else {
+                ours_import.push(measured);
+            }
+        }
+    }
+
+    let mut conn = PgConnection::connect(&source_url).await?;
+    let count = |table: &str| format!("SELECT count(*) FROM sqlmesh.{table}");
+    let snapshots: i64 = sqlx::query_scalar(AssertSqlSafe(count("_snapshots")))
+        .fetch_one(&mut conn)
+        .await?;
+    let intervals: i64 = sqlx::query_scalar(AssertSqlSafe(count("_intervals")))
+        .fetch_one(&mut conn)
+        .await?;
+    let environments: i64 = sqlx::query_scalar(AssertSqlSafe(count("_environments")))
+        .fetch_one(&mut conn)
+        .await?;
+    drop(conn);
+    drop_database(&settings.admin_url, &target).await?;
+    Ok(Round {
+        models,
+        snapshots,
+        intervals,
+        environments,
+        plan_seconds,
+        file_mib: std::fs::metadata(&theirs_file)?.len() as f64 / 1048576.0,
+        export: (sqlmesh_export, ours_export),
+        import: (summarize(&sqlmesh_import), summarize(&ours_import)),
+    })
+}
+
+/// `/usr/bin/time -f "%e %M" -o FILE program …` in `dir`, with extra environment variables.
+fn timed_command(program: &str, dir: &Path, env: &[(&str, &str)]) -> std::process::Command {
+    let mut command = std::process::Command::new("/usr/bin/time");
+    command
+        .args(["-f", "%e %M", "-o"])
+        .arg(dir.join(".time"))
+        .arg(program)
+        .current_dir(dir)
+        .envs(env.iter().copied());
+    command
+}
+
+fn run_timed(command: &mut std::process::Command) -> BenchResult<Measured> {
+    let out = command.output()?;
+    let dir = command
+        .get_current_dir()
+        .ok_or("timed commands run in the project directory")?
+        .to_owned();
+    check(out, "a timed command")?;
+    let text = std::fs::read_to_string(dir.join(".time"))?;
+    let mut fields = text.split_whitespace();
+    let seconds: f64 = fields.next().ok_or("no time")?.parse()?;
+    let kib: f64 = fields.next().ok_or("no peak RSS")?.parse()?;
+    Ok(Measured {
+        seconds,
+        peak_mib: kib / 1024.0,
+    })
+}
+
+async fn measure(
+    repeat: u32,
+    mut command: impl FnMut() -> std::process::Command,
+) -> BenchResult<Measured> {
+    let mut runs = Vec::new();
+    for _ in 0..repeat {
+        runs.push(run_timed(&mut command())?);
+    }
+    Ok(summarize(&runs))
+}
+
+/// The median time and the largest peak.
+fn summarize(runs: &[Measured]) -> Measured {
+    let mut seconds: Vec<f64> = runs.iter().map(|m| m.seconds).collect();
+    seconds.sort_by(f64::total_cmp);
+    Measured {
+        seconds: seconds.get(seconds.len() / 2).copied().unwrap_or(0.0),
+        peak_mib: runs.iter().map(|m| m.peak_mib).fold(0.0, f64::max),
+    }
+}
+
+fn check(out: std::process::Output, what: &str) -> BenchResult<()> {
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into())
+    }
+}
+
+/// The admin URL with another database.
+fn database_url(admin_url: &str, database: &str) -> BenchResult<String> {
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .ok_or("the database URL has no database part")?;
+    Ok(format!("{base}/{database}"))
+}
+
+async fn recreate_database(admin_url: &str, database: &str) -> BenchResult<String> {
+    drop_database(admin_url, database).await?;
+    let mut admin = PgConnection::connect(admin_url).await?;
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {database}")))
+        .execute(&mut admin)
+        .await?;
+    database_url(admin_url, database)
+}
+
+async fn drop_database(admin_url: &str, database: &str) -> BenchResult<()> {
+    let mut admin = PgConnection::connect(admin_url).await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {database} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
+    Ok(())
+}
