@@ -38,13 +38,17 @@ fn backup_line(b: &BackupInfo) -> String {
     )
 }
 
-/// The `--framework` flag a follow-up command needs (empty for statekeeper's own schema).
-fn framework_flag(framework: Framework) -> String {
-    if framework == Framework::default() {
+/// The command that restores a backup (with `--framework` where the store needs it).
+fn rollback_command(b: &BackupInfo) -> String {
+    let framework = if b.framework == Framework::default() {
         String::new()
     } else {
-        format!(" --framework {framework}")
-    }
+        format!(" --framework {}", b.framework)
+    };
+    format!(
+        "statekeeper state rollback{framework} --schema {} --backup-id {}",
+        b.schema, b.id
+    )
 }
 
 pub fn backup(b: &BackupInfo, json: bool) -> String {
@@ -52,14 +56,12 @@ pub fn backup(b: &BackupInfo, json: bool) -> String {
         return to_json(b);
     }
     format!(
-        "backup {} of schema \"{}\": {} tables, {} rows\n  restore with: statekeeper state rollback{} --schema {} --backup-id {}",
+        "backup {} of schema \"{}\": {} tables, {} rows\n  restore with: {}",
         b.id,
         b.schema,
         b.tables,
         b.rows,
-        framework_flag(b.framework),
-        b.schema,
-        b.id
+        rollback_command(b)
     )
 }
 
@@ -155,11 +157,9 @@ pub fn rollback(r: &RollbackReport, json: bool) -> String {
     }
     let undo = match &r.pre_rollback_backup {
         Some(b) => format!(
-            "\n  the replaced state is in backup {} (undo with: statekeeper state rollback{} --schema {} --backup-id {})",
+            "\n  the replaced state is in backup {} (undo with: {})",
             b.id,
-            framework_flag(b.framework),
-            r.schema,
-            b.id
+            rollback_command(b)
         ),
         None => String::new(),
     };
@@ -181,11 +181,9 @@ pub fn reset(r: &ResetReport, json: bool) -> String {
     }
     let kept = match &r.backup {
         Some(b) => format!(
-            "\n  the removed state is in backup {} (restore with: statekeeper state rollback{} --schema {} --backup-id {})",
+            "\n  the removed state is in backup {} (restore with: {})",
             b.id,
-            framework_flag(b.framework),
-            r.schema,
-            b.id
+            rollback_command(b)
         ),
         None => String::new(),
     };
@@ -286,7 +284,11 @@ pub fn imported(r: &ImportReport, from: &str, json: bool) -> String {
         r.duration.as_secs_f64(),
         r.backup
             .as_ref()
-            .map(|b| format!("\n  the previous state is in backup {} (undo with: statekeeper state rollback --backup-id {})", b.id, b.id))
+            .map(|b| format!(
+                "\n  the previous state is in backup {} (undo with: {})",
+                b.id,
+                rollback_command(b)
+            ))
             .unwrap_or_default()
     )
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, PgConnection};
 use tokio::io::AsyncWrite;
@@ -24,8 +24,8 @@ use super::export::{ExportReport, Output};
 use super::frameworks::{self, Event, ExportFormat, Framework};
 use super::identifier::quote_ident;
 use super::import::{
-    Emitter, Header, ImportMode, ImportReport, Incoming, RowsSeed, StagedShape,
-    drop_secondary_structures, insert_staged, restore_secondary_structures,
+    Emitter, Header, ImportMode, ImportReport, Incoming, drop_secondary_structures, insert_staged,
+    restore_secondary_structures,
 };
 use super::store::Store;
 use super::tableset::qualified_list;
@@ -202,25 +202,64 @@ impl<'de> Visitor<'de> for Table<'_> {
             )));
         }
         let columns: Vec<(String, String)> = map.next_value()?;
+        let width = columns.len();
         self.emitter
             .table(self.name.clone(), columns)
             .map_err(de::Error::custom)?;
+        let columns = width;
         if map.next_key::<String>()?.as_deref() != Some("rows") {
             return Err(de::Error::custom(format!(
                 "table \"{}\" has no \"rows\" after its columns",
                 self.name
             )));
         }
-        map.next_value_seed(RowsSeed {
+        map.next_value_seed(FieldRows {
             emitter: self.emitter,
             section: Arc::from(self.name.as_str()),
-            key: "",
+            width: columns,
         })?;
         if let Some(extra) = map.next_key::<String>()? {
             return Err(de::Error::custom(format!(
                 "unexpected field \"{extra}\" in table \"{}\"",
                 self.name
             )));
+        }
+        Ok(())
+    }
+}
+
+/// A table's rows: arrays of text values (or nulls), as many as the table has columns.
+struct FieldRows<'a> {
+    emitter: &'a mut Emitter,
+    section: Arc<str>,
+    width: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for FieldRows<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldRows<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "an array of rows of table {}", self.section)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(fields) = seq.next_element::<Vec<Option<String>>>()? {
+            if fields.len() != self.width {
+                return Err(de::Error::custom(format!(
+                    "a row of table {} has {} values for {} columns",
+                    self.section,
+                    fields.len(),
+                    self.width
+                )));
+            }
+            self.emitter
+                .fields(&self.section, fields)
+                .map_err(de::Error::custom)?;
         }
         Ok(())
     }
@@ -287,10 +326,11 @@ pub(crate) async fn import(
             "it lacks table \"{missing}\" of the store"
         )));
     }
+
+    // Rows arrive table by table: one index finds each table's rows without a scan per table.
     sqlx::query("CREATE INDEX ON statekeeper_import (section, seq)")
         .execute(&mut *tx)
         .await?;
-
     store.lock_tables(&mut tx).await?;
     let backup = store.create_backup(&mut tx, &current, "pre-import").await?;
     sqlx::query(AssertSqlSafe(format!(
@@ -300,8 +340,9 @@ pub(crate) async fn import(
     .execute(&mut *tx)
     .await?;
     let restore = drop_secondary_structures(&mut tx, schema, &live).await?;
-    for table in &live {
-        insert_staged(&mut tx, schema, table, table, StagedShape::ByPosition, &[]).await?;
+    for (table, columns) in &staged.tables {
+        let names: Vec<&str> = columns.iter().map(|(name, _)| name.as_str()).collect();
+        insert_staged(&mut tx, schema, table, table, &names, &[]).await?;
     }
     restore_secondary_structures(&mut tx, &restore).await?;
     catalog::resync_identities(&mut tx, schema).await?;

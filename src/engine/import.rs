@@ -102,12 +102,82 @@ async fn decoded<R: AsyncRead + Unpin + Send + 'static>(
 // ---------------------------------------------------------------------------------------------
 // Parsing: serde's streaming deserializer walks the document; rows go out in bounded batches.
 
-/// One staged row: its section (or target table), a key (the environment, JSON-encoded, or
-/// empty) and the row as compact JSON.
-pub(crate) struct Row {
-    pub section: Arc<str>,
-    pub key: String,
-    pub doc: String,
+/// One staged row, under its section (or target table): a JSON document with a key (the
+/// environment, JSON-encoded, or empty), or a list of PostgreSQL text values.
+pub(crate) enum Row {
+    Json {
+        section: Arc<str>,
+        key: String,
+        doc: String,
+    },
+    Fields {
+        section: Arc<str>,
+        fields: Vec<Option<String>>,
+    },
+}
+
+impl Row {
+    fn section(&self) -> &Arc<str> {
+        match self {
+            Row::Json { section, .. } | Row::Fields { section, .. } => section,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Row::Json { doc, key, .. } => doc.len() + key.len(),
+            Row::Fields { fields, .. } => fields.iter().flatten().map(String::len).sum(),
+        }
+    }
+
+    /// The row as a line of staging COPY input (CSV with 0x02 as delimiter and 0x01 as quote):
+    /// `section, environment, doc, fields`. JSON text has no raw control characters, so it goes
+    /// unquoted; the text values go as one quoted array literal.
+    fn encode(&self, out: &mut Vec<u8>) {
+        const DELIMITER: u8 = 0x02;
+        const QUOTE: u8 = 0x01;
+        out.extend_from_slice(self.section().as_bytes());
+        out.push(DELIMITER);
+        match self {
+            Row::Json { key, doc, .. } => {
+                out.extend_from_slice(key.as_bytes());
+                out.push(DELIMITER);
+                out.extend_from_slice(doc.as_bytes());
+                out.push(DELIMITER);
+            }
+            Row::Fields { fields, .. } => {
+                out.push(DELIMITER);
+                out.push(DELIMITER);
+                out.push(QUOTE);
+                out.push(b'{');
+                for (i, field) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    match field {
+                        None => out.extend_from_slice(b"NULL"),
+                        Some(text) => {
+                            out.push(b'"');
+                            for &byte in text.as_bytes() {
+                                match byte {
+                                    b'"' | b'\\' => {
+                                        out.push(b'\\');
+                                        out.push(byte);
+                                    }
+                                    QUOTE => out.extend_from_slice(&[QUOTE, QUOTE]),
+                                    _ => out.push(byte),
+                                }
+                            }
+                            out.push(b'"');
+                        }
+                    }
+                }
+                out.push(b'}');
+                out.push(QUOTE);
+            }
+        }
+        out.push(b'\n');
+    }
 }
 
 /// The opening of every document: its format, `metadata` and `versions`.
@@ -179,12 +249,15 @@ pub(crate) enum Message {
     },
 }
 
+/// Rows are sent to the importing task in batches of at most this many rows or bytes.
 const BATCH: usize = 512;
+const BATCH_BYTES: usize = 256 * 1024;
 
 /// What a format's section reader hands rows to.
 pub(crate) struct Emitter {
     tx: mpsc::Sender<Message>,
     batch: Vec<Row>,
+    batch_bytes: usize,
     counts: BTreeMap<String, u64>,
     pub environments: u64,
 }
@@ -209,15 +282,31 @@ impl Emitter {
 
     /// Stages a row that is already compact JSON.
     pub fn row_text(&mut self, section: &Arc<str>, key: &str, doc: String) -> Result<(), String> {
-        *self.counts.entry(section.to_string()).or_default() += 1;
-        self.batch.push(Row {
+        self.push(Row::Json {
             section: section.clone(),
             key: key.to_owned(),
             doc,
-        });
-        if self.batch.len() >= BATCH {
-            let batch = std::mem::take(&mut self.batch);
-            self.send(Message::Rows(batch))?;
+        })
+    }
+
+    /// Stages a row of PostgreSQL text values.
+    pub fn fields(
+        &mut self,
+        section: &Arc<str>,
+        fields: Vec<Option<String>>,
+    ) -> Result<(), String> {
+        self.push(Row::Fields {
+            section: section.clone(),
+            fields,
+        })
+    }
+
+    fn push(&mut self, row: Row) -> Result<(), String> {
+        *self.counts.entry(row.section().to_string()).or_default() += 1;
+        self.batch_bytes += row.bytes();
+        self.batch.push(row);
+        if self.batch.len() >= BATCH || self.batch_bytes >= BATCH_BYTES {
+            self.flush()?;
         }
         Ok(())
     }
@@ -232,6 +321,7 @@ impl Emitter {
     fn flush(&mut self) -> Result<(), String> {
         if !self.batch.is_empty() {
             let batch = std::mem::take(&mut self.batch);
+            self.batch_bytes = 0;
             self.send(Message::Rows(batch))?;
         }
         Ok(())
@@ -330,6 +420,7 @@ fn parse(mut reader: impl std::io::Read, tx: mpsc::Sender<Message>) -> Result<()
     let mut emitter = Emitter {
         tx,
         batch: Vec::with_capacity(BATCH),
+        batch_bytes: 0,
         counts: BTreeMap::new(),
         environments: 0,
     };
@@ -382,19 +473,23 @@ pub(crate) struct Staged {
 
 impl Incoming<'_> {
     /// Streams every row into the temporary table `statekeeper_import (seq, section, environment,
-    /// doc jsonb)`, then checks the checksum. Returns only after the whole file was read.
+    /// doc jsonb, fields text[])`, then checks the checksum. Returns only after the whole file
+    /// was read.
     pub async fn stage(&mut self, conn: &mut PgConnection) -> Result<Staged, Error> {
-        sqlx::query(
-            "CREATE TEMP TABLE statekeeper_import (seq bigserial, section text NOT NULL, environment text, doc jsonb NOT NULL) ON COMMIT DROP",
+        // Staged values are read once: storing them uncompressed saves compressing them.
+        sqlx::raw_sql(
+            "CREATE TEMP TABLE statekeeper_import (seq bigserial, section text NOT NULL, environment text, doc jsonb, fields text[]) ON COMMIT DROP;
+             ALTER TABLE statekeeper_import ALTER doc SET STORAGE EXTERNAL, ALTER fields SET STORAGE EXTERNAL",
         )
         .execute(&mut *conn)
         .await?;
+        fast_toast_compression(conn).await?;
         let mut tables = Vec::new();
         let (counts, environments) = {
             // JSON rows contain no raw control characters, so 0x01/0x02 can never collide.
             let mut copy = conn
                 .copy_in_raw(
-                    "COPY statekeeper_import (section, environment, doc) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')",
+                    "COPY statekeeper_import (section, environment, doc, fields) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')",
                 )
                 .await?;
             let mut buffer = Vec::with_capacity(512 * 1024);
@@ -416,12 +511,7 @@ impl Incoming<'_> {
                     None => return Err(Error::InvalidExport(STREAM_ENDED.into())),
                 };
                 for row in rows {
-                    buffer.extend_from_slice(row.section.as_bytes());
-                    buffer.push(0x02);
-                    buffer.extend_from_slice(row.key.as_bytes());
-                    buffer.push(0x02);
-                    buffer.extend_from_slice(row.doc.as_bytes());
-                    buffer.push(b'\n');
+                    row.encode(&mut buffer);
                 }
                 if buffer.len() >= 256 * 1024 {
                     copy.send(std::mem::take(&mut buffer)).await?;
@@ -468,7 +558,8 @@ impl Store {
         let started = Instant::now();
         let measure = Arc::new(Mutex::new(Measure::default()));
         let (decoded, compression) = decoded(reader, measure.clone()).await?;
-        let (tx, mut rx) = mpsc::channel::<Message>(64);
+        // A few batches in flight keep both sides busy; more would only hold memory.
+        let (tx, mut rx) = mpsc::channel::<Message>(8);
         let bridge = tokio_util::io::SyncIoBridge::new(decoded);
         let parser = tokio::task::spawn_blocking(move || parse(bridge, tx));
 
@@ -531,6 +622,23 @@ impl Store {
             }
         }
     }
+}
+
+/// Compresses the large values this transaction writes with lz4 where the server has it (it is
+/// several times faster than the default pglz, and every PostgreSQL since 14 reads both). This
+/// sets how values are written, not any table's definition.
+pub(crate) async fn fast_toast_compression(conn: &mut PgConnection) -> Result<(), Error> {
+    let lz4: bool = sqlx::query_scalar(
+        "SELECT COALESCE((SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'), false)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if lz4 {
+        sqlx::query("SET LOCAL default_toast_compression = 'lz4'")
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Drops the foreign keys and secondary indexes of tables about to be emptied and reloaded, and
@@ -597,43 +705,35 @@ pub(crate) async fn restore_secondary_structures(
     Ok(())
 }
 
-/// How staged rows carry their values.
-#[derive(Clone, Copy)]
-pub(crate) enum StagedShape {
-    /// A JSON array of PostgreSQL text values in the table's column order (exact format).
-    ByPosition,
-    /// A JSON object of PostgreSQL text values keyed by column name; missing columns are NULL.
-    ByName,
-}
-
-/// Inserts the rows staged under `section` into `schema.table`, converting each text value with
-/// the column type's own input function (so values arrive exactly as written). `defaults` gives
-/// SQL expressions for columns a staged row leaves out.
+/// Inserts the rows staged under `section` (as `Row::Fields`, whose values are in the order of
+/// `staged`) into `schema.table`. Each text value is converted by its column type's own input
+/// function, so values arrive exactly as written; a column of the table that was not staged gets
+/// its expression from `defaults`, or its default.
 pub(crate) async fn insert_staged(
     conn: &mut PgConnection,
     schema: &str,
     table: &str,
     section: &str,
-    shape: StagedShape,
+    staged: &[&str],
     defaults: &[(&str, &str)],
 ) -> Result<u64, Error> {
     let columns = catalog::columns(conn, schema, table).await?;
     let generated = catalog::generated_columns(conn, schema, table).await?;
     let mut names = Vec::new();
     let mut values = Vec::new();
-    for (position, (name, type_)) in columns.iter().enumerate() {
+    for (name, type_) in &columns {
         if generated.contains(name) {
             continue;
         }
-        names.push(quote_ident(name));
-        let value = match shape {
-            StagedShape::ByPosition => format!("x.doc->>{position}"),
-            StagedShape::ByName => format!("x.doc->>{}", quote_literal(name)),
+        let value = match staged.iter().position(|s| s == name) {
+            Some(position) => format!("(x.fields[{}])::{type_}", position + 1),
+            None => match defaults.iter().find(|(column, _)| column == name) {
+                Some((_, default)) => (*default).to_owned(),
+                None => continue,
+            },
         };
-        values.push(match defaults.iter().find(|(column, _)| column == name) {
-            Some((_, default)) => format!("COALESCE(({value})::{type_}, {default})"),
-            None => format!("({value})::{type_}"),
-        });
+        names.push(quote_ident(name));
+        values.push(value);
     }
     let inserted = sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {}.{} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM statekeeper_import x \

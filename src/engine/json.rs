@@ -31,96 +31,109 @@ pub fn python_dumps(text: &str) -> String {
 
 fn respace(text: &str, spaced: bool, non_ascii: NonAscii) -> String {
     let mut out = String::with_capacity(text.len() + text.len() / 8);
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
+    let mut rest = text;
+    while let Some(i) = rest.find(['"', ' ', '\t', '\n', '\r', ',', ':']) {
+        out.push_str(&rest[..i]);
+        let c = rest.as_bytes()[i];
+        rest = &rest[i + 1..];
         match c {
-            '"' => {
+            b'"' => {
                 out.push('"');
-                copy_string(&mut chars, &mut out, non_ascii);
+                rest = copy_string(rest, &mut out, non_ascii);
             }
-            ' ' | '\t' | '\n' | '\r' => {}
-            ',' | ':' => {
-                out.push(c);
+            b',' | b':' => {
+                out.push(c as char);
                 if spaced {
                     out.push(' ');
                 }
             }
-            _ => out.push(c),
+            _ => {}
         }
     }
+    out.push_str(rest);
     out
 }
 
-/// Copies the rest of a string (after its opening quote) up to and including the closing quote.
-fn copy_string(
-    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
-    out: &mut String,
-    non_ascii: NonAscii,
-) {
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => {
+/// Copies the rest of a string (after its opening quote) up to and including the closing quote;
+/// returns what follows it.
+fn copy_string<'a>(mut rest: &'a str, out: &mut String, non_ascii: NonAscii) -> &'a str {
+    loop {
+        let special = rest.bytes().position(|b| {
+            b == b'"'
+                || b == b'\\'
+                || (non_ascii == NonAscii::Escaped && !(b' '..=b'~').contains(&b))
+        });
+        let Some(i) = special else {
+            out.push_str(rest);
+            return "";
+        };
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        match rest.as_bytes()[0] {
+            b'"' => {
                 out.push('"');
-                return;
+                return &rest[1..];
             }
-            '\\' => match chars.next() {
-                Some('u') => {
-                    let hex: String = chars.by_ref().take(4).collect();
-                    let unit = u32::from_str_radix(&hex, 16).ok();
-                    match (non_ascii, unit) {
-                        (NonAscii::Raw, Some(unit)) if unit >= 0x80 => {
-                            push_decoded(chars, out, unit, &hex);
-                        }
-                        _ => {
-                            out.push_str("\\u");
-                            out.push_str(&hex);
+            b'\\' => {
+                let escaped = rest[1..].chars().next();
+                match escaped {
+                    Some('u') if rest.get(2..6).is_some() => {
+                        let hex = &rest[2..6];
+                        let unit = u32::from_str_radix(hex, 16).ok();
+                        rest = &rest[6..];
+                        match (non_ascii, unit) {
+                            (NonAscii::Raw, Some(unit)) if unit >= 0x80 => {
+                                rest = push_decoded(rest, out, unit, hex);
+                            }
+                            _ => {
+                                out.push_str("\\u");
+                                out.push_str(hex);
+                            }
                         }
                     }
+                    Some(c) => {
+                        out.push('\\');
+                        out.push(c);
+                        rest = &rest[1 + c.len_utf8()..];
+                    }
+                    None => {
+                        out.push('\\');
+                        return "";
+                    }
                 }
-                Some(escaped) => {
-                    out.push('\\');
-                    out.push(escaped);
-                }
-                None => out.push('\\'),
-            },
-            c if non_ascii == NonAscii::Escaped && !(' '..='~').contains(&c) => {
+            }
+            _ => {
+                // Escaped spelling: a character outside printable ASCII.
+                let c = rest.chars().next().unwrap_or(' ');
                 let mut units = [0u16; 2];
                 for unit in c.encode_utf16(&mut units) {
                     out.push_str(&format!("\\u{unit:04x}"));
                 }
+                rest = &rest[c.len_utf8()..];
             }
-            c => out.push(c),
         }
     }
 }
 
 /// Decodes one `\uXXXX` escape (and its low surrogate, when it is a high one) into UTF-8; an
-/// escape that does not form a character is kept as written.
-fn push_decoded(
-    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
-    out: &mut String,
-    unit: u32,
-    hex: &str,
-) {
+/// escape that does not form a character is kept as written. Returns what follows.
+fn push_decoded<'a>(rest: &'a str, out: &mut String, unit: u32, hex: &str) -> &'a str {
     if (0xD800..0xDC00).contains(&unit) {
-        let mut lookahead = chars.clone();
-        if lookahead.next() == Some('\\') && lookahead.next() == Some('u') {
-            let low_hex: String = lookahead.by_ref().take(4).collect();
-            if let Ok(low) = u32::from_str_radix(&low_hex, 16)
-                && (0xDC00..0xE000).contains(&low)
-                && let Some(c) = char::from_u32(0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00))
-            {
-                *chars = lookahead;
-                out.push(c);
-                return;
-            }
+        if let Some(low_hex) = rest.strip_prefix("\\u").and_then(|r| r.get(..4))
+            && let Ok(low) = u32::from_str_radix(low_hex, 16)
+            && (0xDC00..0xE000).contains(&low)
+            && let Some(c) = char::from_u32(0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00))
+        {
+            out.push(c);
+            return &rest[6..];
         }
     } else if let Some(c) = char::from_u32(unit) {
         out.push(c);
-        return;
+        return rest;
     }
     out.push_str("\\u");
     out.push_str(hex);
+    rest
 }
 
 #[cfg(test)]

@@ -72,6 +72,11 @@ enum Command {
         /// Where the generated projects go (kept for a later look).
         #[arg(long, default_value = "/tmp/statekeeper-bench-sqlmesh")]
         work_dir: std::path::PathBuf,
+        /// Measure a project already planned by an earlier run (WORK_DIR/N and its database
+        /// bench_sqlmesh_N) instead of generating and planning it again: planning 5000 models
+        /// takes SQLMesh about an hour.
+        #[arg(long)]
+        reuse_planned: bool,
     },
     /// Janitor on a store with half of its versions unreferenced, while a writer keeps writing.
     Janitor {
@@ -153,6 +158,7 @@ async fn run(cli: Cli) -> BenchResult<()> {
             repeat,
             sqlmesh,
             work_dir,
+            reuse_planned,
         } => {
             let url = database(&Target {
                 database_url,
@@ -170,6 +176,7 @@ async fn run(cli: Cli) -> BenchResult<()> {
                     dev_envs,
                     repeat: repeat.max(1),
                     work_dir,
+                    reuse_planned,
                     statekeeper: sibling_binary("statekeeper")?,
                 },
                 &models,

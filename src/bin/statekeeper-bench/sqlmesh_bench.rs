@@ -17,6 +17,7 @@ pub struct Settings {
     pub dev_envs: u32,
     pub repeat: u32,
     pub work_dir: PathBuf,
+    pub reuse_planned: bool,
     pub statekeeper: PathBuf,
 }
 
@@ -85,7 +86,7 @@ pub async fn run(settings: &Settings, sizes: &[u32]) -> BenchResult<()> {
 
 fn print_round(r: &Round) {
     println!(
-        "{} models ({} snapshots, {} intervals, {} environments; planned in {:.0} s; file {:.1} MiB)",
+        "{} models ({} snapshots, {} intervals, {} environments; planned in {:.0} s, 0 if by an earlier run; file {:.1} MiB)",
         r.models, r.snapshots, r.intervals, r.environments, r.plan_seconds, r.file_mib
     );
     for (what, (theirs, ours)) in [("export", r.export), ("import", r.import)] {
@@ -103,28 +104,17 @@ fn print_round(r: &Round) {
 async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
     let source = format!("bench_sqlmesh_{models}");
     let target = format!("bench_sqlmesh_{models}_target");
-    let source_url = recreate_database(&settings.admin_url, &source).await?;
     let target_url = database_url(&settings.admin_url, &target)?;
     let dir = settings.work_dir.join(models.to_string());
-
     let started = Instant::now();
-    let generator = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/sqlmesh-bench-project.py"
-    );
-    let python = Path::new(&settings.sqlmesh).with_file_name("python");
-    check(
-        tokio::process::Command::new(&python)
-            .arg(generator)
-            .args(["--models", &models.to_string(), "--dir"])
-            .arg(&dir)
-            .args(["--state-url", &source_url, "--plan", "--force"])
-            .args(["--dev-envs", &settings.dev_envs.to_string()])
-            .args(["--sqlmesh", &settings.sqlmesh])
-            .output()
-            .await?,
-        "generating and planning the project",
-    )?;
+    let source_url = if settings.reuse_planned {
+        if !dir.join("config.yaml").exists() {
+            return Err(format!("--reuse-planned: no planned project in {}", dir.display()).into());
+        }
+        database_url(&settings.admin_url, &source)?
+    } else {
+        plan(settings, models, &source, &dir).await?
+    };
     let plan_seconds = started.elapsed().as_secs_f64();
 
     let theirs_file = dir.join("sqlmesh-export.json");
@@ -220,6 +210,30 @@ async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
         export: (sqlmesh_export, ours_export),
         import: (summarize(&sqlmesh_import), summarize(&ours_import)),
     })
+}
+
+/// Generates the project of `models` models in `dir` and plans it with the real SQLMesh into a
+/// new database `source`; returns that database's URL.
+async fn plan(settings: &Settings, models: u32, source: &str, dir: &Path) -> BenchResult<String> {
+    let source_url = recreate_database(&settings.admin_url, source).await?;
+    let generator = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/sqlmesh-bench-project.py"
+    );
+    let python = Path::new(&settings.sqlmesh).with_file_name("python");
+    check(
+        tokio::process::Command::new(&python)
+            .arg(generator)
+            .args(["--models", &models.to_string(), "--dir"])
+            .arg(dir)
+            .args(["--state-url", &source_url, "--plan", "--force"])
+            .args(["--dev-envs", &settings.dev_envs.to_string()])
+            .args(["--sqlmesh", &settings.sqlmesh])
+            .output()
+            .await?,
+        "generating and planning the project",
+    )?;
+    Ok(source_url)
 }
 
 /// `/usr/bin/time -f "%e %M" -o FILE program …` in `dir`, with extra environment variables.

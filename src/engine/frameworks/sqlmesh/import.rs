@@ -10,16 +10,14 @@ use std::sync::Arc;
 
 use chrono::{Months, TimeZone, Utc};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::{Fingerprint, OrderedObject, STORED_ELSEWHERE};
 use crate::engine::Error;
 use crate::engine::frameworks::ExportFormat;
-use crate::engine::import::{
-    Emitter, Header, ImportMode, ImportReport, Incoming, StagedShape, insert_staged,
-};
+use crate::engine::import::{Emitter, Header, ImportMode, ImportReport, Incoming, insert_staged};
 use crate::engine::json::{compact_utf8, python_dumps};
 use crate::engine::store::Store;
 use crate::engine::tableset::qualified_list;
@@ -29,6 +27,85 @@ const INTERVALS: &str = "_intervals";
 const AUTO_RESTATEMENTS: &str = "_auto_restatements";
 const ENVIRONMENTS: &str = "_environments";
 const STATEMENTS: &str = "_environment_statements";
+
+/// The columns each table's rows are staged with, in this order. `_intervals.id` is generated
+/// on insert; `has_statements` only decides whether a statements row is written.
+const SNAPSHOT_COLUMNS: &[&str] = &[
+    "name",
+    "identifier",
+    "version",
+    "snapshot",
+    "kind_name",
+    "updated_ts",
+    "unpaused_ts",
+    "ttl_ms",
+    "unrestorable",
+    "forward_only",
+    "dev_version",
+    "fingerprint",
+];
+const INTERVAL_COLUMNS: &[&str] = &[
+    "created_ts",
+    "name",
+    "identifier",
+    "version",
+    "dev_version",
+    "start_ts",
+    "end_ts",
+    "is_dev",
+    "is_removed",
+    "is_compacted",
+    "is_pending_restatement",
+];
+const AUTO_RESTATEMENT_COLUMNS: &[&str] = &[
+    "snapshot_name",
+    "snapshot_version",
+    "next_auto_restatement_ts",
+];
+const ENVIRONMENT_COLUMNS: &[&str] = &[
+    "name",
+    "snapshots",
+    "start_at",
+    "end_at",
+    "plan_id",
+    "previous_plan_id",
+    "expiration_ts",
+    "finalized_ts",
+    "promoted_snapshot_ids",
+    "suffix_target",
+    "catalog_name_override",
+    "previous_finalized_snapshots",
+    "normalize_name",
+    "requirements",
+    "gateway_managed",
+];
+const STATEMENT_COLUMNS: &[&str] = &[
+    "environment_name",
+    "plan_id",
+    "environment_statements",
+    "has_statements",
+];
+
+/// A staged row of `columns`, filled by name.
+struct StagedRow {
+    columns: &'static [&'static str],
+    fields: Vec<Option<String>>,
+}
+
+impl StagedRow {
+    fn new(columns: &'static [&'static str]) -> Self {
+        Self {
+            columns,
+            fields: vec![None; columns.len()],
+        }
+    }
+
+    fn set(&mut self, column: &str, value: impl Into<Option<String>>) {
+        if let Some(i) = self.columns.iter().position(|c| *c == column) {
+            self.fields[i] = value.into();
+        }
+    }
+}
 
 /// Reads `snapshots` and `environments` (the sections after the header), turning each into the
 /// rows SQLMesh would write.
@@ -121,6 +198,21 @@ impl<'de> Visitor<'de> for SnapshotList<'_> {
     }
 }
 
+/// What a node says about itself that a `_snapshots` row needs.
+#[derive(serde::Deserialize)]
+struct NodeFacts {
+    #[serde(default)]
+    source_type: Option<String>,
+    #[serde(default)]
+    kind: Option<KindFacts>,
+}
+
+#[derive(serde::Deserialize)]
+struct KindFacts {
+    #[serde(default)]
+    name: Option<String>,
+}
+
 /// The rows one snapshot of the file becomes: `_snapshots`, its `_intervals` and its
 /// `_auto_restatements` entry.
 fn snapshot_rows(
@@ -142,7 +234,9 @@ fn snapshot_rows(
         field("fingerprint").ok_or_else(|| format!("{name} has no \"fingerprint\""))?,
     )
     .map_err(|e| format!("{name}: fingerprint: {e}"))?;
-    let node = parse("node")?.ok_or_else(|| format!("{name} has no \"node\""))?;
+    let node: NodeFacts =
+        serde_json::from_str(field("node").ok_or_else(|| format!("{name} has no \"node\""))?)
+            .map_err(|e| format!("{name}: node: {e}"))?;
     let identifier = fingerprint.to_identifier();
     let version = string_field(parse("version")?, &name, "version")?;
     let dev_version = string_field(parse("dev_version")?, &name, "dev_version")?
@@ -157,13 +251,10 @@ fn snapshot_rows(
              seconds|minutes|hours|days|weeks|months|years\")"
         )
     })?;
-    let kind_name = if node.get("source_type").and_then(Value::as_str) == Some("audit") {
-        None
-    } else {
-        node.get("kind")
-            .and_then(|k| k.get("name"))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
+    // Standalone audits have no model kind.
+    let kind_name = match node.source_type.as_deref() {
+        Some("audit") => None,
+        _ => node.kind.and_then(|k| k.name),
     };
     let flag = |name_: &str| -> Result<bool, String> {
         Ok(match parse(name_)? {
@@ -174,46 +265,40 @@ fn snapshot_rows(
     };
     // The stored JSON is the snapshot without what SQLMesh keeps elsewhere, spelled as SQLMesh's
     // serializer spells it; values are copied as written.
-    let stored = format!(
-        "{{{}}}",
-        fields
-            .iter()
-            .filter(|(k, _)| !STORED_ELSEWHERE.contains(&k.as_str()))
-            .map(|(k, v)| format!(
-                "{}:{}",
-                serde_json::to_string(k).unwrap_or_default(),
-                compact_utf8(v.get())
-            ))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    let mut row = Map::new();
-    row.insert("name".into(), name.clone().into());
-    row.insert("identifier".into(), identifier.clone().into());
-    put(&mut row, "version", version.clone());
-    row.insert("snapshot".into(), stored.into());
-    put(&mut row, "kind_name", kind_name);
-    row.insert("updated_ts".into(), updated_ts.to_string().into());
-    put(
-        &mut row,
+    let mut stored = String::with_capacity(fields.iter().map(|(_, v)| v.get().len()).sum());
+    stored.push('{');
+    for (key, value) in fields
+        .iter()
+        .filter(|(k, _)| !STORED_ELSEWHERE.contains(&k.as_str()))
+    {
+        if stored.len() > 1 {
+            stored.push(',');
+        }
+        stored.push_str(&serde_json::to_string(key).map_err(|e| e.to_string())?);
+        stored.push(':');
+        stored.push_str(&compact_utf8(value.get()));
+    }
+    stored.push('}');
+    let mut row = StagedRow::new(SNAPSHOT_COLUMNS);
+    row.set("name", name.clone());
+    row.set("identifier", identifier.clone());
+    row.set("version", version.clone());
+    row.set("snapshot", stored);
+    row.set("kind_name", kind_name);
+    row.set("updated_ts", updated_ts.to_string());
+    row.set(
         "unpaused_ts",
         number_field(parse("unpaused_ts")?, &name, "unpaused_ts")?.map(|v| v.to_string()),
     );
-    row.insert("ttl_ms".into(), ttl_ms.to_string().into());
-    row.insert(
-        "unrestorable".into(),
-        flag("unrestorable")?.to_string().into(),
+    row.set("ttl_ms", ttl_ms.to_string());
+    row.set("unrestorable", flag("unrestorable")?.to_string());
+    row.set("forward_only", flag("forward_only")?.to_string());
+    row.set("dev_version", dev_version.clone());
+    row.set(
+        "fingerprint",
+        compact_utf8(field("fingerprint").unwrap_or("{}")),
     );
-    row.insert(
-        "forward_only".into(),
-        flag("forward_only")?.to_string().into(),
-    );
-    row.insert("dev_version".into(), dev_version.clone().into());
-    row.insert(
-        "fingerprint".into(),
-        compact_utf8(field("fingerprint").unwrap_or("{}")).into(),
-    );
-    emitter.row_text(&sections.snapshots, "", Value::Object(row).to_string())?;
+    emitter.fields(&sections.snapshots, row.fields)?;
 
     // Intervals as SQLMesh records them on import: one row per interval (empty ones skipped,
     // except pending restatements), pending restatements last and under no identifier. The rows
@@ -229,24 +314,21 @@ fn snapshot_rows(
             None => Vec::new(),
         };
         for (start, end) in intervals.into_iter().filter(|(s, e)| is_pending || s < e) {
-            let mut row = Map::new();
-            row.insert("created_ts".into(), sections.created_ts.to_string().into());
-            row.insert("name".into(), name.clone().into());
+            let mut row = StagedRow::new(INTERVAL_COLUMNS);
+            row.set("created_ts", sections.created_ts.to_string());
+            row.set("name", name.clone());
             if !is_pending {
-                row.insert("identifier".into(), identifier.clone().into());
-                row.insert("dev_version".into(), dev_version.clone().into());
+                row.set("identifier", identifier.clone());
+                row.set("dev_version", dev_version.clone());
             }
-            put(&mut row, "version", version.clone());
-            row.insert("start_ts".into(), start.to_string().into());
-            row.insert("end_ts".into(), end.to_string().into());
-            row.insert("is_dev".into(), is_dev.to_string().into());
-            row.insert("is_removed".into(), "false".into());
-            row.insert("is_compacted".into(), "false".into());
-            row.insert(
-                "is_pending_restatement".into(),
-                is_pending.to_string().into(),
-            );
-            emitter.row_text(&sections.intervals, "", Value::Object(row).to_string())?;
+            row.set("version", version.clone());
+            row.set("start_ts", start.to_string());
+            row.set("end_ts", end.to_string());
+            row.set("is_dev", is_dev.to_string());
+            row.set("is_removed", "false".to_string());
+            row.set("is_compacted", "false".to_string());
+            row.set("is_pending_restatement", is_pending.to_string());
+            emitter.fields(&sections.intervals, row.fields)?;
         }
     }
     if let Some(next) = number_field(
@@ -254,23 +336,13 @@ fn snapshot_rows(
         &name,
         "next_auto_restatement_ts",
     )? {
-        let mut row = Map::new();
-        row.insert("snapshot_name".into(), name.clone().into());
-        put(&mut row, "snapshot_version", version);
-        row.insert("next_auto_restatement_ts".into(), next.to_string().into());
-        emitter.row_text(
-            &sections.auto_restatements,
-            "",
-            Value::Object(row).to_string(),
-        )?;
+        let mut row = StagedRow::new(AUTO_RESTATEMENT_COLUMNS);
+        row.set("snapshot_name", name.clone());
+        row.set("snapshot_version", version);
+        row.set("next_auto_restatement_ts", next.to_string());
+        emitter.fields(&sections.auto_restatements, row.fields)?;
     }
     Ok(())
-}
-
-fn put(row: &mut Map<String, Value>, column: &str, value: Option<String>) {
-    if let Some(value) = value {
-        row.insert(column.into(), value.into());
-    }
 }
 
 fn string_field(
@@ -416,8 +488,9 @@ fn environment_rows(
             .to_lowercase(),
         _ => return Err("its environment has no \"name\"".into()),
     };
-    let mut row = Map::new();
-    row.insert("name".into(), name.clone().into());
+    let mut row = StagedRow::new(ENVIRONMENT_COLUMNS);
+    row.set("name", name.clone());
+    let mut plan_id = None;
     for column in [
         "start_at",
         "end_at",
@@ -426,40 +499,37 @@ fn environment_rows(
         "suffix_target",
         "catalog_name_override",
     ] {
-        match value(column)? {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) => {
-                row.insert(column.into(), s.into());
-            }
-            Some(Value::Number(n)) if column.ends_with("_at") => {
-                // SQLMesh stores time values as text: epoch milliseconds become a date-time.
-                let text = n
-                    .as_i64()
-                    .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
-                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-                    .ok_or_else(|| format!("{column} is {n}, not a time"))?;
-                row.insert(column.into(), text.into());
-            }
+        let text = match value(column)? {
+            None | Some(Value::Null) => continue,
+            Some(Value::String(s)) => s,
+            // SQLMesh stores time values as text: epoch milliseconds become a date-time.
+            Some(Value::Number(n)) if column.ends_with("_at") => n
+                .as_i64()
+                .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .ok_or_else(|| format!("{column} is {n}, not a time"))?,
             Some(other) => return Err(format!("{column} is {other}, not text")),
+        };
+        if column == "plan_id" {
+            plan_id = Some(text.clone());
         }
+        row.set(column, text);
     }
     for column in ["expiration_ts", "finalized_ts"] {
         match value(column)? {
             None | Some(Value::Null) => {}
-            Some(Value::Number(n)) if n.is_i64() => {
-                row.insert(column.into(), n.to_string().into());
-            }
+            Some(Value::Number(n)) if n.is_i64() => row.set(column, n.to_string()),
             Some(other) => return Err(format!("{column} is {other}, not a time in milliseconds")),
         }
     }
-    for column in ["normalize_name", "gateway_managed"] {
-        match value(column)? {
-            None | Some(Value::Null) => {}
-            Some(Value::Bool(b)) => {
-                row.insert(column.into(), b.to_string().into());
-            }
+    // SQLMesh reads a missing normalize_name as true and gateway_managed as false.
+    for (column, default) in [("normalize_name", true), ("gateway_managed", false)] {
+        let flag = match value(column)? {
+            None | Some(Value::Null) => default,
+            Some(Value::Bool(b)) => b,
             Some(other) => return Err(format!("{column} is {other}, not true or false")),
-        }
+        };
+        row.set(column, flag.to_string());
     }
     for (column, default) in [
         ("snapshots", Some("[]")),
@@ -468,35 +538,26 @@ fn environment_rows(
         ("requirements", Some("{}")),
     ] {
         if let Some(raw) = field(column).filter(|raw| raw.trim() != "null").or(default) {
-            row.insert(column.into(), python_dumps(raw).into());
+            row.set(column, python_dumps(raw));
         }
     }
-    row.entry("normalize_name").or_insert_with(|| "true".into());
-    row.entry("gateway_managed")
-        .or_insert_with(|| "false".into());
-    let plan_id = row.get("plan_id").cloned();
-    emitter.row_text(&sections.environments, "", Value::Object(row).to_string())?;
+    emitter.fields(&sections.environments, row.fields)?;
 
-    // Statements are stored only when there are some (an empty list leaves no row).
+    // Statements are stored only when there are some (an empty list leaves no row); the row is
+    // staged either way, since a merge replaces (or removes) the environment's statements.
     let statements = part("statements").unwrap_or("[]");
     let has_statements = matches!(
         serde_json::from_str::<Value>(statements),
         Ok(Value::Array(items)) if !items.is_empty()
     );
-    let mut row = Map::new();
-    row.insert("environment_name".into(), name.into());
-    if let Some(plan_id) = plan_id {
-        row.insert("plan_id".into(), plan_id);
-    }
+    let mut row = StagedRow::new(STATEMENT_COLUMNS);
+    row.set("environment_name", name);
+    row.set("plan_id", plan_id);
     if has_statements {
-        row.insert(
-            "environment_statements".into(),
-            python_dumps(statements).into(),
-        );
+        row.set("environment_statements", python_dumps(statements));
     }
-    // Staged either way: a merge replaces (or removes) the environment's statements.
-    row.insert("has_statements".into(), has_statements.into());
-    emitter.row_text(&sections.statements, "", Value::Object(row).to_string())
+    row.set("has_statements", has_statements.to_string());
+    emitter.fields(&sections.statements, row.fields)
 }
 
 /// Imports a SQLMesh export into this SQLMesh store: `Replace` empties every table but
@@ -561,11 +622,11 @@ pub(crate) async fn import(
             for statement in [
                 format!(
                     "DELETE FROM {s}._snapshots t USING statekeeper_import x
-                     WHERE x.section = '{SNAPSHOTS}' AND t.name = x.doc->>'name' AND t.identifier = x.doc->>'identifier'"
+                     WHERE x.section = '{SNAPSHOTS}' AND t.name = x.fields[1] AND t.identifier = x.fields[2]"
                 ),
                 format!(
                     "DELETE FROM {s}._environments t USING statekeeper_import x
-                     WHERE x.section = '{ENVIRONMENTS}' AND t.name = x.doc->>'name'"
+                     WHERE x.section = '{ENVIRONMENTS}' AND t.name = x.fields[1]"
                 ),
             ] {
                 sqlx::query(AssertSqlSafe(statement))
@@ -575,7 +636,7 @@ pub(crate) async fn import(
             if present.iter().any(|t| t == STATEMENTS) {
                 sqlx::query(AssertSqlSafe(format!(
                     "DELETE FROM {s}._environment_statements t USING statekeeper_import x
-                     WHERE x.section = '{STATEMENTS}' AND t.environment_name = x.doc->>'environment_name'"
+                     WHERE x.section = '{STATEMENTS}' AND t.environment_name = x.fields[1]"
                 )))
                 .execute(&mut *tx)
                 .await?;
@@ -583,8 +644,8 @@ pub(crate) async fn import(
             if present.iter().any(|t| t == AUTO_RESTATEMENTS) {
                 sqlx::query(AssertSqlSafe(format!(
                     "DELETE FROM {s}._auto_restatements t USING statekeeper_import x
-                     WHERE x.section = '{AUTO_RESTATEMENTS}' AND t.snapshot_name = x.doc->>'snapshot_name'
-                       AND t.snapshot_version IS NOT DISTINCT FROM x.doc->>'snapshot_version'"
+                     WHERE x.section = '{AUTO_RESTATEMENTS}' AND t.snapshot_name = x.fields[1]
+                       AND t.snapshot_version IS NOT DISTINCT FROM x.fields[2]"
                 )))
                 .execute(&mut *tx)
                 .await?;
@@ -593,16 +654,16 @@ pub(crate) async fn import(
     }
     // Environments without statements only cleared their old ones (merge); they insert nothing.
     sqlx::query(AssertSqlSafe(format!(
-        "DELETE FROM statekeeper_import WHERE section = '{STATEMENTS}' AND NOT (doc->>'has_statements')::boolean"
+        "DELETE FROM statekeeper_import WHERE section = '{STATEMENTS}' AND NOT fields[4]::boolean"
     )))
     .execute(&mut *tx)
     .await?;
-    for table in [
-        SNAPSHOTS,
-        INTERVALS,
-        AUTO_RESTATEMENTS,
-        ENVIRONMENTS,
-        STATEMENTS,
+    for (table, staged_columns) in [
+        (SNAPSHOTS, SNAPSHOT_COLUMNS),
+        (INTERVALS, INTERVAL_COLUMNS),
+        (AUTO_RESTATEMENTS, AUTO_RESTATEMENT_COLUMNS),
+        (ENVIRONMENTS, ENVIRONMENT_COLUMNS),
+        (STATEMENTS, STATEMENT_COLUMNS),
     ] {
         if !present.iter().any(|t| t == table) {
             let staged_rows: i64 =
@@ -623,7 +684,7 @@ pub(crate) async fn import(
         } else {
             &[]
         };
-        insert_staged(&mut tx, schema, table, table, StagedShape::ByName, defaults).await?;
+        insert_staged(&mut tx, schema, table, table, staged_columns, defaults).await?;
     }
     tx.commit().await?;
     Ok(ImportReport {
@@ -645,14 +706,14 @@ pub(crate) async fn import(
 async fn validate_staged(conn: &mut PgConnection) -> Result<(), Error> {
     let checks = [
         format!(
-            "SELECT format('snapshot %s (identifier %s) appears %s times', doc->>'name', doc->>'identifier', count(*))
+            "SELECT format('snapshot %s (identifier %s) appears %s times', fields[1], fields[2], count(*))
              FROM statekeeper_import WHERE section = '{SNAPSHOTS}'
-             GROUP BY doc->>'name', doc->>'identifier' HAVING count(*) > 1"
+             GROUP BY fields[1], fields[2] HAVING count(*) > 1"
         ),
         format!(
-            "SELECT format('environment %s appears %s times', doc->>'name', count(*))
+            "SELECT format('environment %s appears %s times', fields[1], count(*))
              FROM statekeeper_import WHERE section = '{ENVIRONMENTS}'
-             GROUP BY doc->>'name' HAVING count(*) > 1"
+             GROUP BY fields[1] HAVING count(*) > 1"
         ),
     ];
     for check in checks {
