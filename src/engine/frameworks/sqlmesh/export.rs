@@ -334,7 +334,19 @@ fn snapshot_json(
     Ok(())
 }
 
-/// The chosen environments, each with its statements.
+/// An environment's fields but its lists of snapshots, which are streamed.
+struct EnvironmentHead {
+    name: String,
+    /// `"name":…,…,"gateway_managed":…`
+    fields: String,
+    /// For each list column: its JSON type (`array`, `null`, …), or none when NULL.
+    lists: [(&'static str, Option<String>); 3],
+    requirements: String,
+    statements: String,
+}
+
+/// The chosen environments, each with its statements. An environment's lists of snapshots grow
+/// with the project: they are streamed element by element, never held whole.
 async fn write_environments<W: AsyncWrite + Unpin + Send>(
     store: &Store,
     tx: &mut PgConnection,
@@ -352,30 +364,26 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
         "NULL::text".into()
     };
     let sql = format!(
-        "SELECT e.name, e.snapshots, e.start_at, e.end_at, e.plan_id, e.previous_plan_id, e.expiration_ts,
-                e.finalized_ts, e.promoted_snapshot_ids, e.suffix_target, e.catalog_name_override,
-                e.previous_finalized_snapshots, e.normalize_name, e.requirements, e.gateway_managed,
-                {statements_sql} AS statements
+        "SELECT e.name, e.start_at, e.end_at, e.plan_id, e.previous_plan_id, e.expiration_ts,
+                e.finalized_ts, e.suffix_target, e.catalog_name_override, e.normalize_name,
+                e.gateway_managed, e.requirements, {statements_sql} AS statements,
+                json_typeof(e.snapshots::json) AS snapshots,
+                json_typeof(e.promoted_snapshot_ids::json) AS promoted_snapshot_ids,
+                json_typeof(e.previous_finalized_snapshots::json) AS previous_finalized_snapshots
          FROM {s}._environments e
          WHERE $1::text[] IS NULL OR e.name = ANY($1)
          ORDER BY e.name"
     );
-    let mut rows = sqlx::query(AssertSqlSafe(sql))
+    let rows = sqlx::query(AssertSqlSafe(sql))
         .bind(&options.environments)
-        .fetch(&mut *tx);
-    let mut written = 0u64;
-    let mut line = String::new();
-    while let Some(row) = rows.try_next().await? {
-        let name: String = row.try_get("name")?;
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut heads = Vec::with_capacity(rows.len());
+    for row in rows {
         let text = |column: &str| -> Result<Option<String>, Error> {
             Ok(row
                 .try_get::<Option<String>, _>(column)?
                 .map(|v| serde_json::to_string(&v).unwrap_or_default()))
-        };
-        let raw = |column: &str| -> Result<Option<String>, Error> {
-            Ok(row
-                .try_get::<Option<String>, _>(column)?
-                .map(|v| crate::engine::json::minify(&v)))
         };
         let number = |column: &str| -> Result<Option<String>, Error> {
             Ok(row
@@ -388,7 +396,7 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
                 .map(|v| v.to_string()))
         };
         // Environment's fields in SQLMesh's order; absent values are left out, as SQLMesh does.
-        let fields: [(&str, Option<String>); 15] = [
+        let fields: [(&str, Option<String>); 11] = [
             ("name", text("name")?),
             ("start_at", text("start_at")?),
             ("end_at", text("end_at")?),
@@ -407,35 +415,83 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
                 "gateway_managed",
                 boolean("gateway_managed")?.or_else(|| Some("false".into())),
             ),
-            ("snapshots", raw("snapshots")?.or_else(|| Some("[]".into()))),
-            ("promoted_snapshot_ids", raw("promoted_snapshot_ids")?),
-            (
-                "previous_finalized_snapshots",
-                raw("previous_finalized_snapshots")?,
-            ),
-            (
-                "requirements",
-                raw("requirements")?.or_else(|| Some("{}".into())),
-            ),
         ];
-        let environment = fields
-            .iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| format!("\"{k}\":{v}")))
-            .collect::<Vec<_>>()
-            .join(",");
-        let statements = raw("statements")?.unwrap_or_else(|| "[]".into());
-        line.clear();
-        line.push_str(if written == 0 { "" } else { "," });
-        line.push_str(&serde_json::to_string(&name).map_err(json_error)?);
-        line.push_str(":{\"environment\":{");
-        line.push_str(&environment);
-        line.push_str("},\"statements\":");
-        line.push_str(&statements);
-        line.push('}');
-        out.write(line.as_bytes()).await?;
-        written += 1;
+        let list = |column: &'static str| -> Result<(&'static str, Option<String>), Error> {
+            Ok((column, row.try_get::<Option<String>, _>(column)?))
+        };
+        heads.push(EnvironmentHead {
+            name: row.try_get("name")?,
+            fields: fields
+                .iter()
+                .filter_map(|(k, v)| v.as_ref().map(|v| format!("\"{k}\":{v}")))
+                .collect::<Vec<_>>()
+                .join(","),
+            lists: [
+                list("snapshots")?,
+                list("promoted_snapshot_ids")?,
+                list("previous_finalized_snapshots")?,
+            ],
+            requirements: row
+                .try_get::<Option<String>, _>("requirements")?
+                .unwrap_or_else(|| "{}".into()),
+            statements: row
+                .try_get::<Option<String>, _>("statements")?
+                .unwrap_or_else(|| "[]".into()),
+        });
     }
-    Ok(written)
+    for (i, head) in heads.iter().enumerate() {
+        sqlx::query("SELECT set_config('statekeeper.export_environment', $1, true)")
+            .bind(&head.name)
+            .execute(&mut *tx)
+            .await?;
+        out.write(
+            format!(
+                "{}{}:{{\"environment\":{{{}",
+                if i == 0 { "" } else { "," },
+                serde_json::to_string(&head.name).map_err(json_error)?,
+                head.fields
+            )
+            .as_bytes(),
+        )
+        .await?;
+        for (column, kind) in &head.lists {
+            match kind.as_deref() {
+                // Each element as stored, in order.
+                Some("array") => {
+                    out.write(format!(",\"{column}\":[").as_bytes()).await?;
+                    out.stream_rows(
+                        tx,
+                        &format!(
+                            "SELECT e.value::text FROM {s}._environments t, json_array_elements(t.{column}::json) WITH ORDINALITY e
+                             WHERE t.name = current_setting('statekeeper.export_environment') ORDER BY e.ordinality"
+                        ),
+                    )
+                    .await?;
+                    out.write(b"]").await?;
+                }
+                // A missing list of snapshots reads as empty; the others are left out.
+                None | Some("null") if *column == "snapshots" => {
+                    out.write(b",\"snapshots\":[]").await?;
+                }
+                None | Some("null") => {}
+                Some(other) => {
+                    return Err(Error::ExportWrite(format!(
+                        "environment {} has {other} as {column}, not a list",
+                        head.name
+                    )));
+                }
+            }
+        }
+        out.write(
+            format!(
+                ",\"requirements\":{}}},\"statements\":{}}}",
+                head.requirements, head.statements
+            )
+            .as_bytes(),
+        )
+        .await?;
+    }
+    Ok(heads.len() as u64)
 }
 
 fn json_error(e: serde_json::Error) -> Error {

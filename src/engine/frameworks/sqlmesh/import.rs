@@ -17,6 +17,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use super::{Fingerprint, OrderedObject, STORED_ELSEWHERE};
 use crate::engine::Error;
 use crate::engine::frameworks::ExportFormat;
+use crate::engine::identifier::quote_literal;
 use crate::engine::import::{Emitter, Header, ImportMode, ImportReport, Incoming, insert_staged};
 use crate::engine::json::{compact_utf8, python_dumps};
 use crate::engine::store::Store;
@@ -62,22 +63,25 @@ const AUTO_RESTATEMENT_COLUMNS: &[&str] = &[
     "snapshot_version",
     "next_auto_restatement_ts",
 ];
+/// `_environments` rows: their lists of snapshots come from staged elements (`LIST_COLUMNS`),
+/// joined when applied, and the flags say which lists the file held.
 const ENVIRONMENT_COLUMNS: &[&str] = &[
     "name",
-    "snapshots",
     "start_at",
     "end_at",
     "plan_id",
     "previous_plan_id",
     "expiration_ts",
     "finalized_ts",
-    "promoted_snapshot_ids",
     "suffix_target",
     "catalog_name_override",
-    "previous_finalized_snapshots",
     "normalize_name",
     "requirements",
     "gateway_managed",
+    "environment_index",
+    "snapshots_listed",
+    "promoted_snapshot_ids_listed",
+    "previous_finalized_snapshots_listed",
 ];
 const STATEMENT_COLUMNS: &[&str] = &[
     "environment_name",
@@ -105,6 +109,14 @@ impl StagedRow {
             self.fields[i] = value.into();
         }
     }
+}
+
+/// The position (from 1, as in SQL) of a staged column.
+fn staged_position(columns: &[&str], column: &str) -> usize {
+    columns
+        .iter()
+        .position(|c| *c == column)
+        .map_or(0, |i| i + 1)
 }
 
 /// Reads `snapshots` and `environments` (the sections after the header), turning each into the
@@ -147,6 +159,11 @@ pub(crate) fn read_sections<'de, A: MapAccess<'de>>(
     Ok(())
 }
 
+/// The staging section of an environment list column's elements.
+fn list_section(column: &str) -> String {
+    format!("{ENVIRONMENTS}.{column}")
+}
+
 /// Shared names, and the one time stamp every interval row of this import is created at.
 struct Sections {
     snapshots: Arc<str>,
@@ -154,6 +171,8 @@ struct Sections {
     auto_restatements: Arc<str>,
     environments: Arc<str>,
     statements: Arc<str>,
+    /// Per list column, the section its elements are staged under.
+    environment_lists: std::collections::HashMap<&'static str, Arc<str>>,
     created_ts: i64,
 }
 
@@ -165,6 +184,10 @@ impl Sections {
             auto_restatements: Arc::from(AUTO_RESTATEMENTS),
             environments: Arc::from(ENVIRONMENTS),
             statements: Arc::from(STATEMENTS),
+            environment_lists: LIST_COLUMNS
+                .iter()
+                .map(|c| (*c, Arc::from(list_section(c).as_str())))
+                .collect(),
             created_ts: Utc::now().timestamp_millis(),
         }
     }
@@ -438,35 +461,186 @@ impl<'de> Visitor<'de> for EnvironmentMap<'_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(key) = map.next_key::<String>()? {
-            let OrderedObject(parts) = map.next_value()?;
             self.emitter.environments += 1;
-            environment_rows(&key, &parts, self.sections, self.emitter)
-                .map_err(|e| de::Error::custom(format!("environment \"{key}\": {e}")))?;
+            let index = self.emitter.environments.to_string();
+            map.next_value_seed(EnvironmentEntry {
+                emitter: self.emitter,
+                sections: self.sections,
+                index: &index,
+                key: &key,
+            })?;
         }
         Ok(())
     }
 }
 
-/// The rows one environment of the file becomes: `_environments` and `_environment_statements`,
-/// with the JSON columns spelled as SQLMesh's `json.dumps` spells them.
+/// One environment of the file: `{"environment": {…}, "statements": […]}`.
+struct EnvironmentEntry<'a> {
+    emitter: &'a mut Emitter,
+    sections: &'a Sections,
+    /// Links the environment's streamed list elements to its row.
+    index: &'a str,
+    key: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for EnvironmentEntry<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EnvironmentEntry<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an environment: {environment, statements}")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let context = |e: String| de::Error::custom(format!("environment \"{}\": {e}", self.key));
+        let mut fields = None;
+        let mut statements: Option<Box<RawValue>> = None;
+        while let Some(part) = map.next_key::<String>()? {
+            match part.as_str() {
+                "environment" => {
+                    fields = Some(map.next_value_seed(EnvironmentFields {
+                        emitter: &mut *self.emitter,
+                        sections: self.sections,
+                        index: self.index,
+                    })?);
+                }
+                "statements" => statements = Some(map.next_value()?),
+                other => return Err(context(format!("unknown field \"{other}\""))),
+            }
+        }
+        let fields = fields.ok_or_else(|| context("it has no \"environment\"".into()))?;
+        environment_rows(
+            &fields,
+            statements.as_deref().map_or("[]", RawValue::get),
+            self.index,
+            self.sections,
+            self.emitter,
+        )
+        .map_err(context)
+    }
+}
+
+/// The lists of snapshots an environment holds. They grow with the project, so their elements
+/// are staged one by one and joined in PostgreSQL: memory stays flat.
+const LIST_COLUMNS: &[&str] = &[
+    "snapshots",
+    "promoted_snapshot_ids",
+    "previous_finalized_snapshots",
+];
+
+/// An environment's fields: the lists streamed, the rest kept (they are small).
+struct EnvironmentFields<'a> {
+    emitter: &'a mut Emitter,
+    sections: &'a Sections,
+    index: &'a str,
+}
+
+struct Fields {
+    /// Small fields as written.
+    values: Vec<(String, Box<RawValue>)>,
+    /// List columns that held a list (their elements are staged).
+    lists: Vec<&'static str>,
+}
+
+impl<'de> DeserializeSeed<'de> for EnvironmentFields<'_> {
+    type Value = Fields;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Fields, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EnvironmentFields<'_> {
+    type Value = Fields;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an environment object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+        let mut fields = Fields {
+            values: Vec::new(),
+            lists: Vec::new(),
+        };
+        while let Some(key) = map.next_key::<String>()? {
+            match LIST_COLUMNS.iter().find(|c| **c == key) {
+                Some(column) => {
+                    let listed = map.next_value_seed(ListElements {
+                        emitter: &mut *self.emitter,
+                        section: &self.sections.environment_lists[column],
+                        index: self.index,
+                    })?;
+                    if listed {
+                        fields.lists.push(column);
+                    }
+                }
+                None => fields.values.push((key, map.next_value()?)),
+            }
+        }
+        Ok(fields)
+    }
+}
+
+/// A list column's elements, each staged as `[environment index, element as json.dumps spells
+/// it]`; `null` stages nothing. Returns whether it was a list.
+struct ListElements<'a> {
+    emitter: &'a mut Emitter,
+    section: &'a Arc<str>,
+    index: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for ListElements<'_> {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ListElements<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list or null")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while let Some(element) = seq.next_element::<Box<RawValue>>()? {
+            self.emitter
+                .fields(
+                    self.section,
+                    vec![
+                        Some(self.index.to_owned()),
+                        Some(python_dumps(element.get())),
+                    ],
+                )
+                .map_err(de::Error::custom)?;
+        }
+        Ok(true)
+    }
+}
+
+/// The rows one environment of the file becomes: `_environments` (its lists joined from their
+/// staged elements when applied) and `_environment_statements`, with JSON spelled as SQLMesh's
+/// `json.dumps` spells it.
 fn environment_rows(
-    _key: &str,
-    parts: &[(String, Box<RawValue>)],
+    fields: &Fields,
+    statements: &str,
+    index: &str,
     sections: &Sections,
     emitter: &mut Emitter,
 ) -> Result<(), String> {
-    let part = |name: &str| parts.iter().find(|(k, _)| k == name).map(|(_, v)| v.get());
-    if let Some((other, _)) = parts
-        .iter()
-        .find(|(k, _)| k != "environment" && k != "statements")
-    {
-        return Err(format!("unknown field \"{other}\""));
-    }
-    let OrderedObject(fields) = serde_json::from_str(
-        part("environment").ok_or_else(|| "it has no \"environment\"".to_string())?,
-    )
-    .map_err(|e| format!("environment: {e}"))?;
-    let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.get());
+    let field = |name: &str| {
+        fields
+            .values
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.get())
+    };
     let value = |name: &str| -> Result<Option<Value>, String> {
         field(name)
             .map(|raw| serde_json::from_str::<Value>(raw).map_err(|e| format!("{name}: {e}")))
@@ -531,21 +705,22 @@ fn environment_rows(
         };
         row.set(column, flag.to_string());
     }
-    for (column, default) in [
-        ("snapshots", Some("[]")),
-        ("promoted_snapshot_ids", None),
-        ("previous_finalized_snapshots", None),
-        ("requirements", Some("{}")),
-    ] {
-        if let Some(raw) = field(column).filter(|raw| raw.trim() != "null").or(default) {
-            row.set(column, python_dumps(raw));
-        }
+    row.set(
+        "requirements",
+        python_dumps(
+            field("requirements")
+                .filter(|raw| raw.trim() != "null")
+                .unwrap_or("{}"),
+        ),
+    );
+    row.set("environment_index", index.to_owned());
+    for column in &fields.lists {
+        row.set(&format!("{column}_listed"), "true".to_owned());
     }
     emitter.fields(&sections.environments, row.fields)?;
 
     // Statements are stored only when there are some (an empty list leaves no row); the row is
     // staged either way, since a merge replaces (or removes) the environment's statements.
-    let statements = part("statements").unwrap_or("[]");
     let has_statements = matches!(
         serde_json::from_str::<Value>(statements),
         Ok(Value::Array(items)) if !items.is_empty()
@@ -597,6 +772,10 @@ pub(crate) async fn import(
     }
     let staged = incoming.stage(&mut tx).await?;
     validate_staged(&mut tx).await?;
+    // Environments find their list elements by section and environment.
+    sqlx::query("CREATE INDEX ON statekeeper_import (section, (fields[1]))")
+        .execute(&mut *tx)
+        .await?;
 
     store.lock_tables(&mut tx).await?;
     let backup = store.create_backup(&mut tx, &current, "pre-import").await?;
@@ -678,13 +857,34 @@ pub(crate) async fn import(
             }
             continue;
         }
-        // Interval ids are random, as SQLMesh's are.
-        let defaults: &[(&str, &str)] = if table == INTERVALS {
-            &[("id", "replace(gen_random_uuid()::text, '-', '')")]
-        } else {
-            &[]
+        // Interval ids are random, as SQLMesh's are; environments' lists are joined from their
+        // staged elements as `json.dumps` joins a list.
+        let lists: Vec<(String, String)> = LIST_COLUMNS
+            .iter()
+            .map(|column| {
+                let joined = format!(
+                    "'[' || COALESCE((SELECT string_agg(e.fields[2], ', ' ORDER BY e.seq) FROM statekeeper_import e \
+                     WHERE e.section = {} AND e.fields[1] = x.fields[{}]), '') || ']'",
+                    quote_literal(&list_section(column)),
+                    staged_position(ENVIRONMENT_COLUMNS, "environment_index"),
+                );
+                let listed = staged_position(ENVIRONMENT_COLUMNS, &format!("{column}_listed"));
+                let missing = if *column == "snapshots" { "'[]'" } else { "NULL" };
+                (
+                    column.to_string(),
+                    format!("CASE WHEN x.fields[{listed}] = 'true' THEN {joined} ELSE {missing} END"),
+                )
+            })
+            .collect();
+        let defaults: Vec<(&str, &str)> = match table {
+            INTERVALS => vec![("id", "replace(gen_random_uuid()::text, '-', '')")],
+            ENVIRONMENTS => lists
+                .iter()
+                .map(|(c, e)| (c.as_str(), e.as_str()))
+                .collect(),
+            _ => Vec::new(),
         };
-        insert_staged(&mut tx, schema, table, table, staged_columns, defaults).await?;
+        insert_staged(&mut tx, schema, table, table, staged_columns, &defaults).await?;
     }
     tx.commit().await?;
     Ok(ImportReport {
