@@ -213,6 +213,7 @@ def render_model(spec: ModelSpec, change: DevChange | None = None) -> str:
         else ""
     )
     select = ",\n  ".join(columns)
+    from_clause = "\n".join(joins)
     return f"""MODEL (
   name {spec.name},
   kind {kind},
@@ -221,7 +222,7 @@ def render_model(spec: ModelSpec, change: DevChange | None = None) -> str:
 
 SELECT
   {select}
-{chr(10).join(joins)}{where}
+{from_clause}{where}
 """
 
 
@@ -278,7 +279,9 @@ def write_project(
     (project / "models").mkdir(parents=True)
     (project / "seeds").mkdir()
 
-    (project / "config.yaml").write_text(render_config(state_url, state_schema))
+    config = project / "config.yaml"
+    config.write_text(render_config(state_url, state_schema))
+    config.chmod(0o600)  # it holds the state database password
     for spec in specs:
         if spec.kind == "SEED":
             (project / spec.model_path).write_text(render_seed_model(spec))

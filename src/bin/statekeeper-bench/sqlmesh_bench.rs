@@ -35,8 +35,9 @@ struct Round {
     environments: i64,
     plan_seconds: f64,
     file_mib: f64,
-    export: (Measured, Measured),
-    import: (Measured, Measured),
+    /// SQLMesh in its project, SQLMesh with the project's models left out, statekeeper.
+    export: [Measured; 3],
+    import: [Measured; 3],
 }
 
 pub async fn run(settings: &Settings, sizes: &[u32]) -> BenchResult<()> {
@@ -59,27 +60,28 @@ pub async fn run(settings: &Settings, sizes: &[u32]) -> BenchResult<()> {
     }
     println!();
     println!(
-        "| models | snapshots | intervals | file | sqlmesh export | statekeeper export | speed-up | sqlmesh import | statekeeper import | speed-up | peak RSS sqlmesh / statekeeper (export; import) |"
+        "| models | snapshots | intervals | file | operation | sqlmesh | sqlmesh, state only | statekeeper | speed-up (state only) | peak RSS sqlmesh / state only / statekeeper |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rounds {
-        println!(
-            "| {} | {} | {} | {:.1} MiB | {:.2} s | {:.3} s | {:.0}× | {:.2} s | {:.3} s | {:.0}× | {:.0} / {:.1} MiB; {:.0} / {:.1} MiB |",
-            r.models,
-            r.snapshots,
-            r.intervals,
-            r.file_mib,
-            r.export.0.seconds,
-            r.export.1.seconds,
-            r.export.0.seconds / r.export.1.seconds,
-            r.import.0.seconds,
-            r.import.1.seconds,
-            r.import.0.seconds / r.import.1.seconds,
-            r.export.0.peak_mib,
-            r.export.1.peak_mib,
-            r.import.0.peak_mib,
-            r.import.1.peak_mib,
-        );
+        for (operation, [project, state_only, ours]) in [("export", r.export), ("import", r.import)]
+        {
+            println!(
+                "| {} | {} | {} | {:.1} MiB | {operation} | {:.2} s | {:.2} s | {:.3} s | {:.0}× ({:.0}×) | {:.0} / {:.0} / {:.1} MiB |",
+                r.models,
+                r.snapshots,
+                r.intervals,
+                r.file_mib,
+                project.seconds,
+                state_only.seconds,
+                ours.seconds,
+                project.seconds / ours.seconds,
+                state_only.seconds / ours.seconds,
+                project.peak_mib,
+                state_only.peak_mib,
+                ours.peak_mib,
+            );
+        }
     }
     Ok(())
 }
@@ -89,14 +91,17 @@ fn print_round(r: &Round) {
         "{} models ({} snapshots, {} intervals, {} environments; planned in {:.0} s, 0 if by an earlier run; file {:.1} MiB)",
         r.models, r.snapshots, r.intervals, r.environments, r.plan_seconds, r.file_mib
     );
-    for (what, (theirs, ours)) in [("export", r.export), ("import", r.import)] {
+    for (what, [theirs, state_only, ours]) in [("export", r.export), ("import", r.import)] {
         println!(
-            "  {what}: sqlmesh {:.2} s, {:.0} MiB; statekeeper {:.3} s, {:.1} MiB; {:.0}× faster",
+            "  {what}: sqlmesh {:.2} s, {:.0} MiB (state only: {:.2} s, {:.0} MiB); statekeeper {:.3} s, {:.1} MiB; {:.0}× faster ({:.0}×)",
             theirs.seconds,
             theirs.peak_mib,
+            state_only.seconds,
+            state_only.peak_mib,
             ours.seconds,
             ours.peak_mib,
-            theirs.seconds / ours.seconds
+            theirs.seconds / ours.seconds,
+            state_only.seconds / ours.seconds,
         );
     }
 }
@@ -117,73 +122,87 @@ async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
     };
     let plan_seconds = started.elapsed().as_secs_f64();
 
-    let theirs_file = dir.join("sqlmesh-export.json");
-    let ours_file = dir.join("statekeeper-export.json");
-    let sqlmesh_export = measure(settings.repeat, || {
-        let _ = std::fs::remove_dir_all(dir.join(".cache"));
-        let _ = std::fs::remove_file(&theirs_file);
-        let mut command = timed_command(&settings.sqlmesh, &dir, &[]);
-        command
-            .args(["state", "export", "-o"])
-            .arg(&theirs_file)
-            .arg("--no-confirm");
-        command
-    })
-    .await?;
-    let ours_export = measure(settings.repeat, || {
-        let _ = std::fs::remove_file(&ours_file);
-        let mut command = timed_command(settings.statekeeper.to_string_lossy().as_ref(), &dir, &[]);
-        command
-            .args([
-                "state",
-                "export",
-                "--framework",
-                "sqlmesh",
-                "--format",
-                "sqlmesh",
-            ])
-            .args(["--database-url", &source_url, "--to"])
-            .arg(&ours_file);
-        command
-    })
-    .await?;
-
-    // Both import SQLMesh's own file into a database SQLMesh has just created its tables in.
-    let gateway_db = (
+    // SQLMesh loads every model of the project before it touches state; users run it in their
+    // project, so that is the main figure. The same commands in a folder with only the config
+    // (and one tiny model) show SQLMesh's state work alone.
+    let state_only = state_only_project(&dir)?;
+    let at_source = (
+        "SQLMESH__GATEWAYS__BENCH__STATE_CONNECTION__DATABASE",
+        source.as_str(),
+    );
+    let at_target = (
         "SQLMESH__GATEWAYS__BENCH__STATE_CONNECTION__DATABASE",
         target.as_str(),
     );
-    let mut sqlmesh_import = Vec::new();
-    let mut ours_import = Vec::new();
+    let theirs_file = dir.join("sqlmesh-export.json");
+    let ours_file = dir.join("statekeeper-export.json");
+    let mut export = Vec::new();
+    for project in [&dir, &state_only] {
+        export.push(
+            measure(settings.repeat, || {
+                let _ = std::fs::remove_dir_all(project.join(".cache"));
+                let _ = std::fs::remove_file(&theirs_file);
+                let mut command = timed_command(&settings.sqlmesh, project, &[at_source]);
+                command
+                    .args(["state", "export", "-o"])
+                    .arg(&theirs_file)
+                    .arg("--no-confirm");
+                command
+            })
+            .await?,
+        );
+    }
+    export.push(
+        measure(settings.repeat, || {
+            let _ = std::fs::remove_file(&ours_file);
+            let mut command =
+                timed_command(settings.statekeeper.to_string_lossy().as_ref(), &dir, &[]);
+            command
+                .args([
+                    "state",
+                    "export",
+                    "--framework",
+                    "sqlmesh",
+                    "--format",
+                    "sqlmesh",
+                ])
+                .args(["--database-url", &source_url, "--to"])
+                .arg(&ours_file);
+            command
+        })
+        .await?,
+    );
+
+    // All import SQLMesh's own file into a database SQLMesh has just created its tables in.
+    let mut import: [Vec<Measured>; 3] = Default::default();
     for _ in 0..settings.repeat {
-        for sqlmesh_side in [true, false] {
+        for (side, runs) in import.iter_mut().enumerate() {
             recreate_database(&settings.admin_url, &target).await?;
             check(
-                timed_command(&settings.sqlmesh, &dir, &[gateway_db])
+                timed_command(&settings.sqlmesh, &state_only, &[at_target])
                     .arg("migrate")
                     .output()?,
                 "sqlmesh migrate",
             )?;
-            let mut command = if sqlmesh_side {
-                let mut c = timed_command(&settings.sqlmesh, &dir, &[gateway_db]);
-                c.args(["state", "import", "-i"])
-                    .arg(&theirs_file)
-                    .args(["--replace", "--no-confirm"]);
-                c
-            } else {
-                let mut c =
-                    timed_command(settings.statekeeper.to_string_lossy().as_ref(), &dir, &[]);
-                c.args(["state", "import", "--framework", "sqlmesh", "--replace"])
-                    .args(["--database-url", &target_url, "--from"])
-                    .arg(&theirs_file);
-                c
+            let mut command = match side {
+                0 | 1 => {
+                    let project = if side == 0 { &dir } else { &state_only };
+                    let mut c = timed_command(&settings.sqlmesh, project, &[at_target]);
+                    c.args(["state", "import", "-i"])
+                        .arg(&theirs_file)
+                        .args(["--replace", "--no-confirm"]);
+                    c
+                }
+                _ => {
+                    let mut c =
+                        timed_command(settings.statekeeper.to_string_lossy().as_ref(), &dir, &[]);
+                    c.args(["state", "import", "--framework", "sqlmesh", "--replace"])
+                        .args(["--database-url", &target_url, "--from"])
+                        .arg(&theirs_file);
+                    c
+                }
             };
-            let measured = run_timed(&mut command)?;
-            if sqlmesh_side {
-                sqlmesh_import.push(measured);
-            } else {
-                ours_import.push(measured);
-            }
+            runs.push(run_timed(&mut command)?);
         }
     }
 
@@ -207,9 +226,26 @@ async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
         environments,
         plan_seconds,
         file_mib: std::fs::metadata(&theirs_file)?.len() as f64 / 1048576.0,
-        export: (sqlmesh_export, ours_export),
-        import: (summarize(&sqlmesh_import), summarize(&ours_import)),
+        export: [export[0], export[1], export[2]],
+        import: [
+            summarize(&import[0]),
+            summarize(&import[1]),
+            summarize(&import[2]),
+        ],
     })
+}
+
+/// A folder beside the project with its config and one tiny model, where SQLMesh's state
+/// commands do only their state work.
+fn state_only_project(dir: &Path) -> BenchResult<PathBuf> {
+    let folder = dir.join("state-only");
+    std::fs::create_dir_all(folder.join("models"))?;
+    std::fs::copy(dir.join("config.yaml"), folder.join("config.yaml"))?;
+    std::fs::write(
+        folder.join("models").join("placeholder.sql"),
+        "MODEL (name bench.placeholder, kind VIEW);\n\nSELECT 1 AS x\n",
+    )?;
+    Ok(folder)
 }
 
 /// Generates the project of `models` models in `dir` and plans it with the real SQLMesh into a
