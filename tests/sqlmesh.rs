@@ -493,6 +493,15 @@ async fn bad_files_are_refused_and_change_nothing() {
             "--framework statekeeper",
         ),
         (
+            "a snapshot twice",
+            edited("twice.json", &|d| {
+                let first = d["snapshots"][0].clone();
+                d["snapshots"].as_array_mut().unwrap().push(first);
+            }),
+            None,
+            "already exists",
+        ),
+        (
             "a snapshot without a fingerprint",
             edited("no-fingerprint.json", &|d| {
                 d["snapshots"][0]

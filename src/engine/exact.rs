@@ -299,10 +299,11 @@ pub(crate) async fn import(
         )));
     }
     use_text_settings(&mut tx).await?;
-    let staged = incoming.stage(&mut tx).await?;
+    let live = store.tables(&mut tx).await?;
+    let sections: Vec<&str> = live.iter().map(String::as_str).collect();
+    let staged = incoming.stage(&mut tx, &sections).await?;
 
     let schema = store.schema().as_str();
-    let live = store.tables(&mut tx).await?;
     for (table, columns) in &staged.tables {
         if !live.contains(table) {
             return Err(Error::InvalidExport(format!(

@@ -318,6 +318,28 @@ impl Emitter {
         self.send(Message::Table { name, columns })
     }
 
+    /// A second emitter into the same import, for a helper thread; give it back with
+    /// [`Emitter::absorb`] before the document ends.
+    pub fn fork(&self) -> Emitter {
+        Emitter {
+            tx: self.tx.clone(),
+            batch: Vec::with_capacity(BATCH),
+            batch_bytes: 0,
+            counts: BTreeMap::new(),
+            environments: 0,
+        }
+    }
+
+    /// Takes back a forked emitter: its last rows are sent and its counts added.
+    pub fn absorb(&mut self, mut other: Emitter) -> Result<(), String> {
+        other.flush()?;
+        for (section, count) in other.counts {
+            *self.counts.entry(section).or_default() += count;
+        }
+        self.environments += other.environments;
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<(), String> {
         if !self.batch.is_empty() {
             let batch = std::mem::take(&mut self.batch);
@@ -475,14 +497,27 @@ impl Incoming<'_> {
     /// Streams every row into the temporary table `statekeeper_import (seq, section, environment,
     /// doc jsonb, fields text[])`, then checks the checksum. Returns only after the whole file
     /// was read.
-    pub async fn stage(&mut self, conn: &mut PgConnection) -> Result<Staged, Error> {
-        // Staged values are read once: storing them uncompressed saves compressing them.
-        sqlx::raw_sql(
-            "CREATE TEMP TABLE statekeeper_import (seq bigserial, section text NOT NULL, environment text, doc jsonb, fields text[]) ON COMMIT DROP;
-             ALTER TABLE statekeeper_import ALTER doc SET STORAGE EXTERNAL, ALTER fields SET STORAGE EXTERNAL",
-        )
-        .execute(&mut *conn)
-        .await?;
+    pub async fn stage(
+        &mut self,
+        conn: &mut PgConnection,
+        sections: &[&str],
+    ) -> Result<Staged, Error> {
+        // One partition per expected section, so that applying a section reads only its rows;
+        // staged values are read once: kept uncompressed and, up to a page, inline (no TOAST).
+        let mut ddl = vec![
+            "CREATE TEMP TABLE statekeeper_import (seq bigserial, section text NOT NULL, environment text, doc jsonb, fields text[]) PARTITION BY LIST (section) ON COMMIT DROP".to_owned(),
+            "ALTER TABLE statekeeper_import ALTER doc SET STORAGE EXTERNAL, ALTER fields SET STORAGE EXTERNAL".to_owned(),
+            "CREATE TEMP TABLE statekeeper_import_other PARTITION OF statekeeper_import DEFAULT WITH (toast_tuple_target = 8160) ON COMMIT DROP".to_owned(),
+        ];
+        for (i, section) in sections.iter().enumerate() {
+            ddl.push(format!(
+                "CREATE TEMP TABLE statekeeper_import_{i} PARTITION OF statekeeper_import FOR VALUES IN ({}) WITH (toast_tuple_target = 8160) ON COMMIT DROP",
+                quote_literal(section)
+            ));
+        }
+        sqlx::raw_sql(AssertSqlSafe(ddl.join(";\n")))
+            .execute(&mut *conn)
+            .await?;
         fast_toast_compression(conn).await?;
         let mut tables = Vec::new();
         let (counts, environments) = {
@@ -737,7 +772,7 @@ pub(crate) async fn insert_staged(
     }
     let inserted = sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {}.{} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM statekeeper_import x \
-         WHERE x.section = {} ORDER BY x.seq",
+         WHERE x.section = {}",
         quote_ident(schema),
         quote_ident(table),
         names.join(", "),
@@ -754,9 +789,17 @@ pub(crate) async fn insert_staged(
 pub(crate) const STREAM_ENDED: &str = "the file ended before its header";
 
 /// Database errors while loading a file are problems with the file (types, constraints).
+/// PostgreSQL's detail (which key is duplicated, which row violates a check) goes with it.
 pub(crate) fn invalid(e: &sqlx::Error) -> Error {
     match e {
-        sqlx::Error::Database(db) => Error::InvalidExport(db.message().to_owned()),
+        sqlx::Error::Database(db) => {
+            let detail = db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .and_then(|pg| pg.detail())
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default();
+            Error::InvalidExport(format!("{}{detail}", db.message()))
+        }
         other => Error::InvalidExport(other.to_string()),
     }
 }

@@ -32,7 +32,10 @@ pub fn python_dumps(text: &str) -> String {
 fn respace(text: &str, spaced: bool, non_ascii: NonAscii) -> String {
     let mut out = String::with_capacity(text.len() + text.len() / 8);
     let mut rest = text;
-    while let Some(i) = rest.find(['"', ' ', '\t', '\n', '\r', ',', ':']) {
+    let special = |b: u8| {
+        matches!(b, b'"' | b' ' | b'\t' | b'\n' | b'\r') || (spaced && matches!(b, b',' | b':'))
+    };
+    while let Some(i) = rest.bytes().position(special) {
         out.push_str(&rest[..i]);
         let c = rest.as_bytes()[i];
         rest = &rest[i + 1..];

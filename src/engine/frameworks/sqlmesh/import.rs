@@ -12,7 +12,7 @@ use chrono::{Months, TimeZone, Utc};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
-use sqlx::{AssertSqlSafe, PgConnection};
+use sqlx::AssertSqlSafe;
 
 use super::{Fingerprint, OrderedObject, STORED_ELSEWHERE};
 use crate::engine::Error;
@@ -165,6 +165,7 @@ fn list_section(column: &str) -> String {
 }
 
 /// Shared names, and the one time stamp every interval row of this import is created at.
+#[derive(Clone)]
 struct Sections {
     snapshots: Arc<str>,
     intervals: Arc<str>,
@@ -210,14 +211,46 @@ impl<'de> Visitor<'de> for SnapshotList<'_> {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an array of snapshots")
     }
+    /// Reading the document and turning snapshots into rows share the work between two threads:
+    /// this one cuts the file into snapshots, a helper builds their rows.
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut position = 0usize;
-        while let Some(OrderedObject(fields)) = seq.next_element::<OrderedObject>()? {
-            position += 1;
-            snapshot_rows(&fields, self.sections, self.emitter)
-                .map_err(|e| de::Error::custom(format!("snapshot #{position}: {e}")))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Box<RawValue>>(64);
+        let mut helper_emitter = self.emitter.fork();
+        let sections = self.sections.clone();
+        let helper = std::thread::spawn(move || -> Result<Emitter, String> {
+            for (position, raw) in rx.into_iter().enumerate() {
+                let OrderedObject(fields) = serde_json::from_str(raw.get())
+                    .map_err(|e| format!("snapshot #{}: {e}", position + 1))?;
+                snapshot_rows(&fields, &sections, &mut helper_emitter)
+                    .map_err(|e| format!("snapshot #{}: {e}", position + 1))?;
+            }
+            Ok(helper_emitter)
+        });
+        let mut read = Ok(());
+        loop {
+            match seq.next_element::<Box<RawValue>>() {
+                Ok(Some(raw)) => {
+                    // A closed channel means the helper failed: its error is the one to report.
+                    if tx.send(raw).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    read = Err(e);
+                    break;
+                }
+            }
         }
-        Ok(())
+        drop(tx);
+        let helped = helper
+            .join()
+            .map_err(|_| de::Error::custom("the snapshot reader stopped"))?;
+        read?;
+        let helper_emitter = helped.map_err(de::Error::custom)?;
+        self.emitter
+            .absorb(helper_emitter)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -770,10 +803,33 @@ pub(crate) async fn import(
              downgrade one side with `sqlmesh migrate`)"
         )));
     }
-    let staged = incoming.stage(&mut tx).await?;
-    validate_staged(&mut tx).await?;
-    // Environments find their list elements by section and environment.
-    sqlx::query("CREATE INDEX ON statekeeper_import (section, (fields[1]))")
+    let sections: Vec<String> = [
+        SNAPSHOTS,
+        INTERVALS,
+        AUTO_RESTATEMENTS,
+        ENVIRONMENTS,
+        STATEMENTS,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(LIST_COLUMNS.iter().map(|c| list_section(c)))
+    .collect();
+    let sections: Vec<&str> = sections.iter().map(String::as_str).collect();
+    let staged = incoming.stage(&mut tx, &sections).await?;
+    // Each environment's lists, joined from their staged elements as `json.dumps` joins a list.
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TEMP TABLE statekeeper_environment_lists ON COMMIT DROP AS
+         SELECT section, fields[1] AS environment, string_agg(fields[2], ', ' ORDER BY seq) AS items
+         FROM statekeeper_import WHERE section IN ({}) GROUP BY section, fields[1]",
+        LIST_COLUMNS
+            .iter()
+            .map(|c| quote_literal(&list_section(c)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("CREATE INDEX ON statekeeper_environment_lists (section, environment)")
         .execute(&mut *tx)
         .await?;
 
@@ -857,22 +913,27 @@ pub(crate) async fn import(
             }
             continue;
         }
-        // Interval ids are random, as SQLMesh's are; environments' lists are joined from their
-        // staged elements as `json.dumps` joins a list.
+        // Interval ids are random, as SQLMesh's are; environments take their joined lists.
         let lists: Vec<(String, String)> = LIST_COLUMNS
             .iter()
             .map(|column| {
                 let joined = format!(
-                    "'[' || COALESCE((SELECT string_agg(e.fields[2], ', ' ORDER BY e.seq) FROM statekeeper_import e \
-                     WHERE e.section = {} AND e.fields[1] = x.fields[{}]), '') || ']'",
+                    "'[' || COALESCE((SELECT l.items FROM statekeeper_environment_lists l \
+                     WHERE l.section = {} AND l.environment = x.fields[{}]), '') || ']'",
                     quote_literal(&list_section(column)),
                     staged_position(ENVIRONMENT_COLUMNS, "environment_index"),
                 );
                 let listed = staged_position(ENVIRONMENT_COLUMNS, &format!("{column}_listed"));
-                let missing = if *column == "snapshots" { "'[]'" } else { "NULL" };
+                let missing = if *column == "snapshots" {
+                    "'[]'"
+                } else {
+                    "NULL"
+                };
                 (
                     column.to_string(),
-                    format!("CASE WHEN x.fields[{listed}] = 'true' THEN {joined} ELSE {missing} END"),
+                    format!(
+                        "CASE WHEN x.fields[{listed}] = 'true' THEN {joined} ELSE {missing} END"
+                    ),
                 )
             })
             .collect();
@@ -900,31 +961,6 @@ pub(crate) async fn import(
         backup: Some(backup),
         duration: incoming.started.elapsed(),
     })
-}
-
-/// Rules a file must satisfy before it may touch the store; the first broken rule wins.
-async fn validate_staged(conn: &mut PgConnection) -> Result<(), Error> {
-    let checks = [
-        format!(
-            "SELECT format('snapshot %s (identifier %s) appears %s times', fields[1], fields[2], count(*))
-             FROM statekeeper_import WHERE section = '{SNAPSHOTS}'
-             GROUP BY fields[1], fields[2] HAVING count(*) > 1"
-        ),
-        format!(
-            "SELECT format('environment %s appears %s times', fields[1], count(*))
-             FROM statekeeper_import WHERE section = '{ENVIRONMENTS}'
-             GROUP BY fields[1] HAVING count(*) > 1"
-        ),
-    ];
-    for check in checks {
-        let problem: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!("{check} LIMIT 1")))
-            .fetch_optional(&mut *conn)
-            .await?;
-        if let Some(problem) = problem {
-            return Err(Error::InvalidExport(problem));
-        }
-    }
-    Ok(())
 }
 
 /// `0.236` of `0.236.4`, as SQLMesh compares versions on import.

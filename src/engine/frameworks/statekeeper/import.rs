@@ -284,7 +284,8 @@ pub(crate) async fn import(
             }
         )));
     }
-    let staged = incoming.stage(&mut tx).await?;
+    let sections: Vec<&str> = TABLES.iter().map(|(section, _)| *section).collect();
+    let staged = incoming.stage(&mut tx, &sections).await?;
     sqlx::query("CREATE INDEX ON statekeeper_import (section, (doc->>'id'))")
         .execute(&mut *tx)
         .await?;
