@@ -10,10 +10,8 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::Arc;
 
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, PgConnection};
 use tokio::io::AsyncWrite;
@@ -24,8 +22,8 @@ use super::export::{ExportReport, Output};
 use super::frameworks::{self, Event, ExportFormat, Framework};
 use super::identifier::quote_ident;
 use super::import::{
-    Emitter, Header, ImportMode, ImportReport, Incoming, drop_secondary_structures, insert_staged,
-    restore_secondary_structures,
+    Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
+    drop_secondary_structures, insert_staged, restore_secondary_structures,
 };
 use super::store::Store;
 use super::tableset::qualified_list;
@@ -127,141 +125,79 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     out.write(b"}}\n").await
 }
 
-/// Reads `tables` (the sections after the header).
-pub(crate) fn read_sections<'de, A: MapAccess<'de>>(
-    map: &mut A,
-    emitter: &mut Emitter,
-) -> Result<(), A::Error> {
-    let mut seen_tables = false;
-    while let Some(key) = map.next_key::<String>()? {
-        if key != "tables" || seen_tables {
-            return Err(de::Error::custom(format!(
+/// Reads `tables` (the section after the header).
+#[derive(Default)]
+pub(crate) struct Sections {
+    seen_tables: bool,
+}
+
+type Doc<'a, 'b> = &'a mut Cursor<&'b mut dyn std::io::Read>;
+
+impl SectionReader for Sections {
+    fn section(&mut self, cursor: Doc, key: &str, emitter: &mut Emitter) -> Result<(), ScanError> {
+        if key != "tables" || self.seen_tables {
+            return Err(ScanError(format!(
                 "unexpected section \"{key}\" in an exact export"
             )));
         }
-        seen_tables = true;
-        map.next_value_seed(Tables(emitter))?;
-    }
-    if !seen_tables {
-        return Err(de::Error::custom("section \"tables\" is missing"));
-    }
-    Ok(())
-}
-
-struct Tables<'a>(&'a mut Emitter);
-
-impl<'de> DeserializeSeed<'de> for Tables<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Tables<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an object of tables keyed by name")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.seen_tables = true;
         let mut names = std::collections::HashSet::new();
-        while let Some(name) = map.next_key::<String>()? {
+        cursor.object(|cursor, name| {
             if !names.insert(name.clone()) {
-                return Err(de::Error::custom(format!("table \"{name}\" appears twice")));
+                return Err(ScanError(format!("table \"{name}\" appears twice")));
             }
-            map.next_value_seed(Table {
-                emitter: self.0,
-                name,
-            })?;
+            read_table(cursor, &name, emitter)
+        })
+    }
+
+    fn finish(&mut self, _emitter: &mut Emitter) -> Result<(), ScanError> {
+        if self.seen_tables {
+            Ok(())
+        } else {
+            Err(ScanError("section \"tables\" is missing".into()))
         }
+    }
+}
+
+/// A table: `{"columns": [[name, type], …], "rows": [[text or null, …], …]}`, in that order.
+fn read_table(cursor: Doc, name: &str, emitter: &mut Emitter) -> Result<(), ScanError> {
+    let section: Arc<str> = Arc::from(name);
+    let mut width = None;
+    let mut rows_read = false;
+    cursor.object(|cursor, field| match (field.as_str(), width) {
+        ("columns", None) => {
+            let columns: Vec<(String, String)> = serde_json::from_slice(&cursor.raw()?)
+                .map_err(|e| ScanError(format!("the columns of table \"{name}\": {e}")))?;
+            width = Some(columns.len());
+            emitter.table(name.to_owned(), columns).map_err(ScanError)
+        }
+        ("rows", Some(width)) if !rows_read => {
+            rows_read = true;
+            cursor.array(|cursor| {
+                let fields: Vec<Option<String>> = serde_json::from_slice(&cursor.raw()?)
+                    .map_err(|e| ScanError(format!("a row of table \"{name}\": {e}")))?;
+                if fields.len() != width {
+                    return Err(ScanError(format!(
+                        "a row of table {name} has {} values for {width} columns",
+                        fields.len()
+                    )));
+                }
+                emitter.fields(&section, fields).map_err(ScanError)
+            })
+        }
+        ("columns", Some(_)) | ("rows", _) => Err(ScanError(format!(
+            "table \"{name}\" must hold \"columns\", then \"rows\""
+        ))),
+        (other, _) => Err(ScanError(format!(
+            "unexpected field \"{other}\" in table \"{name}\""
+        ))),
+    })?;
+    if rows_read {
         Ok(())
-    }
-}
-
-struct Table<'a> {
-    emitter: &'a mut Emitter,
-    name: String,
-}
-
-impl<'de> DeserializeSeed<'de> for Table<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Table<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a table: {columns, rows}")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        if map.next_key::<String>()?.as_deref() != Some("columns") {
-            return Err(de::Error::custom(format!(
-                "table \"{}\" must start with \"columns\"",
-                self.name
-            )));
-        }
-        let columns: Vec<(String, String)> = map.next_value()?;
-        let width = columns.len();
-        self.emitter
-            .table(self.name.clone(), columns)
-            .map_err(de::Error::custom)?;
-        let columns = width;
-        if map.next_key::<String>()?.as_deref() != Some("rows") {
-            return Err(de::Error::custom(format!(
-                "table \"{}\" has no \"rows\" after its columns",
-                self.name
-            )));
-        }
-        map.next_value_seed(FieldRows {
-            emitter: self.emitter,
-            section: Arc::from(self.name.as_str()),
-            width: columns,
-        })?;
-        if let Some(extra) = map.next_key::<String>()? {
-            return Err(de::Error::custom(format!(
-                "unexpected field \"{extra}\" in table \"{}\"",
-                self.name
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// A table's rows: arrays of text values (or nulls), as many as the table has columns.
-struct FieldRows<'a> {
-    emitter: &'a mut Emitter,
-    section: Arc<str>,
-    width: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for FieldRows<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for FieldRows<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "an array of rows of table {}", self.section)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(fields) = seq.next_element::<Vec<Option<String>>>()? {
-            if fields.len() != self.width {
-                return Err(de::Error::custom(format!(
-                    "a row of table {} has {} values for {} columns",
-                    self.section,
-                    fields.len(),
-                    self.width
-                )));
-            }
-            self.emitter
-                .fields(&self.section, fields)
-                .map_err(de::Error::custom)?;
-        }
-        Ok(())
+    } else {
+        Err(ScanError(format!(
+            "table \"{name}\" has no \"rows\" after its columns"
+        )))
     }
 }
 

@@ -6,15 +6,12 @@
 //! was.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_compression::tokio::bufread::{GzipDecoder, ZstdDecoder};
 use serde::Serialize;
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_json::value::RawValue;
 use sqlx::{AssertSqlSafe, PgConnection};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
@@ -27,6 +24,7 @@ use super::export::{Compression, Measure};
 use super::frameworks::{self, ExportFormat};
 use super::identifier::{quote_ident, quote_literal};
 use super::io::Observed;
+pub(crate) use super::jsonscan::{Cursor, ScanError};
 use super::store::Store;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -158,16 +156,19 @@ impl Row {
                         None => out.extend_from_slice(b"NULL"),
                         Some(text) => {
                             out.push(b'"');
-                            for &byte in text.as_bytes() {
-                                match byte {
-                                    b'"' | b'\\' => {
-                                        out.push(b'\\');
-                                        out.push(byte);
-                                    }
-                                    QUOTE => out.extend_from_slice(&[QUOTE, QUOTE]),
-                                    _ => out.push(byte),
-                                }
+                            let mut rest = text.as_bytes();
+                            while let Some(i) =
+                                rest.iter().position(|b| matches!(*b, b'"' | b'\\' | QUOTE))
+                            {
+                                out.extend_from_slice(&rest[..i]);
+                                out.extend_from_slice(match rest[i] {
+                                    QUOTE => &[QUOTE, QUOTE],
+                                    b'"' => b"\\\"",
+                                    _ => b"\\\\",
+                                });
+                                rest = &rest[i + 1..];
                             }
+                            out.extend_from_slice(rest);
                             out.push(b'"');
                         }
                     }
@@ -263,19 +264,20 @@ pub(crate) struct Emitter {
 }
 
 impl Emitter {
-    fn send(&mut self, message: Message) -> Result<(), String> {
+    pub(crate) fn send(&mut self, message: Message) -> Result<(), String> {
         self.tx
             .blocking_send(message)
             .map_err(|_| "the import was stopped".to_string())
     }
 
-    /// Stages a row given as raw JSON, compacting pretty-printed values (staging is line-based).
-    pub fn row(&mut self, section: &Arc<str>, key: &str, raw: &RawValue) -> Result<(), String> {
-        let text = raw.get();
+    /// Stages a row given as JSON text, compacting pretty-printed values (staging is
+    /// line-based). PostgreSQL validates it as it stages it.
+    pub fn row(&mut self, section: &Arc<str>, key: &str, raw: Vec<u8>) -> Result<(), String> {
+        let text = String::from_utf8(raw).map_err(|_| format!("a {section} row is not UTF-8"))?;
         let doc = if text.contains(['\n', '\r']) {
-            super::json::minify(text)
+            super::json::minify(&text)
         } else {
-            text.to_owned()
+            text
         };
         self.row_text(section, key, doc)
     }
@@ -350,89 +352,92 @@ impl Emitter {
     }
 }
 
-/// A JSON array of rows, each staged under `section` and `key`.
-pub(crate) struct RowsSeed<'a> {
-    pub emitter: &'a mut Emitter,
-    pub section: Arc<str>,
-    pub key: &'a str,
+/// Reads the sections after a format's header, each from the document cursor.
+pub(crate) trait SectionReader {
+    /// Reads the value of section `key` (the cursor is at it).
+    fn section(
+        &mut self,
+        cursor: &mut Cursor<&mut dyn std::io::Read>,
+        key: &str,
+        emitter: &mut Emitter,
+    ) -> Result<(), ScanError>;
+
+    /// After the last section: what must have been there.
+    fn finish(&mut self, emitter: &mut Emitter) -> Result<(), ScanError>;
 }
 
-impl<'de> DeserializeSeed<'de> for RowsSeed<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
+/// Parses the header of a document (at `metadata`, then `versions`) and detects the format.
+fn read_header(metadata: &[u8], versions: &[u8]) -> Result<Header, ScanError> {
+    let parse = |bytes: &[u8], what: &str| -> Result<serde_json::Value, ScanError> {
+        match serde_json::from_slice::<serde_json::Value>(bytes) {
+            Ok(value) if value.is_object() => Ok(value),
+            Ok(_) => Err(ScanError(format!("\"{what}\" must be an object"))),
+            Err(e) => Err(ScanError(format!("\"{what}\" is not valid JSON: {e}"))),
+        }
+    };
+    let metadata = parse(metadata, "metadata")?;
+    let versions = parse(versions, "versions")?;
+    let format = if metadata.get("format").and_then(|f| f.as_str()) == Some(exact::FORMAT) {
+        ExportFormat::Exact
+    } else if versions.get("sqlmesh_version").is_some() {
+        ExportFormat::Sqlmesh
+    } else if versions.get("statekeeper_version").is_some() {
+        ExportFormat::Statekeeper
+    } else {
+        return Err(ScanError(
+            "not a statekeeper or SQLMesh export: \"versions\" names neither".into(),
+        ));
+    };
+    Ok(Header {
+        format,
+        metadata,
+        versions,
+    })
 }
 
-impl<'de> Visitor<'de> for RowsSeed<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "an array of {} rows", self.section)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(raw) = seq.next_element::<Box<RawValue>>()? {
-            self.emitter
-                .row(&self.section, self.key, &raw)
-                .map_err(de::Error::custom)?;
-        }
-        Ok(())
-    }
-}
-
-/// The whole document: reads the header, detects the format, and hands the remaining sections to
-/// that format's reader.
-struct Document<'a>(&'a mut Emitter);
-
-impl<'de> Visitor<'de> for Document<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an export document (a JSON object)")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let emitter = self.0;
-        let first: Option<String> = map.next_key()?;
-        if first.as_deref() != Some("metadata") {
-            return Err(de::Error::custom(
-                "not a statekeeper or SQLMesh export: it does not start with \"metadata\" (every \
-                 export begins with its metadata and versions; re-sorting its keys breaks that)",
-            ));
-        }
-        let metadata: serde_json::Value = map.next_value()?;
-        if map.next_key::<String>()?.as_deref() != Some("versions") {
-            return Err(de::Error::custom("\"versions\" must follow \"metadata\""));
-        }
-        let versions: serde_json::Value = map.next_value()?;
-        if !metadata.is_object() || !versions.is_object() {
-            return Err(de::Error::custom(
-                "\"metadata\" and \"versions\" must be objects",
-            ));
-        }
-        let format = if metadata.get("format").and_then(|f| f.as_str()) == Some(exact::FORMAT) {
-            ExportFormat::Exact
-        } else if versions.get("sqlmesh_version").is_some() {
-            ExportFormat::Sqlmesh
-        } else if versions.get("statekeeper_version").is_some() {
-            ExportFormat::Statekeeper
-        } else {
-            return Err(de::Error::custom(
-                "not a statekeeper or SQLMesh export: \"versions\" names neither",
-            ));
-        };
-        emitter
-            .send(Message::Header(Header {
-                format,
-                metadata,
-                versions,
-            }))
-            .map_err(de::Error::custom)?;
-        match format {
-            ExportFormat::Exact => exact::read_sections(&mut map, emitter),
-            ExportFormat::Statekeeper => {
-                frameworks::statekeeper::import::read_sections(&mut map, emitter)
+/// Reads the whole document: the header, then every section through the format's reader.
+fn read_document(
+    cursor: &mut Cursor<&mut dyn std::io::Read>,
+    emitter: &mut Emitter,
+) -> Result<(), ScanError> {
+    let mut position = 0;
+    let mut metadata = Vec::new();
+    let mut reader: Option<Box<dyn SectionReader>> = None;
+    cursor.object(|cursor, key| {
+        position += 1;
+        match (position, reader.as_mut()) {
+            (1, _) if key == "metadata" => {
+                metadata = cursor.raw()?;
+                Ok(())
             }
-            ExportFormat::Sqlmesh => frameworks::sqlmesh::import::read_sections(&mut map, emitter),
+            (1, _) => Err(ScanError(
+                "not a statekeeper or SQLMesh export: it does not start with \"metadata\" (every \
+                 export begins with its metadata and versions; re-sorting its keys breaks that)"
+                    .into(),
+            )),
+            (2, _) if key == "versions" => {
+                let header = read_header(&metadata, &cursor.raw()?)?;
+                let format = header.format;
+                emitter.send(Message::Header(header)).map_err(ScanError)?;
+                reader = Some(match format {
+                    ExportFormat::Exact => Box::new(exact::Sections::default()),
+                    ExportFormat::Statekeeper => {
+                        Box::new(frameworks::statekeeper::import::Sections::default())
+                    }
+                    ExportFormat::Sqlmesh => Box::new(frameworks::sqlmesh::import::Sections::new()),
+                });
+                Ok(())
+            }
+            (2, _) => Err(ScanError("\"versions\" must follow \"metadata\"".into())),
+            (_, Some(reader)) => reader.section(cursor, &key, emitter),
+            (_, None) => Err(ScanError("the header is incomplete".into())),
         }
+    })?;
+    match reader {
+        Some(mut reader) => reader.finish(emitter),
+        None => Err(ScanError(
+            "the document has no \"metadata\" and \"versions\"".into(),
+        )),
     }
 }
 
@@ -447,22 +452,9 @@ fn parse(mut reader: impl std::io::Read, tx: mpsc::Sender<Message>) -> Result<()
         environments: 0,
     };
     {
-        let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(
-            256 * 1024,
-            &mut reader,
-        ));
-        de.deserialize_map(Document(&mut emitter))
-            .map_err(|e| e.to_string())?;
-        de.end()
-            .map_err(|e| format!("unexpected data after the document: {e}"))?;
-    }
-    let mut sink = [0u8; 64 * 1024];
-    loop {
-        match std::io::Read::read(&mut reader, &mut sink) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => return Err(e.to_string()),
-        }
+        let mut cursor = Cursor::new(&mut reader as &mut dyn std::io::Read);
+        read_document(&mut cursor, &mut emitter).map_err(|e| e.0)?;
+        cursor.end().map_err(|e| e.0)?;
     }
     emitter.flush()?;
     let end = Message::End {

@@ -15,6 +15,7 @@ pub mod import;
 pub mod io;
 pub mod janitor;
 pub mod json;
+mod jsonscan;
 pub mod migrations;
 pub mod store;
 mod tableset;

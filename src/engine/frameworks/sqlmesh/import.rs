@@ -5,11 +5,9 @@
 //! and checked first, then applied in one transaction under table locks with a backup kept.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::sync::Arc;
 
 use chrono::{Months, TimeZone, Utc};
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sqlx::AssertSqlSafe;
@@ -18,7 +16,10 @@ use super::{Fingerprint, OrderedObject, STORED_ELSEWHERE};
 use crate::engine::Error;
 use crate::engine::frameworks::ExportFormat;
 use crate::engine::identifier::quote_literal;
-use crate::engine::import::{Emitter, Header, ImportMode, ImportReport, Incoming, insert_staged};
+use crate::engine::import::{
+    Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
+    insert_staged,
+};
 use crate::engine::json::{compact_utf8, python_dumps};
 use crate::engine::store::Store;
 use crate::engine::tableset::qualified_list;
@@ -119,54 +120,15 @@ fn staged_position(columns: &[&str], column: &str) -> usize {
         .map_or(0, |i| i + 1)
 }
 
-/// Reads `snapshots` and `environments` (the sections after the header), turning each into the
-/// rows SQLMesh would write.
-pub(crate) fn read_sections<'de, A: MapAccess<'de>>(
-    map: &mut A,
-    emitter: &mut Emitter,
-) -> Result<(), A::Error> {
-    let sections = Sections::new();
-    let mut seen = HashSet::new();
-    while let Some(key) = map.next_key::<String>()? {
-        if !seen.insert(key.clone()) {
-            return Err(de::Error::custom(format!(
-                "section \"{key}\" appears twice"
-            )));
-        }
-        match key.as_str() {
-            "snapshots" => map.next_value_seed(SnapshotList {
-                emitter,
-                sections: &sections,
-            })?,
-            "environments" => map.next_value_seed(EnvironmentMap {
-                emitter,
-                sections: &sections,
-            })?,
-            other => {
-                return Err(de::Error::custom(format!(
-                    "unknown section \"{other}\" in a SQLMesh export"
-                )));
-            }
-        }
-    }
-    for required in ["snapshots", "environments"] {
-        if !seen.contains(required) {
-            return Err(de::Error::custom(format!(
-                "section \"{required}\" is missing"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// The staging section of an environment list column's elements.
 fn list_section(column: &str) -> String {
     format!("{ENVIRONMENTS}.{column}")
 }
 
-/// Shared names, and the one time stamp every interval row of this import is created at.
+/// Shared section names, and the one time stamp every interval row of this import is created
+/// at.
 #[derive(Clone)]
-struct Sections {
+struct Names {
     snapshots: Arc<str>,
     intervals: Arc<str>,
     auto_restatements: Arc<str>,
@@ -177,7 +139,7 @@ struct Sections {
     created_ts: i64,
 }
 
-impl Sections {
+impl Names {
     fn new() -> Self {
         Self {
             snapshots: Arc::from(SNAPSHOTS),
@@ -194,64 +156,81 @@ impl Sections {
     }
 }
 
-struct SnapshotList<'a> {
-    emitter: &'a mut Emitter,
-    sections: &'a Sections,
+type Doc<'a, 'b> = &'a mut Cursor<&'b mut dyn std::io::Read>;
+
+/// Reads `snapshots` and `environments` (the sections after the header), turning each into the
+/// rows SQLMesh would write.
+pub(crate) struct Sections {
+    names: Names,
+    seen: HashSet<String>,
 }
 
-impl<'de> DeserializeSeed<'de> for SnapshotList<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
+impl Sections {
+    pub(crate) fn new() -> Self {
+        Self {
+            names: Names::new(),
+            seen: HashSet::new(),
+        }
     }
 }
 
-impl<'de> Visitor<'de> for SnapshotList<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an array of snapshots")
+impl SectionReader for Sections {
+    fn section(&mut self, cursor: Doc, key: &str, emitter: &mut Emitter) -> Result<(), ScanError> {
+        if !self.seen.insert(key.to_owned()) {
+            return Err(ScanError(format!("section \"{key}\" appears twice")));
+        }
+        match key {
+            "snapshots" => read_snapshots(cursor, &self.names, emitter),
+            "environments" => cursor.object(|cursor, key| {
+                emitter.environments += 1;
+                let index = emitter.environments.to_string();
+                read_environment(cursor, &key, &index, &self.names, emitter)
+                    .map_err(|e| ScanError(format!("environment \"{key}\": {e}")))
+            }),
+            other => Err(ScanError(format!(
+                "unknown section \"{other}\" in a SQLMesh export"
+            ))),
+        }
     }
-    /// Reading the document and turning snapshots into rows share the work between two threads:
-    /// this one cuts the file into snapshots, a helper builds their rows.
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Box<RawValue>>(64);
-        let mut helper_emitter = self.emitter.fork();
-        let sections = self.sections.clone();
-        let helper = std::thread::spawn(move || -> Result<Emitter, String> {
-            for (position, raw) in rx.into_iter().enumerate() {
-                let OrderedObject(fields) = serde_json::from_str(raw.get())
-                    .map_err(|e| format!("snapshot #{}: {e}", position + 1))?;
-                snapshot_rows(&fields, &sections, &mut helper_emitter)
-                    .map_err(|e| format!("snapshot #{}: {e}", position + 1))?;
-            }
-            Ok(helper_emitter)
-        });
-        let mut read = Ok(());
-        loop {
-            match seq.next_element::<Box<RawValue>>() {
-                Ok(Some(raw)) => {
-                    // A closed channel means the helper failed: its error is the one to report.
-                    if tx.send(raw).is_err() {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    read = Err(e);
-                    break;
-                }
+
+    fn finish(&mut self, _emitter: &mut Emitter) -> Result<(), ScanError> {
+        for required in ["snapshots", "environments"] {
+            if !self.seen.contains(required) {
+                return Err(ScanError(format!("section \"{required}\" is missing")));
             }
         }
-        drop(tx);
-        let helped = helper
-            .join()
-            .map_err(|_| de::Error::custom("the snapshot reader stopped"))?;
-        read?;
-        let helper_emitter = helped.map_err(de::Error::custom)?;
-        self.emitter
-            .absorb(helper_emitter)
-            .map_err(de::Error::custom)
+        Ok(())
     }
+}
+
+/// The snapshots. Reading the document and turning snapshots into rows share the work between
+/// two threads: this one cuts the file into snapshots, a helper builds their rows.
+fn read_snapshots(cursor: Doc, names: &Names, emitter: &mut Emitter) -> Result<(), ScanError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(64);
+    let mut helper_emitter = emitter.fork();
+    let names = names.clone();
+    let helper = std::thread::spawn(move || -> Result<Emitter, String> {
+        for (position, raw) in rx.into_iter().enumerate() {
+            let OrderedObject(fields) = serde_json::from_slice(&raw)
+                .map_err(|e| format!("snapshot #{}: {e}", position + 1))?;
+            snapshot_rows(&fields, &names, &mut helper_emitter)
+                .map_err(|e| format!("snapshot #{}: {e}", position + 1))?;
+        }
+        Ok(helper_emitter)
+    });
+    let read = cursor.array(|cursor| {
+        let raw = cursor.raw()?;
+        // A closed channel means the helper failed: its error is the one to report.
+        tx.send(raw)
+            .map_err(|_| ScanError("the snapshot reader stopped".into()))
+    });
+    drop(tx);
+    let helped = helper
+        .join()
+        .map_err(|_| ScanError("the snapshot reader stopped".into()))?;
+    let helper_emitter = helped.map_err(ScanError)?;
+    read?;
+    emitter.absorb(helper_emitter).map_err(ScanError)
 }
 
 /// What a node says about itself that a `_snapshots` row needs.
@@ -273,7 +252,7 @@ struct KindFacts {
 /// `_auto_restatements` entry.
 fn snapshot_rows(
     fields: &[(String, Box<RawValue>)],
-    sections: &Sections,
+    names: &Names,
     emitter: &mut Emitter,
 ) -> Result<(), String> {
     let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.get());
@@ -354,7 +333,7 @@ fn snapshot_rows(
         "fingerprint",
         compact_utf8(field("fingerprint").unwrap_or("{}")),
     );
-    emitter.fields(&sections.snapshots, row.fields)?;
+    emitter.fields(&names.snapshots, row.fields)?;
 
     // Intervals as SQLMesh records them on import: one row per interval (empty ones skipped,
     // except pending restatements), pending restatements last and under no identifier. The rows
@@ -371,7 +350,7 @@ fn snapshot_rows(
         };
         for (start, end) in intervals.into_iter().filter(|(s, e)| is_pending || s < e) {
             let mut row = StagedRow::new(INTERVAL_COLUMNS);
-            row.set("created_ts", sections.created_ts.to_string());
+            row.set("created_ts", names.created_ts.to_string());
             row.set("name", name.clone());
             if !is_pending {
                 row.set("identifier", identifier.clone());
@@ -384,7 +363,7 @@ fn snapshot_rows(
             row.set("is_removed", "false".to_string());
             row.set("is_compacted", "false".to_string());
             row.set("is_pending_restatement", is_pending.to_string());
-            emitter.fields(&sections.intervals, row.fields)?;
+            emitter.fields(&names.intervals, row.fields)?;
         }
     }
     if let Some(next) = number_field(
@@ -396,7 +375,7 @@ fn snapshot_rows(
         row.set("snapshot_name", name.clone());
         row.set("snapshot_version", version);
         row.set("next_auto_restatement_ts", next.to_string());
-        emitter.fields(&sections.auto_restatements, row.fields)?;
+        emitter.fields(&names.auto_restatements, row.fields)?;
     }
     Ok(())
 }
@@ -475,88 +454,6 @@ pub(crate) fn ttl_ms(ttl: &str, updated_ts: i64) -> Option<i64> {
     Some(end.timestamp_millis() - updated_ts + millis.round() as i64)
 }
 
-struct EnvironmentMap<'a> {
-    emitter: &'a mut Emitter,
-    sections: &'a Sections,
-}
-
-impl<'de> DeserializeSeed<'de> for EnvironmentMap<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for EnvironmentMap<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an object of environments keyed by name")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<String>()? {
-            self.emitter.environments += 1;
-            let index = self.emitter.environments.to_string();
-            map.next_value_seed(EnvironmentEntry {
-                emitter: self.emitter,
-                sections: self.sections,
-                index: &index,
-                key: &key,
-            })?;
-        }
-        Ok(())
-    }
-}
-
-/// One environment of the file: `{"environment": {…}, "statements": […]}`.
-struct EnvironmentEntry<'a> {
-    emitter: &'a mut Emitter,
-    sections: &'a Sections,
-    /// Links the environment's streamed list elements to its row.
-    index: &'a str,
-    key: &'a str,
-}
-
-impl<'de> DeserializeSeed<'de> for EnvironmentEntry<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for EnvironmentEntry<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an environment: {environment, statements}")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let context = |e: String| de::Error::custom(format!("environment \"{}\": {e}", self.key));
-        let mut fields = None;
-        let mut statements: Option<Box<RawValue>> = None;
-        while let Some(part) = map.next_key::<String>()? {
-            match part.as_str() {
-                "environment" => {
-                    fields = Some(map.next_value_seed(EnvironmentFields {
-                        emitter: &mut *self.emitter,
-                        sections: self.sections,
-                        index: self.index,
-                    })?);
-                }
-                "statements" => statements = Some(map.next_value()?),
-                other => return Err(context(format!("unknown field \"{other}\""))),
-            }
-        }
-        let fields = fields.ok_or_else(|| context("it has no \"environment\"".into()))?;
-        environment_rows(
-            &fields,
-            statements.as_deref().map_or("[]", RawValue::get),
-            self.index,
-            self.sections,
-            self.emitter,
-        )
-        .map_err(context)
-    }
-}
-
 /// The lists of snapshots an environment holds. They grow with the project, so their elements
 /// are staged one by one and joined in PostgreSQL: memory stays flat.
 const LIST_COLUMNS: &[&str] = &[
@@ -566,12 +463,6 @@ const LIST_COLUMNS: &[&str] = &[
 ];
 
 /// An environment's fields: the lists streamed, the rest kept (they are small).
-struct EnvironmentFields<'a> {
-    emitter: &'a mut Emitter,
-    sections: &'a Sections,
-    index: &'a str,
-}
-
 struct Fields {
     /// Small fields as written.
     values: Vec<(String, Box<RawValue>)>,
@@ -579,82 +470,85 @@ struct Fields {
     lists: Vec<&'static str>,
 }
 
-impl<'de> DeserializeSeed<'de> for EnvironmentFields<'_> {
-    type Value = Fields;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Fields, D::Error> {
-        d.deserialize_map(self)
-    }
+/// One environment of the file: `{"environment": {…}, "statements": […]}`.
+fn read_environment(
+    cursor: Doc,
+    key: &str,
+    index: &str,
+    names: &Names,
+    emitter: &mut Emitter,
+) -> Result<(), ScanError> {
+    let mut fields = None;
+    let mut statements: Option<Vec<u8>> = None;
+    cursor.object(|cursor, part| match part.as_str() {
+        "environment" => {
+            fields = Some(read_environment_fields(cursor, index, names, emitter)?);
+            Ok(())
+        }
+        "statements" => {
+            statements = Some(cursor.raw()?);
+            Ok(())
+        }
+        other => Err(ScanError(format!("unknown field \"{other}\""))),
+    })?;
+    let fields = fields.ok_or_else(|| ScanError("it has no \"environment\"".into()))?;
+    let statements = match statements {
+        Some(raw) => json_text(raw, "statements")?,
+        None => "[]".to_owned(),
+    };
+    environment_rows(&fields, &statements, index, names, emitter)
+        .map_err(ScanError)
+        .map_err(|e| ScanError(format!("{e} (environment key {key})")))
 }
 
-impl<'de> Visitor<'de> for EnvironmentFields<'_> {
-    type Value = Fields;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an environment object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-        let mut fields = Fields {
-            values: Vec::new(),
-            lists: Vec::new(),
+/// An environment's fields: each list column's elements staged as `[environment index, element
+/// as json.dumps spells it]` (a `null` list stages nothing), the other fields kept.
+fn read_environment_fields(
+    cursor: Doc,
+    index: &str,
+    names: &Names,
+    emitter: &mut Emitter,
+) -> Result<Fields, ScanError> {
+    let mut fields = Fields {
+        values: Vec::new(),
+        lists: Vec::new(),
+    };
+    cursor.object(|cursor, key| {
+        let Some(column) = LIST_COLUMNS.iter().find(|c| **c == key) else {
+            let raw = json_text(cursor.raw()?, &key)?;
+            let value = RawValue::from_string(raw)
+                .map_err(|e| ScanError(format!("{key} is not valid JSON: {e}")))?;
+            fields.values.push((key, value));
+            return Ok(());
         };
-        while let Some(key) = map.next_key::<String>()? {
-            match LIST_COLUMNS.iter().find(|c| **c == key) {
-                Some(column) => {
-                    let listed = map.next_value_seed(ListElements {
-                        emitter: &mut *self.emitter,
-                        section: &self.sections.environment_lists[column],
-                        index: self.index,
-                    })?;
-                    if listed {
-                        fields.lists.push(column);
-                    }
-                }
-                None => fields.values.push((key, map.next_value()?)),
-            }
+        if cursor.peek_value()? == b'n' {
+            let raw = cursor.raw()?;
+            return if raw == b"null" {
+                Ok(())
+            } else {
+                Err(ScanError(format!("{key} is neither a list nor null")))
+            };
         }
-        Ok(fields)
-    }
-}
-
-/// A list column's elements, each staged as `[environment index, element as json.dumps spells
-/// it]`; `null` stages nothing. Returns whether it was a list.
-struct ListElements<'a> {
-    emitter: &'a mut Emitter,
-    section: &'a Arc<str>,
-    index: &'a str,
-}
-
-impl<'de> DeserializeSeed<'de> for ListElements<'_> {
-    type Value = bool;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for ListElements<'_> {
-    type Value = bool;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a list or null")
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_none<E: de::Error>(self) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
-        while let Some(element) = seq.next_element::<Box<RawValue>>()? {
-            self.emitter
+        let section = &names.environment_lists[column];
+        cursor.array(|cursor| {
+            let element = json_text(cursor.raw()?, column)?;
+            serde_json::from_str::<&RawValue>(&element)
+                .map_err(|e| ScanError(format!("an element of {column} is not valid JSON: {e}")))?;
+            emitter
                 .fields(
-                    self.section,
-                    vec![
-                        Some(self.index.to_owned()),
-                        Some(python_dumps(element.get())),
-                    ],
+                    section,
+                    vec![Some(index.to_owned()), Some(python_dumps(&element))],
                 )
-                .map_err(de::Error::custom)?;
-        }
-        Ok(true)
-    }
+                .map_err(ScanError)
+        })?;
+        fields.lists.push(column);
+        Ok(())
+    })?;
+    Ok(fields)
+}
+
+fn json_text(raw: Vec<u8>, what: &str) -> Result<String, ScanError> {
+    String::from_utf8(raw).map_err(|_| ScanError(format!("{what} is not UTF-8")))
 }
 
 /// The rows one environment of the file becomes: `_environments` (its lists joined from their
@@ -664,7 +558,7 @@ fn environment_rows(
     fields: &Fields,
     statements: &str,
     index: &str,
-    sections: &Sections,
+    names: &Names,
     emitter: &mut Emitter,
 ) -> Result<(), String> {
     let field = |name: &str| {
@@ -750,7 +644,7 @@ fn environment_rows(
     for column in &fields.lists {
         row.set(&format!("{column}_listed"), "true".to_owned());
     }
-    emitter.fields(&sections.environments, row.fields)?;
+    emitter.fields(&names.environments, row.fields)?;
 
     // Statements are stored only when there are some (an empty list leaves no row); the row is
     // staged either way, since a merge replaces (or removes) the environment's statements.
@@ -765,7 +659,7 @@ fn environment_rows(
         row.set("environment_statements", python_dumps(statements));
     }
     row.set("has_statements", has_statements.to_string());
-    emitter.fields(&sections.statements, row.fields)
+    emitter.fields(&names.statements, row.fields)
 }
 
 /// Imports a SQLMesh export into this SQLMesh store: `Replace` empties every table but

@@ -3,11 +3,8 @@
 //! or the file is merged into it, in one transaction with a backup of the replaced state.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::sync::Arc;
 
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_json::value::RawValue;
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::Event;
@@ -16,8 +13,8 @@ use crate::engine::Error;
 use crate::engine::catalog;
 use crate::engine::frameworks::{ExportFormat, StoreVersion};
 use crate::engine::import::{
-    Emitter, Header, ImportMode, ImportReport, Incoming, RowsSeed, drop_secondary_structures,
-    invalid, restore_secondary_structures,
+    Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
+    drop_secondary_structures, invalid, restore_secondary_structures,
 };
 use crate::engine::store::Store;
 
@@ -62,203 +59,97 @@ const TABLES: &[(&str, &str)] = &[
 ];
 
 /// Reads the sections after the header.
-pub(crate) fn read_sections<'de, A: MapAccess<'de>>(
-    map: &mut A,
-    emitter: &mut Emitter,
-) -> Result<(), A::Error> {
-    let mut seen = HashSet::new();
-    while let Some(key) = map.next_key::<String>()? {
-        if !seen.insert(key.clone()) {
-            return Err(de::Error::custom(format!(
-                "section \"{key}\" appears twice"
-            )));
+#[derive(Default)]
+pub(crate) struct Sections {
+    seen: HashSet<String>,
+}
+
+type Doc<'a, 'b> = &'a mut Cursor<&'b mut dyn std::io::Read>;
+
+impl SectionReader for Sections {
+    fn section(&mut self, cursor: Doc, key: &str, emitter: &mut Emitter) -> Result<(), ScanError> {
+        if !self.seen.insert(key.to_owned()) {
+            return Err(ScanError(format!("section \"{key}\" appears twice")));
         }
         if key == "environments" {
-            map.next_value_seed(Environments(emitter))?;
-        } else if TOP_SECTIONS.contains(&key.as_str()) {
-            map.next_value_seed(RowsSeed {
-                emitter,
-                section: section(&key),
-                key: "",
-            })?;
+            cursor.object(|cursor, name| {
+                let key = serde_json::to_string(&name).map_err(|e| ScanError(e.to_string()))?;
+                emitter.environments += 1;
+                read_environment(cursor, &key, emitter)
+            })
+        } else if TOP_SECTIONS.contains(&key) {
+            rows(cursor, &section(key), "", emitter)
         } else {
-            return Err(de::Error::custom(format!("unknown section \"{key}\"")));
+            Err(ScanError(format!("unknown section \"{key}\"")))
         }
     }
-    if let Some(missing) = REQUIRED_SECTIONS.iter().find(|s| !seen.contains(**s)) {
-        return Err(de::Error::custom(format!(
-            "section \"{missing}\" is missing"
-        )));
+
+    fn finish(&mut self, _emitter: &mut Emitter) -> Result<(), ScanError> {
+        match REQUIRED_SECTIONS.iter().find(|s| !self.seen.contains(**s)) {
+            Some(missing) => Err(ScanError(format!("section \"{missing}\" is missing"))),
+            None => Ok(()),
+        }
     }
-    Ok(())
 }
 
 fn section(name: &str) -> Arc<str> {
     Arc::from(name)
 }
 
-struct Environments<'a>(&'a mut Emitter);
-
-impl<'de> DeserializeSeed<'de> for Environments<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
+/// An array of rows, each staged under `section` and `key`.
+fn rows(
+    cursor: Doc,
+    section: &Arc<str>,
+    key: &str,
+    emitter: &mut Emitter,
+) -> Result<(), ScanError> {
+    cursor.array(|cursor| {
+        let raw = cursor.raw()?;
+        emitter.row(section, key, raw).map_err(ScanError)
+    })
 }
 
-impl<'de> Visitor<'de> for Environments<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an object of environments keyed by name")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(name) = map.next_key::<String>()? {
-            let key = serde_json::to_string(&name).map_err(de::Error::custom)?;
-            self.0.environments += 1;
-            map.next_value_seed(Environment {
-                emitter: self.0,
-                key: &key,
-            })?;
+/// An environment: `{environment, refs, function_refs, checkpoints}`.
+fn read_environment(cursor: Doc, key: &str, emitter: &mut Emitter) -> Result<(), ScanError> {
+    let mut has_row = false;
+    cursor.object(|cursor, field| match field.as_str() {
+        "environment" => {
+            has_row = true;
+            let raw = cursor.raw()?;
+            emitter
+                .row(&section("environment"), key, raw)
+                .map_err(ScanError)
         }
+        "refs" | "function_refs" => rows(cursor, &section(&field), key, emitter),
+        "checkpoints" => cursor.array(|cursor| read_checkpoint(cursor, key, emitter)),
+        other => Err(ScanError(format!(
+            "unknown field \"{other}\" in environment {key}"
+        ))),
+    })?;
+    if has_row {
         Ok(())
+    } else {
+        Err(ScanError(format!(
+            "environment {key} has no \"environment\" row"
+        )))
     }
 }
 
-struct Environment<'a> {
-    emitter: &'a mut Emitter,
-    key: &'a str,
-}
-
-impl<'de> DeserializeSeed<'de> for Environment<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Environment<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an environment: {environment, refs, function_refs, checkpoints}")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut has_row = false;
-        while let Some(field) = map.next_key::<String>()? {
-            match field.as_str() {
-                "environment" => {
-                    let raw: Box<RawValue> = map.next_value()?;
-                    self.emitter
-                        .row(&section("environment"), self.key, &raw)
-                        .map_err(de::Error::custom)?;
-                    has_row = true;
-                }
-                "refs" => map.next_value_seed(RowsSeed {
-                    emitter: self.emitter,
-                    section: section("refs"),
-                    key: self.key,
-                })?,
-                "function_refs" => map.next_value_seed(RowsSeed {
-                    emitter: self.emitter,
-                    section: section("function_refs"),
-                    key: self.key,
-                })?,
-                "checkpoints" => map.next_value_seed(Checkpoints {
-                    emitter: self.emitter,
-                    key: self.key,
-                })?,
-                other => {
-                    return Err(de::Error::custom(format!(
-                        "unknown field \"{other}\" in environment {}",
-                        self.key
-                    )));
-                }
-            }
+/// A checkpoint: `{checkpoint, refs, function_refs}`.
+fn read_checkpoint(cursor: Doc, key: &str, emitter: &mut Emitter) -> Result<(), ScanError> {
+    cursor.object(|cursor, field| match field.as_str() {
+        "checkpoint" => {
+            let raw = cursor.raw()?;
+            emitter
+                .row(&section("checkpoint"), key, raw)
+                .map_err(ScanError)
         }
-        if !has_row {
-            return Err(de::Error::custom(format!(
-                "environment {} has no \"environment\" row",
-                self.key
-            )));
-        }
-        Ok(())
-    }
-}
-
-struct Checkpoints<'a> {
-    emitter: &'a mut Emitter,
-    key: &'a str,
-}
-
-impl<'de> DeserializeSeed<'de> for Checkpoints<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Checkpoints<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an array of checkpoints")
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq
-            .next_element_seed(Checkpoint {
-                emitter: &mut *self.emitter,
-                key: self.key,
-            })?
-            .is_some()
-        {}
-        Ok(())
-    }
-}
-
-struct Checkpoint<'a> {
-    emitter: &'a mut Emitter,
-    key: &'a str,
-}
-
-impl<'de> DeserializeSeed<'de> for Checkpoint<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Checkpoint<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a checkpoint: {checkpoint, refs, function_refs}")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(field) = map.next_key::<String>()? {
-            match field.as_str() {
-                "checkpoint" => {
-                    let raw: Box<RawValue> = map.next_value()?;
-                    self.emitter
-                        .row(&section("checkpoint"), self.key, &raw)
-                        .map_err(de::Error::custom)?;
-                }
-                "refs" => map.next_value_seed(RowsSeed {
-                    emitter: self.emitter,
-                    section: section("checkpoint_refs"),
-                    key: self.key,
-                })?,
-                "function_refs" => map.next_value_seed(RowsSeed {
-                    emitter: self.emitter,
-                    section: section("checkpoint_function_refs"),
-                    key: self.key,
-                })?,
-                other => {
-                    return Err(de::Error::custom(format!(
-                        "unknown field \"{other}\" in a checkpoint of {}",
-                        self.key
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
+        "refs" => rows(cursor, &section("checkpoint_refs"), key, emitter),
+        "function_refs" => rows(cursor, &section("checkpoint_function_refs"), key, emitter),
+        other => Err(ScanError(format!(
+            "unknown field \"{other}\" in a checkpoint of {key}"
+        ))),
+    })
 }
 
 /// Imports a v1 file into statekeeper's schema.
