@@ -507,6 +507,8 @@ impl Incoming<'_> {
                 quote_literal(section)
             ));
         }
+        // Sorting and grouping the staged rows stays in memory.
+        ddl.push("SET LOCAL work_mem = '64MB'".to_owned());
         sqlx::raw_sql(AssertSqlSafe(ddl.join(";\n")))
             .execute(&mut *conn)
             .await?;
