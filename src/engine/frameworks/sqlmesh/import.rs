@@ -462,6 +462,9 @@ const LIST_COLUMNS: &[&str] = &[
     "previous_finalized_snapshots",
 ];
 
+/// List elements are staged in pieces of about this many bytes.
+const LIST_PIECE_BYTES: usize = 64 * 1024;
+
 /// An environment's fields: the lists streamed, the rest kept (they are small).
 struct Fields {
     /// Small fields as written.
@@ -501,8 +504,9 @@ fn read_environment(
         .map_err(|e| ScanError(format!("{e} (environment key {key})")))
 }
 
-/// An environment's fields: each list column's elements staged as `[environment index, element
-/// as json.dumps spells it]` (a `null` list stages nothing), the other fields kept.
+/// An environment's fields: each list column's elements staged as `[environment index, elements
+/// as json.dumps spells and joins them]` in bounded pieces (a `null` list stages nothing), the
+/// other fields kept.
 fn read_environment_fields(
     cursor: Doc,
     index: &str,
@@ -529,18 +533,34 @@ fn read_environment_fields(
                 Err(ScanError(format!("{key} is neither a list nor null")))
             };
         }
+        // Elements go in pieces of a bounded size, already joined as `json.dumps` joins a list.
         let section = &names.environment_lists[column];
+        let mut piece = String::new();
+        let flush = |piece: &mut String, emitter: &mut Emitter| {
+            if piece.is_empty() {
+                return Ok(());
+            }
+            emitter
+                .fields(
+                    section,
+                    vec![Some(index.to_owned()), Some(std::mem::take(piece))],
+                )
+                .map_err(ScanError)
+        };
         cursor.array(|cursor| {
             let element = json_text(cursor.raw()?, column)?;
             serde_json::from_str::<&RawValue>(&element)
                 .map_err(|e| ScanError(format!("an element of {column} is not valid JSON: {e}")))?;
-            emitter
-                .fields(
-                    section,
-                    vec![Some(index.to_owned()), Some(python_dumps(&element))],
-                )
-                .map_err(ScanError)
+            if !piece.is_empty() {
+                piece.push_str(", ");
+            }
+            piece.push_str(&python_dumps(&element));
+            if piece.len() >= LIST_PIECE_BYTES {
+                flush(&mut piece, emitter)?;
+            }
+            Ok(())
         })?;
+        flush(&mut piece, emitter)?;
         fields.lists.push(column);
         Ok(())
     })?;
@@ -794,6 +814,9 @@ pub(crate) async fn import(
         (ENVIRONMENTS, ENVIRONMENT_COLUMNS),
         (STATEMENTS, STATEMENT_COLUMNS),
     ] {
+        if !staged.counts.contains_key(table) {
+            continue;
+        }
         if !present.iter().any(|t| t == table) {
             let staged_rows: i64 =
                 sqlx::query_scalar("SELECT count(*) FROM statekeeper_import WHERE section = $1")
