@@ -147,22 +147,20 @@ pub(crate) async fn copy_table(
 ) -> Result<i64, Error> {
     let from = format!("{}.{}", quote_ident(from_schema), quote_ident(table));
     let to = format!("{}.{}", quote_ident(to_schema), quote_ident(table));
-    sqlx::query(AssertSqlSafe(format!(
-        "CREATE TABLE {to} (LIKE {from} INCLUDING ALL EXCLUDING INDEXES EXCLUDING DEFAULTS)"
-    )))
-    .execute(&mut *conn)
-    .await?;
     let columns = catalog::column_list(conn, from_schema, table).await?;
-    let copied = sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {to} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM {from}"
-    )))
-    .execute(&mut *conn)
-    .await?;
-    for statement in catalog::index_definitions(conn, from_schema, to_schema, table).await? {
-        sqlx::query(AssertSqlSafe(statement))
-            .execute(&mut *conn)
-            .await?;
-    }
+    let mut statements = vec![
+        format!(
+            "CREATE TABLE {to} (LIKE {from} INCLUDING ALL EXCLUDING INDEXES EXCLUDING DEFAULTS)"
+        ),
+        format!(
+            "INSERT INTO {to} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM {from}"
+        ),
+    ];
+    statements.extend(catalog::index_definitions(conn, from_schema, to_schema, table).await?);
+    // One round trip; only the INSERT counts rows.
+    let copied = sqlx::raw_sql(AssertSqlSafe(statements.join(";\n")))
+        .execute(&mut *conn)
+        .await?;
     Ok(copied.rows_affected() as i64)
 }
 
