@@ -33,7 +33,8 @@ struct Round {
     snapshots: i64,
     intervals: i64,
     environments: i64,
-    plan_seconds: f64,
+    /// None when an earlier run planned the project (`--reuse-planned`).
+    plan_seconds: Option<f64>,
     file_mib: f64,
     /// SQLMesh in its project, SQLMesh with the project's models left out, statekeeper.
     export: [Measured; 3],
@@ -88,8 +89,16 @@ pub async fn run(settings: &Settings, sizes: &[u32]) -> BenchResult<()> {
 
 fn print_round(r: &Round) {
     println!(
-        "{} models ({} snapshots, {} intervals, {} environments; planned in {:.0} s, 0 if by an earlier run; file {:.1} MiB)",
-        r.models, r.snapshots, r.intervals, r.environments, r.plan_seconds, r.file_mib
+        "{} models ({} snapshots, {} intervals, {} environments; {}; file {:.1} MiB)",
+        r.models,
+        r.snapshots,
+        r.intervals,
+        r.environments,
+        match r.plan_seconds {
+            Some(seconds) => format!("planned in {seconds:.0} s"),
+            None => "planned by an earlier run".into(),
+        },
+        r.file_mib
     );
     for (what, [theirs, state_only, ours]) in [("export", r.export), ("import", r.import)] {
         println!(
@@ -120,7 +129,7 @@ async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
     } else {
         plan(settings, models, &source, &dir).await?
     };
-    let plan_seconds = started.elapsed().as_secs_f64();
+    let plan_seconds = (!settings.reuse_planned).then(|| started.elapsed().as_secs_f64());
 
     // SQLMesh loads every model of the project before it touches state; users run it in their
     // project, so that is the main figure. The same commands in a folder with only the config
