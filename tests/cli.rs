@@ -479,3 +479,174 @@ async fn a_closed_stdout_ends_quietly() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
+
+#[tokio::test]
+async fn plan_prints_the_hash_and_changes_nothing() {
+    let db = TestDb::new().await;
+    let url = &db.url;
+    let store = db.store("sqlmesh").await;
+    store.init(Some(1)).await.unwrap();
+    support::populate_v1(&mut db.conn().await, "sqlmesh").await;
+    let before = support::snapshot(&mut db.conn().await, "sqlmesh").await;
+
+    let out = statekeeper(url, &["state", "--schema", "sqlmesh", "plan", "upgrade"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(
+            "plan: upgrade of the statekeeper store in schema \"sqlmesh\" (version 1 → 3)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("1. back up the store's"), "{text}");
+    assert!(text.contains("apply migration 2"), "{text}");
+    let plan = json(&statekeeper(
+        url,
+        &[
+            "state", "--schema", "sqlmesh", "-o", "json", "plan", "upgrade",
+        ],
+    ));
+    let hash = plan["hash"].as_str().unwrap();
+    assert_eq!(hash.len(), 16);
+    assert!(text.contains(&format!("hash: {hash}")), "{text}");
+    assert_eq!(plan["toVersion"], 3);
+    // The same request plans the same hash; without the backup it is another plan.
+    let again = json(&statekeeper(
+        url,
+        &[
+            "state", "--schema", "sqlmesh", "-o", "json", "plan", "upgrade",
+        ],
+    ));
+    assert_eq!(again["hash"], plan["hash"]);
+    let unbacked = json(&statekeeper(
+        url,
+        &[
+            "state",
+            "--schema",
+            "sqlmesh",
+            "-o",
+            "json",
+            "plan",
+            "--no-backup",
+            "upgrade",
+        ],
+    ));
+    assert_ne!(unbacked["hash"], plan["hash"]);
+    assert_eq!(
+        support::snapshot(&mut db.conn().await, "sqlmesh").await,
+        before
+    );
+
+    // A changed store is another plan.
+    sqlx::query("DELETE FROM sqlmesh.model_versions WHERE name = 'db.model_1'")
+        .execute(&mut db.conn().await)
+        .await
+        .unwrap();
+    let changed = json(&statekeeper(
+        url,
+        &[
+            "state", "--schema", "sqlmesh", "-o", "json", "plan", "upgrade",
+        ],
+    ));
+    assert_ne!(changed["hash"], plan["hash"]);
+
+    // Refusals are one clean line.
+    let err = assert_clean_failure(&statekeeper(
+        url,
+        &["state", "--schema", "sqlmesh", "plan", "reset"],
+    ));
+    assert!(
+        err.contains("allowReset") || err.contains("--allow-reset"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn run_with_backup_restores_the_store_when_the_command_fails() {
+    let db = TestDb::new().await;
+    let url = &db.url;
+    let store = db.store("sqlmesh").await;
+    store.init(None).await.unwrap();
+    support::populate_v3(&mut db.conn().await, "sqlmesh").await;
+    let before = support::snapshot(&mut db.conn().await, "sqlmesh").await;
+    let bin = env!("CARGO_BIN_EXE_statekeeper");
+
+    // The command reaches the store through the variables `run` sets, wipes it, and fails.
+    let script = format!(
+        "test -n \"$PGHOST\" && test -n \"$PGPASSWORD\" && test \"$STATEKEEPER_SCHEMA\" = sqlmesh && \
+         {bin} state reset --allow-reset --auto-approve >&2 && exit 3"
+    );
+    let out = statekeeper(
+        url,
+        &[
+            "state", "--schema", "sqlmesh", "run", "--backup", "--", "sh", "-c", &script,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("failed with exit status 3"), "{text}");
+    assert!(text.contains("restored backup"), "{text}");
+    assert!(!text.contains(&db.password()) && !stderr(&out).contains(&db.password()));
+    let mut after = support::snapshot(&mut db.conn().await, "sqlmesh").await;
+    let mut expected = before.clone();
+    // Only the record of the rollback that undid the reset is new (the reset dropped the tables,
+    // history included, so the restored history is the one from before the command).
+    let events = after.remove("state_migration_events").unwrap();
+    let earlier = expected.remove("state_migration_events").unwrap();
+    assert_eq!(after, expected, "every row as before the command");
+    assert_eq!(events.len(), earlier.len() + 1);
+    assert!(
+        earlier.iter().all(|e| events.contains(e)),
+        "earlier history kept"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("\"operation\": \"rollback\""))
+    );
+
+    // JSON, and a command that succeeds: its changes stay, the backup is kept.
+    let report = json(&statekeeper(
+        url,
+        &[
+            "state",
+            "--schema",
+            "sqlmesh",
+            "-o",
+            "json",
+            "run",
+            "--backup",
+            "--",
+            "sh",
+            "-c",
+            &format!("{bin} state reset --allow-reset --auto-approve >&2"),
+        ],
+    ));
+    assert_eq!(report["outcome"]["kind"], "succeeded");
+    assert!(report["restored"].is_null());
+    let backup_id = report["backup"]["id"].as_str().unwrap();
+    assert!(
+        support::snapshot(&mut db.conn().await, "sqlmesh")
+            .await
+            .is_empty()
+    );
+    assert!(
+        schemas(&mut db.conn().await)
+            .await
+            .contains(&format!("sqlmesh__backup_{backup_id}"))
+    );
+
+    // A command that does not exist changes nothing and says so.
+    let err = assert_clean_failure(&statekeeper(
+        url,
+        &[
+            "state",
+            "--schema",
+            "sqlmesh",
+            "run",
+            "--",
+            "no-such-command-here",
+        ],
+    ));
+    assert!(err.contains("cannot run `no-such-command-here`"), "{err}");
+}

@@ -2,6 +2,9 @@
 //! examples/statestore.yaml pointed at a throwaway local PostgreSQL, and waits for Ready; then
 //! examples/sqlmesh/statestore.yaml pointed at state the real SQLMesh wrote, waits for Ready with
 //! SQLMesh's versions in status, and checks that the API server keeps `spec.framework` immutable.
+//! Then StateMigrations: the example upgrade of the statekeeper store (Succeeded), the API server
+//! refusing an edited spec but taking an approval, and the SQLMesh runner upgrade: approved by
+//! its plan hash, its Job created, the Job marked failed (no kubelet runs it), the store restored.
 //! Runs only when STATEKEEPER_E2E_KUBECONFIG names a kubeconfig; otherwise it says it skipped.
 
 mod support;
@@ -50,15 +53,16 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
     let (host, port, user, password, database) = support::url_parts(&db.url);
 
     kubectl(&kubeconfig, &["apply", "-k", &format!("{root}/crds")]);
-    kubectl(
-        &kubeconfig,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd/statestores.statekeeper.dev",
-            "--timeout=60s",
-        ],
-    );
+    for crd in [
+        "crd/statestores.statekeeper.dev",
+        "crd/stateexports.statekeeper.dev",
+        "crd/statemigrations.statekeeper.dev",
+    ] {
+        kubectl(
+            &kubeconfig,
+            &["wait", "--for=condition=Established", crd, "--timeout=60s"],
+        );
+    }
     let _operator = Operator(
         Command::new(env!("CARGO_BIN_EXE_statekeeper"))
             .args(["operator", "--namespace", "data"])
@@ -126,6 +130,56 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
     );
     assert_eq!(version.trim(), "3");
 
+    // A StateMigration: the example upgrade, already at the latest version, succeeds at once.
+    let upgrade = format!("{root}/examples/statemigration-upgrade.yaml");
+    kubectl(&kubeconfig, &["apply", "-f", &upgrade]);
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "wait",
+            "statemigration/analytics-upgrade",
+            "--for=condition=Succeeded",
+            "--timeout=120s",
+        ],
+    );
+    // Its spec is immutable, but for the approval.
+    let refused = kubectl_output(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "patch",
+            "statemigration",
+            "analytics-upgrade",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"backup":false}}"#,
+        ],
+    );
+    assert!(!refused.status.success(), "the spec changed");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("immutable except spec.approval"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "patch",
+            "statemigration",
+            "analytics-upgrade",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"approval":{"planHash":"0123456789abcdef"}}}"#,
+        ],
+    );
+
     // A SQLMesh store, on state the real SQLMesh planned.
     let (sqlmesh_db, _project) = support::sqlmesh::planned().await;
     let example = format!("{root}/examples/sqlmesh/statestore.yaml");
@@ -187,7 +241,106 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+    // The SQLMesh runner upgrade: waits for the approval of its plan, then backs up and creates
+    // its Job. No kubelet runs the Job here: mark it failed as the Job controller would, and the
+    // operator restores the backup.
+    let migration = format!("{root}/examples/sqlmesh/statemigration-upgrade.yaml");
+    kubectl(&kubeconfig, &["apply", "-f", &migration]);
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "wait",
+            "statemigration/sqlmesh-migrate-0-237",
+            "--for=jsonpath={.status.phase}=AwaitingApproval",
+            "--timeout=120s",
+        ],
+    );
+    let hash = kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "get",
+            "statemigration/sqlmesh-migrate-0-237",
+            "-o",
+            "jsonpath={.status.planHash}",
+        ],
+    );
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "patch",
+            "statemigration",
+            "sqlmesh-migrate-0-237",
+            "--type",
+            "merge",
+            "-p",
+            &format!(
+                r#"{{"spec":{{"approval":{{"planHash":"{}"}}}}}}"#,
+                hash.trim()
+            ),
+        ],
+    );
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "wait",
+            "statemigration/sqlmesh-migrate-0-237",
+            "--for=jsonpath={.status.jobName}=sqlmesh-migrate-0-237-upgrade",
+            "--timeout=120s",
+        ],
+    );
+    let job = kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "get",
+            "job/sqlmesh-migrate-0-237-upgrade",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(!job.contains(&password), "no secret value in the Job");
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "patch",
+            "job",
+            "sqlmesh-migrate-0-237-upgrade",
+            "--subresource=status",
+            "--type",
+            "merge",
+            "-p",
+            &format!(
+                r#"{{"status":{{"startTime":"{now}","failed":1,"conditions":[{{"type":"FailureTarget","status":"True","reason":"DeadlineExceeded","message":"Job was active longer than specified deadline","lastProbeTime":"{now}","lastTransitionTime":"{now}"}},{{"type":"Failed","status":"True","reason":"DeadlineExceeded","message":"Job was active longer than specified deadline","lastProbeTime":"{now}","lastTransitionTime":"{now}"}}]}}}}"#
+            ),
+        ],
+    );
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "wait",
+            "statemigration/sqlmesh-migrate-0-237",
+            "--for=jsonpath={.status.restored}=true",
+            "--timeout=120s",
+        ],
+    );
+
     // Both examples share the namespace: delete them together at the end.
+    kubectl(&kubeconfig, &["delete", "-f", &migration, "--wait=false"]);
+    kubectl(&kubeconfig, &["delete", "-f", &upgrade, "--wait=false"]);
     kubectl(&kubeconfig, &["delete", "-f", &example, "--wait=false"]);
     kubectl(
         &kubeconfig,

@@ -1,5 +1,7 @@
 //! crds/, deploy/ and examples/ stay true to the code.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
@@ -87,6 +89,7 @@ fn example_files() -> Vec<std::path::PathBuf> {
 #[test]
 fn every_example_state_store_parses_into_the_real_type() {
     let mut found = 0;
+    let mut migrations = 0;
     for path in example_files() {
         for doc in yaml_documents(&std::fs::read_to_string(&path).unwrap()) {
             if doc["kind"] == "StateExport" {
@@ -117,6 +120,14 @@ fn every_example_state_store_parses_into_the_real_type() {
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 found += 1;
             }
+            if doc["kind"] == "StateMigration" {
+                let migration: statekeeper::api::StateMigration =
+                    serde_json::from_value(doc.clone())
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                statekeeper::controller::state_migration::Requested::from_spec(&migration.spec)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                migrations += 1;
+            }
             if doc["kind"] == "StateStore" {
                 let store: StateStore = serde_json::from_value(doc.clone())
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -134,6 +145,10 @@ fn every_example_state_store_parses_into_the_real_type() {
     assert!(
         found >= 6,
         "examples/ holds StateStores and StateExports, SQLMesh's included ({found})"
+    );
+    assert!(
+        migrations >= 7,
+        "examples/ holds a StateMigration for every operation ({migrations})"
     );
 }
 
@@ -174,6 +189,14 @@ fn rbac_grants_only_what_the_operator_calls() {
         "statekeeper.dev/stateexports create",
         "statekeeper.dev/stateexports delete",
         "statekeeper.dev/stateexports/status patch",
+        "statekeeper.dev/statemigrations get",
+        "statekeeper.dev/statemigrations list",
+        "statekeeper.dev/statemigrations watch",
+        "statekeeper.dev/statemigrations/status patch",
+        "batch/jobs get",
+        "batch/jobs list",
+        "batch/jobs watch",
+        "batch/jobs create",
     ]
     .into_iter()
     .map(String::from)
@@ -222,4 +245,183 @@ fn deploy_renders_with_kustomize_and_runs_non_root() {
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(deployment["metadata"]["namespace"], "statekeeper-system");
+}
+
+/// The StateMigration CRD's CEL rules, evaluated (cel-python, pinned) on the edits a user makes:
+/// exactly one operation, and a spec that cannot change after creation except its approval.
+#[test]
+fn state_migration_cel_rules_refuse_edits_and_operation_counts() {
+    let crds = yaml_documents(&statekeeper::api::crds_yaml().unwrap());
+    let crd = crds
+        .iter()
+        .find(|c| c["spec"]["names"]["kind"] == "StateMigration")
+        .expect("the StateMigration CRD");
+    let version = &crd["spec"]["versions"][0];
+    assert!(version["subresources"]["status"].is_object());
+    assert_eq!(crd["spec"]["names"]["shortNames"][0], "skm");
+    assert_eq!(crd["spec"]["names"]["categories"][0], "statekeeper");
+    let rules: Vec<(String, String)> =
+        version["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["rule"].as_str().unwrap().to_owned(),
+                    r["message"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+    let rule = |message_part: &str| {
+        rules
+            .iter()
+            .find(|(_, m)| m.contains(message_part))
+            .unwrap_or_else(|| panic!("no rule saying {message_part:?} in {rules:?}"))
+            .0
+            .clone()
+    };
+    let one = rule("exactly one operation");
+    let immutable = rule("immutable except spec.approval");
+    let object = |spec: Value| serde_json::json!({"metadata": {"name": "m"}, "spec": spec});
+    let base = serde_json::json!({"storeRef": {"name": "analytics"}, "rollback": {"backupId": "20261122023000123"}, "backup": true, "dryRun": false, "requireApproval": true});
+    let with = |patch: Value| {
+        let mut spec = base.clone();
+        support::operator::support_merge(&mut spec, &patch);
+        object(spec)
+    };
+    let cases: Vec<(String, Value, Option<Value>, bool, &str)> = vec![
+        (
+            one.clone(),
+            object(serde_json::json!({"storeRef": {"name": "a"}, "reset": {}})),
+            None,
+            true,
+            "one operation",
+        ),
+        (
+            one.clone(),
+            object(serde_json::json!({"storeRef": {"name": "a"}})),
+            None,
+            false,
+            "no operation",
+        ),
+        (
+            one.clone(),
+            object(serde_json::json!({"storeRef": {"name": "a"}, "reset": {}, "upgrade": {}})),
+            None,
+            false,
+            "two operations",
+        ),
+        (
+            immutable.clone(),
+            with(serde_json::json!({"approval": {"planHash": "9c1e0f3a6b2d4e58"}})),
+            Some(object(base.clone())),
+            true,
+            "approving",
+        ),
+        (
+            immutable.clone(),
+            with(serde_json::json!({"approval": {"planHash": "0000000000000000"}})),
+            Some(with(
+                serde_json::json!({"approval": {"planHash": "9c1e0f3a6b2d4e58"}}),
+            )),
+            true,
+            "re-approving",
+        ),
+        (
+            immutable.clone(),
+            with(serde_json::json!({"rollback": {"backupId": "20261122023000999"}})),
+            Some(object(base.clone())),
+            false,
+            "another backup",
+        ),
+        (
+            immutable.clone(),
+            with(serde_json::json!({"storeRef": {"name": "other"}})),
+            Some(object(base.clone())),
+            false,
+            "another store",
+        ),
+        (
+            immutable.clone(),
+            with(serde_json::json!({"backup": false})),
+            Some(object(base.clone())),
+            false,
+            "no backup",
+        ),
+        (
+            immutable.clone(),
+            with(serde_json::json!({"requireApproval": false})),
+            Some(object(base.clone())),
+            false,
+            "dropping the approval requirement",
+        ),
+        (
+            immutable.clone(),
+            with(serde_json::json!({"dryRun": true})),
+            Some(object(base.clone())),
+            false,
+            "dry run",
+        ),
+        (
+            immutable.clone(),
+            with(serde_json::json!({"reset": {}})),
+            Some(object(base.clone())),
+            false,
+            "adding an operation",
+        ),
+        (
+            rule("copyFrom names the store itself"),
+            object(
+                serde_json::json!({"storeRef": {"name": "a"}, "copyFrom": {"storeRef": {"name": "a"}}}),
+            ),
+            None,
+            false,
+            "copy from itself",
+        ),
+        (
+            rule("always keeps the removed state"),
+            object(serde_json::json!({"storeRef": {"name": "a"}, "reset": {}, "backup": false})),
+            None,
+            false,
+            "reset without backup",
+        ),
+    ];
+    let python = Command::new("bash")
+        .args([
+            &format!("{ROOT}/scripts/python-env.sh"),
+            "cel-python==0.5.0",
+        ])
+        .output()
+        .expect("run scripts/python-env.sh");
+    assert!(
+        python.status.success(),
+        "cannot install cel-python: {}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    let python = String::from_utf8_lossy(&python.stdout).trim().to_owned();
+    let input: Vec<Value> = cases
+        .iter()
+        .map(
+            |(rule, new, old, _, _)| serde_json::json!({"rule": rule, "self": new, "oldSelf": old}),
+        )
+        .collect();
+    let mut child = Command::new(python)
+        .arg(format!("{ROOT}/tests/fixtures/cel_eval.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(&input).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let results: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    for ((_, _, _, expected, what), got) in cases.iter().zip(results) {
+        assert_eq!(got, Value::Bool(*expected), "{what}");
+    }
 }

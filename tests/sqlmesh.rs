@@ -742,3 +742,398 @@ async fn reset_empties_sqlmeshs_tables_but_versions_and_rollback_brings_them_bac
         .unwrap();
     assert_eq!(snapshot(&mut conn, "sqlmesh").await, before);
 }
+
+/// The StateMigration of a runner upgrade, on SQLMesh's store `analytics`.
+fn runner_migration(name: &str) -> Value {
+    support::operator::state_migration(
+        name,
+        "2026-11-27T10:00:00Z",
+        json!({"upgrade": {"runner": {
+            "image": "ghcr.io/acme/analytics-sqlmesh:0.237.0",
+            "workingDir": "/project",
+            "env": [{"name": "SQLMESH_GATEWAY", "value": "test"}],
+            "serviceAccountName": "sqlmesh",
+            "resources": {"limits": {"memory": "1Gi"}},
+            "nodeSelector": {"pool": "batch"},
+            "tolerations": [{"key": "batch", "operator": "Exists"}],
+            "activeDeadlineSeconds": 600,
+            "runAsUser": 1000
+        }}}),
+    )
+}
+
+fn sqlmesh_harness(db: &TestDb, extra: Value) -> Harness {
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    let mut spec = json!({"framework": "sqlmesh", "schema": null});
+    support::operator::support_merge(&mut spec, &extra);
+    h.kube.put(
+        &support::operator::store_path("analytics"),
+        store_for(db, "analytics", spec),
+    );
+    h
+}
+
+fn job_posts(h: &Harness) -> usize {
+    h.kube
+        .requests()
+        .iter()
+        .filter(|(method, path)| method == "POST" && path.ends_with("/jobs"))
+        .count()
+}
+
+async fn schema_version(db: &TestDb) -> i32 {
+    let mut conn = db.conn().await;
+    sqlx::query("SELECT schema_version FROM sqlmesh._versions")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_runner_upgrade_builds_its_job_from_the_spec_and_a_failed_job_is_restored() {
+    use support::operator::{job_path, migration_condition, migration_path};
+    let (db, _project) = planned().await;
+    let h = sqlmesh_harness(&db, json!({}));
+    h.kube
+        .put(&migration_path("migrate"), runner_migration("migrate"));
+    let before = sqlmesh_state(&db.url).await;
+
+    let (action, m) = h.reconcile_migration("migrate").await;
+    assert_ne!(action, kube::runtime::controller::Action::await_change());
+    let status = m.status.clone().unwrap();
+    assert_eq!(
+        status.phase.as_deref(),
+        Some("Running"),
+        "{:?}",
+        status.message
+    );
+    assert_eq!(status.job_name.as_deref(), Some("migrate-upgrade"));
+    let plan = status.plan.clone().unwrap();
+    assert_eq!(
+        plan.job.as_deref(),
+        Some("a Job running `sqlmesh migrate` in image ghcr.io/acme/analytics-sqlmesh:0.237.0")
+    );
+    let backup_id = status.backup_id.clone().expect("backed up before the Job");
+    let backups = sqlmesh_store(&db).await.backups().await.unwrap();
+    let backup = backups.iter().find(|b| b.id == backup_id).unwrap();
+    assert_eq!(backup.reason, "pre-migration");
+    assert_eq!(backup.operation.as_deref(), Some("uid-migrate"));
+
+    // The Job, field by field.
+    let job = h
+        .kube
+        .get(&job_path("migrate-upgrade"))
+        .expect("the Job exists");
+    let owner = &job["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (
+            &owner["kind"],
+            &owner["name"],
+            &owner["uid"],
+            &owner["controller"]
+        ),
+        (
+            &json!("StateMigration"),
+            &json!("migrate"),
+            &json!("uid-migrate"),
+            &json!(true)
+        )
+    );
+    let labels = &job["metadata"]["labels"];
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "statekeeper");
+    assert_eq!(labels["statekeeper.dev/store"], "analytics");
+    assert_eq!(labels["statekeeper.dev/purpose"], "upgrade");
+    assert_eq!(job["spec"]["backoffLimit"], 0);
+    assert_eq!(job["spec"]["activeDeadlineSeconds"], 600);
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(pod["restartPolicy"], "Never");
+    assert_eq!(pod["serviceAccountName"], "sqlmesh");
+    assert_eq!(pod["nodeSelector"]["pool"], "batch");
+    assert_eq!(pod["tolerations"][0]["key"], "batch");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["runAsUser"], 1000);
+    let container = &pod["containers"][0];
+    assert_eq!(container["image"], "ghcr.io/acme/analytics-sqlmesh:0.237.0");
+    assert_eq!(container["command"], json!(["sqlmesh", "migrate"]));
+    assert_eq!(container["workingDir"], "/project");
+    assert_eq!(container["resources"]["limits"]["memory"], "1Gi");
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    let env: Vec<&Value> = container["env"].as_array().unwrap().iter().collect();
+    let var = |name: &str| {
+        *env.iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {env:?}"))
+    };
+    assert_eq!(var("SQLMESH_GATEWAY")["value"], "test");
+    assert_eq!(var("STATEKEEPER_SCHEMA")["value"], "sqlmesh");
+    let (host, port, user, password, database) = support::url_parts(&db.url);
+    assert_eq!(var("PGHOST")["value"], host.as_str());
+    assert_eq!(var("PGPORT")["value"], port.to_string());
+    assert_eq!(var("PGUSER")["value"], user.as_str());
+    assert_eq!(var("PGDATABASE")["value"], database.as_str());
+    assert!(var("PGPASSWORD").get("value").is_none());
+    assert_eq!(
+        var("PGPASSWORD")["valueFrom"]["secretKeyRef"],
+        json!({"name": "pg-credentials", "key": "password", "optional": false})
+    );
+    assert!(
+        !job.to_string().contains(&password),
+        "no secret value in the Job"
+    );
+
+    // While it runs: the same Job, never a second.
+    let (_, m) = h.reconcile_migration("migrate").await;
+    assert_eq!(m.status.unwrap().phase.as_deref(), Some("Running"));
+    assert_eq!(job_posts(&h), 1);
+
+    // The Job changed state halfway, then passed its deadline.
+    let mut conn = db.conn().await;
+    sqlx::raw_sql(
+        "UPDATE sqlmesh._versions SET schema_version = schema_version + 1; DELETE FROM sqlmesh._intervals",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    h.patch(
+        &job_path("migrate-upgrade"),
+        json!({"status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
+            "reason": "DeadlineExceeded", "message": "Job was active longer than specified deadline"}]}}),
+    );
+    let (action, m) = h.reconcile_migration("migrate").await;
+    assert_eq!(action, kube::runtime::controller::Action::await_change());
+    let status = m.status.clone().unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Failed"));
+    assert_eq!(status.restored, Some(true));
+    let (_, reason, message) = migration_condition(&m, "Ready");
+    assert_eq!(reason, "DeadlineExceeded");
+    assert!(message.contains("deadline of 600s"), "{message}");
+    assert!(
+        message.contains(&format!("restored from backup {backup_id}")),
+        "{message}"
+    );
+    assert_eq!(
+        sqlmesh_state(&db.url).await,
+        before,
+        "every table as before the Job"
+    );
+    assert!(
+        h.event_reasons()
+            .contains(&("Warning".into(), "Restored".into()))
+    );
+    assert!(!h.kube.dump().contains(&password));
+}
+
+#[tokio::test]
+async fn a_runner_upgrade_that_succeeds_reports_the_new_version_and_survives_restarts() {
+    use support::operator::{job_path, migration_path};
+    let (db, _project) = planned().await;
+    let h = sqlmesh_harness(&db, json!({}));
+    h.kube
+        .put(&migration_path("migrate"), runner_migration("migrate"));
+    let (_, m) = h.reconcile_migration("migrate").await;
+    let backup_id = m.status.unwrap().backup_id.unwrap();
+    let backups = sqlmesh_store(&db).await.backups().await.unwrap().len();
+
+    // The operator restarted before it recorded the Job and the backup: it adopts both.
+    h.patch(
+        &migration_path("migrate"),
+        json!({"status": {"jobName": null, "backupId": null}}),
+    );
+    let (_, m) = h.reconcile_migration("migrate").await;
+    let status = m.status.unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    assert_eq!(status.backup_id.as_deref(), Some(backup_id.as_str()));
+    assert_eq!(
+        sqlmesh_store(&db).await.backups().await.unwrap().len(),
+        backups
+    );
+    let jobs = h.kube.list("/apis/batch/v1/namespaces/data/jobs");
+    assert_eq!(jobs.len(), 1, "one Job for one request");
+
+    // `sqlmesh migrate` ran (its effect, as the Job's pod would leave it) and the Job completed.
+    let from = schema_version(&db).await;
+    sqlx::query("UPDATE sqlmesh._versions SET schema_version = schema_version + 1")
+        .execute(&mut db.conn().await)
+        .await
+        .unwrap();
+    h.patch(
+        &job_path("migrate-upgrade"),
+        json!({"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}),
+    );
+    let (_, m) = h.reconcile_migration("migrate").await;
+    let status = m.status.unwrap();
+    assert_eq!(
+        status.phase.as_deref(),
+        Some("Succeeded"),
+        "{:?}",
+        status.message
+    );
+    assert_eq!(status.from_version, Some(from));
+    assert_eq!(status.to_version, Some(from + 1));
+    assert!(status.message.unwrap().contains("succeeded"));
+    assert_eq!(status.restored, None);
+    assert_eq!(schema_version(&db).await, from + 1, "not restored");
+}
+
+#[tokio::test]
+async fn a_framework_janitor_runs_one_job_per_tick_across_a_restart_and_is_never_restored() {
+    use support::operator::{job_path, store_path};
+    let (db, _project) = planned().await;
+    let h = sqlmesh_harness(
+        &db,
+        json!({"janitor": {"schedule": "0 3 * * *", "backup": true,
+            "runner": {"image": "ghcr.io/acme/analytics-sqlmesh:0.236.4", "workingDir": "/project"}}}),
+    );
+    let mut object = h.kube.get(&store_path("analytics")).unwrap();
+    object["metadata"]["creationTimestamp"] = json!("2026-11-20T12:00:00Z");
+    at(&h.ctx, "2026-11-21T03:00:05Z");
+    let (_, store) = h.reconcile(&object).await;
+    let janitor = store.status.unwrap().janitor.unwrap();
+    let name = "analytics-janitor-202611210300";
+    assert_eq!(janitor.active_job.as_deref(), Some(name));
+    let job = h.kube.get(&job_path(name)).expect("the janitor Job");
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["command"], json!(["sqlmesh", "janitor"]));
+    assert_eq!(
+        job["metadata"]["labels"]["statekeeper.dev/purpose"],
+        "janitor"
+    );
+    assert_eq!(job["metadata"]["ownerReferences"][0]["kind"], "StateStore");
+    let backup_id = janitor.last_backup_id.clone().expect("backed up first");
+    let backups = sqlmesh_store(&db).await.backups().await.unwrap().len();
+
+    // Again, and after a restart that lost the status: still one Job, one backup.
+    h.reconcile(&object).await;
+    h.kube.remove(&store_path("analytics"));
+    let (_, store) = h.reconcile(&object).await;
+    let janitor = store.status.unwrap().janitor.unwrap();
+    assert_eq!(janitor.active_job.as_deref(), Some(name));
+    assert_eq!(janitor.last_backup_id.as_deref(), Some(backup_id.as_str()));
+    assert_eq!(h.kube.list("/apis/batch/v1/namespaces/data/jobs").len(), 1);
+    assert_eq!(
+        sqlmesh_store(&db).await.backups().await.unwrap().len(),
+        backups
+    );
+
+    // It fails after dropping state: reported, not restored.
+    sqlx::query("DELETE FROM sqlmesh._environments WHERE name = 'dev'")
+        .execute(&mut db.conn().await)
+        .await
+        .unwrap();
+    let after_job = sqlmesh_state(&db.url).await;
+    h.patch(
+        &job_path(name),
+        json!({"status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}),
+    );
+    let (_, store) = h.reconcile(&object).await;
+    let status = store.status.unwrap();
+    let janitor = status.janitor.clone().unwrap();
+    assert_eq!(janitor.active_job, None);
+    assert_eq!(janitor.last_job.as_deref(), Some(name));
+    assert_eq!(
+        janitor.last_outcome.as_deref(),
+        Some("Failed: BackoffLimitExceeded")
+    );
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "JanitorSucceeded")
+        .unwrap();
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "JanitorJobFailed")
+    );
+    assert!(
+        condition.message.contains("not restored"),
+        "{}",
+        condition.message
+    );
+    assert!(
+        condition.message.contains(&backup_id),
+        "{}",
+        condition.message
+    );
+    assert_eq!(sqlmesh_state(&db.url).await, after_job, "never restored");
+
+    // The next tick: a new Job; it succeeds.
+    at(&h.ctx, "2026-11-22T03:00:05Z");
+    let (_, store) = h.reconcile(&object).await;
+    let next = "analytics-janitor-202611220300";
+    assert_eq!(
+        store.status.unwrap().janitor.unwrap().active_job.as_deref(),
+        Some(next)
+    );
+    h.patch(
+        &job_path(next),
+        json!({"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}),
+    );
+    let (_, store) = h.reconcile(&object).await;
+    let status = store.status.unwrap();
+    assert_eq!(
+        status.janitor.unwrap().last_outcome.as_deref(),
+        Some("Succeeded")
+    );
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "JanitorSucceeded")
+        .unwrap();
+    assert_eq!(condition.status, "True");
+    assert_eq!(h.kube.list("/apis/batch/v1/namespaces/data/jobs").len(), 2);
+}
+
+#[tokio::test]
+async fn state_run_backup_upgrades_state_an_older_sqlmesh_wrote() {
+    let old = support::sqlmesh::old_sqlmesh_bin();
+    let db = TestDb::new().await;
+    let project = support::sqlmesh::Project::new(&db);
+    let out = project.run_with(old, &["plan", "prod", "--auto-apply", "--no-prompts"]);
+    assert!(
+        out.status.success(),
+        "the older sqlmesh plan failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = sqlmesh_store(&db).await.status().await.unwrap();
+    assert_ne!(before.versions["sqlmeshVersion"], sqlmesh_version());
+
+    let out = Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+        .args(["state", "--framework", "sqlmesh", "run", "--backup", "--"])
+        .arg(sqlmesh_bin())
+        .arg("migrate")
+        .current_dir(&project.dir)
+        .env("STATEKEEPER_DATABASE_URL", &db.url)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("`") && stdout.contains("succeeded"),
+        "{stdout}"
+    );
+    let after = sqlmesh_store(&db).await.status().await.unwrap();
+    assert_eq!(after.versions["sqlmeshVersion"], sqlmesh_version());
+    assert!(
+        after.current_version > before.current_version,
+        "state schema {} → {}",
+        before.current_version,
+        after.current_version
+    );
+    let backups = sqlmesh_store(&db).await.backups().await.unwrap();
+    assert_eq!(backups.len(), 1);
+    assert_eq!(backups[0].reason, "pre-run");
+    assert_eq!(backups[0].schema_version, before.current_version);
+    // The new SQLMesh reads the migrated state: nothing to plan.
+    let plan = project.plan("prod", &[]);
+    assert!(plan.contains("No changes to plan"), "{plan}");
+}

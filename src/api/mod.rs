@@ -1,6 +1,8 @@
 //! CustomResourceDefinition types (`statekeeper.dev/v1alpha1`). `crds/` is generated from them.
 
+pub mod runner;
 pub mod state_export;
+pub mod state_migration;
 pub mod state_store;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -9,6 +11,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
 pub use state_export::{StateExport, StateExportSpec, StateExportStatus};
+pub use state_migration::{StateMigration, StateMigrationSpec, StateMigrationStatus};
 pub use state_store::{StateStore, StateStoreSpec, StateStoreStatus};
 
 pub const API_GROUP: &str = "statekeeper.dev";
@@ -46,6 +49,10 @@ pub fn crds() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
         (
             "stateexports.statekeeper.dev.yaml",
             format!("---\n{}", serde_yaml::to_string(&StateExport::crd())?),
+        ),
+        (
+            "statemigrations.statekeeper.dev.yaml",
+            format!("---\n{}", serde_yaml::to_string(&StateMigration::crd())?),
         ),
     ])
 }

@@ -135,10 +135,10 @@ pub struct StoreRef {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Destination {
-    /// Where the file goes: `file:///absolute/path` (a volume mounted into the operator),
-    /// `s3://bucket/key`, `gs://bucket/key` or `az://container/key`. A URL ending in `/` is a
-    /// folder: the file is named `<StateExport name>.json[.gz|.zst]` inside it. A schedule's URL
-    /// is always a folder.
+    /// The file: `file:///absolute/path` (a volume mounted into the operator),
+    /// `s3://bucket/key`, `gs://bucket/key` or `az://container/key`. For an export, a URL ending
+    /// in `/` is a folder: the file is named `<StateExport name>.json[.gz|.zst]` inside it, and a
+    /// schedule's URL is always a folder.
     #[schemars(
         length(min = 6, max = 2048),
         regex(pattern = r"^(file:///|s3a?://|gs://|az://|azure://|abfss?://)[^@?#]*$")

@@ -18,7 +18,7 @@ use super::SecretKeyRef;
     shortname = "sks",
     category = "statekeeper",
     validation = Rule::new("(has(self.spec.framework) ? self.spec.framework : 'statekeeper') == (has(oldSelf.spec.framework) ? oldSelf.spec.framework : 'statekeeper')").message("spec.framework is immutable: create a new StateStore for another framework"),
-    validation = Rule::new("!has(self.spec.janitor) || !has(self.spec.framework) || self.spec.framework == 'statekeeper'").message("spec.janitor runs statekeeper's janitor, for framework statekeeper only; a SQLMesh store is cleaned by `sqlmesh janitor`"),
+    validation = Rule::new("!has(self.spec.janitor) || ((has(self.spec.framework) && self.spec.framework != 'statekeeper') == has(self.spec.janitor.runner))").message("a SQLMesh store's janitor is SQLMesh's own (`sqlmesh janitor`): set spec.janitor.runner; a statekeeper store's janitor is statekeeper's and takes no runner"),
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Framework","type":"string","jsonPath":".spec.framework"}"#,
     printcolumn = r#"{"name":"Schema Version","type":"integer","jsonPath":".status.schemaVersion"}"#,
@@ -44,6 +44,10 @@ pub struct StateStoreSpec {
     /// Allows `reset` operations on this store (each also needs its own approval).
     #[serde(default)]
     pub allow_reset: bool,
+    /// Every StateMigration of this store waits for an approval of its plan
+    /// (`spec.approval.planHash`) before it runs.
+    #[serde(default)]
+    pub require_approval: bool,
     /// The primary virtual data environment: it never expires and the janitor never removes it.
     #[serde(default = "default_unsuffixed_virtual_env")]
     #[schemars(length(min = 1, max = 253))]
@@ -96,6 +100,15 @@ pub struct JanitorSpec {
     /// Only report what would be removed.
     #[serde(default)]
     pub dry_run: bool,
+    /// For a store whose framework cleans it itself (SQLMesh): run the framework's janitor
+    /// (default command `sqlmesh janitor`) as a Job per scheduled run. The fields above apply to
+    /// statekeeper's own janitor only. A failed framework janitor is reported, never restored:
+    /// it also drops warehouse objects, so old state could point at dropped tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<crate::api::runner::Runner>,
+    /// Back the store up before each framework janitor run (default false).
+    #[serde(default)]
+    pub backup: bool,
 }
 
 fn default_true() -> bool {
@@ -271,6 +284,18 @@ pub struct JanitorStatus {
     /// What the last successful run removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_result: Option<JanitorResult>,
+    /// Framework janitor: the Job running now, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_job: Option<String>,
+    /// Framework janitor: the last Job that finished, and how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_job: Option<String>,
+    /// Succeeded or Failed (with the Job's reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_outcome: Option<String>,
+    /// Framework janitor: the backup taken before the active or last run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

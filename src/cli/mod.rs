@@ -118,6 +118,93 @@ enum StateCommand {
         #[command(subcommand)]
         command: Option<BackupsCommand>,
     },
+    /// Print what an operation would do and its plan hash, changing nothing. The same inputs give
+    /// the hash a StateMigration shows, so it can go into `spec.approval.planHash` before the
+    /// object is applied.
+    Plan(PlanArgs),
+    /// Run a command (e.g. `sqlmesh migrate`) with the store's connection in its environment
+    /// (STATEKEEPER_DATABASE_URL, STATEKEEPER_SCHEMA and PGHOST, PGPORT, PGDATABASE, PGUSER,
+    /// PGPASSWORD). With --backup: back up first, and restore the backup when the command exits
+    /// non-zero or statekeeper is interrupted.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// Plan without the backup the operation makes first (a StateMigration's `backup: false`).
+    #[arg(long)]
+    no_backup: bool,
+    #[command(subcommand)]
+    operation: PlanOperation,
+}
+
+#[derive(Subcommand, Debug)]
+enum PlanOperation {
+    /// statekeeper's own steps (--target-version), or the framework's migration run by a runner
+    /// (--runner-image: a StateMigration's `upgrade.runner`).
+    Upgrade {
+        #[arg(long, conflicts_with = "runner_image")]
+        target_version: Option<i32>,
+        /// The runner's image, as in `upgrade.runner.image`.
+        #[arg(long)]
+        runner_image: Option<String>,
+        /// The runner's command and arguments, as in `upgrade.runner.command` and `.args`
+        /// (default: the framework's own migration command).
+        #[arg(
+            long = "runner-command",
+            value_name = "WORD",
+            requires = "runner_image"
+        )]
+        runner_command: Vec<String>,
+    },
+    /// Restore a backup (the newest unless --backup-id names one).
+    Rollback {
+        #[arg(long)]
+        backup_id: Option<String>,
+    },
+    /// Remove the store's state (the store must allow it).
+    Reset {
+        #[arg(long)]
+        allow_reset: bool,
+    },
+    /// Import a file: --from is the URL as the StateMigration names it (`import.source.url`, or
+    /// the StateExport's `status.url`).
+    Import {
+        #[arg(long, short = 'i', value_name = "URL")]
+        from: String,
+        #[arg(long)]
+        merge: bool,
+        /// The file's expected sha256 (`expectedSha256`, or the StateExport's `status.sha256`).
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
+    },
+    /// Make the store equal to another store of the same framework.
+    Copy {
+        /// PostgreSQL URL of the source store.
+        #[arg(long, value_name = "URL")]
+        from_database_url: String,
+        /// Schema of the source store (default: the framework's).
+        #[arg(long)]
+        from_schema: Option<String>,
+        /// The source StateStore's name, as `copyFrom.storeRef.name` gives it.
+        #[arg(long, value_name = "NAME")]
+        from_store: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Back up first; restore the backup when the command fails or is interrupted.
+    #[arg(long)]
+    backup: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "COMMAND"
+    )]
+    command: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -222,16 +309,21 @@ pub async fn run_state(args: StateArgs) -> ExitCode {
         .and_then(crate::engine::connection::password_in_url)
         .unwrap_or_default();
     match execute(&args).await {
-        Ok(rendered) => {
+        Ok((rendered, succeeded)) => {
+            let code = if succeeded {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
             // Empty when the command's output was data on stdout (export --to -).
             if rendered.is_empty() {
-                return ExitCode::SUCCESS;
+                return code;
             }
             let mut stdout = std::io::stdout().lock();
             match writeln!(stdout, "{rendered}").and_then(|()| stdout.flush()) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => code,
                 // The reader went away (`| head`): the work is done, stop quietly.
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => code,
                 Err(e) => {
                     eprintln!("error: cannot write the output: {e}");
                     ExitCode::FAILURE
@@ -252,7 +344,9 @@ pub async fn run_state(args: StateArgs) -> ExitCode {
     }
 }
 
-async fn execute(args: &StateArgs) -> Result<String, Error> {
+/// The rendered report, and whether the command succeeded (`state run` reports a failed command
+/// and still exits non-zero).
+async fn execute(args: &StateArgs) -> Result<(String, bool), Error> {
     let schema = SchemaName::new(
         args.schema
             .as_deref()
@@ -283,7 +377,7 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
         .with_actor(format!("cli:{}", whoami()))
         .with_lock_timeout(std::time::Duration::from_secs(args.lock_timeout));
     let json = args.output == OutputFormat::Json;
-    Ok(match &args.command {
+    let rendered = match &args.command {
         StateCommand::Init { target_version } => {
             output::init(&store.init(*target_version).await?, json)
         }
@@ -378,7 +472,135 @@ async fn execute(args: &StateArgs) -> Result<String, Error> {
                 output::dropped_backup(&store.drop_backup(backup_id).await?, json)
             }
         },
-    })
+        StateCommand::Plan(plan) => output::plan(&plan_operation(&store, plan, args).await?, json),
+        StateCommand::Run(run) => {
+            let env = run_environment(url, &store);
+            let report = store.run_guarded(&run.command, &env, run.backup).await?;
+            return Ok((output::run(&report, json), report.succeeded()));
+        }
+    };
+    Ok((rendered, true))
+}
+
+async fn plan_operation(
+    store: &Store,
+    plan: &PlanArgs,
+    args: &StateArgs,
+) -> Result<crate::engine::Plan, Error> {
+    use crate::engine::Operation;
+    let backup = !plan.no_backup;
+    match &plan.operation {
+        PlanOperation::Upgrade {
+            target_version,
+            runner_image: Some(image),
+            runner_command,
+        } => {
+            let _ = target_version;
+            let runner =
+                crate::engine::plan::runner_description(store.profile(), image, runner_command);
+            store
+                .plan(Operation::RunnerUpgrade { runner: &runner }, backup)
+                .await
+        }
+        PlanOperation::Upgrade { target_version, .. } => {
+            store
+                .plan(
+                    Operation::Upgrade {
+                        target: *target_version,
+                    },
+                    backup,
+                )
+                .await
+        }
+        PlanOperation::Rollback { backup_id } => {
+            store
+                .plan(
+                    Operation::Rollback {
+                        backup_id: backup_id.as_deref(),
+                    },
+                    backup,
+                )
+                .await
+        }
+        PlanOperation::Reset { allow_reset } => {
+            store
+                .plan(
+                    Operation::Reset {
+                        allow_reset: *allow_reset,
+                    },
+                    true,
+                )
+                .await
+        }
+        PlanOperation::Import {
+            from,
+            merge,
+            sha256,
+        } => {
+            store
+                .plan(
+                    Operation::Import {
+                        source: from,
+                        mode: if *merge {
+                            crate::engine::ImportMode::Merge
+                        } else {
+                            crate::engine::ImportMode::Replace
+                        },
+                        expected_sha256: sha256.as_deref(),
+                    },
+                    backup,
+                )
+                .await
+        }
+        PlanOperation::Copy {
+            from_database_url,
+            from_schema,
+            from_store,
+        } => {
+            let schema = SchemaName::new(
+                from_schema
+                    .as_deref()
+                    .unwrap_or(args.framework.profile().default_schema),
+            )?;
+            let pool = ConnectionSettings::from_url(from_database_url)?
+                .connect()
+                .await?;
+            let source = Store::new(pool, schema).with_framework(args.framework);
+            let label = crate::engine::plan::copy_source_label(from_store);
+            store
+                .plan(
+                    Operation::Copy {
+                        from: &source,
+                        label: &label,
+                    },
+                    backup,
+                )
+                .await
+        }
+    }
+}
+
+/// The store's connection for a command: statekeeper's own variables and libpq's, which most
+/// frameworks' configs can read.
+fn run_environment(url: &str, store: &Store) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("STATEKEEPER_DATABASE_URL".to_owned(), url.to_owned()),
+        ("STATEKEEPER_SCHEMA".to_owned(), store.schema().to_string()),
+        (
+            "STATEKEEPER_FRAMEWORK".to_owned(),
+            store.framework().to_string(),
+        ),
+    ];
+    if let Ok(settings) = ConnectionSettings::from_url(url) {
+        env.extend(settings.libpq_environment());
+    }
+    if let Some(password) = crate::engine::connection::password_in_url(url) {
+        let decoded = percent_encoding::percent_decode_str(&password)
+            .decode_utf8_lossy()
+            .into_owned();
+        env.push(("PGPASSWORD".to_owned(), decoded));
+    }
+    env
 }
 
 fn whoami() -> String {

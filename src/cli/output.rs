@@ -292,3 +292,79 @@ pub fn imported(r: &ImportReport, from: &str, json: bool) -> String {
             .unwrap_or_default()
     )
 }
+
+pub fn plan(p: &crate::engine::Plan, json: bool) -> String {
+    if json {
+        return to_json(p);
+    }
+    let versions = match p.to_version {
+        Some(to) if to != p.from_version => format!("version {} → {to}", p.from_version),
+        _ => format!("version {}", p.from_version),
+    };
+    let mut out = format!(
+        "plan: {} of the {} store in schema \"{}\" ({versions})\n",
+        p.operation,
+        p.framework.profile().display_name,
+        p.schema
+    );
+    for (n, step) in p.steps.iter().enumerate() {
+        out.push_str(&format!("  {}. {step}\n", n + 1));
+    }
+    if let Some(source) = &p.source {
+        out.push_str(&format!("source: {source}\n"));
+    }
+    out.push_str(&format!(
+        "store now: {} tables, {} rows\n",
+        p.tables.len(),
+        p.total_rows()
+    ));
+    out.push_str(&format!(
+        "hash: {}\n  approve it with spec.approval.planHash: \"{}\"",
+        p.hash, p.hash
+    ));
+    out
+}
+
+pub fn run(r: &crate::engine::RunReport, json: bool) -> String {
+    if json {
+        return to_json(r);
+    }
+    let command = r.command.join(" ");
+    let outcome = match &r.outcome {
+        crate::engine::RunOutcome::Succeeded => format!("`{command}` succeeded"),
+        crate::engine::RunOutcome::Failed { code: Some(code) } => {
+            format!("`{command}` failed with exit status {code}")
+        }
+        crate::engine::RunOutcome::Failed { code: None } => {
+            format!("`{command}` was killed by a signal")
+        }
+        crate::engine::RunOutcome::Interrupted => {
+            format!("interrupted: `{command}` was stopped")
+        }
+    };
+    let mut out = format!(
+        "{outcome} in {:.1}s; schema version {} → {}",
+        r.duration_ms as f64 / 1000.0,
+        r.from_version,
+        r.to_version
+    );
+    match (&r.backup, &r.restored) {
+        (Some(backup), Some(restored)) => out.push_str(&format!(
+            "\n  restored backup {} ({} rows): the store is as it was before the command{}",
+            backup.id,
+            restored.rows_restored,
+            restored
+                .pre_rollback_backup
+                .as_ref()
+                .map(|b| format!("; what the command left is kept in backup {}", b.id))
+                .unwrap_or_default()
+        )),
+        (Some(backup), None) => out.push_str(&format!(
+            "\n  backup {} was taken first; undo with: {}",
+            backup.id,
+            rollback_command(backup)
+        )),
+        (None, _) => out.push_str("\n  no backup was taken (run without --backup)"),
+    }
+    out
+}

@@ -2,8 +2,10 @@
 
 pub mod conditions;
 pub mod export_schedule;
+pub mod runner;
 pub mod schedule;
 pub mod state_export;
+pub mod state_migration;
 pub mod state_store;
 pub mod store_janitor;
 pub mod telemetry;
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::ListParams;
 use kube::runtime::controller::Controller;
@@ -59,6 +62,10 @@ pub struct OperatorArgs {
     /// Default seconds to wait when connecting to a database.
     #[arg(long, default_value_t = 10)]
     pub connect_timeout_seconds: u64,
+    /// Seconds an operation waits for another one on the same store (or a framework's writer)
+    /// before it reports the store busy and tries again later.
+    #[arg(long, default_value_t = 30)]
+    pub lock_timeout_seconds: u64,
     /// Address of the HTTP endpoints /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub http_addr: std::net::SocketAddr,
@@ -70,6 +77,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// How long an operation waits for another one on the same store before it reports busy.
+    pub lock_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -79,6 +88,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(10),
             min_backoff: Duration::from_secs(5),
             max_backoff: Duration::from_secs(300),
+            lock_timeout: crate::engine::store::DEFAULT_LOCK_TIMEOUT,
         }
     }
 }
@@ -126,6 +136,25 @@ impl Context {
         if let Ok(mut pinned) = self.clock.lock() {
             *pinned = now;
         }
+    }
+
+    /// Publishes an Event with `note` cut to the API server's limit (best effort, as `publish`).
+    pub async fn notify(
+        &self,
+        reference: &ObjectReference,
+        type_: kube::runtime::events::EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        self.publish(&event, reference).await;
     }
 
     /// Events are best effort: a refused event must not fail the reconcile that caused it.
@@ -178,15 +207,38 @@ pub async fn run(args: OperatorArgs) -> Result<(), StartError> {
     let settings = Settings {
         resync_interval: Duration::from_secs(args.resync_seconds.max(10)),
         connect_timeout: Duration::from_secs(args.connect_timeout_seconds.max(1)),
+        lock_timeout: Duration::from_secs(args.lock_timeout_seconds.max(1)),
         ..Settings::default()
     };
     let ctx = Arc::new(Context::new(client.clone(), settings));
-    let (stores, exports): (Api<StateStore>, Api<crate::api::StateExport>) = match &args.namespace {
+    let (stores, exports, migrations, jobs): (
+        Api<StateStore>,
+        Api<crate::api::StateExport>,
+        Api<crate::api::StateMigration>,
+        Api<Job>,
+    ) = match &args.namespace {
         Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client, ns),
         ),
-        None => (Api::all(client.clone()), Api::all(client)),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client),
+        ),
+    };
+    // Only the Jobs statekeeper made: their progress wakes the object that owns them.
+    let our_jobs = || {
+        watcher::Config::default()
+            .labels(&format!(
+                "{}={}",
+                runner::MANAGED_BY.0,
+                runner::MANAGED_BY.1
+            ))
+            .any_semantic()
     };
     let http = tokio::spawn(telemetry::serve(listener, ctx.metrics.clone()));
     // Ready once the API server answers a list of our resources (proves CRDs and RBAC).
@@ -194,6 +246,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), StartError> {
     ctx.metrics.set_ready(true);
     tracing::info!(namespace = ?args.namespace, http = %args.http_addr, "statekeeper operator started");
     let store_controller = Controller::new(stores, watcher::Config::default().any_semantic())
+        .owns(jobs.clone(), our_jobs())
         .shutdown_on_signal()
         .run(
             state_store::reconcile,
@@ -211,14 +264,33 @@ pub async fn run(args: OperatorArgs) -> Result<(), StartError> {
         Controller::new(exports.clone(), watcher::Config::default().any_semantic())
             .owns(exports, watcher::Config::default().any_semantic())
             .shutdown_on_signal()
-            .run(state_export::reconcile, state_export::error_policy, ctx)
+            .run(
+                state_export::reconcile,
+                state_export::error_policy,
+                ctx.clone(),
+            )
             .for_each(|result| async move {
                 match result {
                     Ok((object, _)) => tracing::debug!(export = %object.name, "reconciled"),
                     Err(error) => tracing::warn!(%error, "reconcile error"),
                 }
             });
-    futures::join!(store_controller, export_controller);
+    let migration_controller =
+        Controller::new(migrations, watcher::Config::default().any_semantic())
+            .owns(jobs, our_jobs())
+            .shutdown_on_signal()
+            .run(
+                state_migration::reconcile,
+                state_migration::error_policy,
+                ctx,
+            )
+            .for_each(|result| async move {
+                match result {
+                    Ok((object, _)) => tracing::debug!(migration = %object.name, "reconciled"),
+                    Err(error) => tracing::warn!(%error, "reconcile error"),
+                }
+            });
+    futures::join!(store_controller, export_controller, migration_controller);
     http.abort();
     tracing::info!("statekeeper operator stopped");
     Ok(())

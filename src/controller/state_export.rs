@@ -337,18 +337,7 @@ async fn store_engine(
             format!("StateStore \"{name}\" not found in namespace \"{namespace}\""),
         )));
     };
-    Ok(state_store::connect(&store, namespace, ctx)
-        .await
-        .map_err(|(observation, secrets)| {
-            let (reason, message) = observation
-                .problem()
-                .unwrap_or_else(|| ("StoreUnavailable".into(), "the store cannot be used".into()));
-            let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
-            (
-                reason,
-                format!("StateStore \"{name}\": {}", redact(&message, &secret_refs)),
-            )
-        }))
+    Ok(state_store::connect_for_operation(&store, namespace, ctx).await)
 }
 
 /// Backoff after the n-th failed attempt: 10 s, doubling, at most 5 minutes.

@@ -19,7 +19,7 @@ use super::telemetry::ObjectLabels;
 use super::{Context, FIELD_MANAGER, ReconcileError};
 use crate::api::SecretKeyRef;
 use crate::api::state_store::{
-    BackupStatus, InitPolicy, StateStore, StateStoreStatus, StoreFramework,
+    BackupStatus, InitPolicy, JanitorSpec, StateStore, StateStoreStatus, StoreFramework,
 };
 use crate::engine::{
     ConnectionParts, ConnectionSettings, Error as EngineError, InitReport, SchemaName,
@@ -273,6 +273,27 @@ pub async fn reconcile(
 
     // The scheduled janitor runs only against a healthy store.
     let janitor = match (&store.spec.janitor, &engine) {
+        (
+            Some(
+                spec @ JanitorSpec {
+                    runner: Some(runner),
+                    ..
+                },
+            ),
+            Some(engine),
+        ) => Some(
+            store_janitor::runner_step(
+                spec,
+                runner,
+                &store,
+                previous.janitor.as_ref(),
+                conditions::find(&previous.conditions, store_janitor::JANITOR_SUCCEEDED),
+                engine,
+                &ctx,
+                &reference,
+            )
+            .await,
+        ),
         (Some(spec), Some(engine)) => {
             let created = store
                 .meta()
@@ -465,7 +486,8 @@ pub async fn connect(
         Ok(pool) => Ok((
             Store::new(pool, schema)
                 .with_framework(store.spec.framework.into())
-                .with_actor(format!("operator:{key}")),
+                .with_actor(format!("operator:{key}"))
+                .with_lock_timeout(ctx.settings.lock_timeout),
             secrets,
         )),
         Err(e) => Err((
@@ -476,6 +498,31 @@ pub async fn connect(
             secrets,
         )),
     }
+}
+
+/// The engine of a store another resource operates on, or why it cannot be used (reason, message),
+/// with any secret redacted from the message.
+pub async fn connect_for_operation(
+    store: &StateStore,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(Store, Vec<String>), (String, String)> {
+    connect(store, namespace, ctx)
+        .await
+        .map_err(|(observation, secrets)| {
+            let (reason, message) = observation
+                .problem()
+                .unwrap_or_else(|| ("StoreUnavailable".into(), "the store cannot be used".into()));
+            let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+            (
+                reason,
+                format!(
+                    "StateStore \"{}\": {}",
+                    store.name_any(),
+                    redact(&message, &secret_refs)
+                ),
+            )
+        })
 }
 
 async fn observe(

@@ -4,15 +4,21 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
-use kube::runtime::events::{Event, EventType};
+use kube::api::{Api, ListParams};
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
 
 use super::Context;
 use super::conditions::Desired;
+use super::runner::{self, JobOutcome};
 use super::schedule::{self, Due, Schedule};
-use crate::api::state_store::{JanitorResult, JanitorSpec, JanitorStatus};
+use crate::api::StateMigration;
+use crate::api::runner::Runner;
+use crate::api::state_store::{JanitorResult, JanitorSpec, JanitorStatus, StateStore};
 use crate::engine::{JanitorOptions, Store};
 
 pub const JANITOR_SUCCEEDED: &str = "JanitorSucceeded";
@@ -171,17 +177,8 @@ pub async fn step(
                     .map_or_else(|e| e.reason(), |_| "Succeeded"),
                 outcome.as_ref().map_or(0, |r| r.removed_rows()),
             );
-            ctx.publish(
-                &Event {
-                    type_: event_type,
-                    reason: reason.into(),
-                    note: Some(note.chars().take(1000).collect()),
-                    action: "Janitor".into(),
-                    secondary: None,
-                },
-                reference,
-            )
-            .await;
+            ctx.notify(reference, event_type, reason, "Janitor", &note)
+                .await;
         }
     }
     JanitorStep {
@@ -190,4 +187,300 @@ pub async fn step(
         requeue,
         changed_store,
     }
+}
+
+/// The scheduled janitor of a store whose framework cleans it itself: a runner Job per due run
+/// (named from the run's time, so a restart adopts it rather than creating a second), an
+/// optional backup first, never two at once, never while a StateMigration of the store runs.
+/// A failed run is reported and never restored: the framework's janitor also drops warehouse
+/// objects, so the old state could point at tables that no longer exist.
+#[allow(clippy::too_many_arguments)]
+pub async fn runner_step(
+    spec: &JanitorSpec,
+    runner: &Runner,
+    store: &StateStore,
+    previous: Option<&JanitorStatus>,
+    previous_condition: Option<&Condition>,
+    engine: &Store,
+    ctx: &Context,
+    reference: &ObjectReference,
+) -> JanitorStep {
+    let now = ctx.now();
+    let mut status = previous.cloned().unwrap_or_default();
+    let cap = ctx.settings.resync_interval;
+    let mut condition = carried(previous_condition);
+    let namespace = store.namespace().unwrap_or_default();
+    let store_name = store.name_any();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+    let deadline = runner.active_deadline_seconds;
+    let problem = |reason: &str, message: String| {
+        Some(Desired::new(JANITOR_SUCCEEDED, false, reason, message))
+    };
+    if runner.command.is_empty() && engine.profile().janitor_command.is_empty() {
+        return JanitorStep {
+            status,
+            condition: problem(
+                "InvalidJanitorSpec",
+                format!(
+                    "{} has no janitor command of its own: remove janitor.runner (statekeeper's \
+                     janitor cleans this store) or give runner.command",
+                    engine.profile().display_name
+                ),
+            ),
+            requeue: cap,
+            changed_store: false,
+        };
+    }
+
+    if let Some(active) = status.active_job.clone() {
+        let job = match jobs.get_opt(&active).await {
+            Ok(job) => job,
+            Err(e) => {
+                return JanitorStep {
+                    status,
+                    condition: problem("KubernetesError", format!("cannot read Job {active}: {e}")),
+                    requeue: Duration::from_secs(15),
+                    changed_store: false,
+                };
+            }
+        };
+        let outcome = match &job {
+            Some(job) => runner::outcome(job),
+            None => JobOutcome::Failed {
+                reason: "JobDeleted".into(),
+                message: "the Job was deleted before it finished".into(),
+            },
+        };
+        let (event_type, reason, note) = match outcome {
+            JobOutcome::Running => {
+                return JanitorStep {
+                    status,
+                    condition,
+                    requeue: Duration::from_secs(15),
+                    changed_store: false,
+                };
+            }
+            JobOutcome::Succeeded => {
+                let message = format!("janitor Job {active} succeeded");
+                status.last_successful_time = Some(now.to_string());
+                status.last_outcome = Some("Succeeded".into());
+                condition = Some(Desired::new(
+                    JANITOR_SUCCEEDED,
+                    true,
+                    "Succeeded",
+                    message.clone(),
+                ));
+                (EventType::Normal, "JanitorSucceeded", message)
+            }
+            JobOutcome::Failed { reason, message } => {
+                let backup = status
+                    .last_backup_id
+                    .as_ref()
+                    .map(|id| {
+                        format!(
+                            " Backup {id} holds the state before the run; restore it by hand \
+                             only if the warehouse objects it references still exist."
+                        )
+                    })
+                    .unwrap_or_default();
+                let text = format!(
+                    "janitor Job {active} {}. The store was not restored: a framework janitor \
+                     also drops warehouse objects, so old state could point at dropped tables.{backup}",
+                    runner::describe_failure(&reason, &message, deadline)
+                );
+                status.last_outcome = Some(format!("Failed: {reason}"));
+                condition = problem("JanitorJobFailed", text.clone());
+                (EventType::Warning, "JanitorFailed", text)
+            }
+        };
+        status.last_job = Some(active);
+        status.active_job = None;
+        ctx.metrics.record_janitor_run(
+            if event_type == EventType::Normal {
+                "Succeeded"
+            } else {
+                "JobFailed"
+            },
+            0,
+        );
+        ctx.notify(reference, event_type, reason, "Janitor", &note)
+            .await;
+        return JanitorStep {
+            status,
+            condition,
+            requeue: Duration::from_secs(1),
+            changed_store: reason == "JanitorSucceeded",
+        };
+    }
+
+    let schedule = match Schedule::parse(&spec.schedule, spec.time_zone.as_deref()) {
+        Ok(schedule) => schedule,
+        Err(message) => {
+            return JanitorStep {
+                status,
+                condition: problem("InvalidJanitorSpec", message),
+                requeue: cap,
+                changed_store: false,
+            };
+        }
+    };
+    let created = store
+        .meta()
+        .creation_timestamp
+        .as_ref()
+        .map_or(now, |t| t.0);
+    let due = schedule::decide(
+        &schedule,
+        parse_time(status.last_schedule_time.as_ref()),
+        created,
+        now,
+        spec.starting_deadline_seconds.map(Duration::from_secs),
+        spec.suspend,
+    );
+    let requeue = schedule::requeue_after(&due, now, cap);
+    match due {
+        Due::Wait { next } => status.next_schedule_time = next.map(|t| t.to_string()),
+        Due::Missed { scheduled, next } => {
+            status.last_schedule_time = Some(scheduled.to_string());
+            status.next_schedule_time = next.map(|t| t.to_string());
+            ctx.publish(
+                &schedule::missed_event("janitor run", scheduled, spec.starting_deadline_seconds),
+                reference,
+            )
+            .await;
+        }
+        Due::Run { scheduled, next } => {
+            status.next_schedule_time = next.map(|t| t.to_string());
+            if let Some(migration) = running_migration(ctx, &namespace, &store_name).await {
+                // The run waits (still due) until the migration is done.
+                return JanitorStep {
+                    status,
+                    condition: Some(Desired::new(
+                        JANITOR_SUCCEEDED,
+                        condition.as_ref().is_none_or(|c| c.status),
+                        "WaitingForMigration",
+                        format!(
+                            "the janitor run due at {scheduled} waits for StateMigration {migration}"
+                        ),
+                    )),
+                    requeue: Duration::from_secs(15),
+                    changed_store: false,
+                };
+            }
+            let name = runner::job_name(
+                &store_name,
+                &format!("janitor-{}", scheduled.strftime("%Y%m%d%H%M")),
+            );
+            if spec.backup {
+                // Tagged with the Job's name: a restart before the status write finds it.
+                let tagged = engine.clone().with_operation_id(name.clone());
+                let existing = tagged.backups().await.ok().and_then(|all| {
+                    all.into_iter()
+                        .find(|b| b.operation.as_deref() == Some(name.as_str()))
+                });
+                let backup = match existing {
+                    Some(backup) => Ok(backup),
+                    None => tagged.backup_with_reason("pre-janitor").await,
+                };
+                match backup {
+                    Ok(backup) => status.last_backup_id = Some(backup.id),
+                    Err(e) => {
+                        return JanitorStep {
+                            status,
+                            condition: problem(
+                                e.reason(),
+                                format!(
+                                    "the janitor run due at {scheduled} did not start: the backup \
+                                     before it failed: {e}"
+                                ),
+                            ),
+                            requeue: Duration::from_secs(30),
+                            changed_store: false,
+                        };
+                    }
+                }
+            }
+            let Some(owner) = store.controller_owner_ref(&()) else {
+                return JanitorStep {
+                    status,
+                    condition: problem("InvalidObject", "the StateStore has no uid".into()),
+                    requeue: cap,
+                    changed_store: false,
+                };
+            };
+            let request = runner::JobRequest {
+                name: name.clone(),
+                namespace: &namespace,
+                runner,
+                default_command: engine.profile().janitor_command,
+                store,
+                owner,
+                purpose: "janitor",
+                labels: [(
+                    SCHEDULED_AT_LABEL.to_owned(),
+                    scheduled.strftime("%Y%m%dT%H%M%SZ").to_string(),
+                )]
+                .into(),
+            };
+            match runner::create_or_adopt(&jobs, &runner::build_job(&request)).await {
+                Ok(_) => {
+                    status.last_schedule_time = Some(scheduled.to_string());
+                    status.active_job = Some(name.clone());
+                    let note = format!(
+                        "created Job {name} running `{}` for the run due at {scheduled}",
+                        runner::command(runner, engine.profile().janitor_command).join(" ")
+                    );
+                    ctx.notify(
+                        reference,
+                        EventType::Normal,
+                        "JanitorJobCreated",
+                        "Janitor",
+                        &note,
+                    )
+                    .await;
+                    return JanitorStep {
+                        status,
+                        condition,
+                        requeue: Duration::from_secs(15),
+                        changed_store: false,
+                    };
+                }
+                Err(e) => {
+                    condition = problem(
+                        "JobCreateFailed",
+                        format!("cannot create janitor Job {name}: {e}"),
+                    );
+                    return JanitorStep {
+                        status,
+                        condition,
+                        requeue: Duration::from_secs(30),
+                        changed_store: false,
+                    };
+                }
+            }
+        }
+    }
+    JanitorStep {
+        status,
+        condition,
+        requeue,
+        changed_store: false,
+    }
+}
+
+/// A label on janitor Jobs: the run they are for.
+pub const SCHEDULED_AT_LABEL: &str = "statekeeper.dev/scheduled-at";
+
+/// A StateMigration of the store that is running now, if any.
+async fn running_migration(ctx: &Context, namespace: &str, store: &str) -> Option<String> {
+    let api: Api<StateMigration> = Api::namespaced(ctx.client.clone(), namespace);
+    let list = api.list(&ListParams::default()).await.ok()?;
+    list.items
+        .into_iter()
+        .find(|m| {
+            m.spec.store_ref.name == store
+                && m.status.as_ref().and_then(|s| s.phase.as_deref())
+                    == Some(super::state_migration::PHASE_RUNNING)
+        })
+        .map(|m| m.name_any())
 }

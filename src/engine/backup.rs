@@ -33,6 +33,9 @@ pub struct BackupInfo {
     pub reason: String,
     pub tables: i32,
     pub rows: i64,
+    /// The request the backup was made for (a StateMigration's uid), when one was named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
 }
 
 /// The metadata row as stored; backups made before frameworks existed lack the newer columns.
@@ -48,6 +51,8 @@ struct StoredMetadata {
     framework: Option<Framework>,
     #[serde(default)]
     versions: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    operation: Option<String>,
 }
 
 /// Backup ids are exactly 17 digits; anything else is refused before it reaches SQL.
@@ -72,6 +77,7 @@ pub struct BackupSource<'a> {
     pub framework: Framework,
     pub version: &'a StoreVersion,
     pub tables: &'a [String],
+    pub operation: Option<&'a str>,
 }
 
 /// Copies the given tables of the store into a new backup schema.
@@ -101,7 +107,7 @@ pub async fn create(
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TABLE {}.{} (backup_id text NOT NULL, source_schema text NOT NULL, \
          schema_version integer NOT NULL, reason text NOT NULL, created_at timestamptz NOT NULL, \
-         tables integer NOT NULL, row_count bigint NOT NULL, framework text NOT NULL, versions jsonb NOT NULL)",
+         tables integer NOT NULL, row_count bigint NOT NULL, framework text NOT NULL, versions jsonb NOT NULL, operation text)",
         quote_ident(&backup_schema),
         quote_ident(BACKUP_METADATA_TABLE)
     )))
@@ -117,9 +123,10 @@ pub async fn create(
         reason: reason.to_owned(),
         tables: source.tables.len() as i32,
         rows,
+        operation: source.operation.map(str::to_owned),
     };
     sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {}.{} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "INSERT INTO {}.{} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         quote_ident(&backup_schema),
         quote_ident(BACKUP_METADATA_TABLE)
     )))
@@ -132,6 +139,7 @@ pub async fn create(
     .bind(info.rows)
     .bind(info.framework.as_str())
     .bind(serde_json::to_value(&info.version_details).unwrap_or_default())
+    .bind(&info.operation)
     .execute(&mut *conn)
     .await?;
     Ok(info)
@@ -216,6 +224,7 @@ pub async fn read_metadata(
         reason: stored.reason,
         tables: stored.tables,
         rows: stored.row_count,
+        operation: stored.operation,
     })
 }
 

@@ -95,6 +95,19 @@ impl ConnectionSettings {
         self.options.get_username()
     }
 
+    /// libpq's variables for everything but the password: PGHOST, PGPORT, PGDATABASE, PGUSER.
+    pub fn libpq_environment(&self) -> Vec<(String, String)> {
+        vec![
+            ("PGHOST".into(), self.options.get_host().to_owned()),
+            ("PGPORT".into(), self.options.get_port().to_string()),
+            (
+                "PGDATABASE".into(),
+                self.options.get_database().unwrap_or("postgres").to_owned(),
+            ),
+            ("PGUSER".into(), self.options.get_username().to_owned()),
+        ]
+    }
+
     /// Opens one connection first, so that a wrong password or an unreachable host is reported
     /// precisely rather than as a pool timeout; then returns a lazily filled pool.
     pub async fn connect(&self) -> Result<PgPool, Error> {

@@ -96,6 +96,9 @@ pub enum Error {
     )]
     DowngradeRefused { target: i32, current: i32 },
 
+    #[error("{0}")]
+    InvalidOperation(String),
+
     #[error("reset refused: {0}")]
     ResetRefused(String),
 
@@ -162,6 +165,7 @@ impl Error {
             Error::SchemaTooOld { .. } => "SchemaTooOld",
             Error::UnknownTargetVersion { .. } => "UnknownTargetVersion",
             Error::DowngradeRefused { .. } => "DowngradeRefused",
+            Error::InvalidOperation(_) => "InvalidOperation",
             Error::ResetRefused(_) => "ResetRefused",
             Error::NoBackups { .. } => "NoBackups",
             Error::BackupNotFound { .. } => "BackupNotFound",

@@ -269,7 +269,9 @@ pub(crate) async fn import(
         .execute(&mut *tx)
         .await?;
     store.lock_tables(&mut tx).await?;
-    let backup = store.create_backup(&mut tx, &current, "pre-import").await?;
+    let backup = store
+        .backup_before_change(&mut tx, &current, "pre-import")
+        .await?;
     sqlx::query(AssertSqlSafe(format!(
         "TRUNCATE {}",
         qualified_list(schema, &live)
@@ -292,7 +294,7 @@ pub(crate) async fn import(
             operation: "import",
             from_version: current.schema_version,
             to_version: current.schema_version,
-            backup_id: Some(&backup.id),
+            backup_id: backup.as_ref().map(|b| b.id.as_str()),
             details: serde_json::json!({
                 "mode": ImportMode::Replace,
                 "format": ExportFormat::Exact,
@@ -315,7 +317,7 @@ pub(crate) async fn import(
         bytes: staged.bytes,
         sha256: staged.sha256,
         compression: incoming.compression,
-        backup: Some(backup),
+        backup,
         duration: incoming.started.elapsed(),
     })
 }
@@ -326,4 +328,45 @@ fn describe(columns: &[(String, String)]) -> String {
         .map(|(name, type_)| format!("{name} {type_}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+impl Store {
+    /// Makes this store equal to `source`, a store of the same framework and schema version: an
+    /// exact export of the source (one snapshot) streamed straight into an exact import here (one
+    /// transaction, with a backup of what it replaces). No file, memory bounded by the pipe.
+    pub async fn copy_from(&self, source: &Store) -> Result<ImportReport, Error> {
+        if source.framework() != self.framework() {
+            return Err(Error::InvalidOperation(format!(
+                "cannot copy a {} store into a {} store: both must be of one framework",
+                source.profile().display_name,
+                self.profile().display_name
+            )));
+        }
+        let (writer, reader) = tokio::io::duplex(1 << 20);
+        let options = super::export::ExportOptions {
+            environments: None,
+            compression: super::export::Compression::None,
+            format: ExportFormat::Exact,
+        };
+        let export = async move {
+            source
+                .export(writer, &options)
+                .await
+                .map(|(report, _)| report)
+        };
+        let import = self.import(
+            reader,
+            &super::import::ImportOptions {
+                mode: ImportMode::Replace,
+                expected_sha256: None,
+            },
+        );
+        let (exported, imported) = tokio::join!(export, import);
+        match (exported, imported) {
+            // The import stopped reading first (it refused the data): its reason is the news.
+            (Err(Error::ExportWrite(_)), Err(e)) => Err(e),
+            (Err(e), _) => Err(e),
+            (Ok(_), imported) => imported,
+        }
+    }
 }

@@ -17,6 +17,8 @@ pub mod janitor;
 pub mod json;
 mod jsonscan;
 pub mod migrations;
+pub mod plan;
+pub mod run;
 pub mod store;
 mod tableset;
 
@@ -30,6 +32,8 @@ pub use identifier::SchemaName;
 pub use import::{ImportMode, ImportOptions, ImportReport};
 pub use janitor::{JanitorOptions, JanitorReport};
 pub use migrations::{Migration, MigrationChain};
+pub use plan::{Operation, Plan};
+pub use run::{RunOutcome, RunReport};
 pub use store::{
     InitReport, ResetApproval, ResetReport, RollbackReport, StatusReport, Store, UpgradeReport,
 };

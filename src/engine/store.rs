@@ -35,6 +35,11 @@ pub struct Store {
     chain: MigrationChain,
     actor: String,
     lock_timeout: Duration,
+    /// Whether operations that change the store back it up first (the default).
+    backup_before_change: bool,
+    /// Recorded in the backups this handle makes, so that a caller can tell after a crash whether
+    /// its operation committed (the backup commits with it).
+    operation_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -144,6 +149,8 @@ impl Store {
             chain: MigrationChain::shipped(),
             actor: "statekeeper".into(),
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            backup_before_change: true,
+            operation_id: None,
         }
     }
 
@@ -160,6 +167,18 @@ impl Store {
     /// Who is acting, recorded in the history tables (`cli`, `operator:ns/name`).
     pub fn with_actor(mut self, actor: impl Into<String>) -> Self {
         self.actor = actor.into();
+        self
+    }
+
+    /// Whether rollback, reset, import, upgrade and copy back the store up first (default yes).
+    pub fn with_backup_before_change(mut self, enabled: bool) -> Self {
+        self.backup_before_change = enabled;
+        self
+    }
+
+    /// Tags the backups this handle makes with the id of the request they belong to.
+    pub fn with_operation_id(mut self, id: impl Into<String>) -> Self {
+        self.operation_id = Some(id.into());
         self
     }
 
@@ -263,10 +282,15 @@ impl Store {
 
     /// Takes a backup of the store now, from one consistent snapshot: nothing waits on it.
     pub async fn backup(&self) -> Result<BackupInfo, Error> {
+        self.backup_with_reason("manual").await
+    }
+
+    /// A backup now, recording why (`manual`, `pre-run`, `pre-migration`, …).
+    pub async fn backup_with_reason(&self, reason: &str) -> Result<BackupInfo, Error> {
         let mut tx = self.begin_snapshot().await?;
         self.take_advisory_lock(&mut tx).await?;
         let version = self.require_initialized(&mut tx).await?;
-        let info = self.create_backup(&mut tx, &version, "manual").await?;
+        let info = self.create_backup(&mut tx, &version, reason).await?;
         tx.commit().await?;
         Ok(info)
     }
@@ -366,6 +390,20 @@ impl Store {
         Ok(current)
     }
 
+    /// The backup an operation that changes the store makes first, unless backups before changes
+    /// are turned off for this handle.
+    pub(crate) async fn backup_before_change(
+        &self,
+        conn: &mut PgConnection,
+        version: &StoreVersion,
+        reason: &str,
+    ) -> Result<Option<BackupInfo>, Error> {
+        if !self.backup_before_change {
+            return Ok(None);
+        }
+        self.create_backup(conn, version, reason).await.map(Some)
+    }
+
     /// A backup of every table of the store, in the caller's transaction.
     pub(crate) async fn create_backup(
         &self,
@@ -381,6 +419,7 @@ impl Store {
                 framework: self.framework,
                 version,
                 tables: &tables,
+                operation: self.operation_id.as_deref(),
             },
             reason,
         )

@@ -35,11 +35,11 @@ pub(crate) async fn rollback(
     frameworks::check_backup(store, &mut tx, &restored).await?;
     let current = frameworks::read_version(store, &mut tx).await?;
     let pre_rollback_backup = match &current {
-        Some(version) => Some(
+        Some(version) => {
             store
-                .create_backup(&mut tx, version, "pre-rollback")
-                .await?,
-        ),
+                .backup_before_change(&mut tx, version, "pre-rollback")
+                .await?
+        }
         None => None,
     };
     let rows_restored = restore(store, &mut tx, &restored).await?;
@@ -169,8 +169,8 @@ pub(crate) async fn reset(store: &Store, approval: ResetApproval) -> Result<Rese
     }
     if !approval.approved {
         return Err(Error::ResetRefused(
-            "the reset was not approved (pass --auto-approve to the CLI, or set \
-             approveReset: true on the StateMigration)"
+            "the reset was not approved (pass --auto-approve to the CLI, or approve the \
+             StateMigration's plan with spec.approval.planHash)"
                 .into(),
         ));
     }
@@ -181,7 +181,11 @@ pub(crate) async fn reset(store: &Store, approval: ResetApproval) -> Result<Rese
         store.refuse_other_framework(&mut tx).await?;
     }
     let backup = match &current {
-        Some(version) => Some(store.create_backup(&mut tx, version, "pre-reset").await?),
+        Some(version) => {
+            store
+                .backup_before_change(&mut tx, version, "pre-reset")
+                .await?
+        }
         None => None,
     };
     let tables = store.tables(&mut tx).await?;

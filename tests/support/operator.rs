@@ -95,6 +95,7 @@ impl Harness {
         let kube = FakeKube::new();
         let settings = Settings {
             connect_timeout: Duration::from_secs(3),
+            lock_timeout: Duration::from_secs(2),
             ..Settings::default()
         };
         let ctx = Arc::new(Context::new(kube.client(), settings));
@@ -185,14 +186,18 @@ pub fn export_condition(
     export: &statekeeper::api::StateExport,
     type_: &str,
 ) -> (String, String, String) {
-    let c = export
-        .status
-        .as_ref()
-        .unwrap()
-        .conditions
+    condition(&export.status.as_ref().unwrap().conditions, type_)
+}
+
+/// (status, reason, message) of the condition `type_`.
+pub fn condition(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> (String, String, String) {
+    let c = conditions
         .iter()
         .find(|c| c.type_ == type_)
-        .unwrap();
+        .unwrap_or_else(|| panic!("no {type_} condition in {conditions:?}"));
     (c.status.clone(), c.reason.clone(), c.message.clone())
 }
 
@@ -200,4 +205,61 @@ pub fn temp_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("sk-export-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+pub fn migration_path(name: &str) -> String {
+    format!("/apis/statekeeper.dev/v1alpha1/namespaces/{NS}/statemigrations/{name}")
+}
+
+/// A StateMigration of the `analytics` store created at `created` (creation order is queue order).
+pub fn state_migration(name: &str, created: &str, spec: Value) -> Value {
+    let mut full = json!({"storeRef": {"name": "analytics"}});
+    support_merge(&mut full, &spec);
+    json!({
+        "apiVersion": "statekeeper.dev/v1alpha1",
+        "kind": "StateMigration",
+        "metadata": {
+            "name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1,
+            "creationTimestamp": created
+        },
+        "spec": full
+    })
+}
+
+pub fn job_path(name: &str) -> String {
+    format!("/apis/batch/v1/namespaces/{NS}/jobs/{name}")
+}
+
+impl Harness {
+    /// Reconciles a StateMigration as stored in the fake (status included); returns the result.
+    pub async fn reconcile_migration(
+        &self,
+        name: &str,
+    ) -> (Action, statekeeper::api::StateMigration) {
+        let path = migration_path(name);
+        let typed: statekeeper::api::StateMigration =
+            serde_json::from_value(self.kube.get(&path).unwrap()).unwrap();
+        let action =
+            statekeeper::controller::state_migration::reconcile(Arc::new(typed), self.ctx.clone())
+                .await
+                .expect("reconcile");
+        (
+            action,
+            serde_json::from_value(self.kube.get(&path).unwrap()).unwrap(),
+        )
+    }
+
+    /// Sets a field of a stored object, as a user's `kubectl patch` would.
+    pub fn patch(&self, path: &str, patch: Value) {
+        let mut object = self.kube.get(path).unwrap();
+        support_merge(&mut object, &patch);
+        self.kube.put(path, object);
+    }
+}
+
+pub fn migration_condition(
+    migration: &statekeeper::api::StateMigration,
+    type_: &str,
+) -> (String, String, String) {
+    condition(&migration.status.as_ref().unwrap().conditions, type_)
 }

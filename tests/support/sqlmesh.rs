@@ -34,25 +34,51 @@ pub fn sqlmesh_version() -> String {
 pub fn sqlmesh_bin() -> &'static str {
     static BIN: OnceLock<String> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Ok(bin) = std::env::var("STATEKEEPER_SQLMESH") {
-            return bin;
-        }
-        let script = format!("{}/scripts/python-env.sh", env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new("bash")
-            .args([&script, "-r", SQLMESH_REQUIREMENTS])
-            .output()
-            .expect("run scripts/python-env.sh");
-        assert!(
-            out.status.success(),
-            "cannot install SQLMesh from {SQLMESH_REQUIREMENTS}:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let python = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        Path::new(&python)
-            .with_file_name("sqlmesh")
-            .to_string_lossy()
-            .into_owned()
+        std::env::var("STATEKEEPER_SQLMESH")
+            .unwrap_or_else(|_| install_sqlmesh(SQLMESH_REQUIREMENTS, None))
     })
+}
+
+/// An older SQLMesh release (pinned in tests/fixtures/sqlmesh-old-requirements.txt, with an older
+/// state schema), in a virtualenv of its own: state it writes is what `sqlmesh migrate` upgrades.
+pub fn old_sqlmesh_bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cache = std::env::var("XDG_CACHE_HOME").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache",
+                std::env::var("HOME").unwrap_or_else(|_| "/tmp".into())
+            )
+        });
+        install_sqlmesh(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/sqlmesh-old-requirements.txt"
+            ),
+            Some(format!("{cache}/statekeeper/venv-sqlmesh-old")),
+        )
+    })
+}
+
+/// Installs the requirements (into `venv`, or the test virtualenv) and returns its `sqlmesh`.
+fn install_sqlmesh(requirements: &str, venv: Option<String>) -> String {
+    let script = format!("{}/scripts/python-env.sh", env!("CARGO_MANIFEST_DIR"));
+    let mut command = Command::new("bash");
+    command.args([&script, "-r", requirements]);
+    if let Some(venv) = venv {
+        command.env("STATEKEEPER_VENV", venv);
+    }
+    let out = command.output().expect("run scripts/python-env.sh");
+    assert!(
+        out.status.success(),
+        "cannot install SQLMesh from {requirements}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Path::new(&python)
+        .with_file_name("sqlmesh")
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// A copy of the fixture project whose state lives in one test database.
@@ -117,10 +143,15 @@ before_all:
 
     /// Runs `sqlmesh ARGS` in the project.
     pub fn run(&self, args: &[&str]) -> Output {
+        self.run_with(sqlmesh_bin(), args)
+    }
+
+    /// Runs `ARGS` with the `sqlmesh` executable `bin` (another release) in the project.
+    pub fn run_with(&self, bin: &str, args: &[&str]) -> Output {
         // SQLMesh's local snapshot cache would make `state export` read models from disk rather
         // than from the database: without it, exports show exactly what the database holds.
         let _ = std::fs::remove_dir_all(self.dir.join(".cache"));
-        Command::new(sqlmesh_bin())
+        Command::new(bin)
             .args(args)
             .current_dir(&self.dir)
             .env("NO_COLOR", "1")

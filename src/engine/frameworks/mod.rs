@@ -177,6 +177,10 @@ pub struct Profile {
     pub not_initialized_hint: &'static str,
     /// What to do when a file's schema version differs from the store's.
     pub version_mismatch_hint: &'static str,
+    /// The framework's own command that migrates its tables (empty: statekeeper upgrades them).
+    pub migrate_command: &'static [&'static str],
+    /// The framework's own janitor command (empty: statekeeper's janitor cleans the store).
+    pub janitor_command: &'static [&'static str],
 }
 
 impl Profile {

@@ -748,7 +748,9 @@ pub(crate) async fn import(
         .await?;
 
     store.lock_tables(&mut tx).await?;
-    let backup = store.create_backup(&mut tx, &current, "pre-import").await?;
+    let backup = store
+        .backup_before_change(&mut tx, &current, "pre-import")
+        .await?;
     let schema = store.schema().as_str();
     let s = store.schema().quoted();
     let present = store.tables(&mut tx).await?;
@@ -875,7 +877,7 @@ pub(crate) async fn import(
         bytes: staged.bytes,
         sha256: staged.sha256,
         compression: incoming.compression,
-        backup: Some(backup),
+        backup,
         duration: incoming.started.elapsed(),
     })
 }

@@ -82,6 +82,8 @@ pub static PROFILE: Profile = Profile {
                            `sqlmesh migrate`",
     version_mismatch_hint: "run `sqlmesh migrate` on the older side (this store, or the database \
                             the file was exported from, then export again)",
+    migrate_command: &["sqlmesh", "migrate"],
+    janitor_command: &["sqlmesh", "janitor"],
 };
 
 /// `_versions`: the state schema version and the SQLMesh and SQLGlot versions that wrote it.

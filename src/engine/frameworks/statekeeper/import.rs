@@ -186,7 +186,9 @@ pub(crate) async fn import(
         schema_version: current,
         details: Default::default(),
     };
-    let backup = store.create_backup(&mut tx, &version, "pre-import").await?;
+    let backup = store
+        .backup_before_change(&mut tx, &version, "pre-import")
+        .await?;
     match incoming.options.mode {
         ImportMode::Replace => apply_replace(store, &mut tx).await?,
         ImportMode::Merge => apply_merge(store, &mut tx).await?,
@@ -199,7 +201,7 @@ pub(crate) async fn import(
             operation: "import",
             from_version: current,
             to_version: current,
-            backup_id: Some(&backup.id),
+            backup_id: backup.as_ref().map(|b| b.id.as_str()),
             details: serde_json::json!({
                 "mode": incoming.options.mode,
                 "format": "statekeeper",
@@ -223,7 +225,7 @@ pub(crate) async fn import(
         bytes: staged.bytes,
         sha256: staged.sha256,
         compression: incoming.compression,
-        backup: Some(backup),
+        backup,
         duration: incoming.started.elapsed(),
     })
 }

@@ -42,6 +42,8 @@ pub static PROFILE: Profile = Profile {
     not_initialized_hint: "run `statekeeper state init` first",
     version_mismatch_hint: "upgrade the older store with `statekeeper state upgrade` (and export \
                             again if that was the source)",
+    migrate_command: &[],
+    janitor_command: &[],
 };
 
 /// A row count of one table, named after it.
@@ -199,7 +201,7 @@ pub(crate) async fn upgrade(store: &Store, target: Option<i32>) -> Result<Upgrad
         });
     }
     let backup = store
-        .create_backup(&mut tx, &version, "pre-upgrade")
+        .backup_before_change(&mut tx, &version, "pre-upgrade")
         .await?;
     let applied = apply_steps(store, &mut tx, current, target).await?;
     record_event(
@@ -209,7 +211,7 @@ pub(crate) async fn upgrade(store: &Store, target: Option<i32>) -> Result<Upgrad
             operation: "upgrade",
             from_version: current,
             to_version: target,
-            backup_id: Some(&backup.id),
+            backup_id: backup.as_ref().map(|b| b.id.as_str()),
             details: serde_json::json!({ "applied": applied }),
         },
     )
@@ -220,7 +222,7 @@ pub(crate) async fn upgrade(store: &Store, target: Option<i32>) -> Result<Upgrad
         from_version: current,
         to_version: target,
         applied,
-        backup: Some(backup),
+        backup,
         duration_ms: store::elapsed_ms(started),
     })
 }

@@ -1,0 +1,259 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::runner::Runner;
+use super::state_export::{Destination, StoreRef};
+
+/// The spec is immutable once created, except `approval`: a migration is a request, and its
+/// status the record of what was done for exactly that request.
+const IMMUTABLE_RULE: &str = concat!(
+    "self.spec.storeRef == oldSelf.spec.storeRef",
+    " && has(self.spec.upgrade) == has(oldSelf.spec.upgrade) && (!has(self.spec.upgrade) || self.spec.upgrade == oldSelf.spec.upgrade)",
+    " && has(self.spec.rollback) == has(oldSelf.spec.rollback) && (!has(self.spec.rollback) || self.spec.rollback == oldSelf.spec.rollback)",
+    " && has(self.spec.reset) == has(oldSelf.spec.reset) && (!has(self.spec.reset) || self.spec.reset == oldSelf.spec.reset)",
+    " && has(self.spec.import) == has(oldSelf.spec.import) && (!has(self.spec.import) || self.spec.import == oldSelf.spec.import)",
+    " && has(self.spec.copyFrom) == has(oldSelf.spec.copyFrom) && (!has(self.spec.copyFrom) || self.spec.copyFrom == oldSelf.spec.copyFrom)",
+    " && (has(self.spec.backup) ? self.spec.backup : true) == (has(oldSelf.spec.backup) ? oldSelf.spec.backup : true)",
+    " && (has(self.spec.dryRun) ? self.spec.dryRun : false) == (has(oldSelf.spec.dryRun) ? oldSelf.spec.dryRun : false)",
+    " && (has(self.spec.requireApproval) ? self.spec.requireApproval : false) == (has(oldSelf.spec.requireApproval) ? oldSelf.spec.requireApproval : false)",
+);
+
+const ONE_OPERATION_RULE: &str = "[has(self.spec.upgrade), has(self.spec.rollback), has(self.spec.reset), has(self.spec.import), has(self.spec.copyFrom)].filter(x, x).size() == 1";
+
+/// A one-shot operation on a StateStore, GitOps style: the object is the request, its status the
+/// record. The operator plans it (status.plan, status.planHash), waits for approval when asked,
+/// runs it once, after everything queued before it on the same store, and never again.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "statekeeper.dev",
+    version = "v1alpha1",
+    kind = "StateMigration",
+    namespaced,
+    status = "StateMigrationStatus",
+    shortname = "skm",
+    category = "statekeeper",
+    validation = Rule::new(ONE_OPERATION_RULE).message("set exactly one operation: upgrade, rollback, reset, import or copyFrom"),
+    validation = Rule::new(IMMUTABLE_RULE).message("a StateMigration's spec is immutable except spec.approval: create a new StateMigration for another operation"),
+    validation = Rule::new("!has(self.spec.reset) || !has(self.spec.backup) || self.spec.backup").message("a reset always keeps the removed state in a backup: backup cannot be false"),
+    validation = Rule::new("!has(self.spec.copyFrom) || self.spec.copyFrom.storeRef.name != self.spec.storeRef.name").message("copyFrom names the store itself: name another StateStore"),
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Store","type":"string","jsonPath":".spec.storeRef.name"}"#,
+    printcolumn = r#"{"name":"Operation","type":"string","jsonPath":".status.operation"}"#,
+    printcolumn = r#"{"name":"Plan Hash","type":"string","jsonPath":".status.planHash","priority":1}"#,
+    printcolumn = r#"{"name":"Backup","type":"string","jsonPath":".status.backupId","priority":1}"#,
+    printcolumn = r#"{"name":"Finished","type":"date","jsonPath":".status.finishedAt"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StateMigrationSpec {
+    /// The StateStore to operate on, in the same namespace.
+    pub store_ref: StoreRef,
+    /// Upgrade the store's schema: to `targetVersion` where statekeeper owns the schema, or by
+    /// running the framework's own migration (`runner`) where the framework does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradeOperation>,
+    /// Restore a backup of the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackOperation>,
+    /// Remove the store's state (kept in a backup). Needs `allowReset: true` on the store and an
+    /// approval on this object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset: Option<ResetOperation>,
+    /// Import an export file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<ImportOperation>,
+    /// Make this store equal to another store of the same framework (streamed, no file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_from: Option<CopyFromOperation>,
+    /// Back the store up before changing it (default true; `rollback` restores that backup).
+    #[serde(default = "default_true")]
+    pub backup: bool,
+    /// Only plan: record the plan and its hash in status, change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Wait for `approval.planHash` before running (the store's `requireApproval` asks too).
+    #[serde(default)]
+    pub require_approval: bool,
+    /// The approval of one plan: the only field that may change after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeOperation {
+    /// A schema version number, or `latest` (the default), for a store statekeeper owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_version: Option<IntOrString>,
+    /// The framework's own migration as a Job (required for SQLMesh; default command
+    /// `sqlmesh migrate`). The store is backed up first and restored when the Job fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<Runner>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RollbackOperation {
+    /// The backup to restore (17 digits, see the store's status.backups); the latest when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{17}$"))]
+    pub backup_id: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ResetOperation {}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.source) != has(self.fromExport)").message("set either import.source or import.fromExport"))]
+pub struct ImportOperation {
+    /// Where the file is (`url`, `options`, `credentialsSecretRef`, as a StateExport's
+    /// destination).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Destination>,
+    /// A finished StateExport in this namespace: its file, credentials and sha256 are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_export: Option<ExportRef>,
+    /// `Replace` (the store equals the file) or `Merge` (what the file holds replaces its
+    /// namesakes; everything else stays).
+    #[serde(default)]
+    pub mode: ImportModeSpec,
+    /// Refuse the file unless its sha256 is this hex digest (with `fromExport`: the export's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub expected_sha256: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ExportRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ImportModeSpec {
+    #[default]
+    Replace,
+    Merge,
+}
+
+impl From<ImportModeSpec> for crate::engine::ImportMode {
+    fn from(value: ImportModeSpec) -> Self {
+        match value {
+            ImportModeSpec::Replace => Self::Replace,
+            ImportModeSpec::Merge => Self::Merge,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CopyFromOperation {
+    /// The StateStore to copy from, in the same namespace and of the same framework.
+    pub store_ref: StoreRef,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Approval {
+    /// The `status.planHash` (or `statekeeper state plan` hash) being approved. It approves
+    /// exactly that plan: when the store changes, the plan and its hash change, and the old
+    /// approval no longer applies.
+    #[schemars(regex(pattern = r"^[0-9a-f]{12,64}$"))]
+    pub plan_hash: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StateMigrationStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pending, Queued, AwaitingApproval, Planned (dry run), Running, Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// upgrade, rollback, reset, import or copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// What the operation will do (or did), as computed from the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<MigrationPlan>,
+    /// The plan's hash: put it in `spec.approval.planHash` to approve exactly this plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_hash: Option<String>,
+    /// While queued: this object's place and what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueStatus>,
+    /// The backup made before the change; a rollback to it undoes the operation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_id: Option<String>,
+    /// The Job running the framework's command (runner upgrades).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// True when a failed runner's changes were undone by restoring the backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_version: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_version: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// What happened, and after a failure what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default)]
+    #[schemars(schema_with = "super::conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStatus {
+    /// 1 = next to run.
+    pub position: u32,
+    /// The operation this one waits for, e.g. `StateExport nightly-20261127 (Running)`.
+    pub waiting_for: String,
+}
+
+/// The engine's plan, as recorded in status.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationPlan {
+    pub operation: String,
+    pub framework: String,
+    pub schema: String,
+    pub from_version: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_version: Option<i32>,
+    /// What will be done, in order.
+    pub steps: Vec<String>,
+    /// The store's tables now, with their row counts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<PlannedTable>,
+    /// The backup to be made first, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// The Job to be created, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Where the new state comes from (import file, backup, other store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PlannedTable {
+    pub name: String,
+    pub rows: i64,
+}

@@ -1,0 +1,271 @@
+//! Runner Jobs: a framework's own command (`sqlmesh migrate`, `sqlmesh janitor`) as a Kubernetes
+//! Job, for StateMigration upgrades and scheduled framework janitors. The store's connection
+//! reaches the container through `secretKeyRef`s to the store's own Secret: no secret value is
+//! ever copied into a Job.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EnvVar, EnvVarSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    SeccompProfile, SecretKeySelector, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, PostParams};
+use sha2::{Digest, Sha256};
+
+use crate::api::SecretKeyRef;
+use crate::api::runner::Runner;
+use crate::api::state_store::StateStore;
+use crate::engine::Framework;
+
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "statekeeper");
+pub const STORE_LABEL: &str = "statekeeper.dev/store";
+/// What a Job is for: `upgrade` or `janitor`.
+pub const PURPOSE_LABEL: &str = "statekeeper.dev/purpose";
+
+/// A Job name from `base` and `suffix`, at most 63 characters (Jobs label their pods with it):
+/// long bases are cut and made unique again with a hash of the whole.
+pub fn job_name(base: &str, suffix: &str) -> String {
+    let full = format!("{base}-{suffix}");
+    if full.len() <= 63 {
+        return full;
+    }
+    let hash = &hex::encode(Sha256::digest(full.as_bytes()))[..8];
+    let room = 63 - suffix.len() - hash.len() - 2;
+    let cut: String = base.chars().take(room).collect();
+    format!("{}-{hash}-{suffix}", cut.trim_end_matches(['-', '.']))
+}
+
+/// Everything a runner Job is made from.
+pub struct JobRequest<'a> {
+    pub name: String,
+    pub namespace: &'a str,
+    pub runner: &'a Runner,
+    /// Used when the runner names no command.
+    pub default_command: &'a [&'a str],
+    pub store: &'a StateStore,
+    pub owner: OwnerReference,
+    pub purpose: &'a str,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The command a runner runs: its own, or the framework's default.
+pub fn command(runner: &Runner, default_command: &[&str]) -> Vec<String> {
+    if runner.command.is_empty() {
+        default_command.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        runner.command.clone()
+    }
+}
+
+fn secret_env(name: &str, reference: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: reference.name.clone(),
+                key: reference.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn plain_env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+/// The store's connection as environment variables: values that are not secret as they are,
+/// secrets as references to the store's Secret.
+pub fn connection_env(store: &StateStore) -> Vec<EnvVar> {
+    let spec = &store.spec;
+    let connection = &spec.connection;
+    let mut env = vec![
+        plain_env("STATEKEEPER_SCHEMA", spec.schema_name()),
+        plain_env(
+            "STATEKEEPER_FRAMEWORK",
+            Framework::from(spec.framework).as_str(),
+        ),
+    ];
+    if let Some(url) = &connection.url_secret_ref {
+        env.push(secret_env("STATEKEEPER_DATABASE_URL", url));
+    }
+    if let Some(host) = &connection.host {
+        env.push(plain_env("PGHOST", host.clone()));
+        env.push(plain_env(
+            "PGPORT",
+            connection.port.unwrap_or(5432).to_string(),
+        ));
+        env.push(plain_env(
+            "PGDATABASE",
+            connection.database.as_deref().unwrap_or("postgres"),
+        ));
+        if let Some(user) = &connection.user {
+            env.push(plain_env("PGUSER", user.clone()));
+        }
+        if let Some(password) = &connection.password_secret_ref {
+            env.push(secret_env("PGPASSWORD", password));
+        }
+        if let Some(mode) = connection.ssl_mode {
+            env.push(plain_env("PGSSLMODE", mode.as_libpq()));
+        }
+    }
+    env
+}
+
+/// The Job for a request: one pod, never retried (a half-run migration is restored, not run
+/// twice), bounded by the runner's deadline, non-root, owned by the requesting object.
+pub fn build_job(request: &JobRequest<'_>) -> Job {
+    let runner = request.runner;
+    let mut labels = request.labels.clone();
+    labels.insert(MANAGED_BY.0.into(), MANAGED_BY.1.into());
+    labels.insert(STORE_LABEL.into(), store_name(request.store));
+    labels.insert(PURPOSE_LABEL.into(), request.purpose.into());
+    // The runner's own variables first; the connection's last, so they cannot be overridden by
+    // accident into pointing the command at another database.
+    let mut env = runner.env.clone();
+    let connection = connection_env(request.store);
+    env.retain(|e| !connection.iter().any(|c| c.name == e.name));
+    env.extend(connection);
+    let container = Container {
+        name: request.purpose.into(),
+        image: Some(runner.image.clone()),
+        command: Some(command(runner, request.default_command)),
+        args: (!runner.args.is_empty()).then(|| runner.args.clone()),
+        working_dir: runner.working_dir.clone(),
+        env: Some(env),
+        env_from: (!runner.env_from.is_empty()).then(|| runner.env_from.clone()),
+        resources: runner.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    Job {
+        metadata: ObjectMeta {
+            name: Some(request.name.clone()),
+            namespace: Some(request.namespace.to_owned()),
+            labels: Some(labels.clone()),
+            owner_references: Some(vec![request.owner.clone()]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            active_deadline_seconds: Some(runner.active_deadline_seconds),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    service_account_name: runner.service_account_name.clone(),
+                    node_selector: (!runner.node_selector.is_empty())
+                        .then(|| runner.node_selector.clone()),
+                    tolerations: (!runner.tolerations.is_empty())
+                        .then(|| runner.tolerations.clone()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: runner.run_as_user,
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn store_name(store: &StateStore) -> String {
+    store.metadata.name.clone().unwrap_or_default()
+}
+
+/// Creates the Job, or adopts the one an earlier attempt created under the same name (its status
+/// write was lost to a restart): never two Jobs for one request.
+pub async fn create_or_adopt(api: &Api<Job>, job: &Job) -> Result<Job, kube::Error> {
+    match api.create(&PostParams::default(), job).await {
+        Ok(created) => Ok(created),
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            api.get(job.metadata.name.as_deref().unwrap_or_default())
+                .await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Where a Job is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobOutcome {
+    Running,
+    Succeeded,
+    /// The Job failed: its condition's reason (e.g. `DeadlineExceeded`, `BackoffLimitExceeded`)
+    /// and message.
+    Failed {
+        reason: String,
+        message: String,
+    },
+}
+
+pub fn outcome(job: &Job) -> JobOutcome {
+    let Some(status) = &job.status else {
+        return JobOutcome::Running;
+    };
+    for condition in status.conditions.iter().flatten() {
+        if condition.status != "True" {
+            continue;
+        }
+        match condition.type_.as_str() {
+            "Complete" => return JobOutcome::Succeeded,
+            "Failed" => {
+                return JobOutcome::Failed {
+                    reason: condition.reason.clone().unwrap_or_else(|| "Failed".into()),
+                    message: condition.message.clone().unwrap_or_default(),
+                };
+            }
+            _ => {}
+        }
+    }
+    if status.succeeded.unwrap_or(0) > 0 && status.active.unwrap_or(0) == 0 {
+        return JobOutcome::Succeeded;
+    }
+    if status.failed.unwrap_or(0) > 0 && status.active.unwrap_or(0) == 0 {
+        return JobOutcome::Failed {
+            reason: "PodFailed".into(),
+            message: "the Job's pod failed".into(),
+        };
+    }
+    JobOutcome::Running
+}
+
+/// What failed, in words, for status messages.
+pub fn describe_failure(reason: &str, message: &str, deadline_seconds: i64) -> String {
+    let what = match reason {
+        "DeadlineExceeded" => format!("ran longer than its deadline of {deadline_seconds}s"),
+        "BackoffLimitExceeded" | "PodFailed" => "exited with an error".to_owned(),
+        other => format!("failed ({other})"),
+    };
+    if message.is_empty() {
+        what
+    } else {
+        format!("{what}: {message}")
+    }
+}

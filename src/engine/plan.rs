@@ -1,0 +1,405 @@
+//! Plans: what an operation will do to a store, computed from the store as it is, with a hash
+//! that binds an approval to exactly that plan. The hash covers every table's row count and a
+//! checksum of its rows, so any change to the store (a `sqlmesh plan`, a janitor run) changes the
+//! hash and voids an approval given before it.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::{AssertSqlSafe, PgConnection};
+
+use super::Error;
+use super::backup;
+use super::frameworks::{self, Framework, ResetStyle};
+use super::identifier::quote_ident;
+use super::import::ImportMode;
+use super::store::Store;
+
+/// Hex digits of a plan hash: 64 bits, plenty to tell two plans of one store apart.
+pub const PLAN_HASH_LEN: usize = 16;
+
+/// An operation to plan.
+#[derive(Clone, Copy)]
+pub enum Operation<'a> {
+    /// statekeeper's own steps, up to `target` (default: latest).
+    Upgrade {
+        target: Option<i32>,
+    },
+    /// The framework's own migration, run by `runner` (a Job, or a local command).
+    RunnerUpgrade {
+        runner: &'a str,
+    },
+    Rollback {
+        backup_id: Option<&'a str>,
+    },
+    Reset {
+        allow_reset: bool,
+    },
+    Import {
+        source: &'a str,
+        mode: ImportMode,
+        expected_sha256: Option<&'a str>,
+    },
+    /// Make the store equal to `from` (named `label` for people).
+    Copy {
+        from: &'a Store,
+        label: &'a str,
+    },
+}
+
+impl Operation<'_> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::Upgrade { .. } | Operation::RunnerUpgrade { .. } => "upgrade",
+            Operation::Rollback { .. } => "rollback",
+            Operation::Reset { .. } => "reset",
+            Operation::Import { .. } => "import",
+            Operation::Copy { .. } => "copy",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedTable {
+    pub name: String,
+    pub rows: i64,
+    /// An order-independent checksum of the table's rows.
+    pub checksum: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    pub operation: String,
+    pub framework: Framework,
+    pub schema: String,
+    pub from_version: i32,
+    /// Unknown ahead of time where the framework migrates itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_version: Option<i32>,
+    /// The framework's own version facts (SQLMesh's and SQLGlot's versions).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub versions: BTreeMap<String, String>,
+    /// What will be done, in order.
+    pub steps: Vec<String>,
+    /// The store's tables as they are now.
+    pub tables: Vec<PlannedTable>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// True when there is nothing to do (an upgrade of a store already at its target).
+    pub no_op: bool,
+    /// sha256 of everything above, first [`PLAN_HASH_LEN`] hex digits.
+    pub hash: String,
+}
+
+impl Plan {
+    fn sealed(mut self) -> Self {
+        self.hash = String::new();
+        let canonical = serde_json::to_vec(&self).unwrap_or_default();
+        let digest = hex::encode(Sha256::digest(&canonical));
+        self.hash = digest[..PLAN_HASH_LEN].to_owned();
+        self
+    }
+
+    pub fn total_rows(&self) -> i64 {
+        self.tables.iter().map(|t| t.rows).sum()
+    }
+}
+
+/// How a runner appears in a plan. The operator describes `upgrade.runner` and the CLI
+/// `--runner-image` the same way, so that one request gets one hash wherever it is planned.
+pub fn runner_description(
+    profile: &super::frameworks::Profile,
+    image: &str,
+    command: &[String],
+) -> String {
+    let command = if command.is_empty() {
+        profile.migrate_command.join(" ")
+    } else {
+        command.join(" ")
+    };
+    format!("a Job running `{command}` in image {image}")
+}
+
+/// How a copy's source appears in a plan (shared by the operator and the CLI, as above).
+pub fn copy_source_label(store_name: &str) -> String {
+    format!("StateStore {store_name}")
+}
+
+impl Store {
+    /// Plans `operation` from one consistent snapshot of the store, changing nothing.
+    /// `backup` says whether the operation will back the store up first.
+    pub async fn plan(&self, operation: Operation<'_>, backup: bool) -> Result<Plan, Error> {
+        let profile = self.profile();
+        let mut tx = self.begin_snapshot().await?;
+        let version = frameworks::read_version(self, &mut tx).await?;
+        if version.is_none() {
+            self.refuse_other_framework(&mut tx).await?;
+        }
+        let initialized = version.is_some();
+        let version = version.unwrap_or_default();
+        let from_version = version.schema_version;
+        let tables = self.table_fingerprints(&mut tx).await?;
+        let rows: i64 = tables.iter().map(|t| t.rows).sum();
+        let backup_step = |reason: &str| {
+            (backup && initialized).then(|| {
+                format!(
+                    "back up the store's {} tables ({rows} rows) to {}__backup_<id> ({reason})",
+                    tables.len(),
+                    self.schema()
+                )
+            })
+        };
+        let not_initialized = || Error::NotInitialized {
+            schema: self.schema().to_string(),
+            framework: profile.display_name.into(),
+            hint: profile.not_initialized_hint.into(),
+        };
+        let mut plan = Plan {
+            operation: operation.name().into(),
+            framework: self.framework(),
+            schema: self.schema().to_string(),
+            from_version,
+            to_version: None,
+            versions: version.details.clone(),
+            steps: Vec::new(),
+            tables: Vec::new(),
+            backup: None,
+            job: None,
+            source: None,
+            no_op: false,
+            hash: String::new(),
+        };
+        match operation {
+            Operation::Upgrade { target } => {
+                if !profile.owns_schema {
+                    return Err(Error::InvalidOperation(format!(
+                        "{} migrates its own state tables: upgrade it with a runner (a Job running \
+                         `{}`), or locally with `statekeeper state run --backup -- {}`",
+                        profile.display_name,
+                        profile.migrate_command.join(" "),
+                        profile.migrate_command.join(" ")
+                    )));
+                }
+                if !initialized {
+                    return Err(not_initialized());
+                }
+                let latest = self.chain().latest();
+                let target = target.unwrap_or(latest);
+                if target > latest || target < 1 {
+                    return Err(Error::UnknownTargetVersion { target, latest });
+                }
+                if from_version > latest {
+                    return Err(Error::SchemaNewer {
+                        schema: self.schema().to_string(),
+                        current: from_version,
+                        latest,
+                    });
+                }
+                if target < from_version {
+                    return Err(Error::DowngradeRefused {
+                        target,
+                        current: from_version,
+                    });
+                }
+                plan.to_version = Some(target);
+                plan.steps = self
+                    .chain()
+                    .between(from_version, target)
+                    .map(|m| format!("apply migration {}: {}", m.version, m.description))
+                    .collect();
+                plan.no_op = plan.steps.is_empty();
+                if plan.no_op {
+                    plan.steps
+                        .push(format!("nothing to do: the store is at version {target}"));
+                } else {
+                    plan.backup = backup_step("pre-upgrade");
+                    plan.steps.push(format!(
+                        "record the upgrade from {from_version} to {target} in the store's history"
+                    ));
+                }
+            }
+            Operation::RunnerUpgrade { runner } => {
+                if profile.owns_schema {
+                    return Err(Error::InvalidOperation(format!(
+                        "statekeeper upgrades the {} schema itself: set upgrade.targetVersion (or \
+                         nothing, for the latest) instead of a runner",
+                        profile.display_name
+                    )));
+                }
+                if !initialized {
+                    return Err(not_initialized());
+                }
+                plan.backup = backup_step("pre-migration");
+                plan.job = Some(runner.to_owned());
+                plan.steps.push(format!("run {runner}"));
+                plan.steps.push(if plan.backup.is_some() {
+                    "if it fails or passes its deadline: restore the backup".into()
+                } else {
+                    "if it fails: nothing is restored (backup: false)".into()
+                });
+            }
+            Operation::Rollback { backup_id } => {
+                let restored = backup::find(&mut tx, self.schema(), backup_id).await?;
+                plan.to_version = Some(restored.schema_version);
+                plan.backup = backup_step("pre-rollback");
+                plan.source = Some(format!(
+                    "backup {} (taken {}, {}, version {}, {} tables, {} rows)",
+                    restored.id,
+                    restored.created_at.to_rfc3339(),
+                    restored.reason,
+                    restored.schema_version,
+                    restored.tables,
+                    restored.rows
+                ));
+                plan.steps.push(format!(
+                    "replace every table of the store with backup {}",
+                    restored.id
+                ));
+            }
+            Operation::Reset { allow_reset } => {
+                if !allow_reset {
+                    return Err(Error::ResetRefused(
+                        "this store does not allow reset (set allowReset: true on the StateStore, \
+                         or pass --allow-reset to the CLI)"
+                            .into(),
+                    ));
+                }
+                plan.backup = backup_step("pre-reset");
+                plan.steps.push(match &profile.reset {
+                    ResetStyle::DropTables => format!(
+                        "drop the store's {} tables ({rows} rows); `init` creates them again",
+                        tables.len()
+                    ),
+                    ResetStyle::EmptyTables { keep } => format!(
+                        "empty the store's tables except {} ({rows} rows in all)",
+                        keep.join(", ")
+                    ),
+                });
+                plan.to_version = Some(match profile.reset {
+                    ResetStyle::DropTables => 0,
+                    ResetStyle::EmptyTables { .. } => from_version,
+                });
+            }
+            Operation::Import {
+                source,
+                mode,
+                expected_sha256,
+            } => {
+                if !initialized {
+                    return Err(not_initialized());
+                }
+                plan.backup = backup_step("pre-import");
+                plan.to_version = Some(from_version);
+                plan.source = Some(match expected_sha256 {
+                    Some(sha) => format!("{source} (sha256 {sha})"),
+                    None => format!(
+                        "{source} (not pinned: set expectedSha256 to bind an approval to the \
+                         file's content)"
+                    ),
+                });
+                plan.steps
+                    .push("read the whole file and validate it before writing".into());
+                plan.steps.push(match mode {
+                    ImportMode::Replace => "replace the store's state with the file's".into(),
+                    ImportMode::Merge => {
+                        "merge the file: what it holds replaces its namesakes, the rest stays"
+                            .into()
+                    }
+                });
+            }
+            Operation::Copy { from, label } => {
+                if from.framework() != self.framework() {
+                    return Err(Error::InvalidOperation(format!(
+                        "cannot copy a {} store into a {} store: both must be of one framework",
+                        from.profile().display_name,
+                        profile.display_name
+                    )));
+                }
+                if !initialized {
+                    return Err(not_initialized());
+                }
+                let mut source_tx = from.begin_snapshot().await?;
+                let source_version = from.require_initialized(&mut source_tx).await?;
+                let source_tables = from.table_fingerprints(&mut source_tx).await?;
+                source_tx.commit().await?;
+                let source_rows: i64 = source_tables.iter().map(|t| t.rows).sum();
+                let digest = {
+                    let mut hasher = Sha256::new();
+                    for table in &source_tables {
+                        hasher.update(format!("{}:{}:{};", table.name, table.rows, table.checksum));
+                    }
+                    hex::encode(hasher.finalize())[..PLAN_HASH_LEN].to_owned()
+                };
+                if source_version.schema_version != from_version {
+                    return Err(Error::InvalidOperation(format!(
+                        "{label} is at schema version {}, this store at {from_version}: upgrade \
+                         the older one first",
+                        source_version.schema_version
+                    )));
+                }
+                plan.to_version = Some(source_version.schema_version);
+                plan.backup = backup_step("pre-import");
+                plan.source = Some(format!(
+                    "{label}: schema \"{}\", version {}, {} tables, {source_rows} rows, content {digest}",
+                    from.schema(),
+                    source_version.schema_version,
+                    source_tables.len()
+                ));
+                plan.steps.push(format!(
+                    "replace every table of the store with {label}'s rows, streamed in one transaction"
+                ));
+            }
+        }
+        tx.commit().await?;
+        if let Some(step) = plan.backup.clone() {
+            plan.steps.insert(0, step);
+        }
+        plan.tables = tables;
+        Ok(plan.sealed())
+    }
+
+    /// Row count and an order-independent checksum of every table of the store.
+    async fn table_fingerprints(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<Vec<PlannedTable>, Error> {
+        let tables = self.tables(conn).await?;
+        if tables.is_empty() {
+            return Ok(Vec::new());
+        }
+        let selects: Vec<String> = tables
+            .iter()
+            .map(|t| {
+                format!(
+                    "SELECT {name}::text, count(*)::bigint, \
+                     coalesce(sum(hashtextextended(r::text, 0)::numeric), 0)::text \
+                     FROM {s}.{table} r",
+                    name = super::identifier::quote_literal(t),
+                    s = self.schema().quoted(),
+                    table = quote_ident(t)
+                )
+            })
+            .collect();
+        let rows: Vec<(String, i64, String)> =
+            sqlx::query_as(AssertSqlSafe(selects.join(" UNION ALL ")))
+                .fetch_all(&mut *conn)
+                .await?;
+        let mut out: Vec<PlannedTable> = rows
+            .into_iter()
+            .map(|(name, rows, sum)| PlannedTable {
+                name,
+                rows,
+                checksum: hex::encode(Sha256::digest(sum.as_bytes()))[..PLAN_HASH_LEN].to_owned(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}
