@@ -146,8 +146,9 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
                     false,
                     "UpgradeAvailable",
                     format!(
-                        "schema version {} of {}: {} migration(s) pending; apply a StateMigration of type \
-                         upgrade or run `statekeeper state upgrade`",
+                        "schema version {} of {}: {} migration(s) pending; apply a StateMigration with \
+                         `upgrade: {{targetVersion: latest}}` (examples/statemigration-upgrade.yaml) \
+                         or run `statekeeper state upgrade`",
                         report.current_version,
                         report.latest_version.unwrap_or(report.current_version),
                         report.pending.len()
