@@ -9,7 +9,7 @@ use std::time::Duration;
 use kube::runtime::controller::Action;
 use serde_json::json;
 use statekeeper::api::StateExport;
-use statekeeper::controller::export_schedule::RUN_NOW_ANNOTATION;
+use statekeeper::controller::export_schedule::{RUN_NOW_ANNOTATION, run_now_child_name};
 use support::operator::*;
 use support::{TestDb, s3};
 
@@ -524,7 +524,12 @@ async fn downtime_catches_up_once_and_deadlines_and_suspend_are_honoured() {
     h.kube.put(&export_path("nightly"), object.clone());
     at(&h.ctx, "2026-11-26T10:15:42Z");
     let (_, parent) = h.reconcile_export("nightly").await;
-    assert!(child_names(&h).contains(&"nightly-20261126101542".to_owned()));
+    let requested = run_now_child_name("nightly", "first");
+    assert!(
+        child_names(&h).contains(&requested),
+        "{:?}",
+        child_names(&h)
+    );
     assert_eq!(
         parent.status.unwrap().last_run_now.as_deref(),
         Some("first")
@@ -533,6 +538,22 @@ async fn downtime_catches_up_once_and_deadlines_and_suspend_are_honoured() {
     at(&h.ctx, "2026-11-26T10:20:00Z");
     h.reconcile_export("nightly").await;
     assert_eq!(child_names(&h).len(), 2, "the same request runs once");
+    // A reconcile that saw a stale status wrote the old `lastRunNow` back: the request is still
+    // answered (its child carries the token), so it does not run again.
+    h.patch(
+        &export_path("nightly"),
+        json!({"status": {"lastRunNow": null}}),
+    );
+    let (_, parent) = h.reconcile_export("nightly").await;
+    assert_eq!(
+        child_names(&h).len(),
+        2,
+        "a regressed status makes no second child"
+    );
+    assert_eq!(
+        parent.status.unwrap().last_run_now.as_deref(),
+        Some("first")
+    );
     object["metadata"]["annotations"] = json!({ RUN_NOW_ANNOTATION: "second" });
     h.kube.put(&export_path("nightly"), object);
     h.reconcile_export("nightly").await;

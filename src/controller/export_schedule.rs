@@ -41,6 +41,18 @@ pub fn child_name(parent: &str, at: Timestamp) -> String {
     format!("{parent}-{}", at.strftime("%Y%m%d%H%M%S"))
 }
 
+/// The name of the child created for a run-now request: derived from the request's token, so
+/// that however many reconciles see the request (a stale status among them), it makes one
+/// child; a second create is refused by the API server as AlreadyExists.
+pub fn run_now_child_name(parent: &str, token: &str) -> String {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+    format!("{parent}-now-{}", &digest[..10])
+}
+
+/// On a run-now child: the request token it was made for.
+pub const RUN_NOW_TOKEN_ANNOTATION: &str = "statekeeper.dev/run-now-token";
+
 /// The URL of a child's file: inside the schedule's folder, named after the child.
 pub fn child_url(folder: &str, child: &str, compression: Compression) -> String {
     let folder = format!("{}/", folder.trim_end_matches('/'));
@@ -152,7 +164,25 @@ pub async fn reconcile(
         spec.starting_deadline_seconds.map(Duration::from_secs),
         spec.suspend,
     );
-    let busy = children.iter().any(|c| !is_finished(c));
+    // A child that was looked at and could not start (its store missing or not ready, a Secret
+    // missing) must not hold the schedule for ever: when the next run is due it is superseded.
+    // One not reconciled yet, or started, makes the schedule busy.
+    let never_started = |c: &StateExport| {
+        phase_of(c) == Some(super::state_export::PHASE_PENDING)
+            && c.status.as_ref().is_some_and(|s| s.attempts == 0)
+    };
+    let busy = children
+        .iter()
+        .any(|c| !is_finished(c) && !never_started(c));
+    // The store's absence is the schedule's problem too: every run would wait for it.
+    let stores: Api<crate::api::StateStore> = Api::namespaced(ctx.client.clone(), &namespace);
+    let store_problem = match stores.get_opt(&spec.store_ref.name).await? {
+        Some(_) => None,
+        None => Some(format!(
+            "StateStore \"{}\" not found in namespace \"{namespace}\": no export can run until it exists",
+            spec.store_ref.name
+        )),
+    };
     let mut run: Option<(Timestamp, Trigger)> = None;
     match &due {
         Due::Wait { next } => status.next_schedule_time = next.map(|t| t.to_string()),
@@ -183,11 +213,18 @@ pub async fn reconcile(
     {
         run = Some((created, Trigger::Immediate));
     }
-    let run_now = export
-        .annotations()
-        .get(RUN_NOW_ANNOTATION)
-        .filter(|token| previous.last_run_now.as_ref() != Some(*token))
-        .cloned();
+    // A request is done once a child carries its token, whatever a (possibly stale) status says.
+    let requested = export.annotations().get(RUN_NOW_ANNOTATION).cloned();
+    let answered = requested.as_ref().is_some_and(|token| {
+        children
+            .iter()
+            .any(|c| c.annotations().get(RUN_NOW_TOKEN_ANNOTATION) == Some(token))
+    });
+    if answered {
+        status.last_run_now = requested.clone();
+    }
+    let run_now =
+        requested.filter(|token| !answered && previous.last_run_now.as_ref() != Some(token));
     if let Some(token) = &run_now
         && run.is_none()
         && !busy
@@ -200,7 +237,13 @@ pub async fn reconcile(
         if trigger != Trigger::RunNow {
             status.last_schedule_time = Some(at.to_string());
         }
-        let child = create_child(&ctx, &api, &export, at, trigger).await?;
+        for stuck in children.iter_mut().filter(|c| never_started(c)) {
+            supersede(&ctx, stuck, at).await?;
+        }
+        let token = (trigger == Trigger::RunNow)
+            .then(|| status.last_run_now.clone())
+            .flatten();
+        let child = create_child(&ctx, &api, &export, at, trigger, token.as_deref()).await?;
         children.push(child);
         children.sort_by_key(|c| c.name_any());
     }
@@ -218,7 +261,7 @@ pub async fn reconcile(
     .await?;
 
     summarize(&mut status, &children, spec.suspend);
-    let desired = schedule_conditions(&status, &children, prune_problem);
+    let desired = schedule_conditions(&status, &children, prune_problem, store_problem);
     if changed(&status, &previous, &desired, now) {
         write_status(&ctx, &export, status, &previous, desired, &reference).await?;
     }
@@ -236,9 +279,13 @@ async fn create_child(
     parent: &StateExport,
     at: Timestamp,
     trigger: Trigger,
+    run_now_token: Option<&str>,
 ) -> Result<StateExport, ReconcileError> {
     let parent_name = parent.name_any();
-    let name = child_name(&parent_name, at);
+    let name = match run_now_token {
+        Some(token) => run_now_child_name(&parent_name, token),
+        None => child_name(&parent_name, at),
+    };
     let url = child_url(
         &parent.spec.destination.url,
         &name,
@@ -255,10 +302,14 @@ async fn create_child(
                     "statekeeper".to_owned(),
                 ),
             ])),
-            annotations: Some(BTreeMap::from([(
-                SCHEDULED_AT_ANNOTATION.to_owned(),
-                at.to_string(),
-            )])),
+            annotations: Some(
+                [(SCHEDULED_AT_ANNOTATION.to_owned(), at.to_string())]
+                    .into_iter()
+                    .chain(
+                        run_now_token.map(|t| (RUN_NOW_TOKEN_ANNOTATION.to_owned(), t.to_owned())),
+                    )
+                    .collect(),
+            ),
             owner_references: parent.controller_owner_ref(&()).map(|o| vec![o]),
             ..ObjectMeta::default()
         },
@@ -394,10 +445,40 @@ fn summarize(status: &mut StateExportStatus, children: &[StateExport], suspend: 
     );
 }
 
+/// Marks a child that never started as Failed, superseded by the run at `at`: it never runs.
+async fn supersede(
+    ctx: &Context,
+    child: &mut StateExport,
+    at: Timestamp,
+) -> Result<(), ReconcileError> {
+    let previous = child.status.clone().unwrap_or_default();
+    let why = conditions::find(&previous.conditions, READY)
+        .map(|c| format!(" (it waited: {})", c.message))
+        .unwrap_or_default();
+    let message = format!("superseded by the run due at {at}: it never started{why}");
+    let status = StateExportStatus {
+        phase: Some(PHASE_FAILED.into()),
+        finished_at: Some(ctx.now().to_string()),
+        ..previous.clone()
+    };
+    let written = super::state_export::write_status(
+        ctx,
+        child,
+        status,
+        &previous,
+        super::state_export::failed("Superseded", &message, true),
+        &child.object_ref(&()),
+    )
+    .await?;
+    child.status = Some(written);
+    Ok(())
+}
+
 fn schedule_conditions(
     status: &StateExportStatus,
     children: &[StateExport],
     prune_problem: Option<String>,
+    store_problem: Option<String>,
 ) -> Vec<Desired> {
     let last_finished = children.iter().rev().find(|c| is_finished(c));
     let next = status
@@ -415,6 +496,12 @@ fn schedule_conditions(
         None => Desired::new(RECONCILING, false, "Idle", next.clone()),
     };
     let ready = match last_finished {
+        _ if store_problem.is_some() => Desired::new(
+            READY,
+            false,
+            "StoreNotFound",
+            store_problem.clone().unwrap_or_default(),
+        ),
         Some(child) if phase_of(child) == Some(PHASE_FAILED) => {
             let why = child
                 .status

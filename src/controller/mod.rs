@@ -157,6 +157,32 @@ impl Context {
         self.publish(&event, reference).await;
     }
 
+    /// Like [`Context::notify`], for one occurrence of something that repeats (a janitor run, an
+    /// export attempt). kube's recorder folds Events of one reason into a series that keeps the
+    /// first note; naming the occurrence (as the related object's field path) gives each its own
+    /// Event with its own note.
+    pub async fn notify_occurrence(
+        &self,
+        reference: &ObjectReference,
+        type_: kube::runtime::events::EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+        occurrence: &str,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: Some(ObjectReference {
+                field_path: Some(occurrence.into()),
+                ..reference.clone()
+            }),
+        };
+        self.publish(&event, reference).await;
+    }
+
     /// Events are best effort: a refused event must not fail the reconcile that caused it.
     pub async fn publish(&self, event: &Event, reference: &ObjectReference) {
         if let Err(error) = self.recorder.publish(event, reference).await {

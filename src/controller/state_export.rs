@@ -52,6 +52,7 @@ pub async fn resolve_destination(
     url: &str,
 ) -> Result<Destination, DestinationProblem> {
     let mut options = spec.options.clone();
+    let mut secret_values = Vec::new();
     if let Some(secret_ref) = &spec.credentials_secret_ref {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
         let secret = secrets
@@ -92,10 +93,11 @@ pub async fn resolve_destination(
                     permanent: true,
                 });
             }
+            secret_values.push(value.clone());
             options.insert(key, value);
         }
     }
-    Destination::parse(url, &options).map_err(|e| DestinationProblem {
+    Destination::parse_with_secrets(url, &options, &secret_values).map_err(|e| DestinationProblem {
         reason: e.reason(),
         message: e.to_string(),
         permanent: true,
@@ -106,9 +108,21 @@ pub async fn reconcile(
     export: Arc<StateExport>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    if export.spec.schedule.is_some() {
-        return export_schedule::reconcile(export, ctx).await;
-    }
+    let started = std::time::Instant::now();
+    let result = if export.spec.schedule.is_some() {
+        export_schedule::reconcile(export, ctx.clone()).await
+    } else {
+        reconcile_one_shot(export, ctx.clone()).await
+    };
+    ctx.metrics
+        .observe_reconcile_duration("StateExport", started.elapsed());
+    result
+}
+
+async fn reconcile_one_shot(
+    export: Arc<StateExport>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
     let namespace = export.namespace().ok_or(ReconcileError::NotNamespaced)?;
     let name = export.name_any();
     let previous = export.status.clone().unwrap_or_default();
@@ -193,6 +207,24 @@ pub async fn reconcile(
             }
         }
     }
+    // A store that is not ready yet (its tables not created) is waited for like a missing one:
+    // no attempt is spent on it.
+    if let Err(e) = engine.version().await {
+        let message = format!(
+            "StateStore \"{}\" is not ready: {}",
+            spec.store_ref.name,
+            redact(
+                &e.to_string(),
+                &secrets.iter().map(String::as_str).collect::<Vec<_>>()
+            )
+        );
+        let reason = if e.is_connection_error() {
+            e.reason()
+        } else {
+            "StoreNotReady"
+        };
+        return stop(&ctx, &export, status, &previous, reason, &message, false).await;
+    }
     // An attempt that was interrupted (operator restart) still counts.
     if previous.attempts >= spec.backoff_limit {
         let message = format!(
@@ -233,6 +265,19 @@ pub async fn reconcile(
         &reference,
     )
     .await?;
+    // Every attempt is news, a retry after an operator restart included.
+    ctx.notify_occurrence(
+        &reference,
+        EventType::Normal,
+        "ExportRunning",
+        "Export",
+        &format!(
+            "attempt {} of {}: exporting to {url}",
+            status.attempts, spec.backoff_limit
+        ),
+        &format!("status.attempts={}", status.attempts),
+    )
+    .await;
     let options = ExportOptions {
         environments: (!spec.environments.is_empty()).then(|| spec.environments.clone()),
         compression,
@@ -455,10 +500,13 @@ pub(super) async fn write_status(
     .await?;
     if let Some(ready) = ready {
         let before = conditions::find(&previous.conditions, READY);
-        if before.is_none_or(|b| b.status != ready.status || b.reason != ready.reason) {
+        // Attempts announce themselves (one Event each, see `reconcile`).
+        if ready.reason != "ExportRunning"
+            && before.is_none_or(|b| b.status != ready.status || b.reason != ready.reason)
+        {
             ctx.publish(
                 &Event {
-                    type_: if ready.status == "True" || ready.reason == "ExportRunning" {
+                    type_: if ready.status == "True" {
                         EventType::Normal
                     } else {
                         EventType::Warning
@@ -472,8 +520,7 @@ pub(super) async fn write_status(
             )
             .await;
         }
-        ctx.metrics
-            .record_reconcile("StateExport", &ready.reason, Duration::ZERO);
+        ctx.metrics.count_reconcile("StateExport", &ready.reason);
     }
     Ok(status)
 }

@@ -177,8 +177,15 @@ pub async fn step(
                     .map_or_else(|e| e.reason(), |_| "Succeeded"),
                 outcome.as_ref().map_or(0, |r| r.removed_rows()),
             );
-            ctx.notify(reference, event_type, reason, "Janitor", &note)
-                .await;
+            ctx.notify_occurrence(
+                reference,
+                event_type,
+                reason,
+                "Janitor",
+                &note,
+                &format!("status.janitor.lastScheduleTime={scheduled}"),
+            )
+            .await;
         }
     }
     JanitorStep {
@@ -293,7 +300,7 @@ pub async fn runner_step(
                 (EventType::Warning, "JanitorFailed", text)
             }
         };
-        status.last_job = Some(active);
+        status.last_job = Some(active.clone());
         status.active_job = None;
         ctx.metrics.record_janitor_run(
             if event_type == EventType::Normal {
@@ -303,8 +310,15 @@ pub async fn runner_step(
             },
             0,
         );
-        ctx.notify(reference, event_type, reason, "Janitor", &note)
-            .await;
+        ctx.notify_occurrence(
+            reference,
+            event_type,
+            reason,
+            "Janitor",
+            &note,
+            &format!("status.janitor.lastJob={active}"),
+        )
+        .await;
         return JanitorStep {
             status,
             condition,

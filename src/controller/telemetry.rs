@@ -130,12 +130,22 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn record_reconcile(&self, kind: &'static str, outcome: &str, took: Duration) {
+        self.count_reconcile(kind, outcome);
+        self.observe_reconcile_duration(kind, took);
+    }
+
+    /// A reconcile's outcome (the reason of the Ready condition it wrote).
+    pub fn count_reconcile(&self, kind: &'static str, outcome: &str) {
         self.reconciliations
             .get_or_create(&OutcomeLabels {
                 kind,
                 outcome: outcome.to_owned(),
             })
             .inc();
+    }
+
+    /// How long a whole reconcile took, whatever its outcome.
+    pub fn observe_reconcile_duration(&self, kind: &'static str, took: Duration) {
         self.reconcile_duration
             .get_or_create(&KindLabels { kind })
             .observe(took.as_secs_f64());

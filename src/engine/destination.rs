@@ -95,11 +95,23 @@ impl Destination {
     /// ...; case-insensitive). An unknown key is an error, so a typo never goes unnoticed. An
     /// `http://` endpoint allows plain HTTP (S3-compatible servers inside a cluster).
     pub fn parse(url: &str, options: &BTreeMap<String, String>) -> Result<Self, Error> {
+        Self::parse_with_secrets(url, options, &[])
+    }
+
+    /// Like [`Destination::parse`], where `secret_values` (every value read from a Secret,
+    /// whatever its key) must never appear in any message, as the values of secret-looking keys
+    /// never do.
+    pub fn parse_with_secrets(
+        url: &str,
+        options: &BTreeMap<String, String>,
+        secret_values: &[String],
+    ) -> Result<Self, Error> {
         install_crypto_provider();
         let secrets: Vec<String> = options
             .iter()
             .filter(|(key, _)| is_secret_key(key))
             .map(|(_, value)| value.clone())
+            .chain(secret_values.iter().cloned())
             .filter(|value| !value.is_empty())
             .collect();
         // Errors show the URL without a query or fragment: that is where tokens would be.

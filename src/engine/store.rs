@@ -280,6 +280,13 @@ impl Store {
         })
     }
 
+    /// The store's version, or why it cannot be operated on yet (`NotInitialized`, or another
+    /// framework's tables in the schema). Reads only.
+    pub async fn version(&self) -> Result<StoreVersion, Error> {
+        let mut conn = self.pool.acquire().await?;
+        self.require_initialized(&mut conn).await
+    }
+
     /// Takes a backup of the store now, from one consistent snapshot: nothing waits on it.
     pub async fn backup(&self) -> Result<BackupInfo, Error> {
         self.backup_with_reason("manual").await
