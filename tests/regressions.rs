@@ -208,3 +208,102 @@ fn crds_use_only_kubernetes_integer_formats() {
     }
     assert!(yaml.contains("format: int32") && yaml.contains("format: int64"));
 }
+
+/// 2. What a killed attempt left behind — a local staging file, a multipart upload — is removed
+/// by the retry, by giving up, and by retention.
+#[tokio::test]
+async fn a_killed_attempt_leaves_no_staging_file_or_upload_behind() {
+    let db = TestDb::new().await;
+    generated_store(&db).await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    h.kube.put(
+        &store_path("analytics"),
+        store_for(&db, "analytics", json!({})),
+    );
+    let dir = temp_dir("staging");
+    let interrupted =
+        json!({"phase": "Running", "attempts": 1, "startedAt": "2026-11-22T10:00:00Z"});
+    at(&h.ctx, "2026-11-22T10:05:00Z");
+
+    // Local: the retry removes `<file>#<n>`, and so does giving up.
+    for (name, limit, phase) in [("retried", 2, "Succeeded"), ("spent", 1, "Failed")] {
+        let file = dir.join(format!("{name}.json.zst"));
+        let staging = dir.join(format!("{name}.json.zst#1"));
+        std::fs::write(&staging, vec![7u8; 4096]).unwrap();
+        let mut object = state_export(
+            name,
+            &format!("file://{}", file.display()),
+            json!({"backoffLimit": limit}),
+        );
+        object["status"] = interrupted.clone();
+        h.kube.put(&export_path(name), object);
+        let (_, export) = h.reconcile_export(name).await;
+        assert_eq!(
+            export.status.as_ref().unwrap().phase.as_deref(),
+            Some(phase)
+        );
+        assert!(!staging.exists(), "{name}: the staging file is gone");
+    }
+
+    // S3: the upload the killed attempt recorded is aborted before the retry.
+    let bucket = s3::bucket().await;
+    let options = s3::options();
+    put_secret(
+        &h.kube,
+        "backup-credentials",
+        &[
+            ("aws_access_key_id", &options["aws_access_key_id"]),
+            ("aws_secret_access_key", &options["aws_secret_access_key"]),
+        ],
+    );
+    let orphan = s3::start_upload(&bucket, "retry.json.zst").await;
+    assert_eq!(s3::pending_uploads(&bucket).await, vec![orphan.clone()]);
+    let mut object = state_export("retry", "unused", json!({"backoffLimit": 3}));
+    object["spec"]["destination"] = json!({
+        "url": format!("s3://{bucket}/retry.json.zst"),
+        "options": {"endpoint": s3::endpoint(), "region": "us-east-1"},
+        "credentialsSecretRef": {"name": "backup-credentials"}
+    });
+    let mut status = interrupted.clone();
+    status["stagingUpload"] = json!(orphan);
+    object["status"] = status;
+    h.kube.put(&export_path("retry"), object);
+    let (_, export) = h.reconcile_export("retry").await;
+    let status = export.status.unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Succeeded"));
+    assert_eq!(status.staging_upload, None);
+    assert!(
+        s3::pending_uploads(&bucket).await.is_empty(),
+        "the orphan was aborted"
+    );
+    assert_eq!(s3::keys(&bucket).await, vec!["retry.json.zst"]);
+
+    // Retention: a pruned child takes its leftovers with it.
+    let mut schedule = state_export(
+        "nightly",
+        &format!("file://{}/", dir.display()),
+        json!({"schedule": "0 3 * * *", "retention": {"keepLast": 1, "keepFailed": 0}}),
+    );
+    schedule["metadata"]["creationTimestamp"] = json!("2026-11-20T12:00:00Z");
+    h.kube.put(&export_path("nightly"), schedule);
+    for day in [21, 22] {
+        at(&h.ctx, &format!("2026-11-{day}T03:00:05Z"));
+        h.reconcile_export("nightly").await;
+        let child = format!("nightly-2026112{}030000", day - 20);
+        if day == 21 {
+            // The first child was killed after writing its file: a staging copy is left too.
+            std::fs::write(dir.join(format!("{child}.json.zst#3")), b"partial").unwrap();
+        }
+        h.reconcile_export(&child).await;
+    }
+    at(&h.ctx, "2026-11-22T03:10:00Z");
+    h.reconcile_export("nightly").await;
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("nightly"))
+        .collect();
+    assert_eq!(left, vec!["nightly-20261122030000.json.zst"], "{left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

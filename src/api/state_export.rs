@@ -222,6 +222,10 @@ pub struct StateExportStatus {
     /// Attempts made so far.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,
+    /// The multipart upload of the attempt in progress (S3, GCS, Azure): aborted before a retry,
+    /// or when the export is given up or pruned, if the attempt's process died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging_upload: Option<String>,
     /// Schedule: when the latest run was due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_schedule_time: Option<String>,

@@ -380,9 +380,17 @@ async fn prune(
                     child.spec.compression.into(),
                 )
             });
+        let staging = child.status.as_ref().and_then(|s| s.staging_upload.clone());
         let deleted = match resolve_destination(ctx, namespace, &child.spec.destination, &url).await
         {
-            Ok(destination) => destination.delete().await.map_err(|e| e.to_string()),
+            Ok(destination) => match destination.delete().await {
+                // A child killed mid-upload may have left staging behind too.
+                Ok(()) => destination
+                    .clean_up(staging.as_deref())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
             Err(p) => Err(p.message),
         };
         if let Err(message) = deleted {

@@ -225,6 +225,27 @@ async fn reconcile_one_shot(
         };
         return stop(&ctx, &export, status, &previous, reason, &message, false).await;
     }
+    // What an interrupted attempt left (a multipart upload, a local staging file) goes first,
+    // whether a retry follows or not: nothing is left behind, or billed, for ever.
+    if previous.attempts > 0 {
+        if let Err(e) = destination
+            .clean_up(previous.staging_upload.as_deref())
+            .await
+        {
+            let message = destination.redact(&e.to_string());
+            return stop(
+                &ctx,
+                &export,
+                status,
+                &previous,
+                e.reason(),
+                &message,
+                false,
+            )
+            .await;
+        }
+        status.staging_upload = None;
+    }
     // An attempt that was interrupted (operator restart) still counts.
     if previous.attempts >= spec.backoff_limit {
         let message = format!(
@@ -242,7 +263,25 @@ async fn reconcile_one_shot(
         )
         .await;
     }
-    // Record the attempt before running it: after a crash, the retry knows it is one.
+    let upload = match destination.begin_upload().await {
+        Ok(upload) => upload,
+        Err(e) => {
+            let message = destination.redact(&e.to_string());
+            return stop(
+                &ctx,
+                &export,
+                status,
+                &previous,
+                e.reason(),
+                &message,
+                false,
+            )
+            .await;
+        }
+    };
+    status.staging_upload = upload.staging_id().map(str::to_owned);
+    // Record the attempt before running it: after a crash, the retry knows it is one (and which
+    // upload to abort).
     status.attempts += 1;
     status.started_at = Some(ctx.now().to_string());
     status.phase = Some(PHASE_RUNNING.into());
@@ -283,7 +322,12 @@ async fn reconcile_one_shot(
         compression,
         format: spec.format.into(),
     };
-    match engine.export_to(&destination, &options, |_| {}).await {
+    let outcome = engine
+        .export_upload(&destination, upload, &options, |_| {})
+        .await;
+    // Completed or aborted: no upload of this attempt is left to clean up.
+    status.staging_upload = None;
+    match outcome {
         Ok(report) => {
             status.phase = Some(PHASE_SUCCEEDED.into());
             status.bytes = Some(report.bytes);

@@ -4,6 +4,7 @@
 //! stays bounded whatever the file size, and no reader ever sees a half-written object.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Once};
 use std::task::{Context, Poll};
@@ -14,13 +15,15 @@ use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::buffered::BufWriter;
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Error;
 
-/// Files up to this size are one PUT; larger ones a multipart upload in 5 MiB parts.
+/// Local files up to this size are written in one go; object store uploads go up in parts of
+/// this size (the last one smaller).
 const UPLOAD_BUFFER: usize = 8 * 1024 * 1024;
 /// Parts in flight at once: bounds memory to a few parts whatever the file size.
 const UPLOAD_CONCURRENCY: usize = 2;
@@ -63,7 +66,8 @@ impl Scheme {
     }
 }
 
-/// Builds one provider's store from its builder and the (already validated) option keys.
+/// Builds one provider's store from its builder and the (already validated) option keys, as an
+/// object store and as the multipart store whose upload ids an export records.
 macro_rules! build_store {
     ($builder:expr, $config:expr) => {{
         let mut builder = $builder;
@@ -72,20 +76,35 @@ macro_rules! build_store {
                 builder = builder.with_config(key, value);
             }
         }
-        builder
-            .build()
-            .map(|store| Arc::new(store) as Arc<dyn ObjectStore>)
+        builder.build().map(|store| {
+            let store = Arc::new(store);
+            (
+                store.clone() as Arc<dyn ObjectStore>,
+                Some(store as Arc<dyn MultipartStore>),
+            )
+        })
     }};
 }
 
 /// One export file's location, ready to write, read or delete.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Destination {
     store: Arc<dyn ObjectStore>,
+    /// S3, GCS and Azure: uploads go up in parts under an id the caller can record, so that an
+    /// upload a killed process left behind can be aborted later (not left billed).
+    multipart: Option<Arc<dyn MultipartStore>>,
     path: ObjectPath,
     url: String,
     /// Option values that must never appear in error text.
     secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destination")
+            .field("url", &self.url)
+            .finish()
+    }
 }
 
 impl Destination {
@@ -179,9 +198,10 @@ impl Destination {
             Scheme::Gcs => build_store!(GoogleCloudStorageBuilder::new().with_url(url), &config),
             Scheme::Azure => build_store!(MicrosoftAzureBuilder::new().with_url(url), &config),
         };
-        let store = built.map_err(|e| invalid(redact(&e.to_string(), &secrets)))?;
+        let (store, multipart) = built.map_err(|e| invalid(redact(&e.to_string(), &secrets)))?;
         Ok(Self {
             store,
+            multipart,
             path,
             url: url.to_owned(),
             secrets,
@@ -233,6 +253,7 @@ impl Destination {
         Ok(Self {
             // fsync: a backup that a power cut can lose is no backup.
             store: Arc::new(LocalFileSystem::new().with_fsync(true)),
+            multipart: None,
             path: object_path,
             url: url.to_owned(),
             secrets,
@@ -245,13 +266,83 @@ impl Destination {
     }
 
     /// A writer for a new object at this location. Nothing is visible under the final name until
-    /// [`tokio::io::AsyncWriteExt::shutdown`] succeeds; call [`Upload::abort`] on failure.
-    pub fn upload(&self) -> Upload {
-        Upload {
-            inner: BufWriter::with_capacity(self.store.clone(), self.path.clone(), UPLOAD_BUFFER)
-                .with_max_concurrency(UPLOAD_CONCURRENCY),
+    /// [`tokio::io::AsyncWriteExt::shutdown`] succeeds; call [`Upload::abort`] on failure. On S3,
+    /// GCS and Azure the multipart upload exists from here on: record [`Upload::staging_id`]
+    /// before writing, so that [`Destination::clean_up`] can abort it if this process dies.
+    pub async fn begin_upload(&self) -> Result<Upload, Error> {
+        let Some(multipart) = &self.multipart else {
+            return Ok(Upload {
+                inner: UploadKind::Buffered(
+                    BufWriter::with_capacity(self.store.clone(), self.path.clone(), UPLOAD_BUFFER)
+                        .with_max_concurrency(UPLOAD_CONCURRENCY),
+                ),
+                finishing: false,
+            });
+        };
+        let id = multipart
+            .create_multipart(&self.path)
+            .await
+            .map_err(|e| self.unavailable("cannot start the upload", e))?;
+        let (writer, reader) = tokio::io::duplex(1 << 20);
+        let (commit, committed) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(upload_parts(
+            multipart.clone(),
+            self.path.clone(),
+            id.clone(),
+            reader,
+            committed,
+            self.secrets.clone(),
+        ));
+        Ok(Upload {
+            inner: UploadKind::Parts {
+                writer,
+                commit: Some(commit),
+                task,
+                id,
+            },
             finishing: false,
+        })
+    }
+
+    /// Removes what an earlier attempt may have left when its process died: the multipart upload
+    /// it recorded (`staging_id`), and a local file's staging copies (`<file>#<n>`).
+    pub async fn clean_up(&self, staging_id: Option<&str>) -> Result<(), Error> {
+        if let (Some(multipart), Some(id)) = (&self.multipart, staging_id) {
+            match multipart.abort_multipart(&self.path, &id.to_owned()).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.unavailable("cannot abort the earlier upload", e)),
+            }
         }
+        if self.multipart.is_none()
+            && let Some(file) = local_file(&self.path)
+            && let (Some(dir), Some(name)) = (file.parent(), file.file_name())
+        {
+            let prefix = format!("{}#", name.to_string_lossy());
+            let entries = match std::fs::read_dir(dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => {
+                    return Err(Error::DestinationUnavailable {
+                        url: self.url.clone(),
+                        reason: format!("cannot list {}: {e}", dir.display()),
+                    });
+                }
+            };
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    std::fs::remove_file(entry.path()).map_err(|e| {
+                        Error::DestinationUnavailable {
+                            url: self.url.clone(),
+                            reason: format!(
+                                "cannot remove the staging file {}: {e}",
+                                entry.path().display()
+                            ),
+                        }
+                    })?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Streams the object, for import.
@@ -310,18 +401,55 @@ impl Destination {
     }
 }
 
-/// An object being written: buffered, then one PUT or a multipart upload.
+/// An object being written.
 pub struct Upload {
-    inner: BufWriter,
+    inner: UploadKind,
     /// Set once shutdown began: from then on the upload completes or fails as a whole.
     finishing: bool,
 }
 
+enum UploadKind {
+    /// A local file: buffered, then written beside the final name and renamed.
+    Buffered(BufWriter),
+    /// S3, GCS, Azure: bytes go through a pipe to a task that uploads them in parts of the
+    /// multipart upload `id`, and completes it only when told to (`commit`).
+    Parts {
+        writer: tokio::io::DuplexStream,
+        commit: Option<tokio::sync::oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<Result<(), String>>,
+        id: String,
+    },
+}
+
 impl Upload {
+    /// The multipart upload this writes, where the destination has one.
+    pub fn staging_id(&self) -> Option<&str> {
+        match &self.inner {
+            UploadKind::Buffered(_) => None,
+            UploadKind::Parts { id, .. } => Some(id),
+        }
+    }
+
     /// Discards everything written so far (incomplete multipart parts included).
-    pub async fn abort(mut self) {
-        if !self.finishing {
-            let _ = self.inner.abort().await;
+    pub async fn abort(self) {
+        if self.finishing {
+            return;
+        }
+        match self.inner {
+            UploadKind::Buffered(mut writer) => {
+                let _ = writer.abort().await;
+            }
+            // Without a commit the task aborts the multipart upload itself.
+            UploadKind::Parts {
+                writer,
+                commit,
+                task,
+                ..
+            } => {
+                drop(commit);
+                drop(writer);
+                let _ = task.await;
+            }
         }
     }
 }
@@ -332,17 +460,113 @@ impl AsyncWrite for Upload {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        match &mut self.inner {
+            UploadKind::Buffered(writer) => Pin::new(writer).poll_write(cx, buf),
+            UploadKind::Parts { writer, .. } => Pin::new(writer).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match &mut self.inner {
+            UploadKind::Buffered(writer) => Pin::new(writer).poll_flush(cx),
+            UploadKind::Parts { writer, .. } => Pin::new(writer).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.finishing = true;
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        match &mut self.inner {
+            UploadKind::Buffered(writer) => Pin::new(writer).poll_shutdown(cx),
+            UploadKind::Parts {
+                writer,
+                commit,
+                task,
+                ..
+            } => {
+                std::task::ready!(Pin::new(writer).poll_shutdown(cx))?;
+                if let Some(commit) = commit.take() {
+                    let _ = commit.send(());
+                }
+                match std::task::ready!(Pin::new(task).poll(cx)) {
+                    Ok(Ok(())) => Poll::Ready(Ok(())),
+                    Ok(Err(reason)) => Poll::Ready(Err(std::io::Error::other(reason))),
+                    Err(e) => Poll::Ready(Err(std::io::Error::other(e.to_string()))),
+                }
+            }
+        }
     }
+}
+
+/// Reads the pipe in parts of [`UPLOAD_BUFFER`] bytes and uploads them, at most
+/// [`UPLOAD_CONCURRENCY`] at once. At the end of the pipe it completes the upload if `commit`
+/// says so, and aborts it otherwise (the writer failed or gave up).
+async fn upload_parts(
+    store: Arc<dyn MultipartStore>,
+    path: ObjectPath,
+    id: String,
+    mut reader: tokio::io::DuplexStream,
+    commit: tokio::sync::oneshot::Receiver<()>,
+    secrets: Vec<String>,
+) -> Result<(), String> {
+    use futures::StreamExt;
+    use tokio::io::AsyncReadExt;
+    let fail = |e: object_store::Error| redact(&e.to_string(), &secrets);
+    let mut parts: Vec<object_store::multipart::PartId> = Vec::new();
+    let mut in_flight = futures::stream::FuturesOrdered::new();
+    let mut index = 0usize;
+    let result: Result<(), String> = async {
+        loop {
+            let mut part = Vec::with_capacity(UPLOAD_BUFFER);
+            while part.len() < UPLOAD_BUFFER {
+                let read = (&mut reader)
+                    .take((UPLOAD_BUFFER - part.len()) as u64)
+                    .read_to_end(&mut part)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if read == 0 {
+                    break;
+                }
+            }
+            let last = part.len() < UPLOAD_BUFFER;
+            // Every upload has at least one part; an empty one only when the file is empty.
+            if !part.is_empty() || index == 0 {
+                let (store, path, id) = (store.clone(), path.clone(), id.clone());
+                let n = index;
+                in_flight.push_back(async move {
+                    store
+                        .put_part(&path, &id, n, object_store::PutPayload::from(part))
+                        .await
+                });
+                index += 1;
+            }
+            while in_flight.len() >= UPLOAD_CONCURRENCY || (last && !in_flight.is_empty()) {
+                if let Some(done) = in_flight.next().await {
+                    parts.push(done.map_err(fail)?);
+                }
+            }
+            if last {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    let committed = commit.await.is_ok();
+    match result {
+        Ok(()) if committed => store
+            .complete_multipart(&path, &id, parts)
+            .await
+            .map(|_| ())
+            .map_err(fail),
+        outcome => {
+            let _ = store.abort_multipart(&path, &id).await;
+            outcome.and(Err("the upload was abandoned".into()))
+        }
+    }
+}
+
+/// The local path of a file destination.
+fn local_file(path: &ObjectPath) -> Option<std::path::PathBuf> {
+    Some(std::path::PathBuf::from(format!("/{}", path.as_ref())))
 }
 
 /// Keys whose values are credentials: never echoed in errors.

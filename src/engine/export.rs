@@ -346,7 +346,20 @@ impl Store {
         options: &ExportOptions,
         observe: impl FnMut(&[u8]) + Unpin + Send,
     ) -> Result<ExportReport, Error> {
-        let mut upload = Observed::new(destination.upload(), observe);
+        let upload = destination.begin_upload().await?;
+        self.export_upload(destination, upload, options, observe)
+            .await
+    }
+
+    /// [`Store::export_to`] into an upload the caller began (and whose staging id it recorded).
+    pub async fn export_upload(
+        &self,
+        destination: &Destination,
+        upload: crate::engine::destination::Upload,
+        options: &ExportOptions,
+        observe: impl FnMut(&[u8]) + Unpin + Send,
+    ) -> Result<ExportReport, Error> {
+        let mut upload = Observed::new(upload, observe);
         match self.export(&mut upload, options).await {
             Ok((report, _)) => Ok(report),
             Err(e) => {

@@ -60,6 +60,13 @@ pub async fn keys(bucket: &str) -> Vec<String> {
     keys
 }
 
+/// Starts a multipart upload of `key` (as a process that then dies would) and returns its id.
+pub async fn start_upload(bucket: &str, key: &str) -> String {
+    let (status, body) = request("POST", &format!("/{bucket}/{key}?uploads")).await;
+    assert_eq!(status, 200, "{body}");
+    tags(&body, "UploadId").pop().expect("an upload id")
+}
+
 /// Multipart uploads started but neither completed nor aborted.
 pub async fn pending_uploads(bucket: &str) -> Vec<String> {
     let (status, body) = request("GET", &format!("/{bucket}?uploads")).await;
