@@ -4,6 +4,7 @@ pub mod conditions;
 pub mod export_schedule;
 pub mod runner;
 pub mod schedule;
+pub mod secret_watch;
 pub mod state_export;
 pub mod state_migration;
 pub mod state_store;
@@ -17,10 +18,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Event, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Client};
 
 use crate::api::StateStore;
@@ -44,6 +47,8 @@ pub enum ReconcileError {
 pub enum StartError {
     #[error("cannot reach the Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("cannot take part in leader election: {0}")]
+    Lease(String),
     #[error("cannot listen on {addr} for /metrics, /healthz and /readyz: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -69,6 +74,33 @@ pub struct OperatorArgs {
     /// Address of the HTTP endpoints /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub http_addr: std::net::SocketAddr,
+    /// Run the controllers only while holding a coordination.k8s.io Lease, so that several
+    /// replicas never run the same operation (one leads, the others stand by).
+    #[arg(long, env = "STATEKEEPER_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, default_value = "statekeeper")]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: POD_NAMESPACE, else the watched namespace, else default).
+    #[arg(long, env = "STATEKEEPER_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Seconds a Lease holds without renewal: the longest a failover takes.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// The leader renews this many seconds before its Lease would expire.
+    #[arg(long, default_value_t = 5)]
+    pub lease_grace_seconds: u64,
+}
+
+impl OperatorArgs {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            resync_interval: Duration::from_secs(self.resync_seconds.max(10)),
+            connect_timeout: Duration::from_secs(self.connect_timeout_seconds.max(1)),
+            lock_timeout: Duration::from_secs(self.lock_timeout_seconds.max(1)),
+            ..Settings::default()
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -221,7 +253,8 @@ impl Context {
     }
 }
 
-/// Runs the controllers until SIGTERM/SIGINT.
+/// Runs the operator until SIGTERM/SIGINT: the HTTP endpoints, then (as the leader, with
+/// `--leader-elect`) the controllers.
 pub async fn run(args: OperatorArgs) -> Result<(), StartError> {
     let listener = telemetry::bind(args.http_addr)
         .await
@@ -230,26 +263,147 @@ pub async fn run(args: OperatorArgs) -> Result<(), StartError> {
             source,
         })?;
     let client = Client::try_default().await?;
-    let settings = Settings {
-        resync_interval: Duration::from_secs(args.resync_seconds.max(10)),
-        connect_timeout: Duration::from_secs(args.connect_timeout_seconds.max(1)),
-        lock_timeout: Duration::from_secs(args.lock_timeout_seconds.max(1)),
-        ..Settings::default()
+    let ctx = Arc::new(Context::new(client, args.settings()));
+    let http = tokio::spawn(telemetry::serve(listener, ctx.metrics.clone()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal.cancel();
+    });
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "statekeeper".into()),
+            std::process::id()
+        )
+    });
+    let result = operate(ctx, &args, identity, stop).await;
+    http.abort();
+    tracing::info!("statekeeper operator stopped");
+    result
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The operator on a client: ready as soon as the API server answers, then the controllers —
+/// always, or (with `--leader-elect`) only while this instance holds the Lease. Losing the Lease
+/// stops the controllers at once (in-flight operations are dropped; each is one transaction, so
+/// nothing half-done remains); `stop` ends them gracefully and releases the Lease.
+pub async fn operate(
+    ctx: Arc<Context>,
+    args: &OperatorArgs,
+    identity: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), StartError> {
+    // Ready once the API server answers a list of our resources (proves CRDs and RBAC). A standby
+    // is ready too: it serves probes and waits for the Lease.
+    let stores: Api<StateStore> = match &args.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
     };
-    let ctx = Arc::new(Context::new(client.clone(), settings));
-    let (stores, exports, migrations, jobs): (
+    stores.list(&ListParams::default().limit(1)).await?;
+    ctx.metrics.set_ready(true);
+    tracing::info!(namespace = ?args.namespace, %identity, leader_elect = args.leader_elect, "statekeeper operator started");
+    if !args.leader_elect {
+        controllers(ctx, args, stop).await;
+        return Ok(());
+    }
+    let lease_namespace = args
+        .lease_namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .or_else(|| args.namespace.clone())
+        .unwrap_or_else(|| "default".into());
+    let manager =
+        kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), &args.lease_name)
+            .with_namespace(&lease_namespace)
+            .with_identity(&identity)
+            .with_duration(args.lease_duration_seconds.max(2))
+            .with_grace(
+                args.lease_grace_seconds
+                    .clamp(1, args.lease_duration_seconds.max(2) - 1),
+            )
+            .with_field_manager(format!("{FIELD_MANAGER}-{identity}"))
+            .build()
+            .await
+            .map_err(|e| StartError::Lease(e.to_string()))?;
+    let (mut leader, lease_task) = manager.watch().await;
+    'election: loop {
+        // A standby: wait for the Lease (or the end).
+        while !*leader.borrow_and_update() {
+            tokio::select! {
+                () = stop.cancelled() => break 'election,
+                changed = leader.changed() => if changed.is_err() { break 'election },
+            }
+        }
+        tracing::info!(%identity, lease = %args.lease_name, "acquired the lease: running the controllers");
+        ctx.metrics.set_leader(true);
+        let work = controllers(ctx.clone(), args, stop.clone());
+        tokio::pin!(work);
+        let mut lost = leader.clone();
+        tokio::select! {
+            () = &mut work => break 'election,
+            () = async {
+                while *lost.borrow_and_update() {
+                    if lost.changed().await.is_err() {
+                        break;
+                    }
+                }
+            } => {
+                tracing::warn!(%identity, "lost the lease: stopped the controllers");
+                ctx.metrics.set_leader(false);
+            }
+        }
+    }
+    ctx.metrics.set_leader(false);
+    // Closing the channel ends the manager's task; then the Lease is released for the standby.
+    drop(leader);
+    if let Ok(Ok(manager)) = lease_task.await
+        && let Err(error) = manager.release().await
+    {
+        tracing::warn!(%error, "could not release the lease");
+    }
+    Ok(())
+}
+
+/// The three controllers, until `stop` (graceful: running reconciles finish).
+async fn controllers(
+    ctx: Arc<Context>,
+    args: &OperatorArgs,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let client = ctx.client.clone();
+    let (stores, exports, migrations, jobs, secrets): (
         Api<StateStore>,
         Api<crate::api::StateExport>,
         Api<crate::api::StateMigration>,
         Api<Job>,
+        Api<kube::core::PartialObjectMeta<Secret>>,
     ) = match &args.namespace {
         Some(ns) => (
+            Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client, ns),
         ),
         None => (
+            Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
@@ -266,14 +420,18 @@ pub async fn run(args: OperatorArgs) -> Result<(), StartError> {
             ))
             .any_semantic()
     };
-    let http = tokio::spawn(telemetry::serve(listener, ctx.metrics.clone()));
-    // Ready once the API server answers a list of our resources (proves CRDs and RBAC).
-    stores.list(&ListParams::default().limit(1)).await?;
-    ctx.metrics.set_ready(true);
-    tracing::info!(namespace = ?args.namespace, http = %args.http_addr, "statekeeper operator started");
-    let store_controller = Controller::new(stores, watcher::Config::default().any_semantic())
+    // Secret changes (metadata only) wake the stores and exports that read them.
+    let secret_changes =
+        || watcher(secrets.clone(), watcher::Config::default().any_semantic()).touched_objects();
+    let store_controller = Controller::new(stores, watcher::Config::default().any_semantic());
+    let store_cache = store_controller.store();
+    let store_cache_for_exports = store_cache.clone();
+    let store_controller = store_controller
         .owns(jobs.clone(), our_jobs())
-        .shutdown_on_signal()
+        .watches_stream(secret_changes(), move |secret| {
+            secret_watch::stores_using(&secret, &store_cache.state())
+        })
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(
             state_store::reconcile,
             state_store::error_policy,
@@ -287,24 +445,33 @@ pub async fn run(args: OperatorArgs) -> Result<(), StartError> {
         });
     // A schedule owns its one-shot children: a child's progress wakes its schedule.
     let export_controller =
-        Controller::new(exports.clone(), watcher::Config::default().any_semantic())
-            .owns(exports, watcher::Config::default().any_semantic())
-            .shutdown_on_signal()
-            .run(
-                state_export::reconcile,
-                state_export::error_policy,
-                ctx.clone(),
+        Controller::new(exports.clone(), watcher::Config::default().any_semantic());
+    let export_cache = export_controller.store();
+    let export_controller = export_controller
+        .owns(exports, watcher::Config::default().any_semantic())
+        .watches_stream(secret_changes(), move |secret| {
+            secret_watch::exports_using(
+                &secret,
+                &export_cache.state(),
+                &store_cache_for_exports.state(),
             )
-            .for_each(|result| async move {
-                match result {
-                    Ok((object, _)) => tracing::debug!(export = %object.name, "reconciled"),
-                    Err(error) => tracing::warn!(%error, "reconcile error"),
-                }
-            });
+        })
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
+        .run(
+            state_export::reconcile,
+            state_export::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(export = %object.name, "reconciled"),
+                Err(error) => tracing::warn!(%error, "reconcile error"),
+            }
+        });
     let migration_controller =
         Controller::new(migrations, watcher::Config::default().any_semantic())
             .owns(jobs, our_jobs())
-            .shutdown_on_signal()
+            .graceful_shutdown_on(stop.cancelled_owned())
             .run(
                 state_migration::reconcile,
                 state_migration::error_policy,
@@ -317,7 +484,4 @@ pub async fn run(args: OperatorArgs) -> Result<(), StartError> {
                 }
             });
     futures::join!(store_controller, export_controller, migration_controller);
-    http.abort();
-    tracing::info!("statekeeper operator stopped");
-    Ok(())
 }

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub export_attempts: Family<OutcomeLabels, Counter>,
     pub export_bytes: Counter,
     pub export_last_success: Family<ObjectLabels, Gauge>,
+    /// 1 while this instance runs the controllers.
+    pub leader: Gauge,
     ready: AtomicBool,
 }
 
@@ -112,8 +114,15 @@ impl Default for Metrics {
             "Unix time of the last successful export of each schedule (or one-shot StateExport); alert when it grows old",
             export_last_success.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this instance runs the controllers (holds the Lease, or runs without leader election)",
+            leader.clone(),
+        );
         Self {
             registry,
+            leader,
             export_attempts,
             export_bytes,
             export_last_success,
@@ -194,6 +203,10 @@ impl Metrics {
             tracing::warn!(error = %e, "could not encode metrics");
         }
         out
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
     }
 
     /// Marks the operator ready once it can talk to the API server.

@@ -1,6 +1,8 @@
 //! An in-memory Kubernetes API server for reconciler tests: a tower service that stores objects
-//! as JSON by URL path and answers get, list, create, patch (apply, merge), status patches and
-//! delete the way the API server does for the calls the operator makes. No mocks of our code.
+//! as JSON by URL path and answers get, list, watch, create, patch (apply, merge), status patches
+//! and delete the way the API server does for the calls the operator makes: `resourceVersion`
+//! preconditions and server-side-apply field ownership conflicts (409) included, so that two
+//! operators can run against it. No mocks of our code.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -8,19 +10,35 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use serde_json::{Value, json};
+
+type Body = BoxBody<Bytes, Infallible>;
 
 #[derive(Default)]
 struct State {
     objects: BTreeMap<String, Value>,
     resource_version: u64,
     requests: Vec<(String, String)>,
+    /// Every change, for watches: (resourceVersion, object path, event type, object).
+    history: Vec<(u64, String, &'static str, Value)>,
+    /// Server-side apply ownership: (object path, top-level field path) -> field manager.
+    owners: BTreeMap<(String, String), String>,
+}
+
+impl State {
+    fn record(&mut self, path: &str, kind: &'static str, object: &Value) {
+        let rv = self.resource_version;
+        self.history
+            .push((rv, path.to_owned(), kind, object.clone()));
+    }
 }
 
 #[derive(Clone, Default)]
 pub struct FakeKube {
     state: Arc<Mutex<State>>,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl FakeKube {
@@ -31,20 +49,30 @@ impl FakeKube {
     /// A kube client whose every request is served by this fake.
     pub fn client(&self) -> kube::Client {
         let state = self.state.clone();
+        let changed = self.changed.clone();
         let service = tower::service_fn(move |req: Request<kube::client::Body>| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(state, req).await) }
+            let (state, changed) = (state.clone(), changed.clone());
+            async move { Ok::<_, Infallible>(handle(state, changed, req).await) }
         });
         kube::Client::new(service, "default")
     }
 
     /// Stores an object as-is, under the path the API server would serve it at.
     pub fn put(&self, path: &str, mut object: Value) {
-        let mut state = self.state.lock().unwrap();
-        state.resource_version += 1;
-        let rv = state.resource_version.to_string();
-        object["metadata"]["resourceVersion"] = json!(rv);
-        state.objects.insert(path.to_owned(), object);
+        {
+            let mut state = self.state.lock().unwrap();
+            state.resource_version += 1;
+            let rv = state.resource_version.to_string();
+            object["metadata"]["resourceVersion"] = json!(rv);
+            let kind = if state.objects.contains_key(path) {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            state.record(path, kind, &object);
+            state.objects.insert(path.to_owned(), object);
+        }
+        self.changed.notify_waiters();
     }
 
     pub fn get(&self, path: &str) -> Option<Value> {
@@ -52,7 +80,14 @@ impl FakeKube {
     }
 
     pub fn remove(&self, path: &str) {
-        self.state.lock().unwrap().objects.remove(path);
+        {
+            let mut state = self.state.lock().unwrap();
+            if let Some(object) = state.objects.remove(path) {
+                state.resource_version += 1;
+                state.record(path, "DELETED", &object);
+            }
+        }
+        self.changed.notify_waiters();
     }
 
     /// Every object stored under a collection path.
@@ -92,15 +127,15 @@ impl FakeKube {
     }
 }
 
-fn respond(code: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+fn respond(code: StatusCode, body: &Value) -> Response<Body> {
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
         .unwrap()
 }
 
-fn status_error(code: StatusCode, reason: &str, message: String) -> Response<Full<Bytes>> {
+fn status_error(code: StatusCode, reason: &str, message: String) -> Response<Body> {
     respond(
         code,
         &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason, "code": code.as_u16()}),
@@ -163,13 +198,106 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+/// One query parameter's (undecoded) value.
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// A watch: every change to the collection after `since`, as JSON lines, until the client goes.
+fn watch(
+    state: Arc<Mutex<State>>,
+    changed: Arc<tokio::sync::Notify>,
+    collection: String,
+    selector: Vec<(String, String)>,
+    since: u64,
+) -> Response<Body> {
+    let prefix = format!("{collection}/");
+    let events = futures::stream::unfold(since, move |mut seen| {
+        let (state, changed, prefix, selector) = (
+            state.clone(),
+            changed.clone(),
+            prefix.clone(),
+            selector.clone(),
+        );
+        async move {
+            loop {
+                let notified = changed.notified();
+                let batch: Vec<(u64, String)> = {
+                    let state = state.lock().unwrap();
+                    state
+                        .history
+                        .iter()
+                        .filter(|(rv, path, _, _)| {
+                            *rv > seen
+                                && path.starts_with(&prefix)
+                                && !path[prefix.len()..].contains('/')
+                        })
+                        .filter(|(_, _, _, object)| {
+                            selector.iter().all(|(key, value)| {
+                                object["metadata"]["labels"][key].as_str() == Some(value)
+                            })
+                        })
+                        .map(|(rv, _, kind, object)| {
+                            (
+                                *rv,
+                                format!("{}\n", json!({"type": kind, "object": object})),
+                            )
+                        })
+                        .collect()
+                };
+                if let Some(last) = batch.last() {
+                    seen = last.0;
+                    let text: String = batch.into_iter().map(|(_, line)| line).collect();
+                    return Some((
+                        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(text))),
+                        seen,
+                    ));
+                }
+                notified.await;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(StreamBody::new(events)))
+        .unwrap()
+}
+
 async fn handle(
     state: Arc<Mutex<State>>,
+    changed: Arc<tokio::sync::Notify>,
     req: Request<kube::client::Body>,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
+    let response = handle_request(state, changed.clone(), req).await;
+    changed.notify_waiters();
+    response
+}
+
+async fn handle_request(
+    state: Arc<Mutex<State>>,
+    changed: Arc<tokio::sync::Notify>,
+    req: Request<kube::client::Body>,
+) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let selector = label_selector(req.uri().query().unwrap_or(""));
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let selector = label_selector(&query);
+    if method == Method::GET && matches!(query_param(&query, "watch"), Some("true" | "1")) {
+        let since = query_param(&query, "resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        state
+            .lock()
+            .unwrap()
+            .requests
+            .push(("WATCH".into(), path.clone()));
+        return watch(state, changed, path, selector, since);
+    }
+    let field_manager = query_param(&query, "fieldManager").unwrap_or("").to_owned();
+    let force = query_param(&query, "force") == Some("true");
     let content_type = req
         .headers()
         .get("content-type")
@@ -263,15 +391,65 @@ async fn handle(
             object["metadata"]["resourceVersion"] = json!(rv);
             object["metadata"]["uid"] = json!(format!("uid-{rv}"));
             object["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+            state.record(&key, "ADDED", &object);
             state.objects.insert(key, object.clone());
             respond(StatusCode::CREATED, &object)
         }
         Method::PATCH => {
             let apply = content_type.starts_with("application/apply-patch");
+            // A resourceVersion in the patch is a precondition, as on the API server.
+            if let (Some(wanted), Some(existing)) = (
+                parsed["metadata"]["resourceVersion"].as_str(),
+                state.objects.get(&object_path),
+            ) && existing["metadata"]["resourceVersion"].as_str() != Some(wanted)
+            {
+                return status_error(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    format!("{path}: the object has been modified"),
+                );
+            }
+            // Server-side apply: a field another manager set to another value is a conflict,
+            // unless forced. Other patches take the fields they set.
+            if subresource.is_none() && !field_manager.is_empty() {
+                if let Some(spec) = parsed["spec"].as_object() {
+                    let current = state.objects.get(&object_path).map(|o| o["spec"].clone());
+                    for (field, value) in spec {
+                        let key = (object_path.clone(), format!("spec.{field}"));
+                        let owner = state.owners.get(&key).cloned();
+                        let same = current.as_ref().is_some_and(|c| c[field] == *value);
+                        if apply
+                            && !force
+                            && owner.as_ref().is_some_and(|o| *o != field_manager)
+                            && !same
+                        {
+                            return status_error(
+                                StatusCode::CONFLICT,
+                                "Conflict",
+                                format!(
+                                    "Apply failed with 1 conflict: conflict with \"{}\": .spec.{field}",
+                                    owner.unwrap_or_default()
+                                ),
+                            );
+                        }
+                    }
+                    for (field, value) in spec {
+                        let key = (object_path.clone(), format!("spec.{field}"));
+                        if value.is_null() {
+                            state.owners.remove(&key);
+                        } else {
+                            state.owners.insert(key, field_manager.clone());
+                        }
+                    }
+                }
+            }
             let Some(existing) = state.objects.get_mut(&object_path) else {
                 if apply && subresource.is_none() {
                     let mut object = parsed;
                     object["metadata"]["resourceVersion"] = json!(rv);
+                    object["metadata"]["uid"] = json!(format!("uid-{rv}"));
+                    object["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+                    state.record(&object_path, "ADDED", &object);
                     state.objects.insert(object_path, object.clone());
                     return respond(StatusCode::CREATED, &object);
                 }
@@ -295,16 +473,36 @@ async fn handle(
             }
             existing["metadata"]["resourceVersion"] = json!(rv);
             let object = existing.clone();
+            state.record(&object_path, "MODIFIED", &object);
             respond(StatusCode::OK, &object)
         }
         Method::PUT => {
             let mut object = parsed;
+            let current = state
+                .objects
+                .get(&object_path)
+                .map(|o| o["metadata"]["resourceVersion"].clone());
+            if let (Some(wanted), Some(Some(current))) = (
+                object["metadata"]["resourceVersion"].as_str(),
+                current.as_ref().map(Value::as_str),
+            ) && wanted != current
+            {
+                return status_error(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    format!("{path}: the object has been modified"),
+                );
+            }
             object["metadata"]["resourceVersion"] = json!(rv);
+            state.record(&object_path, "MODIFIED", &object);
             state.objects.insert(object_path, object.clone());
             respond(StatusCode::OK, &object)
         }
         Method::DELETE => match state.objects.remove(&object_path) {
-            Some(object) => respond(StatusCode::OK, &object),
+            Some(object) => {
+                state.record(&object_path, "DELETED", &object);
+                respond(StatusCode::OK, &object)
+            }
             None => status_error(
                 StatusCode::NOT_FOUND,
                 "NotFound",
