@@ -312,10 +312,7 @@ pub async fn operate(
 ) -> Result<(), StartError> {
     // Ready once the API server answers a list of our resources (proves CRDs and RBAC). A standby
     // is ready too: it serves probes and waits for the Lease.
-    let stores: Api<StateStore> = match &args.namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
+    let stores: Api<StateStore> = scoped(&ctx.client, args);
     stores.list(&ListParams::default().limit(1)).await?;
     ctx.metrics.set_ready(true);
     tracing::info!(namespace = ?args.namespace, %identity, leader_elect = args.leader_elect, "statekeeper operator started");
@@ -381,35 +378,29 @@ pub async fn operate(
     Ok(())
 }
 
+/// The API of a kind in the watched namespace, or in all namespaces.
+fn scoped<K>(client: &Client, args: &OperatorArgs) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match &args.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// The three controllers, until `stop` (graceful: running reconciles finish).
 async fn controllers(
     ctx: Arc<Context>,
     args: &OperatorArgs,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let client = ctx.client.clone();
-    let (stores, exports, migrations, jobs, secrets): (
-        Api<StateStore>,
-        Api<crate::api::StateExport>,
-        Api<crate::api::StateMigration>,
-        Api<Job>,
-        Api<kube::core::PartialObjectMeta<Secret>>,
-    ) = match &args.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client, ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client),
-        ),
-    };
+    let stores: Api<StateStore> = scoped(&ctx.client, args);
+    let exports: Api<crate::api::StateExport> = scoped(&ctx.client, args);
+    let migrations: Api<crate::api::StateMigration> = scoped(&ctx.client, args);
+    let jobs: Api<Job> = scoped(&ctx.client, args);
+    let secrets: Api<kube::core::PartialObjectMeta<Secret>> = scoped(&ctx.client, args);
     // Only the Jobs statekeeper made: their progress wakes the object that owns them.
     let our_jobs = || {
         watcher::Config::default()

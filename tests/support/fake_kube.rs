@@ -411,35 +411,36 @@ async fn handle_request(
             }
             // Server-side apply: a field another manager set to another value is a conflict,
             // unless forced. Other patches take the fields they set.
-            if subresource.is_none() && !field_manager.is_empty() {
-                if let Some(spec) = parsed["spec"].as_object() {
-                    let current = state.objects.get(&object_path).map(|o| o["spec"].clone());
-                    for (field, value) in spec {
-                        let key = (object_path.clone(), format!("spec.{field}"));
-                        let owner = state.owners.get(&key).cloned();
-                        let same = current.as_ref().is_some_and(|c| c[field] == *value);
-                        if apply
-                            && !force
-                            && owner.as_ref().is_some_and(|o| *o != field_manager)
-                            && !same
-                        {
-                            return status_error(
-                                StatusCode::CONFLICT,
-                                "Conflict",
-                                format!(
-                                    "Apply failed with 1 conflict: conflict with \"{}\": .spec.{field}",
-                                    owner.unwrap_or_default()
-                                ),
-                            );
-                        }
+            if subresource.is_none()
+                && !field_manager.is_empty()
+                && let Some(spec) = parsed["spec"].as_object()
+            {
+                let current = state.objects.get(&object_path).map(|o| o["spec"].clone());
+                for (field, value) in spec {
+                    let key = (object_path.clone(), format!("spec.{field}"));
+                    let owner = state.owners.get(&key).cloned();
+                    let same = current.as_ref().is_some_and(|c| c[field] == *value);
+                    if apply
+                        && !force
+                        && owner.as_ref().is_some_and(|o| *o != field_manager)
+                        && !same
+                    {
+                        return status_error(
+                            StatusCode::CONFLICT,
+                            "Conflict",
+                            format!(
+                                "Apply failed with 1 conflict: conflict with \"{}\": .spec.{field}",
+                                owner.unwrap_or_default()
+                            ),
+                        );
                     }
-                    for (field, value) in spec {
-                        let key = (object_path.clone(), format!("spec.{field}"));
-                        if value.is_null() {
-                            state.owners.remove(&key);
-                        } else {
-                            state.owners.insert(key, field_manager.clone());
-                        }
+                }
+                for (field, value) in spec {
+                    let key = (object_path.clone(), format!("spec.{field}"));
+                    if value.is_null() {
+                        state.owners.remove(&key);
+                    } else {
+                        state.owners.insert(key, field_manager.clone());
                     }
                 }
             }
