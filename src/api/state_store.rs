@@ -260,7 +260,8 @@ pub struct StateStoreStatus {
     /// Backup schemas of this store, oldest first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backups: Option<Vec<BackupStatus>>,
-    /// When the operator last looked at the database (RFC 3339).
+    /// When the operator last found the store changed (RFC 3339). It looks every `resyncSeconds`,
+    /// but writes status only when something changed, so an idle store costs no writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checked_time: Option<String>,
     /// The scheduled janitor, when `spec.janitor` is set.

@@ -71,6 +71,13 @@ pub struct OperatorArgs {
     /// before it reports the store busy and tries again later.
     #[arg(long, default_value_t = 30)]
     pub lock_timeout_seconds: u64,
+    /// Database connections the operator holds at most, all stores together (stores in one
+    /// database share a pool; idle pools of other databases are closed to make room).
+    #[arg(long, default_value_t = 16)]
+    pub max_db_connections: u32,
+    /// Database connections one database (every store in it) gets at most.
+    #[arg(long, default_value_t = 4)]
+    pub connections_per_database: u32,
     /// Address of the HTTP endpoints /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub http_addr: std::net::SocketAddr,
@@ -98,6 +105,8 @@ impl OperatorArgs {
             resync_interval: Duration::from_secs(self.resync_seconds.max(10)),
             connect_timeout: Duration::from_secs(self.connect_timeout_seconds.max(1)),
             lock_timeout: Duration::from_secs(self.lock_timeout_seconds.max(1)),
+            max_db_connections: self.max_db_connections.max(1),
+            connections_per_database: self.connections_per_database.max(1),
             ..Settings::default()
         }
     }
@@ -111,6 +120,10 @@ pub struct Settings {
     pub max_backoff: Duration,
     /// How long an operation waits for another one on the same store before it reports busy.
     pub lock_timeout: Duration,
+    /// Database connections the operator holds at most, all stores together.
+    pub max_db_connections: u32,
+    /// Database connections one database (every store in it) gets at most.
+    pub connections_per_database: u32,
 }
 
 impl Default for Settings {
@@ -121,6 +134,8 @@ impl Default for Settings {
             min_backoff: Duration::from_secs(5),
             max_backoff: Duration::from_secs(300),
             lock_timeout: crate::engine::store::DEFAULT_LOCK_TIMEOUT,
+            max_db_connections: 16,
+            connections_per_database: 4,
         }
     }
 }
@@ -146,9 +161,12 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            pools: PoolCache::new(
+                settings.max_db_connections,
+                settings.connections_per_database,
+            ),
             settings,
             metrics: Arc::default(),
-            pools: PoolCache::default(),
             failures: Default::default(),
             clock: Default::default(),
         }

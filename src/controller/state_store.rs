@@ -391,9 +391,9 @@ pub async fn reconcile(
         status.backups = previous.backups.clone();
     }
 
-    // Every status write is a watch event that wakes this reconciler again: write only when
-    // something changed, or when the last write is older than the resync interval (so that
-    // `lastCheckedTime` still moves), and the loop settles after one extra pass.
+    // Every status write is a watch event that wakes this reconciler again, and costs the API
+    // server a write: write only when something changed. An idle store costs no writes at all
+    // (a thousand of them included); `lastCheckedTime` is when the status last changed.
     let changed = {
         let mut before = previous.clone();
         let mut after = status.clone();
@@ -401,13 +401,7 @@ pub async fn reconcile(
         after.last_checked_time = None;
         before != after
     };
-    let stale = previous
-        .last_checked_time
-        .as_deref()
-        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-        .and_then(|t| Duration::try_from(now.duration_since(t)).ok())
-        .is_none_or(|age| age >= ctx.settings.resync_interval);
-    if changed || stale {
+    if changed {
         write_status(&ctx, &namespace, &name, &status).await?;
     }
     for event in transition_events(&previous.conditions, &status.conditions) {
@@ -664,12 +658,7 @@ async fn resolve_connection(
             ));
         }
     };
-    Ok((
-        settings
-            .with_connect_timeout(timeout)
-            .with_max_connections(2),
-        secret_values,
-    ))
+    Ok((settings.with_connect_timeout(timeout), secret_values))
 }
 
 async fn read_secret_key(
@@ -714,13 +703,41 @@ async fn read_secret_key(
     })
 }
 
-/// One small pool per store, rebuilt when its connection settings or Secrets change.
-#[derive(Default)]
+/// Database pools shared by every store that connects the same way (same target, user and
+/// Secrets): a thousand stores in one database use one pool. The connections of all pools
+/// together stay within a budget: the least recently used idle pools are closed to make room,
+/// and when every pool is busy a new one waits (the reconcile retries) rather than exceed it.
 pub struct PoolCache {
-    pools: tokio::sync::Mutex<HashMap<String, (String, PgPool)>>,
+    inner: tokio::sync::Mutex<Pools>,
+    /// Connections all pools may hold together.
+    budget: u32,
+    /// Connections one pool (one database) may hold.
+    per_pool: u32,
+}
+
+#[derive(Default)]
+struct Pools {
+    /// Store key → the fingerprint of the pool it uses.
+    stores: HashMap<String, String>,
+    /// Fingerprint → (pool, its connection limit, last use).
+    pools: HashMap<String, (PgPool, u32, std::time::Instant)>,
+}
+
+impl Default for PoolCache {
+    fn default() -> Self {
+        Self::new(16, 4)
+    }
 }
 
 impl PoolCache {
+    pub fn new(budget: u32, per_pool: u32) -> Self {
+        Self {
+            inner: Default::default(),
+            budget: budget.max(1),
+            per_pool: per_pool.clamp(1, budget.max(1)),
+        }
+    }
+
     pub async fn get_or_connect(
         &self,
         key: &str,
@@ -738,23 +755,82 @@ impl PoolCache {
             }
             hex::encode(hasher.finalize())
         };
-        let mut pools = self.pools.lock().await;
-        if let Some((cached, pool)) = pools.get(key)
-            && *cached == fingerprint
+        let mut inner = self.inner.lock().await;
+        if let Some((pool, _, used)) = inner.pools.get_mut(&fingerprint)
             && !pool.is_closed()
         {
-            return Ok(pool.clone());
+            *used = std::time::Instant::now();
+            let pool = pool.clone();
+            inner.stores.insert(key.to_owned(), fingerprint);
+            return Ok(pool);
         }
-        if let Some((_, old)) = pools.remove(key) {
-            old.close().await;
+        // The store's previous pool (its Secret changed) goes if nobody else uses it.
+        if let Some(old) = inner.stores.remove(key) {
+            inner.release_if_unused(&old).await;
         }
-        let pool = settings.connect().await?;
-        pools.insert(key.to_owned(), (fingerprint, pool.clone()));
+        let mut held: u32 = inner.pools.values().map(|(_, limit, _)| limit).sum();
+        while held + self.per_pool > self.budget {
+            let idle = inner
+                .pools
+                .iter()
+                .filter(|(_, (pool, _, _))| pool.size() as usize == pool.num_idle())
+                .min_by_key(|(_, (_, _, used))| *used)
+                .map(|(fingerprint, _)| fingerprint.clone());
+            let Some(idle) = idle else { break };
+            if let Some((pool, limit, _)) = inner.pools.remove(&idle) {
+                pool.close().await;
+                held -= limit;
+            }
+            inner.stores.retain(|_, f| *f != idle);
+        }
+        let limit = self.per_pool.min(self.budget.saturating_sub(held));
+        if limit == 0 {
+            return Err(EngineError::Unreachable {
+                target: settings.target(),
+                reason: format!(
+                    "all {} database connections of this operator are in use (--max-db-connections); \
+                     retrying",
+                    self.budget
+                ),
+            });
+        }
+        let pool = settings
+            .clone()
+            .with_max_connections(limit)
+            .connect()
+            .await?;
+        inner.pools.insert(
+            fingerprint.clone(),
+            (pool.clone(), limit, std::time::Instant::now()),
+        );
+        inner.stores.insert(key.to_owned(), fingerprint);
         Ok(pool)
     }
 
+    /// Drops a store's use of its pool (a connection broke); the pool closes when unused.
     pub async fn forget(&self, key: &str) {
-        if let Some((_, pool)) = self.pools.lock().await.remove(key) {
+        let mut inner = self.inner.lock().await;
+        if let Some(fingerprint) = inner.stores.remove(key) {
+            // A broken pool is rebuilt with a fresh probe by whoever needs it next.
+            if let Some((pool, _, _)) = inner.pools.remove(&fingerprint) {
+                pool.close().await;
+            }
+            inner.stores.retain(|_, f| *f != fingerprint);
+        }
+    }
+
+    /// Connections the pools may hold now (for metrics and the scale benchmark).
+    pub async fn connection_limit(&self) -> u32 {
+        let inner = self.inner.lock().await;
+        inner.pools.values().map(|(_, limit, _)| limit).sum()
+    }
+}
+
+impl Pools {
+    async fn release_if_unused(&mut self, fingerprint: &str) {
+        if !self.stores.values().any(|f| f == fingerprint)
+            && let Some((pool, _, _)) = self.pools.remove(fingerprint)
+        {
             pool.close().await;
         }
     }

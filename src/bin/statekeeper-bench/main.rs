@@ -11,6 +11,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use statekeeper::engine::generator::GenerateOptions;
 use statekeeper::engine::{ConnectionSettings, JanitorOptions, SchemaName, Store};
 
+mod operator_scale;
 mod sqlmesh_bench;
 
 #[derive(Parser)]
@@ -77,6 +78,22 @@ enum Command {
         /// takes SQLMesh about an hour.
         #[arg(long)]
         reuse_planned: bool,
+    },
+    /// N StateStores in one PostgreSQL reconciled by the real operator code against the
+    /// in-memory Kubernetes API: time until all are Ready, peak and idle RSS, peak database
+    /// connections, status writes while idle.
+    OperatorScale {
+        /// PostgreSQL URL of a user that may create databases; a throwaway local server when
+        /// omitted.
+        #[arg(long, env = "STATEKEEPER_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        stores: usize,
+        /// Seconds to watch the idle operator (it looks at every store every 10 s).
+        #[arg(long, default_value_t = 60)]
+        idle_seconds: u64,
+        #[arg(long, default_value_t = 16)]
+        max_db_connections: u32,
     },
     /// Janitor on a store with half of its versions unreferenced, while a writer keeps writing.
     Janitor {
@@ -150,6 +167,25 @@ async fn run(cli: Cli) -> BenchResult<()> {
                 println!("  {table:<34} {rows}");
             }
             Ok(())
+        }
+        Command::OperatorScale {
+            database_url,
+            stores,
+            idle_seconds,
+            max_db_connections,
+        } => {
+            let url = database(&Target {
+                database_url,
+                schema: "unused".into(),
+            })
+            .await?;
+            operator_scale::run(&operator_scale::Settings {
+                admin_url: url,
+                stores,
+                idle_seconds: idle_seconds.max(1),
+                max_db_connections,
+            })
+            .await
         }
         Command::Sqlmesh {
             database_url,
