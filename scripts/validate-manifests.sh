@@ -59,6 +59,12 @@ problems = [m for m in lint["messages"] if m["severity"] >= 2] + lint["errors"]
 for p in problems:
     failures += 1
     print(f"LINT {chart_dir}: {p}")
+# values.schema.json refuses wrong types and unknown keys.
+for wrong in ({"replicaCount": "two"}, {"leaderElection": {"enabled": "yes"}}, {"maxDbConnections": 0}, {"replicas": 2}):
+    refused = helm.lint(chart_dir, values=wrong, strict=True, kube_version="v1.34.0")
+    if not (refused["errors"] or [m for m in refused["messages"] if m["severity"] >= 2]):
+        failures += 1
+        print(f"SCHEMA {chart_dir}: values {wrong} were accepted")
 with helm.Chart.load(chart_dir) as chart:
     import glob, os
     committed = {os.path.basename(f): open(f).read() for f in glob.glob("crds/*.statekeeper.dev.yaml")}
@@ -66,10 +72,28 @@ with helm.Chart.load(chart_dir) as chart:
         failures += 1
         print(f"STALE {chart_dir}/crds: copy crds/*.statekeeper.dev.yaml into it")
     backups = {"backupVolume": {"mountPath": "/backups", "volume": {"persistentVolumeClaim": {"claimName": "statekeeper-backups"}}}}
-    for values in ({}, {"watchNamespace": "data", "serviceAccount": {"create": False, "name": "existing"}}, backups):
+    everything = {"metrics": {"serviceMonitor": {"enabled": True}}, "networkPolicy": {"enabled": True}, "grafanaDashboard": {"enabled": True}}
+    for values in ({}, {"watchNamespace": "data", "serviceAccount": {"create": False, "name": "existing"}}, backups, everything, {"replicaCount": 1, "leaderElection": {"enabled": False}}):
         out = chart.render(values, name="statekeeper", namespace="statekeeper-system", is_install=True)
         docs = [d for name, text in out.items() if name.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+        kinds = {d["kind"] for d in docs}
+        expected = {"PodDisruptionBudget"} if values.get("replicaCount", 2) > 1 else set()
+        if values is everything:
+            expected |= {"ServiceMonitor", "Service", "NetworkPolicy", "ConfigMap"}
+        if not expected <= kinds or ("PodDisruptionBudget" in kinds and values.get("replicaCount", 2) == 1):
+            failures += 1
+            print(f"chart with {values} renders {sorted(kinds)}, expected {sorted(expected)}")
+        args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+        if ("--leader-elect" in args) != values.get("leaderElection", {}).get("enabled", True):
+            failures += 1
+            print(f"chart with {values}: --leader-elect is {'--leader-elect' in args}")
         for doc in docs:
+            if doc["kind"] == "ConfigMap":
+                import json
+                json.loads(doc["data"]["statekeeper.json"])
+            if doc["kind"] == "ServiceMonitor":
+                checked += 1
+                continue
             try:
                 kubernetes_validate.validate(doc, "1.34", strict=True)
                 checked += 1

@@ -432,7 +432,14 @@ async fn controllers(
     // Secret changes (metadata only) wake the stores and exports that read them.
     let secret_changes =
         || watcher(secrets.clone(), watcher::Config::default().any_semantic()).touched_objects();
-    let store_controller = Controller::new(stores, watcher::Config::default().any_semantic());
+    // Reconciles at once per controller: about the database connections there are, so that
+    // a thousand stores queue here rather than time out waiting for a connection.
+    let limit = || {
+        kube::runtime::controller::Config::default()
+            .concurrency(u16::try_from(ctx.settings.max_db_connections).unwrap_or(u16::MAX))
+    };
+    let store_controller =
+        Controller::new(stores, watcher::Config::default().any_semantic()).with_config(limit());
     let store_cache = store_controller.store();
     let store_cache_for_exports = store_cache.clone();
     let store_controller = store_controller
@@ -454,7 +461,8 @@ async fn controllers(
         });
     // A schedule owns its one-shot children: a child's progress wakes its schedule.
     let export_controller =
-        Controller::new(exports.clone(), watcher::Config::default().any_semantic());
+        Controller::new(exports.clone(), watcher::Config::default().any_semantic())
+            .with_config(limit());
     let export_cache = export_controller.store();
     let export_controller = export_controller
         .owns(exports, watcher::Config::default().any_semantic())
@@ -479,6 +487,7 @@ async fn controllers(
         });
     let migration_controller =
         Controller::new(migrations, watcher::Config::default().any_semantic())
+            .with_config(limit())
             .owns(jobs, our_jobs())
             .graceful_shutdown_on(stop.cancelled_owned())
             .run(

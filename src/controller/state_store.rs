@@ -533,8 +533,17 @@ async fn observe(
     let observation = match observe_store(&engine, store.spec.init_policy, ctx, store).await {
         Ok(observation) => observation,
         Err(e) => {
-            // A pooled connection that broke is rebuilt with a fresh, precise probe next time.
-            ctx.forget_pool(key).await;
+            // A pool whose connections broke (the server went away) is rebuilt with a fresh,
+            // precise probe next time. A pool that was only busy (stores in one database share
+            // it) stays: closing it would fail every other store's work.
+            let broken = matches!(
+                e,
+                EngineError::Database(sqlx::Error::Io(_) | sqlx::Error::Tls(_))
+            ) || (e.is_connection_error()
+                && !matches!(e, EngineError::ConnectTimeout { .. }));
+            if broken {
+                ctx.forget_pool(key).await;
+            }
             if e.is_connection_error() || matches!(e, EngineError::Database(_)) {
                 Observation::ConnectFailed {
                     reason: e.reason(),

@@ -16,6 +16,26 @@ pub async fn tables(conn: &mut PgConnection, schema: &str) -> Result<Vec<String>
     .await?)
 }
 
+/// Which of `names` are base tables of the schema. Unlike listing a schema's tables (PostgreSQL
+/// has no index on a relation's schema, so that reads all of `pg_class`: ~50 ms with a thousand
+/// stores in one database), this looks each name up by index.
+pub async fn existing_tables(
+    conn: &mut PgConnection,
+    schema: &str,
+    names: &[&str],
+) -> Result<Vec<String>, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT c.relname::text FROM unnest($2::text[]) AS wanted(name) \
+         JOIN pg_class c ON c.relname = wanted.name \
+           AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = $1) \
+         WHERE c.relkind IN ('r', 'p') ORDER BY 1",
+    )
+    .bind(schema)
+    .bind(names)
+    .fetch_all(conn)
+    .await?)
+}
+
 pub async fn schema_exists(conn: &mut PgConnection, schema: &str) -> Result<bool, Error> {
     Ok(
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")

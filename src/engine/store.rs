@@ -329,14 +329,12 @@ impl Store {
 
     /// The tables of the store that exist now, by name.
     pub(crate) async fn tables(&self, conn: &mut PgConnection) -> Result<Vec<String>, Error> {
-        let present = catalog::tables(conn, self.schema.as_str()).await?;
-        Ok(match &self.profile().tables {
-            TableSet::WholeSchema => present,
-            TableSet::Named { tables, .. } => present
-                .into_iter()
-                .filter(|t| tables.contains(&t.as_str()))
-                .collect(),
-        })
+        match &self.profile().tables {
+            TableSet::WholeSchema => catalog::tables(conn, self.schema.as_str()).await,
+            TableSet::Named { tables, .. } => {
+                catalog::existing_tables(conn, self.schema.as_str(), tables).await
+            }
+        }
     }
 
     /// The store's version, or `NotInitialized` (or, when the schema holds another framework's
@@ -434,7 +432,8 @@ impl Store {
     }
 
     async fn counts(&self, conn: &mut PgConnection) -> Result<BTreeMap<String, i64>, Error> {
-        let present = catalog::tables(conn, self.schema.as_str()).await?;
+        let names: Vec<&str> = self.profile().counts.iter().map(|c| c.table).collect();
+        let present = catalog::existing_tables(conn, self.schema.as_str(), &names).await?;
         let s = self.schema.quoted();
         let selects: Vec<String> = self
             .profile()

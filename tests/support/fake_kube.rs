@@ -226,13 +226,13 @@ fn watch(
                 let notified = changed.notified();
                 let batch: Vec<(u64, String)> = {
                     let state = state.lock().unwrap();
-                    state
-                        .history
+                    // History is in resourceVersion order: start after what was seen.
+                    let start = state.history.partition_point(|(rv, _, _, _)| *rv <= seen);
+                    let newest = state.history.last().map_or(seen, |(rv, _, _, _)| *rv);
+                    let batch: Vec<(u64, String)> = state.history[start..]
                         .iter()
-                        .filter(|(rv, path, _, _)| {
-                            *rv > seen
-                                && path.starts_with(&prefix)
-                                && !path[prefix.len()..].contains('/')
+                        .filter(|(_, path, _, _)| {
+                            path.starts_with(&prefix) && !path[prefix.len()..].contains('/')
                         })
                         .filter(|(_, _, _, object)| {
                             selector.iter().all(|(key, value)| {
@@ -245,7 +245,12 @@ fn watch(
                                 format!("{}\n", json!({"type": kind, "object": object})),
                             )
                         })
-                        .collect()
+                        .collect();
+                    // Nothing of ours among the newer changes: skip them next time.
+                    if batch.is_empty() {
+                        seen = newest;
+                    }
+                    batch
                 };
                 if let Some(last) = batch.last() {
                     seen = last.0;
