@@ -1,10 +1,15 @@
-//! End to end against a real cluster: installs crds/, runs the operator binary, applies
+//! End to end against a real cluster: installs crds/, checks that the server's CEL rules refuse
+//! a bad object with their message, runs two operator processes with leader election through a
+//! ServiceAccount token bound only by deploy/'s RBAC, applies
 //! examples/statestore.yaml pointed at a throwaway local PostgreSQL, and waits for Ready; then
 //! examples/sqlmesh/statestore.yaml pointed at state the real SQLMesh wrote, waits for Ready with
 //! SQLMesh's versions in status, and checks that the API server keeps `spec.framework` immutable.
 //! Then StateMigrations: the example upgrade of the statekeeper store (Succeeded), the API server
 //! refusing an edited spec but taking an approval, and the SQLMesh runner upgrade: approved by
 //! its plan hash, its Job created, the Job marked failed (no kubelet runs it), the store restored.
+//! Along the way: a broken Secret shows in the store's conditions and its fix recovers the store
+//! at once; and at the end the leader is killed (SIGKILL) and the standby takes over within the
+//! Lease's duration, with nothing finished run again.
 //! Runs only when STATEKEEPER_E2E_KUBECONFIG names a kubeconfig; otherwise it says it skipped.
 
 mod support;
@@ -39,6 +44,137 @@ fn kubectl_output(kubeconfig: &str, args: &[&str]) -> std::process::Output {
         .expect("run kubectl")
 }
 
+fn kubectl_stdin(kubeconfig: &str, args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write to kubectl");
+    child.wait_with_output().expect("kubectl")
+}
+
+/// A kubeconfig for the operator's ServiceAccount (deploy/'s namespace, ServiceAccount and
+/// RBAC applied first): the operator runs with exactly the permissions deploy/ grants.
+fn service_account_kubeconfig(kubeconfig: &str, root: &str) -> String {
+    kubectl(
+        kubeconfig,
+        &["apply", "-f", &format!("{root}/deploy/namespace.yaml")],
+    );
+    kubectl(
+        kubeconfig,
+        &[
+            "-n",
+            "statekeeper-system",
+            "apply",
+            "-f",
+            &format!("{root}/deploy/serviceaccount.yaml"),
+        ],
+    );
+    kubectl(
+        kubeconfig,
+        &["apply", "-f", &format!("{root}/deploy/rbac.yaml")],
+    );
+    let token = kubectl(
+        kubeconfig,
+        &[
+            "-n",
+            "statekeeper-system",
+            "create",
+            "token",
+            "statekeeper",
+            "--duration=2h",
+        ],
+    );
+    let field = |path: &str| {
+        kubectl(
+            kubeconfig,
+            &[
+                "config",
+                "view",
+                "--raw",
+                "--minify",
+                "-o",
+                &format!("jsonpath={{{path}}}"),
+            ],
+        )
+    };
+    let server = field(".clusters[0].cluster.server");
+    let ca_data = field(".clusters[0].cluster.certificate-authority-data");
+    let ca_file = field(".clusters[0].cluster.certificate-authority");
+    let trust = if !ca_data.trim().is_empty() {
+        format!("certificate-authority-data: {}", ca_data.trim())
+    } else if !ca_file.trim().is_empty() {
+        format!("certificate-authority: {}", ca_file.trim())
+    } else {
+        "insecure-skip-tls-verify: true".to_owned()
+    };
+    let config = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {}\n    {trust}\n\
+         users:\n- name: statekeeper\n  user:\n    token: {}\ncontexts:\n- name: e2e\n  context:\n    \
+         cluster: e2e\n    user: statekeeper\ncurrent-context: e2e\n",
+        server.trim(),
+        token.trim()
+    );
+    let path = std::env::temp_dir().join(format!(
+        "statekeeper-e2e-sa-{}.kubeconfig",
+        std::process::id()
+    ));
+    std::fs::write(&path, config).expect("write the ServiceAccount kubeconfig");
+    path.to_string_lossy().into_owned()
+}
+
+/// Starts an operator process with leader election; returns it and its HTTP port.
+fn start_operator(kubeconfig: &str, identity: &str) -> (Operator, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let child = Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+        .args([
+            "operator",
+            "--namespace",
+            "data",
+            "--leader-elect",
+            "--lease-namespace",
+            "data",
+            "--lease-duration-seconds",
+            "5",
+            "--lease-grace-seconds",
+            "2",
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAME", identity)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the operator");
+    (Operator(child), port)
+}
+
+/// Whether the operator on `port` runs the controllers (its `statekeeper_leader` metric).
+fn is_leader(port: u16) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ =
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.lines().any(|l| l == "statekeeper_leader 1")
+}
+
 #[tokio::test]
 async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
     let Ok(kubeconfig) = std::env::var("STATEKEEPER_E2E_KUBECONFIG") else {
@@ -63,14 +199,27 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
             &["wait", "--for=condition=Established", crd, "--timeout=60s"],
         );
     }
-    let _operator = Operator(
-        Command::new(env!("CARGO_BIN_EXE_statekeeper"))
-            .args(["operator", "--namespace", "data"])
-            .env("KUBECONFIG", &kubeconfig)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the operator"),
+    // The server's own CEL rules refuse a bad object with their message.
+    let refused = kubectl_stdin(
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "statekeeper.dev/v1alpha1", "kind": "StateMigration",
+            "metadata": {"name": "two-operations", "namespace": "default"},
+            "spec": {"storeRef": {"name": "analytics"}, "reset": {}, "upgrade": {}}}"#,
     );
+    assert!(!refused.status.success(), "two operations were accepted");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("set exactly one operation"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Two replicas with leader election, as deploy/ runs them, each through a ServiceAccount
+    // token bound only by deploy/'s RBAC.
+    let operator_kubeconfig = service_account_kubeconfig(&kubeconfig, root);
+    let mut replicas: Vec<(Operator, u16)> = (0..2)
+        .map(|i| start_operator(&operator_kubeconfig, &format!("e2e-replica-{i}")))
+        .collect();
     kubectl(
         &kubeconfig,
         &["apply", "-f", &format!("{root}/examples/statestore.yaml")],
@@ -129,6 +278,65 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
         ],
     );
     assert_eq!(version.trim(), "3");
+    let leaders: Vec<bool> = replicas.iter().map(|(_, port)| is_leader(*port)).collect();
+    assert_eq!(leaders.iter().filter(|l| **l).count(), 1, "{leaders:?}");
+
+    // A broken Secret shows as the store's condition; fixing it recovers the store at once.
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "patch",
+            "secret",
+            "analytics-state-db",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"stringData":{"password":"not-the-password"}}"#,
+        ],
+    );
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "wait",
+            "statestore/analytics",
+            "--for=jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}=AuthenticationFailed",
+            "--timeout=120s",
+        ],
+    );
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "patch",
+            "secret",
+            "analytics-state-db",
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"stringData":{{"password":"{password}"}}}}"#),
+        ],
+    );
+    let fixed = std::time::Instant::now();
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "wait",
+            "statestore/analytics",
+            "--for=condition=Ready",
+            "--timeout=60s",
+        ],
+    );
+    println!(
+        "recovered {:.1} s after the Secret was fixed",
+        fixed.elapsed().as_secs_f64()
+    );
 
     // A StateMigration: the example upgrade, already at the latest version, succeeds at once.
     let upgrade = format!("{root}/examples/statemigration-upgrade.yaml");
@@ -337,6 +545,52 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
             "--timeout=120s",
         ],
     );
+
+    // Kill the leader (SIGKILL: no Lease release); the standby takes over within the Lease.
+    let finished = kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "get",
+            "statemigration/analytics-upgrade",
+            "-o",
+            "jsonpath={.status.finishedAt}",
+        ],
+    );
+    let leader = replicas
+        .iter()
+        .position(|(_, port)| is_leader(*port))
+        .expect("a leader");
+    let (mut killed, _) = replicas.remove(leader);
+    let _ = killed.0.kill();
+    let _ = killed.0.wait();
+    let started = std::time::Instant::now();
+    let standby = replicas[0].1;
+    while !is_leader(standby) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the standby never took over"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    println!(
+        "failover: {:.1} s (lease duration 5 s)",
+        started.elapsed().as_secs_f64()
+    );
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let after = kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "get",
+            "statemigration/analytics-upgrade",
+            "-o",
+            "jsonpath={.status.finishedAt}",
+        ],
+    );
+    assert_eq!(after, finished, "a finished migration never runs again");
 
     // Both examples share the namespace: delete them together at the end.
     kubectl(&kubeconfig, &["delete", "-f", &migration, "--wait=false"]);

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use statekeeper::api::StateStore;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -252,145 +252,389 @@ fn deploy_renders_with_kustomize_and_runs_non_root() {
     assert_eq!(deployment["metadata"]["namespace"], "statekeeper-system");
 }
 
-/// The StateMigration CRD's CEL rules, evaluated (cel-python, pinned) on the edits a user makes:
-/// exactly one operation, and a spec that cannot change after creation except its approval.
+/// Every `x-kubernetes-validations` rule of every CRD, wherever it sits in the schema,
+/// evaluated with a CEL interpreter (cel-python, pinned) on objects it must accept and objects it
+/// must refuse, `oldSelf` transitions included; a rule without both kinds of case fails the test.
 #[test]
-fn state_migration_cel_rules_refuse_edits_and_operation_counts() {
+fn every_cel_rule_accepts_and_refuses_what_it_should() {
     let crds = yaml_documents(&statekeeper::api::crds_yaml().unwrap());
-    let crd = crds
-        .iter()
-        .find(|c| c["spec"]["names"]["kind"] == "StateMigration")
-        .expect("the StateMigration CRD");
-    let version = &crd["spec"]["versions"][0];
-    assert!(version["subresources"]["status"].is_object());
-    assert_eq!(crd["spec"]["names"]["shortNames"][0], "skm");
-    assert_eq!(crd["spec"]["names"]["categories"][0], "statekeeper");
-    let rules: Vec<(String, String)> =
-        version["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r["rule"].as_str().unwrap().to_owned(),
-                    r["message"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect();
-    let rule = |message_part: &str| {
-        rules
-            .iter()
-            .find(|(_, m)| m.contains(message_part))
-            .unwrap_or_else(|| panic!("no rule saying {message_part:?} in {rules:?}"))
-            .0
-            .clone()
-    };
-    let one = rule("exactly one operation");
-    let immutable = rule("immutable except spec.approval");
-    let object = |spec: Value| serde_json::json!({"metadata": {"name": "m"}, "spec": spec});
-    let base = serde_json::json!({"storeRef": {"name": "analytics"}, "rollback": {"backupId": "20261122023000123"}, "backup": true, "dryRun": false, "requireApproval": true});
+    // (kind, rule's message text, self, oldSelf, expected)
+    let store = |spec: Value| json!({"metadata": {"name": "s"}, "spec": spec});
+    let connection =
+        json!({"host": "db", "user": "u", "passwordSecretRef": {"name": "p", "key": "k"}});
+    let export = |spec: Value| json!({"metadata": {"name": "nightly"}, "spec": spec});
+    let migration = |spec: Value| json!({"metadata": {"name": "m"}, "spec": spec});
+    let base = json!({"storeRef": {"name": "analytics"}, "rollback": {"backupId": "20261122023000123"}, "backup": true, "dryRun": false, "requireApproval": true});
     let with = |patch: Value| {
         let mut spec = base.clone();
         support::operator::support_merge(&mut spec, &patch);
-        object(spec)
+        migration(spec)
     };
-    let cases: Vec<(String, Value, Option<Value>, bool, &str)> = vec![
+    let destination = json!({"url": "s3://b/k/"});
+    let cases: Vec<(&str, &str, Value, Option<Value>, bool)> = vec![
+        // StateStore
         (
-            one.clone(),
-            object(serde_json::json!({"storeRef": {"name": "a"}, "reset": {}})),
-            None,
-            true,
-            "one operation",
-        ),
-        (
-            one.clone(),
-            object(serde_json::json!({"storeRef": {"name": "a"}})),
-            None,
-            false,
-            "no operation",
-        ),
-        (
-            one.clone(),
-            object(serde_json::json!({"storeRef": {"name": "a"}, "reset": {}, "upgrade": {}})),
-            None,
-            false,
-            "two operations",
-        ),
-        (
-            immutable.clone(),
-            with(serde_json::json!({"approval": {"planHash": "9c1e0f3a6b2d4e58"}})),
-            Some(object(base.clone())),
-            true,
-            "approving",
-        ),
-        (
-            immutable.clone(),
-            with(serde_json::json!({"approval": {"planHash": "0000000000000000"}})),
-            Some(with(
-                serde_json::json!({"approval": {"planHash": "9c1e0f3a6b2d4e58"}}),
+            "StateStore",
+            "spec.framework is immutable",
+            store(json!({"framework": "sqlmesh", "connection": connection})),
+            Some(store(
+                json!({"framework": "sqlmesh", "connection": connection}),
             )),
             true,
-            "re-approving",
         ),
         (
-            immutable.clone(),
-            with(serde_json::json!({"rollback": {"backupId": "20261122023000999"}})),
-            Some(object(base.clone())),
+            "StateStore",
+            "spec.framework is immutable",
+            store(json!({"connection": connection})),
+            Some(store(
+                json!({"framework": "statekeeper", "connection": connection}),
+            )),
+            true,
+        ),
+        (
+            "StateStore",
+            "spec.framework is immutable",
+            store(json!({"framework": "statekeeper", "connection": connection})),
+            Some(store(
+                json!({"framework": "sqlmesh", "connection": connection}),
+            )),
             false,
-            "another backup",
         ),
         (
-            immutable.clone(),
-            with(serde_json::json!({"storeRef": {"name": "other"}})),
-            Some(object(base.clone())),
-            false,
-            "another store",
+            "StateStore",
+            "janitor is SQLMesh's own",
+            store(json!({"connection": connection, "janitor": {"schedule": "@daily"}})),
+            None,
+            true,
         ),
         (
-            immutable.clone(),
-            with(serde_json::json!({"backup": false})),
-            Some(object(base.clone())),
-            false,
-            "no backup",
+            "StateStore",
+            "janitor is SQLMesh's own",
+            store(
+                json!({"framework": "sqlmesh", "connection": connection, "janitor": {"schedule": "@daily", "runner": {"image": "i"}}}),
+            ),
+            None,
+            true,
         ),
         (
-            immutable.clone(),
-            with(serde_json::json!({"requireApproval": false})),
-            Some(object(base.clone())),
-            false,
-            "dropping the approval requirement",
-        ),
-        (
-            immutable.clone(),
-            with(serde_json::json!({"dryRun": true})),
-            Some(object(base.clone())),
-            false,
-            "dry run",
-        ),
-        (
-            immutable.clone(),
-            with(serde_json::json!({"reset": {}})),
-            Some(object(base.clone())),
-            false,
-            "adding an operation",
-        ),
-        (
-            rule("copyFrom names the store itself"),
-            object(
-                serde_json::json!({"storeRef": {"name": "a"}, "copyFrom": {"storeRef": {"name": "a"}}}),
+            "StateStore",
+            "janitor is SQLMesh's own",
+            store(
+                json!({"framework": "sqlmesh", "connection": connection, "janitor": {"schedule": "@daily"}}),
             ),
             None,
             false,
-            "copy from itself",
         ),
         (
-            rule("always keeps the removed state"),
-            object(serde_json::json!({"storeRef": {"name": "a"}, "reset": {}, "backup": false})),
+            "StateStore",
+            "janitor is SQLMesh's own",
+            store(
+                json!({"connection": connection, "janitor": {"schedule": "@daily", "runner": {"image": "i"}}}),
+            ),
             None,
             false,
-            "reset without backup",
+        ),
+        (
+            "StateStore",
+            "set either urlSecretRef, or host",
+            connection.clone(),
+            None,
+            true,
+        ),
+        (
+            "StateStore",
+            "set either urlSecretRef, or host",
+            json!({"urlSecretRef": {"name": "u", "key": "url"}}),
+            None,
+            true,
+        ),
+        (
+            "StateStore",
+            "set either urlSecretRef, or host",
+            json!({"urlSecretRef": {"name": "u", "key": "url"}, "host": "db", "user": "u"}),
+            None,
+            false,
+        ),
+        (
+            "StateStore",
+            "set either urlSecretRef, or host",
+            json!({}),
+            None,
+            false,
+        ),
+        (
+            "StateStore",
+            "user is required with host",
+            connection.clone(),
+            None,
+            true,
+        ),
+        (
+            "StateStore",
+            "user is required with host",
+            json!({"host": "db"}),
+            None,
+            false,
+        ),
+        // StateExport
+        (
+            "StateExport",
+            "one-shot export is immutable",
+            export(json!({"storeRef": {"name": "a"}, "destination": destination})),
+            Some(export(
+                json!({"storeRef": {"name": "a"}, "destination": destination}),
+            )),
+            true,
+        ),
+        (
+            "StateExport",
+            "one-shot export is immutable",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "schedule": "@daily", "suspend": true}),
+            ),
+            Some(export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "schedule": "@daily"}),
+            )),
+            true,
+        ),
+        (
+            "StateExport",
+            "one-shot export is immutable",
+            export(json!({"storeRef": {"name": "b"}, "destination": destination})),
+            Some(export(
+                json!({"storeRef": {"name": "a"}, "destination": destination}),
+            )),
+            false,
+        ),
+        (
+            "StateExport",
+            "cannot switch between one-shot and scheduled",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "schedule": "@daily"}),
+            ),
+            Some(export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "schedule": "@hourly"}),
+            )),
+            true,
+        ),
+        (
+            "StateExport",
+            "cannot switch between one-shot and scheduled",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "schedule": "@daily"}),
+            ),
+            Some(export(
+                json!({"storeRef": {"name": "a"}, "destination": destination}),
+            )),
+            false,
+        ),
+        (
+            "StateExport",
+            "at most 63 characters",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "schedule": "@daily"}),
+            ),
+            None,
+            true,
+        ),
+        (
+            "StateExport",
+            "at most 63 characters",
+            json!({"metadata": {"name": "n".repeat(64)}, "spec": {"storeRef": {"name": "a"}, "destination": destination, "schedule": "@daily"}}),
+            None,
+            false,
+        ),
+        (
+            "StateExport",
+            "environments select part of a store",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "environments": ["prod"], "format": "statekeeper"}),
+            ),
+            None,
+            true,
+        ),
+        (
+            "StateExport",
+            "environments select part of a store",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "environments": ["prod"]}),
+            ),
+            None,
+            false,
+        ),
+        (
+            "StateExport",
+            "environments select part of a store",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "environments": ["prod"], "format": "exact"}),
+            ),
+            None,
+            false,
+        ),
+        // StateMigration
+        (
+            "StateMigration",
+            "exactly one operation",
+            migration(json!({"storeRef": {"name": "a"}, "reset": {}})),
+            None,
+            true,
+        ),
+        (
+            "StateMigration",
+            "exactly one operation",
+            migration(json!({"storeRef": {"name": "a"}})),
+            None,
+            false,
+        ),
+        (
+            "StateMigration",
+            "exactly one operation",
+            migration(json!({"storeRef": {"name": "a"}, "reset": {}, "upgrade": {}})),
+            None,
+            false,
+        ),
+        (
+            "StateMigration",
+            "immutable except spec.approval",
+            with(json!({"approval": {"planHash": "9c1e0f3a6b2d4e58"}})),
+            Some(migration(base.clone())),
+            true,
+        ),
+        (
+            "StateMigration",
+            "immutable except spec.approval",
+            with(json!({"approval": {"planHash": "0000000000000000"}})),
+            Some(with(json!({"approval": {"planHash": "9c1e0f3a6b2d4e58"}}))),
+            true,
+        ),
+        (
+            "StateMigration",
+            "immutable except spec.approval",
+            with(json!({"rollback": {"backupId": "20261122023000999"}})),
+            Some(migration(base.clone())),
+            false,
+        ),
+        (
+            "StateMigration",
+            "immutable except spec.approval",
+            with(json!({"storeRef": {"name": "other"}})),
+            Some(migration(base.clone())),
+            false,
+        ),
+        (
+            "StateMigration",
+            "immutable except spec.approval",
+            with(json!({"backup": false})),
+            Some(migration(base.clone())),
+            false,
+        ),
+        (
+            "StateMigration",
+            "immutable except spec.approval",
+            with(json!({"requireApproval": false})),
+            Some(migration(base.clone())),
+            false,
+        ),
+        (
+            "StateMigration",
+            "immutable except spec.approval",
+            with(json!({"dryRun": true})),
+            Some(migration(base.clone())),
+            false,
+        ),
+        (
+            "StateMigration",
+            "immutable except spec.approval",
+            with(json!({"reset": {}})),
+            Some(migration(base.clone())),
+            false,
+        ),
+        (
+            "StateMigration",
+            "always keeps the removed state",
+            migration(json!({"storeRef": {"name": "a"}, "reset": {}})),
+            None,
+            true,
+        ),
+        (
+            "StateMigration",
+            "always keeps the removed state",
+            migration(json!({"storeRef": {"name": "a"}, "reset": {}, "backup": false})),
+            None,
+            false,
+        ),
+        (
+            "StateMigration",
+            "copyFrom names the store itself",
+            migration(json!({"storeRef": {"name": "a"}, "copyFrom": {"storeRef": {"name": "b"}}})),
+            None,
+            true,
+        ),
+        (
+            "StateMigration",
+            "copyFrom names the store itself",
+            migration(json!({"storeRef": {"name": "a"}, "copyFrom": {"storeRef": {"name": "a"}}})),
+            None,
+            false,
+        ),
+        (
+            "StateMigration",
+            "set either import.source or import.fromExport",
+            json!({"fromExport": {"name": "e"}}),
+            None,
+            true,
+        ),
+        (
+            "StateMigration",
+            "set either import.source or import.fromExport",
+            json!({"source": {"url": "s3://b/k"}, "fromExport": {"name": "e"}}),
+            None,
+            false,
         ),
     ];
+
+    // Every rule of every CRD, with the kind it belongs to.
+    fn collect(schema: &Value, kind: &str, out: &mut Vec<(String, String, String)>) {
+        if let Some(rules) = schema["x-kubernetes-validations"].as_array() {
+            for rule in rules {
+                out.push((
+                    kind.to_owned(),
+                    rule["rule"].as_str().unwrap_or_default().to_owned(),
+                    rule["message"].as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+        }
+        match schema {
+            Value::Object(map) => map.values().for_each(|v| collect(v, kind, out)),
+            Value::Array(items) => items.iter().for_each(|v| collect(v, kind, out)),
+            _ => {}
+        }
+    }
+    let mut rules = Vec::new();
+    for crd in &crds {
+        let kind = crd["spec"]["names"]["kind"].as_str().unwrap();
+        collect(&crd["spec"]["versions"][0]["schema"], kind, &mut rules);
+    }
+    assert!(rules.len() >= 13, "{rules:?}");
+    for (kind, rule, message) in &rules {
+        for expected in [true, false] {
+            assert!(
+                cases
+                    .iter()
+                    .any(|(k, m, _, _, e)| k == kind && message.contains(m) && *e == expected),
+                "{kind} rule {rule:?} ({message}) has no case it must {}",
+                if expected { "accept" } else { "refuse" }
+            );
+        }
+    }
+    let rule_of = |kind: &str, part: &str| {
+        rules
+            .iter()
+            .find(|(k, _, m)| k == kind && m.contains(part))
+            .unwrap_or_else(|| panic!("no {kind} rule saying {part:?}"))
+            .1
+            .clone()
+    };
     let python = Command::new("bash")
         .args([
             &format!("{ROOT}/scripts/python-env.sh"),
@@ -406,9 +650,9 @@ fn state_migration_cel_rules_refuse_edits_and_operation_counts() {
     let python = String::from_utf8_lossy(&python.stdout).trim().to_owned();
     let input: Vec<Value> = cases
         .iter()
-        .map(
-            |(rule, new, old, _, _)| serde_json::json!({"rule": rule, "self": new, "oldSelf": old}),
-        )
+        .map(|(kind, part, new, old, _)| {
+            json!({"rule": rule_of(kind, part), "self": new, "oldSelf": old})
+        })
         .collect();
     let mut child = Command::new(python)
         .arg(format!("{ROOT}/tests/fixtures/cel_eval.py"))
@@ -426,7 +670,11 @@ fn state_migration_cel_rules_refuse_edits_and_operation_counts() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let results: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    for ((_, _, _, expected, what), got) in cases.iter().zip(results) {
-        assert_eq!(got, Value::Bool(*expected), "{what}");
+    for ((kind, part, new, old, expected), got) in cases.iter().zip(results) {
+        assert_eq!(
+            got,
+            Value::Bool(*expected),
+            "{kind} rule \"{part}\" on {new} (old: {old:?})"
+        );
     }
 }
