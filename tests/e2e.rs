@@ -546,7 +546,42 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
         ],
     );
 
-    // Kill the leader (SIGKILL: no Lease release); the standby takes over within the Lease.
+    // An export big enough to be killed in the middle: fill the store, start the export, and
+    // kill the leader (SIGKILL: no Lease release) while it runs. The standby takes over within
+    // the Lease, retries the export once, and leaves no staging file behind.
+    db.store("sqlmesh_state")
+        .await
+        .generate(&statekeeper::engine::generator::GenerateOptions {
+            model_versions: 300_000,
+            environments: 50,
+            ..Default::default()
+        })
+        .await
+        .expect("fill the store");
+    let exports_dir = std::env::temp_dir().join(format!("statekeeper-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&exports_dir).expect("a directory for the export");
+    kubectl_stdin(
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        &format!(
+            r#"{{"apiVersion": "statekeeper.dev/v1alpha1", "kind": "StateExport",
+                "metadata": {{"name": "killed-mid-export", "namespace": "data"}},
+                "spec": {{"storeRef": {{"name": "analytics"}}, "compression": "none",
+                          "destination": {{"url": "file://{}/"}}}}}}"#,
+            exports_dir.display()
+        ),
+    );
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "wait",
+            "stateexport/killed-mid-export",
+            "--for=jsonpath={.status.phase}=Running",
+            "--timeout=60s",
+        ],
+    );
     let finished = kubectl(
         &kubeconfig,
         &[
@@ -563,7 +598,25 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
         .position(|(_, port)| is_leader(*port))
         .expect("a leader");
     let (mut killed, _) = replicas.remove(leader);
+    let export_phase = |kubeconfig: &str| {
+        kubectl(
+            kubeconfig,
+            &[
+                "-n",
+                "data",
+                "get",
+                "stateexport/killed-mid-export",
+                "-o",
+                "jsonpath={.status.phase}",
+            ],
+        )
+    };
     let _ = killed.0.kill();
+    let killed_mid_export = export_phase(&kubeconfig).trim() == "Running";
+    println!(
+        "the leader was killed {} the export",
+        if killed_mid_export { "during" } else { "after" }
+    );
     let _ = killed.0.wait();
     let started = std::time::Instant::now();
     let standby = replicas[0].1;
@@ -591,6 +644,43 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
         ],
     );
     assert_eq!(after, finished, "a finished migration never runs again");
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "wait",
+            "stateexport/killed-mid-export",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "--timeout=300s",
+        ],
+    );
+    let attempts = kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "data",
+            "get",
+            "stateexport/killed-mid-export",
+            "-o",
+            "jsonpath={.status.attempts}",
+        ],
+    );
+    let expected = if killed_mid_export { "2" } else { "1" };
+    assert_eq!(
+        attempts.trim(),
+        expected,
+        "the killed attempt, then one retry"
+    );
+    let files: Vec<String> = std::fs::read_dir(&exports_dir)
+        .expect("read the export directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        files,
+        vec!["killed-mid-export.json"],
+        "no staging file is left"
+    );
 
     // Both examples share the namespace: delete them together at the end.
     kubectl(&kubeconfig, &["delete", "-f", &migration, "--wait=false"]);
