@@ -352,6 +352,47 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
             "--timeout=120s",
         ],
     );
+    // Two more examples reach their documented conditions: a reset the store does not allow,
+    // and a rollback to a backup the store does not have, both refused with nothing changed.
+    for (example, name, reason) in [
+        (
+            "statemigration-reset.yaml",
+            "analytics-reset",
+            "ResetRefused",
+        ),
+        (
+            "statemigration-rollback.yaml",
+            "analytics-rollback",
+            "BackupNotFound",
+        ),
+    ] {
+        kubectl(
+            &kubeconfig,
+            &["apply", "-f", &format!("{root}/examples/{example}")],
+        );
+        kubectl(
+            &kubeconfig,
+            &[
+                "-n",
+                "data",
+                "wait",
+                &format!("statemigration/{name}"),
+                &format!(
+                    "--for=jsonpath={{.status.conditions[?(@.type==\"Ready\")].reason}}={reason}"
+                ),
+                "--timeout=120s",
+            ],
+        );
+        kubectl(
+            &kubeconfig,
+            &[
+                "delete",
+                "-f",
+                &format!("{root}/examples/{example}"),
+                "--wait=false",
+            ],
+        );
+    }
     // Its spec is immutable, but for the approval.
     let refused = kubectl_output(
         &kubeconfig,
