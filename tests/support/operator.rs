@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64_free::encode;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 use statekeeper::api::StateStore;
@@ -16,30 +15,6 @@ use super::{TestDb, url_parts};
 
 pub const NS: &str = "data";
 
-/// Minimal standard base64 for Secret data, so the tests need no extra crate.
-mod base64_free {
-    pub fn encode(input: &[u8]) -> String {
-        const TABLE: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut out = String::new();
-        for chunk in input.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-}
-
 pub fn store_path(name: &str) -> String {
     format!("/apis/statekeeper.dev/v1alpha1/namespaces/{NS}/statestores/{name}")
 }
@@ -47,7 +22,7 @@ pub fn store_path(name: &str) -> String {
 pub fn put_secret(kube: &FakeKube, name: &str, data: &[(&str, &str)]) {
     let data: serde_json::Map<String, Value> = data
         .iter()
-        .map(|(k, v)| (k.to_string(), json!(encode(v.as_bytes()))))
+        .map(|(k, v)| (k.to_string(), json!(super::fake_kube::base64(v.as_bytes()))))
         .collect();
     kube.put(
         &format!("/api/v1/namespaces/{NS}/secrets/{name}"),

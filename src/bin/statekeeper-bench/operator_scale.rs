@@ -84,7 +84,7 @@ pub async fn run(settings: &Settings) -> BenchResult<()> {
             &format!("/api/v1/namespaces/{NS}/secrets/pg-{i}"),
             json!({"apiVersion": "v1", "kind": "Secret",
                    "metadata": {"name": format!("pg-{i}"), "namespace": NS},
-                   "data": {"password": base64(password.as_bytes())}}),
+                   "data": {"password": fake_kube::base64(password.as_bytes())}}),
         );
     }
     for (i, schema) in schemas.iter().enumerate() {
@@ -180,7 +180,7 @@ pub async fn run(settings: &Settings) -> BenchResult<()> {
     let writes_before = writes(&kube);
     tokio::time::sleep(Duration::from_secs(settings.idle_seconds)).await;
     let idle_writes = writes(&kube) - writes_before;
-    let idle_rss = current_rss_mib();
+    let idle_rss = super::rss_mib("VmRSS:");
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.await;
     stop.cancel();
@@ -224,37 +224,4 @@ fn url_parts(url: &str) -> BenchResult<(String, u16, String, String)> {
         parsed.username().to_owned(),
         parsed.password().unwrap_or_default().to_owned(),
     ))
-}
-
-fn base64(input: &[u8]) -> String {
-    const TABLE: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            out.push(if i <= chunk.len() {
-                TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
-}
-
-/// Resident memory of this process now (VmRSS), in MiB.
-fn current_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
