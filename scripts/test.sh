@@ -3,7 +3,8 @@
 #   formatting, clippy, unit + engine + CLI + reconciler + manifest tests against a throwaway
 #   PostgreSQL, manifest validation, and the end-to-end suite (skipped, saying so, without a cluster).
 # Installs what it needs when missing: PostgreSQL (and Node.js) via apt-get; moto (the
-# S3-compatible test server), SQLMesh (pinned in tests/fixtures/sqlmesh-requirements.txt),
+# S3-compatible test server), SQLMesh (pinned in tests/fixtures/sqlmesh-requirements.txt), Meltano
+# (pinned in tests/fixtures/meltano-requirements.txt, a virtualenv of its own),
 # kubernetes-validate and helm-python-sdk via pip into a private virtualenv; Azurite (the Azure
 # Blob Storage emulator) via npm into ~/.cache/statekeeper/node.
 set -euo pipefail
@@ -46,7 +47,13 @@ sqlmesh_python=$(scripts/python-env.sh -r tests/fixtures/sqlmesh-requirements.tx
 export STATEKEEPER_SQLMESH="$(dirname "$sqlmesh_python")/sqlmesh"
 "$STATEKEEPER_SQLMESH" --version
 
-step "cargo test (unit, engine, CLI, destinations, reconcilers, SQLMesh, manifests)"
+step "installing the pinned Meltano that writes the system databases the Meltano tests read"
+meltano_python=$(STATEKEEPER_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/statekeeper/venv-meltano" \
+  scripts/python-env.sh -r tests/fixtures/meltano-requirements.txt)
+export STATEKEEPER_MELTANO="$(dirname "$meltano_python")/meltano"
+"$STATEKEEPER_MELTANO" --version
+
+step "cargo test (unit, engine, CLI, destinations, reconcilers, SQLMesh, Meltano, manifests)"
 cargo test --all-targets --locked -- --skip operator_makes_the_example_store_ready
 
 step "end-to-end suite"

@@ -29,8 +29,9 @@ use super::SecretKeyRef;
 #[serde(rename_all = "camelCase")]
 pub struct StateStoreSpec {
     /// The framework whose state the store holds: `statekeeper` (statekeeper's own schema, which
-    /// it creates and upgrades) or `sqlmesh` (SQLMesh's state tables, which SQLMesh creates and
-    /// migrates; statekeeper backs them up, restores, exports and imports them). Immutable.
+    /// it creates and upgrades), `sqlmesh` (SQLMesh's state tables) or `meltano` (a Meltano system
+    /// database, schema `public` by default); SQLMesh and Meltano create and migrate their own
+    /// tables, statekeeper backs them up, restores, exports and imports them. Immutable.
     #[serde(default)]
     pub framework: StoreFramework,
     /// How to reach the database.
@@ -149,6 +150,7 @@ pub enum StoreFramework {
     #[default]
     Statekeeper,
     Sqlmesh,
+    Meltano,
 }
 
 impl From<StoreFramework> for crate::engine::Framework {
@@ -156,6 +158,7 @@ impl From<StoreFramework> for crate::engine::Framework {
         match value {
             StoreFramework::Statekeeper => Self::Statekeeper,
             StoreFramework::Sqlmesh => Self::Sqlmesh,
+            StoreFramework::Meltano => Self::Meltano,
         }
     }
 }

@@ -44,8 +44,9 @@ pub struct StateArgs {
         global = true
     )]
     database_url: Option<String>,
-    /// The framework whose state the store holds: statekeeper (statekeeper's own schema) or
-    /// sqlmesh (SQLMesh's state tables, which SQLMesh creates and migrates).
+    /// The framework whose state the store holds: statekeeper (statekeeper's own schema), sqlmesh
+    /// (SQLMesh's state tables) or meltano (a Meltano system database); SQLMesh and Meltano
+    /// create and migrate their own tables.
     #[arg(
         long,
         env = "STATEKEEPER_FRAMEWORK",
@@ -53,7 +54,8 @@ pub struct StateArgs {
         global = true
     )]
     framework: Framework,
-    /// Schema holding the state tables (default: statekeeper, or sqlmesh with --framework sqlmesh).
+    /// Schema holding the state tables (default: statekeeper; sqlmesh with --framework sqlmesh;
+    /// public with --framework meltano).
     #[arg(long, env = "STATEKEEPER_SCHEMA", global = true)]
     schema: Option<String>,
     /// Output format.

@@ -167,7 +167,7 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
                 )
             } else {
                 format!(
-                    "{} state in schema \"{}\" (state schema version {}{}): {} snapshots, {} environments, {} backups",
+                    "{} state in schema \"{}\" (state schema version {}{}): {}, {} backups",
                     profile.display_name,
                     report.schema,
                     report.current_version,
@@ -176,8 +176,13 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
                         .iter()
                         .map(|(k, v)| format!(", {k} {v}"))
                         .collect::<String>(),
-                    count("snapshots"),
-                    count("environments"),
+                    profile
+                        .counts
+                        .iter()
+                        .filter(|c| !c.name.contains("epoch"))
+                        .map(|c| format!("{} {}", count(c.name), c.name.replace('_', " ")))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     report.backups.len()
                 )
             };

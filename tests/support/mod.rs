@@ -5,6 +5,7 @@
 
 pub mod azure;
 pub mod fake_kube;
+pub mod meltano;
 pub mod operator;
 pub mod s3;
 pub mod sqlmesh;

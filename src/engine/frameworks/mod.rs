@@ -6,6 +6,7 @@
 //! Adding a framework is one new module with a [`Profile`] and its hooks, plus one arm in each
 //! `match` of this file (the compiler lists them).
 
+pub mod meltano;
 pub mod sqlmesh;
 pub mod statekeeper;
 
@@ -27,15 +28,23 @@ pub enum Framework {
     Statekeeper,
     /// SQLMesh's state tables, which SQLMesh creates and migrates.
     Sqlmesh,
+    /// Meltano's system database (state backend, runs, settings), which Meltano creates and
+    /// migrates.
+    Meltano,
 }
 
 impl Framework {
-    pub const ALL: &'static [Framework] = &[Framework::Statekeeper, Framework::Sqlmesh];
+    pub const ALL: &'static [Framework] = &[
+        Framework::Statekeeper,
+        Framework::Sqlmesh,
+        Framework::Meltano,
+    ];
 
     pub fn profile(self) -> &'static Profile {
         match self {
             Framework::Statekeeper => &statekeeper::PROFILE,
             Framework::Sqlmesh => &sqlmesh::PROFILE,
+            Framework::Meltano => &meltano::PROFILE,
         }
     }
 
@@ -232,6 +241,7 @@ pub(crate) async fn read_version(
     match store.framework() {
         Framework::Statekeeper => statekeeper::read_version(store, conn).await,
         Framework::Sqlmesh => sqlmesh::read_version(store, conn).await,
+        Framework::Meltano => meltano::read_version(store, conn).await,
     }
 }
 
@@ -243,7 +253,7 @@ pub(crate) async fn check_backup(
 ) -> Result<(), Error> {
     match store.framework() {
         Framework::Statekeeper => statekeeper::check_backup(store, conn, backup).await,
-        Framework::Sqlmesh => Ok(()),
+        Framework::Sqlmesh | Framework::Meltano => Ok(()),
     }
 }
 
@@ -256,7 +266,9 @@ pub(crate) async fn rebuild_tables(
 ) -> Result<(), Error> {
     match store.framework() {
         Framework::Statekeeper => statekeeper::rebuild_tables(store, conn, backup).await,
-        Framework::Sqlmesh => super::tableset::rebuild_from_backup(store, conn, backup).await,
+        Framework::Sqlmesh | Framework::Meltano => {
+            super::tableset::rebuild_from_backup(store, conn, backup).await
+        }
     }
 }
 
@@ -265,7 +277,7 @@ pub(crate) async fn rebuild_tables(
 pub(crate) async fn before_restore(store: &Store, conn: &mut PgConnection) -> Result<(), Error> {
     match store.framework() {
         Framework::Statekeeper => statekeeper::carry_migration_events(store, conn).await,
-        Framework::Sqlmesh => Ok(()),
+        Framework::Sqlmesh | Framework::Meltano => Ok(()),
     }
 }
 
@@ -273,7 +285,7 @@ pub(crate) async fn before_restore(store: &Store, conn: &mut PgConnection) -> Re
 pub(crate) async fn after_restore(store: &Store, conn: &mut PgConnection) -> Result<(), Error> {
     match store.framework() {
         Framework::Statekeeper => statekeeper::restore_migration_events(store, conn).await,
-        Framework::Sqlmesh => Ok(()),
+        Framework::Sqlmesh | Framework::Meltano => Ok(()),
     }
 }
 
@@ -285,7 +297,7 @@ pub(crate) async fn record_event(
 ) -> Result<(), Error> {
     match store.framework() {
         Framework::Statekeeper => statekeeper::record_event(store, conn, event).await,
-        Framework::Sqlmesh => Ok(()),
+        Framework::Sqlmesh | Framework::Meltano => Ok(()),
     }
 }
 

@@ -1,0 +1,112 @@
+//! Meltano's system database (docs/meltano.md): its state backend (`state`: Singer bookmarks per
+//! state ID), its runs (`runs`), its plugin settings (`plugin_settings`, which may hold
+//! credentials) and Alembic's `alembic_version`. Meltano creates and migrates them
+//! (`meltano upgrade database`) and does not take statekeeper's advisory lock: statekeeper reads
+//! them from one snapshot, writes them under table locks, and never creates or alters them.
+
+use std::collections::BTreeMap;
+
+use sqlx::{AssertSqlSafe, PgConnection};
+
+use super::{Count, ExportFormat, Framework, Profile, ResetStyle, StoreVersion, TableSet};
+use crate::engine::Error;
+use crate::engine::catalog;
+use crate::engine::store::Store;
+
+/// Every table of a Meltano system database.
+pub const TABLES: &[&str] = &["alembic_version", "plugin_settings", "runs", "state"];
+
+/// Meltano's own threshold for a stale run (`meltano/core/job/job.py`): a RUNNING run whose last
+/// heartbeat is older than 5 minutes, or that never beat and started more than 24 hours ago.
+const STALE_RUNS: &str = "SELECT count(*) FROM {s}.runs WHERE state = 'RUNNING' AND \
+     ((last_heartbeat_at IS NOT NULL AND last_heartbeat_at < (now() AT TIME ZONE 'UTC') - interval '5 minutes') \
+      OR (last_heartbeat_at IS NULL AND started_at < (now() AT TIME ZONE 'UTC') - interval '24 hours'))";
+
+pub static PROFILE: Profile = Profile {
+    framework: Framework::Meltano,
+    name: "meltano",
+    display_name: "Meltano",
+    default_schema: "public",
+    tables: TableSet::Named {
+        tables: TABLES,
+        required: &["alembic_version", "runs", "state"],
+    },
+    marker_table: "plugin_settings",
+    owns_schema: false,
+    // State and runs go; the settings (configuration, not state) and the revision stay.
+    reset: ResetStyle::EmptyTables {
+        keep: &["alembic_version", "plugin_settings"],
+    },
+    counts: &[
+        Count {
+            name: "state_ids",
+            table: "state",
+            sql: "",
+        },
+        Count {
+            name: "runs",
+            table: "runs",
+            sql: "",
+        },
+        Count {
+            name: "running_runs",
+            table: "runs",
+            sql: "SELECT count(*) FROM {s}.runs WHERE state = 'RUNNING'",
+        },
+        Count {
+            name: "stale_runs",
+            table: "runs",
+            sql: STALE_RUNS,
+        },
+        Count {
+            name: "newest_state_update_epoch_seconds",
+            table: "state",
+            sql: "SELECT coalesce(extract(epoch FROM max(updated_at)), 0) FROM {s}.state",
+        },
+    ],
+    export_formats: &[ExportFormat::Exact],
+    foreign_operation_hint: Some(
+        "Meltano creates and migrates its system database itself (`meltano upgrade database`); \
+         take a backup first with `statekeeper state backup --framework meltano`",
+    ),
+    not_initialized_hint: "Meltano creates its system database tables on its first command \
+                           against it (e.g. `meltano state list`) or `meltano upgrade database`",
+    version_mismatch_hint: "run `meltano upgrade database` on the older side (this database, or \
+                            the one the file was exported from, then export again)",
+    migrate_command: &["meltano", "upgrade", "database"],
+    janitor_command: &[],
+};
+
+/// Alembic's revision. Revisions are identifiers, not ordered numbers: the schema version is a
+/// fingerprint of the revision (equal revisions, equal versions), the revision itself is
+/// reported as `alembicRevision`.
+pub(crate) async fn read_version(
+    store: &Store,
+    conn: &mut PgConnection,
+) -> Result<Option<StoreVersion>, Error> {
+    let schema = store.schema();
+    let present =
+        catalog::existing_tables(conn, schema.as_str(), &["alembic_version", "runs", "state"])
+            .await?;
+    if present.len() < 3 {
+        return Ok(None);
+    }
+    let revision: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT version_num FROM {}.alembic_version",
+        schema.quoted()
+    )))
+    .fetch_optional(conn)
+    .await?;
+    let Some(revision) = revision else {
+        return Ok(None);
+    };
+    Ok(Some(StoreVersion {
+        schema_version: revision_fingerprint(&revision),
+        details: BTreeMap::from([("alembicRevision".to_owned(), revision)]),
+    }))
+}
+
+/// A positive 31-bit fingerprint of an Alembic revision.
+fn revision_fingerprint(revision: &str) -> i32 {
+    (crc32fast::hash(revision.as_bytes()) & 0x7fff_ffff) as i32
+}

@@ -1,0 +1,250 @@
+//! Meltano system databases, on state written by the real Meltano (tests/support/meltano.rs):
+//! status, backup and rollback, the exact table-level round trip, refusals, and the StateStore
+//! reconciler.
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+use statekeeper::engine::{
+    Compression, ExportFormat, ExportOptions, Framework, ImportOptions, Store,
+};
+use support::meltano::Project;
+use support::operator::{Harness, put_secret, store_for};
+use support::{TestDb, snapshot};
+
+async fn meltano_store(db: &TestDb) -> Store {
+    db.store("public").await.with_framework(Framework::Meltano)
+}
+
+fn cli(url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+        .args(args)
+        .env("STATEKEEPER_DATABASE_URL", url)
+        .env_remove("STATEKEEPER_SCHEMA")
+        .env_remove("STATEKEEPER_FRAMEWORK")
+        .output()
+        .unwrap()
+}
+
+/// The store's tables (not its backups), row by row.
+async fn tables(db: &TestDb) -> std::collections::BTreeMap<String, Vec<String>> {
+    snapshot(&mut db.conn().await, "public").await
+}
+
+fn bookmark(n: u64) -> Value {
+    json!({"singer_state": {"bookmarks": {"users": {"replication_key_value": n}}}})
+}
+
+/// A Meltano system database with three state IDs, written by `meltano state set`.
+async fn with_state() -> (TestDb, Project) {
+    let db = TestDb::new().await;
+    let project = Project::new(&db);
+    for (i, id) in [
+        "dev:tap-a-to-target-x",
+        "dev:tap-b-to-target-x",
+        "prod:tap-a-to-target-x",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        project.set(id, &bookmark(i as u64 + 1));
+    }
+    (db, project)
+}
+
+#[tokio::test]
+async fn status_reports_meltanos_revision_and_counts_as_sql_gives_them() {
+    let (db, _project) = with_state().await;
+    let out = cli(
+        &db.url,
+        &["state", "--framework", "meltano", "-o", "json", "status"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut conn = db.conn().await;
+    let revision: String = sqlx::query_scalar("SELECT version_num FROM public.alembic_version")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(status["framework"], "meltano");
+    assert_eq!(status["schema"], "public");
+    assert_eq!(status["versions"]["alembicRevision"], revision);
+    for (count, sql) in [
+        ("state_ids", "SELECT count(*) FROM public.state"),
+        ("runs", "SELECT count(*) FROM public.runs"),
+        (
+            "running_runs",
+            "SELECT count(*) FROM public.runs WHERE state = 'RUNNING'",
+        ),
+    ] {
+        let expected: i64 = sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap();
+        assert_eq!(status["counts"][count], expected, "{count}");
+    }
+    assert_eq!(status["counts"]["state_ids"], 3);
+    // A run that stopped beating 10 minutes ago is stale by Meltano's own rule.
+    sqlx::query(
+        "INSERT INTO public.runs (job_name, run_id, state, started_at, last_heartbeat_at, payload, payload_flags, trigger) \
+         VALUES ('dev:tap-a-to-target-x', gen_random_uuid(), 'RUNNING', now() - interval '1 hour', \
+                 (now() AT TIME ZONE 'UTC') - interval '10 minutes', '{}', 0, 'cli')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let report = meltano_store(&db).await.status().await.unwrap();
+    assert_eq!(report.counts["stale_runs"], 1);
+    assert_eq!(report.counts["running_runs"], 1);
+}
+
+#[tokio::test]
+async fn backup_then_new_state_then_rollback_restores_every_table() {
+    let (db, project) = with_state().await;
+    let before = tables(&db).await;
+    let out = cli(
+        &db.url,
+        &["state", "--framework", "meltano", "-o", "json", "backup"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let backup: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = backup["id"].as_str().unwrap().to_owned();
+
+    project.set("dev:tap-a-to-target-x", &bookmark(99));
+    project.set("dev:tap-c-to-target-x", &bookmark(7));
+    assert_ne!(tables(&db).await, before);
+
+    let out = cli(
+        &db.url,
+        &[
+            "state",
+            "--framework",
+            "meltano",
+            "rollback",
+            "--backup-id",
+            &id,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tables(&db).await, before, "every table as it was backed up");
+    // Meltano itself reads the restored state.
+    assert_eq!(
+        project.get("dev:tap-a-to-target-x")["singer_state"],
+        bookmark(1)["singer_state"]
+    );
+    let list = project.ok(&["state", "list"]);
+    assert!(!list.contains("dev:tap-c-to-target-x"), "{list}");
+}
+
+#[tokio::test]
+async fn exact_exports_round_trip_a_meltano_database_bit_for_bit() {
+    let (db, _project) = with_state().await;
+    let source = meltano_store(&db).await;
+    let options = ExportOptions {
+        environments: None,
+        compression: Compression::Zstd,
+        format: ExportFormat::Exact,
+    };
+    let (report, bytes) = source.export(Vec::new(), &options).await.unwrap();
+    assert_eq!(report.rows["state"], 3);
+    // A fresh system database, created by Meltano itself, then replaced by the file.
+    let target_db = TestDb::new().await;
+    let target_project = Project::new(&target_db);
+    target_project.ok(&["state", "list"]);
+    meltano_store(&target_db)
+        .await
+        .import(
+            std::io::Cursor::new(bytes),
+            &ImportOptions {
+                expected_sha256: Some(report.sha256.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(tables(&target_db).await, tables(&db).await);
+    assert_eq!(
+        target_project.get("prod:tap-a-to-target-x")["singer_state"],
+        bookmark(3)["singer_state"]
+    );
+}
+
+#[tokio::test]
+async fn refusals_name_the_problem_and_change_nothing() {
+    // Meltano has not created its tables: NotInitialized, with what to run.
+    let empty = TestDb::new().await;
+    let out = cli(
+        &empty.url,
+        &["state", "--framework", "meltano", "status", "-o", "json"],
+    );
+    assert!(out.status.success());
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["initialized"], false);
+    let out = cli(&empty.url, &["state", "--framework", "meltano", "backup"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("meltano upgrade database"), "{err}");
+    let out = cli(&empty.url, &["state", "--framework", "meltano", "init"]);
+    assert!(!out.status.success());
+
+    // statekeeper pointed at a Meltano database: the error names the flag.
+    let (db, _project) = with_state().await;
+    let before = tables(&db).await;
+    let out = cli(&db.url, &["state", "--schema", "public", "status"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--framework meltano"), "{err}");
+    let out = cli(&db.url, &["state", "--schema", "public", "init"]);
+    assert!(!out.status.success());
+    assert_eq!(tables(&db).await, before, "nothing created or changed");
+}
+
+#[tokio::test]
+async fn the_state_store_reconciler_reports_a_meltano_database() {
+    let (db, _project) = with_state().await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    let (_, stored) = h
+        .reconcile(&store_for(
+            &db,
+            "meltano",
+            json!({"framework": "meltano", "schema": null}),
+        ))
+        .await;
+    let status = stored.status.unwrap();
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "StoreReady")
+    );
+    assert!(
+        ready.message.contains("Meltano state in schema \"public\"")
+            && ready.message.contains("3 state ids"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(status.framework.as_deref(), Some("meltano"));
+    assert!(
+        status
+            .framework_versions
+            .unwrap()
+            .contains_key("alembicRevision")
+    );
+    assert_eq!(status.counts.unwrap()["state_ids"], 3);
+    assert!(!h.kube.dump().contains(&db.password()));
+}
