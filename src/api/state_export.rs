@@ -42,8 +42,9 @@ pub struct StateExportSpec {
     #[serde(default)]
     pub compression: ExportCompression,
     /// `exact` (the default: every row of every table of the store, history included; restores
-    /// bit for bit), `statekeeper` (statekeeper's logical format, mergeable, current state only)
-    /// or `sqlmesh` (the document `sqlmesh state export` writes; SQLMesh stores only).
+    /// bit for bit), `statekeeper` (statekeeper's logical format, mergeable, current state only),
+    /// `sqlmesh` (the document `sqlmesh state export` writes; SQLMesh stores only) or `meltano`
+    /// (the document `meltano state export` writes; Meltano stores only).
     #[serde(default)]
     pub format: ExportFormat,
     /// Attempts before an export is marked Failed for good (default 3).
@@ -169,6 +170,7 @@ pub enum ExportFormat {
     Exact,
     Statekeeper,
     Sqlmesh,
+    Meltano,
 }
 
 impl From<ExportFormat> for crate::engine::ExportFormat {
@@ -177,6 +179,7 @@ impl From<ExportFormat> for crate::engine::ExportFormat {
             ExportFormat::Exact => Self::Exact,
             ExportFormat::Statekeeper => Self::Statekeeper,
             ExportFormat::Sqlmesh => Self::Sqlmesh,
+            ExportFormat::Meltano => Self::Meltano,
         }
     }
 }

@@ -219,15 +219,16 @@ struct ExportArgs {
     /// AWS_*, GOOGLE_* and AZURE_* environment variables are read too.
     #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = transfer::key_value)]
     storage_options: Vec<(String, String)>,
-    /// Export only this environment (with every version it references); repeatable.
-    #[arg(long = "environment", value_name = "NAME")]
+    /// Export only this environment (with every version it references); repeatable. For a
+    /// Meltano store: a state ID, or a `*` glob of them (alias --state-id).
+    #[arg(long = "environment", visible_alias = "state-id", value_name = "NAME")]
     environments: Vec<String>,
     /// none, gzip or zstd.
     #[arg(long, default_value = "none")]
     compression: crate::engine::Compression,
     /// exact (every row of every table, history included: restores bit for bit), statekeeper
-    /// (statekeeper's logical format, mergeable) or sqlmesh (the document `sqlmesh state export`
-    /// writes).
+    /// (statekeeper's logical format, mergeable), sqlmesh (the document `sqlmesh state export`
+    /// writes) or meltano (the document `meltano state export` writes).
     #[arg(long, default_value = "exact")]
     format: ExportFormat,
 }

@@ -213,6 +213,16 @@ impl Store {
                 )
                 .await?
             }
+            ExportFormat::Meltano => {
+                super::frameworks::meltano::export::write(
+                    self,
+                    &mut tx,
+                    &mut out,
+                    &mut report,
+                    options,
+                )
+                .await?
+            }
             ExportFormat::Sqlmesh => {
                 super::frameworks::sqlmesh::export::write(
                     self,

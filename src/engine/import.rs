@@ -412,7 +412,8 @@ fn read_document(
             }
             (1, _) => Err(ScanError(
                 "not a statekeeper or SQLMesh export: it does not start with \"metadata\" (every \
-                 export begins with its metadata and versions; re-sorting its keys breaks that)"
+                 export begins with its metadata and versions; re-sorting its keys breaks that; a \
+                 `meltano state export` document is imported by `meltano state import`)"
                     .into(),
             )),
             (2, _) if key == "versions" => {
@@ -425,6 +426,12 @@ fn read_document(
                         Box::new(frameworks::statekeeper::import::Sections::default())
                     }
                     ExportFormat::Sqlmesh => Box::new(frameworks::sqlmesh::import::Sections::new()),
+                    ExportFormat::Meltano => {
+                        return Err(ScanError(
+                            "a Meltano state document carries no metadata: this one is forged"
+                                .into(),
+                        ));
+                    }
                 });
                 Ok(())
             }
@@ -649,6 +656,11 @@ impl Store {
             ExportFormat::Sqlmesh => {
                 frameworks::sqlmesh::import::import(self, header, &mut incoming).await
             }
+            ExportFormat::Meltano => Err(Error::InvalidExport(
+                "statekeeper does not import Meltano's state format yet: import it with \
+                 `meltano state import`, or restore an exact export"
+                    .into(),
+            )),
         }
     }
 }

@@ -91,6 +91,8 @@ pub enum ExportFormat {
     Statekeeper,
     /// The document `sqlmesh state export` writes.
     Sqlmesh,
+    /// The document `meltano state export` writes: `{state_id: {"completed", "partial"}}`.
+    Meltano,
 }
 
 impl ExportFormat {
@@ -98,6 +100,7 @@ impl ExportFormat {
         ExportFormat::Exact,
         ExportFormat::Statekeeper,
         ExportFormat::Sqlmesh,
+        ExportFormat::Meltano,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -105,6 +108,7 @@ impl ExportFormat {
             ExportFormat::Exact => "exact",
             ExportFormat::Statekeeper => "statekeeper",
             ExportFormat::Sqlmesh => "sqlmesh",
+            ExportFormat::Meltano => "meltano",
         }
     }
 }
@@ -122,7 +126,9 @@ impl std::str::FromStr for ExportFormat {
             .iter()
             .copied()
             .find(|f| f.as_str() == s)
-            .ok_or_else(|| format!("unknown format \"{s}\" (use exact, statekeeper or sqlmesh)"))
+            .ok_or_else(|| {
+                format!("unknown format \"{s}\" (use exact, statekeeper, sqlmesh or meltano)")
+            })
     }
 }
 

@@ -4,6 +4,8 @@
 //! (`meltano upgrade database`) and does not take statekeeper's advisory lock: statekeeper reads
 //! them from one snapshot, writes them under table locks, and never creates or alters them.
 
+pub mod export;
+
 use std::collections::BTreeMap;
 
 use sqlx::{AssertSqlSafe, PgConnection};
@@ -64,7 +66,7 @@ pub static PROFILE: Profile = Profile {
             sql: "SELECT coalesce(extract(epoch FROM max(updated_at)), 0) FROM {s}.state",
         },
     ],
-    export_formats: &[ExportFormat::Exact],
+    export_formats: &[ExportFormat::Exact, ExportFormat::Meltano],
     foreign_operation_hint: Some(
         "Meltano creates and migrates its system database itself (`meltano upgrade database`); \
          take a backup first with `statekeeper state backup --framework meltano`",

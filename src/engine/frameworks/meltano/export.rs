@@ -1,0 +1,81 @@
+//! Writing the document `meltano state export` writes: one JSON object mapping each state ID to
+//! `{"completed": …, "partial": …}`, each state as Meltano stored it (its JSON text, whitespace
+//! between tokens aside). Streamed row by row from one snapshot: memory stays flat.
+
+use sqlx::PgConnection;
+use tokio::io::AsyncWrite;
+
+use crate::engine::Error;
+use crate::engine::export::{ExportOptions, ExportReport, Output};
+use crate::engine::identifier::quote_literal;
+use crate::engine::store::Store;
+
+/// Writes the whole document from the caller's snapshot. `options.environments` selects state
+/// IDs: exact names (each must exist) or `*` globs, as `meltano state list` takes them.
+pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
+    store: &Store,
+    tx: &mut PgConnection,
+    out: &mut Output<W>,
+    report: &mut ExportReport,
+    options: &ExportOptions,
+) -> Result<(), Error> {
+    let version = store.require_initialized(tx).await?;
+    report.schema_version = version.schema_version;
+    let s = store.schema().quoted();
+    let filter = match &options.environments {
+        None => String::new(),
+        Some(wanted) => {
+            let exact: Vec<String> = wanted
+                .iter()
+                .filter(|w| !w.contains('*'))
+                .cloned()
+                .collect();
+            if !exact.is_empty() {
+                let missing: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT w FROM unnest($1::text[]) w \
+                     WHERE NOT EXISTS (SELECT 1 FROM {s}.state e WHERE e.state_id = w) ORDER BY 1"
+                )))
+                .bind(&exact)
+                .fetch_all(&mut *tx)
+                .await?;
+                if !missing.is_empty() {
+                    return Err(Error::UnknownEnvironments(missing));
+                }
+            }
+            let patterns: Vec<String> = wanted.iter().map(|w| like_pattern(w)).collect();
+            format!(
+                " WHERE state_id LIKE ANY (ARRAY[{}]::text[])",
+                patterns
+                    .iter()
+                    .map(|p| quote_literal(p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    };
+    // Raw line ends can only be whitespace between JSON tokens (never inside strings): they go,
+    // so that each state is one line of the stream.
+    let state = |column: &str| {
+        format!("coalesce(translate({column}::json::text, E'\\n\\r', '  '), 'null')")
+    };
+    let sql = format!(
+        "SELECT to_json(state_id)::text || ':{{\"completed\":' || {} || ',\"partial\":' || {} || '}}' \
+         FROM {s}.state{filter} ORDER BY state_id",
+        state("completed_state"),
+        state("partial_state")
+    );
+    out.write(b"{").await?;
+    let rows = out.stream_rows(tx, &sql).await?;
+    out.write(b"}").await?;
+    report.environments = rows;
+    report.rows.insert("state".into(), rows);
+    Ok(())
+}
+
+/// A `*` glob as a LIKE pattern; `%`, `_` and `\` match themselves.
+fn like_pattern(glob: &str) -> String {
+    glob.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+        .replace('*', "%")
+}
