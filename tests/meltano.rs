@@ -335,21 +335,100 @@ async fn our_meltano_format_export_is_what_meltano_exports_and_imports() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
-    // Importing Meltano's own document is Meltano's, for now: refused, nothing changed.
-    let before = tables(&db).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn we_import_meltanos_own_export_with_replace_and_merge() {
+    let (_source_db, source) = with_state().await;
+    let dir = std::env::temp_dir().join(format!("sk-meltano-import-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("theirs.json");
+    std::fs::write(&file, source.ok(&["state", "export"])).unwrap();
+    let theirs: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let import = |url: &str, mode: &str, path: &std::path::Path| {
+        cli(
+            url,
+            &[
+                "state",
+                "--framework",
+                "meltano",
+                "-o",
+                "json",
+                "import",
+                mode,
+                "--from",
+                path.to_str().unwrap(),
+            ],
+        )
+    };
+
+    // Replace: the target holds exactly the file's state IDs, and Meltano reads each of them.
+    let db = TestDb::new().await;
+    let project = Project::new(&db);
+    project.set("dev:only-here", &bookmark(42));
+    let out = import(&db.url, "--replace", &file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["format"], "meltano");
+    assert!(
+        report["backup"]["id"].is_string(),
+        "the replaced state is kept"
+    );
+    let after: Value = serde_json::from_str(project.ok(&["state", "export"]).trim()).unwrap();
+    assert_eq!(after, theirs);
+    for id in theirs.as_object().unwrap().keys() {
+        assert_eq!(project.get(id), source.get(id), "{id}");
+    }
+
+    // Merge: the file's IDs overwrite theirs, the others stay, as `meltano state import` does.
+    let merged_db = TestDb::new().await;
+    let merged = Project::new(&merged_db);
+    let reference_db = TestDb::new().await;
+    let reference = Project::new(&reference_db);
+    for project in [&merged, &reference] {
+        project.set("dev:only-here", &bookmark(42));
+        project.set("dev:tap-a-to-target-x", &bookmark(1000));
+    }
+    reference.ok(&["state", "import", file.to_str().unwrap()]);
+    let out = import(&merged_db.url, "--merge", &file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours: Value = serde_json::from_str(merged.ok(&["state", "export"]).trim()).unwrap();
+    let meltanos: Value = serde_json::from_str(reference.ok(&["state", "export"]).trim()).unwrap();
+    assert_eq!(ours, meltanos);
+
+    // A broken or truncated document changes nothing, and a broken state is named.
+    let before = tables(&merged_db).await;
+    let broken = dir.join("broken.json");
+    std::fs::write(&broken, br#"{"dev:x": {"completed": [1, 2]}}"#).unwrap();
+    let out = import(&merged_db.url, "--replace", &broken);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dev:x"));
+    let truncated = dir.join("truncated.json");
+    std::fs::write(&truncated, br#"{"dev:x": {"completed": {"a": 1}"#).unwrap();
+    assert!(
+        !import(&merged_db.url, "--replace", &truncated)
+            .status
+            .success()
+    );
+    assert_eq!(tables(&merged_db).await, before, "nothing changed");
+
+    // Into a statekeeper store: refused, naming the framework to use.
+    let other = TestDb::new().await;
+    other.store("statekeeper").await.init(None).await.unwrap();
     let out = cli(
-        &db.url,
-        &[
-            "state",
-            "--framework",
-            "meltano",
-            "import",
-            "--from",
-            file.to_str().unwrap(),
-        ],
+        &other.url,
+        &["state", "import", "--from", file.to_str().unwrap()],
     );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("meltano state import"));
-    assert_eq!(tables(&db).await, before);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--framework meltano"));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -406,16 +406,22 @@ fn read_document(
     cursor.object(|cursor, key| {
         position += 1;
         match (position, reader.as_mut()) {
+            // A Meltano document's reader is set at its first key: every later key is a state.
+            (_, Some(reader)) => reader.section(cursor, &key, emitter),
             (1, _) if key == "metadata" => {
                 metadata = cursor.raw()?;
                 Ok(())
             }
-            (1, _) => Err(ScanError(
-                "not a statekeeper or SQLMesh export: it does not start with \"metadata\" (every \
-                 export begins with its metadata and versions; re-sorting its keys breaks that; a \
-                 `meltano state export` document is imported by `meltano state import`)"
-                    .into(),
-            )),
+            // No metadata: the document `meltano state export` writes, keyed by state ID.
+            (1, _) => {
+                emitter
+                    .send(Message::Header(
+                        frameworks::meltano::import::Sections::header(),
+                    ))
+                    .map_err(ScanError)?;
+                reader = Some(Box::new(frameworks::meltano::import::Sections));
+                frameworks::meltano::import::Sections::state(cursor, &key, emitter)
+            }
             (2, _) if key == "versions" => {
                 let header = read_header(&metadata, &cursor.raw()?)?;
                 let format = header.format;
@@ -436,12 +442,17 @@ fn read_document(
                 Ok(())
             }
             (2, _) => Err(ScanError("\"versions\" must follow \"metadata\"".into())),
-            (_, Some(reader)) => reader.section(cursor, &key, emitter),
             (_, None) => Err(ScanError("the header is incomplete".into())),
         }
     })?;
     match reader {
         Some(mut reader) => reader.finish(emitter),
+        // `{}`: a Meltano document without state.
+        None if position == 0 => emitter
+            .send(Message::Header(
+                frameworks::meltano::import::Sections::header(),
+            ))
+            .map_err(ScanError),
         None => Err(ScanError(
             "the document has no \"metadata\" and \"versions\"".into(),
         )),
@@ -656,11 +667,9 @@ impl Store {
             ExportFormat::Sqlmesh => {
                 frameworks::sqlmesh::import::import(self, header, &mut incoming).await
             }
-            ExportFormat::Meltano => Err(Error::InvalidExport(
-                "statekeeper does not import Meltano's state format yet: import it with \
-                 `meltano state import`, or restore an exact export"
-                    .into(),
-            )),
+            ExportFormat::Meltano => {
+                frameworks::meltano::import::import(self, header, &mut incoming).await
+            }
         }
     }
 }

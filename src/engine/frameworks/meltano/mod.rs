@@ -5,6 +5,7 @@
 //! them from one snapshot, writes them under table locks, and never creates or alters them.
 
 pub mod export;
+pub mod import;
 
 use std::collections::BTreeMap;
 
