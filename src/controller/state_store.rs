@@ -832,12 +832,6 @@ impl PoolCache {
             inner.stores.retain(|_, f| *f != fingerprint);
         }
     }
-
-    /// Connections the pools may hold now (for metrics and the scale benchmark).
-    pub async fn connection_limit(&self) -> u32 {
-        let inner = self.inner.lock().await;
-        inner.pools.values().map(|(_, limit, _)| limit).sum()
-    }
 }
 
 impl Pools {

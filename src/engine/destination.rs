@@ -313,8 +313,8 @@ impl Destination {
                 Err(e) => return Err(self.unavailable("cannot abort the earlier upload", e)),
             }
         }
+        let file = local_file(&self.path);
         if self.multipart.is_none()
-            && let Some(file) = local_file(&self.path)
             && let (Some(dir), Some(name)) = (file.parent(), file.file_name())
         {
             let prefix = format!("{}#", name.to_string_lossy());
@@ -565,8 +565,8 @@ async fn upload_parts(
 }
 
 /// The local path of a file destination.
-fn local_file(path: &ObjectPath) -> Option<std::path::PathBuf> {
-    Some(std::path::PathBuf::from(format!("/{}", path.as_ref())))
+fn local_file(path: &ObjectPath) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/{}", path.as_ref()))
 }
 
 /// Keys whose values are credentials: never echoed in errors.

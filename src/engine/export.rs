@@ -249,15 +249,16 @@ impl Store {
     }
 }
 
-/// Fails with the names in `wanted` that `table` (a qualified environments table with a `name`
-/// column) does not hold.
+/// Fails with the names in `wanted` that the `column` of `table` (qualified; an environments
+/// table's `name`, Meltano's `state_id`) does not hold.
 pub(crate) async fn refuse_unknown_environments(
     conn: &mut PgConnection,
     table: &str,
+    column: &str,
     wanted: &[String],
 ) -> Result<(), Error> {
     let missing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT w FROM unnest($1::text[]) w WHERE NOT EXISTS (SELECT 1 FROM {table} e WHERE e.name = w) ORDER BY 1"
+        "SELECT w FROM unnest($1::text[]) w WHERE NOT EXISTS (SELECT 1 FROM {table} e WHERE e.{column} = w) ORDER BY 1"
     )))
     .bind(wanted)
     .fetch_all(conn)

@@ -6,7 +6,7 @@ use sqlx::PgConnection;
 use tokio::io::AsyncWrite;
 
 use crate::engine::Error;
-use crate::engine::export::{ExportOptions, ExportReport, Output};
+use crate::engine::export::{ExportOptions, ExportReport, Output, refuse_unknown_environments};
 use crate::engine::identifier::quote_literal;
 use crate::engine::store::Store;
 
@@ -30,18 +30,7 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
                 .filter(|w| !w.contains('*'))
                 .cloned()
                 .collect();
-            if !exact.is_empty() {
-                let missing: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                    "SELECT w FROM unnest($1::text[]) w \
-                     WHERE NOT EXISTS (SELECT 1 FROM {s}.state e WHERE e.state_id = w) ORDER BY 1"
-                )))
-                .bind(&exact)
-                .fetch_all(&mut *tx)
-                .await?;
-                if !missing.is_empty() {
-                    return Err(Error::UnknownEnvironments(missing));
-                }
-            }
+            refuse_unknown_environments(tx, &format!("{s}.state"), "state_id", &exact).await?;
             let patterns: Vec<String> = wanted.iter().map(|w| like_pattern(w)).collect();
             format!(
                 " WHERE state_id LIKE ANY (ARRAY[{}]::text[])",

@@ -38,7 +38,7 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     report.schema_version = version.schema_version;
     let s = store.schema().quoted();
     if let Some(wanted) = &options.environments {
-        refuse_unknown_environments(tx, &format!("{s}._environments"), wanted).await?;
+        refuse_unknown_environments(tx, &format!("{s}._environments"), "name", wanted).await?;
     }
     let versions: String = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT json_build_object('schema_version', schema_version, 'sqlglot_version', sqlglot_version, 'sqlmesh_version', sqlmesh_version)::text FROM {s}._versions"

@@ -48,7 +48,8 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     report.schema_version = schema_version;
     let s = store.schema().quoted();
     if let Some(wanted) = &options.environments {
-        refuse_unknown_environments(tx, &format!("{s}.virtual_environments"), wanted).await?;
+        refuse_unknown_environments(tx, &format!("{s}.virtual_environments"), "name", wanted)
+            .await?;
     }
     // COPY takes no parameters: the filter travels in a transaction-local setting instead of
     // being spliced into SQL text.
