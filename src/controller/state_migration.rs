@@ -922,17 +922,14 @@ async fn resume_in_database(
     engine: &Store,
 ) -> Result<Option<Action>, ReconcileError> {
     let id = migration_id(run.migration);
-    let backups = match engine.backups().await {
-        Ok(backups) => backups,
+    let committed = match engine.backup_of_operation(&id).await {
+        Ok(backup) => backup,
         Err(e) => {
             let message = run.redact(&e.to_string());
             return run.pending(e.reason(), message).await.map(Some);
         }
     };
-    if let Some(backup) = backups
-        .iter()
-        .find(|b| b.operation.as_deref() == Some(id.as_str()))
-    {
+    if let Some(backup) = committed {
         run.status.backup_id = Some(backup.id.clone());
         let message = format!(
             "the {} completed before the operator restarted (it made backup {})",
@@ -1084,10 +1081,7 @@ async fn runner_step(
     if spec.backup && run.status.backup_id.is_none() {
         // A backup made before a restart lost its status write is found by its tag.
         let id = migration_id(run.migration);
-        let existing = engine.backups().await.ok().and_then(|all| {
-            all.into_iter()
-                .find(|b| b.operation.as_deref() == Some(id.as_str()))
-        });
+        let existing = engine.backup_of_operation(&id).await.ok().flatten();
         let backup = match existing {
             Some(backup) => backup,
             None => match engine.backup_with_reason("pre-migration").await {

@@ -388,10 +388,7 @@ pub async fn runner_step(
             if spec.backup {
                 // Tagged with the Job's name: a restart before the status write finds it.
                 let tagged = engine.clone().with_operation_id(name.clone());
-                let existing = tagged.backups().await.ok().and_then(|all| {
-                    all.into_iter()
-                        .find(|b| b.operation.as_deref() == Some(name.as_str()))
-                });
+                let existing = tagged.backup_of_operation(&name).await.ok().flatten();
                 let backup = match existing {
                     Some(backup) => Ok(backup),
                     None => tagged.backup_with_reason("pre-janitor").await,

@@ -314,6 +314,16 @@ impl Store {
         super::tableset::reset(self, approval).await
     }
 
+    /// The backup made for a request (see [`Store::with_operation_id`]): its existence proves
+    /// that the request's transaction committed.
+    pub async fn backup_of_operation(&self, id: &str) -> Result<Option<BackupInfo>, Error> {
+        Ok(self
+            .backups()
+            .await?
+            .into_iter()
+            .find(|b| b.operation.as_deref() == Some(id)))
+    }
+
     pub async fn backups(&self) -> Result<Vec<BackupInfo>, Error> {
         let mut conn = self.pool.acquire().await?;
         backup::list(&mut conn, &self.schema).await
