@@ -432,3 +432,215 @@ async fn we_import_meltanos_own_export_with_replace_and_merge() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--framework meltano"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Runs the CLI against a Meltano store and returns stdout, failing the test with stderr.
+fn cli_ok(url: &str, args: &[&str]) -> String {
+    let mut all = vec!["state", "--framework", "meltano"];
+    all.extend_from_slice(args);
+    let out = cli(url, &all);
+    assert!(
+        out.status.success(),
+        "statekeeper {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every file below `dir`, relative path → bytes.
+fn files_below(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(
+        root: &std::path::Path,
+        dir: &std::path::Path,
+        out: &mut std::collections::BTreeMap<String, Vec<u8>>,
+    ) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let relative = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.insert(relative, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+#[tokio::test]
+async fn the_meltano_backend_layout_is_read_by_meltano_and_read_back() {
+    let (db, project) = with_state().await;
+    project.ok(&[
+        "state",
+        "merge",
+        "dev:tap-b-to-target-x",
+        &json!({"singer_state": {"bookmarks": {"orders": {"id": 3}}}}).to_string(),
+    ]);
+    let theirs: Value = serde_json::from_str(project.ok(&["state", "export"]).trim()).unwrap();
+    let ids = [
+        "dev:tap-a-to-target-x",
+        "dev:tap-b-to-target-x",
+        "prod:tap-a-to-target-x",
+    ];
+    let dir = std::env::temp_dir().join(format!("sk-meltano-backend-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let folder = dir.join("state");
+    let uri = format!("file://{}", folder.display());
+
+    // Our export, into the folder (a trailing / is fine), is what the project's file backend reads.
+    cli_ok(
+        &db.url,
+        &[
+            "export",
+            "--format",
+            "meltano-backend",
+            "--to",
+            &format!("{uri}/"),
+        ],
+    );
+    let files = files_below(&folder);
+    assert_eq!(
+        files.keys().cloned().collect::<Vec<_>>(),
+        ids.iter()
+            .map(|id| format!("{id}/state.json"))
+            .collect::<Vec<_>>(),
+        "one state.json per state ID, no lock left behind"
+    );
+    let on_files = project.with_state_backend(&uri);
+    let listed = on_files.ok(&["state", "list"]);
+    for id in ids {
+        assert!(
+            listed.contains(id),
+            "meltano state list shows {id}: {listed}"
+        );
+        assert_eq!(on_files.get(id), project.get(id), "meltano state get {id}");
+    }
+    let from_files: Value = serde_json::from_str(on_files.ok(&["state", "export"]).trim()).unwrap();
+    assert_eq!(from_files, theirs);
+
+    // A fresh lock (a Meltano run writing that state ID) makes the export wait, then fail
+    // naming it, before any file is touched.
+    let lock = folder.join("prod:tap-a-to-target-x").join("lock");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    std::fs::write(&lock, format!("{now}")).unwrap();
+    project.set("dev:tap-a-to-target-x", &bookmark(42));
+    let before = files_below(&folder);
+    let started = std::time::Instant::now();
+    let out = cli(
+        &db.url,
+        &[
+            "state",
+            "--framework",
+            "meltano",
+            "export",
+            "--format",
+            "meltano-backend",
+            "--meltano-lock-timeout",
+            "60",
+            "--meltano-lock-wait",
+            "2",
+            "--to",
+            &uri,
+        ],
+    );
+    let waited = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("\"prod:tap-a-to-target-x\"") && stderr.contains("locked"),
+        "{stderr}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_secs(2),
+        "waited {waited:?}"
+    );
+    assert_eq!(files_below(&folder), before, "nothing written");
+    // An abandoned lock (older than the timeout) is broken, as Meltano breaks it.
+    std::fs::write(&lock, format!("{}", now - 3600.0)).unwrap();
+    cli_ok(
+        &db.url,
+        &["export", "--format", "meltano-backend", "--to", &uri],
+    );
+    assert!(!lock.exists(), "our own lock is released");
+    assert_eq!(
+        on_files.get("dev:tap-a-to-target-x"),
+        project.get("dev:tap-a-to-target-x")
+    );
+
+    // State Meltano itself writes to the folder, read back into a fresh system database.
+    on_files.set("new:tap-c-to-target-y", &bookmark(7));
+    let target = TestDb::new().await;
+    let target_project = Project::new(&target);
+    target_project.ok(&["state", "list"]);
+    let imported = cli_ok(
+        &target.url,
+        &[
+            "--output",
+            "json",
+            "import",
+            "--format",
+            "meltano-backend",
+            "--from",
+            &uri,
+        ],
+    );
+    let report: Value = serde_json::from_str(&imported).unwrap();
+    assert_eq!(report["format"], "meltano-backend", "{report}");
+    assert_eq!(report["environments"], 4, "{report}");
+    let all: Value = serde_json::from_str(on_files.ok(&["state", "export"]).trim()).unwrap();
+    let back: Value = serde_json::from_str(target_project.ok(&["state", "export"]).trim()).unwrap();
+    assert_eq!(
+        back, all,
+        "the system database holds exactly the folder's state"
+    );
+
+    // A file that is not one JSON value refuses the whole import; nothing changes.
+    let unchanged = tables(&target).await;
+    let bad = folder.join("new:tap-c-to-target-y").join("state.json");
+    std::fs::write(&bad, br#"{"completed": {}}, "smuggled": {"completed": {}}"#).unwrap();
+    let out = cli(
+        &target.url,
+        &[
+            "state",
+            "--framework",
+            "meltano",
+            "import",
+            "--format",
+            "meltano-backend",
+            "--from",
+            &uri,
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("new:tap-c-to-target-y/state.json"),
+        "{stderr}"
+    );
+    assert_eq!(tables(&target).await, unchanged);
+    // --format takes only the one format files cannot reveal.
+    let out = cli(
+        &target.url,
+        &[
+            "state",
+            "--framework",
+            "meltano",
+            "import",
+            "--format",
+            "meltano",
+            "--from",
+            &uri,
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("recognised by their content"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

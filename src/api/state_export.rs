@@ -171,6 +171,10 @@ pub enum ExportFormat {
     Statekeeper,
     Sqlmesh,
     Meltano,
+    /// Meltano's file state backends: `<url>/<state_id>/state.json` per state ID, where `url` is
+    /// the folder or prefix a Meltano project's `state_backend.uri` names.
+    #[serde(rename = "meltano-backend")]
+    MeltanoBackend,
 }
 
 impl From<ExportFormat> for crate::engine::ExportFormat {
@@ -180,6 +184,7 @@ impl From<ExportFormat> for crate::engine::ExportFormat {
             ExportFormat::Statekeeper => Self::Statekeeper,
             ExportFormat::Sqlmesh => Self::Sqlmesh,
             ExportFormat::Meltano => Self::Meltano,
+            ExportFormat::MeltanoBackend => Self::MeltanoBackend,
         }
     }
 }

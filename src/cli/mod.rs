@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::engine::{
-    ConnectionSettings, Error, ExportFormat, Framework, JanitorOptions, ResetApproval, SchemaName,
-    Store, redact,
+    ConnectionSettings, Error, ExportFormat, Framework, JanitorOptions, MeltanoLocks,
+    ResetApproval, SchemaName, Store, redact,
 };
 
 #[derive(Parser, Debug)]
@@ -228,9 +228,38 @@ struct ExportArgs {
     compression: crate::engine::Compression,
     /// exact (every row of every table, history included: restores bit for bit), statekeeper
     /// (statekeeper's logical format, mergeable), sqlmesh (the document `sqlmesh state export`
-    /// writes) or meltano (the document `meltano state export` writes).
+    /// writes), meltano (the document `meltano state export` writes) or meltano-backend (one
+    /// <STATE_ID>/state.json per state ID below --to, as Meltano's file state backends keep them).
     #[arg(long, default_value = "exact")]
     format: ExportFormat,
+    #[command(flatten)]
+    meltano_locks: MeltanoLockArgs,
+}
+
+/// How Meltano's lock files are honoured (`--format meltano-backend`).
+#[derive(Args, Debug)]
+struct MeltanoLockArgs {
+    /// Meltano's state_backend.lock_timeout_seconds: a younger lock file is held by a writer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    meltano_lock_timeout: u64,
+    /// How long to wait for a held lock before failing with the state ID it guards.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    meltano_lock_wait: u64,
+}
+
+impl ImportArgs {
+    fn format(&self) -> ExportFormat {
+        self.format.unwrap_or_default()
+    }
+}
+
+impl MeltanoLockArgs {
+    fn locks(&self) -> MeltanoLocks {
+        MeltanoLocks {
+            timeout: std::time::Duration::from_secs(self.meltano_lock_timeout),
+            wait: std::time::Duration::from_secs(self.meltano_lock_wait),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -252,6 +281,23 @@ struct ImportArgs {
     /// Refuse the file unless its sha256 is this hex digest.
     #[arg(long, value_name = "HEX")]
     sha256: Option<String>,
+    /// meltano-backend: read every <STATE_ID>/state.json below --from (a Meltano file state
+    /// backend's folder or prefix). Files are otherwise recognised by their content.
+    #[arg(long, value_name = "FORMAT", value_parser = only_meltano_backend)]
+    format: Option<ExportFormat>,
+    #[command(flatten)]
+    meltano_locks: MeltanoLockArgs,
+}
+
+/// `state import --format`: the one format that is not a file, so not detected from one.
+fn only_meltano_backend(text: &str) -> Result<ExportFormat, String> {
+    match text.parse()? {
+        ExportFormat::MeltanoBackend => Ok(ExportFormat::MeltanoBackend),
+        other => Err(format!(
+            "{other} files are recognised by their content: leave --format out (only \
+             meltano-backend, a folder, needs it)"
+        )),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -361,18 +407,14 @@ async fn execute(args: &StateArgs) -> Result<(String, bool), Error> {
         )
     })?;
     // A bad destination or source fails before anything connects.
-    if let StateCommand::Export(ExportArgs {
-        to: location,
-        storage_options,
-        ..
-    })
-    | StateCommand::Import(ImportArgs {
-        from: location,
-        storage_options,
-        ..
-    }) = &args.command
-    {
-        transfer::Location::parse(location, storage_options)?;
+    match &args.command {
+        StateCommand::Export(export) => {
+            transfer::Location::parse(&export.to, &export.storage_options, export.format)?;
+        }
+        StateCommand::Import(import) => {
+            transfer::Location::parse(&import.from, &import.storage_options, import.format())?;
+        }
+        _ => {}
     }
     let pool = ConnectionSettings::from_url(url)?.connect().await?;
     let store = Store::new(pool, schema)
@@ -417,7 +459,8 @@ async fn execute(args: &StateArgs) -> Result<(String, bool), Error> {
             output::janitor(&report, &released, json)
         }
         StateCommand::Export(export) => {
-            let location = transfer::Location::parse(&export.to, &export.storage_options)?;
+            let location =
+                transfer::Location::parse(&export.to, &export.storage_options, export.format)?;
             let options = crate::engine::ExportOptions {
                 environments: (!export.environments.is_empty())
                     .then(|| export.environments.clone()),
@@ -426,6 +469,13 @@ async fn execute(args: &StateArgs) -> Result<(String, bool), Error> {
             };
             let bar = transfer::progress("exporting");
             let report = match &location {
+                transfer::Location::Object(prefix)
+                    if export.format == ExportFormat::MeltanoBackend =>
+                {
+                    store
+                        .export_meltano_backend(prefix, &options, export.meltano_locks.locks())
+                        .await?
+                }
                 transfer::Location::Std => {
                     let out = transfer::counted(tokio::io::stdout(), &bar);
                     store.export(out, &options).await?.0
@@ -443,7 +493,8 @@ async fn execute(args: &StateArgs) -> Result<(String, bool), Error> {
             output::exported(&report, &location.to_string(), json)
         }
         StateCommand::Import(import) => {
-            let location = transfer::Location::parse(&import.from, &import.storage_options)?;
+            let location =
+                transfer::Location::parse(&import.from, &import.storage_options, import.format())?;
             let options = crate::engine::ImportOptions {
                 mode: if import.merge {
                     crate::engine::ImportMode::Merge
@@ -454,6 +505,11 @@ async fn execute(args: &StateArgs) -> Result<(String, bool), Error> {
             };
             let bar = transfer::progress("importing");
             let report = match &location {
+                transfer::Location::Object(prefix) if import.format.is_some() => {
+                    store
+                        .import_meltano_backend(prefix, &options, import.meltano_locks.locks())
+                        .await?
+                }
                 transfer::Location::Std => {
                     store
                         .import(transfer::counted(tokio::io::stdin(), &bar), &options)

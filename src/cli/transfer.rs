@@ -8,8 +8,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use std::collections::BTreeMap;
 
+use crate::engine::frameworks::meltano::backend::prefix_url;
 use crate::engine::io::Observed;
-use crate::engine::{Destination, Error};
+use crate::engine::{Destination, Error, ExportFormat};
 
 /// Where an export goes or an import comes from.
 #[derive(Debug)]
@@ -20,8 +21,28 @@ pub enum Location {
 
 impl Location {
     /// `-` is stdin/stdout; anything else a path or URL, with `options` (and, for cloud
-    /// URLs, the provider's environment variables) configuring the object store.
-    pub fn parse(value: &str, options: &[(String, String)]) -> Result<Self, Error> {
+    /// URLs, the provider's environment variables) configuring the object store. In the
+    /// meltano-backend format it names a folder (prefix), with or without a trailing `/`.
+    pub fn parse(
+        value: &str,
+        options: &[(String, String)],
+        format: ExportFormat,
+    ) -> Result<Self, Error> {
+        if format == ExportFormat::MeltanoBackend {
+            if value == "-" {
+                return Err(Error::InvalidDestination {
+                    url: "-".into(),
+                    reason: "the meltano-backend format is a folder of files: name a folder or \
+                             an object prefix, not stdin/stdout"
+                        .into(),
+                });
+            }
+            let options: BTreeMap<String, String> = options.iter().cloned().collect();
+            return Ok(Self::Object(Destination::parse_with_env(
+                prefix_url(value),
+                &options,
+            )?));
+        }
         if value == "-" {
             if let Some((key, _)) = options.first() {
                 return Err(Error::InvalidDestination {

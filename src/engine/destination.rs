@@ -9,7 +9,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Once};
 use std::task::{Context, Poll};
 
-use futures::TryStreamExt;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::buffered::BufWriter;
@@ -391,6 +392,78 @@ impl Destination {
     /// Redacts this destination's secret option values from `text`, and puts it on one line.
     pub fn redact(&self, text: &str) -> String {
         redact(text, &self.secrets)
+    }
+
+    /// The object at `parts` below this location, read as a folder (a prefix): where layouts of
+    /// many files (Meltano's state backends) keep theirs. `None` when a part would not be stored
+    /// under its own name (it holds `/`, `%`, `*`, a control character, or is `.` or `..`).
+    pub(crate) fn child(&self, parts: &[&str]) -> Option<ObjectPath> {
+        let mut path = self.path.clone();
+        for part in parts {
+            let stored = object_store::path::PathPart::from(*part);
+            if part.is_empty() || stored.as_ref() != *part {
+                return None;
+            }
+            path = path.clone().join(stored);
+        }
+        Some(path)
+    }
+
+    /// The parts of `path` below this location (see [`Destination::child`]).
+    pub(crate) fn relative(&self, path: &ObjectPath) -> Vec<String> {
+        path.prefix_match(&self.path)
+            .map(|parts| parts.map(|part| part.as_ref().to_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every object below this location (a folder, read recursively); none when it does not
+    /// exist.
+    pub(crate) fn list_below(
+        &self,
+    ) -> futures::stream::BoxStream<'static, Result<ObjectPath, Error>> {
+        let url = self.url.clone();
+        let secrets = self.secrets.clone();
+        self.store
+            .list(Some(&self.path))
+            .map_ok(|meta| meta.location)
+            .map_err(move |e| Error::DestinationUnavailable {
+                url: url.clone(),
+                reason: format!("cannot list: {}", redact(&e.to_string(), &secrets)),
+            })
+            .boxed()
+    }
+
+    /// A small object's bytes (a state file, a lock), or `None` when it does not exist.
+    pub(crate) async fn read_small(&self, path: &ObjectPath) -> Result<Option<Bytes>, Error> {
+        let result = match self.store.get(path).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.unavailable(&format!("cannot read {path}"), e)),
+        };
+        match result.bytes().await {
+            Ok(bytes) => Ok(Some(bytes)),
+            // Deleted between the request and the body (a lock released meanwhile).
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.unavailable(&format!("cannot read {path}"), e)),
+        }
+    }
+
+    /// Writes a small object in one request: readers see the old bytes or the new, never a part
+    /// (a local file is written beside its name and renamed; an object store PUT is atomic).
+    pub(crate) async fn write_small(&self, path: &ObjectPath, bytes: Bytes) -> Result<(), Error> {
+        self.store
+            .put(path, bytes.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| self.unavailable(&format!("cannot write {path}"), e))
+    }
+
+    /// Deletes one object below this location; one already gone counts as deleted.
+    pub(crate) async fn delete_small(&self, path: &ObjectPath) -> Result<(), Error> {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.unavailable(&format!("cannot delete {path}"), e)),
+        }
     }
 
     fn unavailable(&self, what: &str, e: object_store::Error) -> Error {

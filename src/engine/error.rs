@@ -136,6 +136,18 @@ pub enum Error {
     #[error("{0}")]
     InvalidExportRequest(String),
 
+    #[error(
+        "Meltano state ID \"{state_id}\" at {url} is locked: its lock file is younger than {}s \
+         after waiting {}s; a Meltano run is writing it, try again when it is done",
+        .lock_timeout.as_secs(), .waited.as_secs()
+    )]
+    MeltanoStateLocked {
+        state_id: String,
+        url: String,
+        lock_timeout: Duration,
+        waited: Duration,
+    },
+
     #[error("cannot write the export: {0}")]
     ExportWrite(String),
 
@@ -176,6 +188,7 @@ impl Error {
             Error::InvalidDestination { .. } => "InvalidDestination",
             Error::DestinationUnavailable { .. } => "DestinationUnavailable",
             Error::InvalidExportRequest(_) => "InvalidExportRequest",
+            Error::MeltanoStateLocked { .. } => "StateIdLocked",
             Error::ExportWrite(_) => "ExportWriteFailed",
             Error::InvalidExport(_) => "InvalidExport",
             Error::Database(_) => "DatabaseError",

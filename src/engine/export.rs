@@ -223,6 +223,13 @@ impl Store {
                 )
                 .await?
             }
+            ExportFormat::MeltanoBackend => {
+                return Err(Error::InvalidExportRequest(
+                    "the meltano-backend format is a folder of files, not one stream: export it \
+                     to a folder or object prefix"
+                        .into(),
+                ));
+            }
             ExportFormat::Sqlmesh => {
                 super::frameworks::sqlmesh::export::write(
                     self,

@@ -432,7 +432,7 @@ fn read_document(
                         Box::new(frameworks::statekeeper::import::Sections::default())
                     }
                     ExportFormat::Sqlmesh => Box::new(frameworks::sqlmesh::import::Sections::new()),
-                    ExportFormat::Meltano => {
+                    ExportFormat::Meltano | ExportFormat::MeltanoBackend => {
                         return Err(ScanError(
                             "a Meltano state document carries no metadata: this one is forged"
                                 .into(),
@@ -667,7 +667,7 @@ impl Store {
             ExportFormat::Sqlmesh => {
                 frameworks::sqlmesh::import::import(self, header, &mut incoming).await
             }
-            ExportFormat::Meltano => {
+            ExportFormat::Meltano | ExportFormat::MeltanoBackend => {
                 frameworks::meltano::import::import(self, header, &mut incoming).await
             }
         }

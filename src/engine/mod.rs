@@ -27,6 +27,7 @@ pub use connection::{ConnectionParts, ConnectionSettings, redact};
 pub use destination::Destination;
 pub use error::Error;
 pub use export::{Compression, ExportOptions, ExportReport};
+pub use frameworks::meltano::backend::MeltanoLocks;
 pub use frameworks::{ExportFormat, Framework, StoreVersion};
 pub use identifier::SchemaName;
 pub use import::{ImportMode, ImportOptions, ImportReport};

@@ -50,9 +50,12 @@ pub fn meltano_bin() -> &'static str {
 }
 
 /// A Meltano project whose system database is a test database.
+#[derive(Clone)]
 pub struct Project {
     pub dir: PathBuf,
     pub database_uri: String,
+    /// `state_backend.uri` when the project keeps its state in files, not its system database.
+    pub state_backend: Option<String>,
 }
 
 impl Project {
@@ -80,11 +83,24 @@ impl Project {
         Self {
             dir: parent.join("project"),
             database_uri,
+            state_backend: None,
+        }
+    }
+
+    /// The same project with its state in the file backend at `uri` (`file:///folder`).
+    pub fn with_state_backend(&self, uri: &str) -> Self {
+        Self {
+            state_backend: Some(uri.to_owned()),
+            ..self.clone()
         }
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(meltano_bin())
+        let mut command = Command::new(meltano_bin());
+        if let Some(uri) = &self.state_backend {
+            command.env("MELTANO_STATE_BACKEND_URI", uri);
+        }
+        command
             .args(args)
             .current_dir(&self.dir)
             .env("MELTANO_DATABASE_URI", &self.database_uri)

@@ -93,6 +93,9 @@ pub enum ExportFormat {
     Sqlmesh,
     /// The document `meltano state export` writes: `{state_id: {"completed", "partial"}}`.
     Meltano,
+    /// Meltano's file state backends: a folder (or object prefix) of `<state_id>/state.json`.
+    #[serde(rename = "meltano-backend")]
+    MeltanoBackend,
 }
 
 impl ExportFormat {
@@ -101,6 +104,7 @@ impl ExportFormat {
         ExportFormat::Statekeeper,
         ExportFormat::Sqlmesh,
         ExportFormat::Meltano,
+        ExportFormat::MeltanoBackend,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +113,7 @@ impl ExportFormat {
             ExportFormat::Statekeeper => "statekeeper",
             ExportFormat::Sqlmesh => "sqlmesh",
             ExportFormat::Meltano => "meltano",
+            ExportFormat::MeltanoBackend => "meltano-backend",
         }
     }
 }

@@ -22,26 +22,7 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     let version = store.require_initialized(tx).await?;
     report.schema_version = version.schema_version;
     let s = store.schema().quoted();
-    let filter = match &options.environments {
-        None => String::new(),
-        Some(wanted) => {
-            let exact: Vec<String> = wanted
-                .iter()
-                .filter(|w| !w.contains('*'))
-                .cloned()
-                .collect();
-            refuse_unknown_environments(tx, &format!("{s}.state"), "state_id", &exact).await?;
-            let patterns: Vec<String> = wanted.iter().map(|w| like_pattern(w)).collect();
-            format!(
-                " WHERE state_id LIKE ANY (ARRAY[{}]::text[])",
-                patterns
-                    .iter()
-                    .map(|p| quote_literal(p))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        }
-    };
+    let filter = selection(store, tx, options).await?;
     // Raw line ends can only be whitespace between JSON tokens (never inside strings): they go,
     // so that each state is one line of the stream.
     let state = |column: &str| {
@@ -59,6 +40,33 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     report.environments = rows;
     report.rows.insert("state".into(), rows);
     Ok(())
+}
+
+/// The `WHERE` clause (or nothing) of the state IDs `options.environments` selects: exact names
+/// (each must exist) or `*` globs, as `meltano state list` takes them.
+pub(crate) async fn selection(
+    store: &Store,
+    tx: &mut PgConnection,
+    options: &ExportOptions,
+) -> Result<String, Error> {
+    let Some(wanted) = &options.environments else {
+        return Ok(String::new());
+    };
+    let s = store.schema().quoted();
+    let exact: Vec<String> = wanted
+        .iter()
+        .filter(|w| !w.contains('*'))
+        .cloned()
+        .collect();
+    refuse_unknown_environments(tx, &format!("{s}.state"), "state_id", &exact).await?;
+    let patterns: Vec<String> = wanted
+        .iter()
+        .map(|w| quote_literal(&like_pattern(w)))
+        .collect();
+    Ok(format!(
+        " WHERE state_id LIKE ANY (ARRAY[{}]::text[])",
+        patterns.join(", ")
+    ))
 }
 
 /// A `*` glob as a LIKE pattern; `%`, `_` and `\` match themselves.

@@ -4,6 +4,7 @@
 //! (`meltano upgrade database`) and does not take statekeeper's advisory lock: statekeeper reads
 //! them from one snapshot, writes them under table locks, and never creates or alters them.
 
+pub mod backend;
 pub mod export;
 pub mod import;
 
@@ -67,7 +68,11 @@ pub static PROFILE: Profile = Profile {
             sql: "SELECT coalesce(extract(epoch FROM max(updated_at)), 0) FROM {s}.state",
         },
     ],
-    export_formats: &[ExportFormat::Exact, ExportFormat::Meltano],
+    export_formats: &[
+        ExportFormat::Exact,
+        ExportFormat::Meltano,
+        ExportFormat::MeltanoBackend,
+    ],
     foreign_operation_hint: Some(
         "Meltano creates and migrates its system database itself (`meltano upgrade database`); \
          take a backup first with `statekeeper state backup --framework meltano`",
