@@ -644,3 +644,41 @@ async fn the_meltano_backend_layout_is_read_by_meltano_and_read_back() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("recognised by their content"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_state_export_moves_a_meltano_database_into_the_backend_layout() {
+    let (db, project) = with_state().await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    h.reconcile(&store_for(
+        &db,
+        "meltano",
+        json!({"framework": "meltano", "schema": null}),
+    ))
+    .await;
+    let dir = support::operator::temp_dir("meltano-move");
+    let uri = format!("file://{}/state/", dir.display());
+    h.kube.put(
+        &support::operator::export_path("to-files"),
+        support::operator::state_export(
+            "to-files",
+            &uri,
+            json!({"storeRef": {"name": "meltano"}, "format": "meltano-backend", "compression": "none"}),
+        ),
+    );
+    let (_, export) = h.reconcile_export("to-files").await;
+    let status = export.status.clone().unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:?}");
+    assert_eq!(status.url.as_deref(), Some(uri.trim_end_matches('/')));
+    assert_eq!(status.environments, Some(3));
+    let on_files = project.with_state_backend(uri.trim_end_matches('/'));
+    for id in ["dev:tap-a-to-target-x", "dev:tap-b-to-target-x", "prod:tap-a-to-target-x"] {
+        assert_eq!(on_files.get(id), project.get(id), "{id}");
+    }
+    assert!(
+        h.event_reasons()
+            .contains(&("Normal".into(), "ExportSucceeded".into()))
+    );
+    assert!(!h.kube.dump().contains(&db.password()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("has(self.spec.schedule) == has(oldSelf.spec.schedule)").message("a StateExport cannot switch between one-shot and scheduled: create a new one"),
     validation = Rule::new("!has(self.spec.schedule) || size(self.metadata.name) <= 63").message("a scheduled StateExport's name is at most 63 characters (it labels its children)"),
     validation = Rule::new("!has(self.spec.environments) || size(self.spec.environments) == 0 || (has(self.spec.format) && self.spec.format != 'exact')").message("environments select part of a store: set format: statekeeper (or sqlmesh for a SQLMesh store); an exact export always holds every table"),
+    validation = Rule::new("!has(self.spec.format) || self.spec.format != 'meltano-backend' || (!has(self.spec.schedule) && has(self.spec.compression) && self.spec.compression == 'none')").message("format meltano-backend writes the folder a Meltano state backend reads: one-shot only (no schedule), with compression: none"),
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Store","type":"string","jsonPath":".spec.storeRef.name"}"#,
     printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,

@@ -18,7 +18,8 @@ use super::state_store;
 use super::{Context, FIELD_MANAGER, ReconcileError};
 use crate::api::StateStore;
 use crate::api::state_export::{StateExport, StateExportStatus};
-use crate::engine::{Compression, Destination, ExportOptions, redact};
+use crate::engine::frameworks::meltano::backend::prefix_url;
+use crate::engine::{Compression, Destination, ExportOptions, MeltanoLocks, redact};
 
 pub const PHASE_PENDING: &str = "Pending";
 pub const PHASE_RUNNING: &str = "Running";
@@ -141,7 +142,14 @@ async fn reconcile_one_shot(
     let key = format!("{namespace}/{name}");
     let spec = &export.spec;
     let compression = Compression::from(spec.compression);
-    let url = file_url(&spec.destination.url, &name, compression);
+    let format = crate::engine::ExportFormat::from(spec.format);
+    // Meltano's backend layout is a folder the export writes into; every other format, one file.
+    let to_folder = format == crate::engine::ExportFormat::MeltanoBackend;
+    let url = if to_folder {
+        prefix_url(&spec.destination.url).to_owned()
+    } else {
+        file_url(&spec.destination.url, &name, compression)
+    };
     let mut status = StateExportStatus {
         observed_generation: export.meta().generation,
         url: Some(url.clone()),
@@ -174,7 +182,8 @@ async fn reconcile_one_shot(
         }
     };
     // A backup never overwrites a file it did not write: only the first attempt can find one.
-    if previous.attempts == 0 {
+    // (Replacing the state files below a Meltano backend's folder is what that format is for.)
+    if previous.attempts == 0 && !to_folder {
         match destination.exists().await {
             Ok(false) => {}
             Ok(true) => {
@@ -263,23 +272,31 @@ async fn reconcile_one_shot(
         )
         .await;
     }
-    let upload = match destination.begin_upload().await {
-        Ok(upload) => upload,
-        Err(e) => {
-            let message = destination.redact(&e.to_string());
-            return stop(
-                &ctx,
-                &export,
-                status,
-                &previous,
-                e.reason(),
-                &message,
-                false,
-            )
-            .await;
+    // A folder is written object by object, with no upload to stage.
+    let upload = if to_folder {
+        None
+    } else {
+        match destination.begin_upload().await {
+            Ok(upload) => Some(upload),
+            Err(e) => {
+                let message = destination.redact(&e.to_string());
+                return stop(
+                    &ctx,
+                    &export,
+                    status,
+                    &previous,
+                    e.reason(),
+                    &message,
+                    false,
+                )
+                .await;
+            }
         }
     };
-    status.staging_upload = upload.staging_id().map(str::to_owned);
+    status.staging_upload = upload
+        .as_ref()
+        .and_then(|upload| upload.staging_id())
+        .map(str::to_owned);
     // Record the attempt before running it: after a crash, the retry knows it is one (and which
     // upload to abort).
     status.attempts += 1;
@@ -320,11 +337,20 @@ async fn reconcile_one_shot(
     let options = ExportOptions {
         environments: (!spec.environments.is_empty()).then(|| spec.environments.clone()),
         compression,
-        format: spec.format.into(),
+        format,
     };
-    let outcome = engine
-        .export_upload(&destination, upload, &options, |_| {})
-        .await;
+    let outcome = match upload {
+        Some(upload) => {
+            engine
+                .export_upload(&destination, upload, &options, |_| {})
+                .await
+        }
+        None => {
+            engine
+                .export_meltano_backend(&destination, &options, MeltanoLocks::default())
+                .await
+        }
+    };
     // Completed or aborted: no upload of this attempt is left to clean up.
     status.staging_upload = None;
     match outcome {
