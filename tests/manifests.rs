@@ -517,6 +517,51 @@ fn every_cel_rule_accepts_and_refuses_what_it_should() {
             None,
             false,
         ),
+        (
+            "StateExport",
+            "format meltano-backend writes the folder",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "format": "meltano-backend", "compression": "none"}),
+            ),
+            None,
+            true,
+        ),
+        (
+            "StateExport",
+            "format meltano-backend writes the folder",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "format": "meltano"}),
+            ),
+            None,
+            true,
+        ),
+        (
+            "StateExport",
+            "format meltano-backend writes the folder",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "format": "meltano-backend"}),
+            ),
+            None,
+            false,
+        ),
+        (
+            "StateExport",
+            "format meltano-backend writes the folder",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "format": "meltano-backend", "compression": "gzip"}),
+            ),
+            None,
+            false,
+        ),
+        (
+            "StateExport",
+            "format meltano-backend writes the folder",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "format": "meltano-backend", "compression": "none", "schedule": "0 3 * * *"}),
+            ),
+            None,
+            false,
+        ),
         // StateMigration
         (
             "StateMigration",

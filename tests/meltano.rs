@@ -672,7 +672,11 @@ async fn a_state_export_moves_a_meltano_database_into_the_backend_layout() {
     assert_eq!(status.url.as_deref(), Some(uri.trim_end_matches('/')));
     assert_eq!(status.environments, Some(3));
     let on_files = project.with_state_backend(uri.trim_end_matches('/'));
-    for id in ["dev:tap-a-to-target-x", "dev:tap-b-to-target-x", "prod:tap-a-to-target-x"] {
+    for id in [
+        "dev:tap-a-to-target-x",
+        "dev:tap-b-to-target-x",
+        "prod:tap-a-to-target-x",
+    ] {
         assert_eq!(on_files.get(id), project.get(id), "{id}");
     }
     assert!(
