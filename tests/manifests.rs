@@ -382,6 +382,24 @@ fn every_cel_rule_accepts_and_refuses_what_it_should() {
         ),
         (
             "StateStore",
+            "janitor is SQLMesh's own",
+            store(
+                json!({"framework": "meltano", "connection": connection, "janitor": {"schedule": "@daily", "keepRuns": 20, "failStaleRuns": true}}),
+            ),
+            None,
+            true,
+        ),
+        (
+            "StateStore",
+            "janitor is SQLMesh's own",
+            store(
+                json!({"framework": "meltano", "connection": connection, "janitor": {"schedule": "@daily", "runner": {"image": "i"}}}),
+            ),
+            None,
+            false,
+        ),
+        (
+            "StateStore",
             "set either urlSecretRef, or host",
             connection.clone(),
             None,

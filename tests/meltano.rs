@@ -686,3 +686,189 @@ async fn a_state_export_moves_a_meltano_database_into_the_backend_layout() {
     assert!(!h.kube.dump().contains(&db.password()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `(id, job_name, state)` of every run, oldest first.
+async fn runs(db: &TestDb) -> Vec<(i32, String, String)> {
+    sqlx::query_as("SELECT id, job_name, state FROM public.runs ORDER BY id")
+        .fetch_all(&mut db.conn().await)
+        .await
+        .unwrap()
+}
+
+/// Waits until `job` has a RUNNING run (Meltano writes it as the run starts).
+async fn wait_running(db: &TestDb, job: &str) {
+    for _ in 0..300 {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM public.runs WHERE job_name = $1 AND state = 'RUNNING'",
+        )
+        .bind(job)
+        .fetch_one(&mut db.conn().await)
+        .await
+        .unwrap();
+        if running > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{job} never started running");
+}
+
+#[tokio::test]
+async fn the_runs_janitor_keeps_what_meltano_reads_and_removes_the_rest() {
+    let db = TestDb::new().await;
+    let project = Project::new(&db).with_pipelines();
+    let job = "dev:tap-tiny-to-target-tiny";
+    // Two successful runs, then three failed ones, all by the real `meltano run`.
+    for _ in 0..2 {
+        project.ok(&["run", "tap-tiny", "target-tiny"]);
+    }
+    for _ in 0..3 {
+        let out = project.run_with(&["run", "tap-tiny", "target-tiny"], &[("TINY_FAIL", "1")]);
+        assert!(!out.status.success(), "the failing tap fails the run");
+    }
+    // A run whose process died (killed with its plugins); its heartbeat is then aged by ten
+    // minutes, as the clock would: Meltano calls it stale.
+    let stale_job = "dev:tap-slow-to-target-tiny";
+    let mut killed = project.spawn(&["run", "tap-slow", "target-tiny"]);
+    wait_running(&db, stale_job).await;
+    support::meltano::kill_group(&mut killed);
+    sqlx::query(
+        "UPDATE public.runs SET started_at = started_at - interval '10 minutes', \
+         last_heartbeat_at = coalesce(last_heartbeat_at, started_at) - interval '10 minutes' \
+         WHERE job_name = $1",
+    )
+    .bind(stale_job)
+    .execute(&mut db.conn().await)
+    .await
+    .unwrap();
+    // A live run, beating while the janitor works.
+    let mut live = project.spawn(&[
+        "run",
+        "--state-id-suffix",
+        "live",
+        "tap-slow",
+        "target-tiny",
+    ]);
+    let live_job = "dev:tap-slow-to-target-tiny:live";
+    wait_running(&db, live_job).await;
+
+    let before = runs(&db).await;
+    assert_eq!(before.len(), 7, "{before:?}");
+    let ids: Vec<i32> = before.iter().filter(|r| r.1 == job).map(|r| r.0).collect();
+
+    // Status counts what SQL counts.
+    let status: Value =
+        serde_json::from_str(&cli_ok(&db.url, &["--output", "json", "status"])).unwrap();
+    let counts = &status["counts"];
+    assert_eq!(
+        (
+            counts["runs"].as_i64(),
+            counts["successful_runs"].as_i64(),
+            counts["failed_runs"].as_i64(),
+            counts["running_runs"].as_i64(),
+            counts["stale_runs"].as_i64()
+        ),
+        (Some(7), Some(2), Some(3), Some(2), Some(1)),
+        "{status}"
+    );
+
+    let janitor = |dry_run: bool| {
+        let mut args = vec![
+            "--output",
+            "json",
+            "janitor",
+            "--keep-runs",
+            "2",
+            "--run-min-age",
+            "0s",
+            "--fail-stale-runs",
+            "--batch-size",
+            "1",
+        ];
+        if dry_run {
+            args.push("--dry-run");
+        }
+        let report: Value = serde_json::from_str(&cli_ok(&db.url, &args)).unwrap();
+        report
+    };
+    let tables_before = tables(&db).await;
+    let dry = janitor(true);
+    assert_eq!(
+        tables(&db).await,
+        tables_before,
+        "a dry run changes nothing"
+    );
+    let real = janitor(false);
+    for key in ["runs", "staleRunsFailed"] {
+        assert_eq!(
+            dry[key], real[key],
+            "dry run and real run agree on {key}: {dry} {real}"
+        );
+    }
+    // Of the tiny job: the oldest success and the oldest failure go; the newest two runs (both
+    // failed) and the newest success stay. The stale run is marked failed and, the newest of its
+    // job, stays; the live run stays.
+    assert_eq!(
+        (real["runs"].as_u64(), real["staleRunsFailed"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let after = runs(&db).await;
+    let kept: Vec<i32> = after.iter().filter(|r| r.1 == job).map(|r| r.0).collect();
+    assert_eq!(kept, vec![ids[1], ids[3], ids[4]], "{after:?}");
+    let states: Vec<(&str, &str)> = after
+        .iter()
+        .filter(|r| r.1 != job)
+        .map(|r| (r.1.as_str(), r.2.as_str()))
+        .collect();
+    assert_eq!(states, vec![(stale_job, "FAIL"), (live_job, "RUNNING")]);
+    let payload: String = sqlx::query_scalar("SELECT payload FROM public.runs WHERE job_name = $1")
+        .bind(stale_job)
+        .fetch_one(&mut db.conn().await)
+        .await
+        .unwrap();
+    assert!(
+        payload.contains("No heartbeat recorded for 5 minutes"),
+        "{payload}"
+    );
+
+    // Idempotent.
+    let again = janitor(false);
+    assert_eq!(
+        (again["runs"].as_u64(), again["staleRunsFailed"].as_u64()),
+        (Some(0), Some(0))
+    );
+    support::meltano::kill_group(&mut live);
+
+    // Meltano goes on as before: the job runs from its state, which no run removal touched.
+    project.ok(&["run", "tap-tiny", "target-tiny"]);
+    assert_eq!(
+        project.get(job),
+        json!({"singer_state": {"bookmarks": {"users": {"id": 2}}}})
+    );
+
+    // Scheduled through the StateStore: the same janitor, reported in status and an Event.
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    let mut object = store_for(
+        &db,
+        "meltano",
+        json!({"framework": "meltano", "schema": null,
+               "janitor": {"schedule": "0 3 * * *", "keepRuns": 1, "runMinAge": "0s"}}),
+    );
+    object["metadata"]["creationTimestamp"] = json!("2026-11-21T00:30:00Z");
+    support::operator::at(&h.ctx, "2026-11-21T03:00:30Z");
+    let (_, stored) = h.reconcile(&object).await;
+    let janitor = stored.status.unwrap().janitor.unwrap();
+    let result = janitor.last_result.expect("a run");
+    // The tiny job keeps its newest run (a success, also its newest success); the three older
+    // go. The stale job's one run and the killed live run (still RUNNING until Meltano's stale
+    // check) stay.
+    assert_eq!(result.runs, 3, "{result:?}");
+    assert!(
+        h.event_reasons()
+            .contains(&("Normal".into(), "JanitorSucceeded".into())),
+        "{:?}",
+        h.event_reasons()
+    );
+    assert!(!h.kube.dump().contains(&db.password()));
+}

@@ -18,7 +18,7 @@ use super::SecretKeyRef;
     shortname = "sks",
     category = "statekeeper",
     validation = Rule::new("(has(self.spec.framework) ? self.spec.framework : 'statekeeper') == (has(oldSelf.spec.framework) ? oldSelf.spec.framework : 'statekeeper')").message("spec.framework is immutable: create a new StateStore for another framework"),
-    validation = Rule::new("!has(self.spec.janitor) || ((has(self.spec.framework) && self.spec.framework != 'statekeeper') == has(self.spec.janitor.runner))").message("a SQLMesh store's janitor is SQLMesh's own (`sqlmesh janitor`): set spec.janitor.runner; a statekeeper store's janitor is statekeeper's and takes no runner"),
+    validation = Rule::new("!has(self.spec.janitor) || ((has(self.spec.framework) && self.spec.framework == 'sqlmesh') == has(self.spec.janitor.runner))").message("a SQLMesh store's janitor is SQLMesh's own (`sqlmesh janitor`): set spec.janitor.runner; statekeeper and Meltano stores are cleaned by statekeeper's janitor, which takes no runner"),
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Framework","type":"string","jsonPath":".spec.framework"}"#,
     printcolumn = r#"{"name":"Schema Version","type":"integer","jsonPath":".status.schemaVersion"}"#,
@@ -98,13 +98,25 @@ pub struct JanitorSpec {
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = 100000))]
     pub batch_size: u32,
+    /// Meltano stores: keep the newest N runs of each job (default 100). Each job's newest
+    /// successful run and every RUNNING run stay whatever N is.
+    #[serde(default = "default_keep_runs")]
+    pub keep_runs: u32,
+    /// Meltano stores: runs younger than this always survive (default 7d).
+    #[serde(default = "default_run_min_age")]
+    pub run_min_age: String,
+    /// Meltano stores: first mark stale RUNNING runs failed, as Meltano's own check does (no
+    /// heartbeat for 5 minutes, or 24 hours without one).
+    #[serde(default)]
+    pub fail_stale_runs: bool,
     /// Only report what would be removed.
     #[serde(default)]
     pub dry_run: bool,
     /// For a store whose framework cleans it itself (SQLMesh): run the framework's janitor
     /// (default command `sqlmesh janitor`) as a Job per scheduled run. The fields above apply to
-    /// statekeeper's own janitor only. A failed framework janitor is reported, never restored:
-    /// it also drops warehouse objects, so old state could point at dropped tables.
+    /// statekeeper's janitor (statekeeper and Meltano stores) only. A failed framework janitor
+    /// is reported, never restored: it also drops warehouse objects, so old state could point
+    /// at dropped tables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<crate::api::runner::Runner>,
     /// Back the store up before each framework janitor run (default false).
@@ -118,6 +130,14 @@ fn default_true() -> bool {
 
 fn default_keep_checkpoints() -> Option<u32> {
     Some(10)
+}
+
+fn default_keep_runs() -> u32 {
+    100
+}
+
+fn default_run_min_age() -> String {
+    "7d".into()
 }
 
 fn default_checkpoint_min_age() -> String {
@@ -313,6 +333,12 @@ pub struct JanitorResult {
     pub physical_relations: u64,
     pub intervals: u64,
     pub batches: u64,
+    /// Meltano runs removed.
+    #[serde(default)]
+    pub runs: u64,
+    /// Meltano runs marked failed because they went stale.
+    #[serde(default)]
+    pub stale_runs_failed: u64,
     pub duration_ms: u64,
 }
 

@@ -326,6 +326,17 @@ struct JanitorArgs {
     /// Rows removed per transaction.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch_size: u32,
+    /// Meltano: keep the newest N runs of each job (each job's newest successful run and
+    /// every RUNNING run stay whatever N is).
+    #[arg(long, default_value_t = 100)]
+    keep_runs: u32,
+    /// Meltano: runs younger than this always survive (e.g. 7d, 36h).
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    run_min_age: std::time::Duration,
+    /// Meltano: first mark stale RUNNING runs failed, as Meltano's own check does (no
+    /// heartbeat for 5 minutes, or 24 hours without one).
+    #[arg(long)]
+    fail_stale_runs: bool,
 }
 
 impl JanitorArgs {
@@ -338,6 +349,9 @@ impl JanitorArgs {
             unsuffixed_environment: self.unsuffixed_env.clone(),
             dry_run: self.dry_run,
             batch_size: self.batch_size,
+            keep_runs: self.keep_runs,
+            run_min_age: self.run_min_age,
+            fail_stale_runs: self.fail_stale_runs,
         }
     }
 }

@@ -49,6 +49,9 @@ pub fn options(spec: &JanitorSpec, unsuffixed: &str) -> Result<JanitorOptions, S
         unsuffixed_environment: unsuffixed.to_owned(),
         dry_run: spec.dry_run,
         batch_size: spec.batch_size.max(1),
+        keep_runs: spec.keep_runs,
+        run_min_age: duration("runMinAge", &spec.run_min_age)?,
+        fail_stale_runs: spec.fail_stale_runs,
     })
 }
 
@@ -144,6 +147,8 @@ pub async fn step(
                         physical_relations: report.physical_relations,
                         intervals: report.intervals,
                         batches: report.batches,
+                        runs: report.runs,
+                        stale_runs_failed: report.stale_runs_failed,
                         duration_ms: report.duration.as_millis() as u64,
                     });
                     changed_store = !report.dry_run && report.removed_rows() > 0;

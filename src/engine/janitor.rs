@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 
-use super::Error;
 use super::store::Store;
+use super::{Error, Framework};
 
 /// The first schema version with everything the janitor relies on (intervals, indexes).
 pub const JANITOR_MIN_VERSION: i32 = 3;
@@ -32,6 +32,12 @@ pub struct JanitorOptions {
     pub dry_run: bool,
     /// Rows per batch (per transaction).
     pub batch_size: u32,
+    /// Meltano: keep the newest N runs of each job (`job_name`).
+    pub keep_runs: u32,
+    /// Meltano: runs younger than this always survive.
+    pub run_min_age: Duration,
+    /// Meltano: mark stale `RUNNING` runs failed first, as Meltano's own check does.
+    pub fail_stale_runs: bool,
 }
 
 impl Default for JanitorOptions {
@@ -44,6 +50,9 @@ impl Default for JanitorOptions {
             unsuffixed_environment: "prod".into(),
             dry_run: false,
             batch_size: 1000,
+            keep_runs: 100,
+            run_min_age: Duration::from_secs(7 * 24 * 3600),
+            fail_stale_runs: false,
         }
     }
 }
@@ -52,6 +61,8 @@ impl Default for JanitorOptions {
 #[serde(rename_all = "camelCase")]
 pub struct JanitorReport {
     pub dry_run: bool,
+    /// What was cleaned: statekeeper's own schema, or a Meltano system database's runs.
+    pub framework: Framework,
     pub expired_environments: u64,
     /// Checkpoints removed, with their expired environment or by retention.
     pub checkpoints: u64,
@@ -63,6 +74,10 @@ pub struct JanitorReport {
     pub batches: u64,
     /// Batches retried because a writer referenced a version while it was being removed.
     pub retried_batches: u64,
+    /// Meltano runs removed.
+    pub runs: u64,
+    /// Meltano runs marked failed because they went stale.
+    pub stale_runs_failed: u64,
     #[serde(skip)]
     pub duration: Duration,
 }
@@ -70,13 +85,25 @@ pub struct JanitorReport {
 impl JanitorReport {
     /// "removed 3 expired environments, … 40 intervals" (or "dry run: would remove …").
     pub fn summary(&self) -> String {
+        let verb = if self.dry_run {
+            "dry run: would remove"
+        } else {
+            "removed"
+        };
+        if self.framework == Framework::Meltano {
+            return format!(
+                "{verb} {} runs; {} stale runs {}",
+                self.runs,
+                self.stale_runs_failed,
+                if self.dry_run {
+                    "would be marked failed"
+                } else {
+                    "marked failed"
+                }
+            );
+        }
         format!(
-            "{} {} expired environments, {} checkpoints, {} model versions, {} function versions, {} physical relations, {} intervals",
-            if self.dry_run {
-                "dry run: would remove"
-            } else {
-                "removed"
-            },
+            "{verb} {} expired environments, {} checkpoints, {} model versions, {} function versions, {} physical relations, {} intervals",
             self.expired_environments,
             self.checkpoints,
             self.model_versions,
@@ -86,8 +113,11 @@ impl JanitorReport {
         )
     }
 
+    /// Rows removed or changed.
     pub fn removed_rows(&self) -> u64 {
-        self.expired_environments
+        self.runs
+            + self.stale_runs_failed
+            + self.expired_environments
             + self.checkpoints
             + self.model_versions
             + self.function_versions
@@ -104,7 +134,8 @@ impl Store {
         options: &JanitorOptions,
         mut on_released: impl FnMut(String) + Send,
     ) -> Result<JanitorReport, Error> {
-        if !self.profile().owns_schema {
+        let meltano = self.framework() == Framework::Meltano;
+        if !self.profile().owns_schema && !meltano {
             return Err(self.profile().not_ours("run the janitor on"));
         }
         let started = Instant::now();
@@ -113,9 +144,12 @@ impl Store {
         // keeping the store locked.
         let mut conn = self.pool().acquire().await?.detach();
         self.lock_session(&mut conn).await?;
-        let result = self
-            .janitor_locked(&mut conn, options, &mut on_released)
-            .await;
+        let result = if meltano {
+            super::frameworks::meltano::janitor::run(self, &mut conn, options).await
+        } else {
+            self.janitor_locked(&mut conn, options, &mut on_released)
+                .await
+        };
         if self.unlock_session(&mut conn).await.is_ok() {
             let _ = conn.close().await;
         }
@@ -350,7 +384,7 @@ impl Store {
     /// Runs one batch in its own transaction (a savepoint inside a dry run). A foreign-key
     /// violation means a writer referenced a row while we removed it: the batch rolls back and
     /// is evaluated again, so the writer's reference always wins.
-    async fn run_batch<T>(
+    pub(crate) async fn run_batch<T>(
         &self,
         conn: &mut PgConnection,
         report: &mut JanitorReport,

@@ -96,12 +96,18 @@ impl Project {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
+        self.run_with(args, &[])
+    }
+
+    /// `meltano ARGS` with extra environment variables (which its plugins see too).
+    pub fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut command = Command::new(meltano_bin());
         if let Some(uri) = &self.state_backend {
             command.env("MELTANO_STATE_BACKEND_URI", uri);
         }
         command
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(&self.dir)
             .env("MELTANO_DATABASE_URI", &self.database_uri)
             .env("MELTANO_SEND_ANONYMOUS_USAGE_STATS", "false")
@@ -133,4 +139,63 @@ impl Project {
         serde_json::from_str(out.trim())
             .unwrap_or_else(|e| panic!("state get {state_id}: {e}: {out}"))
     }
+
+    /// Adds real Singer plugins to the project, as local executables (no install needed):
+    /// `tap-tiny` (two records and a bookmark; exits 1 when `TINY_FAIL` is set), `tap-slow`
+    /// (the same after 120 s: a run that stays RUNNING) and `target-tiny` (emits the last state,
+    /// as targets do), so that `meltano run` writes real rows into `runs`.
+    pub fn with_pipelines(self) -> Self {
+        let tap = "#!/bin/sh\n[ -n \"$TINY_SLEEP\" ] && sleep \"$TINY_SLEEP\"\n[ -n \"$TINY_FAIL\" ] && exit 1\n\
+echo '{\"type\":\"SCHEMA\",\"stream\":\"users\",\"schema\":{\"properties\":{\"id\":{\"type\":\"integer\"}}},\"key_properties\":[\"id\"]}'\n\
+echo '{\"type\":\"RECORD\",\"stream\":\"users\",\"record\":{\"id\":1}}'\n\
+echo '{\"type\":\"RECORD\",\"stream\":\"users\",\"record\":{\"id\":2}}'\n\
+echo '{\"type\":\"STATE\",\"value\":{\"bookmarks\":{\"users\":{\"id\":2}}}}'\n";
+        let slow = "#!/bin/sh\nTINY_SLEEP=120 exec \"$(dirname \"$0\")/tap-tiny\"\n";
+        let target =
+            "#!/bin/sh\ngrep '\"type\":\"STATE\"' | tail -n 1 | sed 's/.*\"value\"://; s/}$//'\n";
+        for (name, script) in [
+            ("tap-tiny", tap),
+            ("tap-slow", slow),
+            ("target-tiny", target),
+        ] {
+            let path = self.dir.join(name);
+            std::fs::write(&path, script).expect("write a plugin script");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                .expect("make a plugin executable");
+        }
+        let dir = self.dir.display();
+        let plugins = format!(
+            "plugins:\n  extractors:\n  - name: tap-tiny\n    namespace: tap_tiny\n    executable: {dir}/tap-tiny\n  - name: tap-slow\n    namespace: tap_slow\n    executable: {dir}/tap-slow\n  loaders:\n  - name: target-tiny\n    namespace: target_tiny\n    executable: {dir}/target-tiny\n"
+        );
+        let config = self.dir.join("meltano.yml");
+        let mut text = std::fs::read_to_string(&config).expect("read meltano.yml");
+        text.push_str(&plugins);
+        std::fs::write(&config, text).expect("write meltano.yml");
+        self
+    }
+
+    /// Starts `meltano ARGS` in a process group of its own (so the test can kill it with its
+    /// plugins, as a node failure would).
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        Command::new(meltano_bin())
+            .args(args)
+            .current_dir(&self.dir)
+            .env("MELTANO_DATABASE_URI", &self.database_uri)
+            .env("MELTANO_SEND_ANONYMOUS_USAGE_STATS", "false")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start meltano")
+    }
+}
+
+/// SIGKILLs a process started by [`Project::spawn`] and everything it started.
+pub fn kill_group(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status();
+    let _ = child.wait();
 }

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod export;
 pub mod import;
+pub(crate) mod janitor;
 
 use std::collections::BTreeMap;
 
@@ -51,6 +52,16 @@ pub static PROFILE: Profile = Profile {
             name: "runs",
             table: "runs",
             sql: "",
+        },
+        Count {
+            name: "successful_runs",
+            table: "runs",
+            sql: "SELECT count(*) FROM {s}.runs WHERE state = 'SUCCESS'",
+        },
+        Count {
+            name: "failed_runs",
+            table: "runs",
+            sql: "SELECT count(*) FROM {s}.runs WHERE state = 'FAIL'",
         },
         Count {
             name: "running_runs",
