@@ -164,6 +164,15 @@ fn every_example_state_store_parses_into_the_real_type() {
                     path.display()
                 );
                 statekeeper::engine::SchemaName::new(store.spec.schema_name()).unwrap();
+                if let Some(janitor) = &store.spec.janitor {
+                    statekeeper::controller::schedule::Schedule::parse(
+                        &janitor.schedule,
+                        janitor.time_zone.as_deref(),
+                    )
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    statekeeper::controller::store_janitor::options(janitor, "prod")
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                }
                 found += 1;
             }
         }
