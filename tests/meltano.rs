@@ -208,6 +208,108 @@ async fn refusals_name_the_problem_and_change_nothing() {
     let out = cli(&db.url, &["state", "--schema", "public", "init"]);
     assert!(!out.status.success());
     assert_eq!(tables(&db).await, before, "nothing created or changed");
+
+    // Formats a Meltano store does not read or write, refused by name; nothing changes.
+    let out = cli(
+        &db.url,
+        &[
+            "state",
+            "--framework",
+            "meltano",
+            "export",
+            "--format",
+            "parquet",
+            "--to",
+            "-",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("parquet"));
+    let out = cli(
+        &db.url,
+        &[
+            "state",
+            "--framework",
+            "meltano",
+            "export",
+            "--format",
+            "sqlmesh",
+            "--to",
+            "-",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("meltano-backend"),
+        "{err}"
+    );
+    let dir = support::operator::temp_dir("meltano-refusals");
+    let foreign = dir.join("statekeeper.json");
+    let source = TestDb::new().await;
+    let ours = source.store("sqlmesh_state").await;
+    ours.init(None).await.unwrap();
+    ours.export_to(
+        &statekeeper::engine::Destination::parse(foreign.to_str().unwrap(), &Default::default())
+            .unwrap(),
+        &ExportOptions {
+            format: ExportFormat::Statekeeper,
+            compression: Compression::None,
+            environments: None,
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let out = cli(
+        &db.url,
+        &[
+            "state",
+            "--framework",
+            "meltano",
+            "import",
+            "--from",
+            foreign.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("statekeeper export"),
+        "{err}"
+    );
+    // Janitor and import on a database Meltano has not set up: NotInitialized, nothing created.
+    let document = dir.join("meltano.json");
+    std::fs::write(
+        &document,
+        br#"{"dev:x": {"completed": {"a": 1}, "partial": null}}"#,
+    )
+    .unwrap();
+    for args in [
+        vec!["state", "--framework", "meltano", "janitor"],
+        vec![
+            "state",
+            "--framework",
+            "meltano",
+            "import",
+            "--from",
+            document.to_str().unwrap(),
+        ],
+    ] {
+        let out = cli(&empty.url, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("not initialized"),
+            "{args:?}: {err}"
+        );
+    }
+    let created: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+    )
+    .fetch_one(&mut empty.conn().await)
+    .await
+    .unwrap();
+    assert_eq!(created, 0, "nothing created in the empty database");
+    assert_eq!(tables(&db).await, before, "nothing changed");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
