@@ -218,15 +218,24 @@ pub fn janitor(r: &JanitorReport, released: &[String], json: bool) -> String {
         return serde_json::to_string_pretty(&value).unwrap_or_default();
     }
     let verb = if r.dry_run { "would remove" } else { "removed" };
-    format!(
-        "janitor {verb} (in {} ms, {} batches{}):\n  expired environments   {}\n  checkpoints            {}\n  model versions         {}\n  function versions      {}\n  physical relations     {}\n  intervals              {}{}",
+    let header = format!(
+        "janitor {verb} (in {} ms, {} batches{}):",
         r.duration.as_millis(),
         r.batches,
         if r.dry_run {
             ", dry run: nothing was changed"
         } else {
             ""
-        },
+        }
+    );
+    if r.framework == crate::engine::Framework::Meltano {
+        return format!(
+            "{header}\n  runs                   {}\n  stale runs failed      {}",
+            r.runs, r.stale_runs_failed
+        );
+    }
+    format!(
+        "{header}\n  expired environments   {}\n  checkpoints            {}\n  model versions         {}\n  function versions      {}\n  physical relations     {}\n  intervals              {}{}",
         r.expired_environments,
         r.checkpoints,
         r.model_versions,
@@ -242,6 +251,16 @@ pub fn janitor(r: &JanitorReport, released: &[String], json: bool) -> String {
 }
 
 /// The export summary; with stdout as the destination it goes to stderr (stdout is the data).
+/// What a format's environments are called: Meltano's are state IDs.
+fn groups(format: crate::engine::ExportFormat) -> &'static str {
+    match format {
+        crate::engine::ExportFormat::Meltano | crate::engine::ExportFormat::MeltanoBackend => {
+            "state IDs"
+        }
+        _ => "environments",
+    }
+}
+
 pub fn exported(r: &ExportReport, to: &str, json: bool) -> String {
     let summary = if json {
         let mut value = serde_json::to_value(r).unwrap_or_default();
@@ -250,9 +269,10 @@ pub fn exported(r: &ExportReport, to: &str, json: bool) -> String {
         serde_json::to_string_pretty(&value).unwrap_or_default()
     } else {
         format!(
-            "exported {} rows ({} environments, schema version {}) to {to}: {}, sha256 {} in {:.1}s",
+            "exported {} rows ({} {}, schema version {}) to {to}: {}, sha256 {} in {:.1}s",
             r.total_rows(),
             r.environments,
+            groups(r.format),
             r.schema_version,
             super::transfer::human_bytes(r.bytes),
             r.sha256,
@@ -276,8 +296,9 @@ pub fn imported(r: &ImportReport, from: &str, json: bool) -> String {
     }
     let rows: u64 = r.rows.values().sum();
     format!(
-        "imported {rows} rows ({} environments, {:?} mode) from {from} ({}, sha256 {}) in {:.1}s{}",
+        "imported {rows} rows ({} {}, {:?} mode) from {from} ({}, sha256 {}) in {:.1}s{}",
         r.environments,
+        groups(r.format),
         r.mode,
         super::transfer::human_bytes(r.bytes),
         r.sha256,

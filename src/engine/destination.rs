@@ -94,6 +94,9 @@ pub struct Destination {
     /// S3, GCS and Azure: uploads go up in parts under an id the caller can record, so that an
     /// upload a killed process left behind can be aborted later (not left billed).
     multipart: Option<Arc<dyn MultipartStore>>,
+    /// Local files only: the same file system without a sync after every write, for folders of
+    /// many small files, which [`Destination::make_durable`] syncs in one go instead.
+    unsynced: Option<Arc<dyn ObjectStore>>,
     path: ObjectPath,
     url: String,
     /// Option values that must never appear in error text.
@@ -203,6 +206,7 @@ impl Destination {
         Ok(Self {
             store,
             multipart,
+            unsynced: None,
             path,
             url: url.to_owned(),
             secrets,
@@ -255,6 +259,7 @@ impl Destination {
             // fsync: a backup that a power cut can lose is no backup.
             store: Arc::new(LocalFileSystem::new().with_fsync(true)),
             multipart: None,
+            unsynced: Some(Arc::new(LocalFileSystem::new())),
             path: object_path,
             url: url.to_owned(),
             secrets,
@@ -423,7 +428,7 @@ impl Destination {
     ) -> futures::stream::BoxStream<'static, Result<ObjectPath, Error>> {
         let url = self.url.clone();
         let secrets = self.secrets.clone();
-        self.store
+        self.small_store()
             .list(Some(&self.path))
             .map_ok(|meta| meta.location)
             .map_err(move |e| Error::DestinationUnavailable {
@@ -435,7 +440,7 @@ impl Destination {
 
     /// A small object's bytes (a state file, a lock), or `None` when it does not exist.
     pub(crate) async fn read_small(&self, path: &ObjectPath) -> Result<Option<Bytes>, Error> {
-        let result = match self.store.get(path).await {
+        let result = match self.small_store().get(path).await {
             Ok(result) => result,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.unavailable(&format!("cannot read {path}"), e)),
@@ -449,9 +454,10 @@ impl Destination {
     }
 
     /// Writes a small object in one request: readers see the old bytes or the new, never a part
-    /// (a local file is written beside its name and renamed; an object store PUT is atomic).
+    /// (a local file is written beside its name and renamed; an object store PUT is atomic). A
+    /// local file is durable only after [`Destination::make_durable`].
     pub(crate) async fn write_small(&self, path: &ObjectPath, bytes: Bytes) -> Result<(), Error> {
-        self.store
+        self.small_store()
             .put(path, bytes.into())
             .await
             .map(|_| ())
@@ -460,10 +466,42 @@ impl Destination {
 
     /// Deletes one object below this location; one already gone counts as deleted.
     pub(crate) async fn delete_small(&self, path: &ObjectPath) -> Result<(), Error> {
-        match self.store.delete(path).await {
+        match self.small_store().delete(path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.unavailable(&format!("cannot delete {path}"), e)),
         }
+    }
+
+    fn small_store(&self) -> &Arc<dyn ObjectStore> {
+        self.unsynced.as_ref().unwrap_or(&self.store)
+    }
+
+    /// Makes every small object written below this location durable: one `syncfs` of the local
+    /// file system it is on (thousands of files synced one by one cost seconds); nothing to do
+    /// for object stores, whose writes are durable when they return.
+    pub(crate) async fn make_durable(&self) -> Result<(), Error> {
+        if self.unsynced.is_none() {
+            return Ok(());
+        }
+        let folder = local_file(&self.path);
+        let url = self.url.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::os::fd::AsRawFd;
+            let dir = std::fs::File::open(&folder)?;
+            // SAFETY: `dir` is an open descriptor for the whole call; syncfs only reads it.
+            if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|synced| synced)
+        .map_err(|e| Error::DestinationUnavailable {
+            url,
+            reason: format!("cannot sync the files written: {e}"),
+        })
     }
 
     fn unavailable(&self, what: &str, e: object_store::Error) -> Error {

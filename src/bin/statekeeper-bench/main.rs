@@ -11,6 +11,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use statekeeper::engine::generator::GenerateOptions;
 use statekeeper::engine::{ConnectionSettings, JanitorOptions, SchemaName, Store};
 
+mod meltano_bench;
 mod operator_scale;
 mod sqlmesh_bench;
 
@@ -48,6 +49,28 @@ enum Command {
         /// exact (every table, history included) or statekeeper (current state only).
         #[arg(long, default_value = "exact")]
         format: statekeeper::engine::ExportFormat,
+    },
+    /// Meltano's state export and import (and its way into a file state backend) next to
+    /// statekeeper's, on state the real Meltano wrote, in the same run on the same server; both
+    /// sides run as commands under /usr/bin/time (wall time, peak RSS).
+    Meltano {
+        /// PostgreSQL URL of a user that may create databases; a throwaway local server when
+        /// omitted.
+        #[arg(long, env = "STATEKEEPER_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// State IDs per round.
+        #[arg(long, value_delimiter = ',', default_value = "10000")]
+        state_ids: Vec<u32>,
+        /// Runs of each command; the median time and the largest peak are reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+        /// The meltano CLI (default: STATEKEEPER_MELTANO, or the pinned Meltano installed into
+        /// its test virtualenv).
+        #[arg(long, env = "STATEKEEPER_MELTANO")]
+        meltano: Option<String>,
+        /// Where the project, documents and folders go (kept for a later look).
+        #[arg(long, default_value = "/tmp/statekeeper-bench-meltano")]
+        work_dir: std::path::PathBuf,
     },
     /// SQLMesh's state export and import next to statekeeper's, on state the real SQLMesh planned
     /// (a generated project: scripts/sqlmesh-bench-project.py), in the same run on the same
@@ -187,6 +210,34 @@ async fn run(cli: Cli) -> BenchResult<()> {
             })
             .await
         }
+        Command::Meltano {
+            database_url,
+            state_ids,
+            repeat,
+            meltano,
+            work_dir,
+        } => {
+            let url = database(&Target {
+                database_url,
+                schema: "unused".into(),
+            })
+            .await?;
+            let meltano = match meltano {
+                Some(path) => path,
+                None => install_python_tool("meltano").await?,
+            };
+            meltano_bench::run(
+                &meltano_bench::Settings {
+                    admin_url: url,
+                    meltano,
+                    repeat: repeat.max(1),
+                    work_dir,
+                    statekeeper: sibling_binary("statekeeper")?,
+                },
+                &state_ids,
+            )
+            .await
+        }
         Command::Sqlmesh {
             database_url,
             models,
@@ -203,7 +254,7 @@ async fn run(cli: Cli) -> BenchResult<()> {
             .await?;
             let sqlmesh = match sqlmesh {
                 Some(path) => path,
-                None => install_sqlmesh().await?,
+                None => install_python_tool("sqlmesh").await?,
             };
             sqlmesh_bench::run(
                 &sqlmesh_bench::Settings {
@@ -515,26 +566,39 @@ async fn run_tool(name: &str, args: &[&str]) -> BenchResult<()> {
 
 /// The pinned SQLMesh of the tests (tests/fixtures/sqlmesh-requirements.txt), installed into the
 /// private virtualenv by scripts/python-env.sh.
-async fn install_sqlmesh() -> BenchResult<String> {
+/// A pinned Python tool (`sqlmesh`, `meltano`) in its virtualenv, as the test suite installs it
+/// (tests/fixtures/<tool>-requirements.txt; Meltano in a virtualenv of its own).
+async fn install_python_tool(tool: &str) -> BenchResult<String> {
     let root = env!("CARGO_MANIFEST_DIR");
-    let out = tokio::process::Command::new("bash")
-        .args([
-            &format!("{root}/scripts/python-env.sh"),
-            "-r",
-            &format!("{root}/tests/fixtures/sqlmesh-requirements.txt"),
-        ])
-        .output()
-        .await?;
+    let mut command = tokio::process::Command::new("bash");
+    command.args([
+        &format!("{root}/scripts/python-env.sh"),
+        "-r",
+        &format!("{root}/tests/fixtures/{tool}-requirements.txt"),
+    ]);
+    if tool == "meltano" {
+        let cache = std::env::var("XDG_CACHE_HOME").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache",
+                std::env::var("HOME").unwrap_or_else(|_| "/tmp".into())
+            )
+        });
+        command.env(
+            "STATEKEEPER_VENV",
+            format!("{cache}/statekeeper/venv-meltano"),
+        );
+    }
+    let out = command.output().await?;
     if !out.status.success() {
         return Err(format!(
-            "cannot install SQLMesh: {}",
+            "cannot install {tool}: {}",
             String::from_utf8_lossy(&out.stderr)
         )
         .into());
     }
     let python = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     Ok(std::path::Path::new(&python)
-        .with_file_name("sqlmesh")
+        .with_file_name(tool)
         .to_string_lossy()
         .into_owned())
 }

@@ -23,9 +23,9 @@ pub struct Settings {
 
 /// One command's measurements.
 #[derive(Clone, Copy)]
-struct Measured {
-    seconds: f64,
-    peak_mib: f64,
+pub(super) struct Measured {
+    pub(super) seconds: f64,
+    pub(super) peak_mib: f64,
 }
 
 struct Round {
@@ -42,12 +42,7 @@ struct Round {
 }
 
 pub async fn run(settings: &Settings, sizes: &[u32]) -> BenchResult<()> {
-    if !Path::new("/usr/bin/time").exists() {
-        return Err(
-            "/usr/bin/time is missing: install the Debian package `time` (apt-get install time)"
-                .into(),
-        );
-    }
+    require_time()?;
     println!(
         "SQLMesh state export/import vs statekeeper (--format sqlmesh); same store, same run; \
          median of {} runs, largest peak RSS",
@@ -281,8 +276,24 @@ async fn plan(settings: &Settings, models: u32, source: &str, dir: &Path) -> Ben
     Ok(source_url)
 }
 
+/// Both sides are measured by GNU time: fail early, saying how to get it.
+pub(super) fn require_time() -> BenchResult<()> {
+    if Path::new("/usr/bin/time").exists() {
+        Ok(())
+    } else {
+        Err(
+            "/usr/bin/time is missing: install the Debian package `time` (apt-get install time)"
+                .into(),
+        )
+    }
+}
+
 /// `/usr/bin/time -f "%e %M" -o FILE program …` in `dir`, with extra environment variables.
-fn timed_command(program: &str, dir: &Path, env: &[(&str, &str)]) -> std::process::Command {
+pub(super) fn timed_command(
+    program: &str,
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Command {
     let mut command = std::process::Command::new("/usr/bin/time");
     command
         .args(["-f", "%e %M", "-o"])
@@ -293,7 +304,7 @@ fn timed_command(program: &str, dir: &Path, env: &[(&str, &str)]) -> std::proces
     command
 }
 
-fn run_timed(command: &mut std::process::Command) -> BenchResult<Measured> {
+pub(super) fn run_timed(command: &mut std::process::Command) -> BenchResult<Measured> {
     let out = command.output()?;
     let dir = command
         .get_current_dir()
@@ -310,7 +321,7 @@ fn run_timed(command: &mut std::process::Command) -> BenchResult<Measured> {
     })
 }
 
-async fn measure(
+pub(super) async fn measure(
     repeat: u32,
     mut command: impl FnMut() -> std::process::Command,
 ) -> BenchResult<Measured> {
@@ -322,7 +333,7 @@ async fn measure(
 }
 
 /// The median time and the largest peak.
-fn summarize(runs: &[Measured]) -> Measured {
+pub(super) fn summarize(runs: &[Measured]) -> Measured {
     let mut seconds: Vec<f64> = runs.iter().map(|m| m.seconds).collect();
     seconds.sort_by(f64::total_cmp);
     Measured {
@@ -331,7 +342,7 @@ fn summarize(runs: &[Measured]) -> Measured {
     }
 }
 
-fn check(out: std::process::Output, what: &str) -> BenchResult<()> {
+pub(super) fn check(out: std::process::Output, what: &str) -> BenchResult<()> {
     if out.status.success() {
         Ok(())
     } else {
@@ -345,14 +356,14 @@ fn check(out: std::process::Output, what: &str) -> BenchResult<()> {
 }
 
 /// The admin URL with another database.
-fn database_url(admin_url: &str, database: &str) -> BenchResult<String> {
+pub(super) fn database_url(admin_url: &str, database: &str) -> BenchResult<String> {
     let (base, _) = admin_url
         .rsplit_once('/')
         .ok_or("the database URL has no database part")?;
     Ok(format!("{base}/{database}"))
 }
 
-async fn recreate_database(admin_url: &str, database: &str) -> BenchResult<String> {
+pub(super) async fn recreate_database(admin_url: &str, database: &str) -> BenchResult<String> {
     drop_database(admin_url, database).await?;
     let mut admin = PgConnection::connect(admin_url).await?;
     sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {database}")))
@@ -361,7 +372,7 @@ async fn recreate_database(admin_url: &str, database: &str) -> BenchResult<Strin
     database_url(admin_url, database)
 }
 
-async fn drop_database(admin_url: &str, database: &str) -> BenchResult<()> {
+pub(super) async fn drop_database(admin_url: &str, database: &str) -> BenchResult<()> {
     let mut admin = PgConnection::connect(admin_url).await?;
     sqlx::query(AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {database} WITH (FORCE)"

@@ -138,6 +138,7 @@ impl Store {
             .try_collect::<()>()
             .await?;
         tx.commit().await?;
+        prefix.make_durable().await?;
         Ok(ExportReport {
             framework: self.framework(),
             format: ExportFormat::MeltanoBackend,
