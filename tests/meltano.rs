@@ -974,3 +974,118 @@ async fn the_runs_janitor_keeps_what_meltano_reads_and_removes_the_rest() {
     );
     assert!(!h.kube.dump().contains(&db.password()));
 }
+
+/// `statekeeper state run --framework meltano ARGS` in the project, where Meltano finds its
+/// database from the PG* variables statekeeper hands the command (as a runner Job's does).
+fn run_in_project(db: &TestDb, project: &Project, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+        .args(["state", "--framework", "meltano", "run"])
+        .args(args)
+        .current_dir(&project.dir)
+        .env("STATEKEEPER_DATABASE_URL", &db.url)
+        .env("MELTANO_DATABASE_URI", "postgresql+psycopg://")
+        .env("MELTANO_SEND_ANONYMOUS_USAGE_STATS", "false")
+        .env_remove("STATEKEEPER_SCHEMA")
+        .env_remove("PGHOST")
+        .env_remove("PGPASSWORD")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn meltano_upgrade_database_runs_backed_up_and_a_failure_is_restored() {
+    let (db, project) = with_state().await;
+    let store = meltano_store(&db).await;
+    let before = tables(&db).await;
+
+    // The real `meltano upgrade database`, backed up first; the database is already current.
+    let out = run_in_project(
+        &db,
+        &project,
+        &[
+            "--backup",
+            "--",
+            &support::meltano::meltano_bin(),
+            "upgrade",
+            "database",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        store.backups().await.unwrap().len(),
+        1,
+        "backed up before the command"
+    );
+    assert_eq!(tables(&db).await, before);
+
+    // A command that changes state through Meltano and then fails: every table as before.
+    let script = format!(
+        "{} state clear --force dev:tap-a-to-target-x && exit 3",
+        support::meltano::meltano_bin()
+    );
+    let out = run_in_project(&db, &project, &["--backup", "--", "sh", "-c", &script]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains("exit status 3") && stdout.contains("restored backup"),
+        "{stdout}"
+    );
+    assert_eq!(tables(&db).await, before, "restored from the backup");
+    assert_eq!(project.get("dev:tap-a-to-target-x"), bookmark(1));
+
+    // As a StateMigration: a Job running `meltano upgrade database` by default, with the
+    // connection as PG* variables (the password by reference), backed up first.
+    use support::operator::{job_path, migration_path, store_path};
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    let mut spec = json!({"framework": "meltano", "schema": null});
+    support_merge(&mut spec, &json!({}));
+    h.kube
+        .put(&store_path("analytics"), store_for(&db, "analytics", spec));
+    h.kube.put(
+        &migration_path("upgrade"),
+        support::operator::state_migration(
+            "upgrade",
+            "2026-11-27T10:00:00Z",
+            json!({"upgrade": {"runner": {
+                "image": "ghcr.io/acme/analytics-meltano:4.5.0",
+                "env": [{"name": "MELTANO_DATABASE_URI", "value": "postgresql+psycopg://"}],
+                "runAsUser": 1000
+            }}}),
+        ),
+    );
+    let (_, m) = h.reconcile_migration("upgrade").await;
+    let status = m.status.clone().unwrap();
+    assert_eq!(
+        status.phase.as_deref(),
+        Some("Running"),
+        "{:?}",
+        status.message
+    );
+    assert!(status.backup_id.is_some());
+    let job = h
+        .kube
+        .get(&job_path("upgrade-upgrade"))
+        .expect("the Job exists");
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["command"],
+        json!(["meltano", "upgrade", "database"])
+    );
+    let env = container["env"].as_array().unwrap();
+    for name in [
+        "MELTANO_DATABASE_URI",
+        "PGHOST",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGPASSWORD",
+    ] {
+        assert!(env.iter().any(|e| e["name"] == name), "{name} in {env:?}");
+    }
+    assert!(!job.to_string().contains(&db.password()));
+}
