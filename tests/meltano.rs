@@ -1042,10 +1042,14 @@ async fn meltano_upgrade_database_runs_backed_up_and_a_failure_is_restored() {
     use support::operator::{job_path, migration_path, store_path};
     let h = Harness::new();
     put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
-    let mut spec = json!({"framework": "meltano", "schema": null});
-    support_merge(&mut spec, &json!({}));
-    h.kube
-        .put(&store_path("analytics"), store_for(&db, "analytics", spec));
+    h.kube.put(
+        &store_path("analytics"),
+        store_for(
+            &db,
+            "analytics",
+            json!({"framework": "meltano", "schema": null}),
+        ),
+    );
     h.kube.put(
         &migration_path("upgrade"),
         support::operator::state_migration(
