@@ -1005,7 +1005,7 @@ async fn meltano_upgrade_database_runs_backed_up_and_a_failure_is_restored() {
         &[
             "--backup",
             "--",
-            &support::meltano::meltano_bin(),
+            support::meltano::meltano_bin(),
             "upgrade",
             "database",
         ],
