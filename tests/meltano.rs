@@ -613,7 +613,7 @@ async fn the_meltano_backend_layout_is_read_by_meltano_and_read_back() {
             .collect::<Vec<_>>(),
         "one state.json per state ID, no lock left behind"
     );
-    let on_files = project.with_state_backend(&uri);
+    let on_files = project.with_state_backend(&uri, &[]);
     let listed = on_files.ok(&["state", "list"]);
     for id in ids {
         assert!(
@@ -773,7 +773,7 @@ async fn a_state_export_moves_a_meltano_database_into_the_backend_layout() {
     assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:?}");
     assert_eq!(status.url.as_deref(), Some(uri.trim_end_matches('/')));
     assert_eq!(status.environments, Some(3));
-    let on_files = project.with_state_backend(uri.trim_end_matches('/'));
+    let on_files = project.with_state_backend(uri.trim_end_matches('/'), &[]);
     for id in [
         "dev:tap-a-to-target-x",
         "dev:tap-b-to-target-x",
@@ -1092,4 +1092,83 @@ async fn meltano_upgrade_database_runs_backed_up_and_a_failure_is_restored() {
         assert!(env.iter().any(|e| e["name"] == name), "{name} in {env:?}");
     }
     assert!(!job.to_string().contains(&db.password()));
+}
+
+#[tokio::test]
+async fn the_meltano_backend_layout_on_s3_is_read_by_meltanos_s3_backend() {
+    let (db, project) = with_state().await;
+    let bucket = support::s3::bucket().await;
+    let uri = format!("s3://{bucket}/prod");
+    let options: Vec<String> = support::s3::options()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let with_options = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        for option in &options {
+            all.push("--storage-option".into());
+            all.push(option.clone());
+        }
+        all
+    };
+    let args = with_options(&["export", "--format", "meltano-backend", "--to", &uri]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    cli_ok(&db.url, &args);
+    let ids = [
+        "dev:tap-a-to-target-x",
+        "dev:tap-b-to-target-x",
+        "prod:tap-a-to-target-x",
+    ];
+    assert_eq!(
+        support::s3::keys(&bucket).await,
+        ids.iter()
+            .map(|id| format!("prod/{id}/state.json"))
+            .collect::<Vec<_>>(),
+        "one object per state ID, no lock left behind"
+    );
+
+    // Meltano's own S3 backend (boto3) reads every state ID back.
+    let on_s3 = project.with_state_backend(
+        &uri,
+        &[
+            (
+                "MELTANO_STATE_BACKEND_S3_ENDPOINT_URL",
+                support::s3::endpoint(),
+            ),
+            (
+                "MELTANO_STATE_BACKEND_S3_AWS_ACCESS_KEY_ID",
+                "statekeeper-test",
+            ),
+            (
+                "MELTANO_STATE_BACKEND_S3_AWS_SECRET_ACCESS_KEY",
+                support::s3::SECRET_ACCESS_KEY,
+            ),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+        ],
+    );
+    let listed = on_s3.ok(&["state", "list"]);
+    for id in ids {
+        assert!(listed.contains(id), "{listed}");
+        assert_eq!(on_s3.get(id), project.get(id), "{id}");
+    }
+
+    // What Meltano writes to S3 comes back into a fresh system database.
+    on_s3.set("new:tap-c-to-target-y", &bookmark(9));
+    let target = TestDb::new().await;
+    let target_project = Project::new(&target);
+    target_project.ok(&["state", "list"]);
+    let args = with_options(&[
+        "import",
+        "--format",
+        "meltano-backend",
+        "--from",
+        &format!("{uri}/"),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = cli_ok(&target.url, &args);
+    assert!(!out.contains(support::s3::SECRET_ACCESS_KEY));
+    let all: Value = serde_json::from_str(on_s3.ok(&["state", "export"]).trim()).unwrap();
+    let back: Value = serde_json::from_str(target_project.ok(&["state", "export"]).trim()).unwrap();
+    assert_eq!(back, all);
+    assert_eq!(back.as_object().unwrap().len(), 4);
 }

@@ -54,8 +54,9 @@ pub fn meltano_bin() -> &'static str {
 pub struct Project {
     pub dir: PathBuf,
     pub database_uri: String,
-    /// `state_backend.uri` when the project keeps its state in files, not its system database.
-    pub state_backend: Option<String>,
+    /// Settings from the environment (`MELTANO_STATE_BACKEND_URI`, …): the state backend when
+    /// the project keeps its state in files, not its system database.
+    pub env: Vec<(String, String)>,
 }
 
 impl Project {
@@ -83,14 +84,17 @@ impl Project {
         Self {
             dir: parent.join("project"),
             database_uri,
-            state_backend: None,
+            env: Vec::new(),
         }
     }
 
-    /// The same project with its state in the file backend at `uri` (`file:///folder`).
-    pub fn with_state_backend(&self, uri: &str) -> Self {
+    /// The same project with its state in the file backend at `uri` (`file:///folder`,
+    /// `s3://bucket/prefix`), configured further by `settings` (`MELTANO_STATE_BACKEND_…`).
+    pub fn with_state_backend(&self, uri: &str, settings: &[(&str, &str)]) -> Self {
+        let mut env = vec![("MELTANO_STATE_BACKEND_URI".to_owned(), uri.to_owned())];
+        env.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Self {
-            state_backend: Some(uri.to_owned()),
+            env,
             ..self.clone()
         }
     }
@@ -101,12 +105,9 @@ impl Project {
 
     /// `meltano ARGS` with extra environment variables (which its plugins see too).
     pub fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut command = Command::new(meltano_bin());
-        if let Some(uri) = &self.state_backend {
-            command.env("MELTANO_STATE_BACKEND_URI", uri);
-        }
-        command
+        Command::new(meltano_bin())
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .envs(env.iter().copied())
             .current_dir(&self.dir)
             .env("MELTANO_DATABASE_URI", &self.database_uri)
