@@ -306,7 +306,9 @@ pub(crate) async fn import(
         },
     )
     .await?;
+    crate::engine::failpoint::hit("import.before_commit");
     tx.commit().await?;
+    crate::engine::failpoint::hit("import.committed");
     Ok(ImportReport {
         mode: ImportMode::Replace,
         format: ExportFormat::Exact,

@@ -562,12 +562,14 @@ impl Incoming<'_> {
                 }
                 if buffer.len() >= 256 * 1024 {
                     copy.send(std::mem::take(&mut buffer)).await?;
+                    super::failpoint::hit("import.staged_batch");
                 }
             };
             if !buffer.is_empty() {
                 copy.send(buffer).await?;
             }
             copy.finish().await.map_err(|e| invalid(&e))?;
+            super::failpoint::hit("import.staged");
             (counts, environments)
         };
         let (bytes, sha256) = std::mem::take(

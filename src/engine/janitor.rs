@@ -397,7 +397,9 @@ impl Store {
             let mut tx = conn.begin().await?;
             match statement(&mut tx).await {
                 Ok(value) => {
+                    super::failpoint::hit("janitor.before_commit");
                     tx.commit().await?;
+                    super::failpoint::hit("janitor.committed");
                     report.batches += 1;
                     return Ok(value);
                 }

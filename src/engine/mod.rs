@@ -8,6 +8,7 @@ pub mod destination;
 mod error;
 mod exact;
 pub mod export;
+pub mod failpoint;
 pub mod frameworks;
 pub mod generator;
 pub mod identifier;

@@ -298,6 +298,7 @@ impl Store {
         self.take_advisory_lock(&mut tx).await?;
         let version = self.require_initialized(&mut tx).await?;
         let info = self.create_backup(&mut tx, &version, reason).await?;
+        super::failpoint::hit("backup.before_commit");
         tx.commit().await?;
         Ok(info)
     }
@@ -416,7 +417,9 @@ impl Store {
         if !self.backup_before_change {
             return Ok(None);
         }
-        self.create_backup(conn, version, reason).await.map(Some)
+        let backup = self.create_backup(conn, version, reason).await?;
+        super::failpoint::hit("backup.made");
+        Ok(Some(backup))
     }
 
     /// A backup of every table of the store, in the caller's transaction.

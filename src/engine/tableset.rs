@@ -43,6 +43,7 @@ pub(crate) async fn rollback(
         None => None,
     };
     let rows_restored = restore(store, &mut tx, &restored).await?;
+    crate::engine::failpoint::hit("rollback.restored");
     let from_version = current.map_or(0, |v| v.schema_version);
     frameworks::record_event(
         store,
@@ -59,7 +60,9 @@ pub(crate) async fn rollback(
         },
     )
     .await?;
+    crate::engine::failpoint::hit("rollback.before_commit");
     tx.commit().await?;
+    crate::engine::failpoint::hit("rollback.committed");
     Ok(RollbackReport {
         schema: store.schema().to_string(),
         from_version,
@@ -211,7 +214,9 @@ pub(crate) async fn reset(store: &Store, approval: ResetApproval) -> Result<Rese
             emptied.len()
         }
     };
+    crate::engine::failpoint::hit("reset.before_commit");
     tx.commit().await?;
+    crate::engine::failpoint::hit("reset.committed");
     Ok(ResetReport {
         schema: store.schema().to_string(),
         from_version: current.map_or(0, |v| v.schema_version),

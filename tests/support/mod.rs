@@ -85,6 +85,34 @@ impl TestDb {
         Self { name, url }
     }
 
+    /// A new database that is a copy of the database `template` (whose sessions are ended
+    /// first: PostgreSQL copies only a database nobody is connected to).
+    pub async fn from_template(template: &str) -> Self {
+        let copy = Self::new().await;
+        let mut conn = PgConnection::connect(admin_url())
+            .await
+            .expect("connect to test server");
+        sqlx::query(AssertSqlSafe(format!("DROP DATABASE {}", copy.name)))
+            .execute(&mut conn)
+            .await
+            .expect("drop the placeholder");
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(template)
+        .execute(&mut conn)
+        .await
+        .expect("end the template's sessions");
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE DATABASE {} TEMPLATE {template}",
+            copy.name
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("copy the template");
+        copy
+    }
+
     pub async fn store(&self, schema: &str) -> Store {
         let pool = ConnectionSettings::from_url(&self.url)
             .expect("valid url")

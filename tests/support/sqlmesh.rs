@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::sync::OnceCell;
 
-use super::{TestDb, admin_url, url_parts};
+use super::{TestDb, url_parts};
 
 /// The SQLMesh the tests run, pinned in one file that scripts/test.sh installs from too.
 pub const SQLMESH_REQUIREMENTS: &str = concat!(
@@ -259,26 +259,6 @@ impl Project {
             dir: self.dir.clone(),
             database_url: self.database_url.clone(),
         }
-    }
-}
-
-impl TestDb {
-    /// A new database copied from `template` (which nobody may be connected to).
-    pub async fn from_template(template: &str) -> Self {
-        let db = TestDb::new().await;
-        let mut admin = PgConnection::connect(admin_url()).await.expect("connect");
-        sqlx::query(AssertSqlSafe(format!("DROP DATABASE {}", db.name)))
-            .execute(&mut admin)
-            .await
-            .expect("drop the empty database");
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE DATABASE {} TEMPLATE {template}",
-            db.name
-        )))
-        .execute(&mut admin)
-        .await
-        .expect("copy the template database");
-        db
     }
 }
 

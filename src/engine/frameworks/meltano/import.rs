@@ -132,7 +132,9 @@ pub(crate) async fn import(
             .execute(&mut *tx)
             .await?;
     }
+    crate::engine::failpoint::hit("import.before_commit");
     tx.commit().await?;
+    crate::engine::failpoint::hit("import.committed");
     Ok(ImportReport {
         mode,
         format: ExportFormat::Meltano,

@@ -866,7 +866,9 @@ pub(crate) async fn import(
         };
         insert_staged(&mut tx, schema, table, table, staged_columns, &defaults).await?;
     }
+    crate::engine::failpoint::hit("import.before_commit");
     tx.commit().await?;
+    crate::engine::failpoint::hit("import.committed");
     Ok(ImportReport {
         mode,
         format: ExportFormat::Sqlmesh,

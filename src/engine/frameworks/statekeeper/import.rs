@@ -214,7 +214,9 @@ pub(crate) async fn import(
         },
     )
     .await?;
+    crate::engine::failpoint::hit("import.before_commit");
     tx.commit().await?;
+    crate::engine::failpoint::hit("import.committed");
     Ok(ImportReport {
         mode: incoming.options.mode,
         format: ExportFormat::Statekeeper,

@@ -216,7 +216,9 @@ pub(crate) async fn upgrade(store: &Store, target: Option<i32>) -> Result<Upgrad
         },
     )
     .await?;
+    crate::engine::failpoint::hit("upgrade.before_commit");
     tx.commit().await?;
+    crate::engine::failpoint::hit("upgrade.committed");
     Ok(UpgradeReport {
         schema: store.schema().to_string(),
         from_version: current,
@@ -440,6 +442,7 @@ async fn apply_steps(
             version: step.version,
             description: step.description.into(),
         });
+        crate::engine::failpoint::hit("upgrade.step");
     }
     Ok(applied)
 }
