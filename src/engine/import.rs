@@ -676,6 +676,66 @@ impl Store {
     }
 }
 
+/// What a file holds, read to its end without a database.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScanReport {
+    pub format: ExportFormat,
+    pub compression: Compression,
+    pub environments: u64,
+    /// Rows per section or table.
+    pub rows: BTreeMap<String, u64>,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Reads a whole file as an import would, without a database: its format, rows and checksum, or
+/// why it cannot be imported (compression, structure, header, every row's shape). The checks
+/// that need the store (versions, references, duplicates) come on import.
+pub async fn scan<R: AsyncRead + Unpin + Send + 'static>(reader: R) -> Result<ScanReport, Error> {
+    let measure = Arc::new(Mutex::new(Measure::default()));
+    let (decoded, compression) = decoded(reader, measure.clone()).await?;
+    let (tx, mut rx) = mpsc::channel::<Message>(8);
+    let bridge = tokio_util::io::SyncIoBridge::new(decoded);
+    let parser = tokio::task::spawn_blocking(move || parse(bridge, tx));
+    let mut format = None;
+    let mut end = None;
+    while let Some(message) = rx.recv().await {
+        match message {
+            Message::Header(header) if format.is_none() => format = Some(header.format),
+            Message::Header(_) => {
+                return Err(Error::InvalidExport("the header appears twice".into()));
+            }
+            Message::End {
+                counts,
+                environments,
+            } => end = Some((counts, environments)),
+            Message::Rows(_) | Message::Table { .. } => {}
+        }
+    }
+    parser
+        .await
+        .map_err(|e| Error::InvalidExport(format!("the reader stopped: {e}")))?
+        .map_err(|e| Error::InvalidExport(format!("the file is truncated or corrupt: {e}")))?;
+    let (Some(format), Some((rows, environments))) = (format, end) else {
+        return Err(Error::InvalidExport(STREAM_ENDED.into()));
+    };
+    let (bytes, sha256) = std::mem::take(
+        &mut *measure
+            .lock()
+            .map_err(|_| Error::InvalidExport("checksum state poisoned".into()))?,
+    )
+    .finish();
+    Ok(ScanReport {
+        format,
+        compression,
+        environments,
+        rows,
+        bytes,
+        sha256,
+    })
+}
+
 /// Compresses the large values this transaction writes with lz4 where the server has it (it is
 /// several times faster than the default pglz, and every PostgreSQL since 14 reads both). This
 /// sets how values are written, not any table's definition.
