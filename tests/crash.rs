@@ -426,8 +426,9 @@ mod crash {
         );
     }
 
-    fn work_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("sk-crash-{}", std::process::id()));
+    /// A folder of the test's own (the tests of this file run side by side).
+    fn work_dir(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sk-crash-{}-{test}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
@@ -445,7 +446,7 @@ mod crash {
 
     #[tokio::test]
     async fn statekeeper_operations_are_all_or_nothing_wherever_they_are_killed() {
-        let work = work_dir();
+        let work = work_dir("statekeeper");
         let random = random_kills();
         // Another store's state, as exact and logical exports, to import over this one.
         let other = statekeeper_store(7, 2_500).await;
@@ -561,7 +562,7 @@ mod crash {
     #[tokio::test]
     async fn sqlmesh_and_meltano_imports_are_all_or_nothing_wherever_they_are_killed() {
         use super::support::{meltano, sqlmesh};
-        let work = work_dir();
+        let work = work_dir("frameworks");
         let random = random_kills();
         let mut total = Figures::default();
 
