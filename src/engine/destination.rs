@@ -421,8 +421,8 @@ impl Destination {
             .unwrap_or_default()
     }
 
-    /// Every object below this location (a folder, read recursively); none when it does not
-    /// exist.
+    /// Every object below this location (a folder, read recursively); a folder or prefix that
+    /// does not exist lists nothing.
     pub(crate) fn list_below(
         &self,
     ) -> futures::stream::BoxStream<'static, Result<ObjectPath, Error>> {

@@ -7,7 +7,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
@@ -106,7 +106,7 @@ impl Store {
         }
         // Locks held now fail the export before its first write (after the wait).
         let mut listing = prefix.list_below();
-        while let Some(path) = next_listed(&mut listing).await? {
+        while let Some(path) = listing.try_next().await? {
             if let [id, file] = prefix.relative(&path).as_slice()
                 && file == LOCK_FILE
             {
@@ -183,22 +183,6 @@ impl Store {
     }
 }
 
-/// The next listed object; a prefix that does not exist lists nothing.
-async fn next_listed(
-    listing: &mut futures::stream::BoxStream<'static, Result<ObjectPath, Error>>,
-) -> Result<Option<ObjectPath>, Error> {
-    match listing.next().await {
-        None => Ok(None),
-        Some(Ok(path)) => Ok(Some(path)),
-        Some(Err(Error::DestinationUnavailable { reason, .. }))
-            if reason.contains("not found") || reason.contains("No such file") =>
-        {
-            Ok(None)
-        }
-        Some(Err(e)) => Err(e),
-    }
-}
-
 /// Writes `{"<id>": <state.json>, …}` for every state file below `prefix`, each file checked to
 /// be one JSON value (so no file can smuggle in another state ID).
 async fn write_document(
@@ -210,7 +194,7 @@ async fn write_document(
     writer.write_all(b"{").await.map_err(broken)?;
     let mut first = true;
     let mut listing = prefix.list_below();
-    while let Some(path) = next_listed(&mut listing).await? {
+    while let Some(path) = listing.try_next().await? {
         let [id, file] = prefix.relative(&path).try_into().unwrap_or_default();
         if file != STATE_FILE {
             continue;
