@@ -297,6 +297,54 @@ async fn no_secret_reaches_any_output_on_any_failure_path() {
     );
     operator_paths += 1;
 
+    // A runner Job that fails: the migration restores its backup and reports it.
+    {
+        use support::operator::{job_path, migration_path, state_migration};
+        let meltano_db = TestDb::new().await;
+        let mut conn = meltano_db.conn().await;
+        let role = format!("leak_{}", db.name);
+        sqlx::query(AssertSqlSafe(format!(
+            "GRANT ALL ON SCHEMA public TO {role}"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        support::meltano::Project::new(&meltano_db).ok(&["state", "list"]);
+        let mut meltano_store = store_for(
+            &meltano_db,
+            "meltano",
+            json!({"framework": "meltano", "schema": null}),
+        );
+        meltano_store["spec"]["connection"]["user"] = json!(role);
+        h.reconcile(&meltano_store).await;
+        h.kube.put(
+            &migration_path("upgrade"),
+            state_migration(
+                "upgrade",
+                "2026-11-27T10:00:00Z",
+                json!({"storeRef": {"name": "meltano"},
+                       "upgrade": {"runner": {"image": "ghcr.io/acme/meltano:4.5.0", "runAsUser": 1000}}}),
+            ),
+        );
+        let (_, running) = h.reconcile_migration("upgrade").await;
+        assert_eq!(
+            running.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Running")
+        );
+        h.patch(
+            &job_path("upgrade-upgrade"),
+            json!({"status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
+                "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}}),
+        );
+        let (_, failed) = h.reconcile_migration("upgrade").await;
+        let status = failed.status.clone().unwrap();
+        assert_eq!(
+            (status.phase.as_deref(), status.restored),
+            (Some("Failed"), Some(true))
+        );
+        operator_paths += 1;
+    }
+
     let api = h.kube.dump();
     for marker in leaks(&api) {
         leaked.push(format!("operator status or Events: {marker}"));
