@@ -456,7 +456,6 @@ mod crash {
         export_of(&other.url, &logical, "statekeeper");
         drop_database(&other).await;
 
-        let mut total = Figures::default();
         let mut scenarios = Vec::new();
         scenarios.push(Scenario {
             name: "import --replace exact",
@@ -534,20 +533,26 @@ mod crash {
             batched: true,
             args: args(&["janitor", "--batch-size", "100", "--grace", "1s"]),
         });
+        crash_all("statekeeper operations", scenarios, random, &work).await;
+    }
+
+    /// Kills every scenario everywhere, prints the totals, and removes the work folder.
+    async fn crash_all(label: &str, scenarios: Vec<Scenario>, random: usize, work: &Path) {
+        let mut total = Figures::default();
         for scenario in scenarios {
-            let figures = crash_everywhere(scenario, random, &work).await;
+            let figures = crash_everywhere(scenario, random, work).await;
             total.kills += figures.kills;
             total.partial += figures.partial;
         }
         println!(
-            "crash: statekeeper operations: {} kills, {} partial states",
+            "crash: {label}: {} kills, {} partial states",
             total.kills, total.partial
         );
         assert_eq!(total.partial, 0);
-        let _ = std::fs::remove_dir_all(&work);
+        let _ = std::fs::remove_dir_all(work);
     }
 
-    /// A generated `meltano state export` document: `ids` state IDs named `<prefix>-<n>`.
+    /// A generated `meltano state export` document: `ids` state IDs `<prefix>:tap-<n>-to-target`.
     fn meltano_document(prefix: &str, ids: u32) -> String {
         let states: Vec<String> = (0..ids)
             .map(|i| {
@@ -564,7 +569,6 @@ mod crash {
         use super::support::{meltano, sqlmesh};
         let work = work_dir("frameworks");
         let random = random_kills();
-        let mut total = Figures::default();
 
         // SQLMesh: the document `sqlmesh state export` writes, of state the real SQLMesh planned,
         // imported into the same store emptied (reset keeps SQLMesh's versions).
@@ -643,16 +647,12 @@ mod crash {
             ]),
         };
 
-        for scenario in [sqlmesh_scenario, meltano_scenario] {
-            let figures = crash_everywhere(scenario, random, &work).await;
-            total.kills += figures.kills;
-            total.partial += figures.partial;
-        }
-        println!(
-            "crash: SQLMesh and Meltano imports: {} kills, {} partial states",
-            total.kills, total.partial
-        );
-        assert_eq!(total.partial, 0);
-        let _ = std::fs::remove_dir_all(&work);
+        crash_all(
+            "SQLMesh and Meltano imports",
+            vec![sqlmesh_scenario, meltano_scenario],
+            random,
+            &work,
+        )
+        .await;
     }
 }

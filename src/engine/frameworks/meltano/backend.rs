@@ -83,27 +83,14 @@ impl Store {
         let filter = super::export::selection(self, &mut tx, options).await?;
         let s = self.schema().quoted();
         // Every state ID must be a file name Meltano would use, before anything is written.
-        let unfit: Option<String> = {
-            let mut ids = sqlx::query_scalar::<_, String>(AssertSqlSafe(format!(
-                "SELECT state_id FROM {s}.state{filter} ORDER BY state_id"
-            )))
-            .fetch(&mut *tx);
-            let mut unfit = None;
-            while let Some(id) = ids.try_next().await? {
-                if prefix.child(&[&id, STATE_FILE]).is_none() {
-                    unfit = Some(id);
-                    break;
-                }
-            }
-            unfit
-        };
-        if let Some(id) = unfit {
-            return Err(Error::InvalidExportRequest(format!(
-                "state ID {id:?} cannot be a folder name in Meltano's file backends (it holds /, \
-                 %, *, ?, #, a bracket or a control character, or is . or ..); export it with \
-                 the meltano format instead"
-            )));
+        let mut ids = sqlx::query_scalar::<_, String>(AssertSqlSafe(format!(
+            "SELECT state_id FROM {s}.state{filter} ORDER BY state_id"
+        )))
+        .fetch(&mut *tx);
+        while let Some(id) = ids.try_next().await? {
+            state_paths(prefix, &id)?;
         }
+        drop(ids);
         // Locks held now fail the export before its first write (after the wait).
         let mut listing = prefix.list_below();
         while let Some(path) = listing.try_next().await? {
@@ -235,14 +222,7 @@ async fn write_state(
     state: String,
     locks: MeltanoLocks,
 ) -> Result<(), Error> {
-    let (Some(lock), Some(file)) = (
-        prefix.child(&[&id, LOCK_FILE]),
-        prefix.child(&[&id, STATE_FILE]),
-    ) else {
-        return Err(Error::InvalidExportRequest(format!(
-            "state ID {id:?} cannot be a folder name in Meltano's file backends"
-        )));
-    };
+    let (lock, file) = state_paths(prefix, &id)?;
     wait_for_lock(prefix, &id, &lock, locks).await?;
     prefix
         .write_small(&lock, Bytes::from(epoch_seconds(SystemTime::now())))
@@ -250,6 +230,22 @@ async fn write_state(
     let written = prefix.write_small(&file, Bytes::from(state)).await;
     let released = prefix.delete_small(&lock).await;
     written.and(released)
+}
+
+/// The lock file and state file of `id` below `prefix`, or why `id` cannot be a folder name
+/// there.
+fn state_paths(prefix: &Destination, id: &str) -> Result<(ObjectPath, ObjectPath), Error> {
+    match (
+        prefix.child(&[id, LOCK_FILE]),
+        prefix.child(&[id, STATE_FILE]),
+    ) {
+        (Some(lock), Some(file)) => Ok((lock, file)),
+        _ => Err(Error::InvalidExportRequest(format!(
+            "state ID {id:?} cannot be a folder name in Meltano's file backends (it holds /, %, \
+             *, ?, #, a bracket or a control character, or is . or ..); export it with the \
+             meltano format instead"
+        ))),
+    }
 }
 
 /// Returns once the lock at `path` is absent or older than the timeout; fails naming the state
