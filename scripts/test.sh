@@ -56,10 +56,17 @@ export STATEKEEPER_MELTANO="$(dirname "$meltano_python")/meltano"
 "$STATEKEEPER_MELTANO" --version
 
 step "cargo test (unit, engine, CLI, destinations, reconcilers, SQLMesh, Meltano, manifests)"
-cargo test --all-targets --locked --features failpoints -- --skip operator_makes_the_example_store_ready --skip crash::
+cargo test --all-targets --locked --features failpoints -- --skip operator_makes_the_example_store_ready --skip crash:: \
+  --skip eight_clients_at_once --skip the_operator_rides_out_a_database_outage
 
 step "crash at any point (bounded: every named failpoint, 4 random kills per operation)"
 cargo test --locked --features failpoints --test crash -- --nocapture
+
+step "concurrent clients (bounded: 8 clients for 15 s)"
+cargo test --locked --features failpoints --test concurrency -- --nocapture
+
+step "database outage (bounded: PostgreSQL down for 20 s under the running operator)"
+cargo test --locked --features failpoints --test outage -- --nocapture
 
 step "end-to-end suite"
 cargo test --locked --features failpoints --test e2e -- --nocapture

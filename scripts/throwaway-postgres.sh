@@ -7,6 +7,8 @@
 #       prints two lines: STATEKEEPER_PG_URL=postgres://... and STATEKEEPER_PG_DIR=/tmp/...
 #       with --owner-pid, the server stops by itself once process PID has exited.
 #   scripts/throwaway-postgres.sh stop DIR
+#   scripts/throwaway-postgres.sh halt DIR     stops the server as a crash would, keeping its data
+#   scripts/throwaway-postgres.sh resume DIR   starts it again on the same port (outage tests)
 set -euo pipefail
 
 log() { echo "throwaway-postgres: $*" >&2; }
@@ -46,6 +48,13 @@ as_owner() {
 
 source "$(dirname "$0")/lib/throwaway.sh"
 
+# serve DIR PORT: runs the server of DIR on PORT.
+serve() {
+  as_owner "$PG_BIN/pg_ctl" -D "$1/data" -l "$1/server.log" -w -t 60 start -o \
+    "-p $2 -c listen_addresses=127.0.0.1 -c unix_socket_directories=$1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+    >/dev/null 2>&1
+}
+
 start() {
   local owner_pid=""
   if [ "${1:-}" = "--owner-pid" ]; then owner_pid="$2"; fi
@@ -68,9 +77,8 @@ start() {
   for attempt in 1 2 3 4 5 6 7 8 9 10; do
     port=$(( 20000 + RANDOM % 40000 ))
     port_is_free "$port" || continue
-    if as_owner "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start -o \
-      "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
-      >/dev/null 2>&1; then
+    if serve "$dir" "$port"; then
+      echo "$port" > "$dir/port"
       if [ -n "$owner_pid" ]; then
         # Detached watcher: stops the server when the owner exits, even if it crashed.
         setsid nohup bash -c "while kill -0 $owner_pid 2>/dev/null; do sleep 1; done; '$0' stop '$dir'" \
@@ -94,8 +102,20 @@ stop() {
   rm -rf "$dir"
 }
 
+halt() {
+  PG_BIN=$(find_pg_bin)
+  as_owner "$PG_BIN/pg_ctl" -D "$1/data" -m immediate stop >/dev/null
+}
+
+resume() {
+  PG_BIN=$(find_pg_bin)
+  serve "$1" "$(cat "$1/port")" || { cat "$1/server.log" >&2; exit 1; }
+}
+
 case "${1:-}" in
   start) shift; start "$@" ;;
   stop) stop "$2" ;;
-  *) echo "usage: $0 start [--owner-pid PID] | stop DIR" >&2; exit 2 ;;
+  halt) halt "$2" ;;
+  resume) resume "$2" ;;
+  *) echo "usage: $0 start [--owner-pid PID] | stop DIR | halt DIR | resume DIR" >&2; exit 2 ;;
 esac

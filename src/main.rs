@@ -51,8 +51,10 @@ fn init_logging(json: bool) {
     let default = if json { "info" } else { "warn" };
     let filter =
         EnvFilter::try_from_env("STATEKEEPER_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // Colours only for a person at a terminal, never into files or pipes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -86,7 +86,7 @@ async fn s3_round_trip_uses_multipart_and_imports_every_row() {
     assert!(!destination.exists().await.unwrap());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_export_leaves_no_object_and_no_pending_upload() {
     let db = TestDb::new().await;
     let store = generated(&db, 15_000).await;
@@ -94,58 +94,46 @@ async fn a_failed_export_leaves_no_object_and_no_pending_upload() {
     let destination =
         Destination::parse(&format!("s3://{bucket}/broken.json"), &s3::options()).unwrap();
 
-    // Hold the environments table so the export stops there, after the version sections went
-    // up as multipart parts; then kill its database session.
-    let mut holder = db.conn().await;
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("LOCK TABLE state.virtual_environments IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    // Once the version sections went up as multipart parts, the export's progress callback
+    // pauses it and the test kills its database session.
     let written = Arc::new(AtomicU64::new(0));
     let counter = written.clone();
+    let (paused_tx, paused) = std::sync::mpsc::channel::<()>();
+    let (resume, resume_rx) = std::sync::mpsc::channel::<()>();
     let (engine, target) = (store.clone(), destination.clone());
     let export = tokio::spawn(async move {
+        let mut paused_once = false;
         engine
             .export_to(&target, &uncompressed(), move |bytes: &[u8]| {
-                counter.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+                let total = counter.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+                if !paused_once && total > 8 * 1024 * 1024 {
+                    paused_once = true;
+                    let _ = paused_tx.send(());
+                    let _ = resume_rx.recv_timeout(std::time::Duration::from_secs(60));
+                }
             })
             .await
     });
-    let mut admin = db.conn().await;
-    let waiting_pid = loop {
-        let pid: Option<i32> = sqlx::query_scalar(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
-             AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
-        )
-        .fetch_optional(&mut admin)
+    tokio::task::spawn_blocking(move || paused.recv_timeout(std::time::Duration::from_secs(120)))
         .await
-        .unwrap();
-        if let Some(pid) = pid {
-            break pid;
-        }
-        assert!(
-            !export.is_finished(),
-            "the export never waited for the lock"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    assert!(
-        written.load(Ordering::SeqCst) > 8 * 1024 * 1024,
-        "the upload was under way ({} bytes written)",
-        written.load(Ordering::SeqCst)
-    );
+        .unwrap()
+        .expect("the export got past 8 MiB");
     assert!(
         !s3::pending_uploads(&bucket).await.is_empty(),
         "a multipart upload is open"
     );
-    sqlx::query("SELECT pg_terminate_backend($1)")
-        .bind(waiting_pid)
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    let mut admin = db.conn().await;
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+         AND state LIKE 'idle in transaction%'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(killed >= 1, "the export's session was found");
+    resume.send(()).unwrap();
     let result = export.await.unwrap();
-    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
     let error = result.expect_err("the export lost its database session");
     assert!(!error.to_string().contains(s3::SECRET_ACCESS_KEY));
     assert!(s3::keys(&bucket).await.is_empty(), "no object appeared");

@@ -31,7 +31,7 @@ async fn ready_path_initializes_and_reports_the_store() {
     let object = store_for(&db, "analytics", json!({}));
 
     let (action, store) = h.reconcile(&object).await;
-    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
     let status = store.status.clone().unwrap();
     assert_eq!(status.phase.as_deref(), Some("Ready"));
     assert_eq!(status.observed_generation, Some(1));
@@ -203,7 +203,7 @@ async fn missing_secret_and_missing_key_say_what_to_fix() {
     put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
     let (action, store) = h.reconcile(&object).await;
     assert_eq!(condition(&store, "Ready").0, "True");
-    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
     assert!(
         h.event_reasons()
             .contains(&("Normal".into(), "StoreReady".into()))
@@ -379,7 +379,7 @@ async fn scheduled_janitor_runs_like_a_cronjob() {
         Some("2026-11-21T02:00:00Z")
     );
     assert!(janitor.last_schedule_time.is_none());
-    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
     assert_eq!(janitor_runs(&db).await, 0);
     let versions_before = store.status.as_ref().unwrap().counts.as_ref().unwrap()["model_versions"];
 
@@ -414,7 +414,7 @@ async fn scheduled_janitor_runs_like_a_cronjob() {
         h.event_reasons()
             .contains(&("Normal".into(), "JanitorSucceeded".into()))
     );
-    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
     assert_eq!(janitor_runs(&db).await, 1);
 
     // The same occurrence never runs twice.

@@ -202,7 +202,7 @@ async fn no_secret_reaches_any_output_on_any_failure_path() {
     let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
     let writer = {
         let logs = logs.clone();
-        move || Captured(logs.clone())
+        move || support::Captured(logs.clone())
     };
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::DEBUG)
@@ -380,20 +380,4 @@ fn assert_refused(export: &statekeeper::api::StateExport) {
         .contains(&reason.as_str()),
         "{reason}"
     );
-}
-
-/// A `tracing` writer into a shared buffer.
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut logs) = self.0.lock() {
-            logs.extend_from_slice(bytes);
-        }
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }

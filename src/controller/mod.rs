@@ -61,8 +61,9 @@ pub struct OperatorArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "STATEKEEPER_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
-    /// Seconds between checks of a healthy store.
-    #[arg(long, default_value_t = 300)]
+    /// Seconds between checks of a healthy store: how long an outage of its database can go
+    /// unreported at most (a check that changes nothing writes nothing).
+    #[arg(long, default_value_t = 60)]
     pub resync_seconds: u64,
     /// Default seconds to wait when connecting to a database.
     #[arg(long, default_value_t = 10)]
@@ -71,6 +72,14 @@ pub struct OperatorArgs {
     /// before it reports the store busy and tries again later.
     #[arg(long, default_value_t = 30)]
     pub lock_timeout_seconds: u64,
+    /// Seconds before the first retry of a resource that failed (an unreachable database, a
+    /// missing Secret); each further failure doubles it, up to --max-backoff-seconds.
+    #[arg(long, default_value_t = 5)]
+    pub min_backoff_seconds: u64,
+    /// The longest wait between retries: after an outage of any length, everything is checked
+    /// again at most this long after the database is back.
+    #[arg(long, default_value_t = 60)]
+    pub max_backoff_seconds: u64,
     /// Database connections the operator holds at most, all stores together (stores in one
     /// database share a pool; idle pools of other databases are closed to make room).
     #[arg(long, default_value_t = 16)]
@@ -105,9 +114,13 @@ impl OperatorArgs {
             resync_interval: Duration::from_secs(self.resync_seconds.max(10)),
             connect_timeout: Duration::from_secs(self.connect_timeout_seconds.max(1)),
             lock_timeout: Duration::from_secs(self.lock_timeout_seconds.max(1)),
+            min_backoff: Duration::from_secs(self.min_backoff_seconds.max(1)),
+            max_backoff: Duration::from_secs(
+                self.max_backoff_seconds
+                    .max(self.min_backoff_seconds.max(1)),
+            ),
             max_db_connections: self.max_db_connections.max(1),
             connections_per_database: self.connections_per_database.max(1),
-            ..Settings::default()
         }
     }
 }
@@ -129,10 +142,10 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            resync_interval: Duration::from_secs(300),
+            resync_interval: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             min_backoff: Duration::from_secs(5),
-            max_backoff: Duration::from_secs(300),
+            max_backoff: Duration::from_secs(60),
             lock_timeout: crate::engine::store::DEFAULT_LOCK_TIMEOUT,
             max_db_connections: 16,
             connections_per_database: 4,

@@ -1050,9 +1050,10 @@ async fn execute_in_database(
             run.wait(PHASE_QUEUED, "StoreBusy", message, approved).await
         }
         Err(e) if e.is_connection_error() => {
-            // Nothing committed: the operation runs again once the store is back.
+            // The transaction committed whole or changed nothing, and every operation is
+            // idempotent: it runs again once the store is back.
             let message = format!(
-                "{}; nothing was changed, retrying",
+                "{}; the operation is all-or-nothing and runs again once the database answers",
                 run.redact(&e.to_string())
             );
             run.status.started_at = None;

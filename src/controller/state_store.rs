@@ -541,11 +541,13 @@ async fn observe(
             // A pool whose connections broke (the server went away) is rebuilt with a fresh,
             // precise probe next time. A pool that was only busy (stores in one database share
             // it) stays: closing it would fail every other store's work.
-            let broken = matches!(
-                e,
-                EngineError::Database(sqlx::Error::Io(_) | sqlx::Error::Tls(_))
-            ) || (e.is_connection_error()
-                && !matches!(e, EngineError::ConnectTimeout { .. }));
+            let broken = matches!(e, EngineError::Database(sqlx::Error::Tls(_)))
+                || (e.is_connection_error()
+                    && !matches!(
+                        e,
+                        EngineError::ConnectTimeout { .. }
+                            | EngineError::Database(sqlx::Error::PoolTimedOut)
+                    ));
             if broken {
                 ctx.forget_pool(key).await;
             }

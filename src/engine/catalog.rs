@@ -86,7 +86,9 @@ pub async fn column_list(
 }
 
 /// Moves every identity sequence of the schema past the largest id present, so that rows
-/// inserted with explicit ids (restore, import) never collide with later inserts.
+/// inserted with explicit ids (restore, import) never collide with later inserts. Never
+/// backwards: `setval` is not undone when its transaction fails, so lowering a sequence in an
+/// operation that then rolls back would hand out ids the store still holds.
 pub async fn resync_identities(conn: &mut PgConnection, schema: &str) -> Result<(), Error> {
     let identities = sqlx::query(
         "SELECT c.relname::text AS table_name, a.attname::text AS column_name FROM pg_attribute a \
@@ -101,7 +103,9 @@ pub async fn resync_identities(conn: &mut PgConnection, schema: &str) -> Result<
         let column: String = row.try_get("column_name")?;
         let qualified = format!("{}.{}", quote_ident(schema), quote_ident(&table));
         let sql = format!(
-            "SELECT setval(pg_get_serial_sequence($1, $2), COALESCE((SELECT max({col}) FROM {qualified}), 0) + 1, false)",
+            "SELECT setval(seq, GREATEST((SELECT max({col}) FROM {qualified}), last_value), true) \
+             FROM (SELECT pg_get_serial_sequence($1, $2)::regclass AS seq) s, \
+             LATERAL pg_sequence_last_value(seq) AS last_value",
             col = quote_ident(&column),
         );
         sqlx::query(AssertSqlSafe(sql))

@@ -154,8 +154,31 @@ pub enum Error {
     #[error("the export file is not importable: {0}; nothing was changed")]
     InvalidExport(String),
 
+    /// The server went away or ended the session mid-operation (a restart, a failover, a
+    /// network cut). The transaction either committed whole or changed nothing.
+    #[error("lost the connection to PostgreSQL: {0}")]
+    ConnectionLost(String),
+
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(error: sqlx::Error) -> Self {
+        let lost = match &error {
+            sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+            // Class 08: connection exception; 57P0x: the server shut down or restarted.
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+            _ => false,
+        };
+        if lost {
+            Error::ConnectionLost(error.to_string())
+        } else {
+            Error::Database(error)
+        }
+    }
 }
 
 impl Error {
@@ -191,6 +214,8 @@ impl Error {
             Error::MeltanoStateLocked { .. } => "StateIdLocked",
             Error::ExportWrite(_) => "ExportWriteFailed",
             Error::InvalidExport(_) => "InvalidExport",
+            Error::ConnectionLost(_) => "DatabaseUnreachable",
+            Error::Database(sqlx::Error::PoolTimedOut) => "ConnectTimeout",
             Error::Database(_) => "DatabaseError",
         }
     }
@@ -204,6 +229,8 @@ impl Error {
                 | Error::AuthenticationFailed { .. }
                 | Error::DatabaseNotFound { .. }
                 | Error::ConnectTimeout { .. }
+                | Error::ConnectionLost(_)
+                | Error::Database(sqlx::Error::PoolTimedOut)
         )
     }
 }

@@ -292,15 +292,26 @@ impl Store {
         self.backup_with_reason("manual").await
     }
 
-    /// A backup now, recording why (`manual`, `pre-run`, `pre-migration`, …).
+    /// A backup now, recording why (`manual`, `pre-run`, `pre-migration`, …). The store's lock
+    /// is taken first, on a session of its own, and the snapshot after it: a snapshot taken while
+    /// waiting for the lock would predate the operation that held it. The session is detached
+    /// from the pool, so that if this is cancelled PostgreSQL releases the lock with it.
     pub async fn backup_with_reason(&self, reason: &str) -> Result<BackupInfo, Error> {
-        let mut tx = self.begin_snapshot().await?;
-        self.take_advisory_lock(&mut tx).await?;
-        let version = self.require_initialized(&mut tx).await?;
-        let info = self.create_backup(&mut tx, &version, reason).await?;
-        super::failpoint::hit("backup.before_commit");
-        tx.commit().await?;
-        Ok(info)
+        let mut lock = self.pool.acquire().await?.detach();
+        self.lock_session(&mut lock).await?;
+        let backup = async {
+            let mut tx = self.begin_snapshot().await?;
+            let version = self.require_initialized(&mut tx).await?;
+            let info = self.create_backup(&mut tx, &version, reason).await?;
+            super::failpoint::hit("backup.before_commit");
+            tx.commit().await?;
+            Ok(info)
+        }
+        .await;
+        if self.unlock_session(&mut lock).await.is_ok() {
+            let _ = sqlx::Connection::close(lock).await;
+        }
+        backup
     }
 
     /// Replaces the store with a backup (the newest, or the one named). The replaced state is
@@ -472,13 +483,51 @@ impl Store {
     }
 
     /// A REPEATABLE READ transaction: every read in it sees the store at one instant, whatever
-    /// writers (statekeeper's or the framework's own) do meanwhile.
+    /// writers (statekeeper's or the framework's own) do meanwhile. Its first statement takes
+    /// shared locks on every table of the store, so the snapshot is taken after them: an
+    /// operation that replaces the store's rows (it locks them exclusively, in the same order)
+    /// is wholly before it or waits for it. Without them, a snapshot taken before a TRUNCATE
+    /// commits reads the emptied tables (TRUNCATE is not MVCC-safe), and reading tables in
+    /// another order than the operation locks them can deadlock.
     pub(crate) async fn begin_snapshot(&self) -> Result<Transaction<'static, Postgres>, Error> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        let mut relisted = 0;
+        loop {
+            let tables = {
+                let mut conn = self.pool.acquire().await?;
+                self.tables(&mut conn).await?
+            };
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *tx)
+                .await?;
+            if tables.is_empty() {
+                return Ok(tx);
+            }
+            let locked = sqlx::query(AssertSqlSafe(format!(
+                "LOCK TABLE {} IN ACCESS SHARE MODE",
+                self.qualified_tables(&tables)
+            )))
             .execute(&mut *tx)
-            .await?;
-        Ok(tx)
+            .await;
+            match locked {
+                Ok(_) => return Ok(tx),
+                // A table dropped since it was listed (a reset, a rollback rebuilding tables).
+                Err(sqlx::Error::Database(db))
+                    if db.code().as_deref() == Some("42P01") && relisted < 3 =>
+                {
+                    relisted += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn qualified_tables(&self, tables: &[String]) -> String {
+        tables
+            .iter()
+            .map(|t| format!("{}.{}", self.schema.quoted(), quote_ident(t)))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Begins a transaction holding the store's advisory lock, waiting at most `lock_timeout`.
@@ -489,30 +538,30 @@ impl Store {
     }
 
     /// Begins a transaction for an operation that replaces the store's rows: the advisory lock,
-    /// and, where the framework's own writers do not take it, exclusive locks on its tables, so
-    /// that they wait for the operation (or it fails with `StoreBusy`) and never interleave.
+    /// and exclusive locks on its tables (writers that do not take the advisory lock — a
+    /// framework's, or anything writing to statekeeper's schema — wait for the operation, or it
+    /// fails with `StoreBusy`, and never interleave).
     pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, Error> {
         let mut tx = self.begin_locked().await?;
         self.lock_tables(&mut tx).await?;
         Ok(tx)
     }
 
-    /// Exclusive locks on the store's tables when its framework does not take the advisory lock.
+    /// Exclusive locks on the store's tables, in the order [`Store::begin_snapshot`] takes its
+    /// shared ones: writers wait for the operation, and readers see it whole.
     pub(crate) async fn lock_tables(&self, conn: &mut PgConnection) -> Result<(), Error> {
-        if self.profile().owns_schema {
-            return Ok(());
-        }
         let tables = self.tables(conn).await?;
         if tables.is_empty() {
             return Ok(());
         }
-        let list = tables
-            .iter()
-            .map(|t| format!("{}.{}", self.schema.quoted(), quote_ident(t)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        self.bounded(conn, &format!("LOCK TABLE {list} IN ACCESS EXCLUSIVE MODE"))
-            .await
+        self.bounded(
+            conn,
+            &format!(
+                "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                self.qualified_tables(&tables)
+            ),
+        )
+        .await
     }
 
     async fn take_advisory_lock(&self, conn: &mut PgConnection) -> Result<(), Error> {
@@ -535,11 +584,12 @@ impl Store {
         )))
         .execute(&mut *conn)
         .await?;
+        let waiting = std::time::Instant::now();
         let locked = sqlx::query(AssertSqlSafe(statement.to_owned()))
             .execute(&mut *conn)
             .await;
         match locked {
-            Ok(_) => {}
+            Ok(_) => self.log_lock_wait(waiting),
             Err(sqlx::Error::Database(db))
                 if matches!(db.code().as_deref(), Some("55P03" | "40P01")) =>
             {
@@ -565,6 +615,7 @@ impl Store {
         )))
         .execute(&mut *conn)
         .await?;
+        let waiting = std::time::Instant::now();
         let locked = sqlx::query("SELECT pg_advisory_lock($1, hashtext($2))")
             .bind(LOCK_CLASS)
             .bind(self.schema.as_str())
@@ -574,7 +625,10 @@ impl Store {
             .execute(&mut *conn)
             .await?;
         match locked {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.log_lock_wait(waiting);
+                Ok(())
+            }
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
                 Err(Error::Busy {
                     schema: self.schema.to_string(),
@@ -583,6 +637,16 @@ impl Store {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// How long an operation queued behind another on this store (the figure the concurrency
+    /// test reports; `STATEKEEPER_LOG=statekeeper::engine::store=debug` shows it).
+    fn log_lock_wait(&self, waiting: std::time::Instant) {
+        tracing::debug!(
+            schema = %self.schema,
+            waited_ms = waiting.elapsed().as_millis() as u64,
+            "took the store's lock"
+        );
     }
 
     pub(crate) async fn unlock_session(&self, conn: &mut PgConnection) -> Result<(), Error> {

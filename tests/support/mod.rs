@@ -34,6 +34,13 @@ pub fn admin_url() -> &'static str {
 /// Starts a throwaway server with `scripts/<script> start`, stopped by the script once this test
 /// process exits, and returns the `variable=value` it prints.
 pub fn start_throwaway(script: &str, variable: &str) -> String {
+    start_throwaway_all(script)
+        .remove(variable)
+        .unwrap_or_else(|| panic!("scripts/{script} printed no {variable}"))
+}
+
+/// Like [`start_throwaway`]: every `VARIABLE=value` line the script prints.
+pub fn start_throwaway_all(script: &str) -> BTreeMap<String, String> {
     let path = format!("{}/scripts/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("bash")
         .args([
@@ -49,12 +56,11 @@ pub fn start_throwaway(script: &str, variable: &str) -> String {
         "scripts/{script} could not start its server:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let prefix = format!("{variable}=");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("scripts/{script} printed no {variable}"))
-        .to_owned()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 /// A database of its own for one test.
@@ -274,4 +280,31 @@ pub async fn hold_store_lock(db: &TestDb, schema: &str) -> PgConnection {
         .await
         .expect("take the store lock");
     holder
+}
+
+/// A `tracing` writer into a shared buffer.
+pub struct Captured(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut logs) = self.0.lock() {
+            logs.extend_from_slice(bytes);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How long a bounded run lasts: `variable` (seconds) for the full run, `default` in the test
+/// command.
+pub fn seconds_from_env(variable: &str, default: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(
+        std::env::var(variable)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default),
+    )
 }

@@ -186,6 +186,8 @@ pub(crate) async fn import(
         schema_version: current,
         details: Default::default(),
     };
+    // Writers wait from here: the backup and the change see one state.
+    store.lock_tables(&mut tx).await?;
     let backup = store
         .backup_before_change(&mut tx, &version, "pre-import")
         .await?;
