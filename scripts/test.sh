@@ -55,7 +55,7 @@ meltano_python=$(STATEKEEPER_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/statekeeper/v
 export STATEKEEPER_MELTANO="$(dirname "$meltano_python")/meltano"
 "$STATEKEEPER_MELTANO" --version
 
-step "cargo test (unit, engine, CLI, destinations, reconcilers, SQLMesh, Meltano, manifests)"
+step "cargo test (unit, engine, CLI, destinations, reconcilers, SQLMesh, Meltano, manifests, hostile specs)"
 cargo test --all-targets --locked --features failpoints -- --skip operator_makes_the_example_store_ready --skip crash:: \
   --skip eight_clients_at_once --skip the_operator_rides_out_a_database_outage
 

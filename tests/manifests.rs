@@ -138,7 +138,7 @@ fn every_example_state_store_parses_into_the_real_type() {
                         continue;
                     }
                     assert_eq!(
-                        evaluate(text, &doc, None),
+                        support::evaluate_cel(text, &doc, None),
                         Ok(true),
                         "{}: {}",
                         path.display(),
@@ -285,25 +285,6 @@ fn deploy_renders_with_kustomize_and_runs_non_root() {
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(deployment["metadata"]["namespace"], "statekeeper-system");
-}
-
-/// A CEL rule's result on `self` (and `oldSelf` for a transition rule), as the API server's
-/// validation would compute it.
-fn evaluate(rule: &str, new: &Value, old: Option<&Value>) -> Result<bool, String> {
-    let program = cel_interpreter::Program::compile(rule).map_err(|e| e.to_string())?;
-    let mut context = cel_interpreter::Context::default();
-    context
-        .add_variable("self", new.clone())
-        .map_err(|e| e.to_string())?;
-    if let Some(old) = old {
-        context
-            .add_variable("oldSelf", old.clone())
-            .map_err(|e| e.to_string())?;
-    }
-    match program.execute(&context).map_err(|e| e.to_string())? {
-        cel_interpreter::Value::Bool(result) => Ok(result),
-        other => Err(format!("the rule gave {other:?}, not a bool")),
-    }
 }
 
 /// Every `x-kubernetes-validations` rule of every CRD, wherever it sits in the schema,
@@ -755,7 +736,9 @@ fn every_cel_rule_accepts_and_refuses_what_it_should() {
     };
     let results: Vec<Result<bool, String>> = cases
         .iter()
-        .map(|(kind, part, new, old, _)| evaluate(&rule_of(kind, part), new, old.as_ref()))
+        .map(|(kind, part, new, old, _)| {
+            support::evaluate_cel(&rule_of(kind, part), new, old.as_ref())
+        })
         .collect();
     for ((kind, part, new, old, expected), got) in cases.iter().zip(results) {
         assert_eq!(

@@ -39,6 +39,7 @@ pub struct StateExportSpec {
     pub destination: Destination,
     /// Only these environments, with every version they reference; empty exports everything.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000), inner(length(min = 1, max = 253)))]
     pub environments: Vec<String>,
     #[serde(default)]
     pub compression: ExportCompression,
@@ -58,6 +59,7 @@ pub struct StateExportSpec {
     pub schedule: Option<String>,
     /// IANA time zone the schedule is read in (default UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
     pub time_zone: Option<String>,
     /// Pause the schedule; an export in progress finishes. Run-now requests still run.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -130,7 +132,11 @@ fn default_backoff_limit() -> u32 {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct StoreRef {
-    #[schemars(length(min = 1, max = 253))]
+    /// A StateStore in this object's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
 }
 
@@ -149,6 +155,7 @@ pub struct Destination {
     /// Object store settings that are not secret, e.g. `endpoint`, `region`,
     /// `virtual_hosted_style_request` (S3) or `azure_storage_account_name`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
     pub options: BTreeMap<String, String>,
     /// A Secret whose keys are object store settings too, for credentials such as
     /// `aws_access_key_id` and `aws_secret_access_key`, `google_service_account_key` or
@@ -160,7 +167,11 @@ pub struct Destination {
 /// A Secret in the resource's namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SecretRef {
-    #[schemars(length(min = 1, max = 253))]
+    /// A Secret in this object's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
 }
 

@@ -133,7 +133,11 @@ pub struct ImportOperation {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ExportRef {
-    #[schemars(length(min = 1, max = 253))]
+    /// A StateExport in this object's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
 }
 

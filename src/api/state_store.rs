@@ -74,6 +74,7 @@ pub struct JanitorSpec {
     pub schedule: String,
     /// IANA time zone the schedule is read in (default UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
     pub time_zone: Option<String>,
     /// Pause scheduling; a run in progress finishes.
     #[serde(default)]
@@ -90,9 +91,11 @@ pub struct JanitorSpec {
     pub keep_checkpoints: Option<u32>,
     /// Checkpoints younger than this always survive (default 7d).
     #[serde(default = "default_checkpoint_min_age")]
+    #[schemars(length(min = 1, max = 32))]
     pub checkpoint_min_age: String,
     /// Unreferenced versions younger than this survive, protecting plans in flight (default 24h).
     #[serde(default = "default_version_grace_period")]
+    #[schemars(length(min = 1, max = 32))]
     pub version_grace_period: String,
     /// Rows removed per transaction (default 1000).
     #[serde(default = "default_batch_size")]
@@ -104,6 +107,7 @@ pub struct JanitorSpec {
     pub keep_runs: u32,
     /// Meltano stores: runs younger than this always survive (default 7d).
     #[serde(default = "default_run_min_age")]
+    #[schemars(length(min = 1, max = 32))]
     pub run_min_age: String,
     /// Meltano stores: first mark stale RUNNING runs failed, as Meltano's own check does (no
     /// heartbeat for 5 minutes, or 24 hours without one).
@@ -195,6 +199,7 @@ fn default_unsuffixed_virtual_env() -> String {
 pub struct ConnectionSpec {
     /// Database host name or address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub host: Option<String>,
     /// Database port (default 5432).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -202,9 +207,11 @@ pub struct ConnectionSpec {
     pub port: Option<u16>,
     /// Database name (default `postgres`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
     pub database: Option<String>,
     /// User name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
     pub user: Option<String>,
     /// The user's password.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -308,3 +308,26 @@ pub fn seconds_from_env(variable: &str, default: u64) -> std::time::Duration {
             .unwrap_or(default),
     )
 }
+
+/// A CEL rule's result on `self` (and `oldSelf` for a transition rule), as the API server's
+/// validation would compute it.
+pub fn evaluate_cel(
+    rule: &str,
+    new: &serde_json::Value,
+    old: Option<&serde_json::Value>,
+) -> Result<bool, String> {
+    let program = cel_interpreter::Program::compile(rule).map_err(|e| e.to_string())?;
+    let mut context = cel_interpreter::Context::default();
+    context
+        .add_variable("self", new.clone())
+        .map_err(|e| e.to_string())?;
+    if let Some(old) = old {
+        context
+            .add_variable("oldSelf", old.clone())
+            .map_err(|e| e.to_string())?;
+    }
+    match program.execute(&context).map_err(|e| e.to_string())? {
+        cel_interpreter::Value::Bool(result) => Ok(result),
+        other => Err(format!("the rule gave {other:?}, not a bool")),
+    }
+}
