@@ -593,33 +593,6 @@ fn schema_violation(schema: &Value, value: &Value) -> Option<&'static str> {
     None
 }
 
-/// The message of the first CEL rule (create-time: no `oldSelf`) the object breaks.
-fn cel_violation(schema: &Value, value: &Value) -> Option<String> {
-    for rule in schema["x-kubernetes-validations"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        let text = rule["rule"].as_str().unwrap_or_default();
-        if text.contains("oldSelf") {
-            continue;
-        }
-        if support::evaluate_cel(text, value, None) != Ok(true) {
-            return Some(rule["message"].as_str().unwrap_or(text).to_owned());
-        }
-    }
-    if let Some(object) = value.as_object() {
-        for (key, item) in object {
-            if let Some(child) = schema["properties"].get(key)
-                && let Some(message) = cel_violation(child, item)
-            {
-                return Some(message);
-            }
-        }
-    }
-    None
-}
-
 fn set(object: &mut Value, dotted: &str, value: Value) {
     let mut at = &mut object["spec"];
     let parts: Vec<&str> = dotted.split('.').collect();
@@ -740,7 +713,7 @@ async fn every_hostile_spec_value_is_refused_with_a_reason_or_harmless() {
         let schema = schema_of(row.kind);
         let found = if let Some(keyword) = schema_violation(&schema, &object) {
             Refusal::Schema(keyword)
-        } else if let Some(message) = cel_violation(&schema, &object) {
+        } else if let Some(message) = support::cel_violation(&schema, &object) {
             match &row.refused_by {
                 Refusal::Cel(fragment) if message.contains(fragment) => Refusal::Cel(fragment),
                 _ => {

@@ -331,3 +331,30 @@ pub fn evaluate_cel(
         other => Err(format!("the rule gave {other:?}, not a bool")),
     }
 }
+
+/// The message of the first CEL rule (create-time: no `oldSelf`) the object breaks.
+pub fn cel_violation(schema: &serde_json::Value, value: &serde_json::Value) -> Option<String> {
+    for rule in schema["x-kubernetes-validations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let text = rule["rule"].as_str().unwrap_or_default();
+        if text.contains("oldSelf") {
+            continue;
+        }
+        if evaluate_cel(text, value, None) != Ok(true) {
+            return Some(rule["message"].as_str().unwrap_or(text).to_owned());
+        }
+    }
+    if let Some(object) = value.as_object() {
+        for (key, item) in object {
+            if let Some(child) = schema["properties"].get(key)
+                && let Some(message) = cel_violation(child, item)
+            {
+                return Some(message);
+            }
+        }
+    }
+    None
+}
