@@ -456,13 +456,21 @@ async fn step(run: &mut Run<'_>) -> Result<Action, ReconcileError> {
         Err((reason, message)) => return run.pending(&reason, message).await,
     };
 
-    if run.previous.phase.as_deref() == Some(PHASE_RUNNING) {
-        if let Requested::RunnerUpgrade { runner } = &requested {
-            return runner_step(run, &store, &engine, runner).await;
-        }
-        if let Some(action) = resume_in_database(run, &engine).await? {
-            return Ok(action);
-        }
+    if run.previous.phase.as_deref() == Some(PHASE_RUNNING)
+        && let Requested::RunnerUpgrade { runner } = &requested
+    {
+        return runner_step(run, &store, &engine, runner).await;
+    }
+    // Interrupted by a restart (Running) or by a lost connection (Pending): if the transaction
+    // committed, its tagged backup says so, and the operation must not run twice (a second
+    // rollback to "the newest backup" would undo the first).
+    if matches!(
+        run.previous.phase.as_deref(),
+        Some(PHASE_RUNNING | PHASE_PENDING)
+    ) && !matches!(requested, Requested::RunnerUpgrade { .. })
+        && let Some(action) = resume_in_database(run, &engine).await?
+    {
+        return Ok(action);
     }
     // Without a backup nothing marks a committed transaction: after a restart mid-operation only
     // an unchanged store (the same plan hash) proves that nothing was applied.
