@@ -89,7 +89,7 @@ async fn s3_round_trip_uses_multipart_and_imports_every_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_export_leaves_no_object_and_no_pending_upload() {
     let db = TestDb::new().await;
-    let store = generated(&db, 15_000).await;
+    let store = generated(&db, 60_000).await;
     let bucket = s3::bucket().await;
     let destination =
         Destination::parse(&format!("s3://{bucket}/broken.json"), &s3::options()).unwrap();
@@ -126,7 +126,7 @@ async fn a_failed_export_leaves_no_object_and_no_pending_upload() {
     let killed: i64 = sqlx::query_scalar(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
          WHERE datname = current_database() AND pid <> pg_backend_pid()
-         AND state LIKE 'idle in transaction%'",
+         AND backend_type = 'client backend' AND state <> 'idle'",
     )
     .fetch_one(&mut admin)
     .await
