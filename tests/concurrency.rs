@@ -30,6 +30,8 @@ const WRITER_ENV: &str = "writer_env";
 /// One writer transaction: a model version and its promotion into `writer_env`.
 struct Written {
     name: String,
+    /// When the transaction began: how long the writer waited shows against `committed`.
+    began: Instant,
     /// Before COMMIT was sent (the row may be visible from here on)…
     committing: Instant,
     /// …and after it returned (visible to everyone from here on).
@@ -129,6 +131,7 @@ async fn writer(db: &TestDb, until: Instant) -> (Vec<Written>, usize) {
     while Instant::now() < until {
         n += 1;
         let name = format!("writer_model_{n:06}");
+        let began = Instant::now();
         let mut tx = conn.begin().await.expect("begin");
         let inserted = async {
             let id: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
@@ -163,6 +166,7 @@ async fn writer(db: &TestDb, until: Instant) -> (Vec<Written>, usize) {
         }
         written.push(Written {
             name,
+            began,
             committing,
             committed: Instant::now(),
         });
@@ -542,9 +546,18 @@ async fn eight_clients_at_once_serialize_lose_nothing_and_export_consistent_stat
     let mut waits = log.lock_waits_ms.clone();
     waits.sort_unstable();
     println!("concurrency: {} s, 8 clients", run_for.as_secs());
+    let mut writer_ms: Vec<u64> = written
+        .iter()
+        .map(|w| w.committed.duration_since(w.began).as_millis() as u64)
+        .collect();
+    writer_ms.sort_unstable();
     println!(
-        "concurrency: writer: {} transactions committed ({writer_refused} refused and retried)",
-        written.len()
+        "concurrency: writer: {} transactions committed ({writer_refused} refused and retried); \
+         each took p50 {} ms, p99 {} ms, max {} ms (waiting for operations that replace rows)",
+        written.len(),
+        percentile(&writer_ms, 50.0),
+        percentile(&writer_ms, 99.0),
+        writer_ms.last().copied().unwrap_or(0)
     );
     for (client, (ok, busy)) in &per_client {
         println!("concurrency: {client:<16} {ok:>5} completed, {busy:>3} StoreBusy");
