@@ -109,16 +109,16 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
             .map(|(name, _)| format!("t.{}::text", quote_ident(name)))
             .collect::<Vec<_>>()
             .join(", ");
-        let rows = out
-            .stream_rows(
-                tx,
-                &format!(
-                    "SELECT to_json(ARRAY[{values}]::text[])::text FROM {}.{} t",
-                    store.schema().quoted(),
-                    quote_ident(table)
-                ),
-            )
-            .await?;
+        let rows = super::export::stream_table_as_arrays(
+            tx,
+            out,
+            &format!(
+                "SELECT {values} FROM {}.{} t",
+                store.schema().quoted(),
+                quote_ident(table)
+            ),
+        )
+        .await?;
         out.write(b"]}").await?;
         report.rows.insert(table.clone(), rows);
     }

@@ -353,6 +353,110 @@ async fn stream_rows<W: AsyncWrite + Unpin + Send>(
     Ok(rows)
 }
 
+/// Streams a table's rows as JSON arrays of their text forms (`["v", null, …]`), comma-separated;
+/// returns how many. The server sends `COPY … TO STDOUT` in its plain text format — the cheapest
+/// form it has, what `pg_dump` reads — and the rows are turned into JSON here, on the client's
+/// core, while the server goes on producing the next ones.
+pub(crate) async fn stream_table_as_arrays<W: AsyncWrite + Unpin + Send>(
+    conn: &mut PgConnection,
+    out: &mut Output<W>,
+    select: &str,
+) -> Result<u64, Error> {
+    let mut copy = conn
+        .copy_out_raw(&format!("COPY ({select}) TO STDOUT"))
+        .await?;
+    let mut rows = 0u64;
+    let mut partial: Vec<u8> = Vec::new();
+    let mut json = Vec::with_capacity(128 * 1024);
+    while let Some(chunk) = copy.try_next().await? {
+        json.clear();
+        let mut start = 0;
+        for end in line_ends(&chunk) {
+            let line = if partial.is_empty() {
+                &chunk[start..end]
+            } else {
+                partial.extend_from_slice(&chunk[start..end]);
+                &partial[..]
+            };
+            if rows > 0 {
+                json.push(b',');
+            }
+            copy_text_row_to_json(line, &mut json)?;
+            rows += 1;
+            partial.clear();
+            start = end + 1;
+        }
+        partial.extend_from_slice(&chunk[start..]);
+        out.encoder.write(&json).await.map_err(io_error)?;
+    }
+    if !partial.is_empty() {
+        return Err(Error::ExportWrite(
+            "PostgreSQL ended a COPY in the middle of a row; refusing to write a corrupt export"
+                .into(),
+        ));
+    }
+    Ok(rows)
+}
+
+fn line_ends(chunk: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    chunk
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .map(|(i, _)| i)
+}
+
+/// One line of COPY's text format (tab-separated fields, `\N` for NULL, backslash escapes) as a
+/// JSON array of strings, escaped as PostgreSQL's own `to_json` escapes them.
+pub(crate) fn copy_text_row_to_json(line: &[u8], json: &mut Vec<u8>) -> Result<(), Error> {
+    json.push(b'[');
+    for (i, field) in line.split(|b| *b == b'\t').enumerate() {
+        if i > 0 {
+            json.push(b',');
+        }
+        if field == b"\\N" {
+            json.extend_from_slice(b"null");
+            continue;
+        }
+        json.push(b'"');
+        let mut bytes = field.iter().copied();
+        while let Some(byte) = bytes.next() {
+            let value = if byte == b'\\' {
+                match bytes.next() {
+                    Some(b'b') => 0x08,
+                    Some(b'f') => 0x0c,
+                    Some(b'n') => b'\n',
+                    Some(b'r') => b'\r',
+                    Some(b't') => b'\t',
+                    Some(b'v') => 0x0b,
+                    Some(other) => other,
+                    None => {
+                        return Err(Error::ExportWrite(
+                            "PostgreSQL sent a COPY field ending in a lone backslash".into(),
+                        ));
+                    }
+                }
+            } else {
+                byte
+            };
+            match value {
+                b'"' => json.extend_from_slice(b"\\\""),
+                b'\\' => json.extend_from_slice(b"\\\\"),
+                0x08 => json.extend_from_slice(b"\\b"),
+                0x0c => json.extend_from_slice(b"\\f"),
+                b'\n' => json.extend_from_slice(b"\\n"),
+                b'\r' => json.extend_from_slice(b"\\r"),
+                b'\t' => json.extend_from_slice(b"\\t"),
+                0x00..=0x1f => json.extend_from_slice(format!("\\u{value:04x}").as_bytes()),
+                _ => json.push(value),
+            }
+        }
+        json.push(b'"');
+    }
+    json.push(b']');
+    Ok(())
+}
+
 impl Store {
     /// Exports into `destination`. The object appears under its final name only once complete
     /// (a local file is written beside it, synced and renamed; S3, GCS and Azure commit the
@@ -392,5 +496,31 @@ impl Store {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_text_row_to_json;
+
+    fn json(line: &[u8]) -> String {
+        let mut out = Vec::new();
+        copy_text_row_to_json(line, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn copy_text_rows_become_json_arrays_as_postgres_escapes_them() {
+        assert_eq!(json(b"a\tb"), r#"["a","b"]"#);
+        assert_eq!(json(b"\\N\t"), r#"[null,""]"#);
+        assert_eq!(json(b"\\\\N"), r#"["\\N"]"#);
+        assert_eq!(
+            json(b"say \"hi\"\\ttab\\nline\\\\"),
+            r#"["say \"hi\"\ttab\nline\\"]"#
+        );
+        assert_eq!(json(b"\\b\\f\\r\\v\x01"), r#"["\b\f\r\u000b\u0001"]"#);
+        assert_eq!(json("ünïcødé ✓".as_bytes()), r#"["ünïcødé ✓"]"#);
+        let mut out = Vec::new();
+        assert!(copy_text_row_to_json(b"trailing\\", &mut out).is_err());
     }
 }
