@@ -180,6 +180,11 @@ pub(crate) async fn import(
     sqlx::query("CREATE INDEX ON statekeeper_import (section, (doc->>'id'))")
         .execute(&mut *tx)
         .await?;
+    // A temporary table has no statistics until analysed: without them the planner guessed
+    // nested loops for the checks' anti-joins (a 10k-version file took 14 s to validate).
+    sqlx::query("ANALYZE statekeeper_import")
+        .execute(&mut *tx)
+        .await?;
     validate_staged(&mut tx).await?;
 
     let version = StoreVersion {
