@@ -505,7 +505,7 @@ impl Store {
             }
             let locked = sqlx::query(AssertSqlSafe(format!(
                 "LOCK TABLE {} IN ACCESS SHARE MODE",
-                self.qualified_tables(&tables)
+                super::tableset::qualified_list(self.schema.as_str(), &tables)
             )))
             .execute(&mut *tx)
             .await;
@@ -520,14 +520,6 @@ impl Store {
                 Err(e) => return Err(e.into()),
             }
         }
-    }
-
-    fn qualified_tables(&self, tables: &[String]) -> String {
-        tables
-            .iter()
-            .map(|t| format!("{}.{}", self.schema.quoted(), quote_ident(t)))
-            .collect::<Vec<_>>()
-            .join(", ")
     }
 
     /// Begins a transaction holding the store's advisory lock, waiting at most `lock_timeout`.
@@ -558,7 +550,7 @@ impl Store {
             conn,
             &format!(
                 "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-                self.qualified_tables(&tables)
+                super::tableset::qualified_list(self.schema.as_str(), &tables)
             ),
         )
         .await
