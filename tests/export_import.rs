@@ -670,3 +670,151 @@ async fn exact_export_writes_every_type_and_odd_text_as_postgres_would() {
     let after = snapshot(&mut target_db.conn().await, SCHEMA).await;
     assert_eq!(before["odd_values"], after["odd_values"]);
 }
+
+/// The logical format's rows as the export used to have PostgreSQL write them (`row_to_json`
+/// per row, a query per environment), for comparing with what the export writes now.
+async fn logical_document_by_postgres(conn: &mut sqlx::PgConnection) -> serde_json::Value {
+    let mut document = serde_json::Map::new();
+    for (table, order) in [
+        ("model_versions", "t.id"),
+        ("model_version_intervals", "t.id"),
+        ("function_versions", "t.id"),
+        ("physical_relations", "t.id"),
+        (
+            "physical_relation_ancestry",
+            "t.relation_id, t.parent_relation_id",
+        ),
+        ("locks", "t.name"),
+        ("state_operations", "t.id"),
+    ] {
+        let rows: Vec<sqlx::types::Json<serde_json::Value>> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT row_to_json(t) FROM state.{table} t ORDER BY {order}"
+            )))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        document.insert(
+            table.into(),
+            rows.into_iter().map(|row| row.0).collect::<Vec<_>>().into(),
+        );
+    }
+    let environments: Vec<(String, sqlx::types::Json<serde_json::Value>)> = sqlx::query_as(
+        "SELECT e.name, json_build_object(
+           'environment', row_to_json(e),
+           'refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.model_name) FROM state.virtual_environment_refs r WHERE r.environment = e.name), '[]'),
+           'function_refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.function_name) FROM state.virtual_environment_function_refs r WHERE r.environment = e.name), '[]'),
+           'checkpoints', COALESCE((SELECT json_agg(json_build_object(
+               'checkpoint', row_to_json(c),
+               'refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.model_name) FROM state.virtual_environment_checkpoint_refs r WHERE r.checkpoint_id = c.id), '[]'),
+               'function_refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.function_name) FROM state.virtual_environment_checkpoint_function_refs r WHERE r.checkpoint_id = c.id), '[]')
+             ) ORDER BY c.id) FROM state.virtual_environment_checkpoints c WHERE c.environment = e.name), '[]')
+         ) FROM state.virtual_environments e ORDER BY e.name",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let mut by_name = serde_json::Map::new();
+    for (name, environment) in environments {
+        by_name.insert(name, environment.0);
+    }
+    document.insert("environments".into(), by_name.into());
+    document.into()
+}
+
+#[tokio::test]
+async fn logical_export_writes_rows_as_row_to_json_would_in_every_time_zone() {
+    let db = TestDb::new().await;
+    let store = db.store(SCHEMA).await;
+    store.init(None).await.unwrap();
+    // More references and checkpoints than the export fetches at a time (5,000).
+    store
+        .generate(&GenerateOptions {
+            model_versions: 12_000,
+            environments: 4,
+            seed: 5,
+            checkpoints_per_environment: 1_300,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut conn = db.conn().await;
+    sqlx::raw_sql(
+        r#"INSERT INTO state.model_versions (name, fingerprint, version, kind, definition, created_at) VALUES
+             (E'ünïcødé ✓ 𝄞 "q" back\\slash tab\t nl\n \x01 \\N', 'odd-1', E'v"1', 'model',
+              '{"a": [1, "two", null, {"b": "é\n"}], "big": 12345678901234567890.5, "s": "\\\\"}', '1850-06-01 12:00:00+00'),
+             ('bc', 'odd-2', '', 'seed', (SELECT jsonb_build_object('many', jsonb_agg(g)) FROM generate_series(1, 50000) g),
+              '0044-03-15 12:00:00+00 BC'),
+             ('forever', 'odd-3', 'v', 'model', '{}', 'infinity'),
+             ('never', 'odd-4', 'v', 'model', '{}', '-infinity'),
+             ('far', 'odd-5', 'v', 'model', '{}', '12345-01-01 00:00:00.5+00'),
+             ('micro', 'odd-6', 'v', 'model', '{}', '2026-06-01 12:34:56.123456+00');
+           INSERT INTO state.model_version_intervals (model_version_id, start_ts, end_ts, is_dev, created_at)
+             SELECT id, '0100-01-01 00:00:00+00 BC', '2026-01-01 00:00:00.000001+00', true, '1901-12-13 20:45:52+00'
+             FROM state.model_versions WHERE fingerprint LIKE 'odd-%';
+           INSERT INTO state.virtual_environments (name, plan_id, previous_plan_id, expires_at)
+             VALUES (E'ënv "x" \\ \t', NULL, E'plan\n"p"', NULL);
+           INSERT INTO state.virtual_environment_refs (environment, model_name, model_version_id)
+             SELECT E'ënv "x" \\ \t', name, id FROM state.model_versions WHERE fingerprint LIKE 'odd-%';
+           INSERT INTO state.virtual_environment_checkpoints (environment, plan_id, description)
+             VALUES (E'ënv "x" \\ \t', NULL, E'line\nbreak "q" \\');
+           INSERT INTO state.state_operations (kind, status, started_at, finished_at, details)
+             VALUES ('plan', E'ok\x02', '2026-03-29 01:30:00+01', NULL, '{"k": null, "list": [true, false, 1.5e300]}');"#,
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let mut round_tripped = false;
+    for zone in [
+        "UTC",
+        "Asia/Kolkata",
+        "America/St_Johns",
+        "Europe/Amsterdam",
+        "Pacific/Chatham",
+    ] {
+        // Sessions opened from here on (the export's and the comparison's) use this zone.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {} SET TimeZone = '{zone}'",
+            db.name
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let store = db.store(SCHEMA).await;
+        let mut compare = db.conn().await;
+        let (bytes, report) = export(&store, &logical()).await;
+        assert!(report.rows["virtual_environment_refs"] > 5_000);
+        assert!(report.rows["virtual_environment_checkpoints"] > 5_000);
+        let mut document: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let object = document.as_object_mut().unwrap();
+        object.remove("metadata");
+        object.remove("versions");
+        let expected = logical_document_by_postgres(&mut compare).await;
+        for (section, rows) in expected.as_object().unwrap() {
+            assert!(
+                document[section] == *rows,
+                "in time zone {zone}, section {section} differs from row_to_json's"
+            );
+        }
+        assert_eq!(
+            document.as_object().unwrap().len(),
+            expected.as_object().unwrap().len()
+        );
+
+        if !round_tripped {
+            round_tripped = true;
+            let before = current_state(&db).await;
+            let (target_db, target) = empty_store().await;
+            target
+                .import(std::io::Cursor::new(bytes.clone()), &replace())
+                .await
+                .unwrap();
+            assert_eq!(
+                current_state(&target_db).await,
+                before,
+                "the logical file did not restore every row"
+            );
+        }
+    }
+}

@@ -16,6 +16,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use super::Error;
 use super::destination::Destination;
 use super::frameworks::{ExportFormat, Framework};
+use super::identifier::quote_ident;
 use super::io::Observed;
 use super::store::Store;
 
@@ -362,14 +363,136 @@ pub(crate) async fn stream_table_as_arrays<W: AsyncWrite + Unpin + Send>(
     out: &mut Output<W>,
     select: &str,
 ) -> Result<u64, Error> {
-    let mut copy = conn
-        .copy_out_raw(&format!("COPY ({select}) TO STDOUT"))
-        .await?;
-    let mut rows = 0u64;
+    let sql = format!("COPY ({select}) TO STDOUT");
+    transform_copy_lines(conn, out, &sql, |index, line, json| {
+        if index > 0 {
+            json.push(b',');
+        }
+        copy_text_row_to_json(line, json)
+    })
+    .await
+}
+
+/// How one column's COPY text becomes the JSON value `row_to_json` would write for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JsonShape {
+    /// Integers: their text is their JSON.
+    Integer,
+    /// `t`/`f`.
+    Boolean,
+    /// Text-like types: a JSON string.
+    String,
+    /// `timestamp`/`timestamptz` in the ISO DateStyle, rewritten to the ISO 8601 form JSON gets.
+    Timestamp { with_zone: bool },
+    /// JSON already: `json`, `jsonb`, or `to_json(column)` computed by the server for every
+    /// other type (timestamps, numerics, arrays, domains), so that unusual values stay exact.
+    Json,
+}
+
+impl JsonShape {
+    fn of(type_name: &str) -> Self {
+        match type_name {
+            "bigint" | "integer" | "smallint" | "oid" => Self::Integer,
+            "boolean" => Self::Boolean,
+            "text" | "name" | "uuid" => Self::String,
+            "json" | "jsonb" => Self::Json,
+            "timestamp with time zone" => Self::Timestamp { with_zone: true },
+            "timestamp without time zone" => Self::Timestamp { with_zone: false },
+            t if t.starts_with("character varying") || t.starts_with("character(") => Self::String,
+            _ => Self::Json,
+        }
+    }
+
+    /// What to select for a column of this shape.
+    fn select(self, type_name: &str, column: &str) -> String {
+        match (self, type_name) {
+            (Self::Json, "json" | "jsonb")
+            | (Self::Integer | Self::Boolean | Self::String | Self::Timestamp { .. }, _) => {
+                column.to_owned()
+            }
+            (Self::Json, _) => format!("to_json({column})"),
+        }
+    }
+}
+
+/// Streams the rows of `table` (qualified, aliased `t` in `rest`: a `WHERE`/`ORDER BY` tail) as
+/// the JSON objects `row_to_json(t)` makes, byte for byte, comma-separated; returns how many.
+/// The server sends COPY text and the objects are built on the client's core: PostgreSQL's
+/// `row_to_json` cost it two to three times what a plain COPY costs.
+pub(crate) async fn stream_table_as_objects<W: AsyncWrite + Unpin + Send>(
+    conn: &mut PgConnection,
+    out: &mut Output<W>,
+    schema: &str,
+    table: &str,
+    rest: &str,
+) -> Result<u64, Error> {
+    let columns = super::catalog::columns(conn, schema, table).await?;
+    let mut selected = Vec::with_capacity(columns.len());
+    let mut keys = Vec::with_capacity(columns.len());
+    let mut shapes = Vec::with_capacity(columns.len());
+    for (i, (name, type_name)) in columns.iter().enumerate() {
+        let shape = JsonShape::of(type_name);
+        selected.push(shape.select(type_name, &format!("t.{}", quote_ident(name))));
+        let key = serde_json::to_string(name).map_err(|e| Error::ExportWrite(e.to_string()))?;
+        keys.push(format!("{}{key}:", if i == 0 { "{" } else { "," }).into_bytes());
+        shapes.push(shape);
+    }
+    let sql = format!(
+        "COPY (SELECT {} FROM {}.{} t {rest}) TO STDOUT",
+        selected.join(", "),
+        quote_ident(schema),
+        quote_ident(table)
+    );
+    transform_copy_lines(conn, out, &sql, |index, line, json| {
+        if index > 0 {
+            json.push(b',');
+        }
+        let mut fields = line.split(|b| *b == b'\t');
+        for (key, shape) in keys.iter().zip(&shapes) {
+            let field = fields.next().ok_or_else(short_row)?;
+            json.extend_from_slice(key);
+            if field == b"\\N" {
+                json.extend_from_slice(b"null");
+                continue;
+            }
+            match shape {
+                JsonShape::Integer => json.extend_from_slice(field),
+                JsonShape::Boolean => {
+                    json.extend_from_slice(if field == b"t" { b"true" } else { b"false" })
+                }
+                JsonShape::String => push_json_string(field, json)?,
+                JsonShape::Timestamp { with_zone } => push_json_timestamp(field, *with_zone, json),
+                JsonShape::Json => unescape_copy_field(field, |byte| json.push(byte))?,
+            }
+        }
+        if fields.next().is_some() {
+            return Err(short_row());
+        }
+        json.push(b'}');
+        Ok(())
+    })
+    .await
+}
+
+fn short_row() -> Error {
+    Error::ExportWrite("PostgreSQL sent a COPY row with another number of columns".into())
+}
+
+/// Runs a `COPY … TO STDOUT` and hands each of its lines (without the line end), with its
+/// index, to `transform`, which appends what to write; that is written once per chunk the server
+/// sent. Returns the number of lines. Memory holds one chunk and at most one partial line.
+pub(crate) async fn transform_copy_lines<W: AsyncWrite + Unpin + Send>(
+    conn: &mut PgConnection,
+    out: &mut Output<W>,
+    copy_sql: &str,
+    mut transform: impl FnMut(u64, &[u8], &mut Vec<u8>) -> Result<(), Error>,
+) -> Result<u64, Error> {
+    let mut copy = conn.copy_out_raw(copy_sql).await?;
+    let mut lines = 0u64;
     let mut partial: Vec<u8> = Vec::new();
-    let mut json = Vec::with_capacity(128 * 1024);
+    let mut written = Vec::with_capacity(128 * 1024);
     while let Some(chunk) = copy.try_next().await? {
-        json.clear();
+        written.clear();
         let mut start = 0;
         for end in line_ends(&chunk) {
             let line = if partial.is_empty() {
@@ -378,16 +501,13 @@ pub(crate) async fn stream_table_as_arrays<W: AsyncWrite + Unpin + Send>(
                 partial.extend_from_slice(&chunk[start..end]);
                 &partial[..]
             };
-            if rows > 0 {
-                json.push(b',');
-            }
-            copy_text_row_to_json(line, &mut json)?;
-            rows += 1;
+            transform(lines, line, &mut written)?;
+            lines += 1;
             partial.clear();
             start = end + 1;
         }
         partial.extend_from_slice(&chunk[start..]);
-        out.encoder.write(&json).await.map_err(io_error)?;
+        out.encoder.write(&written).await.map_err(io_error)?;
     }
     if !partial.is_empty() {
         return Err(Error::ExportWrite(
@@ -395,7 +515,7 @@ pub(crate) async fn stream_table_as_arrays<W: AsyncWrite + Unpin + Send>(
                 .into(),
         ));
     }
-    Ok(rows)
+    Ok(lines)
 }
 
 fn line_ends(chunk: &[u8]) -> impl Iterator<Item = usize> + '_ {
@@ -416,44 +536,94 @@ pub(crate) fn copy_text_row_to_json(line: &[u8], json: &mut Vec<u8>) -> Result<(
         }
         if field == b"\\N" {
             json.extend_from_slice(b"null");
-            continue;
+        } else {
+            push_json_string(field, json)?;
         }
-        json.push(b'"');
-        let mut bytes = field.iter().copied();
-        while let Some(byte) = bytes.next() {
-            let value = if byte == b'\\' {
-                match bytes.next() {
-                    Some(b'b') => 0x08,
-                    Some(b'f') => 0x0c,
-                    Some(b'n') => b'\n',
-                    Some(b'r') => b'\r',
-                    Some(b't') => b'\t',
-                    Some(b'v') => 0x0b,
-                    Some(other) => other,
-                    None => {
-                        return Err(Error::ExportWrite(
-                            "PostgreSQL sent a COPY field ending in a lone backslash".into(),
-                        ));
-                    }
-                }
-            } else {
-                byte
-            };
-            match value {
-                b'"' => json.extend_from_slice(b"\\\""),
-                b'\\' => json.extend_from_slice(b"\\\\"),
-                0x08 => json.extend_from_slice(b"\\b"),
-                0x0c => json.extend_from_slice(b"\\f"),
-                b'\n' => json.extend_from_slice(b"\\n"),
-                b'\r' => json.extend_from_slice(b"\\r"),
-                b'\t' => json.extend_from_slice(b"\\t"),
-                0x00..=0x1f => json.extend_from_slice(format!("\\u{value:04x}").as_bytes()),
-                _ => json.push(value),
-            }
-        }
-        json.push(b'"');
     }
     json.push(b']');
+    Ok(())
+}
+
+/// A COPY text field as a JSON string, escaped as PostgreSQL's `to_json` escapes text.
+pub(crate) fn push_json_string(field: &[u8], json: &mut Vec<u8>) -> Result<(), Error> {
+    json.push(b'"');
+    unescape_copy_field(field, |value| push_json_escaped(value, json))?;
+    json.push(b'"');
+    Ok(())
+}
+
+/// Text as a JSON string, escaped as PostgreSQL's `to_json` escapes it.
+pub(crate) fn push_json_text(text: &str, json: &mut Vec<u8>) {
+    json.push(b'"');
+    for &value in text.as_bytes() {
+        push_json_escaped(value, json);
+    }
+    json.push(b'"');
+}
+
+fn push_json_escaped(value: u8, json: &mut Vec<u8>) {
+    match value {
+        b'"' => json.extend_from_slice(b"\\\""),
+        b'\\' => json.extend_from_slice(b"\\\\"),
+        0x08 => json.extend_from_slice(b"\\b"),
+        0x0c => json.extend_from_slice(b"\\f"),
+        b'\n' => json.extend_from_slice(b"\\n"),
+        b'\r' => json.extend_from_slice(b"\\r"),
+        b'\t' => json.extend_from_slice(b"\\t"),
+        0x00..=0x1f => json.extend_from_slice(format!("\\u{value:04x}").as_bytes()),
+        _ => json.push(value),
+    }
+}
+
+/// A timestamp as `to_json` writes it, from its text in the ISO DateStyle (which the export
+/// sets): `2024-05-01 10:20:30.5+02` becomes `"2024-05-01T10:20:30.5+02:00"`. Offsets with
+/// minutes or seconds, ` BC` and `infinity` are written alike by both.
+fn push_json_timestamp(field: &[u8], with_zone: bool, json: &mut Vec<u8>) {
+    json.push(b'"');
+    let (body, era) = match field.strip_suffix(b" BC") {
+        Some(body) => (body, &b" BC"[..]),
+        None => (field, &b""[..]),
+    };
+    match body.iter().position(|b| *b == b' ') {
+        None => json.extend_from_slice(body),
+        Some(space) => {
+            json.extend_from_slice(&body[..space]);
+            json.push(b'T');
+            let time = &body[space + 1..];
+            json.extend_from_slice(time);
+            let offset = time.iter().position(|b| *b == b'+' || *b == b'-');
+            if with_zone && offset.is_some_and(|at| time.len() - at == 3) {
+                json.extend_from_slice(b":00");
+            }
+        }
+    }
+    json.extend_from_slice(era);
+    json.push(b'"');
+}
+
+/// The bytes a COPY text field stands for: its backslash escapes undone.
+pub(crate) fn unescape_copy_field(field: &[u8], mut push: impl FnMut(u8)) -> Result<(), Error> {
+    let mut bytes = field.iter().copied();
+    while let Some(byte) = bytes.next() {
+        if byte != b'\\' {
+            push(byte);
+            continue;
+        }
+        push(match bytes.next() {
+            Some(b'b') => 0x08,
+            Some(b'f') => 0x0c,
+            Some(b'n') => b'\n',
+            Some(b'r') => b'\r',
+            Some(b't') => b'\t',
+            Some(b'v') => 0x0b,
+            Some(other) => other,
+            None => {
+                return Err(Error::ExportWrite(
+                    "PostgreSQL sent a COPY field ending in a lone backslash".into(),
+                ));
+            }
+        });
+    }
     Ok(())
 }
 

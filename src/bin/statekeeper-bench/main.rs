@@ -14,6 +14,7 @@ use statekeeper::engine::{ConnectionSettings, JanitorOptions, SchemaName, Store}
 mod meltano_bench;
 mod operator_scale;
 mod sqlmesh_bench;
+mod upgrade_bench;
 
 #[derive(Parser)]
 #[command(
@@ -117,6 +118,17 @@ enum Command {
         idle_seconds: u64,
         #[arg(long, default_value_t = 16)]
         max_db_connections: u32,
+    },
+    /// The upgrade from schema version 2 to 3 with its automatic backup, next to a
+    /// `CREATE TABLE … AS` copy of every table of the same store in the same run.
+    Upgrade {
+        #[command(flatten)]
+        target: Target,
+        /// Model versions per round.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+        sizes: Vec<u64>,
+        #[arg(long, default_value_t = 200)]
+        environments: u32,
     },
     /// Janitor on a store with half of its versions unreferenced, while a writer keeps writing.
     Janitor {
@@ -269,6 +281,34 @@ async fn run(cli: Cli) -> BenchResult<()> {
                 &models,
             )
             .await
+        }
+        Command::Upgrade {
+            target,
+            sizes,
+            environments,
+        } => {
+            let url = database(&target).await?;
+            println!(
+                "upgrade benchmark (schema version 2 to 3 with its backup; CREATE TABLE … AS of every table; same store, same run)"
+            );
+            println!(
+                "{:>9} {:>10} {:>10} {:>9} {:>9} {:>9}   ratio",
+                "versions", "rows", "backed up", "upgrade s", "peak MiB", "CTAS s"
+            );
+            for size in sizes {
+                let r = upgrade_bench::round(&url, &target.schema, size, environments).await?;
+                println!(
+                    "{:>9} {:>10} {:>10} {:>9.2} {:>9.1} {:>9.2}   upgrade/CTAS {:.2}x",
+                    size,
+                    r.rows,
+                    r.backup_rows,
+                    r.upgrade_secs,
+                    r.peak_mib,
+                    r.copy_secs,
+                    r.upgrade_secs / r.copy_secs
+                );
+            }
+            Ok(())
         }
         Command::ExportImport {
             target,
@@ -426,14 +466,7 @@ async fn export_import_round(
     compression: statekeeper::engine::Compression,
     format: statekeeper::engine::ExportFormat,
 ) -> BenchResult<Round> {
-    let source = fresh_store(url, schema).await?;
-    source
-        .generate(&GenerateOptions {
-            model_versions: size,
-            environments,
-            ..GenerateOptions::default()
-        })
-        .await?;
+    let source = generated_store(url, schema, size, environments).await?;
 
     // The same path as `state export --to FILE` and StateExport: object_store, fsync, rename.
     let file = dir.join("export.json");
@@ -505,6 +538,7 @@ async fn export_import_round(
         "psql",
         &[
             "--quiet",
+            "--single-transaction",
             "-v",
             "ON_ERROR_STOP=1",
             "--file",
@@ -695,6 +729,24 @@ async fn fresh_store(url: &str, schema: &str) -> BenchResult<Store> {
     .await?;
     let store = connect(url, schema).await?;
     store.init(None).await?;
+    Ok(store)
+}
+
+/// A fresh store filled by the generator with `size` model versions.
+async fn generated_store(
+    url: &str,
+    schema: &str,
+    size: u64,
+    environments: u32,
+) -> BenchResult<Store> {
+    let store = fresh_store(url, schema).await?;
+    store
+        .generate(&GenerateOptions {
+            model_versions: size,
+            environments,
+            ..GenerateOptions::default()
+        })
+        .await?;
     Ok(store)
 }
 

@@ -7,7 +7,11 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use tokio::io::AsyncWrite;
 
 use crate::engine::Error;
-use crate::engine::export::{ExportOptions, ExportReport, Output, refuse_unknown_environments};
+use crate::engine::catalog;
+use crate::engine::export::{
+    ExportOptions, ExportReport, Output, push_json_text, refuse_unknown_environments,
+    stream_table_as_objects,
+};
 use crate::engine::store::Store;
 
 /// The export file version this statekeeper writes and reads.
@@ -51,6 +55,11 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
         refuse_unknown_environments(tx, &format!("{s}.virtual_environments"), "name", wanted)
             .await?;
     }
+    // Timestamps are read as text and written in JSON's form (`stream_table_as_objects`), which
+    // needs the ISO DateStyle whatever the server's default.
+    sqlx::query("SET LOCAL DateStyle = 'ISO, MDY'")
+        .execute(&mut *tx)
+        .await?;
     // COPY takes no parameters: the filter travels in a transaction-local setting instead of
     // being spliced into SQL text.
     let filter = serde_json::to_string(&options.environments.clone().unwrap_or_default())
@@ -91,132 +100,311 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     } else {
         (String::new(), String::new())
     };
-    let exported_versions = format!("SELECT t.id FROM {s}.model_versions t {version_filter}");
-    let exported_relations = format!(
-        "SELECT id FROM {s}.physical_relations WHERE model_version_id IN ({exported_versions})"
-    );
+    // A full export needs no filter: every row belongs (foreign keys hold the rest).
+    let (exported_versions, exported_relations) = if filtered {
+        let versions = format!("SELECT t.id FROM {s}.model_versions t {version_filter}");
+        let relations =
+            format!("SELECT id FROM {s}.physical_relations WHERE model_version_id IN ({versions})");
+        (
+            format!("WHERE t.model_version_id IN ({versions})"),
+            format!(
+                "WHERE t.relation_id IN ({relations}) AND t.parent_relation_id IN ({relations})"
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     let mut sections: Vec<(&str, String)> = vec![
-        ("model_versions", format!("SELECT row_to_json(t)::text FROM {s}.model_versions t {version_filter} ORDER BY t.id")),
+        ("model_versions", format!("{version_filter} ORDER BY t.id")),
         (
             "model_version_intervals",
-            format!("SELECT row_to_json(t)::text FROM {s}.model_version_intervals t WHERE t.model_version_id IN ({exported_versions}) ORDER BY t.id"),
+            format!("{exported_versions} ORDER BY t.id"),
         ),
-        ("function_versions", format!("SELECT row_to_json(t)::text FROM {s}.function_versions t {function_filter} ORDER BY t.id")),
+        (
+            "function_versions",
+            format!("{function_filter} ORDER BY t.id"),
+        ),
         (
             "physical_relations",
-            format!("SELECT row_to_json(t)::text FROM {s}.physical_relations t WHERE t.model_version_id IN ({exported_versions}) ORDER BY t.id"),
+            format!("{exported_versions} ORDER BY t.id"),
         ),
         (
             "physical_relation_ancestry",
-            format!(
-                "SELECT row_to_json(t)::text FROM {s}.physical_relation_ancestry t
-                 WHERE t.relation_id IN ({exported_relations}) AND t.parent_relation_id IN ({exported_relations})
-                 ORDER BY t.relation_id, t.parent_relation_id"
-            ),
+            format!("{exported_relations} ORDER BY t.relation_id, t.parent_relation_id"),
         ),
     ];
     if !filtered {
         // Store-wide state belongs to full exports only.
-        sections.push((
-            "locks",
-            format!("SELECT row_to_json(t)::text FROM {s}.locks t ORDER BY t.name"),
-        ));
-        sections.push((
-            "state_operations",
-            format!("SELECT row_to_json(t)::text FROM {s}.state_operations t ORDER BY t.id"),
-        ));
+        sections.push(("locks", "ORDER BY t.name".into()));
+        sections.push(("state_operations", "ORDER BY t.id".into()));
     }
-    for (section, sql) in &sections {
-        out.write(format!(",\"{section}\":[").as_bytes()).await?;
-        let n = out.stream_rows(&mut *tx, sql).await?;
+    for (table, rest) in &sections {
+        out.write(format!(",\"{table}\":[").as_bytes()).await?;
+        let n =
+            stream_table_as_objects(&mut *tx, out, store.schema().as_str(), table, rest).await?;
         out.write(b"]").await?;
-        report.rows.insert((*section).to_owned(), n);
+        report.rows.insert((*table).to_owned(), n);
+    }
+    write_environments(store, tx, out, report, filtered).await
+}
+
+/// The columns of `virtual_environment_refs`, whose objects the export builds itself.
+const REFERENCE_COLUMNS: [&str; 3] = ["environment", "model_name", "model_version_id"];
+
+/// Where a row of the environments query goes in its environment's object.
+const ENVIRONMENT_PARTS: [&str; 4] = ["environment", "refs", "function_refs", "checkpoints"];
+
+/// Rows fetched from a cursor at a time.
+const FETCH_ROWS: usize = 5000;
+
+/// `"environments":{name:{environment, refs, function_refs, checkpoints}, …}`, read through two
+/// cursors of the snapshot, both in environment order: one for each environment's row, function
+/// references and checkpoints, one for the model references — the bulk of the section, sent as
+/// their columns and turned into objects here. Interleaving them spares PostgreSQL both a query
+/// per environment and sorting every reference in with the other rows.
+async fn write_environments<W: AsyncWrite + Unpin + Send>(
+    store: &Store,
+    tx: &mut PgConnection,
+    out: &mut Output<W>,
+    report: &mut ExportReport,
+    filtered: bool,
+) -> Result<(), Error> {
+    let s = &store.schema().quoted();
+    let only = |column: &str| {
+        if filtered {
+            format!("WHERE {column} = ANY({ENVIRONMENTS})")
+        } else {
+            String::new()
+        }
+    };
+    let (environments, refs, function_refs, checkpoints) = (
+        only("e.name"),
+        only("r.environment"),
+        only("f.environment"),
+        only("c.environment"),
+    );
+    sqlx::query(AssertSqlSafe(format!(
+        "DECLARE statekeeper_environments NO SCROLL CURSOR FOR
+         SELECT environment, part, doc FROM (
+           SELECT e.name AS environment, 0 AS part, NULL::text AS name, NULL::bigint AS id, row_to_json(e)::text AS doc
+             FROM {s}.virtual_environments e {environments}
+           UNION ALL SELECT f.environment, 2, f.function_name, NULL, row_to_json(f)::text
+             FROM {s}.virtual_environment_function_refs f {function_refs}
+           UNION ALL SELECT c.environment, 3, NULL, c.id, json_build_object(
+               'checkpoint', row_to_json(c),
+               'refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.model_name) FROM {s}.virtual_environment_checkpoint_refs r WHERE r.checkpoint_id = c.id), '[]'::json),
+               'function_refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.function_name) FROM {s}.virtual_environment_checkpoint_function_refs r WHERE r.checkpoint_id = c.id), '[]'::json)
+             )::text
+             FROM {s}.virtual_environment_checkpoints c {checkpoints}
+         ) rows ORDER BY environment, part, name, id"
+    )))
+    .execute(&mut *tx)
+    .await?;
+    let columns = catalog::columns(tx, store.schema().as_str(), "virtual_environment_refs").await?;
+    // A table with other columns than this statekeeper knows is written by PostgreSQL.
+    let refs_doc = if columns
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .eq(REFERENCE_COLUMNS)
+    {
+        "NULL::text"
+    } else {
+        "row_to_json(r)::text"
+    };
+    sqlx::query(AssertSqlSafe(format!(
+        "DECLARE statekeeper_refs NO SCROLL CURSOR FOR
+         SELECT r.environment, r.model_name, r.model_version_id, {refs_doc}
+         FROM {s}.virtual_environment_refs r {refs} ORDER BY r.environment, r.model_name"
+    )))
+    .execute(&mut *tx)
+    .await?;
+
+    out.write(b",\"environments\":{").await?;
+    let mut counts = [0u64; 4];
+    // The part the last row went to in the open environment; None before the first.
+    let mut open: Option<usize> = None;
+    let mut first_in_part = true;
+    let mut model_refs = ReferenceCursor::default();
+    let mut json = Vec::with_capacity(256 * 1024);
+    loop {
+        let rows: Vec<(String, i32, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "FETCH {FETCH_ROWS} FROM statekeeper_environments"
+        )))
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            break;
+        }
+        for (environment, part, doc) in &rows {
+            let part = match usize::try_from(*part) {
+                Ok(part) if part < ENVIRONMENT_PARTS.len() && part != 1 => part,
+                _ => return Err(corrupt_row()),
+            };
+            counts[part] += 1;
+            if part == 0 {
+                if let Some(at) = open {
+                    close_environment(at, &mut json);
+                    json.push(b',');
+                }
+                push_json_text(environment, &mut json);
+                json.extend_from_slice(b":{\"environment\":");
+                json.extend_from_slice(doc.as_bytes());
+                json.extend_from_slice(b",\"refs\":[");
+                counts[1] += model_refs
+                    .write_environment(tx, out, environment, &mut json)
+                    .await?;
+                open = Some(1);
+                continue;
+            }
+            let Some(mut at) = open else {
+                return Err(corrupt_row());
+            };
+            if at < part {
+                at = open_parts(at, part, &mut json);
+                first_in_part = true;
+            }
+            if !first_in_part {
+                json.push(b',');
+            }
+            first_in_part = false;
+            json.extend_from_slice(doc.as_bytes());
+            open = Some(at);
+        }
+        out.write(&json).await?;
+        json.clear();
+    }
+    if let Some(at) = open {
+        close_environment(at, &mut json);
+    }
+    json.extend_from_slice(b"}}\n");
+    out.write(&json).await?;
+    if model_refs.has_more(tx).await? {
+        return Err(corrupt_row());
+    }
+    sqlx::raw_sql("CLOSE statekeeper_environments; CLOSE statekeeper_refs")
+        .execute(&mut *tx)
+        .await?;
+
+    let (checkpoint_refs, checkpoint_function_refs): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT (SELECT count(*) FROM {s}.virtual_environment_checkpoint_refs r JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id {checkpoints}),
+                (SELECT count(*) FROM {s}.virtual_environment_checkpoint_function_refs r JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id {checkpoints})"
+    )))
+    .fetch_one(&mut *tx)
+    .await?;
+    report.environments = counts[0];
+    for (table, n) in [
+        ("virtual_environments", counts[0]),
+        ("virtual_environment_refs", counts[1]),
+        ("virtual_environment_function_refs", counts[2]),
+        ("virtual_environment_checkpoints", counts[3]),
+        (
+            "virtual_environment_checkpoint_refs",
+            checkpoint_refs as u64,
+        ),
+        (
+            "virtual_environment_checkpoint_function_refs",
+            checkpoint_function_refs as u64,
+        ),
+    ] {
+        report.rows.insert(table.into(), n);
+    }
+    Ok(())
+}
+
+/// One fetched model reference: environment, model name, version id, and its object when
+/// PostgreSQL wrote it.
+type ModelReference = (String, String, i64, Option<String>);
+
+/// The model references, fetched from their cursor in batches and taken an environment at a
+/// time (the cursor and the environments run in the same order).
+#[derive(Default)]
+struct ReferenceCursor {
+    batch: std::collections::VecDeque<ModelReference>,
+    done: bool,
+}
+
+impl ReferenceCursor {
+    /// Writes the references of `environment` (comma-separated, into `json`, flushed to `out`
+    /// as it grows); returns how many.
+    async fn write_environment<W: AsyncWrite + Unpin + Send>(
+        &mut self,
+        tx: &mut PgConnection,
+        out: &mut Output<W>,
+        environment: &str,
+        json: &mut Vec<u8>,
+    ) -> Result<u64, Error> {
+        let mut written = 0u64;
+        while self.has_more(tx).await? {
+            let Some((row_environment, model_name, version_id, doc)) = self.batch.front() else {
+                break;
+            };
+            if row_environment != environment {
+                break;
+            }
+            if written > 0 {
+                json.push(b',');
+            }
+            match doc {
+                Some(doc) => json.extend_from_slice(doc.as_bytes()),
+                None => {
+                    let [environment_key, name_key, id_key] = REFERENCE_COLUMNS;
+                    json.extend_from_slice(format!("{{\"{environment_key}\":").as_bytes());
+                    push_json_text(row_environment, json);
+                    json.extend_from_slice(format!(",\"{name_key}\":").as_bytes());
+                    push_json_text(model_name, json);
+                    json.extend_from_slice(format!(",\"{id_key}\":{version_id}}}").as_bytes());
+                }
+            }
+            self.batch.pop_front();
+            written += 1;
+            if json.len() >= 256 * 1024 {
+                out.write(json).await?;
+                json.clear();
+            }
+        }
+        Ok(written)
     }
 
-    // Environments keyed by name, each with its refs and checkpoints (with their refs).
-    out.write(b",\"environments\":{").await?;
-    let env_filter = if filtered {
-        format!("WHERE t.name = ANY({ENVIRONMENTS})")
-    } else {
-        String::new()
-    };
-    let names: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT t.name FROM {s}.virtual_environments t {env_filter} ORDER BY t.name"
-    )))
-    .fetch_all(&mut *tx)
-    .await?;
-    let env_row =
-        format!("SELECT row_to_json(t)::text FROM {s}.virtual_environments t WHERE t.name = $1");
-    let refs = format!(
-        "SELECT row_to_json(t)::text FROM {s}.virtual_environment_refs t WHERE t.environment = {ENVIRONMENT} ORDER BY t.model_name"
-    );
-    let function_refs = format!(
-        "SELECT row_to_json(t)::text FROM {s}.virtual_environment_function_refs t WHERE t.environment = {ENVIRONMENT} ORDER BY t.function_name"
-    );
-    let checkpoints = format!(
-        "SELECT json_build_object(
-           'checkpoint', row_to_json(c),
-           'refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.model_name) FROM {s}.virtual_environment_checkpoint_refs r WHERE r.checkpoint_id = c.id), '[]'::json),
-           'function_refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.function_name) FROM {s}.virtual_environment_checkpoint_function_refs r WHERE r.checkpoint_id = c.id), '[]'::json)
-         )::text FROM {s}.virtual_environment_checkpoints c WHERE c.environment = {ENVIRONMENT} ORDER BY c.id"
-    );
-    let counts = format!(
-        "SELECT (SELECT count(*) FROM {s}.virtual_environment_checkpoint_refs r JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id WHERE c.environment = $1),
-                (SELECT count(*) FROM {s}.virtual_environment_checkpoint_function_refs r JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id WHERE c.environment = $1)"
-    );
-    for (i, name) in names.iter().enumerate() {
-        let key = serde_json::to_string(name).map_err(|e| Error::ExportWrite(e.to_string()))?;
-        sqlx::query("SELECT set_config('statekeeper.export_environment', $1, true)")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        let row: String = sqlx::query_scalar(AssertSqlSafe(env_row.clone()))
-            .bind(name)
-            .fetch_one(&mut *tx)
-            .await?;
-        let lead = if i == 0 { "" } else { "," };
-        out.write(format!("{lead}{key}:{{\"environment\":{row},\"refs\":[").as_bytes())
-            .await?;
-        let n = out.stream_rows(&mut *tx, &refs).await?;
-        *report
-            .rows
-            .entry("virtual_environment_refs".into())
-            .or_default() += n;
-        out.write(b"],\"function_refs\":[").await?;
-        let n = out.stream_rows(&mut *tx, &function_refs).await?;
-        *report
-            .rows
-            .entry("virtual_environment_function_refs".into())
-            .or_default() += n;
-        out.write(b"],\"checkpoints\":[").await?;
-        let n = out.stream_rows(&mut *tx, &checkpoints).await?;
-        *report
-            .rows
-            .entry("virtual_environment_checkpoints".into())
-            .or_default() += n;
-        out.write(b"]}").await?;
-        let (checkpoint_refs, checkpoint_function_refs): (i64, i64) =
-            sqlx::query_as(AssertSqlSafe(counts.clone()))
-                .bind(name)
-                .fetch_one(&mut *tx)
-                .await?;
-        *report
-            .rows
-            .entry("virtual_environment_checkpoint_refs".into())
-            .or_default() += checkpoint_refs as u64;
-        *report
-            .rows
-            .entry("virtual_environment_checkpoint_function_refs".into())
-            .or_default() += checkpoint_function_refs as u64;
+    /// Whether a reference is left, fetching the next batch when this one is used up.
+    async fn has_more(&mut self, tx: &mut PgConnection) -> Result<bool, Error> {
+        if self.batch.is_empty() && !self.done {
+            self.batch = sqlx::query_as::<_, ModelReference>(AssertSqlSafe(format!(
+                "FETCH {FETCH_ROWS} FROM statekeeper_refs"
+            )))
+            .fetch_all(&mut *tx)
+            .await?
+            .into();
+            self.done = self.batch.is_empty();
+        }
+        Ok(!self.batch.is_empty())
     }
-    report.environments = names.len() as u64;
-    report
-        .rows
-        .insert("virtual_environments".into(), names.len() as u64);
-    out.write(b"}}\n").await?;
-    Ok(())
+}
+
+/// Closes the open part and opens each one after it up to `part` (every part is written, with
+/// rows or empty); returns `part`.
+fn open_parts(mut at: usize, part: usize, json: &mut Vec<u8>) -> usize {
+    while at < part {
+        at += 1;
+        json.extend_from_slice(if at == 1 { b"," } else { b"]," });
+        json.push(b'"');
+        json.extend_from_slice(ENVIRONMENT_PARTS[at].as_bytes());
+        json.extend_from_slice(b"\":[");
+    }
+    at
+}
+
+/// Ends an environment's object after its last row.
+fn close_environment(at: usize, json: &mut Vec<u8>) {
+    open_parts(at, ENVIRONMENT_PARTS.len() - 1, json);
+    json.extend_from_slice(b"]}");
+}
+
+fn corrupt_row() -> Error {
+    Error::ExportWrite(
+        "PostgreSQL returned an environment row in an unexpected shape; refusing to write a corrupt export"
+            .into(),
+    )
 }
 
 /// SQL expressions for the environment filters, read from transaction-local settings.
 const ENVIRONMENTS: &str = "ARRAY(SELECT jsonb_array_elements_text(current_setting('statekeeper.export_environments')::jsonb))";
-const ENVIRONMENT: &str = "current_setting('statekeeper.export_environment')";

@@ -177,15 +177,12 @@ pub(crate) async fn import(
     }
     let sections: Vec<&str> = TABLES.iter().map(|(section, _)| *section).collect();
     let staged = incoming.stage(&mut tx, &sections).await?;
-    sqlx::query("CREATE INDEX ON statekeeper_import (section, (doc->>'id'))")
-        .execute(&mut *tx)
-        .await?;
-    // A temporary table has no statistics until analysed: without them the planner guessed
-    // nested loops for the checks' anti-joins (a 10k-version file took 14 s to validate).
-    sqlx::query("ANALYZE statekeeper_import")
-        .execute(&mut *tx)
-        .await?;
-    validate_staged(&mut tx).await?;
+    let mode = incoming.options.mode;
+    match mode {
+        // A replace loads into tables whose keys check every rule but these.
+        ImportMode::Replace => first_problem(&mut tx, &structural_checks()).await?,
+        ImportMode::Merge => validate_staged(&mut tx).await?,
+    }
 
     let version = StoreVersion {
         schema_version: current,
@@ -196,8 +193,21 @@ pub(crate) async fn import(
     let backup = store
         .backup_before_change(&mut tx, &version, "pre-import")
         .await?;
-    match incoming.options.mode {
-        ImportMode::Replace => apply_replace(store, &mut tx).await?,
+    match mode {
+        ImportMode::Replace => {
+            sqlx::query("SAVEPOINT statekeeper_replace")
+                .execute(&mut *tx)
+                .await?;
+            if let Err(failed) = apply_replace(store, &mut tx).await {
+                // Say which rule the file breaks, as a merge would, rather than which key
+                // PostgreSQL tripped over first; its own reason when no rule explains it.
+                sqlx::query("ROLLBACK TO SAVEPOINT statekeeper_replace")
+                    .execute(&mut *tx)
+                    .await?;
+                validate_staged(&mut tx).await?;
+                return Err(failed);
+            }
+        }
         ImportMode::Merge => apply_merge(store, &mut tx).await?,
     }
     catalog::resync_identities(&mut tx, store.schema().as_str()).await?;
@@ -241,6 +251,29 @@ pub(crate) async fn import(
 
 /// Every rule a file must satisfy before it may touch the store; the first broken rule wins.
 async fn validate_staged(conn: &mut PgConnection) -> Result<(), Error> {
+    sqlx::query("CREATE INDEX ON statekeeper_import (section, (doc->>'id'))")
+        .execute(&mut *conn)
+        .await?;
+    // A temporary table has no statistics until analysed: without them the planner guessed
+    // nested loops for the checks' anti-joins (a 10k-version file took 14 s to validate).
+    sqlx::query("ANALYZE statekeeper_import")
+        .execute(&mut *conn)
+        .await?;
+    first_problem(conn, &staged_checks()).await
+}
+
+/// The rules no key or constraint of the tables checks: each environment's rows name it.
+fn structural_checks() -> Vec<String> {
+    vec![
+        "SELECT format('environment %s holds a row named %s', x.environment::jsonb #>> '{}', x.doc->>'name') FROM statekeeper_import x
+         WHERE x.section = 'environment' AND x.doc->>'name' IS DISTINCT FROM x.environment::jsonb #>> '{}'".to_string(),
+        "SELECT format('a %s row of environment %s names environment %s', section, environment::jsonb #>> '{}', doc->>'environment') FROM statekeeper_import
+         WHERE section IN ('refs', 'function_refs', 'checkpoint') AND doc->>'environment' IS DISTINCT FROM environment::jsonb #>> '{}'".to_string(),
+    ]
+}
+
+/// Every rule, in the order they are reported.
+fn staged_checks() -> Vec<String> {
     let staged =
         |section: &str| format!("(SELECT * FROM statekeeper_import WHERE section = '{section}')");
     let unique = |section: &str, what: &str, key: &str| {
@@ -256,7 +289,7 @@ async fn validate_staged(conn: &mut PgConnection) -> Result<(), Error> {
             staged(section)
         )
     };
-    let checks = vec![
+    let mut checks = vec![
         "SELECT format('a %s row is not a JSON object', section) FROM statekeeper_import WHERE jsonb_typeof(doc) <> 'object'".to_string(),
         unique("model_versions", "model version id", "x.doc->>'id'"),
         unique("model_versions", "model version", "(x.doc->>'name') || ' ' || (x.doc->>'fingerprint')"),
@@ -268,12 +301,9 @@ async fn validate_staged(conn: &mut PgConnection) -> Result<(), Error> {
         unique("environment", "environment", "x.environment::jsonb #>> '{}'"),
         unique("checkpoint", "checkpoint id", "x.doc->>'id'"),
         unique("refs", "model reference", "(x.environment::jsonb #>> '{}') || '/' || (x.doc->>'model_name')"),
-        format!(
-            "SELECT format('environment %s holds a row named %s', x.environment::jsonb #>> '{{}}', x.doc->>'name') FROM {} x WHERE x.doc->>'name' IS DISTINCT FROM x.environment::jsonb #>> '{{}}'",
-            staged("environment")
-        ),
-        "SELECT format('a %s row of environment %s names environment %s', section, environment::jsonb #>> '{}', doc->>'environment') FROM statekeeper_import
-         WHERE section IN ('refs', 'function_refs', 'checkpoint') AND doc->>'environment' IS DISTINCT FROM environment::jsonb #>> '{}'".to_string(),
+    ];
+    checks.extend(structural_checks());
+    checks.extend([
         present("refs", "model_version_id", "model_versions", "id", "environment %s refers to model version %s, which the file does not contain"),
         present("function_refs", "function_version_id", "function_versions", "id", "environment %s refers to function version %s, which the file does not contain"),
         present("checkpoint_refs", "model_version_id", "model_versions", "id", "a checkpoint of environment %s refers to model version %s, which the file does not contain"),
@@ -283,9 +313,14 @@ async fn validate_staged(conn: &mut PgConnection) -> Result<(), Error> {
         present("model_version_intervals", "model_version_id", "model_versions", "id", "%sinterval of model version %s, which the file does not contain"),
         present("physical_relation_ancestry", "parent_relation_id", "physical_relations", "id", "%sancestry names relation %s, which the file does not contain"),
         present("physical_relation_ancestry", "relation_id", "physical_relations", "id", "%sancestry names relation %s, which the file does not contain"),
-    ];
-    // Rows that do not convert to their table's row type fail when applied, inside this same
-    // transaction and with PostgreSQL's reason: no separate pass over the file is needed.
+    ]);
+    checks
+}
+
+/// Runs `checks` in order; the first that returns a row is the file's problem. Rows that do not
+/// convert to their table's row type fail when applied, inside this same transaction and with
+/// PostgreSQL's reason: no separate pass over the file is needed.
+async fn first_problem(conn: &mut PgConnection, checks: &[String]) -> Result<(), Error> {
     for check in checks {
         let problem: Option<Option<String>> =
             sqlx::query_scalar(AssertSqlSafe(format!("{check} LIMIT 1")))
@@ -316,8 +351,8 @@ async fn apply_replace(store: &Store, conn: &mut PgConnection) -> Result<(), Err
     let restore = drop_secondary_structures(conn, store.schema().as_str(), &names).await?;
     for (section, table) in TABLES {
         sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {s}.{table} OVERRIDING SYSTEM VALUE
-             SELECT (jsonb_populate_record(NULL::{s}.{table}, doc)).* FROM statekeeper_import WHERE section = '{section}'"
+            "INSERT INTO {s}.{table} OVERRIDING SYSTEM VALUE {}",
+            staged_rows(&s, section, table)
         )))
         .execute(&mut *conn)
         .await
@@ -326,15 +361,21 @@ async fn apply_replace(store: &Store, conn: &mut PgConnection) -> Result<(), Err
     restore_secondary_structures(conn, &restore).await
 }
 
+/// The rows staged under `section` as rows of `table`. `(jsonb_populate_record(…)).*` in a
+/// select list would call the function once per column; in `FROM` it runs once per row.
+fn staged_rows(s: &str, section: &str, table: &str) -> String {
+    format!(
+        "SELECT r.* FROM statekeeper_import x \
+         CROSS JOIN LATERAL jsonb_populate_record(NULL::{s}.{table}, x.doc) r \
+         WHERE x.section = '{section}'"
+    )
+}
+
 /// Versions (by name and fingerprint), relations (by name) and environments (by name) in the
 /// file replace their namesakes; ids are remapped to the store's; everything else stays.
 async fn apply_merge(store: &Store, conn: &mut PgConnection) -> Result<(), Error> {
     let s = store.schema().quoted();
-    let rows = |section: &str, table: &str| {
-        format!(
-            "(SELECT (jsonb_populate_record(NULL::{s}.{table}, doc)).* FROM statekeeper_import WHERE section = '{section}')"
-        )
-    };
+    let rows = |section: &str, table: &str| format!("({})", staged_rows(&s, section, table));
     let statements = [
         // Model and function versions: update namesakes, insert the rest, map file ids to ours.
         format!(
