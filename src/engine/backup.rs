@@ -78,6 +78,11 @@ pub struct BackupSource<'a> {
     pub version: &'a StoreVersion,
     pub tables: &'a [String],
     pub operation: Option<&'a str>,
+    /// Whether the copies get the tables' keys and indexes: only where a restore may recreate
+    /// the tables from the backup (a framework's own tables). statekeeper rebuilds its tables
+    /// from its migrations, and a restore reads the rows in full, so its backups skip the index
+    /// builds that made them cost twice a plain copy.
+    pub with_indexes: bool,
 }
 
 /// Copies the given tables of the store into a new backup schema.
@@ -102,7 +107,14 @@ pub async fn create(
     .await?;
     let mut rows = 0i64;
     for table in source.tables {
-        rows += copy_table(conn, schema.as_str(), &backup_schema, table).await?;
+        rows += copy_table(
+            conn,
+            schema.as_str(),
+            &backup_schema,
+            table,
+            source.with_indexes,
+        )
+        .await?;
     }
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TABLE {}.{} (backup_id text NOT NULL, source_schema text NOT NULL, \
@@ -145,13 +157,15 @@ pub async fn create(
     Ok(info)
 }
 
-/// Copies one table with its rows, then adds its key constraints and indexes (built once, after
-/// the load). Foreign keys are not copied: a restore keeps the live ones or recreates them.
+/// Copies one table with its rows, then, `with_indexes`, adds its key constraints and indexes
+/// (built once, after the load). Foreign keys are not copied: a restore keeps the live ones or
+/// recreates them.
 pub(crate) async fn copy_table(
     conn: &mut PgConnection,
     from_schema: &str,
     to_schema: &str,
     table: &str,
+    with_indexes: bool,
 ) -> Result<i64, Error> {
     let from = format!("{}.{}", quote_ident(from_schema), quote_ident(table));
     let to = format!("{}.{}", quote_ident(to_schema), quote_ident(table));
@@ -164,7 +178,9 @@ pub(crate) async fn copy_table(
             "INSERT INTO {to} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM {from}"
         ),
     ];
-    statements.extend(catalog::index_definitions(conn, from_schema, to_schema, table).await?);
+    if with_indexes {
+        statements.extend(catalog::index_definitions(conn, from_schema, to_schema, table).await?);
+    }
     // One round trip; only the INSERT counts rows.
     let copied = sqlx::raw_sql(AssertSqlSafe(statements.join(";\n")))
         .execute(&mut *conn)

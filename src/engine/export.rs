@@ -462,6 +462,7 @@ pub(crate) async fn stream_table_as_objects<W: AsyncWrite + Unpin + Send>(
                 }
                 JsonShape::String => push_json_string(field, json)?,
                 JsonShape::Timestamp { with_zone } => push_json_timestamp(field, *with_zone, json),
+                JsonShape::Json if !field.contains(&b'\\') => json.extend_from_slice(field),
                 JsonShape::Json => unescape_copy_field(field, |byte| json.push(byte))?,
             }
         }
@@ -547,7 +548,11 @@ pub(crate) fn copy_text_row_to_json(line: &[u8], json: &mut Vec<u8>) -> Result<(
 /// A COPY text field as a JSON string, escaped as PostgreSQL's `to_json` escapes text.
 pub(crate) fn push_json_string(field: &[u8], json: &mut Vec<u8>) -> Result<(), Error> {
     json.push(b'"');
-    unescape_copy_field(field, |value| push_json_escaped(value, json))?;
+    if field.iter().all(|b| is_plain(*b)) {
+        json.extend_from_slice(field);
+    } else {
+        unescape_copy_field(field, |value| push_json_escaped(value, json))?;
+    }
     json.push(b'"');
     Ok(())
 }
@@ -555,12 +560,25 @@ pub(crate) fn push_json_string(field: &[u8], json: &mut Vec<u8>) -> Result<(), E
 /// Text as a JSON string, escaped as PostgreSQL's `to_json` escapes it.
 pub(crate) fn push_json_text(text: &str, json: &mut Vec<u8>) {
     json.push(b'"');
-    for &value in text.as_bytes() {
-        push_json_escaped(value, json);
+    let bytes = text.as_bytes();
+    if bytes.iter().all(|b| is_plain(*b)) {
+        json.extend_from_slice(bytes);
+    } else {
+        for &value in bytes {
+            push_json_escaped(value, json);
+        }
     }
     json.push(b'"');
 }
 
+/// A byte that is itself in COPY text and in a JSON string (most are: the fast path copies
+/// whole fields).
+#[inline(always)]
+fn is_plain(byte: u8) -> bool {
+    byte >= 0x20 && byte != b'"' && byte != b'\\'
+}
+
+#[inline(always)]
 fn push_json_escaped(value: u8, json: &mut Vec<u8>) {
     match value {
         b'"' => json.extend_from_slice(b"\\\""),

@@ -449,6 +449,7 @@ impl Store {
                 version,
                 tables: &tables,
                 operation: self.operation_id.as_deref(),
+                with_indexes: !self.profile().owns_schema,
             },
             reason,
         )

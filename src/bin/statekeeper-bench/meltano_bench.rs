@@ -27,6 +27,9 @@ struct Round {
     export: [Measured; 2],
     import: [Measured; 2],
     to_folder: [Measured; 2],
+    /// `pg_dump --data-only` of the state table, and its `psql --single-transaction` restore.
+    pg_dump: Measured,
+    restore: Measured,
 }
 
 pub async fn run(settings: &Settings, sizes: &[u32]) -> BenchResult<()> {
@@ -42,23 +45,36 @@ pub async fn run(settings: &Settings, sizes: &[u32]) -> BenchResult<()> {
     }
     println!();
     println!(
-        "| state IDs | document | operation | meltano | statekeeper | speed-up | peak RSS meltano / statekeeper |"
+        "| state IDs | document | operation | meltano | statekeeper | speed-up | peak RSS meltano / statekeeper | pg_dump / psql -1 | statekeeper ÷ it |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rounds {
-        for (operation, [theirs, ours]) in [
-            ("export (`state export` / `--format meltano`)", r.export),
+        for (operation, [theirs, ours], reference) in [
+            (
+                "export (`state export` / `--format meltano`)",
+                r.export,
+                Some(r.pg_dump),
+            ),
             (
                 "import (`state import` / `--format meltano --merge`)",
                 r.import,
+                Some(r.restore),
             ),
             (
                 "into a folder backend (`state import` on a file backend / `--format meltano-backend`)",
                 r.to_folder,
+                None,
             ),
         ] {
+            let (reference, ratio) = match reference {
+                Some(m) => (
+                    format!("{:.3} s", m.seconds),
+                    format!("{:.2}×", ours.seconds / m.seconds),
+                ),
+                None => ("–".into(), "–".into()),
+            };
             println!(
-                "| {} | {:.1} MiB | {operation} | {:.2} s | {:.3} s | {:.1}× | {:.0} / {:.1} MiB |",
+                "| {} | {:.1} MiB | {operation} | {:.2} s | {:.3} s | {:.1}× | {:.0} / {:.1} MiB | {reference} | {ratio} |",
                 r.state_ids,
                 r.file_mib,
                 theirs.seconds,
@@ -218,6 +234,46 @@ async fn round(settings: &Settings, state_ids: u32) -> BenchResult<Round> {
         }
     }
     let import = [summarize(&import[0]), summarize(&import[1])];
+
+    // The physical reference: PostgreSQL's own dump of the state table and its restore in one
+    // transaction into the table `meltano upgrade database` created.
+    let dump = dir.join("pg-dump.sql");
+    let pg_dump = measure(settings.repeat, || {
+        let mut command = timed("pg_dump", &[]);
+        command
+            .args(["--data-only", "--table", "public.state", "--file"])
+            .arg(&dump)
+            .arg(&source_url);
+        command
+    })
+    .await?;
+    let mut restores = Vec::new();
+    for _ in 0..settings.repeat {
+        let target_url = recreate_database(&settings.admin_url, &target).await?;
+        check(
+            timed(&settings.meltano, &meltano_env(&uri(&target_url)))
+                .args(["upgrade", "database"])
+                .output()?,
+            "meltano upgrade database",
+        )?;
+        let mut command = timed("psql", &[]);
+        command
+            .args([
+                "--quiet",
+                "--single-transaction",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "--file",
+            ])
+            .arg(&dump)
+            .arg(&target_url);
+        restores.push(run_timed(&mut command)?);
+    }
+    let restore = summarize(&restores);
+    println!(
+        "  pg_dump of the state table {:.3} s; psql --single-transaction restore {:.3} s",
+        pg_dump.seconds, restore.seconds
+    );
     println!(
         "  import: meltano {:.2} s, {:.0} MiB; statekeeper {:.3} s, {:.1} MiB",
         import[0].seconds, import[0].peak_mib, import[1].seconds, import[1].peak_mib
@@ -271,5 +327,7 @@ async fn round(settings: &Settings, state_ids: u32) -> BenchResult<Round> {
         export: [export_theirs, export_ours],
         import,
         to_folder: [folder_theirs, folder_ours],
+        pg_dump,
+        restore,
     })
 }

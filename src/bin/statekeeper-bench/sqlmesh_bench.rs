@@ -39,6 +39,9 @@ struct Round {
     /// SQLMesh in its project, SQLMesh with the project's models left out, statekeeper.
     export: [Measured; 3],
     import: [Measured; 3],
+    /// `pg_dump --data-only` of the state schema, and its `psql --single-transaction` restore.
+    pg_dump: Measured,
+    restore: Measured,
 }
 
 pub async fn run(settings: &Settings, sizes: &[u32]) -> BenchResult<()> {
@@ -56,14 +59,16 @@ pub async fn run(settings: &Settings, sizes: &[u32]) -> BenchResult<()> {
     }
     println!();
     println!(
-        "| models | snapshots | intervals | file | operation | sqlmesh | sqlmesh, state only | statekeeper | speed-up (state only) | peak RSS sqlmesh / state only / statekeeper |"
+        "| models | snapshots | intervals | file | operation | sqlmesh | sqlmesh, state only | statekeeper | speed-up (state only) | peak RSS sqlmesh / state only / statekeeper | pg_dump / psql -1 | statekeeper ÷ it |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rounds {
-        for (operation, [project, state_only, ours]) in [("export", r.export), ("import", r.import)]
-        {
+        for (operation, [project, state_only, ours], reference) in [
+            ("export", r.export, r.pg_dump),
+            ("import", r.import, r.restore),
+        ] {
             println!(
-                "| {} | {} | {} | {:.1} MiB | {operation} | {:.2} s | {:.2} s | {:.3} s | {:.0}× ({:.0}×) | {:.0} / {:.0} / {:.1} MiB |",
+                "| {} | {} | {} | {:.1} MiB | {operation} | {:.2} s | {:.2} s | {:.3} s | {:.0}× ({:.0}×) | {:.0} / {:.0} / {:.1} MiB | {:.3} s | {:.2}× |",
                 r.models,
                 r.snapshots,
                 r.intervals,
@@ -76,6 +81,8 @@ pub async fn run(settings: &Settings, sizes: &[u32]) -> BenchResult<()> {
                 project.peak_mib,
                 state_only.peak_mib,
                 ours.peak_mib,
+                reference.seconds,
+                ours.seconds / reference.seconds,
             );
         }
     }
@@ -210,6 +217,49 @@ async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
         }
     }
 
+    // The physical reference: PostgreSQL's own dump of the state schema and its restore in one
+    // transaction into the tables `sqlmesh migrate` created, emptied.
+    let dump = dir.join("pg-dump.sql");
+    let pg_dump = measure(settings.repeat, || {
+        let mut command = timed_command("pg_dump", &dir, &[]);
+        command
+            .args(["--data-only", "--schema", "sqlmesh", "--file"])
+            .arg(&dump)
+            .arg(&source_url);
+        command
+    })
+    .await?;
+    let mut restores = Vec::new();
+    for _ in 0..settings.repeat {
+        recreate_database(&settings.admin_url, &target).await?;
+        check(
+            timed_command(&settings.sqlmesh, &state_only, &[at_target])
+                .arg("migrate")
+                .output()?,
+            "sqlmesh migrate",
+        )?;
+        let mut conn = PgConnection::connect(&target_url).await?;
+        sqlx::raw_sql(
+            "DO $$ BEGIN EXECUTE (SELECT 'TRUNCATE ' || string_agg(format('%I.%I', schemaname, tablename), ', ') \
+             FROM pg_tables WHERE schemaname = 'sqlmesh'); END $$",
+        )
+        .execute(&mut conn)
+        .await?;
+        drop(conn);
+        let mut command = timed_command("psql", &dir, &[]);
+        command
+            .args([
+                "--quiet",
+                "--single-transaction",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "--file",
+            ])
+            .arg(&dump)
+            .arg(&target_url);
+        restores.push(run_timed(&mut command)?);
+    }
+
     let mut conn = PgConnection::connect(&source_url).await?;
     let count = |table: &str| format!("SELECT count(*) FROM sqlmesh.{table}");
     let snapshots: i64 = sqlx::query_scalar(AssertSqlSafe(count("_snapshots")))
@@ -236,6 +286,8 @@ async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
             summarize(&import[1]),
             summarize(&import[2]),
         ],
+        pg_dump,
+        restore: summarize(&restores),
     })
 }
 
