@@ -104,20 +104,36 @@ async fn write_snapshots<W: AsyncWrite + Unpin + Send>(
     } else {
         "NULL::bigint".into()
     };
+    // The four hashes that identify a snapshot, from a fingerprint object `f`.
+    let hashes = |f: &str| {
+        [
+            "data_hash",
+            "metadata_hash",
+            "parent_data_hash",
+            "parent_metadata_hash",
+        ]
+        .map(|hash| format!("{f}->>'{hash}' AS {hash}"))
+        .join(", ")
+    };
+    let (hashes_of_ref, hashes_of_snapshot) = (hashes("(r->'fingerprint')"), hashes("parsed.f"));
     let sql = format!(
         "WITH refs AS (
-           SELECT DISTINCT r->>'name' AS name, r->'fingerprint' AS fingerprint
+           SELECT DISTINCT r->>'name' AS name, {hashes_of_ref}
            FROM {s}._environments e, jsonb_array_elements(COALESCE(e.snapshots, '[]')::jsonb) r
            WHERE $1::text[] IS NULL OR e.name = ANY($1)
+         ), snapshots AS (
+           -- Each fingerprint parsed once, not once per comparison.
+           SELECT s.*, {hashes_of_snapshot}
+           FROM {s}._snapshots s, LATERAL (SELECT s.fingerprint::jsonb AS f) parsed
          ), picked AS (
            SELECT DISTINCT ON (s.name, s.identifier) s.*,
                   COALESCE(s.version, fb.version) AS interval_version
-           FROM {s}._snapshots s
+           FROM snapshots s
            JOIN refs ON refs.name = s.name
-                    AND refs.fingerprint->>'data_hash' IS NOT DISTINCT FROM s.fingerprint::jsonb->>'data_hash'
-                    AND refs.fingerprint->>'metadata_hash' IS NOT DISTINCT FROM s.fingerprint::jsonb->>'metadata_hash'
-                    AND refs.fingerprint->>'parent_data_hash' IS NOT DISTINCT FROM s.fingerprint::jsonb->>'parent_data_hash'
-                    AND refs.fingerprint->>'parent_metadata_hash' IS NOT DISTINCT FROM s.fingerprint::jsonb->>'parent_metadata_hash'
+                    AND refs.data_hash IS NOT DISTINCT FROM s.data_hash
+                    AND refs.metadata_hash IS NOT DISTINCT FROM s.metadata_hash
+                    AND refs.parent_data_hash IS NOT DISTINCT FROM s.parent_data_hash
+                    AND refs.parent_metadata_hash IS NOT DISTINCT FROM s.parent_metadata_hash
            LEFT JOIN unnest($2::text[], $3::text[], $4::text[]) AS fb(name, identifier, version)
                   ON fb.name = s.name AND fb.identifier = s.identifier
            ORDER BY s.name, s.identifier, s.updated_ts DESC
@@ -367,12 +383,14 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
         "SELECT e.name, e.start_at, e.end_at, e.plan_id, e.previous_plan_id, e.expiration_ts,
                 e.finalized_ts, e.suffix_target, e.catalog_name_override, e.normalize_name,
                 e.gateway_managed, e.requirements, {statements_sql} AS statements,
-                json_typeof(e.snapshots::json) AS snapshots,
-                json_typeof(e.promoted_snapshot_ids::json) AS promoted_snapshot_ids,
-                json_typeof(e.previous_finalized_snapshots::json) AS previous_finalized_snapshots
+                {} AS snapshots, {} AS promoted_snapshot_ids,
+                {} AS previous_finalized_snapshots
          FROM {s}._environments e
          WHERE $1::text[] IS NULL OR e.name = ANY($1)
-         ORDER BY e.name"
+         ORDER BY e.name",
+        list_kind("e.snapshots"),
+        list_kind("e.promoted_snapshot_ids"),
+        list_kind("e.previous_finalized_snapshots"),
     );
     let rows = sqlx::query(AssertSqlSafe(sql))
         .bind(&options.environments)
@@ -492,6 +510,12 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
         .await?;
     }
     Ok(heads.len() as u64)
+}
+
+/// The JSON type of a list column. A list is recognised by its first character: parsing a whole
+/// list only to name its type cost as much as streaming it (which parses, and so checks, it).
+fn list_kind(column: &str) -> String {
+    format!("CASE WHEN {column} ~ '^\\s*\\[' THEN 'array' ELSE json_typeof({column}::json) END")
 }
 
 fn json_error(e: serde_json::Error) -> Error {
