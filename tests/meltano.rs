@@ -361,6 +361,13 @@ async fn our_meltano_format_export_is_what_meltano_exports_and_imports() {
         "dev:tap-b-to-target-x",
         &json!({"singer_state": {"bookmarks": {"orders": {"id": 3}}}}).to_string(),
     ]);
+    // Text that needs escaping, in the ID and in the state (the export copies states as stored).
+    project.ok(&[
+        "state",
+        "merge",
+        "dev:tap-ü\"q\\-to-target-x",
+        &json!({"singer_state": {"bookmarks": {"naïve \"表\"": {"path": "C:\\tmp\\x", "note": "a\tb\nc", "big": 1.5e300, "deep": [[[{"k": null}]]]}}}}).to_string(),
+    ]);
     let theirs: Value = serde_json::from_str(project.ok(&["state", "export"]).trim()).unwrap();
     let dir = std::env::temp_dir().join(format!("sk-meltano-export-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -385,6 +392,62 @@ async fn our_meltano_format_export_is_what_meltano_exports_and_imports() {
     );
     let ours: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     assert_eq!(ours, theirs, "the same document, as JSON");
+    let export = |to: &str| {
+        cli(
+            &db.url,
+            &[
+                "state",
+                "--framework",
+                "meltano",
+                "export",
+                "--format",
+                "meltano",
+                "--to",
+                to,
+            ],
+        )
+    };
+    // A state written over several lines (by hand) is exported as the same JSON on one line.
+    let mut conn = db.conn().await;
+    sqlx::query(
+        "UPDATE state SET partial_state = E'{\\n  \"a\": \"x\\\\ny\",\\r\\n  \"b\": [1,\\n 2]\\n}' WHERE state_id = 'dev:tap-b-to-target-x'",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let out = export("-");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stdout.contains(&b'\n'), "one line");
+    let ours: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        ours["dev:tap-b-to-target-x"]["partial"],
+        json!({"a": "x\ny", "b": [1, 2]})
+    );
+    // A state that is not JSON is named, and no document is written.
+    sqlx::query(
+        "UPDATE state SET completed_state = '{\"a\": 1,' WHERE state_id = 'dev:tap-b-to-target-x'",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let broken = dir.join("broken.json");
+    let out = export(broken.to_str().unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("dev:tap-b-to-target-x")
+            && stderr.contains("completed_state that is not JSON"),
+        "{stderr}"
+    );
+    assert!(!broken.exists(), "a failed export leaves no file");
+    sqlx::query("DELETE FROM state WHERE state_id = 'dev:tap-b-to-target-x'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
 
     // The real `meltano state import` reads it into a fresh system database.
     let target = TestDb::new().await;
@@ -419,7 +482,10 @@ async fn our_meltano_format_export_is_what_meltano_exports_and_imports() {
     let some: Value =
         serde_json::from_slice(&std::fs::read(dir.join("some.json")).unwrap()).unwrap();
     let ids: Vec<&String> = some.as_object().unwrap().keys().collect();
-    assert_eq!(ids, vec!["dev:tap-a-to-target-x", "dev:tap-b-to-target-x"]);
+    assert_eq!(
+        ids,
+        vec!["dev:tap-a-to-target-x", "dev:tap-ü\"q\\-to-target-x"]
+    );
     let out = cli(
         &db.url,
         &[
@@ -506,6 +572,22 @@ async fn we_import_meltanos_own_export_with_replace_and_merge() {
     let ours: Value = serde_json::from_str(merged.ok(&["state", "export"]).trim()).unwrap();
     let meltanos: Value = serde_json::from_str(reference.ok(&["state", "export"]).trim()).unwrap();
     assert_eq!(ours, meltanos);
+    // Stored as Meltano stores them: the same text, spelled by Python's json.dumps.
+    let stored = |db: &TestDb| {
+        let db = db.url.clone();
+        async move {
+            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db)
+                .await
+                .unwrap();
+            sqlx::query_as::<_, (String, Option<String>, Option<String>)>(
+                "SELECT state_id, completed_state, partial_state FROM state ORDER BY 1",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(stored(&merged_db).await, stored(&reference_db).await);
 
     // A broken or truncated document changes nothing, and a broken state is named.
     let before = tables(&merged_db).await;
@@ -514,6 +596,23 @@ async fn we_import_meltanos_own_export_with_replace_and_merge() {
     let out = import(&merged_db.url, "--replace", &broken);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("dev:x"));
+    for (document, named) in [
+        (
+            &br#"{"dev:y": {"completed": {"a": 1}, "extra": {}}}"#[..],
+            "it has",
+        ),
+        (br#"{"dev:z": 5}"#, "dev:z"),
+        (br#"{"dev:w": {"partial": {"a": 1,}}}"#, "not JSON"),
+        (br#"{"dev:v": {}, "dev:v": {}}"#, "appears twice"),
+    ] {
+        std::fs::write(&broken, document).unwrap();
+        let out = import(&merged_db.url, "--merge", &broken);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(named),
+            "{named}: {err}"
+        );
+    }
     let truncated = dir.join("truncated.json");
     std::fs::write(&truncated, br#"{"dev:x": {"completed": {"a": 1}"#).unwrap();
     assert!(

@@ -6,7 +6,10 @@ use sqlx::PgConnection;
 use tokio::io::AsyncWrite;
 
 use crate::engine::Error;
-use crate::engine::export::{ExportOptions, ExportReport, Output, refuse_unknown_environments};
+use crate::engine::export::{
+    ExportOptions, ExportReport, Output, push_json_string, refuse_unknown_environments,
+    transform_copy_lines, unescape_copy_field,
+};
 use crate::engine::identifier::quote_literal;
 use crate::engine::store::Store;
 
@@ -23,22 +26,77 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     report.schema_version = version.schema_version;
     let s = store.schema().quoted();
     let filter = selection(store, tx, options).await?;
-    // Raw line ends can only be whitespace between JSON tokens (never inside strings): they go,
-    // so that each state is one line of the stream.
-    let state = |column: &str| {
-        format!("coalesce(translate({column}::json::text, E'\\n\\r', '  '), 'null')")
-    };
+    // The columns as COPY's text sends them; each state is checked and written on the client
+    // (PostgreSQL's json cast and translate() cost ten times the COPY itself).
     let sql = format!(
-        "SELECT to_json(state_id)::text || ':{{\"completed\":' || {} || ',\"partial\":' || {} || '}}' \
-         FROM {s}.state{filter} ORDER BY state_id",
-        state("completed_state"),
-        state("partial_state")
+        "COPY (SELECT state_id, completed_state, partial_state FROM {s}.state{filter} ORDER BY state_id) TO STDOUT"
     );
     out.write(b"{").await?;
-    let rows = out.stream_rows(tx, &sql).await?;
+    let mut scratch = Vec::new();
+    let rows = transform_copy_lines(tx, out, &sql, |index, line, json| {
+        let mut fields = line.split(|b| *b == b'\t');
+        let (Some(id), Some(completed), Some(partial), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return Err(Error::ExportWrite(
+                "PostgreSQL sent a state row with another number of columns".into(),
+            ));
+        };
+        if index > 0 {
+            json.push(b',');
+        }
+        push_json_string(id, json)?;
+        json.extend_from_slice(b":{\"completed\":");
+        push_state(id, "completed_state", completed, &mut scratch, json)?;
+        json.extend_from_slice(b",\"partial\":");
+        push_state(id, "partial_state", partial, &mut scratch, json)?;
+        json.push(b'}');
+        Ok(())
+    })
+    .await?;
     out.write(b"}").await?;
     report.environments = rows;
     report.rows.insert("state".into(), rows);
+    Ok(())
+}
+
+/// A state column's COPY field as the JSON Meltano stored (`null` for NULL), checked to be JSON.
+/// Raw line ends can only be whitespace between tokens (never inside strings): they become
+/// spaces, so that the text is the same JSON on one line.
+fn push_state(
+    id: &[u8],
+    column: &str,
+    field: &[u8],
+    scratch: &mut Vec<u8>,
+    json: &mut Vec<u8>,
+) -> Result<(), Error> {
+    if field == b"\\N" {
+        json.extend_from_slice(b"null");
+        return Ok(());
+    }
+    // Without a backslash the field is the text itself, and holds no line end.
+    let text = if field.contains(&b'\\') {
+        scratch.clear();
+        unescape_copy_field(field, |byte| {
+            scratch.push(if byte == b'\n' || byte == b'\r' {
+                b' '
+            } else {
+                byte
+            })
+        })?;
+        &scratch[..]
+    } else {
+        field
+    };
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(text) {
+        let mut id_text = Vec::new();
+        unescape_copy_field(id, |byte| id_text.push(byte))?;
+        return Err(Error::ExportWrite(format!(
+            "state ID {} has a {column} that is not JSON: {e}",
+            String::from_utf8_lossy(&id_text)
+        )));
+    }
+    json.extend_from_slice(text);
     Ok(())
 }
 

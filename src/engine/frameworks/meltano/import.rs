@@ -13,6 +13,7 @@ use crate::engine::frameworks::ExportFormat;
 use crate::engine::import::{
     Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
 };
+use crate::engine::json::python_dumps;
 use crate::engine::store::Store;
 
 /// The staging section of state rows.
@@ -23,15 +24,44 @@ const STATE: &str = "state";
 pub(crate) struct Sections;
 
 impl Sections {
-    /// The reader for a document whose first key (a state ID) was just read.
+    /// The reader for a document whose first key (a state ID) was just read. The state is
+    /// checked here and staged as the two texts Meltano stores, spelled as its `json.dumps`
+    /// spells them: the server parses nothing.
     pub(crate) fn state(
         cursor: &mut Cursor<&mut dyn std::io::Read>,
         state_id: &str,
         emitter: &mut Emitter,
     ) -> Result<(), ScanError> {
+        let not_a_state = |found: &str| {
+            ScanError(format!(
+                "state \"{state_id}\" is not {{\"completed\": object or null, \"partial\": object \
+                 or null}}: {found}"
+            ))
+        };
+        if cursor.peek_value()? != b'{' {
+            let raw = cursor.raw()?;
+            return Err(not_a_state(&String::from_utf8_lossy(
+                &raw[..raw.len().min(200)],
+            )));
+        }
+        let (mut completed, mut partial) = (None, None);
+        cursor.object(|cursor, key| {
+            let raw = cursor.raw()?;
+            let member = match key.as_str() {
+                "completed" => &mut completed,
+                "partial" => &mut partial,
+                _ => return Err(not_a_state(&format!("it has \"{key}\""))),
+            };
+            *member = state_text(&raw).map_err(|e| not_a_state(&format!("its {key} {e}")))?;
+            Ok(())
+        })?;
         let section: Arc<str> = Arc::from(STATE);
-        let raw = cursor.raw()?;
-        emitter.row(&section, state_id, raw).map_err(ScanError)?;
+        emitter
+            .fields(
+                &section,
+                vec![Some(state_id.to_owned()), completed, partial],
+            )
+            .map_err(ScanError)?;
         emitter.environments += 1;
         Ok(())
     }
@@ -44,6 +74,23 @@ impl Sections {
             versions: serde_json::json!({}),
         }
     }
+}
+
+/// A member of a state as the text Meltano stores (None for `null`); refuses all but an object.
+fn state_text(raw: &[u8]) -> Result<Option<String>, String> {
+    if raw == b"null" {
+        return Ok(None);
+    }
+    if raw.first() != Some(&b'{') {
+        return Err(format!(
+            "is {}, not an object",
+            String::from_utf8_lossy(&raw[..raw.len().min(200)])
+        ));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(raw)
+        .map_err(|e| format!("is not JSON: {e}"))?;
+    let text = std::str::from_utf8(raw).map_err(|_| "is not UTF-8".to_string())?;
+    Ok(Some(python_dumps(text)))
 }
 
 impl SectionReader for Sections {
@@ -69,27 +116,11 @@ pub(crate) async fn import(
     let mut tx = store.begin_locked().await?;
     let current = store.require_initialized(&mut tx).await?;
     let staged = incoming.stage(&mut tx, &[STATE]).await?;
-    // Each state is an object of "completed" and "partial", each an object or null, as
-    // `meltano state import` reads them.
-    let bad: Option<(String, String)> = sqlx::query_as(
-        "SELECT environment, left(doc::text, 200) FROM statekeeper_import \
-         WHERE section = 'state' AND (jsonb_typeof(doc) IS DISTINCT FROM 'object' \
-            OR EXISTS (SELECT 1 FROM jsonb_object_keys(doc) k WHERE k NOT IN ('completed', 'partial')) \
-            OR coalesce(jsonb_typeof(doc -> 'completed'), 'null') NOT IN ('object', 'null') \
-            OR coalesce(jsonb_typeof(doc -> 'partial'), 'null') NOT IN ('object', 'null')) \
-         ORDER BY seq LIMIT 1",
-    )
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some((state_id, doc)) = bad {
-        return Err(Error::InvalidExport(format!(
-            "state \"{state_id}\" is not {{\"completed\": object or null, \"partial\": object or \
-             null}}: {doc}"
-        )));
-    }
+    // Each state was checked as it was read (an object of "completed" and "partial", each an
+    // object or null, as `meltano state import` reads them); a state ID may come only once.
     let twice: Option<String> = sqlx::query_scalar(
-        "SELECT environment FROM statekeeper_import WHERE section = 'state' \
-         GROUP BY environment HAVING count(*) > 1 ORDER BY 1 LIMIT 1",
+        "SELECT fields[1] FROM statekeeper_import WHERE section = 'state' \
+         GROUP BY fields[1] HAVING count(*) > 1 ORDER BY 1 LIMIT 1",
     )
     .fetch_optional(&mut *tx)
     .await?;
@@ -109,22 +140,14 @@ pub(crate) async fn import(
         ImportMode::Replace => format!("DELETE FROM {s}.state"),
         ImportMode::Merge => format!(
             "DELETE FROM {s}.state WHERE state_id IN \
-             (SELECT environment FROM statekeeper_import WHERE section = 'state')"
+             (SELECT fields[1] FROM statekeeper_import WHERE section = 'state')"
         ),
-    };
-    let value = |member: &str| {
-        format!(
-            "CASE WHEN coalesce(jsonb_typeof(doc -> '{member}'), 'null') = 'null' THEN NULL \
-             ELSE (doc -> '{member}')::text END"
-        )
     };
     let statements = [
         delete,
         format!(
-            "INSERT INTO {s}.state (state_id, partial_state, completed_state) \
-             SELECT environment, {}, {} FROM statekeeper_import WHERE section = 'state' ORDER BY seq",
-            value("partial"),
-            value("completed")
+            "INSERT INTO {s}.state (state_id, completed_state, partial_state) \
+             SELECT fields[1], fields[2], fields[3] FROM statekeeper_import WHERE section = 'state' ORDER BY seq"
         ),
     ];
     for statement in statements {
