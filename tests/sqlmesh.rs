@@ -314,6 +314,50 @@ async fn our_sqlmesh_export_imports_into_sqlmesh_like_its_own() {
         )
     };
     assert_eq!(ids(&ours_dev), ids(&theirs_dev));
+
+    // Lists that are not what SQLMesh writes: a missing list of snapshots reads as empty, and a
+    // list that is not one, or not JSON, is named and fails the export.
+    let mut conn = db.conn().await;
+    let set = |list: Option<&'static str>| {
+        sqlx::query("UPDATE sqlmesh._environments SET promoted_snapshot_ids = $1, snapshots = NULL WHERE name = 'dev_fwd'")
+            .bind(list)
+    };
+    set(Some("  null")).execute(&mut conn).await.unwrap();
+    let odd = scratch_file("odd.json");
+    export_file(&store, &odd, ExportFormat::Sqlmesh, &["dev_fwd"]).await;
+    let doc = normalized(&odd);
+    let environment = &doc["environments"]["dev_fwd"]["environment"];
+    assert_eq!(environment["snapshots"], serde_json::json!([]));
+    assert!(
+        environment.get("promoted_snapshot_ids").is_none(),
+        "{environment}"
+    );
+    for (list, reason) in [
+        (r#"{"a": 1}"#, "is not a list"),
+        (r#"[{"name": "a"},"#, "EOF while parsing"),
+    ] {
+        set(Some(list)).execute(&mut conn).await.unwrap();
+        let destination = Destination::parse(&odd.to_string_lossy(), &Default::default()).unwrap();
+        let err = store
+            .export_to(
+                &destination,
+                &ExportOptions {
+                    environments: Some(vec!["dev_fwd".into()]),
+                    compression: Compression::None,
+                    format: ExportFormat::Sqlmesh,
+                },
+                |_| {},
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dev_fwd")
+                && err.contains("promoted_snapshot_ids")
+                && err.contains(reason),
+            "{err}"
+        );
+    }
 }
 
 #[tokio::test]

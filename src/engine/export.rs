@@ -301,57 +301,6 @@ impl<W: AsyncWrite + Unpin + Send> Output<W> {
         );
         self.write(header.as_bytes()).await
     }
-
-    /// Streams the JSON rows of one query, comma-separated; returns how many.
-    pub async fn stream_rows(&mut self, conn: &mut PgConnection, sql: &str) -> Result<u64, Error> {
-        stream_rows(conn, &mut self.encoder, sql).await
-    }
-}
-
-/// Streams one query's JSON rows into the writer, comma-separated; returns how many. COPY moves
-/// the rows as raw bytes, far faster than decoding them one by one: the CSV format with 0x01 as
-/// quote and 0x02 as delimiter passes JSON text (which has no raw control characters) through
-/// untouched, one row per line; each line end becomes the separating comma.
-async fn stream_rows<W: AsyncWrite + Unpin + Send>(
-    conn: &mut PgConnection,
-    out: &mut Encoder<W>,
-    sql: &str,
-) -> Result<u64, Error> {
-    let mut copy = conn
-        .copy_out_raw(&format!(
-            "COPY ({sql}) TO STDOUT WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
-        ))
-        .await?;
-    let mut rows = 0u64;
-    // The last byte seen is held back: the final line end must not become a comma.
-    let mut held: Option<u8> = None;
-    let mut chunk_out = Vec::with_capacity(64 * 1024);
-    while let Some(chunk) = copy.try_next().await? {
-        chunk_out.clear();
-        chunk_out.extend(held.take());
-        for &byte in chunk.iter() {
-            match byte {
-                b'\n' => {
-                    rows += 1;
-                    chunk_out.push(b',');
-                }
-                // COPY quotes a field only if it holds a raw line break: never valid here, and
-                // never silently passed on as a corrupt file.
-                0x01 => {
-                    return Err(Error::ExportWrite(
-                        "PostgreSQL returned a row with a raw line break; refusing to write a corrupt export".into(),
-                    ));
-                }
-                _ => chunk_out.push(byte),
-            }
-        }
-        held = chunk_out.pop();
-        out.write(&chunk_out).await.map_err(io_error)?;
-    }
-    if let Some(byte) = held.filter(|b| *b != b',') {
-        out.write(&[byte]).await.map_err(io_error)?;
-    }
-    Ok(rows)
 }
 
 /// Streams a table's rows as JSON arrays of their text forms (`["v", null, …]`), comma-separated;

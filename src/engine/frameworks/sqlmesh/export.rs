@@ -3,7 +3,7 @@
 //! columns put back and its intervals computed from `_intervals` as SQLMesh computes them; each
 //! environment is its row with its statements. One snapshot at a time: memory stays flat.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures::TryStreamExt;
 use serde::Deserialize;
@@ -16,6 +16,7 @@ use super::{Fingerprint, OrderedObject, SNAPSHOT_FIELDS};
 use crate::engine::Error;
 use crate::engine::catalog;
 use crate::engine::export::{ExportOptions, ExportReport, Output, refuse_unknown_environments};
+use crate::engine::jsonscan::Cursor;
 use crate::engine::store::Store;
 
 /// `metadata`, with SQLMesh's fields in SQLMesh's order.
@@ -104,48 +105,42 @@ async fn write_snapshots<W: AsyncWrite + Unpin + Send>(
     } else {
         "NULL::bigint".into()
     };
-    // The four hashes that identify a snapshot, from a fingerprint object `f`.
-    let hashes = |f: &str| {
-        [
-            "data_hash",
-            "metadata_hash",
-            "parent_data_hash",
-            "parent_metadata_hash",
-        ]
-        .map(|hash| format!("{f}->>'{hash}' AS {hash}"))
-        .join(", ")
-    };
-    let (hashes_of_ref, hashes_of_snapshot) = (hashes("(r->'fingerprint')"), hashes("parsed.f"));
+    let refs = listed_snapshots(store, tx, options).await?;
+    // Snapshots are matched to the listed ones by name and fingerprint; the fingerprint of each
+    // is parsed once, and only keys travel until the chosen rows are read.
+    let hash = |f: &str, hash: &str| format!("{f}->>'{hash}' AS {hash}");
     let sql = format!(
         "WITH refs AS (
-           SELECT DISTINCT r->>'name' AS name, {hashes_of_ref}
-           FROM {s}._environments e, jsonb_array_elements(COALESCE(e.snapshots, '[]')::jsonb) r
-           WHERE $1::text[] IS NULL OR e.name = ANY($1)
-         ), snapshots AS (
-           -- Each fingerprint parsed once, not once per comparison.
-           SELECT s.*, {hashes_of_snapshot}
-           FROM {s}._snapshots s, LATERAL (SELECT s.fingerprint::jsonb AS f) parsed
+           SELECT * FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::text[])
+             AS r(name, data_hash, metadata_hash, parent_data_hash, parent_metadata_hash)
+         ), keys AS MATERIALIZED (
+           SELECT s.name, s.identifier, s.version, s.updated_ts, {}, {}, {}, {}
+           FROM {s}._snapshots s, LATERAL (SELECT s.fingerprint::jsonb AS f OFFSET 0) parsed
          ), picked AS (
-           SELECT DISTINCT ON (s.name, s.identifier) s.*,
-                  COALESCE(s.version, fb.version) AS interval_version
-           FROM snapshots s
-           JOIN refs ON refs.name = s.name
-                    AND refs.data_hash IS NOT DISTINCT FROM s.data_hash
-                    AND refs.metadata_hash IS NOT DISTINCT FROM s.metadata_hash
-                    AND refs.parent_data_hash IS NOT DISTINCT FROM s.parent_data_hash
-                    AND refs.parent_metadata_hash IS NOT DISTINCT FROM s.parent_metadata_hash
+           SELECT DISTINCT ON (k.name, k.identifier) k.name, k.identifier,
+                  COALESCE(k.version, fb.version) AS interval_version
+           FROM keys k
+           JOIN refs ON refs.name = k.name
+                    AND refs.data_hash IS NOT DISTINCT FROM k.data_hash
+                    AND refs.metadata_hash IS NOT DISTINCT FROM k.metadata_hash
+                    AND refs.parent_data_hash IS NOT DISTINCT FROM k.parent_data_hash
+                    AND refs.parent_metadata_hash IS NOT DISTINCT FROM k.parent_metadata_hash
            LEFT JOIN unnest($2::text[], $3::text[], $4::text[]) AS fb(name, identifier, version)
-                  ON fb.name = s.name AND fb.identifier = s.identifier
-           ORDER BY s.name, s.identifier, s.updated_ts DESC
+                  ON fb.name = k.name AND fb.identifier = k.identifier
+           ORDER BY k.name, k.identifier, k.updated_ts DESC
          )
          SELECT s.snapshot, s.identifier, s.updated_ts, s.unpaused_ts, s.unrestorable, s.forward_only,
                 {next_restatement} AS next_auto_restatement_ts,
                 (SELECT COALESCE(json_agg(json_build_array(i.identifier, i.dev_version, i.start_ts, i.end_ts,
                                                            i.is_dev, i.is_removed, i.is_pending_restatement, i.last_altered_ts)
                                           ORDER BY i.created_ts, i.is_removed, i.is_pending_restatement), '[]')::text
-                 FROM {s}._intervals i WHERE i.name = s.name AND i.version = s.interval_version) AS intervals
-         FROM picked s
-         ORDER BY s.name, s.identifier"
+                 FROM {s}._intervals i WHERE i.name = s.name AND i.version = p.interval_version) AS intervals
+         FROM picked p JOIN {s}._snapshots s ON s.name = p.name AND s.identifier = p.identifier
+         ORDER BY p.name, p.identifier",
+        hash("parsed.f", "data_hash"),
+        hash("parsed.f", "metadata_hash"),
+        hash("parsed.f", "parent_data_hash"),
+        hash("parsed.f", "parent_metadata_hash"),
     );
     let mut units: HashMap<String, Unit> = HashMap::new();
     let mut rows = sqlx::query(AssertSqlSafe(sql))
@@ -153,6 +148,11 @@ async fn write_snapshots<W: AsyncWrite + Unpin + Send>(
         .bind(&fallback.0)
         .bind(&fallback.1)
         .bind(&fallback.2)
+        .bind(&refs.names)
+        .bind(&refs.data_hashes)
+        .bind(&refs.metadata_hashes)
+        .bind(&refs.parent_data_hashes)
+        .bind(&refs.parent_metadata_hashes)
         .fetch(&mut *tx);
     let mut written = 0u64;
     let mut line = String::with_capacity(64 * 1024);
@@ -176,6 +176,75 @@ async fn write_snapshots<W: AsyncWrite + Unpin + Send>(
         written += 1;
     }
     Ok(written)
+}
+
+/// The snapshots the chosen environments list (each once), by name and fingerprint hashes, as
+/// columns to bind.
+#[derive(Default)]
+struct Listed {
+    names: Vec<String>,
+    data_hashes: Vec<Option<String>>,
+    metadata_hashes: Vec<Option<String>>,
+    parent_data_hashes: Vec<Option<String>>,
+    parent_metadata_hashes: Vec<Option<String>>,
+}
+
+/// An element of an environment's list of snapshots: the fields that identify it.
+#[derive(Deserialize)]
+struct ListedSnapshot {
+    name: String,
+    #[serde(default)]
+    fingerprint: Fingerprint,
+}
+
+/// Reads the environments' lists of snapshots one environment at a time and parses them here:
+/// PostgreSQL's JSON parser took most of the export's time on them.
+async fn listed_snapshots(
+    store: &Store,
+    tx: &mut PgConnection,
+    options: &ExportOptions,
+) -> Result<Listed, Error> {
+    let mut rows = sqlx::query_as::<_, (String, Option<String>)>(AssertSqlSafe(format!(
+        "SELECT name, snapshots FROM {}._environments WHERE $1::text[] IS NULL OR name = ANY($1)",
+        store.schema().quoted()
+    )))
+    .bind(&options.environments)
+    .fetch(&mut *tx);
+    let mut seen = HashSet::new();
+    let mut listed = Listed::default();
+    while let Some((environment, list)) = rows.try_next().await? {
+        let Some(list) = list else { continue };
+        let elements: Vec<ListedSnapshot> = serde_json::from_str(&list).map_err(|e| {
+            Error::ExportWrite(format!(
+                "environment {environment} has an unreadable list of snapshots: {e}"
+            ))
+        })?;
+        for ListedSnapshot { name, fingerprint } in elements {
+            let Fingerprint {
+                data_hash,
+                metadata_hash,
+                parent_data_hash,
+                parent_metadata_hash,
+            } = fingerprint;
+            let key = (
+                name,
+                data_hash,
+                metadata_hash,
+                parent_data_hash,
+                parent_metadata_hash,
+            );
+            if seen.contains(&key) {
+                continue;
+            }
+            seen.insert(key.clone());
+            listed.names.push(key.0);
+            listed.data_hashes.push(key.1);
+            listed.metadata_hashes.push(key.2);
+            listed.parent_data_hashes.push(key.3);
+            listed.parent_metadata_hashes.push(key.4);
+        }
+    }
+    Ok(listed)
 }
 
 /// One `_snapshots` row with what it takes from other tables.
@@ -350,19 +419,24 @@ fn snapshot_json(
     Ok(())
 }
 
-/// An environment's fields but its lists of snapshots, which are streamed.
+/// An environment's fields but its lists of snapshots, which are read one at a time.
 struct EnvironmentHead {
     name: String,
     /// `"name":…,…,"gateway_managed":…`
     fields: String,
-    /// For each list column: its JSON type (`array`, `null`, …), or none when NULL.
-    lists: [(&'static str, Option<String>); 3],
     requirements: String,
     statements: String,
 }
 
+/// The columns of an environment that list snapshots, in SQLMesh's order.
+const LIST_COLUMNS: [&str; 3] = [
+    "snapshots",
+    "promoted_snapshot_ids",
+    "previous_finalized_snapshots",
+];
+
 /// The chosen environments, each with its statements. An environment's lists of snapshots grow
-/// with the project: they are streamed element by element, never held whole.
+/// with the project: memory holds one list (one column of one row) at a time.
 async fn write_environments<W: AsyncWrite + Unpin + Send>(
     store: &Store,
     tx: &mut PgConnection,
@@ -382,15 +456,10 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
     let sql = format!(
         "SELECT e.name, e.start_at, e.end_at, e.plan_id, e.previous_plan_id, e.expiration_ts,
                 e.finalized_ts, e.suffix_target, e.catalog_name_override, e.normalize_name,
-                e.gateway_managed, e.requirements, {statements_sql} AS statements,
-                {} AS snapshots, {} AS promoted_snapshot_ids,
-                {} AS previous_finalized_snapshots
+                e.gateway_managed, e.requirements, {statements_sql} AS statements
          FROM {s}._environments e
          WHERE $1::text[] IS NULL OR e.name = ANY($1)
-         ORDER BY e.name",
-        list_kind("e.snapshots"),
-        list_kind("e.promoted_snapshot_ids"),
-        list_kind("e.previous_finalized_snapshots"),
+         ORDER BY e.name"
     );
     let rows = sqlx::query(AssertSqlSafe(sql))
         .bind(&options.environments)
@@ -434,9 +503,6 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
                 boolean("gateway_managed")?.or_else(|| Some("false".into())),
             ),
         ];
-        let list = |column: &'static str| -> Result<(&'static str, Option<String>), Error> {
-            Ok((column, row.try_get::<Option<String>, _>(column)?))
-        };
         heads.push(EnvironmentHead {
             name: row.try_get("name")?,
             fields: fields
@@ -444,11 +510,6 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
                 .filter_map(|(k, v)| v.as_ref().map(|v| format!("\"{k}\":{v}")))
                 .collect::<Vec<_>>()
                 .join(","),
-            lists: [
-                list("snapshots")?,
-                list("promoted_snapshot_ids")?,
-                list("previous_finalized_snapshots")?,
-            ],
             requirements: row
                 .try_get::<Option<String>, _>("requirements")?
                 .unwrap_or_else(|| "{}".into()),
@@ -458,10 +519,6 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
         });
     }
     for (i, head) in heads.iter().enumerate() {
-        sqlx::query("SELECT set_config('statekeeper.export_environment', $1, true)")
-            .bind(&head.name)
-            .execute(&mut *tx)
-            .await?;
         out.write(
             format!(
                 "{}{}:{{\"environment\":{{{}",
@@ -472,30 +529,49 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
             .as_bytes(),
         )
         .await?;
-        for (column, kind) in &head.lists {
-            match kind.as_deref() {
-                // Each element as stored, in order.
-                Some("array") => {
-                    out.write(format!(",\"{column}\":[").as_bytes()).await?;
-                    out.stream_rows(
-                        tx,
-                        &format!(
-                            "SELECT e.value::text FROM {s}._environments t, json_array_elements(t.{column}::json) WITH ORDINALITY e
-                             WHERE t.name = current_setting('statekeeper.export_environment') ORDER BY e.ordinality"
-                        ),
-                    )
-                    .await?;
-                    out.write(b"]").await?;
+        for column in LIST_COLUMNS {
+            let list: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT {column} FROM {s}._environments WHERE name = $1"
+            )))
+            .bind(&head.name)
+            .fetch_one(&mut *tx)
+            .await?;
+            let unreadable = |reason: String| {
+                Error::ExportWrite(format!(
+                    "environment {} has an unreadable {column}: {reason}",
+                    head.name
+                ))
+            };
+            match list.as_deref().map(str::trim_start) {
+                // Each element as stored, in order (checked as JSON first: nothing else reads it).
+                Some(text) if text.starts_with('[') => {
+                    serde_json::from_str::<serde::de::IgnoredAny>(text)
+                        .map_err(|e| unreadable(e.to_string()))?;
+                    let mut piece = format!(",\"{column}\":[").into_bytes();
+                    let mut cursor = Cursor::new(text.as_bytes());
+                    let mut first = true;
+                    cursor
+                        .array(|cursor| {
+                            if !first {
+                                piece.push(b',');
+                            }
+                            first = false;
+                            piece.extend_from_slice(&cursor.raw()?);
+                            Ok(())
+                        })
+                        .map_err(|e| unreadable(e.to_string()))?;
+                    piece.push(b']');
+                    out.write(&piece).await?;
                 }
                 // A missing list of snapshots reads as empty; the others are left out.
-                None | Some("null") if *column == "snapshots" => {
+                None | Some("null") if column == "snapshots" => {
                     out.write(b",\"snapshots\":[]").await?;
                 }
                 None | Some("null") => {}
                 Some(other) => {
-                    return Err(Error::ExportWrite(format!(
-                        "environment {} has {other} as {column}, not a list",
-                        head.name
+                    return Err(unreadable(format!(
+                        "{} is not a list",
+                        other.chars().take(40).collect::<String>()
                     )));
                 }
             }
@@ -510,12 +586,6 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
         .await?;
     }
     Ok(heads.len() as u64)
-}
-
-/// The JSON type of a list column. A list is recognised by its first character: parsing a whole
-/// list only to name its type cost as much as streaming it (which parses, and so checks, it).
-fn list_kind(column: &str) -> String {
-    format!("CASE WHEN {column} ~ '^\\s*\\[' THEN 'array' ELSE json_typeof({column}::json) END")
 }
 
 fn json_error(e: serde_json::Error) -> Error {
