@@ -603,7 +603,7 @@ async fn we_import_meltanos_own_export_with_replace_and_merge() {
         ),
         (br#"{"dev:z": 5}"#, "dev:z"),
         (br#"{"dev:w": {"partial": {"a": 1,}}}"#, "not JSON"),
-        (br#"{"dev:v": {}, "dev:v": {}}"#, "appears twice"),
+        (br#"{"dev:v": {}, "dev:v": {}}"#, "dev:v\\\" appears twice"),
     ] {
         std::fs::write(&broken, document).unwrap();
         let out = import(&merged_db.url, "--merge", &broken);

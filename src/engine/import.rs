@@ -181,6 +181,44 @@ impl Row {
     }
 }
 
+impl Row {
+    /// The row's values as a line of COPY input (CSV with 0x02 as delimiter and 0x01 as quote),
+    /// each value quoted (NULL unquoted and empty); a JSON row is its key and document.
+    fn encode_fields(&self, out: &mut Vec<u8>) {
+        const DELIMITER: u8 = 0x02;
+        const QUOTE: u8 = 0x01;
+        let quoted = |text: &str, out: &mut Vec<u8>| {
+            out.push(QUOTE);
+            let mut rest = text.as_bytes();
+            while let Some(i) = rest.iter().position(|b| *b == QUOTE) {
+                out.extend_from_slice(&rest[..=i]);
+                out.push(QUOTE);
+                rest = &rest[i + 1..];
+            }
+            out.extend_from_slice(rest);
+            out.push(QUOTE);
+        };
+        match self {
+            Row::Json { key, doc, .. } => {
+                quoted(key, out);
+                out.push(DELIMITER);
+                quoted(doc, out);
+            }
+            Row::Fields { fields, .. } => {
+                for (i, field) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(DELIMITER);
+                    }
+                    if let Some(text) = field {
+                        quoted(text, out);
+                    }
+                }
+            }
+        }
+        out.push(b'\n');
+    }
+}
+
 /// The opening of every document: its format, `metadata` and `versions`.
 pub(crate) struct Header {
     pub format: ExportFormat,
@@ -531,14 +569,36 @@ impl Incoming<'_> {
             .execute(&mut *conn)
             .await?;
         fast_toast_compression(conn).await?;
+        // JSON rows contain no raw control characters, so 0x01/0x02 can never collide.
+        self.copy_all(
+            conn,
+            "COPY statekeeper_import (section, environment, doc, fields) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')",
+            Row::encode,
+        )
+        .await
+    }
+
+    /// Streams every row (all of them lists of text values) into a table of the caller's, one
+    /// column per value, with `copy_sql` (`COPY t (…) FROM STDIN WITH (FORMAT csv, DELIMITER
+    /// E'\\x02', QUOTE E'\\x01')`), then checks the checksum. For imports that check their rows
+    /// as they are read: no array literal for the server to parse, no staged copy to read again.
+    pub async fn copy_fields_into(
+        &mut self,
+        conn: &mut PgConnection,
+        copy_sql: &str,
+    ) -> Result<Staged, Error> {
+        self.copy_all(conn, copy_sql, Row::encode_fields).await
+    }
+
+    async fn copy_all(
+        &mut self,
+        conn: &mut PgConnection,
+        copy_sql: &str,
+        encode: fn(&Row, &mut Vec<u8>),
+    ) -> Result<Staged, Error> {
         let mut tables = Vec::new();
         let (counts, environments) = {
-            // JSON rows contain no raw control characters, so 0x01/0x02 can never collide.
-            let mut copy = conn
-                .copy_in_raw(
-                    "COPY statekeeper_import (section, environment, doc, fields) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')",
-                )
-                .await?;
+            let mut copy = conn.copy_in_raw(copy_sql).await?;
             let mut buffer = Vec::with_capacity(512 * 1024);
             let (counts, environments) = loop {
                 let rows = match self.rx.recv().await {
@@ -557,8 +617,8 @@ impl Incoming<'_> {
                     // The parser stopped without finishing: the caller reports its error.
                     None => return Err(Error::InvalidExport(STREAM_ENDED.into())),
                 };
-                for row in rows {
-                    row.encode(&mut buffer);
+                for row in &rows {
+                    encode(row, &mut buffer);
                 }
                 if buffer.len() >= 256 * 1024 {
                     copy.send(std::mem::take(&mut buffer)).await?;

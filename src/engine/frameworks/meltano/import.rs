@@ -93,6 +93,29 @@ fn state_text(raw: &[u8]) -> Result<Option<String>, String> {
     Ok(Some(python_dumps(text)))
 }
 
+/// A state ID that comes twice stops the load with the table's key violation: named as such.
+fn state_id_twice(error: Error) -> Error {
+    let detail = match &error {
+        Error::InvalidExport(reason) => reason.clone(),
+        Error::Database(sqlx::Error::Database(db)) => db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .and_then(|pg| pg.detail())
+            .map(|detail| format!("{} ({detail})", db.message()))
+            .unwrap_or_default(),
+        _ => return error,
+    };
+    if !detail.contains("statekeeper_meltano_state_pkey") {
+        return error;
+    }
+    match detail
+        .split_once("Key (state_id)=(")
+        .and_then(|(_, rest)| rest.rsplit_once(") already exists"))
+    {
+        Some((state_id, _)) => Error::InvalidExport(format!("state \"{state_id}\" appears twice")),
+        None => Error::InvalidExport("a state ID appears twice".into()),
+    }
+}
+
 impl SectionReader for Sections {
     fn section(
         &mut self,
@@ -115,20 +138,22 @@ pub(crate) async fn import(
 ) -> Result<ImportReport, Error> {
     let mut tx = store.begin_locked().await?;
     let current = store.require_initialized(&mut tx).await?;
-    let staged = incoming.stage(&mut tx, &[STATE]).await?;
     // Each state was checked as it was read (an object of "completed" and "partial", each an
-    // object or null, as `meltano state import` reads them); a state ID may come only once.
-    let twice: Option<String> = sqlx::query_scalar(
-        "SELECT fields[1] FROM statekeeper_import WHERE section = 'state' \
-         GROUP BY fields[1] HAVING count(*) > 1 ORDER BY 1 LIMIT 1",
+    // object or null, as `meltano state import` reads them) and comes as the texts Meltano
+    // stores: they go by COPY into a table of the same columns, keyed so that a state ID that
+    // comes twice stops the load.
+    sqlx::raw_sql(
+        "CREATE TEMP TABLE statekeeper_meltano_state (state_id text PRIMARY KEY, completed_state text, partial_state text) ON COMMIT DROP",
     )
-    .fetch_optional(&mut *tx)
+    .execute(&mut *tx)
     .await?;
-    if let Some(state_id) = twice {
-        return Err(Error::InvalidExport(format!(
-            "state \"{state_id}\" appears twice"
-        )));
-    }
+    let staged = incoming
+        .copy_fields_into(
+            &mut tx,
+            "COPY statekeeper_meltano_state (state_id, completed_state, partial_state) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')",
+        )
+        .await
+        .map_err(state_id_twice)?;
 
     store.lock_tables(&mut tx).await?;
     let backup = store
@@ -139,15 +164,14 @@ pub(crate) async fn import(
     let delete = match mode {
         ImportMode::Replace => format!("DELETE FROM {s}.state"),
         ImportMode::Merge => format!(
-            "DELETE FROM {s}.state WHERE state_id IN \
-             (SELECT fields[1] FROM statekeeper_import WHERE section = 'state')"
+            "DELETE FROM {s}.state WHERE state_id IN (SELECT state_id FROM statekeeper_meltano_state)"
         ),
     };
     let statements = [
         delete,
         format!(
             "INSERT INTO {s}.state (state_id, completed_state, partial_state) \
-             SELECT fields[1], fields[2], fields[3] FROM statekeeper_import WHERE section = 'state' ORDER BY seq"
+             SELECT state_id, completed_state, partial_state FROM statekeeper_meltano_state"
         ),
     ];
     for statement in statements {
