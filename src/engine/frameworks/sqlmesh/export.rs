@@ -1,7 +1,8 @@
 //! Writing the document `sqlmesh state export` writes (docs/sqlmesh.md), straight from
 //! SQLMesh's tables: each snapshot is its stored JSON as stored, with the fields SQLMesh keeps in
 //! columns put back and its intervals computed from `_intervals` as SQLMesh computes them; each
-//! environment is its row with its statements. One snapshot at a time: memory stays flat.
+//! environment is its row with its statements. Memory holds one snapshot, or one environment's
+//! list of snapshots, at a time, and the names and fingerprints of the listed snapshots.
 
 use std::collections::{HashMap, HashSet};
 
