@@ -372,19 +372,19 @@ async fn our_meltano_format_export_is_what_meltano_exports_and_imports() {
     let dir = std::env::temp_dir().join(format!("sk-meltano-export-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("state.json");
-    let out = cli(
-        &db.url,
-        &[
+    let export = |args: &[&str]| {
+        let mut all = vec![
             "state",
             "--framework",
             "meltano",
             "export",
             "--format",
             "meltano",
-            "--to",
-            file.to_str().unwrap(),
-        ],
-    );
+        ];
+        all.extend_from_slice(args);
+        cli(&db.url, &all)
+    };
+    let out = export(&["--to", file.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
@@ -392,21 +392,6 @@ async fn our_meltano_format_export_is_what_meltano_exports_and_imports() {
     );
     let ours: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     assert_eq!(ours, theirs, "the same document, as JSON");
-    let export = |to: &str| {
-        cli(
-            &db.url,
-            &[
-                "state",
-                "--framework",
-                "meltano",
-                "export",
-                "--format",
-                "meltano",
-                "--to",
-                to,
-            ],
-        )
-    };
     // A state written over several lines (by hand) is exported as the same JSON on one line.
     let mut conn = db.conn().await;
     sqlx::query(
@@ -415,7 +400,7 @@ async fn our_meltano_format_export_is_what_meltano_exports_and_imports() {
     .execute(&mut conn)
     .await
     .unwrap();
-    let out = export("-");
+    let out = export(&["--to", "-"]);
     assert!(
         out.status.success(),
         "{}",
@@ -435,7 +420,7 @@ async fn our_meltano_format_export_is_what_meltano_exports_and_imports() {
     .await
     .unwrap();
     let broken = dir.join("broken.json");
-    let out = export(broken.to_str().unwrap());
+    let out = export(&["--to", broken.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -459,21 +444,7 @@ async fn our_meltano_format_export_is_what_meltano_exports_and_imports() {
 
     // Some state IDs: exact names and globs, as `meltano state list` takes them.
     let some = dir.join("some.json");
-    let out = cli(
-        &db.url,
-        &[
-            "state",
-            "--framework",
-            "meltano",
-            "export",
-            "--format",
-            "meltano",
-            "--state-id",
-            "dev:*",
-            "--to",
-            some.to_str().unwrap(),
-        ],
-    );
+    let out = export(&["--state-id", "dev:*", "--to", some.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
@@ -486,21 +457,7 @@ async fn our_meltano_format_export_is_what_meltano_exports_and_imports() {
         ids,
         vec!["dev:tap-a-to-target-x", "dev:tap-ü\"q\\-to-target-x"]
     );
-    let out = cli(
-        &db.url,
-        &[
-            "state",
-            "--framework",
-            "meltano",
-            "export",
-            "--format",
-            "meltano",
-            "--state-id",
-            "nope",
-            "--to",
-            "-",
-        ],
-    );
+    let out = export(&["--state-id", "nope", "--to", "-"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
     std::fs::remove_dir_all(&dir).unwrap();

@@ -100,6 +100,12 @@ async fn decoded<R: AsyncRead + Unpin + Send + 'static>(
 // ---------------------------------------------------------------------------------------------
 // Parsing: serde's streaming deserializer walks the document; rows go out in bounded batches.
 
+/// COPY's CSV options for staged rows: 0x02 as delimiter and 0x01 as quote, bytes that JSON text
+/// never holds raw.
+const COPY_CSV: &str = "WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')";
+const DELIMITER: u8 = 0x02;
+const QUOTE: u8 = 0x01;
+
 /// One staged row, under its section (or target table): a JSON document with a key (the
 /// environment, JSON-encoded, or empty), or a list of PostgreSQL text values.
 pub(crate) enum Row {
@@ -132,8 +138,6 @@ impl Row {
     /// `section, environment, doc, fields`. JSON text has no raw control characters, so it goes
     /// unquoted; the text values go as one quoted array literal.
     fn encode(&self, out: &mut Vec<u8>) {
-        const DELIMITER: u8 = 0x02;
-        const QUOTE: u8 = 0x01;
         out.extend_from_slice(self.section().as_bytes());
         out.push(DELIMITER);
         match self {
@@ -179,14 +183,10 @@ impl Row {
         }
         out.push(b'\n');
     }
-}
 
-impl Row {
-    /// The row's values as a line of COPY input (CSV with 0x02 as delimiter and 0x01 as quote),
-    /// each value quoted (NULL unquoted and empty); a JSON row is its key and document.
+    /// The row's values as a line of COPY input in [`COPY_CSV`], each value quoted (NULL
+    /// unquoted and empty); a JSON row is its key and document.
     fn encode_fields(&self, out: &mut Vec<u8>) {
-        const DELIMITER: u8 = 0x02;
-        const QUOTE: u8 = 0x01;
         let quoted = |text: &str, out: &mut Vec<u8>| {
             out.push(QUOTE);
             let mut rest = text.as_bytes();
@@ -569,25 +569,31 @@ impl Incoming<'_> {
             .execute(&mut *conn)
             .await?;
         fast_toast_compression(conn).await?;
-        // JSON rows contain no raw control characters, so 0x01/0x02 can never collide.
         self.copy_all(
             conn,
-            "COPY statekeeper_import (section, environment, doc, fields) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')",
+            &format!(
+                "COPY statekeeper_import (section, environment, doc, fields) FROM STDIN {COPY_CSV}"
+            ),
             Row::encode,
         )
         .await
     }
 
-    /// Streams every row (all of them lists of text values) into a table of the caller's, one
-    /// column per value, with `copy_sql` (`COPY t (…) FROM STDIN WITH (FORMAT csv, DELIMITER
-    /// E'\\x02', QUOTE E'\\x01')`), then checks the checksum. For imports that check their rows
-    /// as they are read: no array literal for the server to parse, no staged copy to read again.
+    /// Streams every row (all of them lists of text values) into `table` (a table of the
+    /// caller's, one column per value), then checks the checksum. For imports that check their
+    /// rows as they are read: no array literal for the server to parse, no staged copy to read
+    /// again.
     pub async fn copy_fields_into(
         &mut self,
         conn: &mut PgConnection,
-        copy_sql: &str,
+        table: &str,
+        columns: &[&str],
     ) -> Result<Staged, Error> {
-        self.copy_all(conn, copy_sql, Row::encode_fields).await
+        let copy_sql = format!(
+            "COPY {table} ({}) FROM STDIN {COPY_CSV}",
+            columns.join(", ")
+        );
+        self.copy_all(conn, &copy_sql, Row::encode_fields).await
     }
 
     async fn copy_all(

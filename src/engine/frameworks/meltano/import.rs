@@ -150,7 +150,8 @@ pub(crate) async fn import(
     let staged = incoming
         .copy_fields_into(
             &mut tx,
-            "COPY statekeeper_meltano_state (state_id, completed_state, partial_state) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')",
+            "statekeeper_meltano_state",
+            &["state_id", "completed_state", "partial_state"],
         )
         .await
         .map_err(state_id_twice)?;

@@ -234,10 +234,9 @@ async fn listed_snapshots(
                 parent_data_hash,
                 parent_metadata_hash,
             );
-            if seen.contains(&key) {
+            if !seen.insert(key.clone()) {
                 continue;
             }
-            seen.insert(key.clone());
             listed.names.push(key.0);
             listed.data_hashes.push(key.1);
             listed.metadata_hashes.push(key.2);
