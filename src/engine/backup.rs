@@ -1,6 +1,8 @@
 //! Backup schemas `<schema>__backup_<id>`: copies of every table of a store with their indexes,
 //! primary keys, unique and check constraints, made inside the transaction of the operation that
-//! needs them, so a failed operation leaves no backup behind.
+//! needs them, so a failed operation leaves no backup behind. An upgrade's backup is made beside
+//! its transaction, from the same snapshot (`Store::backed_up_change`); a crash can leave that
+//! one behind, whole and untagged.
 
 use std::collections::BTreeMap;
 
@@ -78,10 +80,11 @@ pub struct BackupSource<'a> {
     pub version: &'a StoreVersion,
     pub tables: &'a [String],
     pub operation: Option<&'a str>,
-    /// Whether the copies get the tables' keys and indexes: only where a restore may recreate
-    /// the tables from the backup (a framework's own tables). statekeeper rebuilds its tables
-    /// from its migrations, and a restore reads the rows in full, so its backups skip the index
-    /// builds that made them cost twice a plain copy.
+    /// Whether the copies get the tables' definitions, keys and indexes: only where a restore may
+    /// recreate the tables from the backup (a framework's own tables). statekeeper rebuilds its
+    /// tables from its migrations, and a restore reads the rows in full and checks them against
+    /// the live constraints, so its backups are plain copies of the columns (the index builds
+    /// made them cost twice a plain copy, the row-by-row insert another quarter).
     pub with_indexes: bool,
 }
 
@@ -157,9 +160,30 @@ pub async fn create(
     Ok(info)
 }
 
-/// Copies one table with its rows, then, `with_indexes`, adds its key constraints and indexes
-/// (built once, after the load). Foreign keys are not copied: a restore keeps the live ones or
-/// recreates them.
+/// Records the request a backup was made for, in the transaction of that request's change (see
+/// `Store::backed_up_change`: the backup itself committed earlier, on another connection).
+pub(crate) async fn tag_operation(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    id: &str,
+    operation: &str,
+) -> Result<(), Error> {
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {}.{} SET operation = $1",
+        quote_ident(&schema.backup_schema(id)),
+        quote_ident(BACKUP_METADATA_TABLE)
+    )))
+    .bind(operation)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Copies one table with its rows. `with_indexes`, the copy has the table's definition (LIKE …
+/// INCLUDING ALL), and its key constraints and indexes are added after the load (built once);
+/// otherwise it is a plain `CREATE TABLE … AS` of its columns, the cheapest copy PostgreSQL makes
+/// (a bulk insert, no constraint checks). Foreign keys are not copied: a restore keeps the live
+/// ones or recreates them.
 pub(crate) async fn copy_table(
     conn: &mut PgConnection,
     from_schema: &str,
@@ -170,18 +194,21 @@ pub(crate) async fn copy_table(
     let from = format!("{}.{}", quote_ident(from_schema), quote_ident(table));
     let to = format!("{}.{}", quote_ident(to_schema), quote_ident(table));
     let columns = catalog::column_list(conn, from_schema, table).await?;
-    let mut statements = vec![
-        format!(
-            "CREATE TABLE {to} (LIKE {from} INCLUDING ALL EXCLUDING INDEXES EXCLUDING DEFAULTS)"
-        ),
-        format!(
-            "INSERT INTO {to} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM {from}"
-        ),
-    ];
-    if with_indexes {
+    let statements = if with_indexes {
+        let mut statements = vec![
+            format!(
+                "CREATE TABLE {to} (LIKE {from} INCLUDING ALL EXCLUDING INDEXES EXCLUDING DEFAULTS)"
+            ),
+            format!(
+                "INSERT INTO {to} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM {from}"
+            ),
+        ];
         statements.extend(catalog::index_definitions(conn, from_schema, to_schema, table).await?);
-    }
-    // One round trip; only the INSERT counts rows.
+        statements
+    } else {
+        vec![format!("CREATE TABLE {to} AS SELECT {columns} FROM {from}")]
+    };
+    // One round trip; only the INSERT or the CREATE TABLE … AS counts rows.
     let copied = sqlx::raw_sql(AssertSqlSafe(statements.join(";\n")))
         .execute(&mut *conn)
         .await?;

@@ -25,7 +25,7 @@ use super::import::{
     Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
     drop_secondary_structures, insert_staged, restore_secondary_structures,
 };
-use super::store::Store;
+use super::store::{Store, TableLock};
 use super::tableset::qualified_list;
 
 /// `metadata.format` of exact exports.
@@ -268,7 +268,7 @@ pub(crate) async fn import(
     sqlx::query("CREATE INDEX ON statekeeper_import (section, seq)")
         .execute(&mut *tx)
         .await?;
-    store.lock_tables(&mut tx).await?;
+    store.lock_tables(&mut tx, TableLock::ReadersWait).await?;
     let backup = store
         .backup_before_change(&mut tx, &current, "pre-import")
         .await?;

@@ -26,6 +26,20 @@ const LOCK_CLASS: i32 = 0x5354_4B50; // "STKP"
 /// How long an operation waits for another one on the same store before reporting Busy.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long [`Store::backed_up_change`] waits for a second connection and its locks before it
+/// backs up on the operation's own connection instead.
+const SIDE_CONNECTION_WAIT: Duration = Duration::from_secs(2);
+
+/// The table locks of an operation that changes the store, beside its advisory lock.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TableLock {
+    /// ACCESS EXCLUSIVE: for operations that replace rows (TRUNCATE is not MVCC-safe, so a
+    /// reader must not hold a snapshot across it).
+    ReadersWait,
+    /// EXCLUSIVE: readers go on and see the store as it was until the operation commits.
+    WritersWait,
+}
+
 /// A state store of one framework in one schema.
 #[derive(Clone)]
 pub struct Store {
@@ -38,7 +52,7 @@ pub struct Store {
     /// Whether operations that change the store back it up first (the default).
     backup_before_change: bool,
     /// Recorded in the backups this handle makes, so that a caller can tell after a crash whether
-    /// its operation committed (the backup commits with it).
+    /// its operation committed (the tag commits with it).
     operation_id: Option<String>,
 }
 
@@ -441,19 +455,24 @@ impl Store {
         reason: &str,
     ) -> Result<BackupInfo, Error> {
         let tables = self.tables(conn).await?;
-        backup::create(
-            conn,
-            &BackupSource {
-                schema: &self.schema,
-                framework: self.framework,
-                version,
-                tables: &tables,
-                operation: self.operation_id.as_deref(),
-                with_indexes: !self.profile().owns_schema,
-            },
-            reason,
-        )
-        .await
+        let source = self.backup_source(version, &tables, self.operation_id.as_deref());
+        backup::create(conn, &source, reason).await
+    }
+
+    fn backup_source<'a>(
+        &'a self,
+        version: &'a StoreVersion,
+        tables: &'a [String],
+        operation: Option<&'a str>,
+    ) -> BackupSource<'a> {
+        BackupSource {
+            schema: &self.schema,
+            framework: self.framework,
+            version,
+            tables,
+            operation,
+            with_indexes: !self.profile().owns_schema,
+        }
     }
 
     async fn counts(&self, conn: &mut PgConnection) -> Result<BTreeMap<String, i64>, Error> {
@@ -536,25 +555,185 @@ impl Store {
     /// fails with `StoreBusy`, and never interleave).
     pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, Error> {
         let mut tx = self.begin_locked().await?;
-        self.lock_tables(&mut tx).await?;
+        self.lock_tables(&mut tx, TableLock::ReadersWait).await?;
         Ok(tx)
     }
 
-    /// Exclusive locks on the store's tables, in the order [`Store::begin_snapshot`] takes its
-    /// shared ones: writers wait for the operation, and readers see it whole.
-    pub(crate) async fn lock_tables(&self, conn: &mut PgConnection) -> Result<(), Error> {
+    /// Locks on the store's tables, in the order [`Store::begin_snapshot`] takes its shared
+    /// ones, so that the two never deadlock.
+    pub(crate) async fn lock_tables(
+        &self,
+        conn: &mut PgConnection,
+        lock: TableLock,
+    ) -> Result<(), Error> {
         let tables = self.tables(conn).await?;
         if tables.is_empty() {
             return Ok(());
         }
+        let mode = match lock {
+            TableLock::ReadersWait => "ACCESS EXCLUSIVE",
+            TableLock::WritersWait => "EXCLUSIVE",
+        };
         self.bounded(
             conn,
             &format!(
-                "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                "LOCK TABLE {} IN {mode} MODE",
                 super::tableset::qualified_list(self.schema.as_str(), &tables)
             ),
         )
         .await
+    }
+
+    /// Runs `change` in `conn`'s transaction (which holds the advisory lock and
+    /// [`TableLock::WritersWait`]) and backs the store up first, as `backup_before_change` does,
+    /// but on a second connection at the same time: the backup reads the snapshot `conn` exports
+    /// before `change` starts, so it holds exactly the rows `change` begins from, and an upgrade
+    /// costs about the larger of the copy and its steps instead of their sum.
+    ///
+    /// The backup commits on its own, untagged; `conn`'s transaction tags it with the operation
+    /// id, so the tag still commits with the change (see [`Store::backup_of_operation`]). A change
+    /// that fails drops the backup; a crash before the change commits leaves it, a whole backup
+    /// of the unchanged store. Without a spare connection in the pool, or when the second
+    /// connection cannot lock the tables at once, the backup is made in `conn`'s transaction.
+    pub(crate) async fn backed_up_change<T>(
+        &self,
+        conn: &mut PgConnection,
+        version: &StoreVersion,
+        reason: &str,
+        change: impl AsyncFnOnce(&mut PgConnection) -> Result<T, Error>,
+    ) -> Result<(Option<BackupInfo>, T), Error> {
+        if !self.backup_before_change {
+            return Ok((None, change(conn).await?));
+        }
+        let change = match self.spare_connection().await {
+            Some(side) => {
+                let tables = self.tables(conn).await?;
+                let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                // The copy is the longer half: the change's index builds leave it the other core.
+                sqlx::query("SET LOCAL max_parallel_maintenance_workers = 0")
+                    .execute(&mut *conn)
+                    .await?;
+                let (locked, copying) = tokio::sync::oneshot::channel();
+                let (backup, changed) = tokio::join!(
+                    self.backup_from_snapshot(side, &snapshot, &tables, version, reason, locked),
+                    async {
+                        match copying.await {
+                            Ok(()) => Ok(change(&mut *conn).await),
+                            Err(_) => Err(change),
+                        }
+                    }
+                );
+                match (backup, changed) {
+                    (Ok(mut backup), Ok(Ok(value))) => {
+                        if let Some(operation) = &self.operation_id {
+                            backup::tag_operation(conn, &self.schema, &backup.id, operation)
+                                .await?;
+                            backup.operation = Some(operation.clone());
+                        }
+                        return Ok((Some(backup), value));
+                    }
+                    (Ok(backup), Ok(Err(e))) => {
+                        self.discard_backup(&backup.id).await;
+                        return Err(e);
+                    }
+                    (Err(e), Ok(_)) => return Err(e),
+                    // The second connection could not start its copy: one connection does both.
+                    (backup, Err(change)) => {
+                        match backup {
+                            Ok(backup) => self.discard_backup(&backup.id).await,
+                            Err(e) => tracing::debug!(
+                                schema = %self.schema,
+                                error = %e,
+                                "backing up on the operation's own connection"
+                            ),
+                        }
+                        change
+                    }
+                }
+            }
+            None => change,
+        };
+        let backup = self.backup_before_change(conn, version, reason).await?;
+        Ok((backup, change(conn).await?))
+    }
+
+    /// A pooled connection that is free now or can be opened, without waiting on other callers.
+    async fn spare_connection(&self) -> Option<sqlx::pool::PoolConnection<Postgres>> {
+        if let Some(idle) = self.pool.try_acquire() {
+            return Some(idle);
+        }
+        if self.pool.size() >= self.pool.options().get_max_connections() {
+            return None;
+        }
+        tokio::time::timeout(SIDE_CONNECTION_WAIT, self.pool.acquire())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// The backup half of [`Store::backed_up_change`]: imports the snapshot, takes shared locks
+    /// (granted at once beside [`TableLock::WritersWait`], unless someone queues for an exclusive
+    /// one), says so on `locked`, copies and commits.
+    async fn backup_from_snapshot(
+        &self,
+        mut conn: sqlx::pool::PoolConnection<Postgres>,
+        snapshot: &str,
+        tables: &[String],
+        version: &StoreVersion,
+        reason: &str,
+        locked: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<BackupInfo, Error> {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let made = async {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT {}",
+                quote_literal(snapshot)
+            )))
+            .execute(&mut *tx)
+            .await?;
+            self.bounded_by(
+                &mut tx,
+                &format!(
+                    "LOCK TABLE {} IN ACCESS SHARE MODE",
+                    super::tableset::qualified_list(self.schema.as_str(), tables)
+                ),
+                SIDE_CONNECTION_WAIT.min(self.lock_timeout),
+            )
+            .await?;
+            let _ = locked.send(());
+            let source = self.backup_source(version, tables, None);
+            let backup = backup::create(&mut tx, &source, reason).await?;
+            super::failpoint::hit("backup.made");
+            Ok(backup)
+        }
+        .await;
+        match made {
+            Ok(backup) => {
+                tx.commit().await?;
+                super::failpoint::hit("backup.committed_alongside");
+                Ok(backup)
+            }
+            Err(e) => {
+                // At once, so that a change waiting on these locks is not left waiting.
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops a backup made for a change that failed; the backup is harmless if this fails too.
+    async fn discard_backup(&self, id: &str) {
+        let dropped = async {
+            let mut conn = self.pool.acquire().await?;
+            backup::drop(&mut conn, &self.schema, id).await
+        }
+        .await;
+        if let Err(e) = dropped {
+            tracing::warn!(schema = %self.schema, backup = id, error = %e,
+                "could not drop the backup of a change that failed; it holds the unchanged store");
+        }
     }
 
     async fn take_advisory_lock(&self, conn: &mut PgConnection) -> Result<(), Error> {
@@ -571,9 +750,18 @@ impl Store {
     /// Runs a locking statement that may wait at most `lock_timeout`; a timeout or a deadlock
     /// with another writer is `StoreBusy`. Later statements may wait on row locks unbounded.
     async fn bounded(&self, conn: &mut PgConnection, statement: &str) -> Result<(), Error> {
+        self.bounded_by(conn, statement, self.lock_timeout).await
+    }
+
+    async fn bounded_by(
+        &self,
+        conn: &mut PgConnection,
+        statement: &str,
+        timeout: Duration,
+    ) -> Result<(), Error> {
         sqlx::query(AssertSqlSafe(format!(
             "SET LOCAL lock_timeout = {}",
-            self.lock_timeout.as_millis()
+            timeout.as_millis()
         )))
         .execute(&mut *conn)
         .await?;

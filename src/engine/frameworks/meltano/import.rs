@@ -14,7 +14,7 @@ use crate::engine::import::{
     Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
 };
 use crate::engine::json::python_dumps;
-use crate::engine::store::Store;
+use crate::engine::store::{Store, TableLock};
 
 /// The staging section of state rows.
 const STATE: &str = "state";
@@ -156,7 +156,7 @@ pub(crate) async fn import(
         .await
         .map_err(state_id_twice)?;
 
-    store.lock_tables(&mut tx).await?;
+    store.lock_tables(&mut tx, TableLock::ReadersWait).await?;
     let backup = store
         .backup_before_change(&mut tx, &current, "pre-import")
         .await?;

@@ -21,7 +21,7 @@ use crate::engine::import::{
     insert_staged,
 };
 use crate::engine::json::{compact_utf8, python_dumps};
-use crate::engine::store::Store;
+use crate::engine::store::{Store, TableLock};
 use crate::engine::tableset::qualified_list;
 
 const SNAPSHOTS: &str = "_snapshots";
@@ -747,7 +747,7 @@ pub(crate) async fn import(
         .execute(&mut *tx)
         .await?;
 
-    store.lock_tables(&mut tx).await?;
+    store.lock_tables(&mut tx, TableLock::ReadersWait).await?;
     let backup = store
         .backup_before_change(&mut tx, &current, "pre-import")
         .await?;

@@ -16,7 +16,7 @@ use crate::engine::import::{
     Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
     drop_secondary_structures, invalid, restore_secondary_structures,
 };
-use crate::engine::store::Store;
+use crate::engine::store::{Store, TableLock};
 
 /// Sections of flat rows at the top of the document.
 const TOP_SECTIONS: &[&str] = &[
@@ -189,7 +189,7 @@ pub(crate) async fn import(
         details: Default::default(),
     };
     // Writers wait from here: the backup and the change see one state.
-    store.lock_tables(&mut tx).await?;
+    store.lock_tables(&mut tx, TableLock::ReadersWait).await?;
     let backup = store
         .backup_before_change(&mut tx, &version, "pre-import")
         .await?;

@@ -13,7 +13,9 @@ use crate::engine::Error;
 use crate::engine::backup::BackupInfo;
 use crate::engine::catalog;
 use crate::engine::identifier::quote_ident;
-use crate::engine::store::{self, AppliedStep, AppliedVersion, InitReport, Store, UpgradeReport};
+use crate::engine::store::{
+    self, AppliedStep, AppliedVersion, InitReport, Store, TableLock, UpgradeReport,
+};
 
 pub static PROFILE: Profile = Profile {
     framework: Framework::Statekeeper,
@@ -184,7 +186,10 @@ pub(crate) async fn init(store: &Store, target: Option<i32>) -> Result<InitRepor
 pub(crate) async fn upgrade(store: &Store, target: Option<i32>) -> Result<UpgradeReport, Error> {
     let started = Instant::now();
     let target = resolve_target(store, target)?;
-    let mut tx = store.begin_write().await?;
+    // Writers wait; readers go on and see the store as it was until the upgrade commits. The
+    // steps' own DDL takes stronger locks where it needs them.
+    let mut tx = store.begin_locked().await?;
+    store.lock_tables(&mut tx, TableLock::WritersWait).await?;
     let version = store.require_initialized(&mut tx).await?;
     let current = version.schema_version;
     if target < current {
@@ -200,10 +205,11 @@ pub(crate) async fn upgrade(store: &Store, target: Option<i32>) -> Result<Upgrad
             duration_ms: store::elapsed_ms(started),
         });
     }
-    let backup = store
-        .backup_before_change(&mut tx, &version, "pre-upgrade")
+    let (backup, applied) = store
+        .backed_up_change(&mut tx, &version, "pre-upgrade", async |conn| {
+            apply_steps(store, conn, current, target).await
+        })
         .await?;
-    let applied = apply_steps(store, &mut tx, current, target).await?;
     record_event(
         store,
         &mut tx,
