@@ -669,6 +669,23 @@ async fn exact_export_writes_every_type_and_odd_text_as_postgres_would() {
         .unwrap();
     let after = snapshot(&mut target_db.conn().await, SCHEMA).await;
     assert_eq!(before["odd_values"], after["odd_values"]);
+
+    // Rows wider than any table of the store are refused as they are staged.
+    sqlx::query("ALTER TABLE state.odd_values ADD COLUMN extra text")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (wider, _) = export(&store, &ExportOptions::default()).await;
+    let err = target
+        .import(std::io::Cursor::new(wider), &replace())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("a row of odd_values has 27 values, more than the 26 columns"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&mut target_db.conn().await, SCHEMA).await, after);
 }
 
 /// The logical format's rows as the export used to have PostgreSQL write them (`row_to_json`

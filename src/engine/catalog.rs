@@ -119,6 +119,25 @@ pub async fn resync_identities(conn: &mut PgConnection, schema: &str) -> Result<
 
 /// Columns of a table in ordinal order with their types (`format_type`), generated columns
 /// included: equal lists mean rows move between the two tables unchanged.
+/// The most columns any of `tables` has.
+pub async fn widest(
+    conn: &mut PgConnection,
+    schema: &str,
+    tables: &[String],
+) -> Result<usize, Error> {
+    let widest: i64 = sqlx::query_scalar(
+        "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM pg_attribute a \
+         JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = ANY($2) AND a.attnum > 0 AND NOT a.attisdropped \
+         GROUP BY c.oid) t",
+    )
+    .bind(schema)
+    .bind(tables)
+    .fetch_one(conn)
+    .await?;
+    Ok(usize::try_from(widest).unwrap_or(0))
+}
+
 pub async fn columns(
     conn: &mut PgConnection,
     schema: &str,

@@ -237,7 +237,8 @@ pub(crate) async fn import(
     use_text_settings(&mut tx).await?;
     let live = store.tables(&mut tx).await?;
     let sections: Vec<&str> = live.iter().map(String::as_str).collect();
-    let staged = incoming.stage(&mut tx, &sections).await?;
+    let width = catalog::widest(&mut tx, store.schema().as_str(), &live).await?;
+    let staged = incoming.stage(&mut tx, &sections, width).await?;
 
     let schema = store.schema().as_str();
     for (table, columns) in &staged.tables {

@@ -135,74 +135,52 @@ impl Row {
     }
 
     /// The row as a line of staging COPY input (CSV with 0x02 as delimiter and 0x01 as quote):
-    /// `section, environment, doc, fields`. JSON text has no raw control characters, so it goes
-    /// unquoted; the text values go as one quoted array literal.
-    fn encode(&self, out: &mut Vec<u8>) {
+    /// `section, environment, doc, f1 … f{width}`. JSON text has no raw control characters, so it
+    /// goes unquoted; each text value is its own quoted field (no array literal for the server
+    /// to parse, nor to take apart again for every value read), NULL and the unused ones empty.
+    fn encode(&self, width: usize, out: &mut Vec<u8>) -> Result<(), Error> {
         out.extend_from_slice(self.section().as_bytes());
         out.push(DELIMITER);
-        match self {
+        let used = match self {
             Row::Json { key, doc, .. } => {
                 out.extend_from_slice(key.as_bytes());
                 out.push(DELIMITER);
                 out.extend_from_slice(doc.as_bytes());
-                out.push(DELIMITER);
+                0
             }
-            Row::Fields { fields, .. } => {
+            Row::Fields { fields, section } => {
+                if fields.len() > width {
+                    return Err(Error::InvalidExport(format!(
+                        "a row of {section} has {} values, more than the {width} columns of any \
+                         table it can go to",
+                        fields.len()
+                    )));
+                }
                 out.push(DELIMITER);
-                out.push(DELIMITER);
-                out.push(QUOTE);
-                out.push(b'{');
-                for (i, field) in fields.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    match field {
-                        None => out.extend_from_slice(b"NULL"),
-                        Some(text) => {
-                            out.push(b'"');
-                            let mut rest = text.as_bytes();
-                            while let Some(i) =
-                                rest.iter().position(|b| matches!(*b, b'"' | b'\\' | QUOTE))
-                            {
-                                out.extend_from_slice(&rest[..i]);
-                                out.extend_from_slice(match rest[i] {
-                                    QUOTE => &[QUOTE, QUOTE],
-                                    b'"' => b"\\\"",
-                                    _ => b"\\\\",
-                                });
-                                rest = &rest[i + 1..];
-                            }
-                            out.extend_from_slice(rest);
-                            out.push(b'"');
-                        }
+                for field in fields {
+                    out.push(DELIMITER);
+                    if let Some(text) = field {
+                        push_quoted(text, out);
                     }
                 }
-                out.push(b'}');
-                out.push(QUOTE);
+                fields.len()
             }
+        };
+        for _ in used..width {
+            out.push(DELIMITER);
         }
         out.push(b'\n');
+        Ok(())
     }
 
     /// The row's values as a line of COPY input in [`COPY_CSV`], each value quoted (NULL
     /// unquoted and empty); a JSON row is its key and document.
-    fn encode_fields(&self, out: &mut Vec<u8>) {
-        let quoted = |text: &str, out: &mut Vec<u8>| {
-            out.push(QUOTE);
-            let mut rest = text.as_bytes();
-            while let Some(i) = rest.iter().position(|b| *b == QUOTE) {
-                out.extend_from_slice(&rest[..=i]);
-                out.push(QUOTE);
-                rest = &rest[i + 1..];
-            }
-            out.extend_from_slice(rest);
-            out.push(QUOTE);
-        };
+    fn encode_fields(&self, out: &mut Vec<u8>) -> Result<(), Error> {
         match self {
             Row::Json { key, doc, .. } => {
-                quoted(key, out);
+                push_quoted(key, out);
                 out.push(DELIMITER);
-                quoted(doc, out);
+                push_quoted(doc, out);
             }
             Row::Fields { fields, .. } => {
                 for (i, field) in fields.iter().enumerate() {
@@ -210,13 +188,27 @@ impl Row {
                         out.push(DELIMITER);
                     }
                     if let Some(text) = field {
-                        quoted(text, out);
+                        push_quoted(text, out);
                     }
                 }
             }
         }
         out.push(b'\n');
+        Ok(())
     }
+}
+
+/// A value as one quoted CSV field of [`COPY_CSV`]: the quote byte doubled inside.
+fn push_quoted(text: &str, out: &mut Vec<u8>) {
+    out.push(QUOTE);
+    let mut rest = text.as_bytes();
+    while let Some(i) = memchr::memchr(QUOTE, rest) {
+        out.extend_from_slice(&rest[..=i]);
+        out.push(QUOTE);
+        rest = &rest[i + 1..];
+    }
+    out.extend_from_slice(rest);
+    out.push(QUOTE);
 }
 
 /// The opening of every document: its format, `metadata` and `versions`.
@@ -543,18 +535,26 @@ pub(crate) struct Staged {
 
 impl Incoming<'_> {
     /// Streams every row into the temporary table `statekeeper_import (seq, section, environment,
-    /// doc jsonb, fields text[])`, then checks the checksum. Returns only after the whole file
-    /// was read.
+    /// doc jsonb, f1 text, …, f{width} text)` (a row of text values has at most `width` of them:
+    /// see [`staged_field`]), then checks the checksum. Returns only after the whole file was
+    /// read.
     pub async fn stage(
         &mut self,
         conn: &mut PgConnection,
         sections: &[&str],
+        width: usize,
     ) -> Result<Staged, Error> {
+        let fields: Vec<String> = (1..=width).map(staged_field).collect();
+        let storage: String = std::iter::once("doc".to_owned())
+            .chain(fields.iter().cloned())
+            .map(|c| format!(", ALTER {c} SET STORAGE EXTERNAL"))
+            .collect();
+        let field_columns: String = fields.iter().map(|c| format!(", {c} text")).collect();
         // One partition per expected section, so that applying a section reads only its rows;
         // staged values are read once: kept uncompressed and, up to a page, inline (no TOAST).
         let mut ddl = vec![
-            "CREATE TEMP TABLE statekeeper_import (seq bigserial, section text NOT NULL, environment text, doc jsonb, fields text[]) PARTITION BY LIST (section) ON COMMIT DROP".to_owned(),
-            "ALTER TABLE statekeeper_import ALTER doc SET STORAGE EXTERNAL, ALTER fields SET STORAGE EXTERNAL".to_owned(),
+            format!("CREATE TEMP TABLE statekeeper_import (seq bigserial, section text NOT NULL, environment text, doc jsonb{field_columns}) PARTITION BY LIST (section) ON COMMIT DROP"),
+            format!("ALTER TABLE statekeeper_import {}", &storage[2..]),
             "CREATE TEMP TABLE statekeeper_import_other PARTITION OF statekeeper_import DEFAULT WITH (toast_tuple_target = 8160) ON COMMIT DROP".to_owned(),
         ];
         for (i, section) in sections.iter().enumerate() {
@@ -569,12 +569,13 @@ impl Incoming<'_> {
             .execute(&mut *conn)
             .await?;
         fast_toast_compression(conn).await?;
+        let copied: String = fields.iter().map(|c| format!(", {c}")).collect();
         self.copy_all(
             conn,
             &format!(
-                "COPY statekeeper_import (section, environment, doc, fields) FROM STDIN {COPY_CSV}"
+                "COPY statekeeper_import (section, environment, doc{copied}) FROM STDIN {COPY_CSV}"
             ),
-            Row::encode,
+            |row, out| row.encode(width, out),
         )
         .await
     }
@@ -600,7 +601,7 @@ impl Incoming<'_> {
         &mut self,
         conn: &mut PgConnection,
         copy_sql: &str,
-        encode: fn(&Row, &mut Vec<u8>),
+        encode: impl Fn(&Row, &mut Vec<u8>) -> Result<(), Error>,
     ) -> Result<Staged, Error> {
         let mut tables = Vec::new();
         let (counts, environments) = {
@@ -624,7 +625,7 @@ impl Incoming<'_> {
                     None => return Err(Error::InvalidExport(STREAM_ENDED.into())),
                 };
                 for row in &rows {
-                    encode(row, &mut buffer);
+                    encode(row, &mut buffer)?;
                 }
                 if buffer.len() >= 256 * 1024 {
                     copy.send(std::mem::take(&mut buffer)).await?;
@@ -883,6 +884,11 @@ pub(crate) async fn restore_secondary_structures(
     Ok(())
 }
 
+/// The staging column of a row's `position`-th text value (from 1, as in SQL).
+pub(crate) fn staged_field(position: usize) -> String {
+    format!("f{position}")
+}
+
 /// Inserts the rows staged under `section` (as `Row::Fields`, whose values are in the order of
 /// `staged`) into `schema.table`. Each text value is converted by its column type's own input
 /// function, so values arrive exactly as written; a column of the table that was not staged gets
@@ -904,7 +910,7 @@ pub(crate) async fn insert_staged(
             continue;
         }
         let value = match staged.iter().position(|s| s == name) {
-            Some(position) => format!("(x.fields[{}])::{type_}", position + 1),
+            Some(position) => format!("(x.{})::{type_}", staged_field(position + 1)),
             None => match defaults.iter().find(|(column, _)| column == name) {
                 Some((_, default)) => (*default).to_owned(),
                 None => continue,

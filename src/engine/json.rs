@@ -50,7 +50,8 @@ fn respace(text: &str, spaced: bool, non_ascii: NonAscii) -> String {
                     out.push(' ');
                 }
             }
-            _ => {}
+            // Indentation comes in runs: skip each at once.
+            _ => rest = rest.trim_start_matches([' ', '\t', '\n', '\r']),
         }
     }
     out.push_str(rest);
@@ -61,11 +62,12 @@ fn respace(text: &str, spaced: bool, non_ascii: NonAscii) -> String {
 /// returns what follows it.
 fn copy_string<'a>(mut rest: &'a str, out: &mut String, non_ascii: NonAscii) -> &'a str {
     loop {
-        let special = rest.bytes().position(|b| {
-            b == b'"'
-                || b == b'\\'
-                || (non_ascii == NonAscii::Escaped && !(b' '..=b'~').contains(&b))
-        });
+        let special = match non_ascii {
+            NonAscii::Escaped => rest
+                .bytes()
+                .position(|b| b == b'"' || b == b'\\' || !(b' '..=b'~').contains(&b)),
+            NonAscii::Keep | NonAscii::Raw => memchr::memchr2(b'"', b'\\', rest.as_bytes()),
+        };
         let Some(i) = special else {
             out.push_str(rest);
             return "";

@@ -181,6 +181,12 @@ impl<R: Read> Cursor<R> {
                             i += 1;
                             return Ok(self.take(start, i));
                         }
+                    } else {
+                        // Most of a document is string contents: jump to the next quote or
+                        // backslash (or to the end of what is buffered).
+                        i = memchr::memchr2(b'"', b'\\', &self.buf[i..self.end])
+                            .map_or(self.end, |at| i + at);
+                        continue;
                     }
                 } else if scalar {
                     if matches!(byte, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {

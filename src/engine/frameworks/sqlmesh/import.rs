@@ -18,7 +18,7 @@ use crate::engine::frameworks::ExportFormat;
 use crate::engine::identifier::quote_literal;
 use crate::engine::import::{
     Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
-    insert_staged,
+    insert_staged, staged_field,
 };
 use crate::engine::json::{compact_utf8, python_dumps};
 use crate::engine::store::{Store, TableLock};
@@ -90,6 +90,26 @@ const STATEMENT_COLUMNS: &[&str] = &[
     "environment_statements",
     "has_statements",
 ];
+
+/// The most values a staged row has (a list's element has two).
+const STAGED_WIDTH: usize = {
+    let tables = [
+        SNAPSHOT_COLUMNS,
+        INTERVAL_COLUMNS,
+        AUTO_RESTATEMENT_COLUMNS,
+        ENVIRONMENT_COLUMNS,
+        STATEMENT_COLUMNS,
+    ];
+    let mut widest = 2;
+    let mut i = 0;
+    while i < tables.len() {
+        if tables[i].len() > widest {
+            widest = tables[i].len();
+        }
+        i += 1;
+    }
+    widest
+};
 
 /// A staged row of `columns`, filled by name.
 struct StagedRow {
@@ -729,12 +749,12 @@ pub(crate) async fn import(
     .chain(LIST_COLUMNS.iter().map(|c| list_section(c)))
     .collect();
     let sections: Vec<&str> = sections.iter().map(String::as_str).collect();
-    let staged = incoming.stage(&mut tx, &sections).await?;
+    let staged = incoming.stage(&mut tx, &sections, STAGED_WIDTH).await?;
     // Each environment's lists, joined from their staged elements as `json.dumps` joins a list.
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TEMP TABLE statekeeper_environment_lists ON COMMIT DROP AS
-         SELECT section, fields[1] AS environment, string_agg(fields[2], ', ' ORDER BY seq) AS items
-         FROM statekeeper_import WHERE section IN ({}) GROUP BY section, fields[1]",
+         SELECT section, f1 AS environment, string_agg(f2, ', ' ORDER BY seq) AS items
+         FROM statekeeper_import WHERE section IN ({}) GROUP BY section, f1",
         LIST_COLUMNS
             .iter()
             .map(|c| quote_literal(&list_section(c)))
@@ -773,11 +793,11 @@ pub(crate) async fn import(
             for statement in [
                 format!(
                     "DELETE FROM {s}._snapshots t USING statekeeper_import x
-                     WHERE x.section = '{SNAPSHOTS}' AND t.name = x.fields[1] AND t.identifier = x.fields[2]"
+                     WHERE x.section = '{SNAPSHOTS}' AND t.name = x.f1 AND t.identifier = x.f2"
                 ),
                 format!(
                     "DELETE FROM {s}._environments t USING statekeeper_import x
-                     WHERE x.section = '{ENVIRONMENTS}' AND t.name = x.fields[1]"
+                     WHERE x.section = '{ENVIRONMENTS}' AND t.name = x.f1"
                 ),
             ] {
                 sqlx::query(AssertSqlSafe(statement))
@@ -787,7 +807,7 @@ pub(crate) async fn import(
             if present.iter().any(|t| t == STATEMENTS) {
                 sqlx::query(AssertSqlSafe(format!(
                     "DELETE FROM {s}._environment_statements t USING statekeeper_import x
-                     WHERE x.section = '{STATEMENTS}' AND t.environment_name = x.fields[1]"
+                     WHERE x.section = '{STATEMENTS}' AND t.environment_name = x.f1"
                 )))
                 .execute(&mut *tx)
                 .await?;
@@ -795,8 +815,8 @@ pub(crate) async fn import(
             if present.iter().any(|t| t == AUTO_RESTATEMENTS) {
                 sqlx::query(AssertSqlSafe(format!(
                     "DELETE FROM {s}._auto_restatements t USING statekeeper_import x
-                     WHERE x.section = '{AUTO_RESTATEMENTS}' AND t.snapshot_name = x.fields[1]
-                       AND t.snapshot_version IS NOT DISTINCT FROM x.fields[2]"
+                     WHERE x.section = '{AUTO_RESTATEMENTS}' AND t.snapshot_name = x.f1
+                       AND t.snapshot_version IS NOT DISTINCT FROM x.f2"
                 )))
                 .execute(&mut *tx)
                 .await?;
@@ -805,7 +825,7 @@ pub(crate) async fn import(
     }
     // Environments without statements only cleared their old ones (merge); they insert nothing.
     sqlx::query(AssertSqlSafe(format!(
-        "DELETE FROM statekeeper_import WHERE section = '{STATEMENTS}' AND NOT fields[4]::boolean"
+        "DELETE FROM statekeeper_import WHERE section = '{STATEMENTS}' AND NOT f4::boolean"
     )))
     .execute(&mut *tx)
     .await?;
@@ -838,11 +858,14 @@ pub(crate) async fn import(
             .map(|column| {
                 let joined = format!(
                     "'[' || COALESCE((SELECT l.items FROM statekeeper_environment_lists l \
-                     WHERE l.section = {} AND l.environment = x.fields[{}]), '') || ']'",
+                     WHERE l.section = {} AND l.environment = x.{}), '') || ']'",
                     quote_literal(&list_section(column)),
-                    staged_position(ENVIRONMENT_COLUMNS, "environment_index"),
+                    staged_field(staged_position(ENVIRONMENT_COLUMNS, "environment_index")),
                 );
-                let listed = staged_position(ENVIRONMENT_COLUMNS, &format!("{column}_listed"));
+                let listed = staged_field(staged_position(
+                    ENVIRONMENT_COLUMNS,
+                    &format!("{column}_listed"),
+                ));
                 let missing = if *column == "snapshots" {
                     "'[]'"
                 } else {
@@ -850,9 +873,7 @@ pub(crate) async fn import(
                 };
                 (
                     column.to_string(),
-                    format!(
-                        "CASE WHEN x.fields[{listed}] = 'true' THEN {joined} ELSE {missing} END"
-                    ),
+                    format!("CASE WHEN x.{listed} = 'true' THEN {joined} ELSE {missing} END"),
                 )
             })
             .collect();

@@ -176,7 +176,7 @@ pub(crate) async fn import(
         )));
     }
     let sections: Vec<&str> = TABLES.iter().map(|(section, _)| *section).collect();
-    let staged = incoming.stage(&mut tx, &sections).await?;
+    let staged = incoming.stage(&mut tx, &sections, 0).await?;
     let mode = incoming.options.mode;
     match mode {
         // A replace loads into tables whose keys check every rule but these.
