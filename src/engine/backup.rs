@@ -1,6 +1,7 @@
-//! Backup schemas `<schema>__backup_<id>`: copies of every table of a store with their indexes,
-//! primary keys, unique and check constraints, made inside the transaction of the operation that
-//! needs them, so a failed operation leaves no backup behind. An upgrade's backup is made beside
+//! Backup schemas `<schema>__backup_<id>`: copies of every table of a store (a framework's with
+//! their definitions, keys and indexes; statekeeper's own as plain copies of their columns), made
+//! inside the transaction of the operation that needs them, so a failed operation leaves no
+//! backup behind. An upgrade's backup is made beside
 //! its transaction, from the same snapshot (`Store::backed_up_change`); a crash can leave that
 //! one behind, whole and untagged.
 

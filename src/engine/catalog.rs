@@ -117,8 +117,6 @@ pub async fn resync_identities(conn: &mut PgConnection, schema: &str) -> Result<
     Ok(())
 }
 
-/// Columns of a table in ordinal order with their types (`format_type`), generated columns
-/// included: equal lists mean rows move between the two tables unchanged.
 /// The most columns any of `tables` has.
 pub async fn widest(
     conn: &mut PgConnection,
@@ -138,6 +136,8 @@ pub async fn widest(
     Ok(usize::try_from(widest).unwrap_or(0))
 }
 
+/// Columns of a table in ordinal order with their types (`format_type`), generated columns
+/// included: equal lists mean rows move between the two tables unchanged.
 pub async fn columns(
     conn: &mut PgConnection,
     schema: &str,

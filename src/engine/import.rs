@@ -175,7 +175,7 @@ impl Row {
 
     /// The row's values as a line of COPY input in [`COPY_CSV`], each value quoted (NULL
     /// unquoted and empty); a JSON row is its key and document.
-    fn encode_fields(&self, out: &mut Vec<u8>) -> Result<(), Error> {
+    fn encode_fields(&self, out: &mut Vec<u8>) {
         match self {
             Row::Json { key, doc, .. } => {
                 push_quoted(key, out);
@@ -194,7 +194,6 @@ impl Row {
             }
         }
         out.push(b'\n');
-        Ok(())
     }
 }
 
@@ -545,16 +544,16 @@ impl Incoming<'_> {
         width: usize,
     ) -> Result<Staged, Error> {
         let fields: Vec<String> = (1..=width).map(staged_field).collect();
-        let storage: String = std::iter::once("doc".to_owned())
-            .chain(fields.iter().cloned())
-            .map(|c| format!(", ALTER {c} SET STORAGE EXTERNAL"))
+        let storage: Vec<String> = std::iter::once("doc")
+            .chain(fields.iter().map(String::as_str))
+            .map(|c| format!("ALTER {c} SET STORAGE EXTERNAL"))
             .collect();
         let field_columns: String = fields.iter().map(|c| format!(", {c} text")).collect();
         // One partition per expected section, so that applying a section reads only its rows;
         // staged values are read once: kept uncompressed and, up to a page, inline (no TOAST).
         let mut ddl = vec![
             format!("CREATE TEMP TABLE statekeeper_import (seq bigserial, section text NOT NULL, environment text, doc jsonb{field_columns}) PARTITION BY LIST (section) ON COMMIT DROP"),
-            format!("ALTER TABLE statekeeper_import {}", &storage[2..]),
+            format!("ALTER TABLE statekeeper_import {}", storage.join(", ")),
             "CREATE TEMP TABLE statekeeper_import_other PARTITION OF statekeeper_import DEFAULT WITH (toast_tuple_target = 8160) ON COMMIT DROP".to_owned(),
         ];
         for (i, section) in sections.iter().enumerate() {
@@ -594,7 +593,11 @@ impl Incoming<'_> {
             "COPY {table} ({}) FROM STDIN {COPY_CSV}",
             columns.join(", ")
         );
-        self.copy_all(conn, &copy_sql, Row::encode_fields).await
+        self.copy_all(conn, &copy_sql, |row, out| {
+            row.encode_fields(out);
+            Ok(())
+        })
+        .await
     }
 
     async fn copy_all(

@@ -38,6 +38,18 @@ pub(crate) enum TableLock {
     ReadersWait,
     /// EXCLUSIVE: readers go on and see the store as it was until the operation commits.
     WritersWait,
+    /// ACCESS SHARE: a reader's, which only the first kind waits for.
+    Shared,
+}
+
+impl TableLock {
+    fn mode(self) -> &'static str {
+        match self {
+            TableLock::ReadersWait => "ACCESS EXCLUSIVE",
+            TableLock::WritersWait => "EXCLUSIVE",
+            TableLock::Shared => "ACCESS SHARE",
+        }
+    }
 }
 
 /// A state store of one framework in one schema.
@@ -523,10 +535,9 @@ impl Store {
             if tables.is_empty() {
                 return Ok(tx);
             }
-            let locked = sqlx::query(AssertSqlSafe(format!(
-                "LOCK TABLE {} IN ACCESS SHARE MODE",
-                super::tableset::qualified_list(self.schema.as_str(), &tables)
-            )))
+            let locked = sqlx::query(AssertSqlSafe(
+                self.lock_statement(&tables, TableLock::Shared),
+            ))
             .execute(&mut *tx)
             .await;
             match locked {
@@ -570,18 +581,16 @@ impl Store {
         if tables.is_empty() {
             return Ok(());
         }
-        let mode = match lock {
-            TableLock::ReadersWait => "ACCESS EXCLUSIVE",
-            TableLock::WritersWait => "EXCLUSIVE",
-        };
-        self.bounded(
-            conn,
-            &format!(
-                "LOCK TABLE {} IN {mode} MODE",
-                super::tableset::qualified_list(self.schema.as_str(), &tables)
-            ),
+        self.bounded(conn, &self.lock_statement(&tables, lock))
+            .await
+    }
+
+    fn lock_statement(&self, tables: &[String], lock: TableLock) -> String {
+        format!(
+            "LOCK TABLE {} IN {} MODE",
+            super::tableset::qualified_list(self.schema.as_str(), tables),
+            lock.mode()
         )
-        .await
     }
 
     /// Runs `change` in `conn`'s transaction (which holds the advisory lock and
@@ -628,8 +637,13 @@ impl Store {
                 match (backup, changed) {
                     (Ok(mut backup), Ok(Ok(value))) => {
                         if let Some(operation) = &self.operation_id {
-                            backup::tag_operation(conn, &self.schema, &backup.id, operation)
-                                .await?;
+                            let tagged =
+                                backup::tag_operation(conn, &self.schema, &backup.id, operation)
+                                    .await;
+                            if let Err(e) = tagged {
+                                self.discard_backup(&backup.id).await;
+                                return Err(e);
+                            }
                             backup.operation = Some(operation.clone());
                         }
                         return Ok((Some(backup), value));
@@ -695,10 +709,7 @@ impl Store {
             .await?;
             self.bounded_by(
                 &mut tx,
-                &format!(
-                    "LOCK TABLE {} IN ACCESS SHARE MODE",
-                    super::tableset::qualified_list(self.schema.as_str(), tables)
-                ),
+                &self.lock_statement(tables, TableLock::Shared),
                 SIDE_CONNECTION_WAIT.min(self.lock_timeout),
             )
             .await?;

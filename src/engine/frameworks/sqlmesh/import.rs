@@ -92,24 +92,18 @@ const STATEMENT_COLUMNS: &[&str] = &[
 ];
 
 /// The most values a staged row has (a list's element has two).
-const STAGED_WIDTH: usize = {
-    let tables = [
+fn staged_width() -> usize {
+    [
         SNAPSHOT_COLUMNS,
         INTERVAL_COLUMNS,
         AUTO_RESTATEMENT_COLUMNS,
         ENVIRONMENT_COLUMNS,
         STATEMENT_COLUMNS,
-    ];
-    let mut widest = 2;
-    let mut i = 0;
-    while i < tables.len() {
-        if tables[i].len() > widest {
-            widest = tables[i].len();
-        }
-        i += 1;
-    }
-    widest
-};
+    ]
+    .iter()
+    .map(|columns| columns.len())
+    .fold(2, usize::max)
+}
 
 /// A staged row of `columns`, filled by name.
 struct StagedRow {
@@ -749,7 +743,7 @@ pub(crate) async fn import(
     .chain(LIST_COLUMNS.iter().map(|c| list_section(c)))
     .collect();
     let sections: Vec<&str> = sections.iter().map(String::as_str).collect();
-    let staged = incoming.stage(&mut tx, &sections, STAGED_WIDTH).await?;
+    let staged = incoming.stage(&mut tx, &sections, staged_width()).await?;
     // Each environment's lists, joined from their staged elements as `json.dumps` joins a list.
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TEMP TABLE statekeeper_environment_lists ON COMMIT DROP AS
