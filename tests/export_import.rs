@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use statekeeper::engine::generator::GenerateOptions;
 use statekeeper::engine::{
-    Compression, Error, ExportFormat, ExportOptions, ImportMode, ImportOptions, Store,
+    Compression, ConnectionSettings, Error, ExportFormat, ExportOptions, ImportMode, ImportOptions,
+    SchemaName, Store,
 };
 use support::{TestDb, snapshot};
 
@@ -567,19 +568,22 @@ async fn export_reads_one_snapshot_while_writers_go_on() {
 }
 
 /// The exact format reads rows with COPY's text format and writes them as JSON itself: on a table
-/// of every common column type holding unicode, NULLs, control characters, quotes, backslashes,
-/// COPY's own `\N`, large JSON values and extreme numbers, each exported row equals what
-/// PostgreSQL's `to_json` makes of the row's text forms, and the file restores every value.
+/// of every common column type (and a domain over `boolean`, whose `::text` is not its COPY text)
+/// holding unicode, NULLs, control characters, quotes, backslashes, COPY's own `\N`, large JSON
+/// values and extreme numbers, each exported row equals what PostgreSQL's `to_json` makes of the
+/// row's `::text` forms, and the file restores every value.
 #[tokio::test]
 async fn exact_export_writes_every_type_and_odd_text_as_postgres_would() {
     let (db, store) = empty_store().await;
     let mut conn = db.conn().await;
     sqlx::raw_sql(
-        r#"CREATE TABLE state.odd_values (
+        r#"CREATE DOMAIN state.flag AS boolean;
+           CREATE TABLE state.odd_values (
              id int PRIMARY KEY, t text, v varchar(20), c char(3), b boolean, i2 smallint,
              i8 bigint, n numeric, f4 real, f8 double precision, j json, jb jsonb, ts timestamptz,
              tsl timestamp, d date, tm time, iv interval, u uuid, ba bytea, arr text[],
-             ia int[], ip inet, bits bit varying, money money, rng int4range, pt point);
+             ia int[], ip inet, bits bit varying, money money, rng int4range, pt point,
+             fl state.flag, bs boolean[]);
            INSERT INTO state.odd_values VALUES
              (1, E'tab\there\nnew "quoted" back\\slash \\N \x01\x1f\x7f', 'ünïcødé ✓ 𝄞', 'ab',
               true, -32768, 9223372036854775807, 12345678901234567890.000000000001, 'NaN',
@@ -587,13 +591,13 @@ async fn exact_export_writes_every_type_and_odd_text_as_postgres_would() {
               '2026-11-28 01:02:03.456789+05:30', '1999-12-31 23:59:59.999999', '0001-01-01',
               '24:00:00', '-1 year 2 mons 3 days 04:05:06.7', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
               E'\\x00ff5c0a', ARRAY['a,b', NULL, '"', E'\\', ''], '{1,NULL,3}', '::1/128',
-              B'10101', '-$1,234.56', '[1,10)', '(1.5,-2)'),
+              B'10101', '-$1,234.56', '[1,10)', '(1.5,-2)', true, '{t,f,NULL}'),
              (2, '', NULL, NULL, false, 0, 0, 0, 1.17549435e-38, 2.2250738585072014e-308, 'null',
               '[]', 'infinity', '-infinity', 'infinity', '00:00', '0', NULL, '', '{}', '{}', NULL,
-              B'', 0, 'empty', NULL),
+              B'', 0, 'empty', NULL, false, '{}'),
              (3, repeat('x', 200000), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
               (SELECT json_agg(g)::json FROM generate_series(1, 50000) g), NULL, NULL, NULL, NULL,
-              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"#,
+              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"#,
     )
     .execute(&mut conn)
     .await
@@ -651,7 +655,7 @@ async fn exact_export_writes_every_type_and_odd_text_as_postgres_would() {
     let before = snapshot(&mut conn, SCHEMA).await;
     let (target_db, target) = empty_store().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE TABLE state.odd_values ({})",
+        "CREATE DOMAIN state.flag AS boolean; CREATE TABLE state.odd_values ({})",
         sqlx::query_scalar::<_, String>(
             "SELECT string_agg(format('%I %s', attname, format_type(atttypid, atttypmod)), ', ' ORDER BY attnum)
              FROM pg_attribute WHERE attrelid = 'state.odd_values'::regclass AND attnum > 0",
@@ -682,7 +686,7 @@ async fn exact_export_writes_every_type_and_odd_text_as_postgres_would() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains("a row of odd_values has 27 values, more than the 26 columns"),
+            .contains("a row of odd_values has 29 values, more than the 28 columns"),
         "{err}"
     );
     assert_eq!(snapshot(&mut target_db.conn().await, SCHEMA).await, after);
@@ -821,6 +825,27 @@ async fn logical_export_writes_rows_as_row_to_json_would_in_every_time_zone() {
 
         if !round_tripped {
             round_tripped = true;
+            // With one connection, the references are sorted in with the environments' other
+            // rows instead of read beside them: the same bytes after the header.
+            let pool = ConnectionSettings::from_url(&db.url)
+                .unwrap()
+                .with_max_connections(1)
+                .connect()
+                .await
+                .unwrap();
+            let alone = Store::new(pool, SchemaName::new(SCHEMA).unwrap());
+            let (alone_bytes, _) = export(&alone, &logical()).await;
+            let body = |bytes: &[u8]| {
+                let at = bytes
+                    .windows(18)
+                    .position(|w| w == b",\"model_versions\":")
+                    .unwrap();
+                bytes[at..].to_vec()
+            };
+            assert!(
+                body(&alone_bytes) == body(&bytes),
+                "one connection wrote another document than two"
+            );
             let before = current_state(&db).await;
             let (target_db, target) = empty_store().await;
             target

@@ -143,8 +143,26 @@ pub async fn columns(
     schema: &str,
     table: &str,
 ) -> Result<Vec<(String, String)>, Error> {
+    Ok(columns_and_text_casts(conn, schema, table)
+        .await?
+        .into_iter()
+        .map(|(name, type_name, _)| (name, type_name))
+        .collect())
+}
+
+/// [`columns`], each also with whether its type has a `::text` cast of its own, which may write
+/// other text than the type's output function, the form COPY writes (`true` for a `boolean`
+/// where COPY writes `t`; `char(n)` without its padding). Domains count as having one.
+pub async fn columns_and_text_casts(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<(String, String, bool)>, Error> {
     Ok(sqlx::query_as(
-        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+           ty.typtype = 'd' OR EXISTS (SELECT 1 FROM pg_cast k WHERE k.castsource = a.atttypid \
+             AND k.casttarget = 'text'::regtype AND k.castmethod = 'f') \
+         FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid \
          JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
          ORDER BY a.attnum",

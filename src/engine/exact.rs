@@ -92,7 +92,11 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     out.write_json_header(&metadata, &versions).await?;
     out.write(b",\"tables\":{").await?;
     for (i, table) in store.tables(tx).await?.iter().enumerate() {
-        let columns = catalog::columns(tx, store.schema().as_str(), table).await?;
+        let described = catalog::columns_and_text_casts(tx, store.schema().as_str(), table).await?;
+        let columns: Vec<(&String, &String)> = described
+            .iter()
+            .map(|(name, type_name, _)| (name, type_name))
+            .collect();
         let text = |e: serde_json::Error| Error::ExportWrite(e.to_string());
         out.write(
             format!(
@@ -104,9 +108,17 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
             .as_bytes(),
         )
         .await?;
-        let values = columns
+        // The file holds each value's `::text` form. COPY writes the same text as the cast for
+        // every type whose cast is its output function, without the cast's work per value.
+        let values = described
             .iter()
-            .map(|(name, _)| format!("t.{}::text", quote_ident(name)))
+            .map(|(name, _, own_cast)| {
+                format!(
+                    "t.{}{}",
+                    quote_ident(name),
+                    if *own_cast { "::text" } else { "" }
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ");
         let rows = super::export::stream_table_as_arrays(

@@ -128,7 +128,10 @@ impl<W: AsyncWrite + Unpin> Encoder<W> {
                 Self::Plain(tokio::io::BufWriter::with_capacity(256 * 1024, measured))
             }
             Compression::Gzip => Self::Gzip(GzipEncoder::new(measured)),
-            Compression::Zstd => Self::Zstd(ZstdEncoder::new(measured)),
+            Compression::Zstd => Self::Zstd(ZstdEncoder::with_quality(
+                measured,
+                async_compression::Level::Fastest,
+            )),
         }
     }
 
@@ -411,8 +414,7 @@ pub(crate) async fn stream_table_as_objects<W: AsyncWrite + Unpin + Send>(
                 }
                 JsonShape::String => push_json_string(field, json)?,
                 JsonShape::Timestamp { with_zone } => push_json_timestamp(field, *with_zone, json),
-                JsonShape::Json if !field.contains(&b'\\') => json.extend_from_slice(field),
-                JsonShape::Json => unescape_copy_field(field, |byte| json.push(byte))?,
+                JsonShape::Json => push_copy_json(field, json)?,
             }
         }
         if fields.next().is_some() {
@@ -460,20 +462,76 @@ pub(crate) async fn transform_copy_lines<W: AsyncWrite + Unpin + Send>(
         out.encoder.write(&written).await.map_err(io_error)?;
     }
     if !partial.is_empty() {
-        return Err(Error::ExportWrite(
-            "PostgreSQL ended a COPY in the middle of a row; refusing to write a corrupt export"
-                .into(),
-        ));
+        return Err(ended_mid_row());
     }
     Ok(lines)
 }
 
 fn line_ends(chunk: &[u8]) -> impl Iterator<Item = usize> + '_ {
-    chunk
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| **b == b'\n')
-        .map(|(i, _)| i)
+    memchr::memchr_iter(b'\n', chunk)
+}
+
+/// The lines of a `COPY … TO STDOUT`, taken one at a time: for writing a COPY's rows in between
+/// another stream's (the caller decides when to read on). Memory holds one chunk and one line.
+pub(crate) struct CopyLines<'c> {
+    copy: futures::stream::BoxStream<'c, sqlx::Result<bytes::Bytes>>,
+    chunk: bytes::Bytes,
+    /// Where the unread part of `chunk` starts.
+    at: usize,
+    /// The current line, without its end; valid while `current` is true.
+    line: Vec<u8>,
+    current: bool,
+}
+
+impl<'c> CopyLines<'c> {
+    pub async fn open(conn: &'c mut PgConnection, copy_sql: &str) -> Result<Self, Error> {
+        let mut lines = Self {
+            copy: conn.copy_out_raw(copy_sql).await?,
+            chunk: bytes::Bytes::new(),
+            at: 0,
+            line: Vec::new(),
+            current: false,
+        };
+        lines.advance().await?;
+        Ok(lines)
+    }
+
+    /// The current line, `None` after the last.
+    pub fn line(&self) -> Option<&[u8]> {
+        self.current.then_some(&self.line[..])
+    }
+
+    /// Moves on to the next line.
+    pub async fn advance(&mut self) -> Result<(), Error> {
+        self.line.clear();
+        loop {
+            let unread = &self.chunk[self.at..];
+            if let Some(end) = memchr::memchr(b'\n', unread) {
+                self.line.extend_from_slice(&unread[..end]);
+                self.at += end + 1;
+                self.current = true;
+                return Ok(());
+            }
+            self.line.extend_from_slice(unread);
+            match self.copy.try_next().await? {
+                Some(chunk) => {
+                    self.chunk = chunk;
+                    self.at = 0;
+                }
+                None if self.line.is_empty() => {
+                    self.current = false;
+                    return Ok(());
+                }
+                None => return Err(ended_mid_row()),
+            }
+        }
+    }
+}
+
+fn ended_mid_row() -> Error {
+    Error::ExportWrite(
+        "PostgreSQL ended a COPY in the middle of a row; refusing to write a corrupt export".into(),
+    )
 }
 
 /// One line of COPY's text format (tab-separated fields, `\N` for NULL, backslash escapes) as a
@@ -506,18 +564,14 @@ pub(crate) fn push_json_string(field: &[u8], json: &mut Vec<u8>) -> Result<(), E
     Ok(())
 }
 
-/// Text as a JSON string, escaped as PostgreSQL's `to_json` escapes it.
-pub(crate) fn push_json_text(text: &str, json: &mut Vec<u8>) {
-    json.push(b'"');
-    let bytes = text.as_bytes();
-    if bytes.iter().all(|b| is_plain(*b)) {
-        json.extend_from_slice(bytes);
+/// A COPY text field holding JSON (`json`, `jsonb`, `row_to_json`), as that JSON.
+pub(crate) fn push_copy_json(field: &[u8], json: &mut Vec<u8>) -> Result<(), Error> {
+    if memchr::memchr(b'\\', field).is_none() {
+        json.extend_from_slice(field);
+        Ok(())
     } else {
-        for &value in bytes {
-            push_json_escaped(value, json);
-        }
+        unescape_copy_field(field, |byte| json.push(byte))
     }
-    json.push(b'"');
 }
 
 /// A byte that is itself in COPY text and in a JSON string (most are: the fast path copies

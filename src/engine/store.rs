@@ -52,6 +52,18 @@ impl TableLock {
     }
 }
 
+/// Makes `tx`, a transaction just begun, read the snapshot another transaction exported
+/// (`pg_export_snapshot`): a second connection sees exactly what the first one sees.
+pub(crate) async fn read_snapshot(tx: &mut PgConnection, snapshot: &str) -> Result<(), Error> {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT {}",
+        quote_literal(snapshot)
+    )))
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 /// A state store of one framework in one schema.
 #[derive(Clone)]
 pub struct Store {
@@ -674,7 +686,7 @@ impl Store {
     }
 
     /// A pooled connection that is free now or can be opened, without waiting on other callers.
-    async fn spare_connection(&self) -> Option<sqlx::pool::PoolConnection<Postgres>> {
+    pub(crate) async fn spare_connection(&self) -> Option<sqlx::pool::PoolConnection<Postgres>> {
         if let Some(idle) = self.pool.try_acquire() {
             return Some(idle);
         }
@@ -701,12 +713,7 @@ impl Store {
     ) -> Result<BackupInfo, Error> {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let made = async {
-            sqlx::raw_sql(AssertSqlSafe(format!(
-                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT {}",
-                quote_literal(snapshot)
-            )))
-            .execute(&mut *tx)
-            .await?;
+            read_snapshot(&mut tx, snapshot).await?;
             self.bounded_by(
                 &mut tx,
                 &self.lock_statement(tables, TableLock::Shared),

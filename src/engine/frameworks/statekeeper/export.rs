@@ -9,10 +9,10 @@ use tokio::io::AsyncWrite;
 use crate::engine::Error;
 use crate::engine::catalog;
 use crate::engine::export::{
-    ExportOptions, ExportReport, Output, push_json_text, refuse_unknown_environments,
-    stream_table_as_objects,
+    CopyLines, ExportOptions, ExportReport, Output, push_copy_json, push_json_string,
+    refuse_unknown_environments, stream_table_as_objects,
 };
-use crate::engine::store::Store;
+use crate::engine::store::{Store, read_snapshot};
 
 /// The export file version this statekeeper writes and reads.
 pub const FILE_VERSION: u32 = 1;
@@ -148,20 +148,22 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     write_environments(store, tx, out, report, filtered).await
 }
 
-/// The columns of `virtual_environment_refs`, whose objects the export builds itself.
+/// The columns of `virtual_environment_refs`, whose objects the export builds itself
+/// (`push_reference`).
 const REFERENCE_COLUMNS: [&str; 3] = ["environment", "model_name", "model_version_id"];
 
 /// Where a row of the environments query goes in its environment's object.
 const ENVIRONMENT_PARTS: [&str; 4] = ["environment", "refs", "function_refs", "checkpoints"];
 
-/// Rows fetched from a cursor at a time.
-const FETCH_ROWS: usize = 5000;
-
-/// `"environments":{name:{environment, refs, function_refs, checkpoints}, …}`, read through two
-/// cursors of the snapshot, both in environment order: one for each environment's row, function
-/// references and checkpoints, one for the model references — the bulk of the section, sent as
-/// their columns and turned into objects here. Interleaving them spares PostgreSQL both a query
-/// per environment and sorting every reference in with the other rows.
+/// `"environments":{name:{environment, refs, function_refs, checkpoints}, …}`.
+///
+/// The model references are the bulk of the section. PostgreSQL reads them in their primary
+/// key's order from its index on a second connection at the export's snapshot, while the first
+/// one sends every environment's own row, function references and checkpoints, sorted (few);
+/// each environment's references are written after its row. Sorting the references in with
+/// the other rows cost PostgreSQL twice as long as sending the section (text comparisons), and
+/// fetching them through a cursor left the server waiting while the client wrote them. Without
+/// a spare connection in the pool, they are sorted in.
 async fn write_environments<W: AsyncWrite + Unpin + Send>(
     store: &Store,
     tx: &mut PgConnection,
@@ -183,23 +185,6 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
         only("f.environment"),
         only("c.environment"),
     );
-    sqlx::query(AssertSqlSafe(format!(
-        "DECLARE statekeeper_environments NO SCROLL CURSOR FOR
-         SELECT environment, part, doc FROM (
-           SELECT e.name AS environment, 0 AS part, NULL::text AS name, NULL::bigint AS id, row_to_json(e)::text AS doc
-             FROM {s}.virtual_environments e {environments}
-           UNION ALL SELECT f.environment, 2, f.function_name, NULL, row_to_json(f)::text
-             FROM {s}.virtual_environment_function_refs f {function_refs}
-           UNION ALL SELECT c.environment, 3, NULL, c.id, json_build_object(
-               'checkpoint', row_to_json(c),
-               'refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.model_name) FROM {s}.virtual_environment_checkpoint_refs r WHERE r.checkpoint_id = c.id), '[]'::json),
-               'function_refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.function_name) FROM {s}.virtual_environment_checkpoint_function_refs r WHERE r.checkpoint_id = c.id), '[]'::json)
-             )::text
-             FROM {s}.virtual_environment_checkpoints c {checkpoints}
-         ) rows ORDER BY environment, part, name, id"
-    )))
-    .execute(&mut *tx)
-    .await?;
     let columns = catalog::columns(tx, store.schema().as_str(), "virtual_environment_refs").await?;
     // A table with other columns than this statekeeper knows is written by PostgreSQL.
     let refs_doc = if columns
@@ -211,12 +196,67 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
     } else {
         "row_to_json(r)::text"
     };
-    sqlx::query(AssertSqlSafe(format!(
-        "DECLARE statekeeper_refs NO SCROLL CURSOR FOR
-         SELECT r.environment, r.model_name, r.model_version_id, {refs_doc}
-         FROM {s}.virtual_environment_refs r {refs} ORDER BY r.environment, r.model_name"
-    )))
-    .execute(&mut *tx)
+
+    let mut spare = store.spare_connection().await;
+    let mut side = match spare.as_mut() {
+        Some(conn) => {
+            let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+                .fetch_one(&mut *tx)
+                .await?;
+            let filter: String =
+                sqlx::query_scalar("SELECT current_setting('statekeeper.export_environments')")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let mut side = sqlx::Connection::begin(&mut **conn).await?;
+            read_snapshot(&mut side, &snapshot).await?;
+            sqlx::query("SELECT set_config('statekeeper.export_environments', $1, true)")
+                .bind(filter)
+                .execute(&mut *side)
+                .await?;
+            Some(side)
+        }
+        None => None,
+    };
+    // Read under the main transaction's locks, which it holds until after this returns.
+    let mut model_refs = match side.as_mut() {
+        Some(side) => Some(
+            CopyLines::open(
+                side,
+                &format!(
+                    "COPY (SELECT r.environment, r.model_name, r.model_version_id, {refs_doc}
+                     FROM {s}.virtual_environment_refs r {refs} ORDER BY r.environment, r.model_name) TO STDOUT"
+                ),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let sorted_in_refs = if model_refs.is_none() {
+        format!(
+            "UNION ALL SELECT r.environment, 1, r.model_name, r.model_version_id, {refs_doc}
+             FROM {s}.virtual_environment_refs r {refs}"
+        )
+    } else {
+        String::new()
+    };
+    let mut rows = CopyLines::open(
+        tx,
+        &format!(
+            "COPY (SELECT environment, part, name, id, doc FROM (
+               SELECT e.name AS environment, 0 AS part, NULL::text AS name, NULL::bigint AS id, row_to_json(e)::text AS doc
+                 FROM {s}.virtual_environments e {environments}
+               {sorted_in_refs}
+               UNION ALL SELECT f.environment, 2, f.function_name, NULL, row_to_json(f)::text
+                 FROM {s}.virtual_environment_function_refs f {function_refs}
+               UNION ALL SELECT c.environment, 3, NULL, c.id, json_build_object(
+                   'checkpoint', row_to_json(c),
+                   'refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.model_name) FROM {s}.virtual_environment_checkpoint_refs r WHERE r.checkpoint_id = c.id), '[]'::json),
+                   'function_refs', COALESCE((SELECT json_agg(row_to_json(r) ORDER BY r.function_name) FROM {s}.virtual_environment_checkpoint_function_refs r WHERE r.checkpoint_id = c.id), '[]'::json)
+                 )::text
+                 FROM {s}.virtual_environment_checkpoints c {checkpoints}
+             ) rows ORDER BY environment, part, name, id) TO STDOUT"
+        ),
+    )
     .await?;
 
     out.write(b",\"environments\":{").await?;
@@ -224,66 +264,88 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
     // The part the last row went to in the open environment; None before the first.
     let mut open: Option<usize> = None;
     let mut first_in_part = true;
-    let mut model_refs = ReferenceCursor::default();
-    let mut json = Vec::with_capacity(256 * 1024);
-    loop {
-        let rows: Vec<(String, i32, String)> = sqlx::query_as(AssertSqlSafe(format!(
-            "FETCH {FETCH_ROWS} FROM statekeeper_environments"
-        )))
-        .fetch_all(&mut *tx)
-        .await?;
-        if rows.is_empty() {
-            break;
-        }
-        for (environment, part, doc) in &rows {
-            let part = match usize::try_from(*part) {
-                Ok(part) if part < ENVIRONMENT_PARTS.len() && part != 1 => part,
-                _ => return Err(corrupt_row()),
-            };
-            counts[part] += 1;
-            if part == 0 {
-                if let Some(at) = open {
-                    close_environment(at, &mut json);
-                    json.push(b',');
-                }
-                push_json_text(environment, &mut json);
-                json.extend_from_slice(b":{\"environment\":");
-                json.extend_from_slice(doc.as_bytes());
-                json.extend_from_slice(b",\"refs\":[");
-                counts[1] += model_refs
-                    .write_environment(tx, out, environment, &mut json)
-                    .await?;
-                open = Some(1);
-                continue;
+    let mut json = Vec::with_capacity(FLUSH_BYTES + 64 * 1024);
+    while let Some(line) = rows.line() {
+        let [environment, part, name, id, doc] = fields(line)?;
+        let part = match part {
+            b"0" => 0,
+            b"1" => 1,
+            b"2" => 2,
+            b"3" => 3,
+            _ => return Err(corrupt_row()),
+        };
+        counts[part] += 1;
+        if part == 0 {
+            if let Some(at) = open {
+                close_environment(at, &mut json);
+                json.push(b',');
             }
+            push_json_string(environment, &mut json)?;
+            json.extend_from_slice(b":{\"environment\":");
+            push_copy_json(doc, &mut json)?;
+            json.extend_from_slice(b",\"refs\":[");
+            open = Some(1);
+            first_in_part = true;
+            if let Some(model_refs) = model_refs.as_mut() {
+                while let Some(reference) = model_refs.line() {
+                    let [ref_environment, name, id, doc] = fields(reference)?;
+                    if ref_environment != environment {
+                        break;
+                    }
+                    if !first_in_part {
+                        json.push(b',');
+                    }
+                    first_in_part = false;
+                    push_reference(ref_environment, name, id, doc, &mut json)?;
+                    counts[1] += 1;
+                    model_refs.advance().await?;
+                    if json.len() >= FLUSH_BYTES {
+                        out.write(&json).await?;
+                        json.clear();
+                    }
+                }
+            }
+        } else {
             let Some(mut at) = open else {
                 return Err(corrupt_row());
             };
             if at < part {
                 at = open_parts(at, part, &mut json);
                 first_in_part = true;
+            } else if at > part {
+                return Err(corrupt_row());
             }
             if !first_in_part {
                 json.push(b',');
             }
             first_in_part = false;
-            json.extend_from_slice(doc.as_bytes());
+            if part == 1 {
+                push_reference(environment, name, id, doc, &mut json)?;
+            } else {
+                push_copy_json(doc, &mut json)?;
+            }
             open = Some(at);
         }
-        out.write(&json).await?;
-        json.clear();
+        rows.advance().await?;
+        if json.len() >= FLUSH_BYTES {
+            out.write(&json).await?;
+            json.clear();
+        }
     }
+    drop(rows);
     if let Some(at) = open {
         close_environment(at, &mut json);
     }
     json.extend_from_slice(b"}}\n");
     out.write(&json).await?;
-    if model_refs.has_more(tx).await? {
+    // A reference left over belongs to no environment that was written.
+    let left_over = model_refs.is_some_and(|left| left.line().is_some());
+    if left_over {
         return Err(corrupt_row());
     }
-    sqlx::raw_sql("CLOSE statekeeper_environments; CLOSE statekeeper_refs")
-        .execute(&mut *tx)
-        .await?;
+    if let Some(side) = side {
+        side.commit().await?;
+    }
 
     let (checkpoint_refs, checkpoint_function_refs): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT (SELECT count(*) FROM {s}.virtual_environment_checkpoint_refs r JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id {checkpoints}),
@@ -311,73 +373,43 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
     Ok(())
 }
 
-/// One fetched model reference: environment, model name, version id, and its object when
-/// PostgreSQL wrote it.
-type ModelReference = (String, String, i64, Option<String>);
+/// Bytes gathered before they are written on.
+const FLUSH_BYTES: usize = 256 * 1024;
 
-/// The model references, fetched from their cursor in batches and taken an environment at a
-/// time (the cursor and the environments run in the same order).
-#[derive(Default)]
-struct ReferenceCursor {
-    batch: std::collections::VecDeque<ModelReference>,
-    done: bool,
+/// The `N` tab-separated fields of a COPY text line.
+fn fields<const N: usize>(line: &[u8]) -> Result<[&[u8]; N], Error> {
+    let mut fields = line.split(|b| *b == b'\t');
+    let taken: [Option<&[u8]>; N] = std::array::from_fn(|_| fields.next());
+    if fields.next().is_some() {
+        return Err(corrupt_row());
+    }
+    let mut out: [&[u8]; N] = [&[]; N];
+    for (slot, field) in out.iter_mut().zip(taken) {
+        *slot = field.ok_or_else(corrupt_row)?;
+    }
+    Ok(out)
 }
 
-impl ReferenceCursor {
-    /// Writes the references of `environment` (comma-separated, into `json`, flushed to `out`
-    /// as it grows); returns how many.
-    async fn write_environment<W: AsyncWrite + Unpin + Send>(
-        &mut self,
-        tx: &mut PgConnection,
-        out: &mut Output<W>,
-        environment: &str,
-        json: &mut Vec<u8>,
-    ) -> Result<u64, Error> {
-        let mut written = 0u64;
-        while self.has_more(tx).await? {
-            let Some((row_environment, model_name, version_id, doc)) = self.batch.front() else {
-                break;
-            };
-            if row_environment != environment {
-                break;
-            }
-            if written > 0 {
-                json.push(b',');
-            }
-            match doc {
-                Some(doc) => json.extend_from_slice(doc.as_bytes()),
-                None => {
-                    let [environment_key, name_key, id_key] = REFERENCE_COLUMNS;
-                    json.extend_from_slice(format!("{{\"{environment_key}\":").as_bytes());
-                    push_json_text(row_environment, json);
-                    json.extend_from_slice(format!(",\"{name_key}\":").as_bytes());
-                    push_json_text(model_name, json);
-                    json.extend_from_slice(format!(",\"{id_key}\":{version_id}}}").as_bytes());
-                }
-            }
-            self.batch.pop_front();
-            written += 1;
-            if json.len() >= 256 * 1024 {
-                out.write(json).await?;
-                json.clear();
-            }
-        }
-        Ok(written)
+/// A model reference's object: as PostgreSQL wrote it (`doc`), or built from its three columns
+/// as `row_to_json` builds it.
+fn push_reference(
+    environment: &[u8],
+    model_name: &[u8],
+    version_id: &[u8],
+    doc: &[u8],
+    json: &mut Vec<u8>,
+) -> Result<(), Error> {
+    if doc != b"\\N" {
+        return push_copy_json(doc, json);
     }
-
-    /// Whether a reference is left, fetching the next batch when this one is used up.
-    async fn has_more(&mut self, tx: &mut PgConnection) -> Result<bool, Error> {
-        if self.batch.is_empty() && !self.done {
-            self.batch = sqlx::query_as::<_, ModelReference>(AssertSqlSafe(format!(
-                "FETCH {FETCH_ROWS} FROM statekeeper_refs"
-            )))
-            .fetch_all(&mut *tx)
-            .await?
-            .into();
-            self.done = self.batch.is_empty();
-        }
-        Ok(!self.batch.is_empty())
-    }
+    json.extend_from_slice(b"{\"environment\":");
+    push_json_string(environment, json)?;
+    json.extend_from_slice(b",\"model_name\":");
+    push_json_string(model_name, json)?;
+    json.extend_from_slice(b",\"model_version_id\":");
+    json.extend_from_slice(version_id);
+    json.push(b'}');
+    Ok(())
 }
 
 /// Closes the open part and opens each one after it up to `part` (every part is written, with
