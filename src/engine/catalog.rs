@@ -143,25 +143,37 @@ pub async fn columns(
     schema: &str,
     table: &str,
 ) -> Result<Vec<(String, String)>, Error> {
-    Ok(columns_and_text_casts(conn, schema, table)
+    Ok(described_columns(conn, schema, table)
         .await?
         .into_iter()
-        .map(|(name, type_name, _)| (name, type_name))
+        .map(|column| (column.name, column.type_name))
         .collect())
 }
 
-/// [`columns`], each also with whether its type has a `::text` cast of its own, which may write
-/// other text than the type's output function, the form COPY writes (`true` for a `boolean`
-/// where COPY writes `t`; `char(n)` without its padding). Domains count as having one.
-pub async fn columns_and_text_casts(
+/// A column as [`described_columns`] describes it.
+pub struct Column {
+    pub name: String,
+    /// `format_type`, as in [`columns`].
+    pub type_name: String,
+    /// Whether its type has a `::text` cast of its own, which may write other text than the
+    /// type's output function, the form COPY writes (`true` for a `boolean` where COPY writes
+    /// `t`; `char(n)` without its padding). Domains count as having one.
+    pub own_text_cast: bool,
+    /// Generated columns take no values: PostgreSQL computes them.
+    pub generated: bool,
+}
+
+/// [`columns`], each with what else the callers need to know of it, in one round trip.
+pub async fn described_columns(
     conn: &mut PgConnection,
     schema: &str,
     table: &str,
-) -> Result<Vec<(String, String, bool)>, Error> {
-    Ok(sqlx::query_as(
+) -> Result<Vec<Column>, Error> {
+    let rows: Vec<(String, String, bool, bool)> = sqlx::query_as(
         "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
            ty.typtype = 'd' OR EXISTS (SELECT 1 FROM pg_cast k WHERE k.castsource = a.atttypid \
-             AND k.casttarget = 'text'::regtype AND k.castmethod = 'f') \
+             AND k.casttarget = 'text'::regtype AND k.castmethod = 'f'), \
+           a.attgenerated <> '' \
          FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid \
          JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
@@ -170,7 +182,16 @@ pub async fn columns_and_text_casts(
     .bind(schema)
     .bind(table)
     .fetch_all(conn)
-    .await?)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, type_name, own_text_cast, generated)| Column {
+            name,
+            type_name,
+            own_text_cast,
+            generated,
+        })
+        .collect())
 }
 
 /// Statements that give `to_schema.table` the primary key, unique and exclusion constraints and
@@ -182,61 +203,41 @@ pub async fn index_definitions(
     table: &str,
 ) -> Result<Vec<String>, Error> {
     let target = format!("{}.{}", quote_ident(to_schema), quote_ident(table));
-    let constraints: Vec<(String, String)> = sqlx::query_as(
-        "SELECT c.conname::text, pg_get_constraintdef(c.oid) FROM pg_constraint c \
-         JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace \
-         WHERE n.nspname = $1 AND t.relname = $2 AND c.contype IN ('p', 'u', 'x') ORDER BY c.conname",
+    // One round trip: the key constraints (with their names), then the indexes no constraint
+    // owns. pg_get_indexdef names the table schema-qualified as quote_ident would, which is
+    // swapped for the target.
+    let definitions: Vec<(Option<String>, String, String)> = sqlx::query_as(
+        "SELECT * FROM (SELECT c.conname::text, pg_get_constraintdef(c.oid), ''::text \
+           FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid \
+           JOIN pg_namespace n ON n.oid = t.relnamespace \
+           WHERE n.nspname = $1 AND t.relname = $2 AND c.contype IN ('p', 'u', 'x') ORDER BY 1) k \
+         UNION ALL SELECT * FROM (SELECT NULL::text, pg_get_indexdef(x.indexrelid), \
+             format(' ON %s.%s USING ', quote_ident(n.nspname), quote_ident(t.relname)) \
+           FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid \
+           JOIN pg_namespace n ON n.oid = t.relnamespace \
+           WHERE n.nspname = $1 AND t.relname = $2 AND NOT EXISTS (SELECT 1 FROM pg_constraint c \
+             WHERE c.conindid = x.indexrelid AND c.conrelid = x.indrelid) ORDER BY 2) i",
     )
     .bind(from_schema)
     .bind(table)
     .fetch_all(&mut *conn)
     .await?;
-    // pg_get_indexdef names the table schema-qualified as quote_ident would: swap in the target.
-    let indexes: Vec<(String, String)> = sqlx::query_as(
-        "SELECT pg_get_indexdef(x.indexrelid), format(' ON %s.%s USING ', quote_ident(n.nspname), quote_ident(t.relname)) \
-         FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace \
-         WHERE n.nspname = $1 AND t.relname = $2 \
-           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid AND c.conrelid = x.indrelid) \
-         ORDER BY 1",
-    )
-    .bind(from_schema)
-    .bind(table)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut statements: Vec<String> = constraints
-        .into_iter()
-        .map(|(name, definition)| {
-            format!(
+    let mut statements = Vec::with_capacity(definitions.len());
+    for (constraint, definition, source_on) in definitions {
+        match constraint {
+            Some(name) => statements.push(format!(
                 "ALTER TABLE {target} ADD CONSTRAINT {} {definition}",
                 quote_ident(&name)
-            )
-        })
-        .collect();
-    for (definition, source_on) in indexes {
-        if !definition.contains(&source_on) {
-            return Err(Error::Database(sqlx::Error::Protocol(format!(
-                "cannot copy index of {table}: unexpected definition {definition}"
-            ))));
+            )),
+            None if definition.contains(&source_on) => {
+                statements.push(definition.replacen(&source_on, &format!(" ON {target} USING "), 1))
+            }
+            None => {
+                return Err(Error::Database(sqlx::Error::Protocol(format!(
+                    "cannot copy index of {table}: unexpected definition {definition}"
+                ))));
+            }
         }
-        statements.push(definition.replacen(&source_on, &format!(" ON {target} USING "), 1));
     }
     Ok(statements)
-}
-
-/// Names of a table's generated columns, which take no values.
-pub async fn generated_columns(
-    conn: &mut PgConnection,
-    schema: &str,
-    table: &str,
-) -> Result<Vec<String>, Error> {
-    Ok(sqlx::query_scalar(
-        "SELECT a.attname::text FROM pg_attribute a \
-         JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
-           AND a.attgenerated <> ''",
-    )
-    .bind(schema)
-    .bind(table)
-    .fetch_all(conn)
-    .await?)
 }

@@ -3,8 +3,8 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
-use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use super::Error;
 
@@ -108,26 +108,39 @@ impl ConnectionSettings {
         ]
     }
 
-    /// Opens one connection first, so that a wrong password or an unreachable host is reported
-    /// precisely rather than as a pool timeout; then returns a lazily filled pool.
+    /// Opens the pool's first connection here, so that a wrong password, a missing database or an
+    /// unreachable host is reported precisely rather than as a pool timeout; the connection stays
+    /// in the pool for the first caller. The pool retries a refused TCP connect until its timeout
+    /// (a server starting up), so a TCP host is asked whether it answers at all first.
     pub async fn connect(&self) -> Result<PgPool, Error> {
-        let probe = tokio::time::timeout(
-            self.connect_timeout,
-            PgConnection::connect_with(&self.options),
-        )
-        .await
-        .map_err(|_| Error::ConnectTimeout {
-            target: self.target(),
-            after: self.connect_timeout,
-        })?
-        .map_err(|e| self.classify(e))?;
-        // Closing the probe is best effort: the pool does not need it.
-        let _ = probe.close().await;
-        Ok(PgPoolOptions::new()
+        let pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.connect_timeout)
             .idle_timeout(Duration::from_secs(300))
-            .connect_lazy_with(self.options.clone()))
+            .connect_lazy_with(self.options.clone());
+        if self.options.get_socket().is_none() {
+            let address = (self.options.get_host(), self.options.get_port());
+            tokio::time::timeout(
+                self.connect_timeout,
+                tokio::net::TcpStream::connect(address),
+            )
+            .await
+            .map_err(|_| self.timed_out())?
+            .map_err(|e| self.classify(sqlx::Error::Io(e)))?;
+        }
+        let first = tokio::time::timeout(self.connect_timeout, pool.acquire())
+            .await
+            .map_err(|_| self.timed_out())?
+            .map_err(|e| self.classify(e))?;
+        drop(first);
+        Ok(pool)
+    }
+
+    fn timed_out(&self) -> Error {
+        Error::ConnectTimeout {
+            target: self.target(),
+            after: self.connect_timeout,
+        }
     }
 
     /// Maps a connect failure to an error that names the problem and never the secret.
@@ -153,10 +166,7 @@ impl ConnectionSettings {
                 target: self.target(),
                 reason: format!("TLS negotiation failed: {tls}"),
             },
-            sqlx::Error::PoolTimedOut => Error::ConnectTimeout {
-                target: self.target(),
-                after: self.connect_timeout,
-            },
+            sqlx::Error::PoolTimedOut => self.timed_out(),
             _ => Error::Unreachable {
                 target: self.target(),
                 reason: "the server closed the connection during the handshake".into(),

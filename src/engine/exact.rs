@@ -92,10 +92,10 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     out.write_json_header(&metadata, &versions).await?;
     out.write(b",\"tables\":{").await?;
     for (i, table) in store.tables(tx).await?.iter().enumerate() {
-        let described = catalog::columns_and_text_casts(tx, store.schema().as_str(), table).await?;
+        let described = catalog::described_columns(tx, store.schema().as_str(), table).await?;
         let columns: Vec<(&String, &String)> = described
             .iter()
-            .map(|(name, type_name, _)| (name, type_name))
+            .map(|column| (&column.name, &column.type_name))
             .collect();
         let text = |e: serde_json::Error| Error::ExportWrite(e.to_string());
         out.write(
@@ -112,12 +112,9 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
         // every type whose cast is its output function, without the cast's work per value.
         let values = described
             .iter()
-            .map(|(name, _, own_cast)| {
-                format!(
-                    "t.{}{}",
-                    quote_ident(name),
-                    if *own_cast { "::text" } else { "" }
-                )
+            .map(|column| {
+                let cast = if column.own_text_cast { "::text" } else { "" };
+                format!("t.{}{cast}", quote_ident(&column.name))
             })
             .collect::<Vec<_>>()
             .join(", ");

@@ -536,7 +536,8 @@ impl Incoming<'_> {
     /// Streams every row into the temporary table `statekeeper_import (seq, section, environment,
     /// doc jsonb, f1 text, …, f{width} text)` (a row of text values has at most `width` of them:
     /// see [`staged_field`]), then checks the checksum. Returns only after the whole file was
-    /// read.
+    /// read. Each of `sections` gets a partition of its own, read alone by a query on its
+    /// section; the other sections' rows share one.
     pub async fn stage(
         &mut self,
         conn: &mut PgConnection,
@@ -549,8 +550,8 @@ impl Incoming<'_> {
             .map(|c| format!("ALTER {c} SET STORAGE EXTERNAL"))
             .collect();
         let field_columns: String = fields.iter().map(|c| format!(", {c} text")).collect();
-        // One partition per expected section, so that applying a section reads only its rows;
-        // staged values are read once: kept uncompressed and, up to a page, inline (no TOAST).
+        // A partition per large section, so that applying it reads only its rows; staged values
+        // are read once: kept uncompressed and, up to a page, inline (no TOAST).
         let mut ddl = vec![
             format!("CREATE TEMP TABLE statekeeper_import (seq bigserial, section text NOT NULL, environment text, doc jsonb{field_columns}) PARTITION BY LIST (section) ON COMMIT DROP"),
             format!("ALTER TABLE statekeeper_import {}", storage.join(", ")),
@@ -904,14 +905,11 @@ pub(crate) async fn insert_staged(
     staged: &[&str],
     defaults: &[(&str, &str)],
 ) -> Result<u64, Error> {
-    let columns = catalog::columns(conn, schema, table).await?;
-    let generated = catalog::generated_columns(conn, schema, table).await?;
+    let columns = catalog::described_columns(conn, schema, table).await?;
     let mut names = Vec::new();
     let mut values = Vec::new();
-    for (name, type_) in &columns {
-        if generated.contains(name) {
-            continue;
-        }
+    for column in columns.iter().filter(|column| !column.generated) {
+        let (name, type_) = (&column.name, &column.type_name);
         let value = match staged.iter().position(|s| s == name) {
             Some(position) => format!("(x.{})::{type_}", staged_field(position + 1)),
             None => match defaults.iter().find(|(column, _)| column == name) {

@@ -731,19 +731,12 @@ pub(crate) async fn import(
              downgrade one side with `sqlmesh migrate`)"
         )));
     }
-    let sections: Vec<String> = [
-        SNAPSHOTS,
-        INTERVALS,
-        AUTO_RESTATEMENTS,
-        ENVIRONMENTS,
-        STATEMENTS,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain(LIST_COLUMNS.iter().map(|c| list_section(c)))
-    .collect();
-    let sections: Vec<&str> = sections.iter().map(String::as_str).collect();
-    let staged = incoming.stage(&mut tx, &sections, staged_width()).await?;
+    // The two sections that hold most rows and bytes get partitions of their own; the rest share
+    // one (each partition is a table to create and drop, about as long as reading a few thousand
+    // small rows).
+    let staged = incoming
+        .stage(&mut tx, &[SNAPSHOTS, INTERVALS], staged_width())
+        .await?;
     // Each environment's lists, joined from their staged elements as `json.dumps` joins a list.
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TEMP TABLE statekeeper_environment_lists ON COMMIT DROP AS
@@ -819,7 +812,7 @@ pub(crate) async fn import(
     }
     // Environments without statements only cleared their old ones (merge); they insert nothing.
     sqlx::query(AssertSqlSafe(format!(
-        "DELETE FROM statekeeper_import WHERE section = '{STATEMENTS}' AND NOT f4::boolean"
+        "DELETE FROM statekeeper_import WHERE section = '{STATEMENTS}' AND f4 = 'false'"
     )))
     .execute(&mut *tx)
     .await?;
