@@ -163,7 +163,7 @@ const ENVIRONMENT_PARTS: [&str; 4] = ["environment", "refs", "function_refs", "c
 /// each environment's references are written after its row. Sorting the references in with
 /// the other rows cost PostgreSQL twice as long as sending the section (text comparisons), and
 /// fetching them through a cursor left the server waiting while the client wrote them. Without
-/// a spare connection in the pool, they are sorted in.
+/// a spare connection in the pool, or when it cannot read the snapshot, they are sorted in.
 async fn write_environments<W: AsyncWrite + Unpin + Send>(
     store: &Store,
     tx: &mut PgConnection,
@@ -207,13 +207,17 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
                 sqlx::query_scalar("SELECT current_setting('statekeeper.export_environments')")
                     .fetch_one(&mut *tx)
                     .await?;
-            let mut side = sqlx::Connection::begin(&mut **conn).await?;
-            read_snapshot(&mut side, &snapshot).await?;
-            sqlx::query("SELECT set_config('statekeeper.export_environments', $1, true)")
-                .bind(filter)
-                .execute(&mut *side)
-                .await?;
-            Some(side)
+            match begin_beside(conn, &snapshot, filter).await {
+                Ok(side) => Some(side),
+                Err(e) => {
+                    tracing::debug!(
+                        schema = %store.schema(),
+                        error = %e,
+                        "reading the references on the export's own connection"
+                    );
+                    None
+                }
+            }
         }
         None => None,
     };
@@ -371,6 +375,21 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
         report.rows.insert(table.into(), n);
     }
     Ok(())
+}
+
+/// A transaction on `conn` that reads `snapshot` with the export's environment filter.
+async fn begin_beside<'c>(
+    conn: &'c mut PgConnection,
+    snapshot: &str,
+    filter: String,
+) -> Result<sqlx::Transaction<'c, sqlx::Postgres>, Error> {
+    let mut side = sqlx::Connection::begin(conn).await?;
+    read_snapshot(&mut side, snapshot).await?;
+    sqlx::query("SELECT set_config('statekeeper.export_environments', $1, true)")
+        .bind(filter)
+        .execute(&mut *side)
+        .await?;
+    Ok(side)
 }
 
 /// Bytes gathered before they are written on.
