@@ -60,14 +60,9 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     sqlx::query("SET LOCAL DateStyle = 'ISO, MDY'")
         .execute(&mut *tx)
         .await?;
-    // COPY takes no parameters: the filter travels in a transaction-local setting instead of
-    // being spliced into SQL text.
     let filter = serde_json::to_string(&options.environments.clone().unwrap_or_default())
         .map_err(|e| Error::ExportWrite(e.to_string()))?;
-    sqlx::query("SELECT set_config('statekeeper.export_environments', $1, true)")
-        .bind(filter)
-        .execute(&mut *tx)
-        .await?;
+    set_environment_filter(tx, &filter).await?;
 
     let metadata = Metadata {
         timestamp: chrono::Utc::now().to_rfc3339(),
@@ -145,7 +140,7 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
         out.write(b"]").await?;
         report.rows.insert((*table).to_owned(), n);
     }
-    write_environments(store, tx, out, report, filtered).await
+    write_environments(store, tx, out, report, filtered.then_some(filter.as_str())).await
 }
 
 /// The columns of `virtual_environment_refs`, whose objects the export builds itself
@@ -169,11 +164,11 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
     tx: &mut PgConnection,
     out: &mut Output<W>,
     report: &mut ExportReport,
-    filtered: bool,
+    filter: Option<&str>,
 ) -> Result<(), Error> {
     let s = &store.schema().quoted();
     let only = |column: &str| {
-        if filtered {
+        if filter.is_some() {
             format!("WHERE {column} = ANY({ENVIRONMENTS})")
         } else {
             String::new()
@@ -203,10 +198,6 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
             let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
                 .fetch_one(&mut *tx)
                 .await?;
-            let filter: String =
-                sqlx::query_scalar("SELECT current_setting('statekeeper.export_environments')")
-                    .fetch_one(&mut *tx)
-                    .await?;
             match begin_beside(conn, &snapshot, filter).await {
                 Ok(side) => Some(side),
                 Err(e) => {
@@ -381,15 +372,24 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
 async fn begin_beside<'c>(
     conn: &'c mut PgConnection,
     snapshot: &str,
-    filter: String,
+    filter: Option<&str>,
 ) -> Result<sqlx::Transaction<'c, sqlx::Postgres>, Error> {
     let mut side = sqlx::Connection::begin(conn).await?;
     read_snapshot(&mut side, snapshot).await?;
+    if let Some(filter) = filter {
+        set_environment_filter(&mut side, filter).await?;
+    }
+    Ok(side)
+}
+
+/// COPY takes no parameters: the environments filter (a JSON array of names) travels in a
+/// transaction-local setting that [`ENVIRONMENTS`] reads, instead of being spliced into SQL text.
+async fn set_environment_filter(conn: &mut PgConnection, filter: &str) -> Result<(), Error> {
     sqlx::query("SELECT set_config('statekeeper.export_environments', $1, true)")
         .bind(filter)
-        .execute(&mut *side)
+        .execute(conn)
         .await?;
-    Ok(side)
+    Ok(())
 }
 
 /// Bytes gathered before they are written on.
@@ -398,15 +398,14 @@ const FLUSH_BYTES: usize = 256 * 1024;
 /// The `N` tab-separated fields of a COPY text line.
 fn fields<const N: usize>(line: &[u8]) -> Result<[&[u8]; N], Error> {
     let mut fields = line.split(|b| *b == b'\t');
-    let taken: [Option<&[u8]>; N] = std::array::from_fn(|_| fields.next());
-    if fields.next().is_some() {
-        return Err(corrupt_row());
-    }
     let mut out: [&[u8]; N] = [&[]; N];
-    for (slot, field) in out.iter_mut().zip(taken) {
-        *slot = field.ok_or_else(corrupt_row)?;
+    for slot in &mut out {
+        *slot = fields.next().ok_or_else(corrupt_row)?;
     }
-    Ok(out)
+    match fields.next() {
+        Some(_) => Err(corrupt_row()),
+        None => Ok(out),
+    }
 }
 
 /// A model reference's object: as PostgreSQL wrote it (`doc`), or built from its three columns
