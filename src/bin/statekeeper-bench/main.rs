@@ -524,12 +524,7 @@ async fn export_import_round(
     let pg_dump = started.elapsed();
     let mut conn = PgConnection::connect(url).await?;
     let quoted = SchemaName::new(schema)?.quoted();
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE schemaname = $1",
-    )
-    .bind(schema)
-    .fetch_all(&mut conn)
-    .await?;
+    let tables = schema_tables(&mut conn, schema).await?;
     sqlx::query(AssertSqlSafe(format!("TRUNCATE {}", tables.join(", "))))
         .execute(&mut conn)
         .await?;
@@ -732,7 +727,10 @@ async fn fresh_store(url: &str, schema: &str) -> BenchResult<Store> {
     Ok(store)
 }
 
-/// A fresh store filled by the generator with `size` model versions.
+/// A fresh store filled by the generator with `size` model versions, then vacuumed: rows read
+/// for the first time after they were written cost their reader the hint bits it sets (and
+/// autovacuum, woken by the inserts, shares the cores), which would fall on whichever of our
+/// operation and its reference ran first. A store in use has been read and vacuumed before.
 async fn generated_store(
     url: &str,
     schema: &str,
@@ -747,7 +745,25 @@ async fn generated_store(
             ..GenerateOptions::default()
         })
         .await?;
+    let mut conn = PgConnection::connect(url).await?;
+    let tables = schema_tables(&mut conn, schema).await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "VACUUM (ANALYZE) {}",
+        tables.join(", ")
+    )))
+    .execute(&mut conn)
+    .await?;
     Ok(store)
+}
+
+/// The tables of `schema`, qualified and quoted.
+async fn schema_tables(conn: &mut PgConnection, schema: &str) -> BenchResult<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE schemaname = $1",
+    )
+    .bind(schema)
+    .fetch_all(conn)
+    .await?)
 }
 
 /// The given URL, or a throwaway server that stops by itself when this process exits.

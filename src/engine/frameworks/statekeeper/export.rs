@@ -9,7 +9,7 @@ use tokio::io::AsyncWrite;
 use crate::engine::Error;
 use crate::engine::catalog;
 use crate::engine::export::{
-    CopyLines, ExportOptions, ExportReport, Output, push_copy_json, push_json_string,
+    CopyLines, ExportOptions, ExportReport, FLUSH_BYTES, Output, push_copy_json, push_json_string,
     refuse_unknown_environments, stream_table_as_objects,
 };
 use crate::engine::store::{Store, read_snapshot};
@@ -55,9 +55,9 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
         refuse_unknown_environments(tx, &format!("{s}.virtual_environments"), "name", wanted)
             .await?;
     }
-    // Timestamps are read as text and written in JSON's form (`stream_table_as_objects`), which
-    // needs the ISO DateStyle whatever the server's default.
-    sqlx::query("SET LOCAL DateStyle = 'ISO, MDY'")
+    // Timestamps are written in UTC whatever the server's zone, so that equal stores give equal
+    // files anywhere; `stream_table_as_objects` writes them so and PostgreSQL's JSON follows.
+    sqlx::query("SET LOCAL TimeZone = 'UTC'")
         .execute(&mut *tx)
         .await?;
     let filter = serde_json::to_string(&options.environments.clone().unwrap_or_default())
@@ -391,9 +391,6 @@ async fn set_environment_filter(conn: &mut PgConnection, filter: &str) -> Result
         .await?;
     Ok(())
 }
-
-/// Bytes gathered before they are written on.
-const FLUSH_BYTES: usize = 256 * 1024;
 
 /// The `N` tab-separated fields of a COPY text line.
 fn fields<const N: usize>(line: &[u8]) -> Result<[&[u8]; N], Error> {
