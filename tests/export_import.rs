@@ -597,13 +597,16 @@ async fn exact_export_writes_every_type_and_odd_text_as_postgres_would() {
               B'', 0, 'empty', NULL, false, '{}'),
              (3, repeat('x', 200000), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
               (SELECT json_agg(g)::json FROM generate_series(1, 50000) g), NULL, NULL, NULL, NULL,
-              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"#,
+              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+             (4, NULL, NULL, NULL, NULL, 32767, -9223372036854775808, NULL, NULL, NULL, NULL, NULL,
+              '0044-03-15 12:00:00.000001+00 BC', '12345-06-07 08:09:10.5', NULL, NULL, NULL, NULL,
+              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"#,
     )
     .execute(&mut conn)
     .await
     .unwrap();
     let (bytes, report) = export(&store, &ExportOptions::default()).await;
-    assert_eq!(report.rows["odd_values"], 3);
+    assert_eq!(report.rows["odd_values"], 4);
     let document: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     let exported: Vec<String> = document["tables"]["odd_values"]["rows"]
         .as_array()

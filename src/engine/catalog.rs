@@ -155,10 +155,6 @@ pub struct Column {
     pub name: String,
     /// `format_type`, as in [`columns`].
     pub type_name: String,
-    /// Whether its type has a `::text` cast of its own, which may write other text than the
-    /// type's output function, the form COPY writes (`true` for a `boolean` where COPY writes
-    /// `t`; `char(n)` without its padding). Domains count as having one.
-    pub own_text_cast: bool,
     /// Generated columns take no values: PostgreSQL computes them.
     pub generated: bool,
 }
@@ -169,13 +165,9 @@ pub async fn described_columns(
     schema: &str,
     table: &str,
 ) -> Result<Vec<Column>, Error> {
-    let rows: Vec<(String, String, bool, bool)> = sqlx::query_as(
-        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
-           ty.typtype = 'd' OR EXISTS (SELECT 1 FROM pg_cast k WHERE k.castsource = a.atttypid \
-             AND k.casttarget = 'text'::regtype AND k.castmethod = 'f'), \
-           a.attgenerated <> '' \
-         FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid \
-         JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+    let rows: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '' \
+         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
          ORDER BY a.attnum",
     )
@@ -185,10 +177,9 @@ pub async fn described_columns(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(name, type_name, own_text_cast, generated)| Column {
+        .map(|(name, type_name, generated)| Column {
             name,
             type_name,
-            own_text_cast,
             generated,
         })
         .collect())

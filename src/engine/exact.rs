@@ -20,7 +20,6 @@ use super::Error;
 use super::catalog;
 use super::export::{ExportReport, Output};
 use super::frameworks::{self, Event, ExportFormat, Framework};
-use super::identifier::quote_ident;
 use super::import::{
     Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
     drop_secondary_structures, insert_staged, restore_secondary_structures,
@@ -108,24 +107,12 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
             .as_bytes(),
         )
         .await?;
-        // The file holds each value's `::text` form. COPY writes the same text as the cast for
-        // every type whose cast is its output function, without the cast's work per value.
-        let values = described
-            .iter()
-            .map(|column| {
-                let cast = if column.own_text_cast { "::text" } else { "" };
-                format!("t.{}{cast}", quote_ident(&column.name))
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let rows = super::export::stream_table_as_arrays(
+        let rows = super::copy_binary::stream_table_as_arrays(
             tx,
             out,
-            &format!(
-                "SELECT {values} FROM {}.{} t",
-                store.schema().quoted(),
-                quote_ident(table)
-            ),
+            store.schema().as_str(),
+            table,
+            &described,
         )
         .await?;
         out.write(b"]}").await?;

@@ -4,6 +4,7 @@
 pub mod backup;
 mod catalog;
 pub mod connection;
+pub(crate) mod copy_binary;
 pub mod destination;
 mod error;
 mod exact;

@@ -152,7 +152,8 @@ pub async fn snapshot(conn: &mut PgConnection, schema: &str) -> BTreeMap<String,
     let mut out = BTreeMap::new();
     for table in tables {
         let rows: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT to_jsonb(t)::text FROM \"{schema}\".\"{table}\" t ORDER BY 1"
+            // An alias no column is named: `to_jsonb(t)` would read a column `t`.
+            "SELECT to_jsonb(whole_row)::text FROM \"{schema}\".\"{table}\" whole_row ORDER BY 1"
         )))
         .fetch_all(&mut *conn)
         .await

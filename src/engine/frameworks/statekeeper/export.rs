@@ -8,9 +8,10 @@ use tokio::io::AsyncWrite;
 
 use crate::engine::Error;
 use crate::engine::catalog;
+use crate::engine::copy_binary::stream_table_as_objects;
 use crate::engine::export::{
     CopyLines, ExportOptions, ExportReport, FLUSH_BYTES, Output, push_copy_json, push_json_string,
-    refuse_unknown_environments, stream_table_as_objects,
+    refuse_unknown_environments,
 };
 use crate::engine::store::{Store, read_snapshot};
 
