@@ -18,9 +18,14 @@ pub fn minify(text: &str) -> String {
     respace(text, false, NonAscii::Keep)
 }
 
-/// The spelling of pydantic's `model_dump_json`: compact, non-ASCII characters as raw UTF-8.
-pub fn compact_utf8(text: &str) -> String {
-    respace(text, false, NonAscii::Raw)
+/// The spelling of pydantic's `model_dump_json` (compact, non-ASCII characters as raw UTF-8), of
+/// text to be parsed afterwards instead of the original: `None` when removing whitespace would
+/// join two tokens (`tr ue`, `1 2`), the one way it could make invalid JSON valid. Parsing the
+/// compact text reads fewer bytes than parsing the indented one.
+pub fn compact_utf8_for_parsing(text: &str) -> Option<String> {
+    let mut joined = false;
+    let compact = respace_checked(text, false, NonAscii::Raw, &mut joined);
+    (!joined).then_some(compact)
 }
 
 /// The spelling of Python's `json.dumps` with its defaults: `", "` and `": "` separators and
@@ -30,6 +35,16 @@ pub fn python_dumps(text: &str) -> String {
 }
 
 fn respace(text: &str, spaced: bool, non_ascii: NonAscii) -> String {
+    respace_checked(text, spaced, non_ascii, &mut false)
+}
+
+/// A byte of a literal or a number.
+fn in_token(byte: Option<u8>) -> bool {
+    byte.is_some_and(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-'))
+}
+
+/// [`respace`], setting `joined` when a run of whitespace it removes stood between two tokens.
+fn respace_checked(text: &str, spaced: bool, non_ascii: NonAscii, joined: &mut bool) -> String {
     let mut out = String::with_capacity(text.len() + text.len() / 8);
     let mut rest = text;
     let special = |b: u8| {
@@ -51,7 +66,12 @@ fn respace(text: &str, spaced: bool, non_ascii: NonAscii) -> String {
                 }
             }
             // Indentation comes in runs: skip each at once.
-            _ => rest = rest.trim_start_matches([' ', '\t', '\n', '\r']),
+            _ => {
+                rest = rest.trim_start_matches([' ', '\t', '\n', '\r']);
+                if in_token(out.as_bytes().last().copied()) && in_token(rest.bytes().next()) {
+                    *joined = true;
+                }
+            }
         }
     }
     out.push_str(rest);
@@ -155,6 +175,18 @@ mod tests {
     }
 
     #[test]
+    fn compacting_for_parsing_refuses_to_join_tokens() {
+        let text = "{\n  \"a\": [1, true, -2.5e3, null],\n  \"b\": \"x y\"\n}";
+        assert_eq!(
+            compact_utf8_for_parsing(text).as_deref(),
+            Some("{\"a\":[1,true,-2.5e3,null],\"b\":\"x y\"}")
+        );
+        for joined in ["[tr ue]", "[1 2]", "{\"a\": - 1}", "[1 .5]", "[null\nnull]"] {
+            assert_eq!(compact_utf8_for_parsing(joined), None, "{joined}");
+        }
+    }
+
+    #[test]
     fn python_spelling_escapes_non_ascii_and_spaces_separators() {
         let text = "{\"k\":[\"é\",\"😀\",1]}";
         assert_eq!(
@@ -166,14 +198,18 @@ mod tests {
     #[test]
     fn compact_utf8_decodes_escaped_non_ascii_only() {
         let text = "{ \"k\": \"\\u00e9\\ud83d\\ude00\\u000a\\\"\" }";
-        assert_eq!(compact_utf8(text), "{\"k\":\"é😀\\u000a\\\"\"}");
+        assert_eq!(
+            compact_utf8_for_parsing(text).as_deref(),
+            Some("{\"k\":\"é😀\\u000a\\\"\"}")
+        );
     }
 
     #[test]
     fn spellings_round_trip_to_the_same_value() {
         let text = "{\"a\": {\"b\": [\"é\\t\", null, true, -0.5e-7]}}";
         let value: serde_json::Value = serde_json::from_str(text).unwrap();
-        for respelled in [minify(text), compact_utf8(text), python_dumps(text)] {
+        let compact = compact_utf8_for_parsing(text).unwrap();
+        for respelled in [minify(text), compact, python_dumps(text)] {
             let again: serde_json::Value = serde_json::from_str(&respelled).unwrap();
             assert_eq!(again, value, "{respelled}");
         }

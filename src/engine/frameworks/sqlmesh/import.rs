@@ -20,7 +20,7 @@ use crate::engine::import::{
     Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
     insert_staged, staged_field,
 };
-use crate::engine::json::{compact_utf8, python_dumps};
+use crate::engine::json::{compact_utf8_for_parsing, python_dumps};
 use crate::engine::store::{Store, TableLock};
 use crate::engine::tableset::qualified_list;
 
@@ -225,7 +225,12 @@ fn read_snapshots(cursor: Doc, names: &Names, emitter: &mut Emitter) -> Result<(
     let names = names.clone();
     let helper = std::thread::spawn(move || -> Result<Emitter, String> {
         for (position, raw) in rx.into_iter().enumerate() {
-            let OrderedObject(fields) = serde_json::from_slice(&raw)
+            // One pass spells the snapshot as SQLMesh stores it (compact, non-ASCII as UTF-8);
+            // the parses read that instead of the file's indentation.
+            let invalid = || format!("snapshot #{}: not valid JSON", position + 1);
+            let text = String::from_utf8(raw).map_err(|_| invalid())?;
+            let compact = compact_utf8_for_parsing(&text).ok_or_else(invalid)?;
+            let OrderedObject(fields) = serde_json::from_str(&compact)
                 .map_err(|e| format!("snapshot #{}: {e}", position + 1))?;
             snapshot_rows(&fields, &names, &mut helper_emitter)
                 .map_err(|e| format!("snapshot #{}: {e}", position + 1))?;
@@ -263,7 +268,8 @@ struct KindFacts {
 }
 
 /// The rows one snapshot of the file becomes: `_snapshots`, its `_intervals` and its
-/// `_auto_restatements` entry.
+/// `_auto_restatements` entry. `fields` come from the snapshot already spelled as SQLMesh's
+/// serializer spells it (`compact_utf8_for_parsing`).
 fn snapshot_rows(
     fields: &[(String, Box<RawValue>)],
     names: &Names,
@@ -312,8 +318,8 @@ fn snapshot_rows(
             Some(other) => return Err(format!("{name}: {name_} is {other}, not true or false")),
         })
     };
-    // The stored JSON is the snapshot without what SQLMesh keeps elsewhere, spelled as SQLMesh's
-    // serializer spells it; values are copied as written.
+    // The stored JSON is the snapshot without what SQLMesh keeps elsewhere; values are copied as
+    // written.
     let mut stored = String::with_capacity(fields.iter().map(|(_, v)| v.get().len()).sum());
     stored.push('{');
     for (key, value) in fields
@@ -325,7 +331,7 @@ fn snapshot_rows(
         }
         stored.push_str(&serde_json::to_string(key).map_err(|e| e.to_string())?);
         stored.push(':');
-        stored.push_str(&compact_utf8(value.get()));
+        stored.push_str(value.get());
     }
     stored.push('}');
     let mut row = StagedRow::new(SNAPSHOT_COLUMNS);
@@ -345,7 +351,7 @@ fn snapshot_rows(
     row.set("dev_version", dev_version.clone());
     row.set(
         "fingerprint",
-        compact_utf8(field("fingerprint").unwrap_or("{}")),
+        field("fingerprint").unwrap_or("{}").to_owned(),
     );
     emitter.fields(&names.snapshots, row.fields)?;
 
