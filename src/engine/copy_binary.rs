@@ -125,24 +125,10 @@ pub(crate) async fn stream_table_as_objects<W: AsyncWrite + Unpin + Send>(
     rest: &str,
 ) -> Result<u64, Error> {
     let columns = catalog::columns(conn, schema, table).await?;
-    let mut prefixes = Vec::with_capacity(columns.len());
-    for (i, (name, _)) in columns.iter().enumerate() {
-        let key = serde_json::to_string(name).map_err(|e| Error::ExportWrite(e.to_string()))?;
-        prefixes.push(format!("{}{key}:", if i == 0 { "{" } else { "," }).into_bytes());
-    }
-    let types = columns.iter().map(|(name, type_name)| (name, type_name));
-    stream_rows(
-        conn,
-        out,
-        schema,
-        table,
-        rest,
-        types,
-        prefixes,
-        b'}',
-        Spelling::Json,
-    )
-    .await
+    let columns = columns
+        .iter()
+        .map(|(name, type_name)| (name.as_str(), type_name.as_str()));
+    stream_rows(conn, out, schema, table, rest, columns, Spelling::Json).await
 }
 
 /// Streams every row of `table` as a JSON array of its values' text forms (`["v", null, …]`),
@@ -155,42 +141,46 @@ pub(crate) async fn stream_table_as_arrays<W: AsyncWrite + Unpin + Send>(
     table: &str,
     columns: &[Column],
 ) -> Result<u64, Error> {
-    let prefixes = (0..columns.len())
-        .map(|i| if i == 0 { b"[".to_vec() } else { b",".to_vec() })
-        .collect();
-    let types = columns.iter().map(|c| (&c.name, &c.type_name));
-    stream_rows(
-        conn,
-        out,
-        schema,
-        table,
-        "",
-        types,
-        prefixes,
-        b']',
-        Spelling::Text,
-    )
-    .await
+    let columns = columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.type_name.as_str()));
+    stream_rows(conn, out, schema, table, "", columns, Spelling::Text).await
 }
 
-/// Writes each row as the `prefixes` of its values (one per column) and the values, then `end`.
-#[allow(clippy::too_many_arguments)]
+/// Writes each row as a JSON object of its columns (`Spelling::Json`) or an array of their values
+/// (`Spelling::Text`).
 async fn stream_rows<'a, W: AsyncWrite + Unpin + Send>(
     conn: &mut PgConnection,
     out: &mut Output<W>,
     schema: &str,
     table: &str,
     rest: &str,
-    types: impl Iterator<Item = (&'a String, &'a String)>,
-    prefixes: Vec<Vec<u8>>,
-    end: u8,
+    columns: impl Iterator<Item = (&'a str, &'a str)>,
     spelling: Spelling,
 ) -> Result<u64, Error> {
-    let (shapes, selected): (Vec<Shape>, Vec<String>) = types
-        .map(|(name, type_name)| {
-            column_shape(type_name, &format!("t.{}", quote_ident(name)), spelling)
-        })
-        .unzip();
+    // What goes before each value, and after the last.
+    let mut prefixes = Vec::new();
+    let mut shapes = Vec::new();
+    let mut selected = Vec::new();
+    for (i, (name, type_name)) in columns.enumerate() {
+        let separator = if i == 0 { "" } else { "," };
+        prefixes.push(match spelling {
+            Spelling::Json => {
+                let key =
+                    serde_json::to_string(name).map_err(|e| Error::ExportWrite(e.to_string()))?;
+                format!("{}{key}:", if i == 0 { "{" } else { separator }).into_bytes()
+            }
+            Spelling::Text => if i == 0 { "[" } else { separator }.as_bytes().to_vec(),
+        });
+        let (shape, select) =
+            column_shape(type_name, &format!("t.{}", quote_ident(name)), spelling);
+        shapes.push(shape);
+        selected.push(select);
+    }
+    let end = match spelling {
+        Spelling::Json => b'}',
+        Spelling::Text => b']',
+    };
     let sql = format!(
         "COPY (SELECT {} FROM {}.{} t {rest}) TO STDOUT (FORMAT binary)",
         selected.join(", "),
@@ -239,7 +229,7 @@ struct BinaryRows {
     pending: Vec<u8>,
 }
 
-const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+pub(crate) const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
 impl BinaryRows {
     fn new(columns: usize) -> Self {

@@ -420,14 +420,15 @@ pub(crate) fn ended_mid_row() -> Error {
     )
 }
 
-/// A COPY text field as a JSON string, escaped as PostgreSQL's `to_json` escapes text.
+/// A COPY text field as a JSON string, escaped as PostgreSQL's `to_json` escapes text. Without a
+/// backslash, a field is its value's text as it is.
 pub(crate) fn push_json_string(field: &[u8], json: &mut Vec<u8>) -> Result<(), Error> {
-    json.push(b'"');
-    if field.iter().all(|b| is_plain(*b)) {
-        json.extend_from_slice(field);
-    } else {
-        unescape_copy_field(field, |value| push_json_escaped(value, json))?;
+    if memchr::memchr(b'\\', field).is_none() {
+        push_raw_json_string(field, json);
+        return Ok(());
     }
+    json.push(b'"');
+    unescape_copy_field(field, |value| push_json_escaped(value, json))?;
     json.push(b'"');
     Ok(())
 }

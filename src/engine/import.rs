@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::Error;
 use super::backup::BackupInfo;
 use super::catalog;
+use super::copy_binary::BINARY_SIGNATURE;
 use super::exact;
 use super::export::{Compression, Measure};
 use super::frameworks::{self, ExportFormat};
@@ -104,8 +105,8 @@ async fn decoded<R: AsyncRead + Unpin + Send + 'static>(
 /// neither scans for quotes and delimiters (CSV parsing had been the largest part of its
 /// staging work) nor unescapes anything.
 const COPY_BINARY: &str = "WITH (FORMAT binary)";
-/// The signature, no flags, no header extension.
-const BINARY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// After the signature: no flags, no header extension.
+const BINARY_FLAGS_AND_EXTENSION: [u8; 8] = [0; 8];
 /// A field count of -1.
 const BINARY_TRAILER: &[u8] = &[0xff, 0xff];
 /// The binary form of `jsonb` is a version byte before its text.
@@ -621,7 +622,8 @@ impl Incoming<'_> {
         let (counts, environments) = {
             let mut copy = conn.copy_in_raw(copy_sql).await?;
             let mut buffer = Vec::with_capacity(512 * 1024);
-            buffer.extend_from_slice(BINARY_HEADER);
+            buffer.extend_from_slice(BINARY_SIGNATURE);
+            buffer.extend_from_slice(&BINARY_FLAGS_AND_EXTENSION);
             let (counts, environments) = loop {
                 let rows = match self.rx.recv().await {
                     Some(Message::Rows(rows)) => rows,
