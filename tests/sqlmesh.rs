@@ -482,6 +482,15 @@ async fn bad_files_are_refused_and_change_nothing() {
         std::fs::write(&path, text).unwrap();
         path
     };
+    // A list element of an environment that is not JSON: an escape JSON does not have.
+    let bad_element = {
+        let path = edited("bad-element.json", &|_| {});
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lists = text.find("\"environments\":").unwrap();
+        let at = lists + text[lists..].find("\"snapshots\":[").unwrap() + "\"snapshots\":[".len();
+        std::fs::write(&path, format!("{}\"\\q\",{}", &text[..at], &text[at..])).unwrap();
+        path
+    };
     let local = scratch_file("local.json");
     project.ok(&[
         "state",
@@ -555,6 +564,12 @@ async fn bad_files_are_refused_and_change_nothing() {
             }),
             None,
             "no \"fingerprint\"",
+        ),
+        (
+            "an environment's list element that is not JSON",
+            bad_element,
+            None,
+            "an element of snapshots is not valid JSON",
         ),
     ];
     for (name, path, sha, expected) in cases {

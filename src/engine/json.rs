@@ -34,6 +34,11 @@ pub fn python_dumps(text: &str) -> String {
     respace(text, true, NonAscii::Escaped)
 }
 
+/// [`python_dumps`], appended to `out`.
+pub fn push_python_dumps(text: &str, out: &mut String) {
+    respace_into(text, true, NonAscii::Escaped, &mut false, out);
+}
+
 fn respace(text: &str, spaced: bool, non_ascii: NonAscii) -> String {
     respace_checked(text, spaced, non_ascii, &mut false)
 }
@@ -46,6 +51,17 @@ fn in_token(byte: Option<u8>) -> bool {
 /// [`respace`], setting `joined` when a run of whitespace it removes stood between two tokens.
 fn respace_checked(text: &str, spaced: bool, non_ascii: NonAscii, joined: &mut bool) -> String {
     let mut out = String::with_capacity(text.len() + text.len() / 8);
+    respace_into(text, spaced, non_ascii, joined, &mut out);
+    out
+}
+
+fn respace_into(
+    text: &str,
+    spaced: bool,
+    non_ascii: NonAscii,
+    joined: &mut bool,
+    out: &mut String,
+) {
     let mut rest = text;
     let special = |b: u8| {
         matches!(b, b'"' | b' ' | b'\t' | b'\n' | b'\r') || (spaced && matches!(b, b',' | b':'))
@@ -57,7 +73,7 @@ fn respace_checked(text: &str, spaced: bool, non_ascii: NonAscii, joined: &mut b
         match c {
             b'"' => {
                 out.push('"');
-                rest = copy_string(rest, &mut out, non_ascii);
+                rest = copy_string(rest, out, non_ascii);
             }
             b',' | b':' => {
                 out.push(c as char);
@@ -75,7 +91,6 @@ fn respace_checked(text: &str, spaced: bool, non_ascii: NonAscii, joined: &mut b
         }
     }
     out.push_str(rest);
-    out
 }
 
 /// Copies the rest of a string (after its opening quote) up to and including the closing quote;

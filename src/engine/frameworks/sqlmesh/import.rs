@@ -20,7 +20,7 @@ use crate::engine::import::{
     Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
     insert_staged, staged_field,
 };
-use crate::engine::json::{compact_utf8_for_parsing, python_dumps};
+use crate::engine::json::{compact_utf8_for_parsing, push_python_dumps, python_dumps};
 use crate::engine::store::{Store, TableLock};
 use crate::engine::tableset::qualified_list;
 
@@ -217,37 +217,70 @@ impl SectionReader for Sections {
     }
 }
 
-/// The snapshots. Reading the document and turning snapshots into rows share the work between
-/// two threads: this one cuts the file into snapshots, a helper builds their rows.
+/// The snapshots, each turned into its rows on a helper thread.
 fn read_snapshots(cursor: Doc, names: &Names, emitter: &mut Emitter) -> Result<(), ScanError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(64);
-    let mut helper_emitter = emitter.fork();
-    let names = names.clone();
-    let helper = std::thread::spawn(move || -> Result<Emitter, String> {
-        for (position, raw) in rx.into_iter().enumerate() {
+    array_on_helper(
+        cursor,
+        emitter,
+        0usize,
+        |position, raw, emitter| {
+            *position += 1;
             // One pass spells the snapshot as SQLMesh stores it (compact, non-ASCII as UTF-8);
             // the parses read that instead of the file's indentation.
-            let invalid = || format!("snapshot #{}: not valid JSON", position + 1);
+            let invalid = || format!("snapshot #{position}: not valid JSON");
             let text = String::from_utf8(raw).map_err(|_| invalid())?;
             let compact = compact_utf8_for_parsing(&text).ok_or_else(invalid)?;
-            let OrderedObject(fields) = serde_json::from_str(&compact)
-                .map_err(|e| format!("snapshot #{}: {e}", position + 1))?;
-            snapshot_rows(&fields, &names, &mut helper_emitter)
-                .map_err(|e| format!("snapshot #{}: {e}", position + 1))?;
-        }
-        Ok(helper_emitter)
+            let OrderedObject(fields) =
+                serde_json::from_str(&compact).map_err(|e| format!("snapshot #{position}: {e}"))?;
+            snapshot_rows(&fields, names, emitter).map_err(|e| format!("snapshot #{position}: {e}"))
+        },
+        |_, _| Ok(()),
+    )
+}
+
+/// Elements go to the helper of [`array_on_helper`] in batches of about this many bytes: a
+/// hand-off per element cost more than a small element takes to turn into text.
+const HANDOFF_BYTES: usize = 64 * 1024;
+
+/// Runs through the array at the cursor: this thread cuts it into elements, a helper thread
+/// hands each to `each` with `state`, then calls `done` (parsing and respelling cost more than
+/// cutting, so the two threads share the work). The helper's rows go out in order.
+fn array_on_helper<S: Send>(
+    cursor: Doc,
+    emitter: &mut Emitter,
+    mut state: S,
+    each: impl Fn(&mut S, Vec<u8>, &mut Emitter) -> Result<(), String> + Send,
+    done: impl FnOnce(S, &mut Emitter) -> Result<(), String> + Send,
+) -> Result<(), ScanError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(16);
+    let mut helper_emitter = emitter.fork();
+    let stopped = || ScanError("the element reader stopped".into());
+    let (read, helped) = std::thread::scope(|scope| {
+        let helper = scope.spawn(move || -> Result<Emitter, String> {
+            for raw in rx.into_iter().flatten() {
+                each(&mut state, raw, &mut helper_emitter)?;
+            }
+            done(state, &mut helper_emitter)?;
+            Ok(helper_emitter)
+        });
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let read = cursor.array(|cursor| {
+            let raw = cursor.raw()?;
+            bytes += raw.len();
+            batch.push(raw);
+            if bytes < HANDOFF_BYTES {
+                return Ok(());
+            }
+            bytes = 0;
+            // A closed channel means the helper failed: its error is the one to report.
+            tx.send(std::mem::take(&mut batch)).map_err(|_| stopped())
+        });
+        let read = read.and_then(|()| tx.send(batch).map_err(|_| stopped()));
+        drop(tx);
+        (read, helper.join())
     });
-    let read = cursor.array(|cursor| {
-        let raw = cursor.raw()?;
-        // A closed channel means the helper failed: its error is the one to report.
-        tx.send(raw)
-            .map_err(|_| ScanError("the snapshot reader stopped".into()))
-    });
-    drop(tx);
-    let helped = helper
-        .join()
-        .map_err(|_| ScanError("the snapshot reader stopped".into()))?;
-    let helper_emitter = helped.map_err(ScanError)?;
+    let helper_emitter = helped.map_err(|_| stopped())?.map_err(ScanError)?;
     read?;
     emitter.absorb(helper_emitter).map_err(ScanError)
 }
@@ -555,32 +588,35 @@ fn read_environment_fields(
         }
         // Elements go in pieces of a bounded size, already joined as `json.dumps` joins a list.
         let section = &names.environment_lists[column];
-        let mut piece = String::new();
         let flush = |piece: &mut String, emitter: &mut Emitter| {
             if piece.is_empty() {
                 return Ok(());
             }
-            emitter
-                .fields(
-                    section,
-                    vec![Some(index.to_owned()), Some(std::mem::take(piece))],
-                )
-                .map_err(ScanError)
+            emitter.fields(
+                section,
+                vec![Some(index.to_owned()), Some(std::mem::take(piece))],
+            )
         };
-        cursor.array(|cursor| {
-            let element = json_text(cursor.raw()?, column)?;
-            serde_json::from_str::<&RawValue>(&element)
-                .map_err(|e| ScanError(format!("an element of {column} is not valid JSON: {e}")))?;
-            if !piece.is_empty() {
-                piece.push_str(", ");
-            }
-            piece.push_str(&python_dumps(&element));
-            if piece.len() >= LIST_PIECE_BYTES {
-                flush(&mut piece, emitter)?;
-            }
-            Ok(())
-        })?;
-        flush(&mut piece, emitter)?;
+        array_on_helper(
+            cursor,
+            emitter,
+            String::new(),
+            |piece, raw, emitter| {
+                let element = String::from_utf8(raw)
+                    .map_err(|_| format!("an element of {column} is not UTF-8"))?;
+                serde_json::from_str::<&RawValue>(&element)
+                    .map_err(|e| format!("an element of {column} is not valid JSON: {e}"))?;
+                if !piece.is_empty() {
+                    piece.push_str(", ");
+                }
+                push_python_dumps(&element, piece);
+                if piece.len() >= LIST_PIECE_BYTES {
+                    flush(piece, emitter)?;
+                }
+                Ok(())
+            },
+            |mut piece, emitter| flush(&mut piece, emitter),
+        )?;
         fields.lists.push(column);
         Ok(())
     })?;
