@@ -278,7 +278,7 @@ pub(crate) async fn import(
     let restore = drop_secondary_structures(&mut tx, schema, &live).await?;
     for (table, columns) in &staged.tables {
         let names: Vec<&str> = columns.iter().map(|(name, _)| name.as_str()).collect();
-        insert_staged(&mut tx, schema, table, table, &names, &[]).await?;
+        insert_staged(&mut tx, schema, table, table, &names, &[], "").await?;
     }
     restore_secondary_structures(&mut tx, &restore).await?;
     catalog::resync_identities(&mut tx, schema).await?;

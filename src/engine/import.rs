@@ -908,7 +908,8 @@ pub(crate) fn staged_field(position: usize) -> String {
 /// Inserts the rows staged under `section` (as `Row::Fields`, whose values are in the order of
 /// `staged`) into `schema.table`. Each text value is converted by its column type's own input
 /// function, so values arrive exactly as written; a column of the table that was not staged gets
-/// its expression from `defaults`, or its default.
+/// its expression from `defaults`, or its default. The staged rows are `x`; `joins` may join
+/// more relations to them for `defaults` to read.
 pub(crate) async fn insert_staged(
     conn: &mut PgConnection,
     schema: &str,
@@ -916,6 +917,7 @@ pub(crate) async fn insert_staged(
     section: &str,
     staged: &[&str],
     defaults: &[(&str, &str)],
+    joins: &str,
 ) -> Result<u64, Error> {
     let columns = catalog::described_columns(conn, schema, table).await?;
     let mut names = Vec::new();
@@ -933,7 +935,7 @@ pub(crate) async fn insert_staged(
         values.push(value);
     }
     let inserted = sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {}.{} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM statekeeper_import x \
+        "INSERT INTO {}.{} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM statekeeper_import x{joins} \
          WHERE x.section = {}",
         quote_ident(schema),
         quote_ident(table),

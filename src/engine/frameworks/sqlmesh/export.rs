@@ -106,54 +106,30 @@ async fn write_snapshots<W: AsyncWrite + Unpin + Send>(
     } else {
         "NULL::bigint".into()
     };
-    let refs = listed_snapshots(store, tx, options).await?;
-    // Snapshots are matched to the listed ones by name and fingerprint; the fingerprint of each
-    // is parsed once, and only keys travel until the chosen rows are read.
-    let hash = |f: &str, hash: &str| format!("{f}->>'{hash}' AS {hash}");
+    let listed = listed_snapshots(store, tx, options).await?;
+    // As SQLMesh's export: the listed snapshots by their ids (name and the identifier of their
+    // fingerprint), each row found by the table's key.
     let sql = format!(
-        "WITH refs AS (
-           SELECT * FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::text[])
-             AS r(name, data_hash, metadata_hash, parent_data_hash, parent_metadata_hash)
-         ), keys AS MATERIALIZED (
-           SELECT s.name, s.identifier, s.version, s.updated_ts, {}, {}, {}, {}
-           FROM {s}._snapshots s, LATERAL (SELECT s.fingerprint::jsonb AS f OFFSET 0) parsed
-         ), picked AS (
-           SELECT DISTINCT ON (k.name, k.identifier) k.name, k.identifier,
-                  COALESCE(k.version, fb.version) AS interval_version
-           FROM keys k
-           JOIN refs ON refs.name = k.name
-                    AND refs.data_hash IS NOT DISTINCT FROM k.data_hash
-                    AND refs.metadata_hash IS NOT DISTINCT FROM k.metadata_hash
-                    AND refs.parent_data_hash IS NOT DISTINCT FROM k.parent_data_hash
-                    AND refs.parent_metadata_hash IS NOT DISTINCT FROM k.parent_metadata_hash
-           LEFT JOIN unnest($2::text[], $3::text[], $4::text[]) AS fb(name, identifier, version)
-                  ON fb.name = k.name AND fb.identifier = k.identifier
-           ORDER BY k.name, k.identifier, k.updated_ts DESC
-         )
-         SELECT s.snapshot, s.identifier, s.updated_ts, s.unpaused_ts, s.unrestorable, s.forward_only,
+        "SELECT s.snapshot, s.identifier, s.updated_ts, s.unpaused_ts, s.unrestorable, s.forward_only,
                 {next_restatement} AS next_auto_restatement_ts,
                 (SELECT COALESCE(json_agg(json_build_array(i.identifier, i.dev_version, i.start_ts, i.end_ts,
                                                            i.is_dev, i.is_removed, i.is_pending_restatement, i.last_altered_ts)
                                           ORDER BY i.created_ts, i.is_removed, i.is_pending_restatement), '[]')::text
-                 FROM {s}._intervals i WHERE i.name = s.name AND i.version = p.interval_version) AS intervals
-         FROM picked p JOIN {s}._snapshots s ON s.name = p.name AND s.identifier = p.identifier
-         ORDER BY p.name, p.identifier",
-        hash("parsed.f", "data_hash"),
-        hash("parsed.f", "metadata_hash"),
-        hash("parsed.f", "parent_data_hash"),
-        hash("parsed.f", "parent_metadata_hash"),
+                 FROM {s}._intervals i
+                 WHERE i.name = s.name AND i.version = COALESCE(s.version, fb.version)) AS intervals
+         FROM unnest($4::text[], $5::text[]) AS ids(name, identifier)
+         JOIN {s}._snapshots s ON s.name = ids.name AND s.identifier = ids.identifier
+         LEFT JOIN unnest($1::text[], $2::text[], $3::text[]) AS fb(name, identifier, version)
+                ON fb.name = s.name AND fb.identifier = s.identifier
+         ORDER BY s.name, s.identifier",
     );
     let mut units: HashMap<String, Unit> = HashMap::new();
     let mut rows = sqlx::query(AssertSqlSafe(sql))
-        .bind(&options.environments)
         .bind(&fallback.0)
         .bind(&fallback.1)
         .bind(&fallback.2)
-        .bind(&refs.names)
-        .bind(&refs.data_hashes)
-        .bind(&refs.metadata_hashes)
-        .bind(&refs.parent_data_hashes)
-        .bind(&refs.parent_metadata_hashes)
+        .bind(&listed.names)
+        .bind(&listed.identifiers)
         .fetch(&mut *tx);
     let mut written = 0u64;
     let mut line = String::with_capacity(64 * 1024);
@@ -179,15 +155,11 @@ async fn write_snapshots<W: AsyncWrite + Unpin + Send>(
     Ok(written)
 }
 
-/// The snapshots the chosen environments list (each once), by name and fingerprint hashes, as
-/// columns to bind.
+/// The ids of the snapshots the chosen environments list (each once), as columns to bind.
 #[derive(Default)]
 struct Listed {
     names: Vec<String>,
-    data_hashes: Vec<Option<String>>,
-    metadata_hashes: Vec<Option<String>>,
-    parent_data_hashes: Vec<Option<String>>,
-    parent_metadata_hashes: Vec<Option<String>>,
+    identifiers: Vec<String>,
 }
 
 /// An element of an environment's list of snapshots: the fields that identify it.
@@ -221,27 +193,11 @@ async fn listed_snapshots(
             ))
         })?;
         for ListedSnapshot { name, fingerprint } in elements {
-            let Fingerprint {
-                data_hash,
-                metadata_hash,
-                parent_data_hash,
-                parent_metadata_hash,
-            } = fingerprint;
-            let key = (
-                name,
-                data_hash,
-                metadata_hash,
-                parent_data_hash,
-                parent_metadata_hash,
-            );
-            if !seen.insert(key.clone()) {
-                continue;
+            let id = (name, fingerprint.to_identifier());
+            if seen.insert(id.clone()) {
+                listed.names.push(id.0);
+                listed.identifiers.push(id.1);
             }
-            listed.names.push(key.0);
-            listed.data_hashes.push(key.1);
-            listed.metadata_hashes.push(key.2);
-            listed.parent_data_hashes.push(key.3);
-            listed.parent_metadata_hashes.push(key.4);
         }
     }
     Ok(listed)
@@ -547,7 +503,9 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
                 Some(text) if text.starts_with('[') => {
                     serde_json::from_str::<serde::de::IgnoredAny>(text)
                         .map_err(|e| unreadable(e.to_string()))?;
-                    let mut piece = format!(",\"{column}\":[").into_bytes();
+                    // Sized once: lists run to megabytes.
+                    let mut piece = Vec::with_capacity(text.len() + column.len() + 8);
+                    piece.extend_from_slice(format!(",\"{column}\":[").as_bytes());
                     let mut cursor = Cursor::new(text.as_bytes());
                     let mut first = true;
                     cursor
