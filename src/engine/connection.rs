@@ -128,11 +128,14 @@ impl ConnectionSettings {
             .map_err(|_| self.timed_out())?
             .map_err(|e| self.classify(sqlx::Error::Io(e)))?;
         }
-        let first = tokio::time::timeout(self.connect_timeout, pool.acquire())
+        let mut first = tokio::time::timeout(self.connect_timeout, pool.acquire())
             .await
             .map_err(|_| self.timed_out())?
             .map_err(|e| self.classify(e))?;
-        drop(first);
+        // Back into the pool before the caller asks for a connection: dropping it returns it on
+        // a task of its own, and a caller quicker than that task got a second connection opened
+        // (a backend started and authenticated for nothing).
+        first.return_to_pool().await;
         Ok(pool)
     }
 

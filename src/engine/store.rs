@@ -536,11 +536,12 @@ impl Store {
     pub(crate) async fn begin_snapshot(&self) -> Result<Transaction<'static, Postgres>, Error> {
         let mut relisted = 0;
         loop {
-            let tables = {
-                let mut conn = self.pool.acquire().await?;
-                self.tables(&mut conn).await?
-            };
-            let mut tx = self.pool.begin().await?;
+            // Listed before the transaction (its first query takes the snapshot), on the
+            // connection it then runs on: one just dropped goes back to the pool on a task of its
+            // own, and asking the pool before that task ran opened a second connection.
+            let mut conn = self.pool.acquire().await?;
+            let tables = self.tables(&mut conn).await?;
+            let mut tx = sqlx::Transaction::begin(conn, None).await?;
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 .execute(&mut *tx)
                 .await?;

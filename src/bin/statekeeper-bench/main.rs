@@ -385,6 +385,7 @@ async fn run(cli: Cli) -> BenchResult<()> {
             let started = Instant::now();
             store.generate(&shape.options()).await?;
             let generated = started.elapsed();
+            vacuum_store(&url, &target.schema).await?;
             let mut conn = PgConnection::connect(&url).await?;
             let schema = SchemaName::new(&target.schema)?.quoted();
             let unreferenced: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
@@ -745,6 +746,13 @@ async fn generated_store(
             ..GenerateOptions::default()
         })
         .await?;
+    vacuum_store(url, schema).await?;
+    Ok(store)
+}
+
+/// Vacuums and analyses every table of `schema`, as a store in use has been (see
+/// [`generated_store`]).
+async fn vacuum_store(url: &str, schema: &str) -> BenchResult<()> {
     let mut conn = PgConnection::connect(url).await?;
     let tables = schema_tables(&mut conn, schema).await?;
     sqlx::query(AssertSqlSafe(format!(
@@ -753,7 +761,7 @@ async fn generated_store(
     )))
     .execute(&mut conn)
     .await?;
-    Ok(store)
+    Ok(())
 }
 
 /// The tables of `schema`, qualified and quoted.

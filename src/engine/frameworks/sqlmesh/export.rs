@@ -17,7 +17,6 @@ use super::{Fingerprint, OrderedObject, SNAPSHOT_FIELDS};
 use crate::engine::Error;
 use crate::engine::catalog;
 use crate::engine::export::{ExportOptions, ExportReport, Output, refuse_unknown_environments};
-use crate::engine::jsonscan::Cursor;
 use crate::engine::store::Store;
 
 /// `metadata`, with SQLMesh's fields in SQLMesh's order.
@@ -501,23 +500,18 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
             match list.as_deref().map(str::trim_start) {
                 // Each element as stored, in order (checked as JSON first: nothing else reads it).
                 Some(text) if text.starts_with('[') => {
-                    serde_json::from_str::<serde::de::IgnoredAny>(text)
-                        .map_err(|e| unreadable(e.to_string()))?;
+                    // One parse checks the list and finds its elements, each written as stored.
+                    let elements: Vec<&RawValue> =
+                        serde_json::from_str(text).map_err(|e| unreadable(e.to_string()))?;
                     // Sized once: lists run to megabytes.
                     let mut piece = Vec::with_capacity(text.len() + column.len() + 8);
                     piece.extend_from_slice(format!(",\"{column}\":[").as_bytes());
-                    let mut cursor = Cursor::new(text.as_bytes());
-                    let mut first = true;
-                    cursor
-                        .array(|cursor| {
-                            if !first {
-                                piece.push(b',');
-                            }
-                            first = false;
-                            piece.extend_from_slice(&cursor.raw()?);
-                            Ok(())
-                        })
-                        .map_err(|e| unreadable(e.to_string()))?;
+                    for (i, element) in elements.iter().enumerate() {
+                        if i > 0 {
+                            piece.push(b',');
+                        }
+                        piece.extend_from_slice(element.get().as_bytes());
+                    }
                     piece.push(b']');
                     out.write(&piece).await?;
                 }
