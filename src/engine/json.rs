@@ -24,7 +24,8 @@ pub fn minify(text: &str) -> String {
 /// compact text reads fewer bytes than parsing the indented one.
 pub fn compact_utf8_for_parsing(text: &str) -> Option<String> {
     let mut joined = false;
-    let compact = respace_checked(text, false, NonAscii::Raw, &mut joined);
+    let mut compact = String::with_capacity(text.len());
+    respace_into(text, false, NonAscii::Raw, &mut joined, &mut compact);
     (!joined).then_some(compact)
 }
 
@@ -40,7 +41,9 @@ pub fn push_python_dumps(text: &str, out: &mut String) {
 }
 
 fn respace(text: &str, spaced: bool, non_ascii: NonAscii) -> String {
-    respace_checked(text, spaced, non_ascii, &mut false)
+    let mut out = String::with_capacity(text.len() + text.len() / 8);
+    respace_into(text, spaced, non_ascii, &mut false, &mut out);
+    out
 }
 
 /// A byte of a literal or a number.
@@ -48,13 +51,8 @@ fn in_token(byte: Option<u8>) -> bool {
     byte.is_some_and(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-'))
 }
 
-/// [`respace`], setting `joined` when a run of whitespace it removes stood between two tokens.
-fn respace_checked(text: &str, spaced: bool, non_ascii: NonAscii, joined: &mut bool) -> String {
-    let mut out = String::with_capacity(text.len() + text.len() / 8);
-    respace_into(text, spaced, non_ascii, joined, &mut out);
-    out
-}
-
+/// [`respace`], appended to `out`, setting `joined` when a run of whitespace it removes stood
+/// between two tokens.
 fn respace_into(
     text: &str,
     spaced: bool,

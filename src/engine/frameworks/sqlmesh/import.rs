@@ -140,6 +140,52 @@ fn list_section(column: &str) -> String {
     format!("{ENVIRONMENTS}.{column}")
 }
 
+/// How the environments' insert reads their lists: joined from their staged pieces as
+/// `json.dumps` joins a list, each list by one aggregate over its pieces.
+struct EnvironmentLists {
+    /// Per list column, its value: the joined list or, where the file had none, `[]` for
+    /// `snapshots` and NULL for the others.
+    columns: Vec<(&'static str, String)>,
+    /// The aggregates, joined to the staged environments (`x`).
+    joins: String,
+}
+
+impl EnvironmentLists {
+    fn sql() -> Self {
+        let environment_index =
+            staged_field(staged_position(ENVIRONMENT_COLUMNS, "environment_index"));
+        let mut lists = Self {
+            columns: Vec::new(),
+            joins: String::new(),
+        };
+        for (i, column) in LIST_COLUMNS.iter().enumerate() {
+            lists.joins.push_str(&format!(
+                " LEFT JOIN (SELECT f1 AS environment, string_agg(f2, ', ' ORDER BY seq) AS items \
+                 FROM statekeeper_import WHERE section = {} GROUP BY f1) l{i} \
+                 ON l{i}.environment = x.{environment_index}",
+                quote_literal(&list_section(column)),
+            ));
+            let listed = staged_field(staged_position(
+                ENVIRONMENT_COLUMNS,
+                &format!("{column}_listed"),
+            ));
+            let missing = if *column == "snapshots" {
+                "'[]'"
+            } else {
+                "NULL"
+            };
+            lists.columns.push((
+                *column,
+                format!(
+                    "CASE WHEN x.{listed} = 'true' THEN '[' || COALESCE(l{i}.items, '') || ']' \
+                     ELSE {missing} END"
+                ),
+            ));
+        }
+        lists
+    }
+}
+
 /// Shared section names, and the one time stamp every interval row of this import is created
 /// at.
 #[derive(Clone)]
@@ -856,6 +902,7 @@ pub(crate) async fn import(
     )))
     .execute(&mut *tx)
     .await?;
+    let lists = EnvironmentLists::sql();
     for (table, staged_columns) in [
         (SNAPSHOTS, SNAPSHOT_COLUMNS),
         (INTERVALS, INTERVAL_COLUMNS),
@@ -879,40 +926,14 @@ pub(crate) async fn import(
             }
             continue;
         }
-        // Environments take their lists, joined from their staged pieces as `json.dumps` joins
-        // a list, each list by one aggregate over its pieces.
-        let environment_index =
-            staged_field(staged_position(ENVIRONMENT_COLUMNS, "environment_index"));
-        let mut joins = String::new();
-        let mut lists = Vec::new();
-        for (i, column) in LIST_COLUMNS.iter().enumerate() {
-            joins.push_str(&format!(
-                " LEFT JOIN (SELECT f1 AS environment, string_agg(f2, ', ' ORDER BY seq) AS items \
-                 FROM statekeeper_import WHERE section = {} GROUP BY f1) l{i} \
-                 ON l{i}.environment = x.{environment_index}",
-                quote_literal(&list_section(column)),
-            ));
-            let listed = staged_field(staged_position(
-                ENVIRONMENT_COLUMNS,
-                &format!("{column}_listed"),
-            ));
-            let missing = if *column == "snapshots" {
-                "'[]'"
-            } else {
-                "NULL"
-            };
-            lists.push((
-                *column,
-                format!(
-                    "CASE WHEN x.{listed} = 'true' THEN '[' || COALESCE(l{i}.items, '') || ']' \
-                     ELSE {missing} END"
-                ),
-            ));
-        }
         let (defaults, joins): (Vec<(&str, &str)>, &str) = match table {
             ENVIRONMENTS => (
-                lists.iter().map(|(c, e)| (*c, e.as_str())).collect(),
-                &joins,
+                lists
+                    .columns
+                    .iter()
+                    .map(|(c, e)| (*c, e.as_str()))
+                    .collect(),
+                &lists.joins,
             ),
             _ => (Vec::new(), ""),
         };
