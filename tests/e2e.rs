@@ -410,7 +410,8 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
     );
     assert!(!refused.status.success(), "the spec changed");
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("immutable except spec.approval"),
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("spec.backup is immutable (only spec.approval may change)"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );

@@ -700,3 +700,93 @@ async fn an_attempt_interrupted_by_an_operator_restart_is_retried_or_counted() {
     assert!(!dir.join("y.json").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Retention keeps the newest runs, whatever their names: a run-now child
+/// (`<parent>-now-<hash>`) sorts after every timestamped child by name, and ordering by name
+/// deleted the newest backups right after they succeeded while the oldest survived.
+#[tokio::test]
+async fn retention_keeps_the_newest_runs_when_scheduled_and_run_now_children_mix() {
+    let db = TestDb::new().await;
+    let h = s3_harness(&db).await;
+    let bucket = s3::bucket().await;
+    h.kube.put(
+        &export_path("nightly"),
+        schedule_object(
+            &bucket,
+            json!({"spec": {"retention": {"keepLast": 1, "keepFailed": 0}}}),
+        ),
+    );
+    // (time, run-now token, the child that run makes)
+    let runs = [
+        (
+            "2026-11-21T02:00:01Z",
+            None,
+            "nightly-20261121020000".to_owned(),
+        ),
+        (
+            "2026-11-21T10:00:00Z",
+            Some("a"),
+            run_now_child_name("nightly", "a"),
+        ),
+        (
+            "2026-11-22T02:00:01Z",
+            Some("a"),
+            "nightly-20261122020000".to_owned(),
+        ),
+        (
+            "2026-11-22T10:00:00Z",
+            Some("b"),
+            run_now_child_name("nightly", "b"),
+        ),
+        (
+            "2026-11-23T02:00:01Z",
+            Some("b"),
+            "nightly-20261123020000".to_owned(),
+        ),
+    ];
+    let mut pruned = Vec::new();
+    for (time, token, newest) in &runs {
+        if let Some(token) = token {
+            h.patch(
+                &export_path("nightly"),
+                json!({"metadata": {"annotations": { RUN_NOW_ANNOTATION: token }}}),
+            );
+        }
+        at(&h.ctx, time);
+        h.reconcile_export("nightly").await;
+        run_children(&h).await;
+        let (_, parent) = h.reconcile_export("nightly").await;
+        assert_eq!(
+            child_names(&h),
+            vec![newest.clone()],
+            "after the run at {time} only its own child is kept"
+        );
+        let status = parent.status.unwrap();
+        assert_eq!(
+            status.last_successful_export.as_deref(),
+            Some(newest.as_str())
+        );
+        assert_eq!(
+            s3::keys(&bucket).await,
+            vec![format!("nightly/{newest}.json.zst")],
+            "the kept child's file is the one left"
+        );
+        pruned.push(newest.clone());
+    }
+    // Each pruned child has an Event of its own that names it (not one series of the first).
+    let notes: Vec<String> = h
+        .kube
+        .events(NS)
+        .iter()
+        .filter(|e| e["reason"] == "ExportPruned")
+        .map(|e| e["note"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    pruned.pop();
+    assert_eq!(notes.len(), pruned.len(), "{notes:?}");
+    for name in &pruned {
+        assert!(
+            notes.iter().any(|n| n.contains(&format!("\"{name}\""))),
+            "no ExportPruned Event names {name}: {notes:?}"
+        );
+    }
+}

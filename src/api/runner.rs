@@ -26,6 +26,7 @@ pub struct Runner {
     pub args: Vec<String>,
     /// Directory the command runs in (the project directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
     pub working_dir: Option<String>,
     /// Further environment variables (the connection variables are added by the operator).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -36,10 +37,15 @@ pub struct Runner {
     pub env_from: Vec<EnvFromSource>,
     /// ServiceAccount the Job's pod runs as (default: the namespace's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub service_account_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
     pub node_selector: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]

@@ -59,6 +59,20 @@ pub fn child_url(folder: &str, child: &str, compression: Compression) -> String 
     file_url(&folder, child, compression)
 }
 
+/// Orders children oldest run first: by creation, then by the time they were created for (two
+/// children of one second), then by name. Never by name alone: a run-now child
+/// (`<parent>-now-<hash>`) sorts after every timestamped one whenever it was made.
+fn sort_by_run(children: &mut [StateExport]) {
+    children.sort_by_cached_key(|c| {
+        let created = c.meta().creation_timestamp.as_ref().map(|t| t.0);
+        let scheduled_at: Option<Timestamp> = c
+            .annotations()
+            .get(SCHEDULED_AT_ANNOTATION)
+            .and_then(|t| t.parse().ok());
+        (created, scheduled_at, c.name_any())
+    });
+}
+
 fn is_finished(child: &StateExport) -> bool {
     matches!(phase_of(child), Some(PHASE_SUCCEEDED | PHASE_FAILED))
 }
@@ -144,7 +158,7 @@ pub async fn reconcile(
                 .any(|o| Some(&o.uid) == uid.as_ref())
         })
         .collect();
-    children.sort_by_key(|c| c.name_any());
+    sort_by_run(&mut children);
 
     let created: Timestamp = export
         .meta()
@@ -245,7 +259,7 @@ pub async fn reconcile(
             .flatten();
         let child = create_child(&ctx, &api, &export, at, trigger, token.as_deref()).await?;
         children.push(child);
-        children.sort_by_key(|c| c.name_any());
+        sort_by_run(&mut children);
     }
 
     let retention = spec.retention.clone().unwrap_or_default();
@@ -404,6 +418,7 @@ async fn prune(
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
+        let pruned = child.object_ref(&());
         children.retain(|c| c.name_any() != name);
         ctx.publish(
             &Event {
@@ -413,7 +428,7 @@ async fn prune(
                     "deleted StateExport \"{name}\" and {url} (retention)"
                 )),
                 action: "Prune".into(),
-                secondary: None,
+                secondary: Some(pruned),
             },
             parent,
         )

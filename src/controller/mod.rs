@@ -1,6 +1,7 @@
 //! The operator: one reconciler per resource, sharing a context (client, events, pools).
 
 pub mod conditions;
+pub mod events;
 pub mod export_schedule;
 pub mod runner;
 pub mod schedule;
@@ -22,7 +23,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::Controller;
-use kube::runtime::events::{Event, Recorder, Reporter};
+use kube::runtime::events::Event;
 use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Client};
 
@@ -156,7 +157,7 @@ impl Default for Settings {
 /// Shared by every reconcile call.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: events::EventPublisher,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pools: PoolCache,
@@ -167,12 +168,12 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, settings: Settings) -> Self {
-        let reporter = Reporter {
-            controller: "statekeeper".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: events::EventPublisher::new(
+                client.clone(),
+                "statekeeper",
+                std::env::var("POD_NAME").ok(),
+            ),
             client,
             pools: PoolCache::new(
                 settings.max_db_connections,
@@ -221,9 +222,8 @@ impl Context {
     }
 
     /// Like [`Context::notify`], for one occurrence of something that repeats (a janitor run, an
-    /// export attempt). kube's recorder folds Events of one reason into a series that keeps the
-    /// first note; naming the occurrence (as the related object's field path) gives each its own
-    /// Event with its own note.
+    /// export attempt), named as the related object's field path: two occurrences that happen to
+    /// say the same are still two Events, not a series.
     pub async fn notify_occurrence(
         &self,
         reference: &ObjectReference,
@@ -248,7 +248,7 @@ impl Context {
 
     /// Events are best effort: a refused event must not fail the reconcile that caused it.
     pub async fn publish(&self, event: &Event, reference: &ObjectReference) {
-        if let Err(error) = self.recorder.publish(event, reference).await {
+        if let Err(error) = self.events.publish(event, reference).await {
             tracing::warn!(%error, reason = %event.reason, "could not publish event");
         }
     }

@@ -417,7 +417,7 @@ async fn handle_request(
             object["metadata"]["name"] = json!(name);
             object["metadata"]["resourceVersion"] = json!(rv);
             object["metadata"]["uid"] = json!(format!("uid-{rv}"));
-            object["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+            object["metadata"]["creationTimestamp"] = json!(created_at(&rv));
             state.record(&key, "ADDED", &object);
             state.objects.insert(key, object.clone());
             respond(StatusCode::CREATED, &object)
@@ -476,7 +476,7 @@ async fn handle_request(
                     let mut object = parsed;
                     object["metadata"]["resourceVersion"] = json!(rv);
                     object["metadata"]["uid"] = json!(format!("uid-{rv}"));
-                    object["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+                    object["metadata"]["creationTimestamp"] = json!(created_at(&rv));
                     state.record(&object_path, "ADDED", &object);
                     state.objects.insert(object_path, object.clone());
                     return respond(StatusCode::CREATED, &object);
@@ -543,4 +543,13 @@ async fn handle_request(
             method.to_string(),
         ),
     }
+}
+
+/// Objects created later carry a later creationTimestamp, as on an API server (one second per
+/// resource version, so that order by creation is never a tie).
+fn created_at(resource_version: &str) -> String {
+    let seconds: i64 = resource_version.parse().unwrap_or_default();
+    (chrono::DateTime::<chrono::Utc>::from_timestamp(1_767_225_600, 0).unwrap_or_default()
+        + chrono::Duration::seconds(seconds))
+    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }

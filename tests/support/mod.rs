@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod azure;
+pub mod cel_cost;
 pub mod fake_kube;
 pub mod meltano;
 pub mod operator;
