@@ -520,3 +520,39 @@ async fn scheduled_janitor_honours_deadline_suspend_and_reports_failures() {
         )
     );
 }
+
+/// Events that say different things stay different Events; the same Event again is counted in
+/// its series (kube's recorder folded every Event of one reason into the first one's series,
+/// so that "deleted a" and "deleted b" read as "deleted a", seen twice).
+#[tokio::test]
+async fn events_of_different_text_are_never_folded_into_one_series() {
+    let h = Harness::new();
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        kind: Some("StateExport".into()),
+        namespace: Some(NS.into()),
+        name: Some("nightly".into()),
+        uid: Some("uid-1".into()),
+        ..Default::default()
+    };
+    let normal = kube::runtime::events::EventType::Normal;
+    for note in ["deleted \"a\"", "deleted \"b\"", "deleted \"b\""] {
+        h.ctx
+            .notify(&regarding, normal, "ExportPruned", "Prune", note)
+            .await;
+    }
+    let events = h.kube.events(NS);
+    let notes: Vec<(&str, i64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["note"].as_str().unwrap_or_default(),
+                e["series"]["count"].as_i64().unwrap_or(1),
+            )
+        })
+        .collect();
+    assert_eq!(
+        notes,
+        vec![("deleted \"a\"", 1), ("deleted \"b\"", 2)],
+        "{events:?}"
+    );
+}
