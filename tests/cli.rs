@@ -582,7 +582,12 @@ async fn run_with_backup_restores_the_store_when_the_command_fails() {
             "state", "--schema", "sqlmesh", "run", "--backup", "--", "sh", "-c", &script,
         ],
     );
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the command's own status: {}",
+        stderr(&out)
+    );
     let text = stdout(&out);
     assert!(text.contains("failed with exit status 3"), "{text}");
     assert!(text.contains("restored backup"), "{text}");
@@ -649,4 +654,147 @@ async fn run_with_backup_restores_the_store_when_the_command_fails() {
         ],
     ));
     assert!(err.contains("cannot run `no-such-command-here`"), "{err}");
+}
+
+/// A pid a test's command wrote into `file` (waiting for it to be written).
+fn pid_in(file: &std::path::Path) -> i32 {
+    for _ in 0..500 {
+        if let Some(pid) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return pid;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("{} was never written", file.display());
+}
+
+fn is_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// `state run --backup` restores only after every process the command started has ended: a
+/// wrapper script's child that writes to the store when it is stopped, and a daemon that left
+/// the command's process group, are stopped and waited for first; nothing is left running; and
+/// statekeeper exits with the command's own status.
+#[tokio::test]
+async fn run_restores_only_after_every_process_the_command_started_has_ended() {
+    let db = TestDb::new().await;
+    let url = &db.url;
+    let store = db.store("sqlmesh").await;
+    store.init(None).await.unwrap();
+    support::populate_v3(&mut db.conn().await, "sqlmesh").await;
+    let before = support::snapshot(&mut db.conn().await, "sqlmesh").await;
+    let bin = env!("CARGO_BIN_EXE_statekeeper");
+    let dir = support::operator::temp_dir("run-group");
+    let (writer, daemon) = (dir.join("writer.pid"), dir.join("daemon.pid"));
+
+    // The wrapper starts a child that, when stopped, wipes the store on its way out (as a
+    // SQLMesh child deleting environments did), and a daemon in a session of its own; then it
+    // fails. Restoring before they end would leave the store wiped.
+    let script = format!(
+        "echo from-the-command; sh -c 'echo $$ > {writer}; trap \"{bin} state reset --allow-reset --auto-approve >&2; exit 0\" TERM; \
+         while :; do sleep 0.05; done' & \
+         setsid sh -c 'echo $$ > {daemon}; exec sleep 600' & \
+         while [ ! -s {writer} ] || [ ! -s {daemon} ]; do sleep 0.05; done; exit 3",
+        writer = writer.display(),
+        daemon = daemon.display(),
+    );
+    let out = statekeeper(
+        url,
+        &[
+            "state", "--schema", "sqlmesh", "-o", "json", "run", "--backup", "--", "sh", "-c",
+            &script,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("only the report on stdout");
+    assert!(
+        stderr(&out).contains("from-the-command"),
+        "the command's output goes to stderr"
+    );
+    assert_eq!(
+        report["outcome"],
+        serde_json::json!({"kind": "failed", "code": 3})
+    );
+    // The writer, the daemon, and whatever they run at that moment (a `sleep`).
+    assert!(report["stoppedProcesses"].as_u64() >= Some(2), "{report}");
+    assert!(report["restored"].is_object(), "{report}");
+    for pid in [pid_in(&writer), pid_in(&daemon)] {
+        assert!(
+            !is_alive(pid),
+            "process {pid} the command started is still running"
+        );
+    }
+    let mut after = support::snapshot(&mut db.conn().await, "sqlmesh").await;
+    after.remove("state_migration_events");
+    let mut expected = before.clone();
+    expected.remove("state_migration_events");
+    assert_eq!(after, expected, "the late write was undone by the restore");
+
+    // The command's exit status, or 128 + N when a signal N ended it.
+    for (script, code) in [("exit 7", 7), ("kill -KILL $$", 137)] {
+        let out = statekeeper(
+            url,
+            &[
+                "state", "--schema", "sqlmesh", "run", "--", "sh", "-c", script,
+            ],
+        );
+        assert_eq!(out.status.code(), Some(code), "{script}: {}", stderr(&out));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// SIGTERM to statekeeper stops the command and everything it started, waits for them, restores,
+/// and exits 143 (128 + SIGTERM).
+#[tokio::test]
+async fn run_interrupted_by_sigterm_stops_the_command_waits_and_restores() {
+    let db = TestDb::new().await;
+    let url = &db.url;
+    let store = db.store("sqlmesh").await;
+    store.init(None).await.unwrap();
+    support::populate_v3(&mut db.conn().await, "sqlmesh").await;
+    let before = support::snapshot(&mut db.conn().await, "sqlmesh").await;
+    let bin = env!("CARGO_BIN_EXE_statekeeper");
+    let dir = support::operator::temp_dir("run-term");
+    let child = dir.join("child.pid");
+    // The command wipes the store, then waits; its child outlives it unless stopped.
+    let script = format!(
+        "{bin} state reset --allow-reset --auto-approve >&2; \
+         sh -c 'echo $$ > {child}; exec sleep 600' & wait",
+        child = child.display()
+    );
+    let running = Command::new(bin)
+        .args([
+            "state", "--schema", "sqlmesh", "run", "--backup", "--", "sh", "-c", &script,
+        ])
+        .env("STATEKEEPER_DATABASE_URL", url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = pid_in(&child);
+    // SAFETY: signals the statekeeper process this test started.
+    unsafe {
+        libc::kill(running.id() as i32, libc::SIGTERM);
+    }
+    let out = running.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("interrupted by signal 15"), "{text}");
+    assert!(
+        text.contains("the store is as it was before the command"),
+        "{text}"
+    );
+    assert!(!is_alive(pid), "the command's child is still running");
+    let mut after = support::snapshot(&mut db.conn().await, "sqlmesh").await;
+    after.remove("state_migration_events");
+    let mut expected = before;
+    expected.remove("state_migration_events");
+    assert_eq!(after, expected);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

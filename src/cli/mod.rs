@@ -127,7 +127,8 @@ enum StateCommand {
     /// Run a command (e.g. `sqlmesh migrate`) with the store's connection in its environment
     /// (STATEKEEPER_DATABASE_URL, STATEKEEPER_SCHEMA and PGHOST, PGPORT, PGDATABASE, PGUSER,
     /// PGPASSWORD). With --backup: back up first, and restore the backup when the command exits
-    /// non-zero or statekeeper is interrupted.
+    /// non-zero or statekeeper is interrupted, after every process it started has ended. Exits
+    /// with the command's status (128+N for signal N).
     Run(RunArgs),
 }
 
@@ -372,12 +373,8 @@ pub async fn run_state(args: StateArgs) -> ExitCode {
         .and_then(crate::engine::connection::password_in_url)
         .unwrap_or_default();
     match execute(&args).await {
-        Ok((rendered, succeeded)) => {
-            let code = if succeeded {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            };
+        Ok((rendered, status)) => {
+            let code = ExitCode::from(status);
             // Empty when the command's output was data on stdout (export --to -).
             if rendered.is_empty() {
                 return code;
@@ -407,9 +404,9 @@ pub async fn run_state(args: StateArgs) -> ExitCode {
     }
 }
 
-/// The rendered report, and whether the command succeeded (`state run` reports a failed command
-/// and still exits non-zero).
-async fn execute(args: &StateArgs) -> Result<(String, bool), Error> {
+/// The rendered report, and the exit status (`state run` reports a failed command and exits
+/// with its status).
+async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
     let schema = SchemaName::new(
         args.schema
             .as_deref()
@@ -549,10 +546,10 @@ async fn execute(args: &StateArgs) -> Result<(String, bool), Error> {
         StateCommand::Run(run) => {
             let env = run_environment(url, &store);
             let report = store.run_guarded(&run.command, &env, run.backup).await?;
-            return Ok((output::run(&report, json), report.succeeded()));
+            return Ok((output::run(&report, json), report.outcome.exit_code()));
         }
     };
-    Ok((rendered, true))
+    Ok((rendered, 0))
 }
 
 async fn plan_operation(

@@ -353,14 +353,14 @@ pub fn run(r: &crate::engine::RunReport, json: bool) -> String {
     let command = r.command.join(" ");
     let outcome = match &r.outcome {
         crate::engine::RunOutcome::Succeeded => format!("`{command}` succeeded"),
-        crate::engine::RunOutcome::Failed { code: Some(code) } => {
+        crate::engine::RunOutcome::Failed { code } => {
             format!("`{command}` failed with exit status {code}")
         }
-        crate::engine::RunOutcome::Failed { code: None } => {
-            format!("`{command}` was killed by a signal")
+        crate::engine::RunOutcome::Killed { signal } => {
+            format!("`{command}` was killed by signal {signal}")
         }
-        crate::engine::RunOutcome::Interrupted => {
-            format!("interrupted: `{command}` was stopped")
+        crate::engine::RunOutcome::Interrupted { signal } => {
+            format!("interrupted by signal {signal}: `{command}` was stopped")
         }
     };
     let mut out = format!(
@@ -369,6 +369,13 @@ pub fn run(r: &crate::engine::RunReport, json: bool) -> String {
         r.from_version,
         r.to_version
     );
+    if r.stopped_processes > 0 {
+        out.push_str(&format!(
+            "\n  stopped {} process{} the command had started and left running",
+            r.stopped_processes,
+            if r.stopped_processes == 1 { "" } else { "es" }
+        ));
+    }
     match (&r.backup, &r.restored) {
         (Some(backup), Some(restored)) => out.push_str(&format!(
             "\n  restored backup {} ({} rows): the store is as it was before the command{}",

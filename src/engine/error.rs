@@ -99,6 +99,19 @@ pub enum Error {
     #[error("{0}")]
     InvalidOperation(String),
 
+    #[error(
+        "{} processes started by `{command}` could not be stopped (pids {}); the store was not \
+         restored while they may still write to it{}",
+        .pids.len(),
+        .pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
+        .backup.as_ref().map(|id| format!(": once they are gone, restore it with `statekeeper state rollback --backup-id {id}`")).unwrap_or_default()
+    )]
+    CommandStillRunning {
+        command: String,
+        pids: Vec<i32>,
+        backup: Option<String>,
+    },
+
     #[error("reset refused: {0}")]
     ResetRefused(String),
 
@@ -201,6 +214,7 @@ impl Error {
             Error::UnknownTargetVersion { .. } => "UnknownTargetVersion",
             Error::DowngradeRefused { .. } => "DowngradeRefused",
             Error::InvalidOperation(_) => "InvalidOperation",
+            Error::CommandStillRunning { .. } => "CommandStillRunning",
             Error::ResetRefused(_) => "ResetRefused",
             Error::NoBackups { .. } => "NoBackups",
             Error::BackupNotFound { .. } => "BackupNotFound",
