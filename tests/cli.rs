@@ -466,6 +466,7 @@ async fn export_and_import_through_files_and_pipes() {
 #[tokio::test]
 async fn a_closed_stdout_ends_quietly() {
     let db = TestDb::new().await;
+    db.store("statekeeper").await.init(None).await.unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_statekeeper"))
         .args(["state", "status", "--output", "json"])
         .env("STATEKEEPER_DATABASE_URL", &db.url)

@@ -556,3 +556,29 @@ async fn events_of_different_text_are_never_folded_into_one_series() {
         "{events:?}"
     );
 }
+
+/// A StateStore whose framework is not the one whose state the database holds says so in its
+/// conditions, naming the spec fields to use, and creates nothing: a statekeeper store does not
+/// initialise its schema beside another framework's store.
+#[tokio::test]
+async fn a_store_of_the_wrong_framework_says_which_one_the_database_holds() {
+    let db = TestDb::new().await;
+    db.store("analytics").await.init(None).await.unwrap();
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    let (_, store) = h
+        .reconcile(&store_for(
+            &db,
+            "lake",
+            json!({"framework": "meltano", "schema": "public"}),
+        ))
+        .await;
+    let (ready, reason, message) = condition(&store, "Ready");
+    assert_eq!((ready, reason), ("False", "WrongFramework"));
+    assert!(
+        message.contains("statekeeper state in schema \"analytics\"")
+            && message.contains("spec.framework: statekeeper, spec.schema: analytics"),
+        "{message}"
+    );
+    assert_eq!(condition(&store, "Stalled").0, "True", "{store:?}");
+}

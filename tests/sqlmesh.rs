@@ -176,8 +176,68 @@ async fn status_reports_sqlmesh_versions_and_counts_and_refuses_what_sqlmesh_own
     let wrong = db.store("sqlmesh").await.status().await.unwrap_err();
     assert_eq!(wrong.reason(), "WrongFramework");
     assert!(wrong.to_string().contains("--framework sqlmesh"), "{wrong}");
-    let ours = db.store("state").await;
-    ours.init(None).await.unwrap();
+    // On SQLMesh's database, a command without --framework acts on nothing: status and init name
+    // the flag to add (a `statekeeper` schema created here would protect nothing), and a
+    // schema that does not exist is an error that says where the state is.
+    let default = db.store("statekeeper").await;
+    let wrong = default.status().await.unwrap_err();
+    assert_eq!(wrong.reason(), "WrongFramework");
+    assert!(
+        wrong
+            .to_string()
+            .contains("SQLMesh state in schema \"sqlmesh\"")
+            && wrong.to_string().contains("--framework sqlmesh"),
+        "{wrong}"
+    );
+    for args in [
+        vec!["state", "status"],
+        vec!["state", "init"],
+        vec!["state", "run", "--backup", "--", "true"],
+        vec!["state", "backup"],
+    ] {
+        let out = cli(&db.url, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("use --framework sqlmesh"), "{args:?}: {err}");
+    }
+    let refused = default.init(None).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("--framework sqlmesh")
+            && refused.to_string().contains("state init --force"),
+        "{refused}"
+    );
+    let out = cli(
+        &db.url,
+        &[
+            "state",
+            "status",
+            "--framework",
+            "sqlmesh",
+            "--schema",
+            "sqlmsh",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "a typo is not an empty store");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("schema \"sqlmsh\" does not exist")
+            && err.contains("SQLMesh state in schema \"sqlmesh\" (--framework sqlmesh)"),
+        "{err}"
+    );
+    assert!(
+        !support::schemas(&mut db.conn().await)
+            .await
+            .iter()
+            .any(|s| s.starts_with("statekeeper") || s.starts_with("sqlmsh")),
+        "nothing was created"
+    );
+    // Asked for explicitly, statekeeper's own schema can live beside SQLMesh's.
+    let out = cli(&db.url, &["state", "init", "--schema", "state", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let wrong = db
         .store("state")
         .await

@@ -81,8 +81,13 @@ enum StateCommand {
         /// Stop at this schema version instead of the latest.
         #[arg(long)]
         target_version: Option<i32>,
+        /// Create statekeeper's schema even in a database that holds another framework's state
+        /// store (SQLMesh, Meltano); without it, init refuses and names the --framework to use.
+        #[arg(long)]
+        force: bool,
     },
-    /// Show the store's versions, pending migrations, row counts and backups.
+    /// Show the store's versions, pending migrations, row counts and backups (exits 1 when its
+    /// schema does not exist).
     Status,
     /// Take a backup now (before running `sqlmesh migrate` or any risky command by hand); prints
     /// its id, which `rollback --backup-id` restores.
@@ -434,10 +439,24 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
         .with_lock_timeout(std::time::Duration::from_secs(args.lock_timeout));
     let json = args.output == OutputFormat::Json;
     let rendered = match &args.command {
-        StateCommand::Init { target_version } => {
-            output::init(&store.init(*target_version).await?, json)
+        StateCommand::Init {
+            target_version,
+            force,
+        } => output::init(
+            &store
+                .clone()
+                .beside_other_frameworks(*force)
+                .init(*target_version)
+                .await?,
+            json,
+        ),
+        StateCommand::Status => {
+            let report = store.status().await?;
+            if !report.schema_exists {
+                return Err(store.schema_not_found().await);
+            }
+            output::status(&report, json)
         }
-        StateCommand::Status => output::status(&store.status().await?, json),
         StateCommand::Backup => output::backup(&store.backup().await?, json),
         StateCommand::Upgrade { target_version } => {
             output::upgrade(&store.upgrade(*target_version).await?, json)

@@ -45,6 +45,26 @@ pub async fn schema_exists(conn: &mut PgConnection, schema: &str) -> Result<bool
     )
 }
 
+/// (table, schema) of every base table named one of `names`, in any schema but PostgreSQL's own
+/// and statekeeper's backups. Looked up by name (indexed), however many schemas there are.
+pub async fn find_tables(
+    conn: &mut PgConnection,
+    names: &[&str],
+) -> Result<Vec<(String, String)>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT c.relname::text, n.nspname::text FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relname = ANY($1::text[]) AND c.relkind IN ('r', 'p') \
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+           AND n.nspname NOT LIKE 'pg\\_%' AND strpos(n.nspname, $2) = 0 \
+         ORDER BY 2, 1",
+    )
+    .bind(names)
+    .bind(super::identifier::BACKUP_INFIX)
+    .fetch_all(conn)
+    .await?)
+}
+
 pub async fn table_exists(
     conn: &mut PgConnection,
     schema: &str,

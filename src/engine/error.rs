@@ -42,6 +42,22 @@ pub enum Error {
         flag: String,
     },
 
+    #[error(
+        "no {expected} state store in schema \"{schema}\", but this database holds {found}: use \
+         {flags} (on a StateStore: {spec}){hint}"
+    )]
+    OtherFrameworkInDatabase {
+        schema: String,
+        expected: String,
+        found: String,
+        flags: String,
+        spec: String,
+        hint: String,
+    },
+
+    #[error("schema \"{schema}\" does not exist in this database{elsewhere}")]
+    SchemaNotFound { schema: String, elsewhere: String },
+
     #[error("statekeeper does not {operation} {framework} stores: {hint}")]
     UnsupportedOperation {
         operation: String,
@@ -205,7 +221,10 @@ impl Error {
             Error::DatabaseNotFound { .. } => "DatabaseNotFound",
             Error::ConnectTimeout { .. } => "ConnectTimeout",
             Error::NotInitialized { .. } => "NotInitialized",
-            Error::WrongFramework { .. } => "WrongFramework",
+            Error::WrongFramework { .. } | Error::OtherFrameworkInDatabase { .. } => {
+                "WrongFramework"
+            }
+            Error::SchemaNotFound { .. } => "SchemaNotFound",
             Error::UnsupportedOperation { .. } => "UnsupportedOperation",
             Error::UnsupportedFormat { .. } => "UnsupportedFormat",
             Error::SchemaNewer { .. } => "SchemaNewerThanOperator",

@@ -78,6 +78,8 @@ pub struct Store {
     /// Recorded in the backups this handle makes, so that a caller can tell after a crash whether
     /// its operation committed (the tag commits with it).
     operation_id: Option<String>,
+    /// Whether this store may be created in a database that holds another framework's store.
+    beside_other_frameworks: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -113,6 +115,8 @@ pub struct InitReport {
 pub struct StatusReport {
     pub framework: Framework,
     pub schema: String,
+    /// False when the schema itself does not exist (a typo, or nothing created yet).
+    pub schema_exists: bool,
     pub initialized: bool,
     /// 0 when not initialised.
     pub current_version: i32,
@@ -189,7 +193,15 @@ impl Store {
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
             backup_before_change: true,
             operation_id: None,
+            beside_other_frameworks: false,
         }
+    }
+
+    /// Lets `init` create statekeeper's schema in a database that holds another framework's
+    /// state store (and status report this store missing instead of naming the other one).
+    pub fn beside_other_frameworks(mut self, allowed: bool) -> Self {
+        self.beside_other_frameworks = allowed;
+        self
     }
 
     pub fn with_framework(mut self, framework: Framework) -> Self {
@@ -301,12 +313,15 @@ impl Store {
             BTreeMap::new()
         };
         let backups = backup::list(&mut tx, &self.schema).await?;
+        let schema_exists =
+            version.is_some() || catalog::schema_exists(&mut tx, self.schema.as_str()).await?;
         tx.commit().await?;
         let initialized = version.is_some();
         let version = version.unwrap_or_default();
         Ok(StatusReport {
             framework: self.framework,
             schema: self.schema.to_string(),
+            schema_exists,
             initialized,
             current_version: version.schema_version,
             latest_version,
@@ -416,24 +431,89 @@ impl Store {
         }
     }
 
-    /// Fails when the schema holds another framework's store, naming the framework to use.
+    /// For a store that does not exist: fails when its schema holds another framework's store,
+    /// or when the database holds another framework's store and none of this framework's, naming
+    /// the options to use. A missing `--framework` must not act on (or create) the wrong store.
     pub(crate) async fn refuse_other_framework(
         &self,
         conn: &mut PgConnection,
     ) -> Result<(), Error> {
-        for other in Framework::ALL.iter().filter(|f| **f != self.framework) {
-            if catalog::table_exists(conn, self.schema.as_str(), other.profile().marker_table)
-                .await?
-            {
-                return Err(Error::WrongFramework {
-                    schema: self.schema.to_string(),
-                    found: other.profile().display_name.into(),
-                    expected: self.profile().display_name.into(),
-                    flag: other.as_str().into(),
-                });
-            }
+        self.refuse_other_framework_with(conn, "").await
+    }
+
+    async fn refuse_other_framework_with(
+        &self,
+        conn: &mut PgConnection,
+        hint: &str,
+    ) -> Result<(), Error> {
+        let stores = frameworks::find_stores(conn).await?;
+        if let Some(other) = stores
+            .iter()
+            .find(|s| s.schema == self.schema.as_str() && s.framework != self.framework)
+        {
+            return Err(Error::WrongFramework {
+                schema: self.schema.to_string(),
+                found: other.framework.profile().display_name.into(),
+                expected: self.profile().display_name.into(),
+                flag: other.framework.as_str().into(),
+            });
         }
-        Ok(())
+        if self.beside_other_frameworks || stores.iter().any(|s| s.framework == self.framework) {
+            return Ok(());
+        }
+        match stores.first() {
+            Some(other) => Err(Error::OtherFrameworkInDatabase {
+                schema: self.schema.to_string(),
+                expected: self.profile().display_name.into(),
+                found: other.to_string(),
+                flags: other.flags(),
+                spec: other.spec_fields(),
+                hint: hint.to_owned(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Before creating statekeeper's schema: refuses a database that holds another framework's
+    /// store (and none of statekeeper's), unless this handle allows it.
+    pub(crate) async fn refuse_creating_beside_other_framework(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<(), Error> {
+        self.refuse_other_framework_with(
+            conn,
+            "; to create statekeeper's own schema beside it anyway: `statekeeper state init --force`",
+        )
+        .await
+    }
+
+    /// Why this store's schema is missing, and where the database keeps state instead.
+    pub async fn schema_not_found(&self) -> Error {
+        let elsewhere = async {
+            let mut conn = self.pool.acquire().await?;
+            frameworks::find_stores(&mut conn).await
+        }
+        .await
+        .unwrap_or_default();
+        let elsewhere = if elsewhere.is_empty() {
+            format!(
+                " (nor any other state store): {}",
+                self.profile().not_initialized_hint
+            )
+        } else {
+            format!(
+                "; it holds {}",
+                elsewhere
+                    .iter()
+                    .map(|s| format!("{s} ({})", s.flags()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        Error::SchemaNotFound {
+            schema: self.schema.to_string(),
+            elsewhere,
+        }
     }
 
     /// The verified version of statekeeper's schema, refusing stores older than `required`.

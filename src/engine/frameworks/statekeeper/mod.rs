@@ -155,7 +155,9 @@ pub(crate) async fn init(store: &Store, target: Option<i32>) -> Result<InitRepor
             duration_ms: store::elapsed_ms(started),
         });
     }
-    store.refuse_other_framework(&mut tx).await?;
+    store
+        .refuse_creating_beside_other_framework(&mut tx)
+        .await?;
     ensure_schema(store, &mut tx).await?;
     create_ledger(store, &mut tx).await?;
     let applied = apply_steps(store, &mut tx, 0, target).await?;
