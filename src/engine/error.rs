@@ -44,15 +44,15 @@ pub enum Error {
 
     #[error(
         "no {expected} state store in schema \"{schema}\", but this database holds {found}: use \
-         {flags} (on a StateStore: {spec}){hint}"
+         {} (on a StateStore: {}){hint}",
+        .found.flags(),
+        .found.spec_fields()
     )]
     OtherFrameworkInDatabase {
         schema: String,
-        expected: String,
-        found: String,
-        flags: String,
-        spec: String,
-        hint: String,
+        expected: &'static str,
+        found: super::frameworks::FoundStore,
+        hint: &'static str,
     },
 
     #[error("schema \"{schema}\" does not exist in this database{elsewhere}")]

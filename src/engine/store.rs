@@ -444,7 +444,7 @@ impl Store {
     async fn refuse_other_framework_with(
         &self,
         conn: &mut PgConnection,
-        hint: &str,
+        hint: &'static str,
     ) -> Result<(), Error> {
         let stores = frameworks::find_stores(conn).await?;
         if let Some(other) = stores
@@ -464,11 +464,9 @@ impl Store {
         match stores.first() {
             Some(other) => Err(Error::OtherFrameworkInDatabase {
                 schema: self.schema.to_string(),
-                expected: self.profile().display_name.into(),
-                found: other.to_string(),
-                flags: other.flags(),
-                spec: other.spec_fields(),
-                hint: hint.to_owned(),
+                expected: self.profile().display_name,
+                found: other.clone(),
+                hint,
             }),
             None => Ok(()),
         }
