@@ -347,11 +347,28 @@ async fn export_and_import_through_files_and_pipes() {
 
     let target = TestDb::new().await;
     statekeeper(&target.url, &["state", "init", "--schema", "state"]);
+    // An exact export restores a whole store: never without --replace.
+    let before = support::snapshot(&mut target.conn().await, "state").await;
+    let refused = statekeeper(
+        &target.url,
+        &["state", "import", "--schema", "state", "--from", path],
+    );
+    assert!(
+        assert_clean_failure(&refused).contains("import it with --replace"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(
+        support::snapshot(&mut target.conn().await, "state").await,
+        before,
+        "nothing changed"
+    );
     let imported = statekeeper(
         &target.url,
         &[
             "state",
             "import",
+            "--replace",
             "--schema",
             "state",
             "--from",
@@ -362,7 +379,9 @@ async fn export_and_import_through_files_and_pipes() {
     );
     assert!(imported.status.success(), "{}", stderr(&imported));
     assert!(
-        stdout(&imported).contains("imported") && stdout(&imported).contains("undo with"),
+        stdout(&imported).contains("imported")
+            && stdout(&imported).contains("replaced the store's state")
+            && stdout(&imported).contains("undo with"),
         "{}",
         stdout(&imported)
     );
@@ -373,6 +392,7 @@ async fn export_and_import_through_files_and_pipes() {
         &[
             "state",
             "import",
+            "--replace",
             "--schema",
             "state",
             "-i",
@@ -430,7 +450,7 @@ async fn export_and_import_through_files_and_pipes() {
         "{}",
         String::from_utf8_lossy(&merged.stderr)
     );
-    assert!(String::from_utf8_lossy(&merged.stdout).contains("Merge mode"));
+    assert!(String::from_utf8_lossy(&merged.stdout).contains("merged: what the file holds"));
 
     let missing = statekeeper(
         &target.url,

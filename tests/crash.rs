@@ -481,7 +481,7 @@ mod crash {
             store
                 .import(
                     tokio::fs::File::open(&exact).await.unwrap(),
-                    &statekeeper::engine::ImportOptions::default(),
+                    &statekeeper::engine::ImportOptions::replace(),
                 )
                 .await
                 .unwrap();

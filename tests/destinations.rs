@@ -65,7 +65,7 @@ async fn s3_round_trip_uses_multipart_and_imports_every_row() {
     copy.import(
         reader,
         &ImportOptions {
-            mode: Default::default(),
+            mode: statekeeper::engine::ImportMode::Replace,
             expected_sha256: Some(report.sha256.clone()),
         },
     )
@@ -287,6 +287,7 @@ async fn cli_exports_to_and_imports_from_s3_with_credentials_from_the_environmen
     let out = run(&[
         "state",
         "import",
+        "--replace",
         "--schema",
         "copy",
         "--from",
@@ -349,7 +350,7 @@ async fn azure_round_trip_in_blocks_through_a_real_emulator() {
         .import(
             destination.open().await.unwrap(),
             &ImportOptions {
-                mode: Default::default(),
+                mode: statekeeper::engine::ImportMode::Replace,
                 expected_sha256: Some(report.sha256.clone()),
             },
         )

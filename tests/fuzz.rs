@@ -284,7 +284,7 @@ async fn every_import_reader_refuses_mutated_files_without_panicking_or_changing
         for file in samples {
             let before = support::snapshot(&mut db.conn().await, target.schema().as_str()).await;
             let result = target
-                .import(std::io::Cursor::new(file), &ImportOptions::default())
+                .import(std::io::Cursor::new(file), &ImportOptions::replace())
                 .await;
             assert!(result.is_err(), "{name}: a file scan refused was imported");
             let after = support::snapshot(&mut db.conn().await, target.schema().as_str()).await;

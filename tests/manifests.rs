@@ -27,7 +27,7 @@ fn crds_dir_and_chart_match_the_generated_crds() {
                 .unwrap_or_else(|e| panic!("{dir}/{file}: {e}"));
             assert!(
                 committed == generated,
-                "{dir}/{file} is stale: run `cargo run -- crd` and split it into crds/ and charts/statekeeper/crds/"
+                "{dir}/{file} is stale: run scripts/generate-crds.sh"
             );
         }
     }

@@ -168,7 +168,7 @@ async fn exact_exports_round_trip_a_meltano_database_bit_for_bit() {
             std::io::Cursor::new(bytes),
             &ImportOptions {
                 expected_sha256: Some(report.sha256.clone()),
-                ..Default::default()
+                ..ImportOptions::replace()
             },
         )
         .await
@@ -504,6 +504,11 @@ async fn we_import_meltanos_own_export_with_replace_and_merge() {
         report["backup"]["id"].is_string(),
         "the replaced state is kept"
     );
+    assert_eq!(
+        report["removed"],
+        json!({"what": "state IDs", "count": 1, "names": ["dev:only-here"]}),
+        "a replace says what it removed"
+    );
     let after: Value = serde_json::from_str(project.ok(&["state", "export"]).trim()).unwrap();
     assert_eq!(after, theirs);
     for id in theirs.as_object().unwrap().keys() {
@@ -529,6 +534,55 @@ async fn we_import_meltanos_own_export_with_replace_and_merge() {
     let ours: Value = serde_json::from_str(merged.ok(&["state", "export"]).trim()).unwrap();
     let meltanos: Value = serde_json::from_str(reference.ok(&["state", "export"]).trim()).unwrap();
     assert_eq!(ours, meltanos);
+
+    // Without --replace or --merge: a merge, as `meltano state import` without options. A file of
+    // two state IDs never turns a database of many into two.
+    let default_db = TestDb::new().await;
+    let default = Project::new(&default_db);
+    default.set("dev:only-here", &bookmark(42));
+    default.set("dev:tap-a-to-target-x", &bookmark(1000));
+    let out = cli(
+        &default_db.url,
+        &[
+            "state",
+            "--framework",
+            "meltano",
+            "import",
+            "--from",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("merged: what the file holds replaced its namesakes"),
+        "{text}"
+    );
+    let by_default: Value = serde_json::from_str(default.ok(&["state", "export"]).trim()).unwrap();
+    assert_eq!(by_default, meltanos);
+    // A replace says what it removed and how to undo it.
+    let out = cli(
+        &default_db.url,
+        &[
+            "state",
+            "--framework",
+            "meltano",
+            "import",
+            "--replace",
+            "--from",
+            file.to_str().unwrap(),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("removed 1 state ID the file does not have (dev:only-here)")
+            && text.contains("undo with: statekeeper state rollback --framework meltano"),
+        "{text}"
+    );
     // Stored as Meltano stores them: the same text, spelled by Python's json.dumps.
     let stored = |db: &TestDb| {
         let db = db.url.clone();

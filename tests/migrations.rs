@@ -360,6 +360,23 @@ async fn import_from_a_state_export_restores_its_file() {
     .execute(&mut db.conn().await)
     .await
     .unwrap();
+    // Without `mode: Replace`, an import merges, and an exact export (a whole store) cannot
+    // merge: refused, naming the field, with nothing changed.
+    h.kube.put(
+        &migration_path("restore-without-mode"),
+        state_migration(
+            "restore-without-mode",
+            "2026-11-27T09:00:00Z",
+            json!({"import": {"fromExport": {"name": "nightly"}}}),
+        ),
+    );
+    let changed = snapshot(&mut db.conn().await, SCHEMA).await;
+    let (_, m) = h.reconcile_migration("restore-without-mode").await;
+    assert_eq!(phase(&m), "Failed", "{:?}", m.status);
+    let (_, reason, message) = migration_condition(&m, "Ready");
+    assert_eq!(reason, "InvalidExport");
+    assert!(message.contains("import.mode: Replace"), "{message}");
+    assert_eq!(snapshot(&mut db.conn().await, SCHEMA).await, changed);
     h.kube.put(
         &migration_path("restore-nightly"),
         state_migration(
@@ -371,6 +388,14 @@ async fn import_from_a_state_export_restores_its_file() {
     let (_, m) = h.reconcile_migration("restore-nightly").await;
     assert_eq!(phase(&m), "Succeeded", "{:?}", m.status);
     let status = m.status.unwrap();
+    assert!(
+        status
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("replaced the store's state")),
+        "{:?}",
+        status.message
+    );
     let sha = export.status.unwrap().sha256.unwrap();
     assert!(status.plan.unwrap().source.unwrap().contains(&sha));
     assert!(status.backup_id.is_some());

@@ -54,7 +54,7 @@ async fn state_export_runs_once_and_keeps_its_result() {
         .import(
             std::io::Cursor::new(bytes),
             &statekeeper::engine::ImportOptions {
-                mode: Default::default(),
+                mode: statekeeper::engine::ImportMode::Replace,
                 expected_sha256: Some(sha),
             },
         )

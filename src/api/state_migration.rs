@@ -129,8 +129,10 @@ pub struct ImportOperation {
     /// A finished StateExport in this namespace: its file, credentials and sha256 are used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_export: Option<ExportRef>,
-    /// `Replace` (the store equals the file) or `Merge` (what the file holds replaces its
-    /// namesakes; everything else stays).
+    /// `Merge` (the default: what the file holds replaces its namesakes, everything else
+    /// stays, as `sqlmesh state import` and `meltano state import` do) or `Replace` (the store
+    /// ends up equal to the file; what it held beyond the file is kept only in the backup). An
+    /// exact export restores a whole store: it needs `Replace`.
     #[serde(default)]
     pub mode: ImportModeSpec,
     /// Refuse the file unless its sha256 is this hex digest (with `fromExport`: the export's).
@@ -151,8 +153,8 @@ pub struct ExportRef {
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ImportModeSpec {
-    #[default]
     Replace,
+    #[default]
     Merge,
 }
 

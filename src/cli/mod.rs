@@ -180,6 +180,10 @@ enum PlanOperation {
     Import {
         #[arg(long, short = 'i', value_name = "URL")]
         from: String,
+        /// Plan a replace (`import.mode: Replace`); the default is a merge.
+        #[arg(long, conflicts_with = "merge")]
+        replace: bool,
+        /// Plan a merge (the default).
         #[arg(long)]
         merge: bool,
         /// The file's expected sha256 (`expectedSha256`, or the StateExport's `status.sha256`).
@@ -278,10 +282,12 @@ struct ImportArgs {
     /// AWS_*, GOOGLE_* and AZURE_* environment variables are read too.
     #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = transfer::key_value)]
     storage_options: Vec<(String, String)>,
-    /// The store ends up equal to the file (the default).
+    /// The store ends up equal to the file: what it holds beyond the file (environments, state
+    /// IDs) is removed, kept only in the backup. Never implied; an exact export needs it.
     #[arg(long, conflicts_with = "merge")]
     replace: bool,
-    /// Environments and versions in the file replace their namesakes; the rest stays.
+    /// What the file holds replaces its namesakes; the rest stays (the default, as
+    /// `sqlmesh state import` and `meltano state import` do).
     #[arg(long)]
     merge: bool,
     /// Refuse the file unless its sha256 is this hex digest.
@@ -526,11 +532,7 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
             let location =
                 transfer::Location::parse(&import.from, &import.storage_options, import.format())?;
             let options = crate::engine::ImportOptions {
-                mode: if import.merge {
-                    crate::engine::ImportMode::Merge
-                } else {
-                    crate::engine::ImportMode::Replace
-                },
+                mode: import_mode(import.replace),
                 expected_sha256: import.sha256.clone(),
             };
             let bar = transfer::progress("importing");
@@ -623,18 +625,15 @@ async fn plan_operation(
         }
         PlanOperation::Import {
             from,
-            merge,
+            replace,
+            merge: _,
             sha256,
         } => {
             store
                 .plan(
                     Operation::Import {
                         source: from,
-                        mode: if *merge {
-                            crate::engine::ImportMode::Merge
-                        } else {
-                            crate::engine::ImportMode::Replace
-                        },
+                        mode: import_mode(*replace),
                         expected_sha256: sha256.as_deref(),
                     },
                     backup,
@@ -690,6 +689,15 @@ fn run_environment(url: &str, store: &Store) -> Vec<(String, String)> {
         env.push(("PGPASSWORD".to_owned(), decoded));
     }
     env
+}
+
+/// Replace only when asked; merge otherwise.
+fn import_mode(replace: bool) -> crate::engine::ImportMode {
+    if replace {
+        crate::engine::ImportMode::Replace
+    } else {
+        crate::engine::ImportMode::Merge
+    }
 }
 
 fn whoami() -> String {

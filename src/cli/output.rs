@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use crate::engine::words::counted;
 use crate::engine::{
     BackupInfo, ExportReport, Framework, ImportReport, InitReport, JanitorReport, ResetReport,
     RollbackReport, StatusReport, UpgradeReport,
@@ -295,23 +296,22 @@ pub fn imported(r: &ImportReport, from: &str, json: bool) -> String {
         return serde_json::to_string_pretty(&value).unwrap_or_default();
     }
     let rows: u64 = r.rows.values().sum();
-    format!(
-        "imported {rows} rows ({} {}, {:?} mode) from {from} ({}, sha256 {}) in {:.1}s{}",
-        r.environments,
-        groups(r.format),
-        r.mode,
+    let mut out = format!(
+        "imported {rows} rows ({}) from {from} ({}, sha256 {}) in {:.1}s",
+        counted(r.environments, groups(r.format)),
         super::transfer::human_bytes(r.bytes),
         r.sha256,
         r.duration.as_secs_f64(),
-        r.backup
-            .as_ref()
-            .map(|b| format!(
-                "\n  the previous state is in backup {} (undo with: {})",
-                b.id,
-                rollback_command(b)
-            ))
-            .unwrap_or_default()
-    )
+    );
+    out.push_str(&format!("\n  {}", r.effect()));
+    if let Some(b) = &r.backup {
+        out.push_str(&format!(
+            "\n  the previous state is in backup {} (undo with: {})",
+            b.id,
+            rollback_command(b)
+        ));
+    }
+    out
 }
 
 pub fn plan(p: &crate::engine::Plan, json: bool) -> String {

@@ -1006,14 +1006,15 @@ async fn execute_in_database(
             };
             match input.destination.open().await {
                 Ok(reader) => engine.import(reader, &options).await.map(|r| {
-                    (
-                        r.backup.map(|b| b.id),
-                        r.schema_version,
-                        format!(
-                            "imported {} ({} format, {} bytes, sha256 {}): {} environments",
-                            input.url, r.format, r.bytes, r.sha256, r.environments
-                        ),
-                    )
+                    let message = format!(
+                        "imported {} ({} format, {} bytes, sha256 {}); {}",
+                        input.url,
+                        r.format,
+                        r.bytes,
+                        r.sha256,
+                        r.effect()
+                    );
+                    (r.backup.map(|b| b.id), r.schema_version, message)
                 }),
                 Err(e) => Err(e),
             }

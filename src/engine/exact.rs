@@ -22,7 +22,8 @@ use super::export::{ExportReport, Output};
 use super::frameworks::{self, Event, ExportFormat, Framework};
 use super::import::{
     Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
-    drop_secondary_structures, insert_staged, restore_secondary_structures,
+    drop_secondary_structures, insert_staged, remember_entities, removed_by_replace,
+    restore_secondary_structures,
 };
 use super::store::{Store, TableLock};
 use super::tableset::qualified_list;
@@ -217,7 +218,9 @@ pub(crate) async fn import(
     }
     if incoming.options.mode == ImportMode::Merge {
         return Err(Error::InvalidExport(
-            "an exact export restores a whole store: import it with --replace".into(),
+            "an exact export restores a whole store and cannot be merged: import it with \
+             --replace (a StateMigration: import.mode: Replace)"
+                .into(),
         ));
     }
     let file_version = header.schema_version()?;
@@ -269,6 +272,7 @@ pub(crate) async fn import(
     let backup = store
         .backup_before_change(&mut tx, &current, "pre-import")
         .await?;
+    remember_entities(store, &mut tx).await?;
     sqlx::query(AssertSqlSafe(format!(
         "TRUNCATE {}",
         qualified_list(schema, &live)
@@ -284,6 +288,7 @@ pub(crate) async fn import(
     catalog::resync_identities(&mut tx, schema).await?;
     // The file's own ledger (statekeeper) must match this binary like any other.
     frameworks::read_version(store, &mut tx).await?;
+    let removed = removed_by_replace(store, &mut tx).await?;
     frameworks::record_event(
         store,
         &mut tx,
@@ -299,6 +304,7 @@ pub(crate) async fn import(
                 "exportedAt": metadata.timestamp,
                 "sha256": staged.sha256,
                 "bytes": staged.bytes,
+                "removed": removed.count,
             }),
         },
     )
@@ -317,6 +323,7 @@ pub(crate) async fn import(
         sha256: staged.sha256,
         compression: incoming.compression,
         backup,
+        removed: Some(removed),
         duration: incoming.started.elapsed(),
     })
 }
@@ -353,13 +360,8 @@ impl Store {
                 .await
                 .map(|(report, _)| report)
         };
-        let import = self.import(
-            reader,
-            &super::import::ImportOptions {
-                mode: ImportMode::Replace,
-                expected_sha256: None,
-            },
-        );
+        let replace = super::import::ImportOptions::replace();
+        let import = self.import(reader, &replace);
         let (exported, imported) = tokio::join!(export, import);
         match (exported, imported) {
             // The import stopped reading first (it refused the data): its reason is the news.

@@ -28,25 +28,42 @@ use super::io::Observed;
 pub(crate) use super::jsonscan::{Cursor, ScanError};
 use super::store::Store;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+/// How an import treats what the store holds. No default: replacing is never implied (the CLI
+/// and StateMigrations merge unless told to replace, as `sqlmesh state import` and
+/// `meltano state import` do).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImportMode {
     /// The store ends up equal to the file.
-    #[default]
     Replace,
     /// What the file holds replaces its namesakes in the store; everything else stays.
     Merge,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ImportOptions {
     pub mode: ImportMode,
     /// Refuse the file unless its sha256 (of the bytes as stored) is this hex digest.
     pub expected_sha256: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
+impl ImportOptions {
+    pub fn replace() -> Self {
+        Self {
+            mode: ImportMode::Replace,
+            expected_sha256: None,
+        }
+    }
+
+    pub fn merge() -> Self {
+        Self {
+            mode: ImportMode::Merge,
+            expected_sha256: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct ImportReport {
     pub mode: ImportMode,
     /// The file's format, detected from its content.
@@ -62,8 +79,95 @@ pub struct ImportReport {
     pub compression: Compression,
     /// The store as it was before the import.
     pub backup: Option<BackupInfo>,
+    /// A replace: what the store held that the file does not (gone now, kept in the backup).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removed: Option<Removed>,
     #[serde(skip)]
     pub duration: Duration,
+}
+
+/// What a replace removed: the store's environments (or Meltano state IDs) that the file does
+/// not have.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Removed {
+    /// "environments" or "state IDs".
+    pub what: String,
+    pub count: u64,
+    /// The first of them by name (at most [`REMOVED_NAMES`]).
+    pub names: Vec<String>,
+}
+
+impl ImportReport {
+    /// What the import did to what the store held, in one line.
+    pub fn effect(&self) -> String {
+        match &self.removed {
+            None => "merged: what the file holds replaced its namesakes, the rest stayed".into(),
+            Some(removed) if removed.count == 0 => format!(
+                "replaced the store's state: every one of its {} is in the file",
+                removed.what
+            ),
+            Some(removed) => format!(
+                "replaced the store's state: removed {} the file does not have ({}{})",
+                super::words::counted(removed.count, &removed.what),
+                removed.names.join(", "),
+                if removed.count > removed.names.len() as u64 {
+                    ", …"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+}
+
+/// How many removed names a report lists.
+pub const REMOVED_NAMES: i64 = 10;
+
+/// Before a replace deletes anything: remembers the names of the store's entities (a temporary
+/// table, dropped at commit) for [`removed_by_replace`].
+pub(crate) async fn remember_entities(store: &Store, conn: &mut PgConnection) -> Result<(), Error> {
+    let entities = &store.profile().entities;
+    let present = catalog::table_exists(conn, store.schema().as_str(), entities.table).await?;
+    let source = if present {
+        format!(
+            "SELECT {}::text AS name FROM {}.{}",
+            quote_ident(entities.key),
+            store.schema().quoted(),
+            quote_ident(entities.table)
+        )
+    } else {
+        "SELECT NULL::text AS name WHERE false".to_owned()
+    };
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TEMPORARY TABLE statekeeper_entities_before ON COMMIT DROP AS {source}"
+    )))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// After a replace wrote the file's state: the remembered entities that are gone.
+pub(crate) async fn removed_by_replace(
+    store: &Store,
+    conn: &mut PgConnection,
+) -> Result<Removed, Error> {
+    let entities = &store.profile().entities;
+    let (count, names): (i64, Vec<String>) = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT count(*), coalesce((array_agg(name ORDER BY name))[1:{REMOVED_NAMES}], '{{}}') \
+         FROM statekeeper_entities_before b \
+         WHERE NOT EXISTS (SELECT 1 FROM {}.{} t WHERE t.{}::text = b.name)",
+        store.schema().quoted(),
+        quote_ident(entities.table),
+        quote_ident(entities.key)
+    )))
+    .fetch_one(conn)
+    .await?;
+    Ok(Removed {
+        what: entities.noun.to_owned(),
+        count: count.max(0) as u64,
+        names,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

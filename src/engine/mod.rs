@@ -23,6 +23,7 @@ pub mod plan;
 pub mod run;
 pub mod store;
 mod tableset;
+pub mod words;
 
 pub use backup::BackupInfo;
 pub use connection::{ConnectionParts, ConnectionSettings, redact};

@@ -495,7 +495,7 @@ async fn export_import_round(
     let imported = target
         .import(
             destination.open().await?,
-            &statekeeper::engine::ImportOptions::default(),
+            &statekeeper::engine::ImportOptions::replace(),
         )
         .await?;
     let import_peak_mib = peak_rss_mib();

@@ -150,6 +150,15 @@ pub enum TableSet {
     },
 }
 
+/// The named things a store is made of (environments, state IDs), as users count them.
+#[derive(Debug)]
+pub struct Entities {
+    /// Plural, as in "3 environments".
+    pub noun: &'static str,
+    pub table: &'static str,
+    pub key: &'static str,
+}
+
 /// What `reset` does to the tables.
 #[derive(Debug)]
 pub enum ResetStyle {
@@ -180,6 +189,8 @@ pub struct Profile {
     /// The schema the framework uses unless configured otherwise.
     pub default_schema: &'static str,
     pub tables: TableSet,
+    /// What the store holds many of, by name: what a replace reports it removed.
+    pub entities: Entities,
     /// A table whose presence tells that a schema holds this framework's store (to name the right
     /// `--framework` when a command is pointed at another framework's tables).
     pub marker_table: &'static str,

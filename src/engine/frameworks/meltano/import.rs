@@ -12,6 +12,7 @@ use crate::engine::Error;
 use crate::engine::frameworks::ExportFormat;
 use crate::engine::import::{
     Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
+    remember_entities, removed_by_replace,
 };
 use crate::engine::json::python_dumps;
 use crate::engine::store::{Store, TableLock};
@@ -162,6 +163,9 @@ pub(crate) async fn import(
         .await?;
     let s = store.schema().quoted();
     let mode = incoming.options.mode;
+    if mode == ImportMode::Replace {
+        remember_entities(store, &mut tx).await?;
+    }
     let delete = match mode {
         ImportMode::Replace => format!("DELETE FROM {s}.state"),
         ImportMode::Merge => format!(
@@ -180,6 +184,10 @@ pub(crate) async fn import(
             .execute(&mut *tx)
             .await?;
     }
+    let removed = match mode {
+        ImportMode::Replace => Some(removed_by_replace(store, &mut tx).await?),
+        ImportMode::Merge => None,
+    };
     crate::engine::failpoint::hit("import.before_commit");
     tx.commit().await?;
     crate::engine::failpoint::hit("import.committed");
@@ -194,6 +202,7 @@ pub(crate) async fn import(
         sha256: staged.sha256,
         compression: incoming.compression,
         backup,
+        removed,
         duration: incoming.started.elapsed(),
     })
 }

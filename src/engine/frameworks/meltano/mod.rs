@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use super::{Count, ExportFormat, Framework, Profile, ResetStyle, StoreVersion, TableSet};
+use super::{
+    Count, Entities, ExportFormat, Framework, Profile, ResetStyle, StoreVersion, TableSet,
+};
 use crate::engine::Error;
 use crate::engine::catalog;
 use crate::engine::store::Store;
@@ -35,6 +37,11 @@ pub static PROFILE: Profile = Profile {
     tables: TableSet::Named {
         tables: TABLES,
         required: &["alembic_version", "runs", "state"],
+    },
+    entities: Entities {
+        noun: "state IDs",
+        table: "state",
+        key: "state_id",
     },
     marker_table: "plugin_settings",
     owns_schema: false,

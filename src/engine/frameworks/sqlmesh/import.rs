@@ -18,7 +18,7 @@ use crate::engine::frameworks::ExportFormat;
 use crate::engine::identifier::quote_literal;
 use crate::engine::import::{
     Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
-    insert_staged, staged_field,
+    insert_staged, remember_entities, removed_by_replace, staged_field,
 };
 use crate::engine::json::{compact_utf8_for_parsing, push_python_dumps, python_dumps};
 use crate::engine::store::{Store, TableLock};
@@ -850,6 +850,7 @@ pub(crate) async fn import(
     let mode = incoming.options.mode;
     match mode {
         ImportMode::Replace => {
+            remember_entities(store, &mut tx).await?;
             let emptied: Vec<String> = present
                 .iter()
                 .filter(|t| t.as_str() != "_versions")
@@ -948,6 +949,10 @@ pub(crate) async fn import(
         )
         .await?;
     }
+    let removed = match mode {
+        ImportMode::Replace => Some(removed_by_replace(store, &mut tx).await?),
+        ImportMode::Merge => None,
+    };
     crate::engine::failpoint::hit("import.before_commit");
     tx.commit().await?;
     crate::engine::failpoint::hit("import.committed");
@@ -962,6 +967,7 @@ pub(crate) async fn import(
         sha256: staged.sha256,
         compression: incoming.compression,
         backup,
+        removed,
         duration: incoming.started.elapsed(),
     })
 }

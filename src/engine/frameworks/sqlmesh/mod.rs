@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use super::{Count, ExportFormat, Framework, Profile, ResetStyle, StoreVersion, TableSet};
+use super::{
+    Count, Entities, ExportFormat, Framework, Profile, ResetStyle, StoreVersion, TableSet,
+};
 use crate::engine::Error;
 use crate::engine::catalog;
 use crate::engine::store::Store;
@@ -33,6 +35,11 @@ pub static PROFILE: Profile = Profile {
     tables: TableSet::Named {
         tables: TABLES,
         required: &["_versions", "_snapshots", "_environments", "_intervals"],
+    },
+    entities: Entities {
+        noun: "environments",
+        table: "_environments",
+        key: "name",
     },
     marker_table: "_versions",
     owns_schema: false,

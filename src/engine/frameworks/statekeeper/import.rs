@@ -14,7 +14,8 @@ use crate::engine::catalog;
 use crate::engine::frameworks::{ExportFormat, StoreVersion};
 use crate::engine::import::{
     Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
-    drop_secondary_structures, invalid, restore_secondary_structures,
+    drop_secondary_structures, invalid, remember_entities, removed_by_replace,
+    restore_secondary_structures,
 };
 use crate::engine::store::{Store, TableLock};
 
@@ -195,6 +196,7 @@ pub(crate) async fn import(
         .await?;
     match mode {
         ImportMode::Replace => {
+            remember_entities(store, &mut tx).await?;
             sqlx::query("SAVEPOINT statekeeper_replace")
                 .execute(&mut *tx)
                 .await?;
@@ -211,6 +213,10 @@ pub(crate) async fn import(
         ImportMode::Merge => apply_merge(store, &mut tx).await?,
     }
     catalog::resync_identities(&mut tx, store.schema().as_str()).await?;
+    let removed = match mode {
+        ImportMode::Replace => Some(removed_by_replace(store, &mut tx).await?),
+        ImportMode::Merge => None,
+    };
     super::record_event(
         store,
         &mut tx,
@@ -227,6 +233,7 @@ pub(crate) async fn import(
                 "environments": header.metadata.get("environments"),
                 "sha256": staged.sha256,
                 "bytes": staged.bytes,
+                "removed": removed.as_ref().map(|r| r.count),
             }),
         },
     )
@@ -245,6 +252,7 @@ pub(crate) async fn import(
         sha256: staged.sha256,
         compression: incoming.compression,
         backup,
+        removed,
         duration: incoming.started.elapsed(),
     })
 }

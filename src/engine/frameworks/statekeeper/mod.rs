@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
-use super::{Count, Event, ExportFormat, Framework, Profile, ResetStyle, StoreVersion, TableSet};
+use super::{
+    Count, Entities, Event, ExportFormat, Framework, Profile, ResetStyle, StoreVersion, TableSet,
+};
 use crate::engine::Error;
 use crate::engine::backup::BackupInfo;
 use crate::engine::catalog;
@@ -23,6 +25,11 @@ pub static PROFILE: Profile = Profile {
     display_name: "statekeeper",
     default_schema: "statekeeper",
     tables: TableSet::WholeSchema,
+    entities: Entities {
+        noun: "environments",
+        table: "virtual_environments",
+        key: "name",
+    },
     marker_table: "state_versions",
     owns_schema: true,
     reset: ResetStyle::DropTables,
