@@ -1085,21 +1085,96 @@ async fn the_runs_janitor_keeps_what_meltano_reads_and_removes_the_rest() {
     assert!(!h.kube.dump().contains(&db.password()));
 }
 
-/// `statekeeper state run --framework meltano ARGS` in the project, where Meltano finds its
-/// database from the PG* variables statekeeper hands the command (as a runner Job's does).
+/// `statekeeper state run --framework meltano ARGS` in the project, with nothing of the database
+/// in the environment but statekeeper's URL: Meltano finds it from the MELTANO_DATABASE_URI and
+/// PG* variables statekeeper hands the command (as a runner Job's), with `meltano` on PATH.
 fn run_in_project(db: &TestDb, project: &Project, args: &[&str]) -> std::process::Output {
+    let meltano_dir = std::path::Path::new(support::meltano::meltano_bin())
+        .parent()
+        .unwrap()
+        .to_owned();
+    let path = std::env::join_paths(std::iter::once(meltano_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .unwrap();
     Command::new(env!("CARGO_BIN_EXE_statekeeper"))
         .args(["state", "--framework", "meltano", "run"])
         .args(args)
         .current_dir(&project.dir)
         .env("STATEKEEPER_DATABASE_URL", &db.url)
-        .env("MELTANO_DATABASE_URI", "postgresql+psycopg://")
+        .env("PATH", path)
         .env("MELTANO_SEND_ANONYMOUS_USAGE_STATS", "false")
+        .env_remove("MELTANO_DATABASE_URI")
         .env_remove("STATEKEEPER_SCHEMA")
         .env_remove("PGHOST")
         .env_remove("PGPASSWORD")
         .output()
         .unwrap()
+}
+
+/// Meltano's Alembic revision in a database, if it has one.
+async fn alembic_revision(db: &TestDb) -> Option<String> {
+    sqlx::query_scalar("SELECT version_num FROM public.alembic_version")
+        .fetch_optional(&mut db.conn().await)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// `state run --framework meltano -- meltano upgrade database` migrates the managed PostgreSQL
+/// database, not a SQLite file of the project's (Meltano reads MELTANO_DATABASE_URI, not PG*).
+#[tokio::test]
+async fn meltano_commands_under_state_run_reach_the_managed_database() {
+    let (reference, _) = with_state().await;
+    let head = alembic_revision(&reference)
+        .await
+        .expect("Meltano's revision");
+    let db = TestDb::new().await;
+    let project = Project::new(&db);
+    // `meltano init` made one; Meltano would migrate it again without MELTANO_DATABASE_URI.
+    let sqlite = project.dir.join(".meltano/meltano.db");
+    let _ = std::fs::remove_file(&sqlite);
+    let out = run_in_project(&db, &project, &["--", "meltano", "upgrade", "database"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        alembic_revision(&db).await.as_deref(),
+        Some(head.as_str()),
+        "Meltano migrated the managed database"
+    );
+    assert!(!sqlite.exists(), "and no SQLite file");
+    // In a schema of its own (`--schema`; Meltano creates tables, not schemas): its tables go
+    // there.
+    sqlx::query("CREATE SCHEMA meltano_sys")
+        .execute(&mut db.conn().await)
+        .await
+        .unwrap();
+    let out = run_in_project(
+        &db,
+        &project,
+        &[
+            "--schema",
+            "meltano_sys",
+            "--",
+            "meltano",
+            "upgrade",
+            "database",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revision: Option<String> =
+        sqlx::query_scalar("SELECT version_num FROM meltano_sys.alembic_version")
+            .fetch_optional(&mut db.conn().await)
+            .await
+            .unwrap();
+    assert_eq!(revision.as_deref(), Some(head.as_str()));
 }
 
 #[tokio::test]
@@ -1167,7 +1242,6 @@ async fn meltano_upgrade_database_runs_backed_up_and_a_failure_is_restored() {
             "2026-11-27T10:00:00Z",
             json!({"upgrade": {"runner": {
                 "image": "ghcr.io/acme/analytics-meltano:4.5.0",
-                "env": [{"name": "MELTANO_DATABASE_URI", "value": "postgresql+psycopg://"}],
                 "runAsUser": 1000
             }}}),
         ),
@@ -1191,14 +1265,12 @@ async fn meltano_upgrade_database_runs_backed_up_and_a_failure_is_restored() {
         json!(["meltano", "upgrade", "database"])
     );
     let env = container["env"].as_array().unwrap();
-    for name in [
-        "MELTANO_DATABASE_URI",
-        "PGHOST",
-        "PGPORT",
-        "PGUSER",
-        "PGDATABASE",
-        "PGPASSWORD",
-    ] {
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "MELTANO_DATABASE_URI" && e["value"] == "postgresql+psycopg://"),
+        "Meltano is pointed at the managed database: {env:?}"
+    );
+    for name in ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD"] {
         assert!(env.iter().any(|e| e["name"] == name), "{name} in {env:?}");
     }
     assert!(!job.to_string().contains(&db.password()));

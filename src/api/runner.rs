@@ -8,8 +8,11 @@ use serde::{Deserialize, Serialize};
 /// Kubernetes Job. The container gets the store's connection from the store's Secret
 /// (`secretKeyRef`, never a copied value): `PGHOST`, `PGPORT`, `PGDATABASE`, `PGUSER`,
 /// `PGPASSWORD` and `PGSSLMODE` for a host connection, `STATEKEEPER_DATABASE_URL` for a URL
-/// Secret, plus `STATEKEEPER_SCHEMA`. The image holds the project (or mounts it) and its config
-/// reads those variables.
+/// Secret, plus `STATEKEEPER_SCHEMA`; for Meltano also `MELTANO_DATABASE_URI`
+/// (`postgresql+psycopg://`, completed from the PG* variables; a URL Secret's URL, which must then
+/// be written as SQLAlchemy reads it, e.g. `postgresql+psycopg://…`), which `env` may set itself
+/// (another driver, or its own Secret). The image holds the project (or mounts it) and its
+/// config reads those variables.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Runner {

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::engine::frameworks::meltano::MeltanoDriver;
 use crate::engine::{
     ConnectionSettings, Error, ExportFormat, Framework, JanitorOptions, MeltanoLocks,
     ResetApproval, SchemaName, Store, redact,
@@ -131,7 +132,7 @@ enum StateCommand {
     Plan(PlanArgs),
     /// Run a command (e.g. `sqlmesh migrate`) with the store's connection in its environment
     /// (STATEKEEPER_DATABASE_URL, STATEKEEPER_SCHEMA and PGHOST, PGPORT, PGDATABASE, PGUSER,
-    /// PGPASSWORD). With --backup: back up first, and restore the backup when the command exits
+    /// PGPASSWORD, PGSSLMODE; for Meltano also MELTANO_DATABASE_URI). With --backup: back up first, and restore the backup when the command exits
     /// non-zero or statekeeper is interrupted, after every process it started has ended. Exits
     /// with the command's status (128+N for signal N).
     Run(RunArgs),
@@ -687,6 +688,18 @@ fn run_environment(url: &str, store: &Store) -> Vec<(String, String)> {
             .decode_utf8_lossy()
             .into_owned();
         env.push(("PGPASSWORD".to_owned(), decoded));
+    }
+    if store.framework() == Framework::Meltano {
+        // Meltano reads its database from MELTANO_DATABASE_URI (else a SQLite file in the
+        // project): a URI without host or secret, completed by the driver from the PG* above.
+        let driver = MeltanoDriver::detect(std::env::var_os("PATH").as_deref()).unwrap_or_default();
+        env.push((
+            "MELTANO_DATABASE_URI".to_owned(),
+            driver.database_uri().to_owned(),
+        ));
+        env.extend(crate::engine::frameworks::meltano::search_path_option(
+            store.schema().as_str(),
+        ));
     }
     env
 }

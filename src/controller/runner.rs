@@ -18,6 +18,7 @@ use crate::api::SecretKeyRef;
 use crate::api::runner::Runner;
 use crate::api::state_store::StateStore;
 use crate::engine::Framework;
+use crate::engine::frameworks::meltano::{MeltanoDriver, search_path_option};
 
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "statekeeper");
 pub const STORE_LABEL: &str = "statekeeper.dev/store";
@@ -58,6 +59,8 @@ pub fn command(runner: &Runner, default_command: &[&str]) -> Vec<String> {
         runner.command.clone()
     }
 }
+
+const MELTANO_DATABASE_URI: &str = "MELTANO_DATABASE_URI";
 
 fn secret_env(name: &str, reference: &SecretKeyRef) -> EnvVar {
     EnvVar {
@@ -117,6 +120,20 @@ pub fn connection_env(store: &StateStore) -> Vec<EnvVar> {
             env.push(plain_env("PGSSLMODE", mode.as_libpq()));
         }
     }
+    if Framework::from(spec.framework) == Framework::Meltano {
+        // Meltano reads its database from MELTANO_DATABASE_URI, never from PG* (without it,
+        // it would migrate a SQLite file in the image). A host connection: a URI with no host
+        // or secret, completed by psycopg from the PG* variables; a URL Secret: its URL, by
+        // reference (Kubernetes expands `$(VAR)` from the variables before it).
+        let uri = match &connection.url_secret_ref {
+            Some(_) => "$(STATEKEEPER_DATABASE_URL)".to_owned(),
+            None => MeltanoDriver::default().database_uri().to_owned(),
+        };
+        env.push(plain_env(MELTANO_DATABASE_URI, uri));
+        if let Some((name, value)) = search_path_option(&spec.schema_name()) {
+            env.push(plain_env(&name, value));
+        }
+    }
     env
 }
 
@@ -131,7 +148,12 @@ pub fn build_job(request: &JobRequest<'_>) -> Job {
     // The runner's own variables first; the connection's last, so they cannot be overridden by
     // accident into pointing the command at another database.
     let mut env = runner.env.clone();
-    let connection = connection_env(request.store);
+    let mut connection = connection_env(request.store);
+    // The one connection variable a runner may set itself: Meltano's URI, to name another
+    // driver (`postgresql+psycopg2://`) or to take it from a Secret of its own.
+    if env.iter().any(|e| e.name == MELTANO_DATABASE_URI) {
+        connection.retain(|c| c.name != MELTANO_DATABASE_URI);
+    }
     env.retain(|e| !connection.iter().any(|c| c.name == e.name));
     env.extend(connection);
     let container = Container {
@@ -267,5 +289,60 @@ pub fn describe_failure(reason: &str, message: &str, deadline_seconds: i64) -> S
         what
     } else {
         format!("{what}: {message}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(connection: serde_json::Value, framework: &str) -> StateStore {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "statekeeper.dev/v1alpha1",
+            "kind": "StateStore",
+            "metadata": {"name": "s", "namespace": "data"},
+            "spec": {"framework": framework, "connection": connection}
+        }))
+        .expect("a StateStore")
+    }
+
+    fn value_of<'a>(env: &'a [EnvVar], name: &str) -> Option<&'a str> {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.as_deref())
+    }
+
+    /// Meltano reads MELTANO_DATABASE_URI, never PG*: a runner of a Meltano store always gets
+    /// one for the managed database, and never with a copied secret.
+    #[test]
+    fn a_meltano_runner_is_pointed_at_the_managed_database() {
+        let host = connection_env(&store(
+            serde_json::json!({"host": "db", "user": "u",
+                "passwordSecretRef": {"name": "pg", "key": "password"}}),
+            "meltano",
+        ));
+        assert_eq!(
+            value_of(&host, "MELTANO_DATABASE_URI"),
+            Some("postgresql+psycopg://")
+        );
+        assert_eq!(value_of(&host, "PGOPTIONS"), None, "schema public");
+        let url = connection_env(&store(
+            serde_json::json!({"urlSecretRef": {"name": "pg", "key": "url"}}),
+            "meltano",
+        ));
+        let position = |name: &str| url.iter().position(|e| e.name == name);
+        assert_eq!(
+            value_of(&url, "MELTANO_DATABASE_URI"),
+            Some("$(STATEKEEPER_DATABASE_URL)")
+        );
+        assert!(
+            position("STATEKEEPER_DATABASE_URL") < position("MELTANO_DATABASE_URI"),
+            "Kubernetes expands only variables defined before"
+        );
+        let sqlmesh = connection_env(&store(
+            serde_json::json!({"urlSecretRef": {"name": "pg", "key": "url"}}),
+            "sqlmesh",
+        ));
+        assert_eq!(value_of(&sqlmesh, "MELTANO_DATABASE_URI"), None);
     }
 }

@@ -30,14 +30,24 @@ pub struct ConnectionParts<'a> {
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ConnectionSettings {
-    /// Parses a `postgres://` URL. The error never repeats the URL, which may hold a password.
+    /// Parses a `postgres://` URL; SQLAlchemy's `postgresql+DRIVER://` is read as `postgresql://`,
+    /// so that one Secret serves statekeeper and a framework (Meltano's `MELTANO_DATABASE_URI`).
+    /// The error never repeats the URL, which may hold a password.
     pub fn from_url(url: &str) -> Result<Self, Error> {
+        let url = match url.split_once("://") {
+            Some((scheme, rest)) if scheme.starts_with("postgresql+") => {
+                format!("postgresql://{rest}")
+            }
+            _ => url.to_owned(),
+        };
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(Error::InvalidConnection(
-                "the database URL must start with postgres:// or postgresql://".into(),
+                "the database URL must start with postgres:// or postgresql:// \
+                 (or SQLAlchemy's postgresql+DRIVER://)"
+                    .into(),
             ));
         }
-        let options = PgConnectOptions::from_str(url).map_err(|_| {
+        let options = PgConnectOptions::from_str(&url).map_err(|_| {
             Error::InvalidConnection(
                 "the database URL is malformed (expected postgres://user:password@host:port/database)"
                     .into(),
@@ -97,7 +107,7 @@ impl ConnectionSettings {
 
     /// libpq's variables for everything but the password: PGHOST, PGPORT, PGDATABASE, PGUSER.
     pub fn libpq_environment(&self) -> Vec<(String, String)> {
-        vec![
+        let mut env = vec![
             ("PGHOST".into(), self.options.get_host().to_owned()),
             ("PGPORT".into(), self.options.get_port().to_string()),
             (
@@ -105,7 +115,17 @@ impl ConnectionSettings {
                 self.options.get_database().unwrap_or("postgres").to_owned(),
             ),
             ("PGUSER".into(), self.options.get_username().to_owned()),
-        ]
+        ];
+        let ssl_mode = match self.options.get_ssl_mode() {
+            PgSslMode::Disable => "disable",
+            PgSslMode::Allow => "allow",
+            PgSslMode::Prefer => "prefer",
+            PgSslMode::Require => "require",
+            PgSslMode::VerifyCa => "verify-ca",
+            PgSslMode::VerifyFull => "verify-full",
+        };
+        env.push(("PGSSLMODE".into(), ssl_mode.into()));
+        env
     }
 
     /// Opens the pool's first connection here, so that a wrong password, a missing database or an
