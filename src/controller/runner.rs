@@ -130,7 +130,7 @@ pub fn connection_env(store: &StateStore) -> Vec<EnvVar> {
             None => MeltanoDriver::default().database_uri().to_owned(),
         };
         env.push(plain_env(MELTANO_DATABASE_URI, uri));
-        if let Some((name, value)) = search_path_option(&spec.schema_name()) {
+        if let Some((name, value)) = search_path_option(spec.schema_name()) {
             env.push(plain_env(&name, value));
         }
     }
