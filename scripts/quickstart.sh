@@ -8,10 +8,14 @@ cd "$(dirname "$0")/.."
 
 if [ -t 1 ]; then bold=$'\033[1m'; plain=$'\033[0m'; else bold=""; plain=""; fi
 say() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
-run() { printf '$ statekeeper %s\n' "$*"; ./target/release/statekeeper "$@"; }
-
-say "Building statekeeper (release)"
-cargo build --release --locked --bin statekeeper
+# STATEKEEPER_BIN: a statekeeper already built (the docs test runs this with its own build).
+bin=${STATEKEEPER_BIN:-}
+if [ -z "$bin" ]; then
+  say "Building statekeeper (release)"
+  cargo build --release --locked --bin statekeeper
+  bin=./target/release/statekeeper
+fi
+run() { printf '$ statekeeper %s\n' "$*"; "$bin" "$@"; }
 
 say "Starting a throwaway PostgreSQL"
 pg_env=$(scripts/throwaway-postgres.sh start --owner-pid $$)
@@ -54,7 +58,7 @@ run state upgrade
 export_file="$STATEKEEPER_PG_DIR/quickstart-export.json.zst"
 run state export --to "$export_file" --compression zstd
 run state init --schema quickstart_copy
-run state import --schema quickstart_copy --from "$export_file"
+run state import --schema quickstart_copy --from "$export_file" --replace
 run state status --schema quickstart_copy
 
 say "Done. The throwaway PostgreSQL is stopped and removed on exit."

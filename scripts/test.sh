@@ -6,7 +6,7 @@
 # S3-compatible test server), SQLMesh (pinned in tests/fixtures/sqlmesh-requirements.txt), Meltano
 # (pinned in tests/fixtures/meltano-requirements.txt, a virtualenv of its own),
 # kubernetes-validate and helm-python-sdk via pip into a private virtualenv; Azurite (the Azure
-# Blob Storage emulator) via npm into ~/.cache/statekeeper/node.
+# Blob Storage emulator) via npm into ~/.cache/statekeeper/node; jq (the docs use it) via apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,7 +55,12 @@ meltano_python=$(STATEKEEPER_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/statekeeper/v
 export STATEKEEPER_MELTANO="$(dirname "$meltano_python")/meltano"
 "$STATEKEEPER_MELTANO" --version
 
-step "cargo test (unit, engine, CLI, destinations, reconcilers, SQLMesh, Meltano, manifests, hostile specs)"
+step "tools the docs' shell blocks use (jq), for tests/docs.rs"
+if ! command -v jq >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends jq
+fi
+
+step "cargo test (unit, engine, CLI, destinations, reconcilers, SQLMesh, Meltano, manifests, hostile specs, docs)"
 cargo test --all-targets --locked --features failpoints -- --skip operator_makes_the_example_store_ready --skip crash:: \
   --skip eight_clients_at_once --skip the_operator_rides_out_a_database_outage
 

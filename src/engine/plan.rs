@@ -181,9 +181,11 @@ impl Store {
                 if !profile.owns_schema {
                     return Err(Error::InvalidOperation(format!(
                         "{} migrates its own state tables: upgrade it with a runner (a Job running \
-                         `{}`), or locally with `statekeeper state run --backup -- {}`",
+                         `{}`), or locally with `statekeeper state run --backup --framework {} \
+                         -- {}`",
                         profile.display_name,
                         profile.migrate_command.join(" "),
+                        profile.name,
                         profile.migrate_command.join(" ")
                     )));
                 }
