@@ -66,7 +66,7 @@ async fn s3_round_trip_uses_multipart_and_imports_every_row() {
         reader,
         &ImportOptions {
             mode: statekeeper::engine::ImportMode::Replace,
-            expected_sha256: Some(report.sha256.clone()),
+            expected_sha256: report.sha256.clone(),
         },
     )
     .await
@@ -259,6 +259,29 @@ async fn cli_exports_to_and_imports_from_s3_with_credentials_from_the_environmen
             .unwrap()
     };
     let endpoint = format!("endpoint={}", s3::endpoint());
+    // Without credentials: said so, not as the metadata service's refusal.
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+        .args(["state", "export", "--schema", "state", "--to", &url])
+        .args([
+            "--storage-option",
+            &endpoint,
+            "--storage-option",
+            "region=us-east-1",
+        ])
+        .env("STATEKEEPER_DATABASE_URL", &db.url)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no S3 credentials") && !err.contains("169.254"),
+        "{err} (after {:?})",
+        started.elapsed()
+    );
     let out = run(&[
         "state",
         "export",
@@ -351,7 +374,7 @@ async fn azure_round_trip_in_blocks_through_a_real_emulator() {
             destination.open().await.unwrap(),
             &ImportOptions {
                 mode: statekeeper::engine::ImportMode::Replace,
-                expected_sha256: Some(report.sha256.clone()),
+                expected_sha256: report.sha256.clone(),
             },
         )
         .await

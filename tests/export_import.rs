@@ -109,7 +109,7 @@ async fn full_round_trip_reproduces_every_row_with_every_compression() {
         )
         .await;
         assert_eq!(report.bytes as usize, bytes.len());
-        assert_eq!(report.sha256.len(), 64);
+        assert_eq!(report.sha256.as_ref().map(String::len), Some(64));
         assert_eq!(report.rows["model_versions"], 2_000);
         assert_eq!(report.rows["virtual_environments"], 10);
         if compression == Compression::None {
@@ -131,13 +131,13 @@ async fn full_round_trip_reproduces_every_row_with_every_compression() {
                 std::io::Cursor::new(bytes.clone()),
                 &ImportOptions {
                     mode: ImportMode::Replace,
-                    expected_sha256: Some(report.sha256.clone()),
+                    expected_sha256: report.sha256.clone(),
                 },
             )
             .await
             .unwrap();
         assert_eq!(imported.compression, compression);
-        assert_eq!(imported.sha256, report.sha256);
+        assert_eq!(Some(imported.sha256), report.sha256);
         assert_eq!(imported.environments, 10);
         assert_eq!(imported.rows["model_versions"], 2_000);
         let copy = current_state(&b).await;
@@ -263,7 +263,7 @@ async fn environment_filtered_export_imports_on_its_own() {
         .await
         .unwrap_err();
     assert!(
-        matches!(unknown, Error::UnknownEnvironments(ref e) if e == &["nope".to_string()]),
+        matches!(unknown, Error::UnknownEnvironments { ref names, what: "environments" } if names == &["nope".to_string()]),
         "{unknown}"
     );
 }

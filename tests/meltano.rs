@@ -56,7 +56,7 @@ async fn with_state() -> (TestDb, Project) {
 
 #[tokio::test]
 async fn status_reports_meltanos_revision_and_counts_as_sql_gives_them() {
-    let (db, _project) = with_state().await;
+    let (db, project) = with_state().await;
     let out = cli(
         &db.url,
         &["state", "--framework", "meltano", "-o", "json", "status"],
@@ -99,6 +99,55 @@ async fn status_reports_meltanos_revision_and_counts_as_sql_gives_them() {
     let report = meltano_store(&db).await.status().await.unwrap();
     assert_eq!(report.counts["stale_runs"], 1);
     assert_eq!(report.counts["running_runs"], 1);
+
+    // The text says what is true: the Alembic revision (the numeric version is only its
+    // fingerprint), the time of the newest state update (not a count), backups by revision.
+    cli_ok(&db.url, &["backup"]);
+    let before_update = cli_ok(&db.url, &["status"]);
+    assert!(
+        before_update.contains("none recorded"),
+        "Meltano records updated_at on updates only: {before_update}"
+    );
+    project.set("dev:tap-a-to-target-x", &bookmark(9));
+    let text = cli_ok(&db.url, &["status"]);
+    let fingerprint = status["currentVersion"].to_string();
+    assert!(
+        text.contains(&format!(
+            "Meltano schema \"public\": Alembic revision {revision}"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains(&fingerprint), "no fingerprint: {text}");
+    let newest = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("newest_state_update"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(newest.contains(" UTC"), "a time: {newest}");
+    let backup = text.lines().last().unwrap();
+    assert!(
+        backup.contains(&format!("Meltano, Alembic revision {revision}")),
+        "{backup}"
+    );
+    // Exact exports count the state IDs they hold, in the right number.
+    let dir = std::env::temp_dir().join(format!("sk-meltano-status-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("exact.json");
+    let exported = cli_ok(&db.url, &["export", "--to", file.to_str().unwrap()]);
+    assert!(exported.contains("3 state IDs"), "{exported}");
+    assert!(
+        !exported.contains("sha256") || exported.contains("sha256 "),
+        "{exported}"
+    );
+    let folder = format!("file://{}/backend", dir.display());
+    let to_folder = cli_ok(
+        &db.url,
+        &["export", "--format", "meltano-backend", "--to", &folder],
+    );
+    assert!(
+        to_folder.contains("3 state IDs") && !to_folder.contains("sha256"),
+        "a folder has no sha256: {to_folder}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
@@ -167,7 +216,7 @@ async fn exact_exports_round_trip_a_meltano_database_bit_for_bit() {
         .import(
             std::io::Cursor::new(bytes),
             &ImportOptions {
-                expected_sha256: Some(report.sha256.clone()),
+                expected_sha256: report.sha256.clone(),
                 ..ImportOptions::replace()
             },
         )
@@ -459,7 +508,11 @@ async fn our_meltano_format_export_is_what_meltano_exports_and_imports() {
     );
     let out = export(&["--state-id", "nope", "--to", "-"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("state IDs not found in the store: nope"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -626,10 +679,13 @@ async fn we_import_meltanos_own_export_with_replace_and_merge() {
     }
     let truncated = dir.join("truncated.json");
     std::fs::write(&truncated, br#"{"dev:x": {"completed": {"a": 1}"#).unwrap();
-    assert!(
-        !import(&merged_db.url, "--replace", &truncated)
-            .status
-            .success()
+    let out = import(&merged_db.url, "--replace", &truncated);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one error line, no warning from an unfinished COPY: {err}"
     );
     assert_eq!(tables(&merged_db).await, before, "nothing changed");
 

@@ -21,20 +21,15 @@ fn steps(applied: &[crate::engine::store::AppliedStep]) -> String {
 }
 
 fn backup_line(b: &BackupInfo) -> String {
-    let details = b
-        .version_details
-        .iter()
-        .map(|(k, v)| format!(", {k} {v}"))
-        .collect::<String>();
     format!(
-        "{}  {} version {}{}  {}  {} tables, {} rows  ({})",
+        "{}  {}, {}  {}  {}, {}  ({})",
         b.id,
         b.framework.profile().display_name,
-        b.schema_version,
-        details,
+        b.framework
+            .describe_version(b.schema_version, &b.version_details),
         b.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
-        b.tables,
-        b.rows,
+        counted(b.tables.max(0) as u64, "tables"),
+        counted(b.rows.max(0) as u64, "rows"),
         b.reason
     )
 }
@@ -112,19 +107,30 @@ pub fn status(r: &StatusReport, json: bool) -> String {
             }
         ),
         None => format!(
-            "{} schema \"{}\": state schema version {}{}",
+            "{} schema \"{}\": {}",
             profile.display_name,
             r.schema,
-            r.current_version,
-            r.versions
-                .iter()
-                .map(|(k, v)| format!(", {k} {v}"))
-                .collect::<String>()
+            r.framework.describe_version(r.current_version, &r.versions)
         ),
     };
     let mut out = vec![headline];
-    out.push("rows:".into());
-    out.extend(r.counts.iter().map(|(t, n)| format!("  {t:<34} {n}")));
+    out.push("counts:".into());
+    out.extend(
+        r.counts
+            .iter()
+            .map(|(name, n)| match name.strip_suffix("_epoch_seconds") {
+                // A time, not a count: when it happened, if it was recorded.
+                Some(what) => format!(
+                    "  {what:<34} {}",
+                    chrono::DateTime::from_timestamp(*n, 0)
+                        .filter(|_| *n > 0)
+                        .map_or("none recorded".to_owned(), |t| {
+                            t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+                        })
+                ),
+                None => format!("  {name:<34} {n}"),
+            }),
+    );
     out.push(format!("backups: {}", r.backups.len()));
     out.extend(r.backups.iter().map(|b| format!("  {}", backup_line(b))));
     out.join("\n")
@@ -220,9 +226,9 @@ pub fn janitor(r: &JanitorReport, released: &[String], json: bool) -> String {
     }
     let verb = if r.dry_run { "would remove" } else { "removed" };
     let header = format!(
-        "janitor {verb} (in {} ms, {} batches{}):",
+        "janitor {verb} (in {} ms, {}{}):",
         r.duration.as_millis(),
-        r.batches,
+        counted(r.batches, "batches"),
         if r.dry_run {
             ", dry run: nothing was changed"
         } else {
@@ -252,16 +258,6 @@ pub fn janitor(r: &JanitorReport, released: &[String], json: bool) -> String {
 }
 
 /// The export summary; with stdout as the destination it goes to stderr (stdout is the data).
-/// What a format's environments are called: Meltano's are state IDs.
-fn groups(format: crate::engine::ExportFormat) -> &'static str {
-    match format {
-        crate::engine::ExportFormat::Meltano | crate::engine::ExportFormat::MeltanoBackend => {
-            "state IDs"
-        }
-        _ => "environments",
-    }
-}
-
 pub fn exported(r: &ExportReport, to: &str, json: bool) -> String {
     let summary = if json {
         let mut value = serde_json::to_value(r).unwrap_or_default();
@@ -269,16 +265,7 @@ pub fn exported(r: &ExportReport, to: &str, json: bool) -> String {
         value["destination"] = serde_json::json!(to);
         serde_json::to_string_pretty(&value).unwrap_or_default()
     } else {
-        format!(
-            "exported {} rows ({} {}, schema version {}) to {to}: {}, sha256 {} in {:.1}s",
-            r.total_rows(),
-            r.environments,
-            groups(r.format),
-            r.schema_version,
-            super::transfer::human_bytes(r.bytes),
-            r.sha256,
-            r.duration.as_secs_f64()
-        )
+        format!("{} in {:.1}s", r.summary(to), r.duration.as_secs_f64())
     };
     if to == "-" {
         eprintln!("{summary}");
@@ -297,8 +284,9 @@ pub fn imported(r: &ImportReport, from: &str, json: bool) -> String {
     }
     let rows: u64 = r.rows.values().sum();
     let mut out = format!(
-        "imported {rows} rows ({}) from {from} ({}, sha256 {}) in {:.1}s",
-        counted(r.environments, groups(r.format)),
+        "imported {} ({}) from {from} ({}, sha256 {}) in {:.1}s",
+        counted(rows, "rows"),
+        counted(r.environments, r.framework.profile().entities.noun),
         super::transfer::human_bytes(r.bytes),
         r.sha256,
         r.duration.as_secs_f64(),

@@ -357,18 +357,12 @@ async fn reconcile_one_shot(
         Ok(report) => {
             status.phase = Some(PHASE_SUCCEEDED.into());
             status.bytes = Some(report.bytes);
-            status.sha256 = Some(report.sha256.clone());
+            status.sha256 = report.sha256.clone();
             status.environments = Some(report.environments);
             status.schema_version = Some(report.schema_version);
             status.duration_ms = Some(report.duration.as_millis() as u64);
             status.finished_at = Some(ctx.now().to_string());
-            let message = format!(
-                "exported {} rows ({} environments) to {url}: {} bytes, sha256 {}",
-                report.total_rows(),
-                report.environments,
-                report.bytes,
-                report.sha256
-            );
+            let message = report.summary(&url);
             status.rows = Some(report.rows);
             ctx.reset_failures(&key).await;
             ctx.metrics.record_export(

@@ -101,6 +101,10 @@ pub struct Destination {
     url: String,
     /// Option values that must never appear in error text.
     secrets: Vec<String>,
+    /// S3 without credentials in its options: object_store then asks the instance metadata
+    /// service, whose refusal ("PUT http://169.254.169.254/latest/api/token … 403") is said as
+    /// what it means.
+    no_credentials_given: bool,
 }
 
 impl std::fmt::Debug for Destination {
@@ -203,6 +207,13 @@ impl Destination {
             Scheme::Azure => build_store!(MicrosoftAzureBuilder::new().with_url(url), &config),
         };
         let (store, multipart) = built.map_err(|e| invalid(redact(&e.to_string(), &secrets)))?;
+        let no_credentials_given = scheme == Scheme::S3
+            && !config.iter().any(|(key, _)| {
+                key.ends_with("access_key_id")
+                    || key.ends_with("skip_signature")
+                    || key.contains("web_identity")
+                    || key.contains("container_credentials")
+            });
         Ok(Self {
             store,
             multipart,
@@ -210,6 +221,7 @@ impl Destination {
             path,
             url: url.to_owned(),
             secrets,
+            no_credentials_given,
         })
     }
 
@@ -263,6 +275,7 @@ impl Destination {
             path: object_path,
             url: url.to_owned(),
             secrets,
+            no_credentials_given: false,
         })
     }
 
@@ -505,9 +518,20 @@ impl Destination {
     }
 
     fn unavailable(&self, what: &str, e: object_store::Error) -> Error {
+        let text = e.to_string();
+        if self.no_credentials_given && text.contains("169.254.169.254") {
+            return Error::DestinationUnavailable {
+                url: self.url.clone(),
+                reason: "no S3 credentials: none were given (the aws_access_key_id and \
+                         aws_secret_access_key options, AWS_ACCESS_KEY_ID and \
+                         AWS_SECRET_ACCESS_KEY, or the destination's credentialsSecretRef in the \
+                         operator), and no instance metadata service gave any"
+                    .into(),
+            };
+        }
         Error::DestinationUnavailable {
             url: self.url.clone(),
-            reason: format!("{what}: {}", redact(&e.to_string(), &self.secrets)),
+            reason: format!("{what}: {}", redact(&text, &self.secrets)),
         }
     }
 }

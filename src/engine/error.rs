@@ -153,8 +153,12 @@ pub enum Error {
     )]
     Busy { schema: String, waited: Duration },
 
-    #[error("environments not found in the store: {}", .0.join(", "))]
-    UnknownEnvironments(Vec<String>),
+    #[error("{what} not found in the store: {}", .names.join(", "))]
+    UnknownEnvironments {
+        /// "environments", or Meltano's "state IDs".
+        what: &'static str,
+        names: Vec<String>,
+    },
 
     #[error("cannot use \"{url}\": {reason}")]
     InvalidDestination { url: String, reason: String },
@@ -240,7 +244,7 @@ impl Error {
             Error::IncompatibleBackup { .. } => "IncompatibleBackup",
             Error::MigrationFailed { .. } => "MigrationFailed",
             Error::Busy { .. } => "StoreBusy",
-            Error::UnknownEnvironments(_) => "UnknownEnvironments",
+            Error::UnknownEnvironments { .. } => "UnknownEnvironments",
             Error::InvalidDestination { .. } => "InvalidDestination",
             Error::DestinationUnavailable { .. } => "DestinationUnavailable",
             Error::InvalidExportRequest(_) => "InvalidExportRequest",

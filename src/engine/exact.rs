@@ -76,6 +76,7 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     use_text_settings(tx).await?;
     let version = store.require_initialized(tx).await?;
     report.schema_version = version.schema_version;
+    report.versions = version.details.clone();
     let metadata = Metadata {
         timestamp: chrono::Utc::now().to_rfc3339(),
         file_version: FILE_VERSION,
@@ -119,7 +120,15 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
         out.write(b"]}").await?;
         report.rows.insert(table.clone(), rows);
     }
+    report.environments = environments_in(store, &report.rows);
     out.write(b"}}\n").await
+}
+
+/// How many environments (Meltano: state IDs) a store's table rows hold.
+fn environments_in(store: &Store, rows: &BTreeMap<String, u64>) -> u64 {
+    rows.get(store.profile().entities.table)
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Reads `tables` (the section after the header).
@@ -313,11 +322,12 @@ pub(crate) async fn import(
     tx.commit().await?;
     crate::engine::failpoint::hit("import.committed");
     Ok(ImportReport {
+        framework: store.framework(),
         mode: ImportMode::Replace,
         format: ExportFormat::Exact,
         source_store: metadata.store,
         schema_version: current.schema_version,
-        environments: 0,
+        environments: environments_in(store, &staged.counts),
         rows: staged.counts,
         bytes: staged.bytes,
         sha256: staged.sha256,

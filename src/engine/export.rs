@@ -16,6 +16,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use super::Error;
 use super::destination::Destination;
 use super::frameworks::{ExportFormat, Framework};
+use super::identifier::quote_ident;
 use super::io::Observed;
 use super::store::Store;
 
@@ -67,13 +68,17 @@ pub struct ExportReport {
     pub framework: Framework,
     pub format: ExportFormat,
     pub schema_version: i32,
+    /// Further version facts (SQLMesh's version, Meltano's Alembic revision).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub versions: BTreeMap<String, String>,
     pub environments: u64,
     /// Rows per table.
     pub rows: BTreeMap<String, u64>,
     /// Bytes written, after compression.
     pub bytes: u64,
-    /// Hex sha256 of the bytes written.
-    pub sha256: String,
+    /// Hex sha256 of the bytes written; none for a folder of files (`meltano-backend`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     pub compression: Compression,
     #[serde(skip)]
     pub duration: Duration,
@@ -82,6 +87,23 @@ pub struct ExportReport {
 impl ExportReport {
     pub fn total_rows(&self) -> u64 {
         self.rows.values().sum()
+    }
+
+    /// One line for people: what went where.
+    pub fn summary(&self, to: &str) -> String {
+        let groups = self.framework.profile().entities.noun;
+        format!(
+            "exported {} ({}, {}) to {to}: {}{}",
+            super::words::counted(self.total_rows(), "rows"),
+            super::words::counted(self.environments, groups),
+            self.framework
+                .describe_version(self.schema_version, &self.versions),
+            super::words::counted(self.bytes, "bytes"),
+            self.sha256
+                .as_ref()
+                .map(|sha| format!(", sha256 {sha}"))
+                .unwrap_or_default(),
+        )
     }
 }
 
@@ -253,22 +275,26 @@ impl Store {
         )
         .finish();
         report.bytes = bytes;
-        report.sha256 = sha256;
+        report.sha256 = Some(sha256);
         report.duration = started.elapsed();
         Ok((report, writer))
     }
 }
 
-/// Fails with the names in `wanted` that the `column` of `table` (qualified; an environments
-/// table's `name`, Meltano's `state_id`) does not hold.
+/// Fails with the names in `wanted` that the store does not hold (its environments, Meltano's
+/// state IDs).
 pub(crate) async fn refuse_unknown_environments(
+    store: &Store,
     conn: &mut PgConnection,
-    table: &str,
-    column: &str,
     wanted: &[String],
 ) -> Result<(), Error> {
+    let entities = &store.profile().entities;
     let missing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT w FROM unnest($1::text[]) w WHERE NOT EXISTS (SELECT 1 FROM {table} e WHERE e.{column} = w) ORDER BY 1"
+        "SELECT w FROM unnest($1::text[]) w WHERE NOT EXISTS \
+         (SELECT 1 FROM {}.{} e WHERE e.{} = w) ORDER BY 1",
+        store.schema().quoted(),
+        quote_ident(entities.table),
+        quote_ident(entities.key)
     )))
     .bind(wanted)
     .fetch_all(conn)
@@ -276,7 +302,10 @@ pub(crate) async fn refuse_unknown_environments(
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(Error::UnknownEnvironments(missing))
+        Err(Error::UnknownEnvironments {
+            what: entities.noun,
+            names: missing,
+        })
     }
 }
 

@@ -65,6 +65,8 @@ impl ImportOptions {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ImportReport {
+    /// The framework of the store imported into.
+    pub framework: super::frameworks::Framework,
     pub mode: ImportMode,
     /// The file's format, detected from its content.
     pub format: ExportFormat,
@@ -725,39 +727,58 @@ impl Incoming<'_> {
         let mut tables = Vec::new();
         let (counts, environments) = {
             let mut copy = conn.copy_in_raw(copy_sql).await?;
-            let mut buffer = Vec::with_capacity(512 * 1024);
-            buffer.extend_from_slice(BINARY_SIGNATURE);
-            buffer.extend_from_slice(&BINARY_FLAGS_AND_EXTENSION);
-            let (counts, environments) = loop {
-                let rows = match self.rx.recv().await {
-                    Some(Message::Rows(rows)) => rows,
-                    Some(Message::Table { name, columns }) => {
-                        tables.push((name, columns));
-                        continue;
+            let streamed = async {
+                let mut buffer = Vec::with_capacity(512 * 1024);
+                buffer.extend_from_slice(BINARY_SIGNATURE);
+                buffer.extend_from_slice(&BINARY_FLAGS_AND_EXTENSION);
+                let ended = loop {
+                    let rows = match self.rx.recv().await {
+                        Some(Message::Rows(rows)) => rows,
+                        Some(Message::Table { name, columns }) => {
+                            tables.push((name, columns));
+                            continue;
+                        }
+                        Some(Message::End {
+                            counts,
+                            environments,
+                        }) => break (counts, environments),
+                        Some(Message::Header(..)) => {
+                            return Err(Error::InvalidExport("the header appears twice".into()));
+                        }
+                        // The parser stopped without finishing: the caller reports its error.
+                        None => return Err(Error::InvalidExport(STREAM_ENDED.into())),
+                    };
+                    for row in &rows {
+                        encode(row, &mut buffer)?;
                     }
-                    Some(Message::End {
-                        counts,
-                        environments,
-                    }) => break (counts, environments),
-                    Some(Message::Header(..)) => {
-                        return Err(Error::InvalidExport("the header appears twice".into()));
+                    if buffer.len() >= 256 * 1024 {
+                        copy.send(std::mem::take(&mut buffer)).await?;
+                        super::failpoint::hit("import.staged_batch");
                     }
-                    // The parser stopped without finishing: the caller reports its error.
-                    None => return Err(Error::InvalidExport(STREAM_ENDED.into())),
                 };
-                for row in &rows {
-                    encode(row, &mut buffer)?;
+                buffer.extend_from_slice(BINARY_TRAILER);
+                copy.send(buffer).await?;
+                Ok::<_, Error>(ended)
+            }
+            .await;
+            match streamed {
+                Ok(ended) => {
+                    copy.finish().await.map_err(|e| invalid(&e))?;
+                    super::failpoint::hit("import.staged");
+                    ended
                 }
-                if buffer.len() >= 256 * 1024 {
-                    copy.send(std::mem::take(&mut buffer)).await?;
-                    super::failpoint::hit("import.staged_batch");
+                // The COPY is ended (the rows sent so far are whole, and go only into this
+                // transaction's staging, which the error rolls back), so that the connection
+                // is in step with the server and sqlx has no unfinished COPY to warn about. Not
+                // `abort`: after a row the server already refused, it leaves the connection
+                // out of step.
+                Err(e) => {
+                    if copy.send(BINARY_TRAILER).await.is_ok() {
+                        let _ = copy.finish().await;
+                    }
+                    return Err(e);
                 }
-            };
-            buffer.extend_from_slice(BINARY_TRAILER);
-            copy.send(buffer).await?;
-            copy.finish().await.map_err(|e| invalid(&e))?;
-            super::failpoint::hit("import.staged");
-            (counts, environments)
+            }
         };
         let (bytes, sha256) = std::mem::take(
             &mut *self

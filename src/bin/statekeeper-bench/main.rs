@@ -499,7 +499,7 @@ async fn export_import_round(
         )
         .await?;
     let import_peak_mib = peak_rss_mib();
-    if imported.sha256 != report.sha256 {
+    if Some(&imported.sha256) != report.sha256.as_ref() {
         return Err("the imported file's sha256 differs from the export's".into());
     }
     // Keep the database small between rounds: the import's pre-import backup of an empty store.

@@ -132,7 +132,14 @@ impl std::str::FromStr for ExportFormat {
             .copied()
             .find(|f| f.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown format \"{s}\" (use exact, statekeeper, sqlmesh or meltano)")
+                format!(
+                    "unknown format \"{s}\" (use {})",
+                    ExportFormat::ALL
+                        .iter()
+                        .map(|f| f.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             })
     }
 }
@@ -312,6 +319,40 @@ pub struct StoreVersion {
     /// Further version facts (SQLMesh: `sqlmeshVersion`, `sqlglotVersion`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub details: BTreeMap<String, String>,
+}
+
+impl Framework {
+    /// A store's version as its framework's users know it: statekeeper's schema version,
+    /// SQLMesh's state schema version (with SQLMesh's own), Meltano's Alembic revision (whose
+    /// `schema_version` is only a fingerprint).
+    pub fn describe_version(
+        self,
+        schema_version: i32,
+        details: &BTreeMap<String, String>,
+    ) -> String {
+        match self {
+            Framework::Statekeeper => format!("schema version {schema_version}"),
+            Framework::Sqlmesh => {
+                let tools: Vec<String> =
+                    [("sqlmeshVersion", "SQLMesh"), ("sqlglotVersion", "SQLGlot")]
+                        .iter()
+                        .filter_map(|(key, name)| details.get(*key).map(|v| format!("{name} {v}")))
+                        .collect();
+                if tools.is_empty() {
+                    format!("state schema version {schema_version}")
+                } else {
+                    format!(
+                        "state schema version {schema_version} ({})",
+                        tools.join(", ")
+                    )
+                }
+            }
+            Framework::Meltano => match details.get("alembicRevision") {
+                Some(revision) => format!("Alembic revision {revision}"),
+                None => format!("Alembic revision fingerprint {schema_version}"),
+            },
+        }
+    }
 }
 
 /// The store's version, `None` when its framework has not created it yet. Fails when the store

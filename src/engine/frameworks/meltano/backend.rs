@@ -10,7 +10,6 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use serde_json::value::RawValue;
-use sha2::{Digest, Sha256};
 use sqlx::AssertSqlSafe;
 use tokio::io::AsyncWriteExt;
 
@@ -108,15 +107,10 @@ impl Store {
              FROM {s}.state{filter} ORDER BY state_id"
         )))
         .fetch(&mut *tx);
-        let mut digest = Sha256::new();
         let mut count = 0u64;
         let mut bytes = 0u64;
         rows.map_err(Error::from)
             .map_ok(|(id, state)| {
-                digest.update(id.as_bytes());
-                digest.update(b"\n");
-                digest.update(state.as_bytes());
-                digest.update(b"\n");
                 count += 1;
                 bytes += state.len() as u64;
                 write_state(prefix, id, state, locks)
@@ -130,10 +124,11 @@ impl Store {
             framework: self.framework(),
             format: ExportFormat::MeltanoBackend,
             schema_version: version.schema_version,
+            versions: version.details.clone(),
             environments: count,
             rows: [("state".to_owned(), count)].into(),
             bytes,
-            sha256: hex::encode(digest.finalize()),
+            sha256: None,
             compression: Compression::None,
             duration: started.elapsed(),
         })

@@ -24,6 +24,7 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
 ) -> Result<(), Error> {
     let version = store.require_initialized(tx).await?;
     report.schema_version = version.schema_version;
+    report.versions = version.details.clone();
     let s = store.schema().quoted();
     let filter = selection(store, tx, options).await?;
     // The columns as COPY's text sends them; each state is checked and written on the client
@@ -110,13 +111,12 @@ pub(crate) async fn selection(
     let Some(wanted) = &options.environments else {
         return Ok(String::new());
     };
-    let s = store.schema().quoted();
     let exact: Vec<String> = wanted
         .iter()
         .filter(|w| !w.contains('*'))
         .cloned()
         .collect();
-    refuse_unknown_environments(tx, &format!("{s}.state"), "state_id", &exact).await?;
+    refuse_unknown_environments(store, tx, &exact).await?;
     let patterns: Vec<String> = wanted
         .iter()
         .map(|w| quote_literal(&like_pattern(w)))

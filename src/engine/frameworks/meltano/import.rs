@@ -192,6 +192,7 @@ pub(crate) async fn import(
     tx.commit().await?;
     crate::engine::failpoint::hit("import.committed");
     Ok(ImportReport {
+        framework: store.framework(),
         mode,
         format: ExportFormat::Meltano,
         source_store: String::new(),

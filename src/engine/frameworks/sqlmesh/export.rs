@@ -37,9 +37,10 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
 ) -> Result<(), Error> {
     let version = store.require_initialized(tx).await?;
     report.schema_version = version.schema_version;
+    report.versions = version.details.clone();
     let s = store.schema().quoted();
     if let Some(wanted) = &options.environments {
-        refuse_unknown_environments(tx, &format!("{s}._environments"), "name", wanted).await?;
+        refuse_unknown_environments(store, tx, wanted).await?;
     }
     let versions: String = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT json_build_object('schema_version', schema_version, 'sqlglot_version', sqlglot_version, 'sqlmesh_version', sqlmesh_version)::text FROM {s}._versions"

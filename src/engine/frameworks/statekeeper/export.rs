@@ -53,8 +53,7 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     report.schema_version = schema_version;
     let s = store.schema().quoted();
     if let Some(wanted) = &options.environments {
-        refuse_unknown_environments(tx, &format!("{s}.virtual_environments"), "name", wanted)
-            .await?;
+        refuse_unknown_environments(store, tx, wanted).await?;
     }
     // Timestamps are written in UTC whatever the server's zone, so that equal stores give equal
     // files anywhere; `stream_table_as_objects` writes them so and PostgreSQL's JSON follows.

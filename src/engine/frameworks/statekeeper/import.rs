@@ -242,6 +242,7 @@ pub(crate) async fn import(
     tx.commit().await?;
     crate::engine::failpoint::hit("import.committed");
     Ok(ImportReport {
+        framework: store.framework(),
         mode: incoming.options.mode,
         format: ExportFormat::Statekeeper,
         source_store,
