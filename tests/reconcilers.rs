@@ -582,3 +582,62 @@ async fn a_store_of_the_wrong_framework_says_which_one_the_database_holds() {
     );
     assert_eq!(condition(&store, "Stalled").0, "True", "{store:?}");
 }
+
+/// A full connection budget is not an unreachable database: a store that finds every one of the
+/// operator's connections busy waits for one, and when the wait is long says so in Reconciling
+/// while Ready keeps what was last observed (on a leader takeover, stores in eight of eleven
+/// databases had turned Ready=False "DatabaseUnreachable" with PostgreSQL healthy).
+#[tokio::test]
+async fn a_store_waits_for_a_connection_slot_and_stays_ready() {
+    let (a_db, b_db) = (TestDb::new().await, TestDb::new().await);
+    let h = Harness::with_settings(statekeeper::controller::Settings {
+        max_db_connections: 1,
+        connections_per_database: 1,
+        connection_slot_wait: Duration::from_millis(800),
+        ..Default::default()
+    });
+    put_secret(&h.kube, "pg-credentials", &[("password", &a_db.password())]);
+    let (a, b) = (
+        store_for(&a_db, "a", json!({})),
+        store_for(&b_db, "b", json!({})),
+    );
+    assert_eq!(condition(&h.reconcile(&a).await.1, "Ready").0, "True");
+    // B takes the one connection slot (A's pool is idle, so it is closed to make room).
+    assert_eq!(condition(&h.reconcile(&b).await.1, "Ready").0, "True");
+
+    // B's next check holds that connection for a while (it waits for a table lock).
+    let mut locker = b_db.conn().await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE sqlmesh_state.model_versions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let ((_, _), (action, waited)) = tokio::join!(h.reconcile(&b), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let checked = h.reconcile(&a).await;
+        // B's check may go on now.
+        sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+        checked
+    });
+    let (ready, reason, _) = condition(&waited, "Ready");
+    assert_eq!((ready, reason), ("True", "StoreReady"), "Ready stands");
+    let (reconciling, reason, message) = condition(&waited, "Reconciling");
+    assert_eq!((reconciling, reason), ("True", "WaitingForConnection"));
+    assert!(message.contains("--max-db-connections"), "{message}");
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(5)),
+        "no backoff"
+    );
+    assert!(
+        !h.event_reasons()
+            .iter()
+            .any(|(_, r)| r == "DatabaseUnreachable"),
+        "{:?}",
+        h.event_reasons()
+    );
+
+    // Once a connection is free, A is checked as usual.
+    let (_, again) = h.reconcile(&a).await;
+    assert_eq!(condition(&again, "Ready").0, "True");
+    assert_eq!(condition(&again, "Reconciling").1, "StoreReady");
+}

@@ -28,7 +28,7 @@ use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Client};
 
 use crate::api::StateStore;
-use crate::engine::{ConnectionSettings, Error as EngineError};
+use crate::engine::ConnectionSettings;
 use state_store::PoolCache;
 use telemetry::Metrics;
 
@@ -122,6 +122,7 @@ impl OperatorArgs {
             ),
             max_db_connections: self.max_db_connections.max(1),
             connections_per_database: self.connections_per_database.max(1),
+            connection_slot_wait: state_store::SLOT_WAIT,
         }
     }
 }
@@ -138,6 +139,8 @@ pub struct Settings {
     pub max_db_connections: u32,
     /// Database connections one database (every store in it) gets at most.
     pub connections_per_database: u32,
+    /// How long a reconcile waits for a free connection slot before it reports the wait.
+    pub connection_slot_wait: Duration,
 }
 
 impl Default for Settings {
@@ -150,6 +153,7 @@ impl Default for Settings {
             lock_timeout: crate::engine::store::DEFAULT_LOCK_TIMEOUT,
             max_db_connections: 16,
             connections_per_database: 4,
+            connection_slot_wait: state_store::SLOT_WAIT,
         }
     }
 }
@@ -178,7 +182,8 @@ impl Context {
             pools: PoolCache::new(
                 settings.max_db_connections,
                 settings.connections_per_database,
-            ),
+            )
+            .with_slot_wait(settings.connection_slot_wait),
             settings,
             metrics: Arc::default(),
             failures: Default::default(),
@@ -258,7 +263,7 @@ impl Context {
         key: &str,
         settings: &ConnectionSettings,
         secrets: &[String],
-    ) -> Result<sqlx::PgPool, EngineError> {
+    ) -> Result<sqlx::PgPool, state_store::PoolError> {
         self.pools.get_or_connect(key, settings, secrets).await
     }
 

@@ -29,6 +29,8 @@ use crate::engine::{
 pub const CONNECTED: &str = "Connected";
 pub const INITIALIZED: &str = "Initialized";
 pub const SCHEMA_UP_TO_DATE: &str = "SchemaUpToDate";
+/// The reason while a store waits for one of the operator's database connections.
+pub const WAITING_FOR_CONNECTION: &str = "WaitingForConnection";
 
 /// What the reconciler found, before it is turned into conditions.
 #[derive(Debug)]
@@ -48,6 +50,9 @@ pub enum Observation {
     /// The store's tables do not exist, and statekeeper may not (`initPolicy: Never`) or cannot
     /// (the framework creates them) create them.
     NotInitialized { message: String },
+    /// Every database connection of this operator is in use (`--max-db-connections`) and none
+    /// became free in time: nothing is known about the store, nothing is wrong with it.
+    WaitingForConnection { message: String },
     /// The store answered, but is not something this operator can manage.
     StoreFailed {
         reason: &'static str,
@@ -62,6 +67,9 @@ pub enum Observation {
 impl Observation {
     /// Why the store cannot be used (the reason and message of `Ready=False`); None when healthy.
     pub fn problem(&self) -> Option<(String, String)> {
+        if let Observation::WaitingForConnection { message } = self {
+            return Some((WAITING_FOR_CONNECTION.into(), message.clone()));
+        }
         decide(self)
             .into_iter()
             .find(|d| d.type_ == READY && !d.status)
@@ -94,6 +102,13 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
         out
     };
     match observation {
+        // Only Reconciling says so; every other condition keeps what was last observed.
+        Observation::WaitingForConnection { message } => vec![Desired::new(
+            RECONCILING,
+            true,
+            WAITING_FOR_CONNECTION,
+            message,
+        )],
         Observation::InvalidSpec(message) => failed(None, None, "InvalidSpec", message),
         Observation::SecretProblem { reason, message }
         | Observation::ConnectFailed { reason, message } => {
@@ -129,8 +144,11 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
                     true,
                     "ManagedByFramework",
                     format!(
-                        "{} migrates its own state tables; state schema version {}",
-                        profile.display_name, report.current_version
+                        "{} migrates its own state tables; {}",
+                        profile.display_name,
+                        report
+                            .framework
+                            .describe_version(report.current_version, &report.versions)
                     ),
                 )
             } else if report.pending.is_empty() {
@@ -167,15 +185,12 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
                 )
             } else {
                 format!(
-                    "{} state in schema \"{}\" (state schema version {}{}): {}, {} backups",
+                    "{} state in schema \"{}\" ({}): {}, {} backups",
                     profile.display_name,
                     report.schema,
-                    report.current_version,
                     report
-                        .versions
-                        .iter()
-                        .map(|(k, v)| format!(", {k} {v}"))
-                        .collect::<String>(),
+                        .framework
+                        .describe_version(report.current_version, &report.versions),
                     profile
                         .counts
                         .iter()
@@ -330,7 +345,25 @@ pub async fn reconcile(
         _ => None,
     };
 
+    let waiting = matches!(observation, Observation::WaitingForConnection { .. });
     let mut desired = decide(&observation);
+    if waiting {
+        // A full connection budget is not news about the store: what was last observed stands.
+        desired.extend(
+            previous
+                .conditions
+                .iter()
+                .filter(|c| c.type_ != RECONCILING && c.type_ != store_janitor::JANITOR_SUCCEEDED)
+                .filter_map(|c| {
+                    [READY, STALLED, CONNECTED, INITIALIZED, SCHEMA_UP_TO_DATE]
+                        .into_iter()
+                        .find(|t| *t == c.type_)
+                        .map(|t| {
+                            Desired::new(t, c.status == "True", c.reason.clone(), c.message.clone())
+                        })
+                }),
+        );
+    }
     match &janitor {
         Some(step) => desired.extend(step.condition.clone()),
         // While the store cannot be observed, the last janitor verdict still stands.
@@ -417,10 +450,12 @@ pub async fn reconcile(
         namespace: namespace.clone(),
         name: name.clone(),
     };
-    ctx.metrics
-        .store_ready
-        .get_or_create(&labels)
-        .set(i64::from(healthy));
+    if !waiting {
+        ctx.metrics
+            .store_ready
+            .get_or_create(&labels)
+            .set(i64::from(healthy));
+    }
     if let Some(version) = status.schema_version {
         ctx.metrics
             .store_schema_version
@@ -435,6 +470,9 @@ pub async fn reconcile(
     Ok(if healthy {
         ctx.reset_failures(&key).await;
         Action::requeue(janitor.map_or(ctx.settings.resync_interval, |step| step.requeue))
+    } else if waiting {
+        // Not a failure: no backoff, another try as soon as connections may have come free.
+        Action::requeue(ctx.settings.min_backoff)
     } else {
         Action::requeue(ctx.next_backoff(&key).await)
     })
@@ -490,7 +528,17 @@ pub async fn connect(
                 .with_lock_timeout(ctx.settings.lock_timeout),
             secrets,
         )),
-        Err(e) => Err((
+        Err(PoolError::NoSlot { budget, waited }) => Err((
+            Observation::WaitingForConnection {
+                message: format!(
+                    "waiting for a database connection: all {budget} of this operator's are in \
+                     use (--max-db-connections) and none came free in {}s; retrying",
+                    waited.as_secs()
+                ),
+            },
+            secrets,
+        )),
+        Err(PoolError::Engine(e)) => Err((
             Observation::ConnectFailed {
                 reason: e.reason(),
                 message: e.to_string(),
@@ -729,6 +777,20 @@ pub struct PoolCache {
     budget: u32,
     /// Connections one pool (one database) may hold.
     per_pool: u32,
+    /// How long a store waits for room in the budget before it says it is waiting.
+    slot_wait: Duration,
+}
+
+/// How long a store waits for a slot in the connection budget within one reconcile.
+pub const SLOT_WAIT: Duration = Duration::from_secs(10);
+
+/// Why the pool cache gave no pool.
+#[derive(Debug)]
+pub enum PoolError {
+    /// Connecting failed (an unreachable database, wrong credentials …).
+    Engine(EngineError),
+    /// Every connection of the budget is held by a busy pool, for longer than the wait.
+    NoSlot { budget: u32, waited: Duration },
 }
 
 #[derive(Default)]
@@ -746,20 +808,29 @@ impl Default for PoolCache {
 }
 
 impl PoolCache {
+    pub fn with_slot_wait(mut self, wait: Duration) -> Self {
+        self.slot_wait = wait;
+        self
+    }
+
     pub fn new(budget: u32, per_pool: u32) -> Self {
         Self {
             inner: Default::default(),
             budget: budget.max(1),
             per_pool: per_pool.clamp(1, budget.max(1)),
+            slot_wait: SLOT_WAIT,
         }
     }
 
+    /// The pool for `key`'s connection settings, made when missing. When the budget is spent
+    /// by pools that are all busy, it waits for one to become idle (a store queues for a slot:
+    /// a full budget is not an unreachable database), up to [`SLOT_WAIT`].
     pub async fn get_or_connect(
         &self,
         key: &str,
         settings: &ConnectionSettings,
         secrets: &[String],
-    ) -> Result<PgPool, EngineError> {
+    ) -> Result<PgPool, PoolError> {
         let fingerprint = {
             let mut hasher = Sha256::new();
             hasher.update(settings.target());
@@ -771,14 +842,36 @@ impl PoolCache {
             }
             hex::encode(hasher.finalize())
         };
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(pool) = self.try_get_or_connect(key, &fingerprint, settings).await? {
+                return Ok(pool);
+            }
+            if started.elapsed() >= self.slot_wait {
+                return Err(PoolError::NoSlot {
+                    budget: self.budget,
+                    waited: started.elapsed(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// One attempt: the pool, or `None` when there is no room for it yet.
+    async fn try_get_or_connect(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        settings: &ConnectionSettings,
+    ) -> Result<Option<PgPool>, PoolError> {
         let mut inner = self.inner.lock().await;
-        if let Some((pool, _, used)) = inner.pools.get_mut(&fingerprint)
+        if let Some((pool, _, used)) = inner.pools.get_mut(fingerprint)
             && !pool.is_closed()
         {
             *used = std::time::Instant::now();
             let pool = pool.clone();
-            inner.stores.insert(key.to_owned(), fingerprint);
-            return Ok(pool);
+            inner.stores.insert(key.to_owned(), fingerprint.to_owned());
+            return Ok(Some(pool));
         }
         // The store's previous pool (its Secret changed) goes if nobody else uses it.
         if let Some(old) = inner.stores.remove(key) {
@@ -801,26 +894,20 @@ impl PoolCache {
         }
         let limit = self.per_pool.min(self.budget.saturating_sub(held));
         if limit == 0 {
-            return Err(EngineError::Unreachable {
-                target: settings.target(),
-                reason: format!(
-                    "all {} database connections of this operator are in use (--max-db-connections); \
-                     retrying",
-                    self.budget
-                ),
-            });
+            return Ok(None);
         }
         let pool = settings
             .clone()
             .with_max_connections(limit)
             .connect()
-            .await?;
+            .await
+            .map_err(PoolError::Engine)?;
         inner.pools.insert(
-            fingerprint.clone(),
+            fingerprint.to_owned(),
             (pool.clone(), limit, std::time::Instant::now()),
         );
-        inner.stores.insert(key.to_owned(), fingerprint);
-        Ok(pool)
+        inner.stores.insert(key.to_owned(), fingerprint.to_owned());
+        Ok(Some(pool))
     }
 
     /// Drops a store's use of its pool (a connection broke); the pool closes when unused.

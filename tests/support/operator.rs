@@ -67,11 +67,17 @@ pub struct Harness {
 
 impl Harness {
     pub fn new() -> Self {
+        Self::with_settings(Settings::default())
+    }
+
+    /// A harness whose operator has these settings (short connect and lock timeouts as in
+    /// every test).
+    pub fn with_settings(settings: Settings) -> Self {
         let kube = FakeKube::new();
         let settings = Settings {
             connect_timeout: Duration::from_secs(3),
             lock_timeout: Duration::from_secs(2),
-            ..Settings::default()
+            ..settings
         };
         let ctx = Arc::new(Context::new(kube.client(), settings));
         Self { kube, ctx }
