@@ -10,13 +10,47 @@
 //! Along the way: a broken Secret shows in the store's conditions and its fix recovers the store
 //! at once; and at the end the leader is killed (SIGKILL) and the standby takes over within the
 //! Lease's duration, with nothing finished run again.
-//! Runs only when STATEKEEPER_E2E_KUBECONFIG names a kubeconfig; otherwise it says it skipped.
+//! It needs nothing but a bare API server: it creates the namespace it uses first, applies
+//! everything server-side, and leaves no file behind. Runs only when STATEKEEPER_E2E_KUBECONFIG
+//! names a kubeconfig; otherwise it says it skipped.
 
 mod support;
 
 use std::process::{Child, Command, Stdio};
 
 struct Operator(Child);
+
+/// Files the run writes outside the cluster (the ServiceAccount's kubeconfig, the export
+/// folder), removed however the run ends.
+#[derive(Default)]
+struct Scratch(Vec<std::path::PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir_all(path));
+        }
+    }
+}
+
+/// Every `kubectl apply` is server-side (a re-apply never puts back what another field manager
+/// removed, as a client-side apply's last-applied annotation does), under one field manager.
+fn with_server_side(args: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    if let Some(at) = all.iter().position(|a| a == "apply") {
+        for (offset, flag) in [
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=statekeeper-e2e",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            all.insert(at + 1 + offset, flag.to_owned());
+        }
+    }
+    all
+}
 
 impl Drop for Operator {
     fn drop(&mut self) {
@@ -38,7 +72,7 @@ fn kubectl(kubeconfig: &str, args: &[&str]) -> String {
 
 fn kubectl_output(kubeconfig: &str, args: &[&str]) -> std::process::Output {
     Command::new("kubectl")
-        .args(args)
+        .args(with_server_side(args))
         .env("KUBECONFIG", kubeconfig)
         .output()
         .expect("run kubectl")
@@ -47,7 +81,7 @@ fn kubectl_output(kubeconfig: &str, args: &[&str]) -> std::process::Output {
 fn kubectl_stdin(kubeconfig: &str, args: &[&str], input: &str) -> std::process::Output {
     use std::io::Write as _;
     let mut child = Command::new("kubectl")
-        .args(args)
+        .args(with_server_side(args))
         .env("KUBECONFIG", kubeconfig)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -64,8 +98,9 @@ fn kubectl_stdin(kubeconfig: &str, args: &[&str], input: &str) -> std::process::
 }
 
 /// A kubeconfig for the operator's ServiceAccount (deploy/'s namespace, ServiceAccount and
-/// RBAC applied first): the operator runs with exactly the permissions deploy/ grants.
-fn service_account_kubeconfig(kubeconfig: &str, root: &str) -> String {
+/// RBAC applied first): the operator runs with exactly the permissions deploy/ grants. The file
+/// is removed with `scratch`.
+fn service_account_kubeconfig(kubeconfig: &str, root: &str, scratch: &mut Scratch) -> String {
     kubectl(
         kubeconfig,
         &["apply", "-f", &format!("{root}/deploy/namespace.yaml")],
@@ -130,6 +165,7 @@ fn service_account_kubeconfig(kubeconfig: &str, root: &str) -> String {
         std::process::id()
     ));
     std::fs::write(&path, config).expect("write the ServiceAccount kubeconfig");
+    scratch.0.push(path.clone());
     path.to_string_lossy().into_owned()
 }
 
@@ -187,6 +223,19 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
     let root = env!("CARGO_MANIFEST_DIR");
     let db = support::TestDb::new().await;
     let (host, port, user, password, database) = support::url_parts(&db.url);
+    let mut scratch = Scratch::default();
+    // What the examples and the operators' Lease need, before anything that uses it: a bare API
+    // server has nothing but `default`.
+    let namespace = kubectl_stdin(
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "data"}}"#,
+    );
+    assert!(
+        namespace.status.success(),
+        "{}",
+        String::from_utf8_lossy(&namespace.stderr)
+    );
 
     kubectl(&kubeconfig, &["apply", "-k", &format!("{root}/crds")]);
     for crd in [
@@ -216,7 +265,7 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
 
     // Two replicas with leader election, as deploy/ runs them, each through a ServiceAccount
     // token bound only by deploy/'s RBAC.
-    let operator_kubeconfig = service_account_kubeconfig(&kubeconfig, root);
+    let operator_kubeconfig = service_account_kubeconfig(&kubeconfig, root, &mut scratch);
     let mut replicas: Vec<(Operator, u16)> = (0..2)
         .map(|i| start_operator(&operator_kubeconfig, &format!("e2e-replica-{i}")))
         .collect();
@@ -602,6 +651,7 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
         .expect("fill the store");
     let exports_dir = std::env::temp_dir().join(format!("statekeeper-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&exports_dir).expect("a directory for the export");
+    scratch.0.push(exports_dir.clone());
     kubectl_stdin(
         &kubeconfig,
         &["apply", "-f", "-"],

@@ -273,11 +273,19 @@ async fn reset_needs_the_store_flag_and_an_approval() {
     assert_eq!(migration_condition(&m, "Stalled").0, "True");
     assert_eq!(rows(&db).await, before);
 
-    // The store allows it: now the object's approval is missing.
+    // The store allows it: now the object's approval is missing. The refused object stays
+    // refused (a failed StateMigration never runs again); the request is a new one.
     h.patch(
         &store_path("analytics"),
         json!({"spec": {"allowReset": true}}),
     );
+    let (_, still) = h.reconcile_migration("reset-refused").await;
+    assert_eq!(
+        phase(&still),
+        "Failed",
+        "a failed StateMigration never runs again"
+    );
+    assert_eq!(migration_condition(&still, "Ready").1, "ResetRefused");
     h.kube.put(
         &migration_path("reset"),
         state_migration("reset", "2026-11-27T11:00:00Z", json!({"reset": {}})),

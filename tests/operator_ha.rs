@@ -231,3 +231,145 @@ async fn a_fixed_secret_makes_its_store_ready_at_once() {
         .expect("stops")
         .unwrap();
 }
+
+/// An operator started before the Lease's namespace exists (one GitOps sync creating both) waits
+/// for it, and leads once it exists, instead of exiting.
+#[tokio::test]
+async fn an_operator_waits_for_the_lease_namespace_instead_of_exiting() {
+    let kube = FakeKube::new();
+    kube.enforce_namespaces();
+    let replica = start(&kube, "early");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!replica.task.is_finished(), "the operator is still running");
+    assert!(!is_leader(&replica));
+    kube.put(
+        &format!("/api/v1/namespaces/{NS}"),
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}),
+    );
+    until("the operator to lead", Duration::from_secs(10), || {
+        is_leader(&replica)
+    })
+    .await;
+    replica.stop.cancel();
+    replica.task.await.unwrap();
+}
+
+/// A single operator (no leader election) on the in-memory API server, until `stop`.
+fn solo(kube: &FakeKube, extra: &[&str]) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let args = Args::parse_from(
+        ["statekeeper", "--namespace", NS]
+            .iter()
+            .chain(extra)
+            .copied(),
+    )
+    .operator;
+    let ctx = Arc::new(Context::new(kube.client(), args.settings()));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            operate(ctx, &args, "solo".into(), stop)
+                .await
+                .expect("operator")
+        }
+    });
+    (stop, task)
+}
+
+/// An export applied before its store (one GitOps sync, any order) runs as soon as the store
+/// appears, not after its retry backoff; a StateMigration that upgraded a store shows in the
+/// store's status at once, not at its next resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_and_migrations_wake_what_waits_for_them() {
+    let db = TestDb::new().await;
+    let engine = db.store("sqlmesh_state").await;
+    engine.init(Some(1)).await.unwrap();
+    let kube = FakeKube::new();
+    put_secret(&kube, "pg-credentials", &[("password", &db.password())]);
+    let dir = temp_dir("wakeups");
+    kube.put(
+        &export_path("early"),
+        state_export("early", &format!("file://{}/", dir.display()), json!({})),
+    );
+    // Retries and resyncs a minute apart: only a wakeup can be quick.
+    let (stop, task) = solo(
+        &kube,
+        &["--min-backoff-seconds", "60", "--resync-seconds", "60"],
+    );
+    let reason = |path: &str| {
+        kube.get(path).and_then(|o| {
+            o["status"]["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "Ready").cloned())
+                .map(|c| c["reason"].as_str().unwrap_or_default().to_owned())
+        })
+    };
+    until(
+        "the export to wait for its store",
+        Duration::from_secs(20),
+        || reason(&export_path("early")).as_deref() == Some("StoreNotFound"),
+    )
+    .await;
+    // Its next try is far off (its backoff); the store's arrival must not wait for it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    kube.put(
+        &store_path("analytics"),
+        store_for(&db, "analytics", json!({"initPolicy": "Never"})),
+    );
+    let took = until("the export to run", Duration::from_secs(30), || {
+        phase(&kube, &export_path("early")).as_deref() == Some("Succeeded")
+    })
+    .await;
+    println!(
+        "the export ran {:.2} s after its store appeared",
+        took.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    // The store is at version 1 of 3; a StateMigration upgrades it.
+    until(
+        "the store to report version 1",
+        Duration::from_secs(20),
+        || {
+            kube.get(&store_path("analytics"))
+                .is_some_and(|s| s["status"]["schemaVersion"] == 1)
+        },
+    )
+    .await;
+    kube.put(
+        &migration_path("upgrade"),
+        state_migration(
+            "upgrade",
+            "2026-11-27T10:00:00Z",
+            json!({"upgrade": {"targetVersion": "latest"}}),
+        ),
+    );
+    until("the upgrade to succeed", Duration::from_secs(30), || {
+        phase(&kube, &migration_path("upgrade")).as_deref() == Some("Succeeded")
+    })
+    .await;
+    let took = until(
+        "the store to report version 3",
+        Duration::from_secs(30),
+        || {
+            kube.get(&store_path("analytics"))
+                .is_some_and(|s| s["status"]["schemaVersion"] == 3)
+        },
+    )
+    .await;
+    println!(
+        "the store reported the upgrade {:.2} s after it succeeded",
+        took.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(
+        reason(&store_path("analytics")).as_deref(),
+        Some("StoreReady")
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("stops")
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -65,3 +65,27 @@ async fn a_taken_address_is_a_clear_error() {
         .unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
 }
+
+/// With `--http-addr 127.0.0.1:0` the operator tells the port it bound, first thing (here it then
+/// stops: there is no cluster to talk to).
+#[test]
+fn the_operator_logs_the_address_it_bound() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+        .args(["operator", "--http-addr", "127.0.0.1:0"])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    let line = logs
+        .lines()
+        .find(|l| l.contains("serving /metrics"))
+        .unwrap_or_else(|| panic!("no address logged: {logs}"));
+    let log: serde_json::Value = serde_json::from_str(line).unwrap();
+    let address = log["fields"]["address"].as_str().unwrap_or_default();
+    let port: u16 = address
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(address.starts_with("127.0.0.1:") && port > 0, "{line}");
+}

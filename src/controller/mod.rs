@@ -5,12 +5,13 @@ pub mod events;
 pub mod export_schedule;
 pub mod runner;
 pub mod schedule;
-pub mod secret_watch;
+
 pub mod state_export;
 pub mod state_migration;
 pub mod state_store;
 pub mod store_janitor;
 pub mod telemetry;
+pub mod wakeups;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,8 +49,6 @@ pub enum ReconcileError {
 pub enum StartError {
     #[error("cannot reach the Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("cannot take part in leader election: {0}")]
-    Lease(String),
     #[error("cannot listen on {addr} for /metrics, /healthz and /readyz: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -298,6 +297,10 @@ pub async fn run(args: OperatorArgs) -> Result<(), StartError> {
             addr: args.http_addr,
             source,
         })?;
+    // The address actually bound: with port 0, the only place the port is told.
+    if let Ok(bound) = listener.local_addr() {
+        tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
+    }
     let client = Client::try_default().await?;
     let ctx = Arc::new(Context::new(client, args.settings()));
     let http = tokio::spawn(telemetry::serve(listener, ctx.metrics.clone()));
@@ -362,19 +365,40 @@ pub async fn operate(
         .or_else(|| std::env::var("POD_NAMESPACE").ok())
         .or_else(|| args.namespace.clone())
         .unwrap_or_else(|| "default".into());
-    let manager =
-        kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), &args.lease_name)
-            .with_namespace(&lease_namespace)
-            .with_identity(&identity)
-            .with_duration(args.lease_duration_seconds.max(2))
-            .with_grace(
-                args.lease_grace_seconds
-                    .clamp(1, args.lease_duration_seconds.max(2) - 1),
-            )
-            .with_field_manager(format!("{FIELD_MANAGER}-{identity}"))
-            .build()
-            .await
-            .map_err(|e| StartError::Lease(e.to_string()))?;
+    // The Lease's namespace may not exist yet (created by the same GitOps sync, or later): wait
+    // for it, saying why, rather than exit.
+    let mut retry = Duration::from_secs(1);
+    let manager = loop {
+        let built =
+            kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), &args.lease_name)
+                .with_namespace(&lease_namespace)
+                .with_identity(&identity)
+                .with_duration(args.lease_duration_seconds.max(2))
+                .with_grace(
+                    args.lease_grace_seconds
+                        .clamp(1, args.lease_duration_seconds.max(2) - 1),
+                )
+                .with_field_manager(format!("{FIELD_MANAGER}-{identity}"))
+                .build()
+                .await;
+        match built {
+            Ok(manager) => break manager,
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    namespace = %lease_namespace,
+                    lease = %args.lease_name,
+                    retry_in_seconds = retry.as_secs(),
+                    "cannot take part in leader election yet (does the Lease's namespace exist?); retrying"
+                );
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
     let (mut leader, lease_task) = manager.watch().await;
     'election: loop {
         // A standby: wait for the Lease (or the end).
@@ -457,14 +481,21 @@ async fn controllers(
             .concurrency(u16::try_from(ctx.settings.max_db_connections).unwrap_or(u16::MAX))
     };
     let store_controller =
-        Controller::new(stores, watcher::Config::default().any_semantic()).with_config(limit());
+        Controller::new(stores.clone(), watcher::Config::default().any_semantic())
+            .with_config(limit());
     let store_cache = store_controller.store();
     let store_cache_for_exports = store_cache.clone();
     let store_controller = store_controller
         .owns(jobs.clone(), our_jobs())
         .watches_stream(secret_changes(), move |secret| {
-            secret_watch::stores_using(&secret, &store_cache.state())
+            wakeups::stores_using(&secret, &store_cache.state())
         })
+        // A finished StateMigration shows in its store's status at once (the new version).
+        .watches(
+            migrations.clone(),
+            watcher::Config::default().any_semantic(),
+            |migration| wakeups::store_of_finished_migration(&migration),
+        )
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(
             state_store::reconcile,
@@ -482,10 +513,17 @@ async fn controllers(
         Controller::new(exports.clone(), watcher::Config::default().any_semantic())
             .with_config(limit());
     let export_cache = export_controller.store();
+    let exports_by_store = export_cache.clone();
     let export_controller = export_controller
         .owns(exports, watcher::Config::default().any_semantic())
+        // A store appearing (or changing) wakes the exports that wait for it.
+        .watches(
+            stores,
+            watcher::Config::default().any_semantic(),
+            move |store| wakeups::exports_of_store(&store, &exports_by_store.state()),
+        )
         .watches_stream(secret_changes(), move |secret| {
-            secret_watch::exports_using(
+            wakeups::exports_using(
                 &secret,
                 &export_cache.state(),
                 &store_cache_for_exports.state(),

@@ -182,6 +182,7 @@ fn is_permanent(error: &EngineError) -> bool {
             | EngineError::NoBackups { .. }
             | EngineError::IncompatibleBackup { .. }
             | EngineError::WrongFramework { .. }
+            | EngineError::OtherFrameworkInDatabase { .. }
             | EngineError::UnsupportedOperation { .. }
             | EngineError::InvalidExport(_)
             | EngineError::InvalidSchemaName { .. }

@@ -25,6 +25,9 @@ struct State {
     history: Vec<(u64, String, &'static str, Value)>,
     /// Server-side apply ownership: (object path, top-level field path) -> field manager.
     owners: BTreeMap<(String, String), String>,
+    /// Refuse to create objects in a namespace that has no Namespace object, as an API server
+    /// does (off by default: most tests never create namespaces).
+    namespaces_enforced: bool,
 }
 
 impl State {
@@ -73,6 +76,12 @@ impl FakeKube {
             state.objects.insert(path.to_owned(), object);
         }
         self.changed.notify_waiters();
+    }
+
+    /// From now on, creating an object in a namespace needs the Namespace to exist
+    /// (`/api/v1/namespaces/NAME`), as on a real API server.
+    pub fn enforce_namespaces(&self) {
+        self.state.lock().unwrap().namespaces_enforced = true;
     }
 
     pub fn get(&self, path: &str) -> Option<Value> {
@@ -392,6 +401,21 @@ async fn handle_request(
             )
         }
         Method::POST => {
+            if state.namespaces_enforced
+                && let Some(namespace) = path
+                    .split_once("/namespaces/")
+                    .and_then(|(_, rest)| rest.split_once('/'))
+                    .map(|(namespace, _)| namespace.to_owned())
+                && !state
+                    .objects
+                    .contains_key(&format!("/api/v1/namespaces/{namespace}"))
+            {
+                return status_error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("namespaces \"{namespace}\" not found"),
+                );
+            }
             let mut object = parsed;
             let name = match object["metadata"]["name"].as_str() {
                 Some(n) => n.to_owned(),
@@ -487,6 +511,7 @@ async fn handle_request(
                     format!("{path} not found"),
                 );
             };
+            let before = existing.clone();
             match subresource {
                 // One field manager owns the whole status: applying it replaces it.
                 Some("status") if apply => existing["status"] = parsed["status"].clone(),
@@ -498,6 +523,12 @@ async fn handle_request(
                     }
                     merge_patch(existing, &patch);
                 }
+            }
+            // A patch that changes nothing is no change, as on an API server: the same
+            // resourceVersion, and no watch event.
+            if *existing == before {
+                let object = existing.clone();
+                return respond(StatusCode::OK, &object);
             }
             existing["metadata"]["resourceVersion"] = json!(rv);
             let object = existing.clone();

@@ -1,13 +1,15 @@
-//! Secrets that stores and exports reference wake them at once when they change (a fixed
-//! password, a rotated key), instead of on their retry timer. Only Secret metadata is watched:
-//! no secret value ever reaches the operator through the watch.
+//! What wakes what, at once instead of on a retry timer: Secrets wake the stores and exports
+//! that read them (a fixed password, a rotated key; only Secret metadata is watched, so no
+//! secret value reaches the operator through the watch); a store wakes the exports that name it
+//! (one created after its export); a finished StateMigration wakes its store (whose status
+//! reports the new schema version).
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 
-use crate::api::{StateExport, StateStore};
+use crate::api::{StateExport, StateMigration, StateStore};
 
 /// The names of the Secrets a store reads (its password or URL).
 pub fn store_secrets(store: &StateStore) -> impl Iterator<Item = &str> {
@@ -56,4 +58,34 @@ pub fn exports_using(
         })
         .map(|e| ObjectRef::from_obj(e.as_ref()))
         .collect()
+}
+
+/// The exports that name the store (waiting for it to exist, or to become ready).
+pub fn exports_of_store(
+    store: &StateStore,
+    exports: &[std::sync::Arc<StateExport>],
+) -> Vec<ObjectRef<StateExport>> {
+    let (namespace, name) = (store.namespace(), store.name_any());
+    exports
+        .iter()
+        .filter(|e| e.namespace() == namespace && e.spec.store_ref.name == name)
+        .map(|e| ObjectRef::from_obj(e.as_ref()))
+        .collect()
+}
+
+/// The store of a StateMigration that has finished: what it did (an upgrade, a rollback) shows
+/// in the store's status at once.
+pub fn store_of_finished_migration(migration: &StateMigration) -> Option<ObjectRef<StateStore>> {
+    let finished = migration
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|phase| matches!(phase, "Succeeded" | "Failed"));
+    finished.then(|| {
+        let reference = ObjectRef::new(&migration.spec.store_ref.name);
+        match migration.namespace() {
+            Some(namespace) => reference.within(&namespace),
+            None => reference,
+        }
+    })
 }
