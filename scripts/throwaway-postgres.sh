@@ -3,9 +3,13 @@
 # authentication over TCP. Installs PostgreSQL with apt-get when its binaries are missing.
 # initdb refuses to run as root, so as root the server runs as the unprivileged `postgres` user.
 #
-#   scripts/throwaway-postgres.sh start [--owner-pid PID]
+#   scripts/throwaway-postgres.sh start [--owner-pid PID] [--ssl]
 #       prints two lines: STATEKEEPER_PG_URL=postgres://... and STATEKEEPER_PG_DIR=/tmp/...
 #       with --owner-pid, the server stops by itself once process PID has exited.
+#       with --ssl, the server speaks TLS with a certificate for 127.0.0.1 signed by a CA made for
+#       it, and takes the role `tlsclient` by client certificate only; it also prints
+#       STATEKEEPER_PG_CA, STATEKEEPER_PG_OTHER_CA (a CA that signed nothing of it),
+#       STATEKEEPER_PG_CLIENT_CERT and STATEKEEPER_PG_CLIENT_KEY (PEM files).
 #   scripts/throwaway-postgres.sh stop DIR
 #   scripts/throwaway-postgres.sh halt DIR     stops the server as a crash would, keeping its data
 #   scripts/throwaway-postgres.sh resume DIR   starts it again on the same port (outage tests)
@@ -48,16 +52,56 @@ as_owner() {
 
 source "$(dirname "$0")/lib/throwaway.sh"
 
-# serve DIR PORT: runs the server of DIR on PORT.
+# serve DIR PORT: runs the server of DIR on PORT (with the options in DIR/options, if any).
 serve() {
+  local extra=""
+  [ -f "$1/options" ] && extra=$(cat "$1/options")
   as_owner "$PG_BIN/pg_ctl" -D "$1/data" -l "$1/server.log" -w -t 60 start -o \
-    "-p $2 -c listen_addresses=127.0.0.1 -c unix_socket_directories=$1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+    "-p $2 -c listen_addresses=127.0.0.1 -c unix_socket_directories=$1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 $extra" \
     >/dev/null 2>&1
 }
 
+# make_tls DIR: a CA, a server certificate for 127.0.0.1 and a client certificate for the role
+# `tlsclient`, all signed by it, and another CA that signed nothing; the server's options and a
+# pg_hba.conf line that takes `tlsclient` by certificate only.
+make_tls() {
+  local tls="$1/tls"
+  mkdir -p "$tls"
+  (
+    cd "$tls"
+    for ca in ca other-ca; do
+      openssl req -x509 -newkey rsa:2048 -nodes -days 3 -subj "/CN=statekeeper test $ca" \
+        -keyout "$ca.key" -out "$ca.crt" >/dev/null 2>&1
+    done
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > server.ext
+    printf 'extendedKeyUsage=clientAuth\n' > client.ext
+    for who in server:127.0.0.1 client:tlsclient; do
+      local name=${who%%:*} cn=${who#*:}
+      openssl req -newkey rsa:2048 -nodes -subj "/CN=$cn" -keyout "$name.key" -out "$name.csr" \
+        >/dev/null 2>&1
+      openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3 \
+        -extfile "$name.ext" -out "$name.crt" >/dev/null 2>&1
+    done
+    chmod 600 ./*.key
+  )
+  [ "$(id -u)" = 0 ] && chown -R postgres: "$tls"
+  echo "-c ssl=on -c ssl_cert_file=$tls/server.crt -c ssl_key_file=$tls/server.key -c ssl_ca_file=$tls/ca.crt" \
+    > "$1/options"
+  local hba="$1/data/pg_hba.conf"
+  { echo "hostssl all tlsclient 127.0.0.1/32 cert"; cat "$hba"; } > "$hba.new"
+  mv "$hba.new" "$hba"
+  [ "$(id -u)" = 0 ] && chown postgres: "$hba"
+}
+
 start() {
-  local owner_pid=""
-  if [ "${1:-}" = "--owner-pid" ]; then owner_pid="$2"; fi
+  local owner_pid="" ssl=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --owner-pid) owner_pid="$2"; shift 2 ;;
+      --ssl) ssl=1; shift ;;
+      *) log "unknown option $1"; exit 2 ;;
+    esac
+  done
   ensure_postgres
   if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
     useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
@@ -73,6 +117,7 @@ start() {
     --auth-host=scram-sha-256 --auth-local=trust -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 \
     || { cat "$dir/initdb.log" >&2; exit 1; }
   rm -f "$dir/pwfile"
+  [ -n "$ssl" ] && make_tls "$dir"
   local port attempt
   for attempt in 1 2 3 4 5 6 7 8 9 10; do
     port=$(( 20000 + RANDOM % 40000 ))
@@ -86,6 +131,14 @@ start() {
       fi
       echo "STATEKEEPER_PG_URL=postgres://postgres:${password}@127.0.0.1:${port}/postgres"
       echo "STATEKEEPER_PG_DIR=$dir"
+      if [ -n "$ssl" ]; then
+        as_owner "$PG_BIN/psql" -h "$dir" -p "$port" -U postgres -d postgres -q \
+          -c "CREATE ROLE tlsclient LOGIN SUPERUSER" >/dev/null
+        echo "STATEKEEPER_PG_CA=$dir/tls/ca.crt"
+        echo "STATEKEEPER_PG_OTHER_CA=$dir/tls/other-ca.crt"
+        echo "STATEKEEPER_PG_CLIENT_CERT=$dir/tls/client.crt"
+        echo "STATEKEEPER_PG_CLIENT_KEY=$dir/tls/client.key"
+      fi
       return 0
     fi
   done
@@ -117,5 +170,5 @@ case "${1:-}" in
   stop) stop "$2" ;;
   halt) halt "$2" ;;
   resume) resume "$2" ;;
-  *) echo "usage: $0 start [--owner-pid PID] | stop DIR | halt DIR | resume DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--owner-pid PID] [--ssl] | stop DIR | halt DIR | resume DIR" >&2; exit 2 ;;
 esac

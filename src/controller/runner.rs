@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EnvVarSource, PodSecurityContext, PodSpec, PodTemplateSpec,
-    SeccompProfile, SecretKeySelector, SecurityContext,
+    Capabilities, ConfigMapProjection, Container, EnvVar, EnvVarSource, KeyToPath,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ProjectedVolumeSource, SeccompProfile,
+    SecretKeySelector, SecretProjection, SecurityContext, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, PostParams};
@@ -61,6 +62,69 @@ pub fn command(runner: &Runner, default_command: &[&str]) -> Vec<String> {
 }
 
 const MELTANO_DATABASE_URI: &str = "MELTANO_DATABASE_URI";
+
+/// Where a runner's container finds the store's TLS material (`PGSSLROOTCERT`, …).
+const TLS_DIR: &str = "/etc/statekeeper/tls";
+const CA_FILE: &str = "ca.crt";
+const CERT_FILE: &str = "client.crt";
+const KEY_FILE: &str = "client.key";
+/// The group of the runner's files: libpq reads a private key that root owns only when no one
+/// but root and its group can read it (0440), and fsGroup puts the container in that group.
+const TLS_FILE_GROUP: i64 = 65532;
+
+/// One volume with the store's CA and client certificate, from their ConfigMap and Secrets by
+/// reference (never a copied value).
+fn tls_volume(store: &StateStore) -> Option<Volume> {
+    let tls = store.spec.connection.tls.as_ref()?;
+    let item = |key: &str, path: &str| KeyToPath {
+        key: key.to_owned(),
+        path: path.to_owned(),
+        mode: None,
+    };
+    let mut sources = Vec::new();
+    if let Some(ca) = &tls.ca_certificate {
+        sources.push(match (&ca.config_map_key_ref, &ca.secret_key_ref) {
+            (Some(r), _) => VolumeProjection {
+                config_map: Some(ConfigMapProjection {
+                    name: r.name.clone(),
+                    items: Some(vec![item(&r.key, CA_FILE)]),
+                    optional: Some(false),
+                }),
+                ..VolumeProjection::default()
+            },
+            (None, Some(r)) => VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: r.name.clone(),
+                    items: Some(vec![item(&r.key, CA_FILE)]),
+                    optional: Some(false),
+                }),
+                ..VolumeProjection::default()
+            },
+            (None, None) => return None,
+        });
+    }
+    if let Some(client) = &tls.client_certificate {
+        sources.push(VolumeProjection {
+            secret: Some(SecretProjection {
+                name: client.secret_name.clone(),
+                items: Some(vec![
+                    item(&client.certificate_key, CERT_FILE),
+                    item(&client.private_key_key, KEY_FILE),
+                ]),
+                optional: Some(false),
+            }),
+            ..VolumeProjection::default()
+        });
+    }
+    Some(Volume {
+        name: "statekeeper-tls".into(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o440),
+            sources: Some(sources),
+        }),
+        ..Volume::default()
+    })
+}
 
 fn secret_env(name: &str, reference: &SecretKeyRef) -> EnvVar {
     EnvVar {
@@ -120,6 +184,16 @@ pub fn connection_env(store: &StateStore) -> Vec<EnvVar> {
             env.push(plain_env("PGSSLMODE", mode.as_libpq()));
         }
     }
+    // libpq reads the TLS material from files: the Job mounts it (see `tls_volume`).
+    if let Some(tls) = &connection.tls {
+        if tls.ca_certificate.is_some() {
+            env.push(plain_env("PGSSLROOTCERT", format!("{TLS_DIR}/{CA_FILE}")));
+        }
+        if tls.client_certificate.is_some() {
+            env.push(plain_env("PGSSLCERT", format!("{TLS_DIR}/{CERT_FILE}")));
+            env.push(plain_env("PGSSLKEY", format!("{TLS_DIR}/{KEY_FILE}")));
+        }
+    }
     if Framework::from(spec.framework) == Framework::Meltano {
         // Meltano reads its database from MELTANO_DATABASE_URI, never from PG* (without it,
         // it would migrate a SQLite file in the image). A host connection: a URI with no host
@@ -147,6 +221,7 @@ pub fn build_job(request: &JobRequest<'_>) -> Job {
     labels.insert(PURPOSE_LABEL.into(), request.purpose.into());
     // The runner's own variables first; the connection's last, so they cannot be overridden by
     // accident into pointing the command at another database.
+    let tls = tls_volume(request.store);
     let mut env = runner.env.clone();
     let mut connection = connection_env(request.store);
     // The one connection variable a runner may set itself: Meltano's URI, to name another
@@ -164,6 +239,14 @@ pub fn build_job(request: &JobRequest<'_>) -> Job {
         working_dir: runner.working_dir.clone(),
         env: Some(env),
         env_from: (!runner.env_from.is_empty()).then(|| runner.env_from.clone()),
+        volume_mounts: tls.as_ref().map(|volume| {
+            vec![VolumeMount {
+                name: volume.name.clone(),
+                mount_path: TLS_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]
+        }),
         resources: runner.resources.clone(),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -201,6 +284,7 @@ pub fn build_job(request: &JobRequest<'_>) -> Job {
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: runner.run_as_user,
+                        fs_group: tls.is_some().then_some(TLS_FILE_GROUP),
                         seccomp_profile: Some(SeccompProfile {
                             type_: "RuntimeDefault".into(),
                             ..SeccompProfile::default()
@@ -208,6 +292,7 @@ pub fn build_job(request: &JobRequest<'_>) -> Job {
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
+                    volumes: tls.map(|volume| vec![volume]),
                     ..PodSpec::default()
                 }),
             },
@@ -344,5 +429,46 @@ mod tests {
             "sqlmesh",
         ));
         assert_eq!(value_of(&sqlmesh, "MELTANO_DATABASE_URI"), None);
+    }
+
+    /// libpq in a runner reads the store's CA and client certificate from files: one projected
+    /// volume of the ConfigMap and Secret (by reference), the PGSSL* variables naming its files,
+    /// a private key only its owner and group can read, the pod in that group.
+    #[test]
+    fn a_runner_gets_the_stores_tls_material_as_files() {
+        let store = store(
+            serde_json::json!({"host": "db", "user": "u", "sslMode": "verify-full",
+                "passwordSecretRef": {"name": "pg", "key": "password"},
+                "tls": {"caCertificate": {"configMapKeyRef": {"name": "rds-ca", "key": "bundle.pem"}},
+                        "clientCertificate": {"secretName": "pg-client"}}}),
+            "sqlmesh",
+        );
+        let env = connection_env(&store);
+        assert_eq!(value_of(&env, "PGSSLMODE"), Some("verify-full"));
+        assert_eq!(
+            value_of(&env, "PGSSLROOTCERT"),
+            Some("/etc/statekeeper/tls/ca.crt")
+        );
+        assert_eq!(
+            value_of(&env, "PGSSLCERT"),
+            Some("/etc/statekeeper/tls/client.crt")
+        );
+        assert_eq!(
+            value_of(&env, "PGSSLKEY"),
+            Some("/etc/statekeeper/tls/client.key")
+        );
+        let volume = serde_json::to_value(tls_volume(&store).expect("a volume")).unwrap();
+        assert_eq!(volume["projected"]["defaultMode"], 0o440);
+        let sources = &volume["projected"]["sources"];
+        assert_eq!(sources[0]["configMap"]["name"], "rds-ca");
+        assert_eq!(
+            sources[0]["configMap"]["items"],
+            serde_json::json!([{"key": "bundle.pem", "path": "ca.crt"}])
+        );
+        assert_eq!(sources[1]["secret"]["name"], "pg-client");
+        assert_eq!(
+            sources[1]["secret"]["items"],
+            serde_json::json!([{"key": "tls.crt", "path": "client.crt"}, {"key": "tls.key", "path": "client.key"}])
+        );
     }
 }

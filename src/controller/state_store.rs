@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -19,11 +19,12 @@ use super::telemetry::ObjectLabels;
 use super::{Context, FIELD_MANAGER, ReconcileError};
 use crate::api::SecretKeyRef;
 use crate::api::state_store::{
-    BackupStatus, InitPolicy, JanitorSpec, StateStore, StateStoreStatus, StoreFramework,
+    BackupStatus, ConfigMapKeyRef, InitPolicy, JanitorSpec, StateStore, StateStoreStatus,
+    StoreFramework, TlsSpec,
 };
 use crate::engine::{
     ConnectionParts, ConnectionSettings, Error as EngineError, InitReport, SchemaName,
-    StatusReport, Store, redact,
+    StatusReport, Store, TlsMaterial, redact,
 };
 
 pub const CONNECTED: &str = "Connected";
@@ -722,7 +723,97 @@ async fn resolve_connection(
             ));
         }
     };
-    Ok((settings.with_connect_timeout(timeout), secret_values))
+    let (tls, material) = read_tls(spec.tls.as_ref(), &secrets, namespace, ctx).await?;
+    let mut secret_values = secret_values;
+    // The material is part of what makes a pool: a new CA or certificate makes a new one. The
+    // key is secret; the certificates are kept out of messages all the same.
+    secret_values.extend(material);
+    Ok((
+        settings.with_tls(tls).with_connect_timeout(timeout),
+        secret_values,
+    ))
+}
+
+/// The TLS material a connection names: its CA (ConfigMap or Secret) and client certificate,
+/// and the same as text (for the pool's fingerprint and for redaction).
+async fn read_tls(
+    tls: Option<&TlsSpec>,
+    secrets: &Api<Secret>,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(TlsMaterial, Vec<String>), Observation> {
+    let mut material = TlsMaterial::default();
+    let mut texts = Vec::new();
+    let Some(tls) = tls else {
+        return Ok((material, texts));
+    };
+    if let Some(source) = &tls.ca_certificate {
+        let ca = match (&source.config_map_key_ref, &source.secret_key_ref) {
+            (Some(r), _) => read_config_map_key(ctx, namespace, r).await?,
+            (None, Some(r)) => read_secret_key(secrets, namespace, r).await?,
+            (None, None) => {
+                return Err(Observation::InvalidSpec(
+                    "tls.caCertificate names neither a ConfigMap nor a Secret".into(),
+                ));
+            }
+        };
+        material.root_certificate = Some(ca.clone().into_bytes());
+        texts.push(ca);
+    }
+    if let Some(client) = &tls.client_certificate {
+        let key_of = |key: &str| SecretKeyRef {
+            name: client.secret_name.clone(),
+            key: key.to_owned(),
+        };
+        let certificate =
+            read_secret_key(secrets, namespace, &key_of(&client.certificate_key)).await?;
+        let key = read_secret_key(secrets, namespace, &key_of(&client.private_key_key)).await?;
+        material.client_certificate = Some(certificate.clone().into_bytes());
+        material.client_key = Some(key.clone().into_bytes());
+        texts.extend([certificate, key]);
+    }
+    Ok((material, texts))
+}
+
+async fn read_config_map_key(
+    ctx: &Context,
+    namespace: &str,
+    r: &ConfigMapKeyRef,
+) -> Result<String, Observation> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let config_map = api
+        .get_opt(&r.name)
+        .await
+        .map_err(|e| Observation::SecretProblem {
+            reason: "ConfigMapUnreadable",
+            message: format!(
+                "cannot read ConfigMap \"{}\" in namespace \"{namespace}\": {e}",
+                r.name
+            ),
+        })?
+        .ok_or_else(|| Observation::SecretProblem {
+            reason: "ConfigMapNotFound",
+            message: format!(
+                "ConfigMap \"{}\" not found in namespace \"{namespace}\"",
+                r.name
+            ),
+        })?;
+    let data = config_map.data.unwrap_or_default();
+    data.get(&r.key)
+        .cloned()
+        .ok_or_else(|| Observation::SecretProblem {
+            reason: "ConfigMapKeyMissing",
+            message: format!(
+                "ConfigMap \"{}\" has no key \"{}\" (it has: {})",
+                r.name,
+                r.key,
+                if data.is_empty() {
+                    "no keys".to_owned()
+                } else {
+                    data.keys().cloned().collect::<Vec<_>>().join(", ")
+                }
+            ),
+        })
 }
 
 async fn read_secret_key(

@@ -11,13 +11,24 @@ use kube::runtime::reflector::ObjectRef;
 
 use crate::api::{StateExport, StateMigration, StateStore};
 
-/// The names of the Secrets a store reads (its password or URL).
+/// The names of the Secrets a store reads (its password or URL, its CA, its client
+/// certificate).
 pub fn store_secrets(store: &StateStore) -> impl Iterator<Item = &str> {
     let connection = &store.spec.connection;
+    let tls = connection.tls.as_ref();
     [&connection.password_secret_ref, &connection.url_secret_ref]
         .into_iter()
         .flatten()
         .map(|r| r.name.as_str())
+        .chain(
+            tls.and_then(|t| t.ca_certificate.as_ref())
+                .and_then(|ca| ca.secret_key_ref.as_ref())
+                .map(|r| r.name.as_str()),
+        )
+        .chain(
+            tls.and_then(|t| t.client_certificate.as_ref())
+                .map(|c| c.secret_name.as_str()),
+        )
 }
 
 /// The stores that read the Secret.

@@ -29,6 +29,14 @@ pub struct ConnectionParts<'a> {
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// TLS material in PEM, as a StateStore's Secrets and ConfigMaps hold it.
+#[derive(Clone, Debug, Default)]
+pub struct TlsMaterial {
+    pub root_certificate: Option<Vec<u8>>,
+    pub client_certificate: Option<Vec<u8>>,
+    pub client_key: Option<Vec<u8>>,
+}
+
 impl ConnectionSettings {
     /// Parses a `postgres://` URL; SQLAlchemy's `postgresql+DRIVER://` is read as `postgresql://`,
     /// so that one Secret serves statekeeper and a framework (Meltano's `MELTANO_DATABASE_URI`).
@@ -79,6 +87,21 @@ impl ConnectionSettings {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_connections: 4,
         }
+    }
+
+    /// PEM material that a cluster cannot give as files: the CA that signed the server's
+    /// certificate, and a client certificate with its key.
+    pub fn with_tls(mut self, tls: TlsMaterial) -> Self {
+        if let Some(ca) = tls.root_certificate {
+            self.options = self.options.ssl_root_cert_from_pem(ca);
+        }
+        if let Some(certificate) = tls.client_certificate {
+            self.options = self.options.ssl_client_cert_from_pem(certificate);
+        }
+        if let Some(key) = tls.client_key {
+            self.options = self.options.ssl_client_key_from_pem(key);
+        }
+        self
     }
 
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
@@ -172,6 +195,9 @@ impl ConnectionSettings {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("28P01") | Some("28000") => Error::AuthenticationFailed {
                     user: self.user().to_owned(),
+                    // The server's own words ("password authentication failed", "connection
+                    // requires a valid client certificate"): they never hold a secret.
+                    how: db.message().to_owned(),
                 },
                 Some("3D000") => Error::DatabaseNotFound {
                     database: self.options.get_database().unwrap_or("postgres").to_owned(),
@@ -181,14 +207,32 @@ impl ConnectionSettings {
                     reason: db.message().to_owned(),
                 },
             },
-            sqlx::Error::Io(io) => Error::Unreachable {
-                target: self.target(),
-                reason: io.to_string(),
-            },
-            sqlx::Error::Tls(tls) => Error::Unreachable {
-                target: self.target(),
-                reason: format!("TLS negotiation failed: {tls}"),
-            },
+            // rustls reports a refused certificate as an I/O error of the handshake.
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+                let detail = match &err {
+                    sqlx::Error::Tls(tls) => tls.to_string(),
+                    other => other.to_string(),
+                };
+                let detail = detail
+                    .strip_prefix("error communicating with database: ")
+                    .unwrap_or(&detail)
+                    .to_owned();
+                match untrusted_certificate_hint(&detail, self.options.get_host()) {
+                    Some(hint) => Error::ServerCertificateUntrusted {
+                        target: self.target(),
+                        detail,
+                        hint,
+                    },
+                    None if matches!(err, sqlx::Error::Tls(_)) => Error::Unreachable {
+                        target: self.target(),
+                        reason: format!("TLS negotiation failed: {detail}"),
+                    },
+                    None => Error::Unreachable {
+                        target: self.target(),
+                        reason: detail,
+                    },
+                }
+            }
             sqlx::Error::PoolTimedOut => self.timed_out(),
             _ => Error::Unreachable {
                 target: self.target(),
@@ -196,6 +240,30 @@ impl ConnectionSettings {
             },
         }
     }
+}
+
+/// What to check when the server's certificate was refused, or `None` for another TLS failure.
+fn untrusted_certificate_hint(detail: &str, host: &str) -> Option<String> {
+    if detail.contains("NotValidForName") {
+        return Some(format!(
+            "it is not issued for \"{host}\": connect by a name the certificate holds, or use \
+             sslMode verify-ca (the CA, not the name)"
+        ));
+    }
+    let untrusted = [
+        "UnknownIssuer",
+        "BadSignature",
+        "Expired",
+        "NotValidYet",
+        "invalid peer certificate",
+    ]
+    .iter()
+    .any(|sign| detail.contains(sign));
+    untrusted.then(|| {
+        "give the CA that signed it: connection.tls.caCertificate on a StateStore, \
+         sslrootcert=FILE in a URL (managed services publish their bundles: docs/operations.md#tls)"
+            .to_owned()
+    })
 }
 
 fn parse_ssl_mode(mode: &str) -> Result<PgSslMode, Error> {

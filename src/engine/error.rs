@@ -13,10 +13,17 @@ pub enum Error {
     #[error("cannot reach PostgreSQL at {target}: {reason}")]
     Unreachable { target: String, reason: String },
 
+    #[error("PostgreSQL rejected the credentials of user \"{user}\" ({how})")]
+    AuthenticationFailed { user: String, how: String },
+
     #[error(
-        "PostgreSQL rejected the credentials of user \"{user}\" (password authentication failed)"
+        "cannot reach PostgreSQL at {target}: the server's certificate is not trusted ({detail}); {hint}"
     )]
-    AuthenticationFailed { user: String },
+    ServerCertificateUntrusted {
+        target: String,
+        detail: String,
+        hint: String,
+    },
 
     #[error("database \"{database}\" does not exist")]
     DatabaseNotFound { database: String },
@@ -221,6 +228,7 @@ impl Error {
             Error::InvalidSchemaName { .. } => "InvalidSchemaName",
             Error::InvalidConnection(_) => "InvalidConnection",
             Error::Unreachable { .. } => "DatabaseUnreachable",
+            Error::ServerCertificateUntrusted { .. } => "ServerCertificateUntrusted",
             Error::AuthenticationFailed { .. } => "AuthenticationFailed",
             Error::DatabaseNotFound { .. } => "DatabaseNotFound",
             Error::ConnectTimeout { .. } => "ConnectTimeout",
@@ -263,6 +271,7 @@ impl Error {
             self,
             Error::InvalidConnection(_)
                 | Error::Unreachable { .. }
+                | Error::ServerCertificateUntrusted { .. }
                 | Error::AuthenticationFailed { .. }
                 | Error::DatabaseNotFound { .. }
                 | Error::ConnectTimeout { .. }

@@ -26,7 +26,7 @@ mod tableset;
 pub mod words;
 
 pub use backup::BackupInfo;
-pub use connection::{ConnectionParts, ConnectionSettings, redact};
+pub use connection::{ConnectionParts, ConnectionSettings, TlsMaterial, redact};
 pub use destination::Destination;
 pub use error::Error;
 pub use export::{Compression, ExportOptions, ExportReport};

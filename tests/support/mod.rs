@@ -42,6 +42,11 @@ pub fn start_throwaway(script: &str, variable: &str) -> String {
 
 /// Like [`start_throwaway`]: every `VARIABLE=value` line the script prints.
 pub fn start_throwaway_all(script: &str) -> BTreeMap<String, String> {
+    start_throwaway_with(script, &[])
+}
+
+/// Like [`start_throwaway_all`], with further options for the script's `start`.
+pub fn start_throwaway_with(script: &str, options: &[&str]) -> BTreeMap<String, String> {
     let path = format!("{}/scripts/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("bash")
         .args([
@@ -50,6 +55,7 @@ pub fn start_throwaway_all(script: &str) -> BTreeMap<String, String> {
             "--owner-pid",
             &std::process::id().to_string(),
         ])
+        .args(options)
         .output()
         .unwrap_or_else(|e| panic!("cannot run scripts/{script}: {e}"));
     assert!(
