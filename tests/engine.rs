@@ -667,3 +667,23 @@ async fn backups_copy_every_column_and_row() {
     backed_up.remove("_statekeeper_backup");
     assert_eq!(backed_up, snapshot(&mut conn, "state").await);
 }
+
+/// The test command runs this file on two PostgreSQL versions; STATEKEEPER_PG_VERSION names the
+/// one a run asks for (scripts/throwaway-postgres.sh reads it too), so a run on the wrong server
+/// fails here instead of passing as the other version.
+#[tokio::test]
+async fn the_server_is_the_postgresql_version_the_run_asks_for() {
+    let db = TestDb::new().await;
+    let version: String = sqlx::query_scalar("SELECT current_setting('server_version')")
+        .fetch_one(&mut db.conn().await)
+        .await
+        .unwrap();
+    println!("PostgreSQL {version}");
+    if let Ok(major) = std::env::var("STATEKEEPER_PG_VERSION") {
+        assert_eq!(
+            version.split('.').next(),
+            Some(major.as_str()),
+            "STATEKEEPER_PG_VERSION={major} but the server is {version}"
+        );
+    }
+}

@@ -114,7 +114,8 @@ async fn the_operator_rides_out_a_database_outage_and_recovers_within_one_backof
     generated_store(&db).await;
     let exports = temp_dir("outage");
     let before = support::current_state(&mut db.conn().await, SCHEMA).await;
-    // The import's file: the store as it is, so the import changes no current row.
+    // The import's file: the store as it is (exact, so imported with Replace), so the import
+    // changes no current row.
     let file = exports.join("before.json");
     db.store(SCHEMA)
         .await
@@ -191,7 +192,7 @@ async fn the_operator_rides_out_a_database_outage_and_recovers_within_one_backof
         state_migration(
             "mid-import",
             "2026-01-01T00:00:00Z",
-            json!({"import": {"source": {"url": format!("file://{}", file.display())}}}),
+            json!({"import": {"source": {"url": format!("file://{}", file.display())}, "mode": "Replace"}}),
         ),
     );
     let mut watcher = PgConnection::connect(admin).await.unwrap();
