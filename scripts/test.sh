@@ -23,7 +23,7 @@ cargo clippy --all-targets --locked --features failpoints -- -D warnings
 step "building tests"
 cargo test --all-targets --locked --features failpoints --no-run
 
-step "starting a throwaway PostgreSQL"
+step "starting a throwaway PostgreSQL (STATEKEEPER_PG_VERSION=MAJOR picks its version)"
 pg_env=$(scripts/throwaway-postgres.sh start --owner-pid $$)
 eval "$pg_env"
 trap 'scripts/throwaway-postgres.sh stop "$STATEKEEPER_PG_DIR"' EXIT
@@ -79,12 +79,11 @@ step "PostgreSQL 18: the engine, format, framework and crash suites again (bound
 pg18_env=$(STATEKEEPER_PG_VERSION=18 scripts/throwaway-postgres.sh start --owner-pid $$)
 pg18_url=$(sed -n 's/^STATEKEEPER_PG_URL=//p' <<<"$pg18_env")
 pg18_dir=$(sed -n 's/^STATEKEEPER_PG_DIR=//p' <<<"$pg18_env")
-export STATEKEEPER_PG_VERSION=18 STATEKEEPER_TEST_DATABASE_URL="$pg18_url"
-cargo test --locked --features failpoints --test engine --test migrations --test janitor \
+STATEKEEPER_PG_VERSION=18 STATEKEEPER_TEST_DATABASE_URL="$pg18_url" \
+  cargo test --locked --features failpoints --test engine --test migrations --test janitor \
   --test cli --test export_import --test sqlmesh --test meltano
-STATEKEEPER_CRASH_RANDOM=1 cargo test --locked --features failpoints --test crash -- --nocapture
-export STATEKEEPER_TEST_DATABASE_URL="$STATEKEEPER_PG_URL"
-unset STATEKEEPER_PG_VERSION
+STATEKEEPER_PG_VERSION=18 STATEKEEPER_TEST_DATABASE_URL="$pg18_url" STATEKEEPER_CRASH_RANDOM=1 \
+  cargo test --locked --features failpoints --test crash -- --nocapture
 scripts/throwaway-postgres.sh stop "$pg18_dir"
 
 step "end-to-end suite"

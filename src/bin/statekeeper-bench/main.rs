@@ -512,6 +512,7 @@ async fn export_import_round(
     let started = Instant::now();
     run_tool(
         "pg_dump",
+        url,
         &[
             "--data-only",
             "--schema",
@@ -532,6 +533,7 @@ async fn export_import_round(
     let started = Instant::now();
     run_tool(
         "psql",
+        url,
         &[
             "--quiet",
             "--single-transaction",
@@ -570,20 +572,9 @@ fn path_str(path: &std::path::Path) -> BenchResult<&str> {
         .ok_or_else(|| "temporary path is not UTF-8".into())
 }
 
-/// Runs a PostgreSQL client tool from the server's bin directory, or PATH.
-async fn run_tool(name: &str, args: &[&str]) -> BenchResult<()> {
-    let mut program = std::path::PathBuf::from(name);
-    if let Ok(dirs) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut candidates: Vec<_> = dirs
-            .flatten()
-            .map(|d| d.path().join("bin").join(name))
-            .filter(|p| p.exists())
-            .collect();
-        candidates.sort();
-        if let Some(newest) = candidates.pop() {
-            program = newest;
-        }
-    }
+/// Runs a PostgreSQL client tool made for the server at `url` (see [`pg_tool`]).
+async fn run_tool(name: &str, url: &str, args: &[&str]) -> BenchResult<()> {
+    let program = pg_tool(name, url).await?;
     let out = tokio::process::Command::new(&program)
         .args(args)
         .output()
@@ -592,6 +583,45 @@ async fn run_tool(name: &str, args: &[&str]) -> BenchResult<()> {
         return Err(format!("{name} failed: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
     Ok(())
+}
+
+/// The client tool `name` (pg_dump, psql) to measure against the server at `url`: one of the
+/// server's major version from PATH, the throwaway server's binaries or /usr/lib/postgresql,
+/// else the newest found (pg_dump
+/// refuses a server newer than itself, and a newer one would time another program).
+pub(crate) async fn pg_tool(name: &str, url: &str) -> BenchResult<String> {
+    let mut conn = PgConnection::connect(url).await?;
+    let server: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+        .fetch_one(&mut conn)
+        .await?;
+    let server_major = u32::try_from(server / 10_000)?;
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect())
+        .unwrap_or_default();
+    dirs.extend(THROWAWAY_BIN.get().cloned());
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        dirs.extend(entries.flatten().map(|d| d.path().join("bin")));
+    }
+    let mut found: Vec<(u32, String)> = Vec::new();
+    for program in dirs.iter().map(|d| d.join(name)).filter(|p| p.is_file()) {
+        let out = tokio::process::Command::new(&program)
+            .arg("--version")
+            .output()
+            .await?;
+        // "pg_dump (PostgreSQL) 18.6" (Debian adds its package version after it).
+        let major = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.split('.').next()?.parse().ok());
+        if let (Some(major), Some(path)) = (major, program.to_str()) {
+            found.push((major, path.to_owned()));
+        }
+    }
+    found.sort_by_key(|(major, _)| (*major == server_major, *major));
+    found
+        .pop()
+        .map(|(_, path)| path)
+        .ok_or_else(|| format!("no {name} found on PATH or in /usr/lib/postgresql").into())
 }
 
 /// The pinned SQLMesh of the tests (tests/fixtures/sqlmesh-requirements.txt), installed into the
@@ -796,12 +826,23 @@ async fn database(target: &Target) -> BenchResult<String> {
         )
         .into());
     }
-    let url = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("STATEKEEPER_PG_URL=").map(str::to_owned))
-        .ok_or("the throwaway script printed no URL")?;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let value = |name: &str| {
+        printed
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('=').map(str::to_owned))
+    };
+    let url = value("STATEKEEPER_PG_URL").ok_or("the throwaway script printed no URL")?;
+    if let Some(dir) = value("STATEKEEPER_PG_DIR") {
+        let bin = std::fs::read_to_string(std::path::Path::new(&dir).join("bin"))?;
+        // Its version's pg_dump and psql, wherever they are (PyPI's builds are not on PATH).
+        let _ = THROWAWAY_BIN.set(bin.trim().into());
+    }
     Ok(url)
 }
+
+/// The bin directory of the throwaway server this process started, if it started one.
+static THROWAWAY_BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 /// Peak resident memory of this process (VmHWM), in MiB.
 fn peak_rss_mib() -> f64 {

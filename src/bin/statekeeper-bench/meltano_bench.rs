@@ -238,8 +238,12 @@ async fn round(settings: &Settings, state_ids: u32) -> BenchResult<Round> {
     // The physical reference: PostgreSQL's own dump of the state table and its restore in one
     // transaction into the table `meltano upgrade database` created.
     let dump = dir.join("pg-dump.sql");
+    let (pg_dump_program, psql_program) = (
+        super::pg_tool("pg_dump", &source_url).await?,
+        super::pg_tool("psql", &source_url).await?,
+    );
     let pg_dump = measure(settings.repeat, || {
-        let mut command = timed("pg_dump", &[]);
+        let mut command = timed(&pg_dump_program, &[]);
         command
             .args(["--data-only", "--table", "public.state", "--file"])
             .arg(&dump)
@@ -256,7 +260,7 @@ async fn round(settings: &Settings, state_ids: u32) -> BenchResult<Round> {
                 .output()?,
             "meltano upgrade database",
         )?;
-        let mut command = timed("psql", &[]);
+        let mut command = timed(&psql_program, &[]);
         command
             .args([
                 "--quiet",

@@ -220,8 +220,12 @@ async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
     // The physical reference: PostgreSQL's own dump of the state schema and its restore in one
     // transaction into the tables `sqlmesh migrate` created, emptied.
     let dump = dir.join("pg-dump.sql");
+    let (pg_dump_program, psql_program) = (
+        super::pg_tool("pg_dump", &source_url).await?,
+        super::pg_tool("psql", &source_url).await?,
+    );
     let pg_dump = measure(settings.repeat, || {
-        let mut command = timed_command("pg_dump", &dir, &[]);
+        let mut command = timed_command(&pg_dump_program, &dir, &[]);
         command
             .args(["--data-only", "--schema", "sqlmesh", "--file"])
             .arg(&dump)
@@ -246,7 +250,7 @@ async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
         .execute(&mut conn)
         .await?;
         drop(conn);
-        let mut command = timed_command("psql", &dir, &[]);
+        let mut command = timed_command(&psql_program, &dir, &[]);
         command
             .args([
                 "--quiet",
