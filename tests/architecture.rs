@@ -19,11 +19,9 @@ const MAX_FUNCTION_LINES: usize = 150;
 
 /// Import circles on record (the files of each, by module path), to be removed.
 const KNOWN_CIRCLES: &[&str] = &[
-    "api api::state_store",
     "controller controller::export_schedule controller::state_export controller::state_migration controller::state_store controller::store_janitor",
     "engine::backup engine::catalog engine::error engine::frameworks engine::frameworks::meltano engine::frameworks::sqlmesh engine::frameworks::statekeeper engine::identifier engine::store engine::tableset",
     "engine::copy_binary engine::exact engine::export engine::frameworks::meltano::export engine::frameworks::sqlmesh::export engine::frameworks::statekeeper::export engine::import",
-    "engine::frameworks::meltano::janitor engine::janitor",
 ];
 
 /// Files over MAX_FILE_LINES on record (below src/).

@@ -265,7 +265,7 @@ pub struct StateExportStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run_now: Option<String>,
     #[serde(default)]
-    #[schemars(schema_with = "super::conditions_schema")]
+    #[schemars(schema_with = "super::common::conditions_schema")]
     pub conditions: Vec<Condition>,
 }
 

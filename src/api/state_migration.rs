@@ -227,7 +227,7 @@ pub struct StateMigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default)]
-    #[schemars(schema_with = "super::conditions_schema")]
+    #[schemars(schema_with = "super::common::conditions_schema")]
     pub conditions: Vec<Condition>,
 }
 

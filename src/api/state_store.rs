@@ -5,7 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::SecretKeyRef;
+use super::common::SecretKeyRef;
 
 /// A PostgreSQL-backed state store that the operator initialises and watches over.
 #[derive(CustomResource, Clone, Debug, Serialize, Deserialize, JsonSchema)]
@@ -366,7 +366,7 @@ pub struct StateStoreStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub janitor: Option<JanitorStatus>,
     #[serde(default)]
-    #[schemars(schema_with = "super::conditions_schema")]
+    #[schemars(schema_with = "super::common::conditions_schema")]
     pub conditions: Vec<Condition>,
 }
 

@@ -16,6 +16,7 @@ pub mod identifier;
 pub mod import;
 pub mod io;
 pub mod janitor;
+mod janitor_report;
 pub mod json;
 mod jsonscan;
 pub mod migrations;

@@ -11,7 +11,7 @@
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 
-use crate::engine::janitor::{JanitorOptions, JanitorReport};
+use crate::engine::janitor_report::{JanitorOptions, JanitorReport};
 use crate::engine::store::Store;
 use crate::engine::{Error, Framework};
 
