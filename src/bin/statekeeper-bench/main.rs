@@ -509,10 +509,12 @@ async fn export_import_round(
 
     // pg_dump the same schema's data, then restore it into the same (emptied) tables with psql.
     let dump = dir.join("dump.sql");
+    // Found before the clock starts: finding them connects and runs each candidate.
+    let (pg_dump_program, psql_program) =
+        (pg_tool("pg_dump", url).await?, pg_tool("psql", url).await?);
     let started = Instant::now();
     run_tool(
-        "pg_dump",
-        url,
+        &pg_dump_program,
         &[
             "--data-only",
             "--schema",
@@ -532,8 +534,7 @@ async fn export_import_round(
         .await?;
     let started = Instant::now();
     run_tool(
-        "psql",
-        url,
+        &psql_program,
         &[
             "--quiet",
             "--single-transaction",
@@ -572,23 +573,22 @@ fn path_str(path: &std::path::Path) -> BenchResult<&str> {
         .ok_or_else(|| "temporary path is not UTF-8".into())
 }
 
-/// Runs a PostgreSQL client tool made for the server at `url` (see [`pg_tool`]).
-async fn run_tool(name: &str, url: &str, args: &[&str]) -> BenchResult<()> {
-    let program = pg_tool(name, url).await?;
-    let out = tokio::process::Command::new(&program)
+/// Runs a PostgreSQL client tool (a path from [`pg_tool`]).
+async fn run_tool(program: &str, args: &[&str]) -> BenchResult<()> {
+    let out = tokio::process::Command::new(program)
         .args(args)
         .output()
         .await?;
     if !out.status.success() {
-        return Err(format!("{name} failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+        return Err(format!("{program} failed: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
     Ok(())
 }
 
 /// The client tool `name` (pg_dump, psql) to measure against the server at `url`: one of the
 /// server's major version from PATH, the throwaway server's binaries or /usr/lib/postgresql,
-/// else the newest found (pg_dump
-/// refuses a server newer than itself, and a newer one would time another program).
+/// else the newest found (pg_dump refuses a server newer than itself, and a newer one would time
+/// another program).
 pub(crate) async fn pg_tool(name: &str, url: &str) -> BenchResult<String> {
     let mut conn = PgConnection::connect(url).await?;
     let server: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
