@@ -12,7 +12,7 @@ fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-fn steps(applied: &[crate::engine::store::AppliedStep]) -> String {
+fn steps(applied: &[crate::engine::reports::AppliedStep]) -> String {
     applied
         .iter()
         .map(|s| format!("  applied version {}: {}", s.version, s.description))

@@ -13,7 +13,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::Error;
 use super::catalog;
-use super::frameworks::{Framework, StoreVersion};
+use super::framework::{Framework, StoreVersion};
 use super::identifier::{BACKUP_ID_LEN, SchemaName, quote_ident};
 
 /// The table inside every backup schema that describes the backup.
@@ -316,5 +316,26 @@ pub async fn drop(conn: &mut PgConnection, schema: &SchemaName, id: &str) -> Res
     )))
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// For a framework that owns its tables: recreates the store's tables with the columns,
+/// constraints and indexes of the backup's copies (taken from the live tables at backup time).
+pub(crate) async fn recreate_tables(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    id: &str,
+) -> Result<(), Error> {
+    let backup_schema = schema.backup_schema(id);
+    for table in tables(conn, schema, id).await? {
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE {}.{t} (LIKE {}.{t} INCLUDING ALL)",
+            schema.quoted(),
+            quote_ident(&backup_schema),
+            t = quote_ident(&table),
+        )))
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }

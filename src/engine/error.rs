@@ -51,14 +51,15 @@ pub enum Error {
 
     #[error(
         "no {expected} state store in schema \"{schema}\", but this database holds {found}: use \
-         {} (on a StateStore: {}){hint}",
-        .found.flags(),
-        .found.spec_fields()
+         {names_it}{hint}"
     )]
     OtherFrameworkInDatabase {
         schema: String,
         expected: &'static str,
-        found: super::frameworks::FoundStore,
+        /// The store found, as users read it ("SQLMesh state in schema …").
+        found: String,
+        /// The CLI options and StateStore fields that name the store found.
+        names_it: String,
         hint: &'static str,
     },
 

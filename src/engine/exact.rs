@@ -18,15 +18,21 @@ use tokio::io::AsyncWrite;
 
 use super::Error;
 use super::catalog;
-use super::export::{ExportReport, Output};
-use super::frameworks::{self, Event, ExportFormat, Framework};
-use super::import::{
-    Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
-    drop_secondary_structures, insert_staged, remember_entities, removed_by_replace,
+use super::framework::Event;
+use super::framework::{ExportFormat, Framework};
+use super::hooks;
+use super::identifier::qualified_list;
+use super::store::{Store, TableLock};
+use crate::engine::format::reader::{Emitter, SectionReader};
+use crate::engine::format::staging::{
+    Incoming, drop_secondary_structures, insert_staged, remember_entities, removed_by_replace,
     restore_secondary_structures,
 };
-use super::store::{Store, TableLock};
-use super::tableset::qualified_list;
+use crate::engine::format::stream::Header;
+use crate::engine::format::writer::Output;
+use crate::engine::jsonscan::{Cursor, ScanError};
+use crate::engine::transfer::ExportReport;
+use crate::engine::transfer::{ImportMode, ImportReport};
 
 /// `metadata.format` of exact exports.
 pub const FORMAT: &str = "exact";
@@ -109,7 +115,7 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
             .as_bytes(),
         )
         .await?;
-        let rows = super::copy_binary::stream_table_as_arrays(
+        let rows = super::format::copy_binary::stream_table_as_arrays(
             tx,
             out,
             store.schema().as_str(),
@@ -296,9 +302,9 @@ pub(crate) async fn import(
     restore_secondary_structures(&mut tx, &restore).await?;
     catalog::resync_identities(&mut tx, schema).await?;
     // The file's own ledger (statekeeper) must match this binary like any other.
-    frameworks::read_version(store, &mut tx).await?;
+    hooks::read_version(store, &mut tx).await?;
     let removed = removed_by_replace(store, &mut tx).await?;
-    frameworks::record_event(
+    hooks::record_event(
         store,
         &mut tx,
         &Event {
@@ -359,9 +365,9 @@ impl Store {
             )));
         }
         let (writer, reader) = tokio::io::duplex(1 << 20);
-        let options = super::export::ExportOptions {
+        let options = crate::engine::transfer::ExportOptions {
             environments: None,
-            compression: super::export::Compression::None,
+            compression: crate::engine::transfer::Compression::None,
             format: ExportFormat::Exact,
         };
         let export = async move {
@@ -370,7 +376,7 @@ impl Store {
                 .await
                 .map(|(report, _)| report)
         };
-        let replace = super::import::ImportOptions::replace();
+        let replace = crate::engine::transfer::ImportOptions::replace();
         let import = self.import(reader, &replace);
         let (exported, imported) = tokio::join!(export, import);
         match (exported, imported) {

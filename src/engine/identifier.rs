@@ -101,6 +101,15 @@ fn printable(name: &str) -> String {
     shown.escape_debug().to_string()
 }
 
+/// `"schema"."a", "schema"."b"`
+pub(crate) fn qualified_list(schema: &str, tables: &[String]) -> String {
+    tables
+        .iter()
+        .map(|t| format!("{}.{}", quote_ident(schema), quote_ident(t)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::frameworks::Framework;
+use super::framework::Framework;
 
 #[derive(Clone, Debug)]
 pub struct JanitorOptions {

@@ -4,14 +4,17 @@
 pub mod backup;
 mod catalog;
 pub mod connection;
-pub(crate) mod copy_binary;
 pub mod destination;
 mod error;
 mod exact;
 pub mod export;
 pub mod failpoint;
+mod format;
+pub mod framework;
 pub mod frameworks;
 pub mod generator;
+mod guards;
+mod hooks;
 pub mod identifier;
 pub mod import;
 pub mod io;
@@ -19,26 +22,31 @@ pub mod janitor;
 mod janitor_report;
 pub mod json;
 mod jsonscan;
+mod lifecycle;
 pub mod migrations;
 pub mod plan;
+pub mod reports;
 pub mod run;
 pub mod store;
 mod tableset;
+pub mod transfer;
 pub mod words;
 
 pub use backup::BackupInfo;
 pub use connection::{ConnectionParts, ConnectionSettings, TlsMaterial, redact};
 pub use destination::Destination;
 pub use error::Error;
-pub use export::{Compression, ExportOptions, ExportReport};
+pub use framework::{ExportFormat, Framework, StoreVersion};
 pub use frameworks::meltano::backend::MeltanoLocks;
-pub use frameworks::{ExportFormat, Framework, StoreVersion};
 pub use identifier::SchemaName;
-pub use import::{ImportMode, ImportOptions, ImportReport};
 pub use janitor::{JanitorOptions, JanitorReport};
 pub use migrations::{Migration, MigrationChain};
 pub use plan::{Operation, Plan};
+pub use reports::{
+    InitReport, ResetApproval, ResetReport, RollbackReport, StatusReport, UpgradeReport,
+};
 pub use run::{RunOutcome, RunReport};
-pub use store::{
-    InitReport, ResetApproval, ResetReport, RollbackReport, StatusReport, Store, UpgradeReport,
+pub use store::Store;
+pub use transfer::{
+    Compression, ExportOptions, ExportReport, ImportMode, ImportOptions, ImportReport,
 };

@@ -11,10 +11,11 @@ use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::Error;
 use super::backup;
-use super::frameworks::{self, Framework, ResetStyle};
+use super::framework::{Framework, Profile, ResetStyle};
+use super::hooks;
 use super::identifier::quote_ident;
-use super::import::ImportMode;
 use super::store::Store;
+use crate::engine::transfer::ImportMode;
 
 /// Hex digits of a plan hash: 64 bits, plenty to tell two plans of one store apart.
 pub const PLAN_HASH_LEN: usize = 16;
@@ -114,11 +115,7 @@ impl Plan {
 
 /// How a runner appears in a plan. The operator describes `upgrade.runner` and the CLI
 /// `--runner-image` the same way, so that one request gets one hash wherever it is planned.
-pub fn runner_description(
-    profile: &super::frameworks::Profile,
-    image: &str,
-    command: &[String],
-) -> String {
+pub fn runner_description(profile: &Profile, image: &str, command: &[String]) -> String {
     let command = if command.is_empty() {
         profile.migrate_command.join(" ")
     } else {
@@ -138,7 +135,7 @@ impl Store {
     pub async fn plan(&self, operation: Operation<'_>, backup: bool) -> Result<Plan, Error> {
         let profile = self.profile();
         let mut tx = self.begin_snapshot().await?;
-        let version = frameworks::read_version(self, &mut tx).await?;
+        let version = hooks::read_version(self, &mut tx).await?;
         if version.is_none() {
             self.refuse_other_framework(&mut tx).await?;
         }
@@ -185,7 +182,7 @@ impl Store {
                          -- {}`",
                         profile.display_name,
                         profile.migrate_command.join(" "),
-                        profile.name,
+                        profile.framework.as_str(),
                         profile.migrate_command.join(" ")
                     )));
                 }

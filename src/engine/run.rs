@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use super::Error;
 use super::backup::BackupInfo;
-use super::store::{RollbackReport, Store, elapsed_ms};
+use super::reports::RollbackReport;
+use super::store::{Store, elapsed_ms};
 
 /// How long the command's processes get to end after SIGTERM (or the interrupting signal)
 /// before they are killed.
@@ -93,7 +94,7 @@ impl Store {
             if backup {
                 self.require_initialized(&mut conn).await?.schema_version
             } else {
-                super::frameworks::read_version(self, &mut conn)
+                super::hooks::read_version(self, &mut conn)
                     .await?
                     .map_or(0, |v| v.schema_version)
             }
@@ -167,7 +168,7 @@ impl Store {
         };
         let to_version = {
             let mut conn = self.pool().acquire().await?;
-            super::frameworks::read_version(self, &mut conn)
+            super::hooks::read_version(self, &mut conn)
                 .await?
                 .map_or(0, |v| v.schema_version)
         };

@@ -1,24 +1,21 @@
-//! A state store: a pool, the schema it lives in and the framework whose state it holds. This is
-//! the facade the CLI and the reconcilers call; generic operations over the store's tables live in
-//! `tableset.rs`, each framework's knowledge in `frameworks/`.
+//! A state store's handle and core: a pool, the schema it lives in and the framework whose state
+//! it holds, with the transactions and locks every operation takes. The operations themselves are
+//! above it (`lifecycle.rs`, `export.rs`, `import.rs`, `janitor.rs`, `plan.rs`, `run.rs`).
 //!
 //! Every operation that writes is one transaction holding the store's advisory lock (and, for a
 //! framework that does not take that lock, locks on its tables): it either completes or leaves the
 //! store exactly as it was.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
 
 use super::Error;
 use super::backup::{self, BackupInfo, BackupSource};
 use super::catalog;
-use super::frameworks::{self, Framework, Profile, StoreVersion, TableSet};
-use super::identifier::{SchemaName, quote_ident, quote_literal};
+use super::framework::{Framework, Profile, StoreVersion, TableSet};
+use super::identifier::{SchemaName, qualified_list, quote_literal};
 use super::migrations::MigrationChain;
 
 /// First key of every statekeeper advisory lock; the second is derived from the schema name.
@@ -80,101 +77,6 @@ pub struct Store {
     operation_id: Option<String>,
     /// Whether this store may be created in a database that holds another framework's store.
     beside_other_frameworks: bool,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AppliedStep {
-    pub version: i32,
-    pub description: String,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AppliedVersion {
-    pub version: i32,
-    pub description: String,
-    pub checksum: String,
-    pub applied_at: DateTime<Utc>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct InitReport {
-    pub schema: String,
-    /// True when the store was already initialised and nothing was done.
-    pub already_initialized: bool,
-    pub from_version: i32,
-    pub to_version: i32,
-    pub applied: Vec<AppliedStep>,
-    pub duration_ms: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StatusReport {
-    pub framework: Framework,
-    pub schema: String,
-    /// False when the schema itself does not exist (a typo, or nothing created yet).
-    pub schema_exists: bool,
-    pub initialized: bool,
-    /// 0 when not initialised.
-    pub current_version: i32,
-    /// The latest version statekeeper can upgrade to; none where the framework migrates itself.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub latest_version: Option<i32>,
-    /// Further version facts (SQLMesh: `sqlmeshVersion`, `sqlglotVersion`).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub versions: BTreeMap<String, String>,
-    /// statekeeper's ledger.
-    pub applied: Vec<AppliedVersion>,
-    pub pending: Vec<AppliedStep>,
-    pub counts: BTreeMap<String, i64>,
-    pub backups: Vec<BackupInfo>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct UpgradeReport {
-    pub schema: String,
-    pub from_version: i32,
-    pub to_version: i32,
-    pub applied: Vec<AppliedStep>,
-    /// The backup taken before the first step; none when there was nothing to apply.
-    pub backup: Option<BackupInfo>,
-    pub duration_ms: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RollbackReport {
-    pub schema: String,
-    pub restored_backup: BackupInfo,
-    pub from_version: i32,
-    pub to_version: i32,
-    /// The backup of the state that the rollback replaced, so a rollback can itself be undone.
-    pub pre_rollback_backup: Option<BackupInfo>,
-    pub rows_restored: i64,
-    pub duration_ms: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ResetReport {
-    pub schema: String,
-    pub from_version: i32,
-    /// Tables dropped (statekeeper) or emptied (a framework that owns its tables).
-    pub tables_reset: usize,
-    /// The backup of the state that the reset removed; `rollback` restores it.
-    pub backup: Option<BackupInfo>,
-    pub duration_ms: u64,
-}
-
-/// Reset needs two independent yeses: the store allows it, and this request is approved.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ResetApproval {
-    pub allow_reset: bool,
-    pub approved: bool,
 }
 
 pub(crate) fn elapsed_ms(started: Instant) -> u64 {
@@ -249,6 +151,11 @@ impl Store {
         self.framework.profile()
     }
 
+    /// Whether this handle may act where the database holds another framework's store.
+    pub(crate) fn allows_other_frameworks(&self) -> bool {
+        self.beside_other_frameworks
+    }
+
     pub(crate) fn pool(&self) -> &PgPool {
         &self.pool
     }
@@ -266,142 +173,6 @@ impl Store {
         self.chain.latest()
     }
 
-    /// Creates statekeeper's schema (a framework that owns its tables creates them itself).
-    pub async fn init(&self, target: Option<i32>) -> Result<InitReport, Error> {
-        if !self.profile().owns_schema {
-            return Err(Error::UnsupportedOperation {
-                operation: "initialise".into(),
-                framework: self.profile().display_name.into(),
-                hint: self.profile().not_initialized_hint.into(),
-            });
-        }
-        frameworks::statekeeper::init(self, target).await
-    }
-
-    /// Backs up every table, then applies the steps up to `target` (default: latest).
-    pub async fn upgrade(&self, target: Option<i32>) -> Result<UpgradeReport, Error> {
-        if !self.profile().owns_schema {
-            return Err(self.profile().not_ours("upgrade"));
-        }
-        frameworks::statekeeper::upgrade(self, target).await
-    }
-
-    /// Reads the store from one snapshot without locking it. Fails when statekeeper's ledger does
-    /// not match this binary (newer schema, changed checksum): every other answer would be a guess.
-    pub async fn status(&self) -> Result<StatusReport, Error> {
-        let mut tx = self.begin_snapshot().await?;
-        let version = frameworks::read_version(self, &mut tx).await?;
-        if version.is_none() {
-            self.refuse_other_framework(&mut tx).await?;
-        }
-        let (applied, pending, latest_version) = match self.framework {
-            Framework::Statekeeper => {
-                let current = version.as_ref().map_or(0, |v| v.schema_version);
-                (
-                    frameworks::statekeeper::read_ledger(self, &mut tx)
-                        .await?
-                        .unwrap_or_default(),
-                    frameworks::statekeeper::pending(self, current),
-                    Some(self.chain.latest()),
-                )
-            }
-            _ => (Vec::new(), Vec::new(), None),
-        };
-        let counts = if version.is_some() {
-            self.counts(&mut tx).await?
-        } else {
-            BTreeMap::new()
-        };
-        let backups = backup::list(&mut tx, &self.schema).await?;
-        let schema_exists =
-            version.is_some() || catalog::schema_exists(&mut tx, self.schema.as_str()).await?;
-        tx.commit().await?;
-        let initialized = version.is_some();
-        let version = version.unwrap_or_default();
-        Ok(StatusReport {
-            framework: self.framework,
-            schema: self.schema.to_string(),
-            schema_exists,
-            initialized,
-            current_version: version.schema_version,
-            latest_version,
-            versions: version.details,
-            applied,
-            pending,
-            counts,
-            backups,
-        })
-    }
-
-    /// The store's version, or why it cannot be operated on yet (`NotInitialized`, or another
-    /// framework's tables in the schema). Reads only.
-    pub async fn version(&self) -> Result<StoreVersion, Error> {
-        let mut conn = self.pool.acquire().await?;
-        self.require_initialized(&mut conn).await
-    }
-
-    /// Takes a backup of the store now, from one consistent snapshot: nothing waits on it.
-    pub async fn backup(&self) -> Result<BackupInfo, Error> {
-        self.backup_with_reason("manual").await
-    }
-
-    /// A backup now, recording why (`manual`, `pre-run`, `pre-migration`, …). The store's lock
-    /// is taken first, on a session of its own, and the snapshot after it: a snapshot taken while
-    /// waiting for the lock would predate the operation that held it. The session is detached
-    /// from the pool, so that if this is cancelled PostgreSQL releases the lock with it.
-    pub async fn backup_with_reason(&self, reason: &str) -> Result<BackupInfo, Error> {
-        let mut lock = self.pool.acquire().await?.detach();
-        self.lock_session(&mut lock).await?;
-        let backup = async {
-            let mut tx = self.begin_snapshot().await?;
-            let version = self.require_initialized(&mut tx).await?;
-            let info = self.create_backup(&mut tx, &version, reason).await?;
-            super::failpoint::hit("backup.before_commit");
-            tx.commit().await?;
-            Ok(info)
-        }
-        .await;
-        if self.unlock_session(&mut lock).await.is_ok() {
-            let _ = sqlx::Connection::close(lock).await;
-        }
-        backup
-    }
-
-    /// Replaces the store with a backup (the newest, or the one named). The replaced state is
-    /// itself backed up first.
-    pub async fn rollback(&self, backup_id: Option<&str>) -> Result<RollbackReport, Error> {
-        super::tableset::rollback(self, backup_id).await
-    }
-
-    /// Drops (statekeeper) or empties (a framework's tables) the store. Refused unless both the
-    /// store and the request say yes; the removed state is kept in a backup.
-    pub async fn reset(&self, approval: ResetApproval) -> Result<ResetReport, Error> {
-        super::tableset::reset(self, approval).await
-    }
-
-    /// The backup made for a request (see [`Store::with_operation_id`]): its existence proves
-    /// that the request's transaction committed.
-    pub async fn backup_of_operation(&self, id: &str) -> Result<Option<BackupInfo>, Error> {
-        Ok(self
-            .backups()
-            .await?
-            .into_iter()
-            .find(|b| b.operation.as_deref() == Some(id)))
-    }
-
-    pub async fn backups(&self) -> Result<Vec<BackupInfo>, Error> {
-        let mut conn = self.pool.acquire().await?;
-        backup::list(&mut conn, &self.schema).await
-    }
-
-    pub async fn drop_backup(&self, id: &str) -> Result<BackupInfo, Error> {
-        let mut tx = self.begin_locked().await?;
-        let info = backup::find(&mut tx, &self.schema, Some(id)).await?;
-        backup::drop(&mut tx, &self.schema, &info.id).await?;
-        tx.commit().await?;
-        Ok(info)
-    }
-
     /// The tables of the store that exist now, by name.
     pub(crate) async fn tables(&self, conn: &mut PgConnection) -> Result<Vec<String>, Error> {
         match &self.profile().tables {
@@ -410,127 +181,6 @@ impl Store {
                 catalog::existing_tables(conn, self.schema.as_str(), tables).await
             }
         }
-    }
-
-    /// The store's version, or `NotInitialized` (or, when the schema holds another framework's
-    /// tables, an error naming the framework to use).
-    pub(crate) async fn require_initialized(
-        &self,
-        conn: &mut PgConnection,
-    ) -> Result<StoreVersion, Error> {
-        match frameworks::read_version(self, conn).await? {
-            Some(version) => Ok(version),
-            None => {
-                self.refuse_other_framework(conn).await?;
-                Err(Error::NotInitialized {
-                    schema: self.schema.to_string(),
-                    framework: self.profile().display_name.into(),
-                    hint: self.profile().not_initialized_hint.into(),
-                })
-            }
-        }
-    }
-
-    /// For a store that does not exist: fails when its schema holds another framework's store,
-    /// or when the database holds another framework's store and none of this framework's, naming
-    /// the options to use. A missing `--framework` must not act on (or create) the wrong store.
-    pub(crate) async fn refuse_other_framework(
-        &self,
-        conn: &mut PgConnection,
-    ) -> Result<(), Error> {
-        self.refuse_other_framework_with(conn, "").await
-    }
-
-    async fn refuse_other_framework_with(
-        &self,
-        conn: &mut PgConnection,
-        hint: &'static str,
-    ) -> Result<(), Error> {
-        let stores = frameworks::find_stores(conn).await?;
-        if let Some(other) = stores
-            .iter()
-            .find(|s| s.schema == self.schema.as_str() && s.framework != self.framework)
-        {
-            return Err(Error::WrongFramework {
-                schema: self.schema.to_string(),
-                found: other.framework.profile().display_name.into(),
-                expected: self.profile().display_name.into(),
-                flag: other.framework.as_str().into(),
-            });
-        }
-        if self.beside_other_frameworks || stores.iter().any(|s| s.framework == self.framework) {
-            return Ok(());
-        }
-        match stores.first() {
-            Some(other) => Err(Error::OtherFrameworkInDatabase {
-                schema: self.schema.to_string(),
-                expected: self.profile().display_name,
-                found: other.clone(),
-                hint,
-            }),
-            None => Ok(()),
-        }
-    }
-
-    /// Before creating statekeeper's schema: refuses a database that holds another framework's
-    /// store (and none of statekeeper's), unless this handle allows it.
-    pub(crate) async fn refuse_creating_beside_other_framework(
-        &self,
-        conn: &mut PgConnection,
-    ) -> Result<(), Error> {
-        self.refuse_other_framework_with(
-            conn,
-            "; to create statekeeper's own schema beside it anyway: `statekeeper state init --force`",
-        )
-        .await
-    }
-
-    /// Why this store's schema is missing, and where the database keeps state instead.
-    pub async fn schema_not_found(&self) -> Error {
-        let elsewhere = async {
-            let mut conn = self.pool.acquire().await?;
-            frameworks::find_stores(&mut conn).await
-        }
-        .await
-        .unwrap_or_default();
-        let elsewhere = if elsewhere.is_empty() {
-            format!(
-                " (nor any other state store): {}",
-                self.profile().not_initialized_hint
-            )
-        } else {
-            format!(
-                "; it holds {}",
-                elsewhere
-                    .iter()
-                    .map(|s| format!("{s} ({})", s.flags()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
-        Error::SchemaNotFound {
-            schema: self.schema.to_string(),
-            elsewhere,
-        }
-    }
-
-    /// The verified version of statekeeper's schema, refusing stores older than `required`.
-    pub(crate) async fn require_version(
-        &self,
-        conn: &mut PgConnection,
-        required: i32,
-        operation: &str,
-    ) -> Result<i32, Error> {
-        let current = self.require_initialized(conn).await?.schema_version;
-        if current < required {
-            return Err(Error::SchemaTooOld {
-                schema: self.schema.to_string(),
-                current,
-                required,
-                operation: operation.to_owned(),
-            });
-        }
-        Ok(current)
     }
 
     /// The backup an operation that changes the store makes first, unless backups before changes
@@ -575,33 +225,6 @@ impl Store {
             operation,
             with_indexes: !self.profile().owns_schema,
         }
-    }
-
-    async fn counts(&self, conn: &mut PgConnection) -> Result<BTreeMap<String, i64>, Error> {
-        let names: Vec<&str> = self.profile().counts.iter().map(|c| c.table).collect();
-        let present = catalog::existing_tables(conn, self.schema.as_str(), &names).await?;
-        let s = self.schema.quoted();
-        let selects: Vec<String> = self
-            .profile()
-            .counts
-            .iter()
-            .filter(|c| present.iter().any(|p| p == c.table))
-            .map(|c| {
-                let value = if c.sql.is_empty() {
-                    format!("SELECT count(*) FROM {s}.{}", quote_ident(c.table))
-                } else {
-                    c.sql.replace("{s}", &s)
-                };
-                format!("SELECT '{}'::text, ({value})::bigint", c.name)
-            })
-            .collect();
-        if selects.is_empty() {
-            return Ok(BTreeMap::new());
-        }
-        let rows: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(selects.join(" UNION ALL ")))
-            .fetch_all(conn)
-            .await?;
-        Ok(rows.into_iter().collect())
     }
 
     /// A REPEATABLE READ transaction: every read in it sees the store at one instant, whatever
@@ -679,7 +302,7 @@ impl Store {
     fn lock_statement(&self, tables: &[String], lock: TableLock) -> String {
         format!(
             "LOCK TABLE {} IN {} MODE",
-            super::tableset::qualified_list(self.schema.as_str(), tables),
+            qualified_list(self.schema.as_str(), tables),
             lock.mode()
         )
     }

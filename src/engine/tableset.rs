@@ -9,9 +9,12 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use super::Error;
 use super::backup::{self, BackupInfo};
 use super::catalog;
-use super::frameworks::{self, Event, ResetStyle};
-use super::identifier::quote_ident;
-use super::store::{ResetApproval, ResetReport, RollbackReport, Store, elapsed_ms};
+use super::framework::Event;
+use super::framework::ResetStyle;
+use super::hooks;
+use super::identifier::{qualified_list, quote_ident};
+use super::reports::{ResetApproval, ResetReport, RollbackReport};
+use super::store::{Store, elapsed_ms};
 
 /// Replaces the store with a backup (the newest, or the one named), after backing up the state
 /// it replaces.
@@ -32,8 +35,8 @@ pub(crate) async fn rollback(
             ),
         });
     }
-    frameworks::check_backup(store, &mut tx, &restored).await?;
-    let current = frameworks::read_version(store, &mut tx).await?;
+    hooks::check_backup(store, &mut tx, &restored).await?;
+    let current = hooks::read_version(store, &mut tx).await?;
     let pre_rollback_backup = match &current {
         Some(version) => {
             store
@@ -45,7 +48,7 @@ pub(crate) async fn rollback(
     let rows_restored = restore(store, &mut tx, &restored).await?;
     crate::engine::failpoint::hit("rollback.restored");
     let from_version = current.map_or(0, |v| v.schema_version);
-    frameworks::record_event(
+    hooks::record_event(
         store,
         &mut tx,
         &Event {
@@ -87,7 +90,7 @@ async fn restore(
     let backup_schema = store.schema().backup_schema(&backup.id);
     let backup_tables = backup::tables(conn, store.schema(), &backup.id).await?;
     let live_tables = store.tables(conn).await?;
-    frameworks::before_restore(store, conn).await?;
+    hooks::before_restore(store, conn).await?;
     let mut same_structure = backup_tables == live_tables;
     for table in &backup_tables {
         if !same_structure {
@@ -107,7 +110,7 @@ async fn restore(
         }
     } else {
         drop_tables(conn, schema, &live_tables).await?;
-        frameworks::rebuild_tables(store, conn, backup).await?;
+        hooks::rebuild_tables(store, conn, backup).await?;
     }
     sqlx::query("SET CONSTRAINTS ALL DEFERRED")
         .execute(&mut *conn)
@@ -134,30 +137,9 @@ async fn restore(
         .await?;
         rows_restored += loaded.rows_affected() as i64;
     }
-    frameworks::after_restore(store, conn).await?;
+    hooks::after_restore(store, conn).await?;
     catalog::resync_identities(conn, schema).await?;
     Ok(rows_restored)
-}
-
-/// For a framework that owns its tables: recreates them with the backup's columns, constraints
-/// and indexes (the backup copied them from the live tables when it was taken).
-pub(crate) async fn rebuild_from_backup(
-    store: &Store,
-    conn: &mut PgConnection,
-    backup: &BackupInfo,
-) -> Result<(), Error> {
-    let backup_schema = store.schema().backup_schema(&backup.id);
-    for table in backup::tables(conn, store.schema(), &backup.id).await? {
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE TABLE {}.{t} (LIKE {}.{t} INCLUDING ALL)",
-            store.schema().quoted(),
-            quote_ident(&backup_schema),
-            t = quote_ident(&table),
-        )))
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
 }
 
 /// Drops (statekeeper) or empties (a framework's own tables) the store, keeping what it removes
@@ -179,7 +161,7 @@ pub(crate) async fn reset(store: &Store, approval: ResetApproval) -> Result<Rese
     }
     let started = Instant::now();
     let mut tx = store.begin_write().await?;
-    let current = frameworks::read_version(store, &mut tx).await?;
+    let current = hooks::read_version(store, &mut tx).await?;
     if current.is_none() {
         store.refuse_other_framework(&mut tx).await?;
     }
@@ -241,13 +223,4 @@ async fn drop_tables(
     .execute(conn)
     .await?;
     Ok(())
-}
-
-/// `"schema"."a", "schema"."b"`
-pub(crate) fn qualified_list(schema: &str, tables: &[String]) -> String {
-    tables
-        .iter()
-        .map(|t| format!("{}.{}", quote_ident(schema), quote_ident(t)))
-        .collect::<Vec<_>>()
-        .join(", ")
 }

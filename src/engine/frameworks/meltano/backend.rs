@@ -14,10 +14,10 @@ use sqlx::AssertSqlSafe;
 use tokio::io::AsyncWriteExt;
 
 use crate::engine::destination::Destination;
-use crate::engine::export::{ExportOptions, ExportReport};
-use crate::engine::frameworks::ExportFormat;
-use crate::engine::import::{ImportOptions, ImportReport};
+use crate::engine::framework::ExportFormat;
 use crate::engine::store::Store;
+use crate::engine::transfer::{ExportOptions, ExportReport};
+use crate::engine::transfer::{ImportOptions, ImportReport};
 use crate::engine::{Compression, Error};
 
 const STATE_FILE: &str = "state.json";

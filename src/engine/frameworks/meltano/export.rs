@@ -6,12 +6,13 @@ use sqlx::PgConnection;
 use tokio::io::AsyncWrite;
 
 use crate::engine::Error;
-use crate::engine::export::{
-    ExportOptions, ExportReport, Output, push_json_string, refuse_unknown_environments,
-    transform_copy_lines, unescape_copy_field,
+use crate::engine::format::writer::{
+    Output, push_json_string, transform_copy_lines, unescape_copy_field,
 };
+use crate::engine::guards::refuse_unknown_environments;
 use crate::engine::identifier::quote_literal;
 use crate::engine::store::Store;
+use crate::engine::transfer::{ExportOptions, ExportReport};
 
 /// Writes the whole document from the caller's snapshot. `options.environments` selects state
 /// IDs: exact names (each must exist) or `*` globs, as `meltano state list` takes them.

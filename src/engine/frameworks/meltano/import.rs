@@ -9,13 +9,14 @@ use std::sync::Arc;
 use sqlx::AssertSqlSafe;
 
 use crate::engine::Error;
-use crate::engine::frameworks::ExportFormat;
-use crate::engine::import::{
-    Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
-    remember_entities, removed_by_replace,
-};
+use crate::engine::format::reader::{Emitter, SectionReader};
+use crate::engine::format::staging::{Incoming, remember_entities, removed_by_replace};
+use crate::engine::format::stream::Header;
+use crate::engine::framework::ExportFormat;
 use crate::engine::json::python_dumps;
+use crate::engine::jsonscan::{Cursor, ScanError};
 use crate::engine::store::{Store, TableLock};
+use crate::engine::transfer::{ImportMode, ImportReport};
 
 /// The staging section of state rows.
 const STATE: &str = "state";

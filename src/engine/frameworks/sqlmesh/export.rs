@@ -16,8 +16,10 @@ use super::intervals::{self, Unit};
 use super::{Fingerprint, OrderedObject, SNAPSHOT_FIELDS};
 use crate::engine::Error;
 use crate::engine::catalog;
-use crate::engine::export::{ExportOptions, ExportReport, Output, refuse_unknown_environments};
+use crate::engine::format::writer::Output;
+use crate::engine::guards::refuse_unknown_environments;
 use crate::engine::store::Store;
+use crate::engine::transfer::{ExportOptions, ExportReport};
 
 /// `metadata`, with SQLMesh's fields in SQLMesh's order.
 #[derive(serde::Serialize)]

@@ -14,15 +14,18 @@ use sqlx::AssertSqlSafe;
 
 use super::{Fingerprint, OrderedObject, STORED_ELSEWHERE};
 use crate::engine::Error;
-use crate::engine::frameworks::ExportFormat;
-use crate::engine::identifier::quote_literal;
-use crate::engine::import::{
-    Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
-    insert_staged, remember_entities, removed_by_replace, staged_field,
+use crate::engine::format::reader::{Emitter, SectionReader};
+use crate::engine::format::staging::{
+    Incoming, insert_staged, remember_entities, removed_by_replace, staged_field,
 };
+use crate::engine::format::stream::Header;
+use crate::engine::framework::ExportFormat;
+use crate::engine::identifier::qualified_list;
+use crate::engine::identifier::quote_literal;
 use crate::engine::json::{compact_utf8_for_parsing, push_python_dumps, python_dumps};
+use crate::engine::jsonscan::{Cursor, ScanError};
 use crate::engine::store::{Store, TableLock};
-use crate::engine::tableset::qualified_list;
+use crate::engine::transfer::{ImportMode, ImportReport};
 
 const SNAPSHOTS: &str = "_snapshots";
 const INTERVALS: &str = "_intervals";

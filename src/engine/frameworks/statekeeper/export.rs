@@ -8,12 +8,13 @@ use tokio::io::AsyncWrite;
 
 use crate::engine::Error;
 use crate::engine::catalog;
-use crate::engine::copy_binary::stream_table_as_objects;
-use crate::engine::export::{
-    CopyLines, ExportOptions, ExportReport, FLUSH_BYTES, Output, push_copy_json, push_json_string,
-    refuse_unknown_environments,
+use crate::engine::format::copy_binary::stream_table_as_objects;
+use crate::engine::format::writer::{
+    CopyLines, FLUSH_BYTES, Output, push_copy_json, push_json_string,
 };
+use crate::engine::guards::refuse_unknown_environments;
 use crate::engine::store::{Store, read_snapshot};
+use crate::engine::transfer::{ExportOptions, ExportReport};
 
 /// The export file version this statekeeper writes and reads.
 pub const FILE_VERSION: u32 = 1;

@@ -11,13 +11,16 @@ use super::Event;
 use super::export::{EXPORT_MIN_VERSION, FILE_VERSION};
 use crate::engine::Error;
 use crate::engine::catalog;
-use crate::engine::frameworks::{ExportFormat, StoreVersion};
-use crate::engine::import::{
-    Cursor, Emitter, Header, ImportMode, ImportReport, Incoming, ScanError, SectionReader,
-    drop_secondary_structures, invalid, remember_entities, removed_by_replace,
+use crate::engine::format::reader::{Emitter, SectionReader};
+use crate::engine::format::staging::{
+    Incoming, drop_secondary_structures, invalid, remember_entities, removed_by_replace,
     restore_secondary_structures,
 };
+use crate::engine::format::stream::Header;
+use crate::engine::framework::{ExportFormat, StoreVersion};
+use crate::engine::jsonscan::{Cursor, ScanError};
 use crate::engine::store::{Store, TableLock};
+use crate::engine::transfer::{ImportMode, ImportReport};
 
 /// Sections of flat rows at the top of the document.
 const TOP_SECTIONS: &[&str] = &[

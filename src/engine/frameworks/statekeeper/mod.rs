@@ -3,66 +3,18 @@
 
 pub mod export;
 pub mod import;
-
-use std::time::Instant;
+pub(crate) mod lifecycle;
+pub mod profile;
 
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
-use super::{
-    Count, Entities, Event, ExportFormat, Framework, Profile, ResetStyle, StoreVersion, TableSet,
-};
 use crate::engine::Error;
 use crate::engine::backup::BackupInfo;
 use crate::engine::catalog;
+use crate::engine::framework::{Event, StoreVersion};
 use crate::engine::identifier::quote_ident;
-use crate::engine::store::{
-    self, AppliedStep, AppliedVersion, InitReport, Store, TableLock, UpgradeReport,
-};
-
-pub static PROFILE: Profile = Profile {
-    framework: Framework::Statekeeper,
-    name: "statekeeper",
-    display_name: "statekeeper",
-    default_schema: "statekeeper",
-    tables: TableSet::WholeSchema,
-    entities: Entities {
-        noun: "environments",
-        table: "virtual_environments",
-        key: "name",
-    },
-    marker_table: "state_versions",
-    owns_schema: true,
-    reset: ResetStyle::DropTables,
-    counts: &[
-        count("model_versions"),
-        count("function_versions"),
-        count("physical_relations"),
-        count("model_version_intervals"),
-        count("virtual_environments"),
-        count("virtual_environment_refs"),
-        count("virtual_environment_checkpoints"),
-        count("locks"),
-        count("state_operations"),
-        count("plan_runs"),
-        count("state_migration_events"),
-    ],
-    export_formats: &[ExportFormat::Exact, ExportFormat::Statekeeper],
-    foreign_operation_hint: None,
-    not_initialized_hint: "run `statekeeper state init` first",
-    version_mismatch_hint: "upgrade the older store with `statekeeper state upgrade` (and export \
-                            again if that was the source)",
-    migrate_command: &[],
-    janitor_command: &[],
-};
-
-/// A row count of one table, named after it.
-const fn count(table: &'static str) -> Count {
-    Count {
-        name: table,
-        table,
-        sql: "",
-    }
-}
+use crate::engine::reports::{AppliedStep, AppliedVersion};
+use crate::engine::store::Store;
 
 /// The verified ledger version, `None` for a store without a ledger (never initialised, or reset).
 pub(crate) async fn read_version(
@@ -130,118 +82,14 @@ pub(crate) fn verify_ledger(store: &Store, applied: &[AppliedVersion]) -> Result
     Ok(current)
 }
 
-async fn verified_version(store: &Store, conn: &mut PgConnection) -> Result<Option<i32>, Error> {
+pub(crate) async fn verified_version(
+    store: &Store,
+    conn: &mut PgConnection,
+) -> Result<Option<i32>, Error> {
     match read_ledger(store, conn).await? {
         Some(rows) if !rows.is_empty() => Ok(Some(verify_ledger(store, &rows)?)),
         _ => Ok(None),
     }
-}
-
-fn resolve_target(store: &Store, target: Option<i32>) -> Result<i32, Error> {
-    let latest = store.chain().latest();
-    match target {
-        None => Ok(latest),
-        Some(t) if (1..=latest).contains(&t) => Ok(t),
-        Some(t) => Err(Error::UnknownTargetVersion { target: t, latest }),
-    }
-}
-
-/// Creates the schema and applies every step (or up to `target`) on a store that has none. On an
-/// initialised store it only verifies the ledger: moving forward is `upgrade`, which backs up.
-pub(crate) async fn init(store: &Store, target: Option<i32>) -> Result<InitReport, Error> {
-    let started = Instant::now();
-    let target = resolve_target(store, target)?;
-    let mut tx = store.begin_write().await?;
-    if let Some(current) = verified_version(store, &mut tx).await? {
-        return Ok(InitReport {
-            schema: store.schema().to_string(),
-            already_initialized: true,
-            from_version: current,
-            to_version: current,
-            applied: Vec::new(),
-            duration_ms: store::elapsed_ms(started),
-        });
-    }
-    store
-        .refuse_creating_beside_other_framework(&mut tx)
-        .await?;
-    ensure_schema(store, &mut tx).await?;
-    create_ledger(store, &mut tx).await?;
-    let applied = apply_steps(store, &mut tx, 0, target).await?;
-    record_event(
-        store,
-        &mut tx,
-        &Event {
-            operation: "init",
-            from_version: 0,
-            to_version: target,
-            backup_id: None,
-            details: serde_json::json!({}),
-        },
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(InitReport {
-        schema: store.schema().to_string(),
-        already_initialized: false,
-        from_version: 0,
-        to_version: target,
-        applied,
-        duration_ms: store::elapsed_ms(started),
-    })
-}
-
-/// Backs up every table, then applies the steps up to `target` (default: latest).
-pub(crate) async fn upgrade(store: &Store, target: Option<i32>) -> Result<UpgradeReport, Error> {
-    let started = Instant::now();
-    let target = resolve_target(store, target)?;
-    // Writers wait; readers go on and see the store as it was until the upgrade commits. The
-    // steps' own DDL takes stronger locks where it needs them.
-    let mut tx = store.begin_locked().await?;
-    store.lock_tables(&mut tx, TableLock::WritersWait).await?;
-    let version = store.require_initialized(&mut tx).await?;
-    let current = version.schema_version;
-    if target < current {
-        return Err(Error::DowngradeRefused { target, current });
-    }
-    if target == current {
-        return Ok(UpgradeReport {
-            schema: store.schema().to_string(),
-            from_version: current,
-            to_version: current,
-            applied: Vec::new(),
-            backup: None,
-            duration_ms: store::elapsed_ms(started),
-        });
-    }
-    let (backup, applied) = store
-        .backed_up_change(&mut tx, &version, "pre-upgrade", async |conn| {
-            apply_steps(store, conn, current, target).await
-        })
-        .await?;
-    record_event(
-        store,
-        &mut tx,
-        &Event {
-            operation: "upgrade",
-            from_version: current,
-            to_version: target,
-            backup_id: backup.as_ref().map(|b| b.id.as_str()),
-            details: serde_json::json!({ "applied": applied }),
-        },
-    )
-    .await?;
-    crate::engine::failpoint::hit("upgrade.before_commit");
-    tx.commit().await?;
-    crate::engine::failpoint::hit("upgrade.committed");
-    Ok(UpgradeReport {
-        schema: store.schema().to_string(),
-        from_version: current,
-        to_version: target,
-        applied,
-        backup,
-        duration_ms: store::elapsed_ms(started),
-    })
 }
 
 /// Steps of the chain after `current`, for `status`.
@@ -386,7 +234,7 @@ pub(crate) async fn record_event(
     Ok(())
 }
 
-async fn ensure_schema(store: &Store, conn: &mut PgConnection) -> Result<(), Error> {
+pub(crate) async fn ensure_schema(store: &Store, conn: &mut PgConnection) -> Result<(), Error> {
     sqlx::query(AssertSqlSafe(format!(
         "CREATE SCHEMA IF NOT EXISTS {}",
         store.schema().quoted()
@@ -396,7 +244,7 @@ async fn ensure_schema(store: &Store, conn: &mut PgConnection) -> Result<(), Err
     Ok(())
 }
 
-async fn create_ledger(store: &Store, conn: &mut PgConnection) -> Result<(), Error> {
+pub(crate) async fn create_ledger(store: &Store, conn: &mut PgConnection) -> Result<(), Error> {
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TABLE IF NOT EXISTS {}.state_versions (\
            version integer PRIMARY KEY, checksum text NOT NULL, description text NOT NULL, \
@@ -408,7 +256,11 @@ async fn create_ledger(store: &Store, conn: &mut PgConnection) -> Result<(), Err
     Ok(())
 }
 
-async fn run_step_sql(store: &Store, conn: &mut PgConnection, version: i32) -> Result<(), Error> {
+pub(crate) async fn run_step_sql(
+    store: &Store,
+    conn: &mut PgConnection,
+    version: i32,
+) -> Result<(), Error> {
     let chain = store.chain();
     let step = chain.get(version).ok_or(Error::UnknownTargetVersion {
         target: version,
@@ -433,31 +285,4 @@ async fn run_step_sql(store: &Store, conn: &mut PgConnection, version: i32) -> R
         source,
     })?;
     Ok(())
-}
-
-async fn apply_steps(
-    store: &Store,
-    conn: &mut PgConnection,
-    from: i32,
-    to: i32,
-) -> Result<Vec<AppliedStep>, Error> {
-    let mut applied = Vec::new();
-    for step in store.chain().between(from, to) {
-        run_step_sql(store, conn, step.version).await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {}.state_versions (version, checksum, description) VALUES ($1, $2, $3)",
-            store.schema().quoted()
-        )))
-        .bind(step.version)
-        .bind(step.checksum())
-        .bind(step.description)
-        .execute(&mut *conn)
-        .await?;
-        applied.push(AppliedStep {
-            version: step.version,
-            description: step.description.into(),
-        });
-        crate::engine::failpoint::hit("upgrade.step");
-    }
-    Ok(applied)
 }

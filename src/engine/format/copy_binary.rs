@@ -7,10 +7,10 @@ use futures::TryStreamExt;
 use sqlx::PgConnection;
 use tokio::io::AsyncWrite;
 
-use super::Error;
-use super::catalog::{self, Column};
-use super::export::{FLUSH_BYTES, Output, ended_mid_row, push_raw_json_string, short_row};
-use super::identifier::quote_ident;
+use super::writer::{FLUSH_BYTES, Output, ended_mid_row, push_raw_json_string, short_row};
+use crate::engine::Error;
+use crate::engine::catalog::{self, Column};
+use crate::engine::identifier::quote_ident;
 
 /// How a format writes values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
