@@ -45,7 +45,6 @@ const KNOWN_LONG_FUNCTIONS: &[&str] = &[
     "engine/frameworks/sqlmesh/import.rs import",
     "engine/frameworks/statekeeper/export.rs write_environments",
     "engine/janitor.rs janitor_phases",
-    "engine/plan.rs plan",
 ];
 
 /// Every `.rs` file below src/, by its path relative to src/.

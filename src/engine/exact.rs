@@ -18,21 +18,19 @@ use tokio::io::AsyncWrite;
 
 use super::Error;
 use super::catalog;
-use super::framework::Event;
-use super::framework::{ExportFormat, Framework};
+use super::framework::{Event, ExportFormat, Framework};
 use super::hooks;
 use super::identifier::qualified_list;
 use super::store::{Store, TableLock};
 use crate::engine::format::reader::{Emitter, SectionReader};
 use crate::engine::format::staging::{
-    Incoming, drop_secondary_structures, insert_staged, remember_entities, removed_by_replace,
-    restore_secondary_structures,
+    Ending, Incoming, commit_import, drop_secondary_structures, insert_staged, remember_entities,
+    removed_by_replace, restore_secondary_structures,
 };
 use crate::engine::format::stream::Header;
 use crate::engine::format::writer::Output;
 use crate::engine::jsonscan::{Cursor, ScanError};
-use crate::engine::transfer::ExportReport;
-use crate::engine::transfer::{ImportMode, ImportReport};
+use crate::engine::transfer::{ExportReport, ImportMode, ImportReport};
 
 /// `metadata.format` of exact exports.
 pub const FORMAT: &str = "exact";
@@ -324,24 +322,16 @@ pub(crate) async fn import(
         },
     )
     .await?;
-    crate::engine::failpoint::hit("import.before_commit");
-    tx.commit().await?;
-    crate::engine::failpoint::hit("import.committed");
-    Ok(ImportReport {
-        framework: store.framework(),
-        mode: ImportMode::Replace,
+    let ending = Ending {
         format: ExportFormat::Exact,
+        mode: ImportMode::Replace,
         source_store: metadata.store,
         schema_version: current.schema_version,
         environments: environments_in(store, &staged.counts),
-        rows: staged.counts,
-        bytes: staged.bytes,
-        sha256: staged.sha256,
-        compression: incoming.compression,
         backup,
         removed: Some(removed),
-        duration: incoming.started.elapsed(),
-    })
+    };
+    commit_import(tx, store, incoming, staged, ending).await
 }
 
 fn describe(columns: &[(String, String)]) -> String {
@@ -350,40 +340,4 @@ fn describe(columns: &[(String, String)]) -> String {
         .map(|(name, type_)| format!("{name} {type_}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-impl Store {
-    /// Makes this store equal to `source`, a store of the same framework and schema version: an
-    /// exact export of the source (one snapshot) streamed straight into an exact import here (one
-    /// transaction, with a backup of what it replaces). No file, memory bounded by the pipe.
-    pub async fn copy_from(&self, source: &Store) -> Result<ImportReport, Error> {
-        if source.framework() != self.framework() {
-            return Err(Error::InvalidOperation(format!(
-                "cannot copy a {} store into a {} store: both must be of one framework",
-                source.profile().display_name,
-                self.profile().display_name
-            )));
-        }
-        let (writer, reader) = tokio::io::duplex(1 << 20);
-        let options = crate::engine::transfer::ExportOptions {
-            environments: None,
-            compression: crate::engine::transfer::Compression::None,
-            format: ExportFormat::Exact,
-        };
-        let export = async move {
-            source
-                .export(writer, &options)
-                .await
-                .map(|(report, _)| report)
-        };
-        let replace = crate::engine::transfer::ImportOptions::replace();
-        let import = self.import(reader, &replace);
-        let (exported, imported) = tokio::join!(export, import);
-        match (exported, imported) {
-            // The import stopped reading first (it refused the data): its reason is the news.
-            (Err(Error::ExportWrite(_)), Err(e)) => Err(e),
-            (Err(e), _) => Err(e),
-            (Ok(_), imported) => imported,
-        }
-    }
 }

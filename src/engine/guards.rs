@@ -11,6 +11,26 @@ use super::hooks;
 use super::identifier::quote_ident;
 use super::store::Store;
 
+/// Refuses an upgrade to a version below the store's: going back is a rollback.
+pub(crate) fn refuse_downgrade(target: i32, current: i32) -> Result<(), Error> {
+    if target < current {
+        return Err(Error::DowngradeRefused { target, current });
+    }
+    Ok(())
+}
+
+/// Refuses a reset the store does not allow (the first of reset's two yeses).
+pub(crate) fn refuse_reset_not_allowed(allow_reset: bool) -> Result<(), Error> {
+    if allow_reset {
+        return Ok(());
+    }
+    Err(Error::ResetRefused(
+        "this store does not allow reset (set allowReset: true on the StateStore, or pass \
+         --allow-reset to the CLI)"
+            .into(),
+    ))
+}
+
 impl Store {
     /// The store's version, or `NotInitialized` (or, when the schema holds another framework's
     /// tables, an error naming the framework to use).
@@ -22,13 +42,40 @@ impl Store {
             Some(version) => Ok(version),
             None => {
                 self.refuse_other_framework(conn).await?;
-                Err(Error::NotInitialized {
-                    schema: self.schema().to_string(),
-                    framework: self.profile().display_name.into(),
-                    hint: self.profile().not_initialized_hint.into(),
-                })
+                Err(self.not_initialized())
             }
         }
+    }
+
+    /// The error for a store whose tables do not exist yet.
+    pub(crate) fn not_initialized(&self) -> Error {
+        Error::NotInitialized {
+            schema: self.schema().to_string(),
+            framework: self.profile().display_name.into(),
+            hint: self.profile().not_initialized_hint.into(),
+        }
+    }
+
+    /// The version an upgrade (or init) goes to: `target`, or the latest this binary ships.
+    pub(crate) fn upgrade_target(&self, target: Option<i32>) -> Result<i32, Error> {
+        let latest = self.chain().latest();
+        match target {
+            None => Ok(latest),
+            Some(t) if (1..=latest).contains(&t) => Ok(t),
+            Some(t) => Err(Error::UnknownTargetVersion { target: t, latest }),
+        }
+    }
+
+    /// Refuses copying a store of another framework into this one.
+    pub(crate) fn refuse_copy_across_frameworks(&self, source: &Store) -> Result<(), Error> {
+        if source.framework() == self.framework() {
+            return Ok(());
+        }
+        Err(Error::InvalidOperation(format!(
+            "cannot copy a {} store into a {} store: both must be of one framework",
+            source.profile().display_name,
+            self.profile().display_name
+        )))
     }
 
     /// For a store that does not exist: fails when its schema holds another framework's store,

@@ -10,8 +10,9 @@ use sha2::{Digest, Sha256};
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::Error;
-use super::backup;
+use super::backup::{self, BackupInfo};
 use super::framework::{Framework, Profile, ResetStyle};
+use super::guards;
 use super::hooks;
 use super::identifier::quote_ident;
 use super::store::Store;
@@ -129,11 +130,36 @@ pub fn copy_source_label(store_name: &str) -> String {
     format!("StateStore {store_name}")
 }
 
+/// What every operation's plan starts from: the store as one snapshot found it.
+struct Planning {
+    initialized: bool,
+    from_version: i32,
+    table_count: usize,
+    rows: i64,
+    /// Whether the operation backs the store up first.
+    backup: bool,
+}
+
+impl Planning {
+    /// The backup step, when the operation makes one (and there is something to back up).
+    fn backup_step(&self, store: &Store, reason: &str) -> Option<String> {
+        (self.backup && self.initialized).then(|| {
+            format!(
+                "back up the store's {} tables ({} rows) to {}__backup_<id> ({reason})",
+                self.table_count,
+                self.rows,
+                store.schema()
+            )
+        })
+    }
+}
+
 impl Store {
     /// Plans `operation` from one consistent snapshot of the store, changing nothing.
-    /// `backup` says whether the operation will back the store up first.
+    /// `backup` says whether the operation will back the store up first. Each operation's
+    /// checks are the ones the operation itself makes (`guards.rs`), so an approved plan and
+    /// the run it approves refuse alike.
     pub async fn plan(&self, operation: Operation<'_>, backup: bool) -> Result<Plan, Error> {
-        let profile = self.profile();
         let mut tx = self.begin_snapshot().await?;
         let version = hooks::read_version(self, &mut tx).await?;
         if version.is_none() {
@@ -141,30 +167,21 @@ impl Store {
         }
         let initialized = version.is_some();
         let version = version.unwrap_or_default();
-        let from_version = version.schema_version;
         let tables = self.table_fingerprints(&mut tx).await?;
-        let rows: i64 = tables.iter().map(|t| t.rows).sum();
-        let backup_step = |reason: &str| {
-            (backup && initialized).then(|| {
-                format!(
-                    "back up the store's {} tables ({rows} rows) to {}__backup_<id> ({reason})",
-                    tables.len(),
-                    self.schema()
-                )
-            })
-        };
-        let not_initialized = || Error::NotInitialized {
-            schema: self.schema().to_string(),
-            framework: profile.display_name.into(),
-            hint: profile.not_initialized_hint.into(),
+        let planning = Planning {
+            initialized,
+            from_version: version.schema_version,
+            table_count: tables.len(),
+            rows: tables.iter().map(|t| t.rows).sum(),
+            backup,
         };
         let mut plan = Plan {
             operation: operation.name().into(),
             framework: self.framework(),
             schema: self.schema().to_string(),
-            from_version,
+            from_version: planning.from_version,
             to_version: None,
-            versions: version.details.clone(),
+            versions: version.details,
             steps: Vec::new(),
             tables: Vec::new(),
             backup: None,
@@ -174,186 +191,24 @@ impl Store {
             hash: String::new(),
         };
         match operation {
-            Operation::Upgrade { target } => {
-                if !profile.owns_schema {
-                    return Err(Error::InvalidOperation(format!(
-                        "{} migrates its own state tables: upgrade it with a runner (a Job running \
-                         `{}`), or locally with `statekeeper state run --backup --framework {} \
-                         -- {}`",
-                        profile.display_name,
-                        profile.migrate_command.join(" "),
-                        profile.framework.as_str(),
-                        profile.migrate_command.join(" ")
-                    )));
-                }
-                if !initialized {
-                    return Err(not_initialized());
-                }
-                let latest = self.chain().latest();
-                let target = target.unwrap_or(latest);
-                if target > latest || target < 1 {
-                    return Err(Error::UnknownTargetVersion { target, latest });
-                }
-                if from_version > latest {
-                    return Err(Error::SchemaNewer {
-                        schema: self.schema().to_string(),
-                        current: from_version,
-                        latest,
-                    });
-                }
-                if target < from_version {
-                    return Err(Error::DowngradeRefused {
-                        target,
-                        current: from_version,
-                    });
-                }
-                plan.to_version = Some(target);
-                plan.steps = self
-                    .chain()
-                    .between(from_version, target)
-                    .map(|m| format!("apply migration {}: {}", m.version, m.description))
-                    .collect();
-                plan.no_op = plan.steps.is_empty();
-                if plan.no_op {
-                    plan.steps
-                        .push(format!("nothing to do: the store is at version {target}"));
-                } else {
-                    plan.backup = backup_step("pre-upgrade");
-                    plan.steps.push(format!(
-                        "record the upgrade from {from_version} to {target} in the store's history"
-                    ));
-                }
-            }
+            Operation::Upgrade { target } => self.plan_upgrade(&planning, &mut plan, target)?,
             Operation::RunnerUpgrade { runner } => {
-                if profile.owns_schema {
-                    return Err(Error::InvalidOperation(format!(
-                        "statekeeper upgrades the {} schema itself: set upgrade.targetVersion (or \
-                         nothing, for the latest) instead of a runner",
-                        profile.display_name
-                    )));
-                }
-                if !initialized {
-                    return Err(not_initialized());
-                }
-                plan.backup = backup_step("pre-migration");
-                plan.job = Some(runner.to_owned());
-                plan.steps.push(format!("run {runner}"));
-                plan.steps.push(if plan.backup.is_some() {
-                    "if it fails or passes its deadline: restore the backup".into()
-                } else {
-                    "if it fails: nothing is restored (backup: false)".into()
-                });
+                self.plan_runner_upgrade(&planning, &mut plan, runner)?
             }
             Operation::Rollback { backup_id } => {
                 let restored = backup::find(&mut tx, self.schema(), backup_id).await?;
-                plan.to_version = Some(restored.schema_version);
-                plan.backup = backup_step("pre-rollback");
-                plan.source = Some(format!(
-                    "backup {} (taken {}, {}, version {}, {} tables, {} rows)",
-                    restored.id,
-                    restored.created_at.to_rfc3339(),
-                    restored.reason,
-                    restored.schema_version,
-                    restored.tables,
-                    restored.rows
-                ));
-                plan.steps.push(format!(
-                    "replace every table of the store with backup {}",
-                    restored.id
-                ));
+                self.plan_rollback(&planning, &mut plan, &restored)
             }
             Operation::Reset { allow_reset } => {
-                if !allow_reset {
-                    return Err(Error::ResetRefused(
-                        "this store does not allow reset (set allowReset: true on the StateStore, \
-                         or pass --allow-reset to the CLI)"
-                            .into(),
-                    ));
-                }
-                plan.backup = backup_step("pre-reset");
-                plan.steps.push(match &profile.reset {
-                    ResetStyle::DropTables => format!(
-                        "drop the store's {} tables ({rows} rows); `init` creates them again",
-                        tables.len()
-                    ),
-                    ResetStyle::EmptyTables { keep } => format!(
-                        "empty the store's tables except {} ({rows} rows in all)",
-                        keep.join(", ")
-                    ),
-                });
-                plan.to_version = Some(match profile.reset {
-                    ResetStyle::DropTables => 0,
-                    ResetStyle::EmptyTables { .. } => from_version,
-                });
+                self.plan_reset(&planning, &mut plan, allow_reset)?
             }
             Operation::Import {
                 source,
                 mode,
                 expected_sha256,
-            } => {
-                if !initialized {
-                    return Err(not_initialized());
-                }
-                plan.backup = backup_step("pre-import");
-                plan.to_version = Some(from_version);
-                plan.source = Some(match expected_sha256 {
-                    Some(sha) => format!("{source} (sha256 {sha})"),
-                    None => format!(
-                        "{source} (not pinned: set expectedSha256 to bind an approval to the \
-                         file's content)"
-                    ),
-                });
-                plan.steps
-                    .push("read the whole file and validate it before writing".into());
-                plan.steps.push(match mode {
-                    ImportMode::Replace => "replace the store's state with the file's".into(),
-                    ImportMode::Merge => {
-                        "merge the file: what it holds replaces its namesakes, the rest stays"
-                            .into()
-                    }
-                });
-            }
+            } => self.plan_import(&planning, &mut plan, source, mode, expected_sha256)?,
             Operation::Copy { from, label } => {
-                if from.framework() != self.framework() {
-                    return Err(Error::InvalidOperation(format!(
-                        "cannot copy a {} store into a {} store: both must be of one framework",
-                        from.profile().display_name,
-                        profile.display_name
-                    )));
-                }
-                if !initialized {
-                    return Err(not_initialized());
-                }
-                let mut source_tx = from.begin_snapshot().await?;
-                let source_version = from.require_initialized(&mut source_tx).await?;
-                let source_tables = from.table_fingerprints(&mut source_tx).await?;
-                source_tx.commit().await?;
-                let source_rows: i64 = source_tables.iter().map(|t| t.rows).sum();
-                let digest = {
-                    let mut hasher = Sha256::new();
-                    for table in &source_tables {
-                        hasher.update(format!("{}:{}:{};", table.name, table.rows, table.checksum));
-                    }
-                    hex::encode(hasher.finalize())[..PLAN_HASH_LEN].to_owned()
-                };
-                if source_version.schema_version != from_version {
-                    return Err(Error::InvalidOperation(format!(
-                        "{label} is at schema version {}, this store at {from_version}: upgrade \
-                         the older one first",
-                        source_version.schema_version
-                    )));
-                }
-                plan.to_version = Some(source_version.schema_version);
-                plan.backup = backup_step("pre-import");
-                plan.source = Some(format!(
-                    "{label}: schema \"{}\", version {}, {} tables, {source_rows} rows, content {digest}",
-                    from.schema(),
-                    source_version.schema_version,
-                    source_tables.len()
-                ));
-                plan.steps.push(format!(
-                    "replace every table of the store with {label}'s rows, streamed in one transaction"
-                ));
+                self.plan_copy(&planning, &mut plan, from, label).await?
             }
         }
         tx.commit().await?;
@@ -362,6 +217,205 @@ impl Store {
         }
         plan.tables = tables;
         Ok(plan.sealed())
+    }
+
+    fn plan_upgrade(
+        &self,
+        planning: &Planning,
+        plan: &mut Plan,
+        target: Option<i32>,
+    ) -> Result<(), Error> {
+        let profile = self.profile();
+        if !profile.owns_schema {
+            return Err(Error::InvalidOperation(format!(
+                "{} migrates its own state tables: upgrade it with a runner (a Job running \
+                 `{}`), or locally with `statekeeper state run --backup --framework {} \
+                 -- {}`",
+                profile.display_name,
+                profile.migrate_command.join(" "),
+                profile.framework.as_str(),
+                profile.migrate_command.join(" ")
+            )));
+        }
+        if !planning.initialized {
+            return Err(self.not_initialized());
+        }
+        let from_version = planning.from_version;
+        let target = self.upgrade_target(target)?;
+        let latest = self.chain().latest();
+        if from_version > latest {
+            return Err(Error::SchemaNewer {
+                schema: self.schema().to_string(),
+                current: from_version,
+                latest,
+            });
+        }
+        guards::refuse_downgrade(target, from_version)?;
+        plan.to_version = Some(target);
+        plan.steps = self
+            .chain()
+            .between(from_version, target)
+            .map(|m| format!("apply migration {}: {}", m.version, m.description))
+            .collect();
+        plan.no_op = plan.steps.is_empty();
+        if plan.no_op {
+            plan.steps
+                .push(format!("nothing to do: the store is at version {target}"));
+        } else {
+            plan.backup = planning.backup_step(self, "pre-upgrade");
+            plan.steps.push(format!(
+                "record the upgrade from {from_version} to {target} in the store's history"
+            ));
+        }
+        Ok(())
+    }
+
+    fn plan_runner_upgrade(
+        &self,
+        planning: &Planning,
+        plan: &mut Plan,
+        runner: &str,
+    ) -> Result<(), Error> {
+        let profile = self.profile();
+        if profile.owns_schema {
+            return Err(Error::InvalidOperation(format!(
+                "statekeeper upgrades the {} schema itself: set upgrade.targetVersion (or \
+                 nothing, for the latest) instead of a runner",
+                profile.display_name
+            )));
+        }
+        if !planning.initialized {
+            return Err(self.not_initialized());
+        }
+        plan.backup = planning.backup_step(self, "pre-migration");
+        plan.job = Some(runner.to_owned());
+        plan.steps.push(format!("run {runner}"));
+        plan.steps.push(if plan.backup.is_some() {
+            "if it fails or passes its deadline: restore the backup".into()
+        } else {
+            "if it fails: nothing is restored (backup: false)".into()
+        });
+        Ok(())
+    }
+
+    fn plan_rollback(&self, planning: &Planning, plan: &mut Plan, restored: &BackupInfo) {
+        plan.to_version = Some(restored.schema_version);
+        plan.backup = planning.backup_step(self, "pre-rollback");
+        plan.source = Some(format!(
+            "backup {} (taken {}, {}, version {}, {} tables, {} rows)",
+            restored.id,
+            restored.created_at.to_rfc3339(),
+            restored.reason,
+            restored.schema_version,
+            restored.tables,
+            restored.rows
+        ));
+        plan.steps.push(format!(
+            "replace every table of the store with backup {}",
+            restored.id
+        ));
+    }
+
+    fn plan_reset(
+        &self,
+        planning: &Planning,
+        plan: &mut Plan,
+        allow_reset: bool,
+    ) -> Result<(), Error> {
+        guards::refuse_reset_not_allowed(allow_reset)?;
+        let profile = self.profile();
+        let (tables, rows) = (planning.table_count, planning.rows);
+        plan.backup = planning.backup_step(self, "pre-reset");
+        plan.steps.push(match &profile.reset {
+            ResetStyle::DropTables => {
+                format!("drop the store's {tables} tables ({rows} rows); `init` creates them again")
+            }
+            ResetStyle::EmptyTables { keep } => format!(
+                "empty the store's tables except {} ({rows} rows in all)",
+                keep.join(", ")
+            ),
+        });
+        plan.to_version = Some(match profile.reset {
+            ResetStyle::DropTables => 0,
+            ResetStyle::EmptyTables { .. } => planning.from_version,
+        });
+        Ok(())
+    }
+
+    fn plan_import(
+        &self,
+        planning: &Planning,
+        plan: &mut Plan,
+        source: &str,
+        mode: ImportMode,
+        expected_sha256: Option<&str>,
+    ) -> Result<(), Error> {
+        if !planning.initialized {
+            return Err(self.not_initialized());
+        }
+        plan.backup = planning.backup_step(self, "pre-import");
+        plan.to_version = Some(planning.from_version);
+        plan.source = Some(match expected_sha256 {
+            Some(sha) => format!("{source} (sha256 {sha})"),
+            None => format!(
+                "{source} (not pinned: set expectedSha256 to bind an approval to the file's \
+                 content)"
+            ),
+        });
+        plan.steps
+            .push("read the whole file and validate it before writing".into());
+        plan.steps.push(match mode {
+            ImportMode::Replace => "replace the store's state with the file's".into(),
+            ImportMode::Merge => {
+                "merge the file: what it holds replaces its namesakes, the rest stays".into()
+            }
+        });
+        Ok(())
+    }
+
+    async fn plan_copy(
+        &self,
+        planning: &Planning,
+        plan: &mut Plan,
+        from: &Store,
+        label: &str,
+    ) -> Result<(), Error> {
+        self.refuse_copy_across_frameworks(from)?;
+        if !planning.initialized {
+            return Err(self.not_initialized());
+        }
+        let from_version = planning.from_version;
+        let mut source_tx = from.begin_snapshot().await?;
+        let source_version = from.require_initialized(&mut source_tx).await?;
+        let source_tables = from.table_fingerprints(&mut source_tx).await?;
+        source_tx.commit().await?;
+        let source_rows: i64 = source_tables.iter().map(|t| t.rows).sum();
+        let digest = {
+            let mut hasher = Sha256::new();
+            for table in &source_tables {
+                hasher.update(format!("{}:{}:{};", table.name, table.rows, table.checksum));
+            }
+            hex::encode(hasher.finalize())[..PLAN_HASH_LEN].to_owned()
+        };
+        if source_version.schema_version != from_version {
+            return Err(Error::InvalidOperation(format!(
+                "{label} is at schema version {}, this store at {from_version}: upgrade the older \
+                 one first",
+                source_version.schema_version
+            )));
+        }
+        plan.to_version = Some(source_version.schema_version);
+        plan.backup = planning.backup_step(self, "pre-import");
+        plan.source = Some(format!(
+            "{label}: schema \"{}\", version {}, {} tables, {source_rows} rows, content {digest}",
+            from.schema(),
+            source_version.schema_version,
+            source_tables.len()
+        ));
+        plan.steps.push(format!(
+            "replace every table of the store with {label}'s rows, streamed in one transaction"
+        ));
+        Ok(())
     }
 
     /// Row count and an order-independent checksum of every table of the store.

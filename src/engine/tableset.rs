@@ -9,8 +9,8 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use super::Error;
 use super::backup::{self, BackupInfo};
 use super::catalog;
-use super::framework::Event;
-use super::framework::ResetStyle;
+use super::framework::{Event, ResetStyle};
+use super::guards;
 use super::hooks;
 use super::identifier::{qualified_list, quote_ident};
 use super::reports::{ResetApproval, ResetReport, RollbackReport};
@@ -145,13 +145,7 @@ async fn restore(
 /// Drops (statekeeper) or empties (a framework's own tables) the store, keeping what it removes
 /// in a backup. Refused unless the store allows it and the request is approved.
 pub(crate) async fn reset(store: &Store, approval: ResetApproval) -> Result<ResetReport, Error> {
-    if !approval.allow_reset {
-        return Err(Error::ResetRefused(
-            "this store does not allow reset (set allowReset: true on the StateStore, or pass \
-             --allow-reset to the CLI)"
-                .into(),
-        ));
-    }
+    guards::refuse_reset_not_allowed(approval.allow_reset)?;
     if !approval.approved {
         return Err(Error::ResetRefused(
             "the reset was not approved (pass --auto-approve to the CLI, or approve the \

@@ -5,19 +5,22 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use sqlx::{AssertSqlSafe, PgConnection};
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
 use tokio::sync::mpsc;
 
 use super::copy_binary::BINARY_SIGNATURE;
 use super::stream::{BINARY_FLAGS_AND_EXTENSION, BINARY_TRAILER, Header, Message, Row};
 use super::writer::Measure;
 use crate::engine::Error;
+use crate::engine::backup::BackupInfo;
 use crate::engine::catalog;
 use crate::engine::failpoint;
+use crate::engine::framework::ExportFormat;
 use crate::engine::identifier::{quote_ident, quote_literal};
 use crate::engine::store::Store;
-use crate::engine::transfer::Removed;
-use crate::engine::transfer::{Compression, ImportOptions, REMOVED_NAMES};
+use crate::engine::transfer::{
+    Compression, ImportMode, ImportOptions, ImportReport, REMOVED_NAMES, Removed,
+};
 
 /// Before a replace deletes anything: remembers the names of the store's entities (a temporary
 /// table, dropped at commit) for [`removed_by_replace`].
@@ -87,6 +90,59 @@ pub(crate) struct Staged {
     pub tables: Vec<(String, Vec<(String, String)>)>,
     pub bytes: u64,
     pub sha256: String,
+}
+
+/// What an import knows at its end beyond what staging counted.
+pub(crate) struct Ending {
+    pub format: ExportFormat,
+    pub mode: ImportMode,
+    /// The schema the file was exported from, when the format records it.
+    pub source_store: String,
+    pub schema_version: i32,
+    pub environments: u64,
+    pub backup: Option<BackupInfo>,
+    pub removed: Option<Removed>,
+}
+
+/// The end of every import: the store's one transaction commits (with a crash point on each
+/// side, where the crash tests kill it) and the import reports what it did.
+pub(crate) async fn commit_import(
+    tx: Transaction<'static, Postgres>,
+    store: &Store,
+    incoming: &Incoming<'_>,
+    staged: Staged,
+    ending: Ending,
+) -> Result<ImportReport, Error> {
+    failpoint::hit("import.before_commit");
+    tx.commit().await?;
+    failpoint::hit("import.committed");
+    Ok(ImportReport {
+        framework: store.framework(),
+        mode: ending.mode,
+        format: ending.format,
+        source_store: ending.source_store,
+        schema_version: ending.schema_version,
+        environments: ending.environments,
+        rows: staged.counts,
+        bytes: staged.bytes,
+        sha256: staged.sha256,
+        compression: incoming.compression,
+        backup: ending.backup,
+        removed: ending.removed,
+        duration: incoming.started.elapsed(),
+    })
+}
+
+/// What a replace removes (`None` for a merge, which removes nothing).
+pub(crate) async fn removed_by(
+    mode: ImportMode,
+    store: &Store,
+    conn: &mut PgConnection,
+) -> Result<Option<Removed>, Error> {
+    match mode {
+        ImportMode::Replace => Ok(Some(removed_by_replace(store, conn).await?)),
+        ImportMode::Merge => Ok(None),
+    }
 }
 
 impl<'a> Incoming<'a> {

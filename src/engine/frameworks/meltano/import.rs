@@ -10,7 +10,9 @@ use sqlx::AssertSqlSafe;
 
 use crate::engine::Error;
 use crate::engine::format::reader::{Emitter, SectionReader};
-use crate::engine::format::staging::{Incoming, remember_entities, removed_by_replace};
+use crate::engine::format::staging::{
+    Ending, Incoming, commit_import, remember_entities, removed_by,
+};
 use crate::engine::format::stream::Header;
 use crate::engine::framework::ExportFormat;
 use crate::engine::json::python_dumps;
@@ -185,26 +187,14 @@ pub(crate) async fn import(
             .execute(&mut *tx)
             .await?;
     }
-    let removed = match mode {
-        ImportMode::Replace => Some(removed_by_replace(store, &mut tx).await?),
-        ImportMode::Merge => None,
-    };
-    crate::engine::failpoint::hit("import.before_commit");
-    tx.commit().await?;
-    crate::engine::failpoint::hit("import.committed");
-    Ok(ImportReport {
-        framework: store.framework(),
-        mode,
+    let ending = Ending {
         format: ExportFormat::Meltano,
+        mode,
         source_store: String::new(),
         schema_version: current.schema_version,
         environments: staged.environments,
-        rows: staged.counts,
-        bytes: staged.bytes,
-        sha256: staged.sha256,
-        compression: incoming.compression,
         backup,
-        removed,
-        duration: incoming.started.elapsed(),
-    })
+        removed: removed_by(mode, store, &mut tx).await?,
+    };
+    commit_import(tx, store, incoming, staged, ending).await
 }

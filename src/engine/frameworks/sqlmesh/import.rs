@@ -16,7 +16,7 @@ use super::{Fingerprint, OrderedObject, STORED_ELSEWHERE};
 use crate::engine::Error;
 use crate::engine::format::reader::{Emitter, SectionReader};
 use crate::engine::format::staging::{
-    Incoming, insert_staged, remember_entities, removed_by_replace, staged_field,
+    Ending, Incoming, commit_import, insert_staged, remember_entities, removed_by, staged_field,
 };
 use crate::engine::format::stream::Header;
 use crate::engine::framework::ExportFormat;
@@ -952,28 +952,16 @@ pub(crate) async fn import(
         )
         .await?;
     }
-    let removed = match mode {
-        ImportMode::Replace => Some(removed_by_replace(store, &mut tx).await?),
-        ImportMode::Merge => None,
-    };
-    crate::engine::failpoint::hit("import.before_commit");
-    tx.commit().await?;
-    crate::engine::failpoint::hit("import.committed");
-    Ok(ImportReport {
-        framework: store.framework(),
-        mode,
+    let ending = Ending {
         format: ExportFormat::Sqlmesh,
+        mode,
         source_store: String::new(),
         schema_version: current.schema_version,
         environments: staged.environments,
-        rows: staged.counts,
-        bytes: staged.bytes,
-        sha256: staged.sha256,
-        compression: incoming.compression,
         backup,
-        removed,
-        duration: incoming.started.elapsed(),
-    })
+        removed: removed_by(mode, store, &mut tx).await?,
+    };
+    commit_import(tx, store, incoming, staged, ending).await
 }
 
 /// `0.236` of `0.236.4`, as SQLMesh compares versions on import.

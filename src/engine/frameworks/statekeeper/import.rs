@@ -13,8 +13,8 @@ use crate::engine::Error;
 use crate::engine::catalog;
 use crate::engine::format::reader::{Emitter, SectionReader};
 use crate::engine::format::staging::{
-    Incoming, drop_secondary_structures, invalid, remember_entities, removed_by_replace,
-    restore_secondary_structures,
+    Ending, Incoming, commit_import, drop_secondary_structures, invalid, remember_entities,
+    removed_by, restore_secondary_structures,
 };
 use crate::engine::format::stream::Header;
 use crate::engine::framework::{ExportFormat, StoreVersion};
@@ -216,10 +216,7 @@ pub(crate) async fn import(
         ImportMode::Merge => apply_merge(store, &mut tx).await?,
     }
     catalog::resync_identities(&mut tx, store.schema().as_str()).await?;
-    let removed = match mode {
-        ImportMode::Replace => Some(removed_by_replace(store, &mut tx).await?),
-        ImportMode::Merge => None,
-    };
+    let removed = removed_by(mode, store, &mut tx).await?;
     super::record_event(
         store,
         &mut tx,
@@ -241,24 +238,16 @@ pub(crate) async fn import(
         },
     )
     .await?;
-    crate::engine::failpoint::hit("import.before_commit");
-    tx.commit().await?;
-    crate::engine::failpoint::hit("import.committed");
-    Ok(ImportReport {
-        framework: store.framework(),
-        mode: incoming.options.mode,
+    let ending = Ending {
         format: ExportFormat::Statekeeper,
+        mode: incoming.options.mode,
         source_store,
         schema_version: current,
         environments: staged.environments,
-        rows: staged.counts,
-        bytes: staged.bytes,
-        sha256: staged.sha256,
-        compression: incoming.compression,
         backup,
         removed,
-        duration: incoming.started.elapsed(),
-    })
+    };
+    commit_import(tx, store, incoming, staged, ending).await
 }
 
 /// Every rule a file must satisfy before it may touch the store; the first broken rule wins.

@@ -6,25 +6,16 @@ use std::time::Instant;
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::{create_ledger, ensure_schema, record_event, run_step_sql, verified_version};
-use crate::engine::Error;
 use crate::engine::framework::Event;
 use crate::engine::reports::{AppliedStep, InitReport, UpgradeReport};
 use crate::engine::store::{self, Store, TableLock};
-
-fn resolve_target(store: &Store, target: Option<i32>) -> Result<i32, Error> {
-    let latest = store.chain().latest();
-    match target {
-        None => Ok(latest),
-        Some(t) if (1..=latest).contains(&t) => Ok(t),
-        Some(t) => Err(Error::UnknownTargetVersion { target: t, latest }),
-    }
-}
+use crate::engine::{Error, guards};
 
 /// Creates the schema and applies every step (or up to `target`) on a store that has none. On an
 /// initialised store it only verifies the ledger: moving forward is `upgrade`, which backs up.
 pub(crate) async fn init(store: &Store, target: Option<i32>) -> Result<InitReport, Error> {
     let started = Instant::now();
-    let target = resolve_target(store, target)?;
+    let target = store.upgrade_target(target)?;
     let mut tx = store.begin_write().await?;
     if let Some(current) = verified_version(store, &mut tx).await? {
         return Ok(InitReport {
@@ -68,16 +59,14 @@ pub(crate) async fn init(store: &Store, target: Option<i32>) -> Result<InitRepor
 /// Backs up every table, then applies the steps up to `target` (default: latest).
 pub(crate) async fn upgrade(store: &Store, target: Option<i32>) -> Result<UpgradeReport, Error> {
     let started = Instant::now();
-    let target = resolve_target(store, target)?;
+    let target = store.upgrade_target(target)?;
     // Writers wait; readers go on and see the store as it was until the upgrade commits. The
     // steps' own DDL takes stronger locks where it needs them.
     let mut tx = store.begin_locked().await?;
     store.lock_tables(&mut tx, TableLock::WritersWait).await?;
     let version = store.require_initialized(&mut tx).await?;
     let current = version.schema_version;
-    if target < current {
-        return Err(Error::DowngradeRefused { target, current });
-    }
+    guards::refuse_downgrade(target, current)?;
     if target == current {
         return Ok(UpgradeReport {
             schema: store.schema().to_string(),
