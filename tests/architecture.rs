@@ -35,7 +35,6 @@ const KNOWN_LONG_FILES: &[&str] = &[
 
 /// Functions over MAX_FUNCTION_LINES on record (file below src/, function).
 const KNOWN_LONG_FUNCTIONS: &[&str] = &[
-    "cli/mod.rs execute",
     "controller/export_schedule.rs reconcile",
     "controller/state_export.rs reconcile_one_shot",
     "controller/state_migration.rs step",
