@@ -24,7 +24,6 @@ const KNOWN_CIRCLES: &[&str] = &[
 
 /// Files over MAX_FILE_LINES on record (below src/).
 const KNOWN_LONG_FILES: &[&str] = &[
-    "bin/statekeeper-bench/main.rs",
     "controller/state_migration.rs",
     "controller/state_store.rs",
     "engine/frameworks/sqlmesh/import.rs",
@@ -32,11 +31,6 @@ const KNOWN_LONG_FILES: &[&str] = &[
 
 /// Functions over MAX_FUNCTION_LINES on record (file below src/, function).
 const KNOWN_LONG_FUNCTIONS: &[&str] = &[
-    "bin/statekeeper-bench/main.rs run",
-    "bin/statekeeper-bench/meltano_bench.rs round",
-    "bin/statekeeper-bench/operator_scale.rs run",
-    "bin/statekeeper-bench/sqlmesh_bench.rs round",
-    "cli/mod.rs execute",
     "controller/export_schedule.rs reconcile",
     "controller/state_export.rs reconcile_one_shot",
     "controller/state_migration.rs step",

@@ -429,16 +429,7 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
             "no database URL: pass --database-url or set STATEKEEPER_DATABASE_URL".into(),
         )
     })?;
-    // A bad destination or source fails before anything connects.
-    match &args.command {
-        StateCommand::Export(export) => {
-            transfer::Location::parse(&export.to, &export.storage_options, export.format)?;
-        }
-        StateCommand::Import(import) => {
-            transfer::Location::parse(&import.from, &import.storage_options, import.format())?;
-        }
-        _ => {}
-    }
+    check_location(&args.command)?;
     let pool = ConnectionSettings::from_url(url)?.connect().await?;
     let store = Store::new(pool, schema)
         .with_framework(args.framework)
@@ -495,69 +486,8 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
                 .await?;
             output::janitor(&report, &released, json)
         }
-        StateCommand::Export(export) => {
-            let location =
-                transfer::Location::parse(&export.to, &export.storage_options, export.format)?;
-            let options = crate::engine::ExportOptions {
-                environments: (!export.environments.is_empty())
-                    .then(|| export.environments.clone()),
-                compression: export.compression,
-                format: export.format,
-            };
-            let bar = transfer::progress("exporting");
-            let report = match &location {
-                transfer::Location::Object(prefix)
-                    if export.format == ExportFormat::MeltanoBackend =>
-                {
-                    store
-                        .export_meltano_backend(prefix, &options, export.meltano_locks.locks())
-                        .await?
-                }
-                transfer::Location::Std => {
-                    let out = transfer::counted(tokio::io::stdout(), &bar);
-                    store.export(out, &options).await?.0
-                }
-                transfer::Location::Object(destination) => {
-                    let progress = bar.clone();
-                    store
-                        .export_to(destination, &options, move |bytes: &[u8]| {
-                            progress.inc(bytes.len() as u64)
-                        })
-                        .await?
-                }
-            };
-            bar.finish_and_clear();
-            output::exported(&report, &location.to_string(), json)
-        }
-        StateCommand::Import(import) => {
-            let location =
-                transfer::Location::parse(&import.from, &import.storage_options, import.format())?;
-            let options = crate::engine::ImportOptions {
-                mode: import_mode(import.replace),
-                expected_sha256: import.sha256.clone(),
-            };
-            let bar = transfer::progress("importing");
-            let report = match &location {
-                transfer::Location::Object(prefix) if import.format.is_some() => {
-                    store
-                        .import_meltano_backend(prefix, &options, import.meltano_locks.locks())
-                        .await?
-                }
-                transfer::Location::Std => {
-                    store
-                        .import(transfer::counted(tokio::io::stdin(), &bar), &options)
-                        .await?
-                }
-                transfer::Location::Object(source) => {
-                    let reader = source.open().await?;
-                    store
-                        .import(transfer::counted(reader, &bar), &options)
-                        .await?
-                }
-            };
-            bar.finish_and_clear();
-            output::imported(&report, &location.to_string(), json)
-        }
+        StateCommand::Export(export) => export_state(&store, export, json).await?,
+        StateCommand::Import(import) => import_state(&store, import, json).await?,
         StateCommand::Backups { command } => match command {
             None | Some(BackupsCommand::List) => output::backups(&store.backups().await?, json),
             Some(BackupsCommand::Drop { backup_id }) => {
@@ -572,6 +502,83 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
         }
     };
     Ok((rendered, 0))
+}
+
+/// A bad destination or source fails before anything connects.
+fn check_location(command: &StateCommand) -> Result<(), Error> {
+    match command {
+        StateCommand::Export(export) => {
+            transfer::Location::parse(&export.to, &export.storage_options, export.format)?;
+        }
+        StateCommand::Import(import) => {
+            transfer::Location::parse(&import.from, &import.storage_options, import.format())?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `state export`: to stdout, a file or object store, or a Meltano state backend's layout.
+async fn export_state(store: &Store, export: &ExportArgs, json: bool) -> Result<String, Error> {
+    let location = transfer::Location::parse(&export.to, &export.storage_options, export.format)?;
+    let options = crate::engine::ExportOptions {
+        environments: (!export.environments.is_empty()).then(|| export.environments.clone()),
+        compression: export.compression,
+        format: export.format,
+    };
+    let bar = transfer::progress("exporting");
+    let report = match &location {
+        transfer::Location::Object(prefix) if export.format == ExportFormat::MeltanoBackend => {
+            store
+                .export_meltano_backend(prefix, &options, export.meltano_locks.locks())
+                .await?
+        }
+        transfer::Location::Std => {
+            let out = transfer::counted(tokio::io::stdout(), &bar);
+            store.export(out, &options).await?.0
+        }
+        transfer::Location::Object(destination) => {
+            let progress = bar.clone();
+            store
+                .export_to(destination, &options, move |bytes: &[u8]| {
+                    progress.inc(bytes.len() as u64)
+                })
+                .await?
+        }
+    };
+    bar.finish_and_clear();
+    Ok(output::exported(&report, &location.to_string(), json))
+}
+
+/// `state import`: from stdin, a file or object store, or a Meltano state backend's layout.
+async fn import_state(store: &Store, import: &ImportArgs, json: bool) -> Result<String, Error> {
+    let location =
+        transfer::Location::parse(&import.from, &import.storage_options, import.format())?;
+    let options = crate::engine::ImportOptions {
+        mode: import_mode(import.replace),
+        expected_sha256: import.sha256.clone(),
+    };
+    let bar = transfer::progress("importing");
+    let report = match &location {
+        transfer::Location::Object(prefix) if import.format.is_some() => {
+            store
+                .import_meltano_backend(prefix, &options, import.meltano_locks.locks())
+                .await?
+        }
+        transfer::Location::Std => {
+            store
+                .import(transfer::counted(tokio::io::stdin(), &bar), &options)
+                .await?
+        }
+        transfer::Location::Object(source) => {
+            let reader = source.open().await?;
+            store
+                .import(transfer::counted(reader, &bar), &options)
+                .await?
+        }
+    };
+    bar.finish_and_clear();
+    Ok(output::imported(&report, &location.to_string(), json))
 }
 
 async fn plan_operation(

@@ -8,9 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use super::BenchResult;
-use super::sqlmesh_bench::{
-    Measured, check, measure, recreate_database, run_timed, summarize, timed_command,
-};
+use super::pg_baseline::{PSQL_RESTORE_ARGS, pg_tool};
+use super::postgres::{drop_database, recreate_database};
+use super::timing::{Measured, check, measure, require_time, run_timed, summarize, timed_command};
 
 pub struct Settings {
     pub admin_url: String,
@@ -33,7 +33,7 @@ struct Round {
 }
 
 pub async fn run(settings: &Settings, sizes: &[u32]) -> BenchResult<()> {
-    super::sqlmesh_bench::require_time()?;
+    require_time()?;
     println!(
         "Meltano state export/import vs statekeeper (--framework meltano); same system database, \
          same run; median of {} runs, largest peak RSS",
@@ -130,59 +130,146 @@ fn document(state_ids: u32) -> String {
     doc
 }
 
+/// Where a round works: the Meltano project, the database its state is written to (the
+/// source), the one every import starts anew in (the target), and the exports' files.
+struct Workspace<'a> {
+    settings: &'a Settings,
+    dir: PathBuf,
+    project: PathBuf,
+    source_url: String,
+    target: String,
+    statekeeper: String,
+    theirs_file: PathBuf,
+    ours_file: PathBuf,
+}
+
+impl Workspace<'_> {
+    /// `program` under GNU time in the project. Each timed command starts with the file system
+    /// clean (`sync` first), so that no side pays for the other's unwritten files: statekeeper
+    /// syncs what it writes before it reports success, Meltano never does.
+    fn timed(&self, program: &str, env: &[(&'static str, String)]) -> std::process::Command {
+        let _ = std::process::Command::new("sync").status();
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        timed_command(program, &self.project, &pairs)
+    }
+
+    fn meltano(&self, env: &[(&'static str, String)]) -> std::process::Command {
+        self.timed(&self.settings.meltano, env)
+    }
+
+    fn statekeeper(&self) -> std::process::Command {
+        self.timed(&self.statekeeper, &[])
+    }
+
+    /// Meltano's environment for the source database.
+    fn source_env(&self) -> Vec<(&'static str, String)> {
+        meltano_env(&sqlalchemy_uri(&self.source_url))
+    }
+
+    /// The target database anew, with the tables `meltano upgrade database` creates (not
+    /// timed); returns its URL.
+    async fn upgraded_target(&self) -> BenchResult<String> {
+        let target_url = recreate_database(&self.settings.admin_url, &self.target).await?;
+        check(
+            self.meltano(&meltano_env(&sqlalchemy_uri(&target_url)))
+                .args(["upgrade", "database"])
+                .output()?,
+            "meltano upgrade database",
+        )?;
+        Ok(target_url)
+    }
+}
+
+/// The URL as Meltano's SQLAlchemy takes it, with the driver it is installed with.
+fn sqlalchemy_uri(url: &str) -> String {
+    url.replacen("postgres://", "postgresql+psycopg://", 1)
+}
+
+/// Meltano's environment for the database at `database_uri`, without usage statistics.
+fn meltano_env(database_uri: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("MELTANO_DATABASE_URI", database_uri.to_owned()),
+        ("MELTANO_SEND_ANONYMOUS_USAGE_STATS", "false".to_owned()),
+    ]
+}
+
 async fn round(settings: &Settings, state_ids: u32) -> BenchResult<Round> {
     let dir = settings.work_dir.join(state_ids.to_string());
     let project = project(settings, &dir)?;
     let source = format!("bench_meltano_{state_ids}");
     let target = format!("bench_meltano_{state_ids}_target");
     let source_url = recreate_database(&settings.admin_url, &source).await?;
-    let uri = |url: &str| url.replacen("postgres://", "postgresql+psycopg://", 1);
-    let source_uri = uri(&source_url);
-    let meltano_env = |database_uri: &str| {
-        vec![
-            ("MELTANO_DATABASE_URI", database_uri.to_owned()),
-            ("MELTANO_SEND_ANONYMOUS_USAGE_STATS", "false".to_owned()),
-        ]
+    let ws = Workspace {
+        settings,
+        theirs_file: dir.join("meltano-export.json"),
+        ours_file: dir.join("statekeeper-export.json"),
+        dir,
+        project,
+        source_url,
+        target,
+        statekeeper: settings.statekeeper.to_string_lossy().into_owned(),
     };
-    // Each timed command starts with the file system clean (`sync` first), so that no side pays
-    // for the other's unwritten files: statekeeper syncs what it writes before it reports
-    // success, Meltano never does.
-    let timed = |program: &str, env: &[(&'static str, String)]| {
-        let _ = std::process::Command::new("sync").status();
-        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        timed_command(program, &project, &pairs)
-    };
-    let statekeeper = settings.statekeeper.to_string_lossy().into_owned();
+    let file_mib = seed(&ws, state_ids)?;
+    let export = measure_exports(&ws).await?;
+    let import = measure_imports(&ws).await?;
+    let (pg_dump, restore) = measure_pg_reference(&ws).await?;
+    println!(
+        "  pg_dump of the state table {:.3} s; psql --single-transaction restore {:.3} s",
+        pg_dump.seconds, restore.seconds
+    );
+    println!(
+        "  import: meltano {:.2} s, {:.0} MiB; statekeeper {:.3} s, {:.1} MiB",
+        import[0].seconds, import[0].peak_mib, import[1].seconds, import[1].peak_mib
+    );
+    let to_folder = measure_into_folders(&ws, state_ids).await?;
+    drop_database(&settings.admin_url, &ws.target).await?;
+    Ok(Round {
+        state_ids,
+        file_mib,
+        export,
+        import,
+        to_folder,
+        pg_dump,
+        restore,
+    })
+}
 
-    // The state, written by Meltano itself.
-    let seed = dir.join("seed.json");
+/// The state, written by Meltano itself (`meltano state import` of a generated document);
+/// returns the document's size in MiB.
+fn seed(ws: &Workspace, state_ids: u32) -> BenchResult<f64> {
+    let seed = ws.dir.join("seed.json");
     std::fs::write(&seed, document(state_ids))?;
     let file_mib = std::fs::metadata(&seed)?.len() as f64 / 1048576.0;
     check(
-        timed(&settings.meltano, &meltano_env(&source_uri))
+        ws.meltano(&ws.source_env())
             .args(["state", "import"])
             .arg(&seed)
             .output()?,
         "meltano state import (seeding)",
     )?;
     println!("{state_ids} state IDs ({file_mib:.1} MiB) written by meltano state import");
+    Ok(file_mib)
+}
 
-    let theirs_file = dir.join("meltano-export.json");
-    let ours_file = dir.join("statekeeper-export.json");
-    let export_theirs = measure(settings.repeat, || {
-        let mut command = timed(&settings.meltano, &meltano_env(&source_uri));
+/// `meltano state export` (once more untimed, to keep its output) and statekeeper's export;
+/// the two must be equal as JSON.
+async fn measure_exports(ws: &Workspace<'_>) -> BenchResult<[Measured; 2]> {
+    let repeat = ws.settings.repeat;
+    let export_theirs = measure(repeat, || {
+        let mut command = ws.meltano(&ws.source_env());
         command.args(["state", "export"]);
         command
     })
     .await?;
-    let out = timed(&settings.meltano, &meltano_env(&source_uri))
+    let out = ws
+        .meltano(&ws.source_env())
         .args(["state", "export"])
         .output()?;
-    std::fs::write(&theirs_file, &out.stdout)?;
+    std::fs::write(&ws.theirs_file, &out.stdout)?;
     check(out, "meltano state export")?;
-    let export_ours = measure(settings.repeat, || {
-        let _ = std::fs::remove_file(&ours_file);
-        let mut command = timed(&statekeeper, &[]);
+    let export_ours = measure(repeat, || {
+        let _ = std::fs::remove_file(&ws.ours_file);
+        let mut command = ws.statekeeper();
         command
             .args([
                 "state",
@@ -192,13 +279,13 @@ async fn round(settings: &Settings, state_ids: u32) -> BenchResult<Round> {
                 "--format",
                 "meltano",
             ])
-            .args(["--database-url", &source_url, "--to"])
-            .arg(&ours_file);
+            .args(["--database-url", &ws.source_url, "--to"])
+            .arg(&ws.ours_file);
         command
     })
     .await?;
-    let theirs: serde_json::Value = serde_json::from_slice(&std::fs::read(&theirs_file)?)?;
-    let ours: serde_json::Value = serde_json::from_slice(&std::fs::read(&ours_file)?)?;
+    let theirs: serde_json::Value = serde_json::from_slice(&std::fs::read(&ws.theirs_file)?)?;
+    let ours: serde_json::Value = serde_json::from_slice(&std::fs::read(&ws.ours_file)?)?;
     if theirs != ours {
         return Err("the two exports differ as JSON".into());
     }
@@ -206,102 +293,81 @@ async fn round(settings: &Settings, state_ids: u32) -> BenchResult<Round> {
         "  export: meltano {:.2} s, {:.0} MiB; statekeeper {:.3} s, {:.1} MiB (equal as JSON)",
         export_theirs.seconds, export_theirs.peak_mib, export_ours.seconds, export_ours.peak_mib
     );
+    Ok([export_theirs, export_ours])
+}
 
-    // Both import Meltano's own file into a database Meltano has just created its tables in.
+/// Both import Meltano's own file into a database Meltano has just created its tables in,
+/// taking turns.
+async fn measure_imports(ws: &Workspace<'_>) -> BenchResult<[Measured; 2]> {
     let mut import: [Vec<Measured>; 2] = Default::default();
-    for _ in 0..settings.repeat {
+    for _ in 0..ws.settings.repeat {
         for (side, runs) in import.iter_mut().enumerate() {
-            let target_url = recreate_database(&settings.admin_url, &target).await?;
-            let target_env = meltano_env(&uri(&target_url));
-            check(
-                timed(&settings.meltano, &target_env)
-                    .args(["upgrade", "database"])
-                    .output()?,
-                "meltano upgrade database",
-            )?;
+            let target_url = ws.upgraded_target().await?;
             let mut command = if side == 0 {
-                let mut c = timed(&settings.meltano, &target_env);
-                c.args(["state", "import"]).arg(&theirs_file);
+                let mut c = ws.meltano(&meltano_env(&sqlalchemy_uri(&target_url)));
+                c.args(["state", "import"]).arg(&ws.theirs_file);
                 c
             } else {
-                let mut c = timed(&statekeeper, &[]);
+                let mut c = ws.statekeeper();
                 c.args(["state", "--framework", "meltano", "import", "--merge"])
                     .args(["--database-url", &target_url, "--from"])
-                    .arg(&theirs_file);
+                    .arg(&ws.theirs_file);
                 c
             };
             runs.push(run_timed(&mut command)?);
         }
     }
-    let import = [summarize(&import[0]), summarize(&import[1])];
+    Ok([summarize(&import[0]), summarize(&import[1])])
+}
 
-    // The physical reference: PostgreSQL's own dump of the state table and its restore in one
-    // transaction into the table `meltano upgrade database` created.
-    let dump = dir.join("pg-dump.sql");
+/// The physical reference: PostgreSQL's own dump of the state table and its restore in one
+/// transaction into the table `meltano upgrade database` created.
+async fn measure_pg_reference(ws: &Workspace<'_>) -> BenchResult<(Measured, Measured)> {
+    let dump = ws.dir.join("pg-dump.sql");
     let (pg_dump_program, psql_program) = (
-        super::pg_tool("pg_dump", &source_url).await?,
-        super::pg_tool("psql", &source_url).await?,
+        pg_tool("pg_dump", &ws.source_url).await?,
+        pg_tool("psql", &ws.source_url).await?,
     );
-    let pg_dump = measure(settings.repeat, || {
-        let mut command = timed(&pg_dump_program, &[]);
+    let pg_dump = measure(ws.settings.repeat, || {
+        let mut command = ws.timed(&pg_dump_program, &[]);
         command
             .args(["--data-only", "--table", "public.state", "--file"])
             .arg(&dump)
-            .arg(&source_url);
+            .arg(&ws.source_url);
         command
     })
     .await?;
     let mut restores = Vec::new();
-    for _ in 0..settings.repeat {
-        let target_url = recreate_database(&settings.admin_url, &target).await?;
-        check(
-            timed(&settings.meltano, &meltano_env(&uri(&target_url)))
-                .args(["upgrade", "database"])
-                .output()?,
-            "meltano upgrade database",
-        )?;
-        let mut command = timed(&psql_program, &[]);
-        command
-            .args([
-                "--quiet",
-                "--single-transaction",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "--file",
-            ])
-            .arg(&dump)
-            .arg(&target_url);
+    for _ in 0..ws.settings.repeat {
+        let target_url = ws.upgraded_target().await?;
+        let mut command = ws.timed(&psql_program, &[]);
+        command.args(PSQL_RESTORE_ARGS).arg(&dump).arg(&target_url);
         restores.push(run_timed(&mut command)?);
     }
-    let restore = summarize(&restores);
-    println!(
-        "  pg_dump of the state table {:.3} s; psql --single-transaction restore {:.3} s",
-        pg_dump.seconds, restore.seconds
-    );
-    println!(
-        "  import: meltano {:.2} s, {:.0} MiB; statekeeper {:.3} s, {:.1} MiB",
-        import[0].seconds, import[0].peak_mib, import[1].seconds, import[1].peak_mib
-    );
+    Ok((pg_dump, summarize(&restores)))
+}
 
-    // Into a file state backend: Meltano's way is `meltano state import` with the project's
-    // state backend on the folder; ours, an export in its layout. Each starts from no folder.
-    let theirs_folder = dir.join("meltano-backend");
-    let ours_folder = dir.join("statekeeper-backend");
-    let mut backend_env = meltano_env(&source_uri);
+/// Into a file state backend: Meltano's way is `meltano state import` with the project's
+/// state backend on the folder; ours, an export in its layout. Each starts from no folder, and
+/// each must leave one folder per state ID.
+async fn measure_into_folders(ws: &Workspace<'_>, state_ids: u32) -> BenchResult<[Measured; 2]> {
+    let theirs_folder = ws.dir.join("meltano-backend");
+    let ours_folder = ws.dir.join("statekeeper-backend");
+    let mut backend_env = ws.source_env();
     backend_env.push((
         "MELTANO_STATE_BACKEND_URI",
         format!("file://{}", theirs_folder.display()),
     ));
-    let folder_theirs = measure(settings.repeat, || {
+    let folder_theirs = measure(ws.settings.repeat, || {
         let _ = std::fs::remove_dir_all(&theirs_folder);
-        let mut command = timed(&settings.meltano, &backend_env);
-        command.args(["state", "import"]).arg(&theirs_file);
+        let mut command = ws.meltano(&backend_env);
+        command.args(["state", "import"]).arg(&ws.theirs_file);
         command
     })
     .await?;
-    let folder_ours = measure(settings.repeat, || {
+    let folder_ours = measure(ws.settings.repeat, || {
         let _ = std::fs::remove_dir_all(&ours_folder);
-        let mut command = timed(&statekeeper, &[]);
+        let mut command = ws.statekeeper();
         command
             .args([
                 "state",
@@ -311,7 +377,7 @@ async fn round(settings: &Settings, state_ids: u32) -> BenchResult<Round> {
                 "--format",
                 "meltano-backend",
             ])
-            .args(["--database-url", &source_url, "--to"])
+            .args(["--database-url", &ws.source_url, "--to"])
             .arg(format!("file://{}", ours_folder.display()));
         command
     })
@@ -324,14 +390,5 @@ async fn round(settings: &Settings, state_ids: u32) -> BenchResult<Round> {
         "  into a folder backend: meltano {:.2} s, {:.0} MiB; statekeeper {:.3} s, {:.1} MiB",
         folder_theirs.seconds, folder_theirs.peak_mib, folder_ours.seconds, folder_ours.peak_mib
     );
-    super::sqlmesh_bench::drop_database(&settings.admin_url, &target).await?;
-    Ok(Round {
-        state_ids,
-        file_mib,
-        export: [export_theirs, export_ours],
-        import,
-        to_folder: [folder_theirs, folder_ours],
-        pg_dump,
-        restore,
-    })
+    Ok([folder_theirs, folder_ours])
 }

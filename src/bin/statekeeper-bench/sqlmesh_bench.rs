@@ -10,6 +10,9 @@ use std::time::Instant;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use super::BenchResult;
+use super::pg_baseline::{PSQL_RESTORE_ARGS, pg_tool};
+use super::postgres::{database_url, drop_database, recreate_database};
+use super::timing::{Measured, check, measure, require_time, run_timed, summarize, timed_command};
 
 pub struct Settings {
     pub admin_url: String,
@@ -19,13 +22,6 @@ pub struct Settings {
     pub work_dir: PathBuf,
     pub reuse_planned: bool,
     pub statekeeper: PathBuf,
-}
-
-/// One command's measurements.
-#[derive(Clone, Copy)]
-pub(super) struct Measured {
-    pub(super) seconds: f64,
-    pub(super) peak_mib: f64,
 }
 
 struct Round {
@@ -117,46 +113,107 @@ fn print_round(r: &Round) {
     }
 }
 
+/// Where a round works: the project and its state-only twin, SQLMesh's state database (the
+/// source, planned) and the one every import starts anew (the target), and the exports' files.
+struct Workspace {
+    dir: PathBuf,
+    state_only: PathBuf,
+    source: String,
+    source_url: String,
+    target: String,
+    target_url: String,
+    theirs_file: PathBuf,
+    ours_file: PathBuf,
+}
+
+impl Workspace {
+    /// The environment that points the project's gateway `bench` at the source database.
+    fn at_source(&self) -> (&'static str, &str) {
+        (STATE_DATABASE_VARIABLE, &self.source)
+    }
+
+    /// The environment that points the project's gateway `bench` at the target database.
+    fn at_target(&self) -> (&'static str, &str) {
+        (STATE_DATABASE_VARIABLE, &self.target)
+    }
+}
+
+/// The database of the state connection of the generated project's gateway `bench`.
+const STATE_DATABASE_VARIABLE: &str = "SQLMESH__GATEWAYS__BENCH__STATE_CONNECTION__DATABASE";
+
 async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
     let source = format!("bench_sqlmesh_{models}");
     let target = format!("bench_sqlmesh_{models}_target");
     let target_url = database_url(&settings.admin_url, &target)?;
     let dir = settings.work_dir.join(models.to_string());
-    let started = Instant::now();
-    let source_url = if settings.reuse_planned {
-        if !dir.join("config.yaml").exists() {
-            return Err(format!("--reuse-planned: no planned project in {}", dir.display()).into());
-        }
-        database_url(&settings.admin_url, &source)?
-    } else {
-        plan(settings, models, &source, &dir).await?
-    };
-    let plan_seconds = (!settings.reuse_planned).then(|| started.elapsed().as_secs_f64());
+    let (source_url, plan_seconds) = planned_source(settings, models, &source, &dir).await?;
 
     // SQLMesh loads every model of the project before it touches state; users run it in their
     // project, so that is the main figure. The same commands in a folder with only the config
     // (and one tiny model) show SQLMesh's state work alone.
     let state_only = state_only_project(&dir)?;
-    let at_source = (
-        "SQLMESH__GATEWAYS__BENCH__STATE_CONNECTION__DATABASE",
-        source.as_str(),
-    );
-    let at_target = (
-        "SQLMESH__GATEWAYS__BENCH__STATE_CONNECTION__DATABASE",
-        target.as_str(),
-    );
-    let theirs_file = dir.join("sqlmesh-export.json");
-    let ours_file = dir.join("statekeeper-export.json");
+    let workspace = Workspace {
+        theirs_file: dir.join("sqlmesh-export.json"),
+        ours_file: dir.join("statekeeper-export.json"),
+        dir,
+        state_only,
+        source,
+        source_url,
+        target,
+        target_url,
+    };
+    let export = measure_exports(settings, &workspace).await?;
+    let import = measure_imports(settings, &workspace).await?;
+    let (pg_dump, restore) = measure_pg_reference(settings, &workspace).await?;
+    let (snapshots, intervals, environments) = count_state(&workspace.source_url).await?;
+    drop_database(&settings.admin_url, &workspace.target).await?;
+    Ok(Round {
+        models,
+        snapshots,
+        intervals,
+        environments,
+        plan_seconds,
+        file_mib: std::fs::metadata(&workspace.theirs_file)?.len() as f64 / 1048576.0,
+        export,
+        import,
+        pg_dump,
+        restore,
+    })
+}
+
+/// The source database's URL, planned now (and how long that took) or by an earlier run
+/// (`--reuse-planned`).
+async fn planned_source(
+    settings: &Settings,
+    models: u32,
+    source: &str,
+    dir: &Path,
+) -> BenchResult<(String, Option<f64>)> {
+    let started = Instant::now();
+    let source_url = if settings.reuse_planned {
+        if !dir.join("config.yaml").exists() {
+            return Err(format!("--reuse-planned: no planned project in {}", dir.display()).into());
+        }
+        database_url(&settings.admin_url, source)?
+    } else {
+        plan(settings, models, source, dir).await?
+    };
+    let plan_seconds = (!settings.reuse_planned).then(|| started.elapsed().as_secs_f64());
+    Ok((source_url, plan_seconds))
+}
+
+/// `sqlmesh state export` in the project and in the state-only folder, then statekeeper's.
+async fn measure_exports(settings: &Settings, ws: &Workspace) -> BenchResult<[Measured; 3]> {
     let mut export = Vec::new();
-    for project in [&dir, &state_only] {
+    for project in [&ws.dir, &ws.state_only] {
         export.push(
             measure(settings.repeat, || {
                 let _ = std::fs::remove_dir_all(project.join(".cache"));
-                let _ = std::fs::remove_file(&theirs_file);
-                let mut command = timed_command(&settings.sqlmesh, project, &[at_source]);
+                let _ = std::fs::remove_file(&ws.theirs_file);
+                let mut command = timed_command(&settings.sqlmesh, project, &[ws.at_source()]);
                 command
                     .args(["state", "export", "-o"])
-                    .arg(&theirs_file)
+                    .arg(&ws.theirs_file)
                     .arg("--no-confirm");
                 command
             })
@@ -165,9 +222,8 @@ async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
     }
     export.push(
         measure(settings.repeat, || {
-            let _ = std::fs::remove_file(&ours_file);
-            let mut command =
-                timed_command(settings.statekeeper.to_string_lossy().as_ref(), &dir, &[]);
+            let _ = std::fs::remove_file(&ws.ours_file);
+            let mut command = statekeeper_command(settings, ws);
             command
                 .args([
                     "state",
@@ -177,72 +233,73 @@ async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
                     "--format",
                     "sqlmesh",
                 ])
-                .args(["--database-url", &source_url, "--to"])
-                .arg(&ours_file);
+                .args(["--database-url", &ws.source_url, "--to"])
+                .arg(&ws.ours_file);
             command
         })
         .await?,
     );
+    Ok([export[0], export[1], export[2]])
+}
 
-    // All import SQLMesh's own file into a database SQLMesh has just created its tables in.
+/// All import SQLMesh's own file into a database SQLMesh has just created its tables in: the
+/// three sides take turns, so that each run of each finds the server in the same state.
+async fn measure_imports(settings: &Settings, ws: &Workspace) -> BenchResult<[Measured; 3]> {
     let mut import: [Vec<Measured>; 3] = Default::default();
     for _ in 0..settings.repeat {
         for (side, runs) in import.iter_mut().enumerate() {
-            recreate_database(&settings.admin_url, &target).await?;
-            check(
-                timed_command(&settings.sqlmesh, &state_only, &[at_target])
-                    .arg("migrate")
-                    .output()?,
-                "sqlmesh migrate",
-            )?;
+            migrated_target(settings, ws).await?;
             let mut command = match side {
                 0 | 1 => {
-                    let project = if side == 0 { &dir } else { &state_only };
-                    let mut c = timed_command(&settings.sqlmesh, project, &[at_target]);
+                    let project = if side == 0 { &ws.dir } else { &ws.state_only };
+                    let mut c = timed_command(&settings.sqlmesh, project, &[ws.at_target()]);
                     c.args(["state", "import", "-i"])
-                        .arg(&theirs_file)
+                        .arg(&ws.theirs_file)
                         .args(["--replace", "--no-confirm"]);
                     c
                 }
                 _ => {
-                    let mut c =
-                        timed_command(settings.statekeeper.to_string_lossy().as_ref(), &dir, &[]);
+                    let mut c = statekeeper_command(settings, ws);
                     c.args(["state", "import", "--framework", "sqlmesh", "--replace"])
-                        .args(["--database-url", &target_url, "--from"])
-                        .arg(&theirs_file);
+                        .args(["--database-url", &ws.target_url, "--from"])
+                        .arg(&ws.theirs_file);
                     c
                 }
             };
             runs.push(run_timed(&mut command)?);
         }
     }
+    Ok([
+        summarize(&import[0]),
+        summarize(&import[1]),
+        summarize(&import[2]),
+    ])
+}
 
-    // The physical reference: PostgreSQL's own dump of the state schema and its restore in one
-    // transaction into the tables `sqlmesh migrate` created, emptied.
-    let dump = dir.join("pg-dump.sql");
+/// The physical reference: PostgreSQL's own dump of the state schema and its restore in one
+/// transaction into the tables `sqlmesh migrate` created, emptied.
+async fn measure_pg_reference(
+    settings: &Settings,
+    ws: &Workspace,
+) -> BenchResult<(Measured, Measured)> {
+    let dump = ws.dir.join("pg-dump.sql");
     let (pg_dump_program, psql_program) = (
-        super::pg_tool("pg_dump", &source_url).await?,
-        super::pg_tool("psql", &source_url).await?,
+        pg_tool("pg_dump", &ws.source_url).await?,
+        pg_tool("psql", &ws.source_url).await?,
     );
     let pg_dump = measure(settings.repeat, || {
-        let mut command = timed_command(&pg_dump_program, &dir, &[]);
+        let mut command = timed_command(&pg_dump_program, &ws.dir, &[]);
         command
             .args(["--data-only", "--schema", "sqlmesh", "--file"])
             .arg(&dump)
-            .arg(&source_url);
+            .arg(&ws.source_url);
         command
     })
     .await?;
     let mut restores = Vec::new();
     for _ in 0..settings.repeat {
-        recreate_database(&settings.admin_url, &target).await?;
-        check(
-            timed_command(&settings.sqlmesh, &state_only, &[at_target])
-                .arg("migrate")
-                .output()?,
-            "sqlmesh migrate",
-        )?;
-        let mut conn = PgConnection::connect(&target_url).await?;
+        migrated_target(settings, ws).await?;
+        let mut conn = PgConnection::connect(&ws.target_url).await?;
         sqlx::raw_sql(
             "DO $$ BEGIN EXECUTE (SELECT 'TRUNCATE ' || string_agg(format('%I.%I', schemaname, tablename), ', ') \
              FROM pg_tables WHERE schemaname = 'sqlmesh'); END $$",
@@ -250,21 +307,39 @@ async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
         .execute(&mut conn)
         .await?;
         drop(conn);
-        let mut command = timed_command(&psql_program, &dir, &[]);
+        let mut command = timed_command(&psql_program, &ws.dir, &[]);
         command
-            .args([
-                "--quiet",
-                "--single-transaction",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "--file",
-            ])
+            .args(PSQL_RESTORE_ARGS)
             .arg(&dump)
-            .arg(&target_url);
+            .arg(&ws.target_url);
         restores.push(run_timed(&mut command)?);
     }
+    Ok((pg_dump, summarize(&restores)))
+}
 
-    let mut conn = PgConnection::connect(&source_url).await?;
+/// The target database anew, with the tables `sqlmesh migrate` creates (not timed).
+async fn migrated_target(settings: &Settings, ws: &Workspace) -> BenchResult<()> {
+    recreate_database(&settings.admin_url, &ws.target).await?;
+    check(
+        timed_command(&settings.sqlmesh, &ws.state_only, &[ws.at_target()])
+            .arg("migrate")
+            .output()?,
+        "sqlmesh migrate",
+    )
+}
+
+/// `statekeeper` under GNU time in the project folder, as SQLMesh's commands run.
+fn statekeeper_command(settings: &Settings, ws: &Workspace) -> std::process::Command {
+    timed_command(
+        settings.statekeeper.to_string_lossy().as_ref(),
+        &ws.dir,
+        &[],
+    )
+}
+
+/// Snapshots, intervals and environments in the source's state.
+async fn count_state(source_url: &str) -> BenchResult<(i64, i64, i64)> {
+    let mut conn = PgConnection::connect(source_url).await?;
     let count = |table: &str| format!("SELECT count(*) FROM sqlmesh.{table}");
     let snapshots: i64 = sqlx::query_scalar(AssertSqlSafe(count("_snapshots")))
         .fetch_one(&mut conn)
@@ -275,24 +350,7 @@ async fn round(settings: &Settings, models: u32) -> BenchResult<Round> {
     let environments: i64 = sqlx::query_scalar(AssertSqlSafe(count("_environments")))
         .fetch_one(&mut conn)
         .await?;
-    drop(conn);
-    drop_database(&settings.admin_url, &target).await?;
-    Ok(Round {
-        models,
-        snapshots,
-        intervals,
-        environments,
-        plan_seconds,
-        file_mib: std::fs::metadata(&theirs_file)?.len() as f64 / 1048576.0,
-        export: [export[0], export[1], export[2]],
-        import: [
-            summarize(&import[0]),
-            summarize(&import[1]),
-            summarize(&import[2]),
-        ],
-        pg_dump,
-        restore: summarize(&restores),
-    })
+    Ok((snapshots, intervals, environments))
 }
 
 /// A folder beside the project with its config and one tiny model, where SQLMesh's state
@@ -330,112 +388,4 @@ async fn plan(settings: &Settings, models: u32, source: &str, dir: &Path) -> Ben
         "generating and planning the project",
     )?;
     Ok(source_url)
-}
-
-/// Both sides are measured by GNU time: fail early, saying how to get it.
-pub(super) fn require_time() -> BenchResult<()> {
-    if Path::new("/usr/bin/time").exists() {
-        Ok(())
-    } else {
-        Err(
-            "/usr/bin/time is missing: install the Debian package `time` (apt-get install time)"
-                .into(),
-        )
-    }
-}
-
-/// `/usr/bin/time -f "%M" -o FILE program …` in `dir`, with extra environment variables.
-pub(super) fn timed_command(
-    program: &str,
-    dir: &Path,
-    env: &[(&str, &str)],
-) -> std::process::Command {
-    let mut command = std::process::Command::new("/usr/bin/time");
-    command
-        .args(["-f", "%M", "-o"])
-        .arg(dir.join(".time"))
-        .arg(program)
-        .current_dir(dir)
-        .envs(env.iter().copied());
-    command
-}
-
-/// The wall time is taken here (GNU time's `%e` counts in steps of 10 ms, too coarse for
-/// commands of a few dozen); the peak RSS from GNU time.
-pub(super) fn run_timed(command: &mut std::process::Command) -> BenchResult<Measured> {
-    let started = Instant::now();
-    let out = command.output()?;
-    let seconds = started.elapsed().as_secs_f64();
-    let dir = command
-        .get_current_dir()
-        .ok_or("timed commands run in the project directory")?
-        .to_owned();
-    check(out, "a timed command")?;
-    let text = std::fs::read_to_string(dir.join(".time"))?;
-    let kib: f64 = text.trim().parse()?;
-    Ok(Measured {
-        seconds,
-        peak_mib: kib / 1024.0,
-    })
-}
-
-pub(super) async fn measure(
-    repeat: u32,
-    mut command: impl FnMut() -> std::process::Command,
-) -> BenchResult<Measured> {
-    let mut runs = Vec::new();
-    for _ in 0..repeat {
-        runs.push(run_timed(&mut command())?);
-    }
-    Ok(summarize(&runs))
-}
-
-/// The median time and the largest peak.
-pub(super) fn summarize(runs: &[Measured]) -> Measured {
-    let mut seconds: Vec<f64> = runs.iter().map(|m| m.seconds).collect();
-    seconds.sort_by(f64::total_cmp);
-    Measured {
-        seconds: seconds.get(seconds.len() / 2).copied().unwrap_or(0.0),
-        peak_mib: runs.iter().map(|m| m.peak_mib).fold(0.0, f64::max),
-    }
-}
-
-pub(super) fn check(out: std::process::Output, what: &str) -> BenchResult<()> {
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{what} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into())
-    }
-}
-
-/// The admin URL with another database.
-pub(super) fn database_url(admin_url: &str, database: &str) -> BenchResult<String> {
-    let (base, _) = admin_url
-        .rsplit_once('/')
-        .ok_or("the database URL has no database part")?;
-    Ok(format!("{base}/{database}"))
-}
-
-pub(super) async fn recreate_database(admin_url: &str, database: &str) -> BenchResult<String> {
-    drop_database(admin_url, database).await?;
-    let mut admin = PgConnection::connect(admin_url).await?;
-    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {database}")))
-        .execute(&mut admin)
-        .await?;
-    database_url(admin_url, database)
-}
-
-pub(super) async fn drop_database(admin_url: &str, database: &str) -> BenchResult<()> {
-    let mut admin = PgConnection::connect(admin_url).await?;
-    sqlx::query(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {database} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await?;
-    Ok(())
 }

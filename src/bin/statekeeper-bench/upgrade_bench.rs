@@ -9,7 +9,9 @@ use statekeeper::engine::backup::BACKUP_METADATA_TABLE;
 use statekeeper::engine::identifier::quote_ident;
 use statekeeper::engine::{SchemaName, Store};
 
-use super::{BenchResult, generated_store, peak_rss_mib, reset_peak_rss};
+use super::BenchResult;
+use super::memory::{peak_rss_mib, reset_peak_rss};
+use super::postgres::generated_store;
 
 /// What schema version 3 adds: dropping it leaves the store exactly at version 2.
 const VERSION_3_OBJECTS: &str = "
@@ -23,17 +25,42 @@ const VERSION_3_OBJECTS: &str = "
       state_migration_events_occurred_at_idx;
     DELETE FROM state_versions WHERE version = 3;";
 
-pub struct Round {
-    pub rows: i64,
-    pub upgrade_secs: f64,
-    pub backup_rows: i64,
-    pub peak_mib: f64,
-    pub copy_secs: f64,
+struct Round {
+    rows: i64,
+    upgrade_secs: f64,
+    backup_rows: i64,
+    peak_mib: f64,
+    copy_secs: f64,
+}
+
+/// One round a size, each printed as a row as soon as it is measured.
+pub async fn run(url: &str, schema: &str, sizes: &[u64], environments: u32) -> BenchResult<()> {
+    println!(
+        "upgrade benchmark (schema version 2 to 3 with its backup; CREATE TABLE … AS of every table; same store, same run)"
+    );
+    println!(
+        "{:>9} {:>10} {:>10} {:>9} {:>9} {:>9}   ratio",
+        "versions", "rows", "backed up", "upgrade s", "peak MiB", "CTAS s"
+    );
+    for &size in sizes {
+        let r = round(url, schema, size, environments).await?;
+        println!(
+            "{:>9} {:>10} {:>10} {:>9.2} {:>9.1} {:>9.2}   upgrade/CTAS {:.2}x",
+            size,
+            r.rows,
+            r.backup_rows,
+            r.upgrade_secs,
+            r.peak_mib,
+            r.copy_secs,
+            r.upgrade_secs / r.copy_secs
+        );
+    }
+    Ok(())
 }
 
 /// Generates a store of `size` versions, takes it back to version 2, upgrades it, and copies
 /// all its tables with `CREATE TABLE … AS` in one transaction.
-pub async fn round(url: &str, schema: &str, size: u64, environments: u32) -> BenchResult<Round> {
+async fn round(url: &str, schema: &str, size: u64, environments: u32) -> BenchResult<Round> {
     let store = generated_store(url, schema, size, environments).await?;
     let name = SchemaName::new(schema)?;
     let mut conn = PgConnection::connect(url).await?;
