@@ -1,10 +1,19 @@
-//! What the CRD types share: the API group, Secret references and the conditions list.
+//! What the CRD types share: the API group and version, Secret references and the conditions list.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
-pub const API_GROUP: &str = "statekeeper.dev";
+/// The group's name, written once: [`API_GROUP`] and [`API_VERSION`] are made from it.
+macro_rules! api_group {
+    () => {
+        "statekeeper.dev"
+    };
+}
+
+pub const API_GROUP: &str = api_group!();
+/// The `apiVersion` of every kind of the group (the CRD types declare the same; a test checks).
+pub const API_VERSION: &str = concat!(api_group!(), "/v1alpha1");
 
 /// A key in a Secret in the resource's namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -61,3 +61,20 @@ fn kubernetes_formats(value: &mut serde_yaml::Value) {
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     Ok(crds()?.into_iter().map(|(_, yaml)| yaml).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use kube::Resource;
+
+    use super::{StateExport, StateMigration, StateStore};
+    use crate::api::common::API_VERSION;
+
+    /// The `#[kube(group, version)]` attributes take literals only: they must say what the
+    /// constant says.
+    #[test]
+    fn every_kind_has_the_groups_api_version() {
+        assert_eq!(StateStore::api_version(&()), API_VERSION);
+        assert_eq!(StateExport::api_version(&()), API_VERSION);
+        assert_eq!(StateMigration::api_version(&()), API_VERSION);
+    }
+}

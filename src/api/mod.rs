@@ -2,12 +2,14 @@
 
 pub mod common;
 pub mod crds;
+pub mod labels;
+pub mod phases;
 pub mod runner;
 pub mod state_export;
 pub mod state_migration;
 pub mod state_store;
 
-pub use common::{API_GROUP, SecretKeyRef, conditions_schema};
+pub use common::{API_GROUP, API_VERSION, SecretKeyRef, conditions_schema};
 pub use crds::{crds, crds_yaml};
 pub use state_export::{StateExport, StateExportSpec, StateExportStatus};
 pub use state_migration::{StateMigration, StateMigrationSpec, StateMigrationStatus};

@@ -16,15 +16,10 @@ use kube::api::{Api, PostParams};
 use sha2::{Digest, Sha256};
 
 use crate::api::SecretKeyRef;
+use crate::api::labels::{MANAGED_BY, PURPOSE_LABEL, STORE_LABEL};
 use crate::api::runner::Runner;
 use crate::api::state_store::StateStore;
-use crate::engine::Framework;
-use crate::engine::frameworks::meltano::{MeltanoDriver, search_path_option};
-
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "statekeeper");
-pub const STORE_LABEL: &str = "statekeeper.dev/store";
-/// What a Job is for: `upgrade` or `janitor`.
-pub const PURPOSE_LABEL: &str = "statekeeper.dev/purpose";
+use crate::engine::{Framework, MeltanoDriver, search_path_option};
 
 /// A Job name from `base` and `suffix`, at most 63 characters (Jobs label their pods with it):
 /// long bases are cut and made unique again with a hash of the whole.

@@ -121,6 +121,33 @@ pub fn missed_event(
 }
 
 /// How long to wait before looking again: until the next occurrence, bounded by `cap`.
+/// Records a decision in the two times a schedule's status keeps: the next run, and a missed
+/// run as the last one scheduled, with the Event that says so (`what` was missed). Returns the
+/// run due now, if any (its caller records it as the last once it starts), and that Event.
+pub fn record(
+    due: &Due,
+    what: &str,
+    deadline_seconds: Option<u64>,
+    last_schedule_time: &mut Option<String>,
+    next_schedule_time: &mut Option<String>,
+) -> (Option<Timestamp>, Option<kube::runtime::events::Event>) {
+    match *due {
+        Due::Wait { next } => {
+            *next_schedule_time = next.map(|t| t.to_string());
+            (None, None)
+        }
+        Due::Missed { scheduled, next } => {
+            *last_schedule_time = Some(scheduled.to_string());
+            *next_schedule_time = next.map(|t| t.to_string());
+            (None, Some(missed_event(what, scheduled, deadline_seconds)))
+        }
+        Due::Run { scheduled, next } => {
+            *next_schedule_time = next.map(|t| t.to_string());
+            (Some(scheduled), None)
+        }
+    }
+}
+
 pub fn requeue_after(due: &Due, now: Timestamp, cap: Duration) -> Duration {
     let next = match due {
         Due::Wait { next } | Due::Run { next, .. } | Due::Missed { next, .. } => *next,

@@ -1,37 +1,29 @@
 //! The StateStore reconciler: connect, initialise when allowed, report what the store is.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
-use sha2::{Digest, Sha256};
-use sqlx::PgPool;
 
+use super::access::{self, ConnectProblem, WAITING_FOR_CONNECTION};
 use super::conditions::{self, Desired, READY, RECONCILING, STALLED};
-use super::store_janitor;
+use super::context::{Context, ReconcileError};
+use super::store_janitor::{self, JanitorStep};
 use super::telemetry::ObjectLabels;
-use super::{Context, FIELD_MANAGER, ReconcileError};
-use crate::api::SecretKeyRef;
+use crate::api::phases;
 use crate::api::state_store::{
-    BackupStatus, ConfigMapKeyRef, InitPolicy, JanitorSpec, StateStore, StateStoreStatus,
-    StoreFramework, TlsSpec,
+    BackupStatus, InitPolicy, JanitorSpec, StateStore, StateStoreStatus, StoreFramework,
 };
-use crate::engine::{
-    ConnectionParts, ConnectionSettings, Error as EngineError, InitReport, SchemaName,
-    StatusReport, Store, TlsMaterial, redact,
-};
+use crate::engine::{Error as EngineError, InitReport, StatusReport, Store, redact};
 
 pub const CONNECTED: &str = "Connected";
 pub const INITIALIZED: &str = "Initialized";
 pub const SCHEMA_UP_TO_DATE: &str = "SchemaUpToDate";
-/// The reason while a store waits for one of the operator's database connections.
-pub const WAITING_FOR_CONNECTION: &str = "WaitingForConnection";
 
 /// What the reconciler found, before it is turned into conditions.
 #[derive(Debug)]
@@ -65,16 +57,20 @@ pub enum Observation {
     },
 }
 
-impl Observation {
-    /// Why the store cannot be used (the reason and message of `Ready=False`); None when healthy.
-    pub fn problem(&self) -> Option<(String, String)> {
-        if let Observation::WaitingForConnection { message } = self {
-            return Some((WAITING_FOR_CONNECTION.into(), message.clone()));
+impl From<ConnectProblem> for Observation {
+    fn from(problem: ConnectProblem) -> Self {
+        match problem {
+            ConnectProblem::InvalidSpec(message) => Observation::InvalidSpec(message),
+            ConnectProblem::Secret { reason, message } => {
+                Observation::SecretProblem { reason, message }
+            }
+            ConnectProblem::Failed { reason, message } => {
+                Observation::ConnectFailed { reason, message }
+            }
+            ConnectProblem::WaitingForConnection { message } => {
+                Observation::WaitingForConnection { message }
+            }
         }
-        decide(self)
-            .into_iter()
-            .find(|d| d.type_ == READY && !d.status)
-            .map(|d| (d.reason, d.message))
     }
 }
 
@@ -224,21 +220,18 @@ pub fn decide(observation: &Observation) -> Vec<Desired> {
 }
 
 /// The printer-column phase, derived from the conditions.
-pub fn phase(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> &'static str {
+pub fn phase(conds: &[Condition]) -> &'static str {
     if conditions::is_true(conds, READY) {
-        "Ready"
+        phases::READY
     } else if conditions::is_true(conds, RECONCILING) {
-        "Initializing"
+        phases::INITIALIZING
     } else {
-        "Failed"
+        phases::FAILED
     }
 }
 
 /// Events for conditions that changed status or reason since the last status.
-pub fn transition_events(
-    previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-    next: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-) -> Vec<Event> {
+pub fn transition_events(previous: &[Condition], next: &[Condition]) -> Vec<Event> {
     let mut events = Vec::new();
     for condition in next {
         if ![READY, CONNECTED, INITIALIZED, SCHEMA_UP_TO_DATE].contains(&condition.type_.as_str()) {
@@ -290,65 +283,140 @@ pub async fn reconcile(
     let key = format!("{namespace}/{name}");
     let (mut observation, secrets, engine) = observe(&store, &namespace, &key, &ctx).await;
     let healthy = matches!(observation, Observation::Observed { .. });
+    let waiting = matches!(observation, Observation::WaitingForConnection { .. });
     let previous = store.status.clone().unwrap_or_default();
     let reference = store.object_ref(&());
 
     // The scheduled janitor runs only against a healthy store.
-    let janitor = match (&store.spec.janitor, &engine) {
-        (
-            Some(
-                spec @ JanitorSpec {
-                    runner: Some(runner),
-                    ..
-                },
-            ),
-            Some(engine),
-        ) => Some(
+    let janitor = match &engine {
+        Some(engine) => {
+            run_janitor(
+                &store,
+                &previous,
+                engine,
+                &mut observation,
+                &ctx,
+                &reference,
+            )
+            .await
+        }
+        None => None,
+    };
+    let desired = desired_conditions(&store, &observation, &previous, janitor.as_ref(), &secrets);
+    let status = next_status(
+        &store,
+        &observation,
+        &previous,
+        &desired,
+        janitor.as_ref(),
+        ctx.now(),
+    );
+
+    // Every status write is a watch event that wakes this reconciler again, and costs the API
+    // server a write: write only when something changed. An idle store costs no writes at all
+    // (a thousand of them included); `lastCheckedTime` is when the status last changed.
+    if changed_besides_check_time(&previous, &status) {
+        ctx.apply_status(&*store, &status).await?;
+    }
+    for event in transition_events(&previous.conditions, &status.conditions) {
+        ctx.publish(&event, &reference).await;
+    }
+    record_metrics(&ctx, &namespace, &name, &status, healthy, waiting);
+    let outcome =
+        conditions::find(&status.conditions, READY).map_or("Unknown", |c| c.reason.as_str());
+    ctx.metrics
+        .record_reconcile("StateStore", outcome, started.elapsed());
+
+    Ok(if healthy {
+        ctx.reset_failures(&key).await;
+        Action::requeue(janitor.map_or(ctx.settings.resync_interval, |step| step.requeue))
+    } else if waiting {
+        // Not a failure: no backoff, another try as soon as connections may have come free.
+        Action::requeue(ctx.settings.min_backoff)
+    } else {
+        Action::requeue(ctx.next_backoff(&key).await)
+    })
+}
+
+/// The janitor step of a healthy store with a janitor: a runner Job for a framework that cleans
+/// itself, statekeeper's janitor otherwise. A run that removed rows refreshes the observation,
+/// so the status counts what is left.
+async fn run_janitor(
+    store: &StateStore,
+    previous: &StateStoreStatus,
+    engine: &Store,
+    observation: &mut Observation,
+    ctx: &Context,
+    reference: &ObjectReference,
+) -> Option<JanitorStep> {
+    let spec = store.spec.janitor.as_ref()?;
+    let previous_condition =
+        conditions::find(&previous.conditions, store_janitor::JANITOR_SUCCEEDED);
+    if let JanitorSpec {
+        runner: Some(runner),
+        ..
+    } = spec
+    {
+        return Some(
             store_janitor::runner_step(
                 spec,
                 runner,
-                &store,
+                store,
                 previous.janitor.as_ref(),
-                conditions::find(&previous.conditions, store_janitor::JANITOR_SUCCEEDED),
+                previous_condition,
                 engine,
-                &ctx,
-                &reference,
+                ctx,
+                reference,
             )
             .await,
-        ),
-        (Some(spec), Some(engine)) => {
-            let created = store
-                .meta()
-                .creation_timestamp
-                .as_ref()
-                .map_or_else(|| ctx.now(), |t| t.0);
-            let step = store_janitor::step(
-                spec,
-                &store.spec.unsuffixed_virtual_env,
-                previous.janitor.as_ref(),
-                conditions::find(&previous.conditions, store_janitor::JANITOR_SUCCEEDED),
-                created,
-                engine,
-                &ctx,
-                &reference,
-            )
-            .await;
-            if step.changed_store
-                && let Ok(report) = engine.status().await
-                && let Observation::Observed {
-                    report: observed, ..
-                } = &mut observation
-            {
-                **observed = report;
-            }
-            Some(step)
-        }
-        _ => None,
-    };
+        );
+    }
+    let created = store
+        .meta()
+        .creation_timestamp
+        .as_ref()
+        .map_or_else(|| ctx.now(), |t| t.0);
+    let step = store_janitor::step(
+        spec,
+        &store.spec.unsuffixed_virtual_env,
+        previous.janitor.as_ref(),
+        previous_condition,
+        created,
+        engine,
+        ctx,
+        reference,
+    )
+    .await;
+    if step.changed_store
+        && let Ok(report) = engine.status().await
+        && let Observation::Observed {
+            report: observed, ..
+        } = observation
+    {
+        **observed = report;
+    }
+    Some(step)
+}
 
-    let waiting = matches!(observation, Observation::WaitingForConnection { .. });
-    let mut desired = decide(&observation);
-    if waiting {
+/// The conditions to report, secrets redacted: what was observed, the janitor's verdict, and
+/// what was last observed for whatever could not be looked at this time.
+fn desired_conditions(
+    store: &StateStore,
+    observation: &Observation,
+    previous: &StateStoreStatus,
+    janitor: Option<&JanitorStep>,
+    secrets: &[String],
+) -> Vec<Desired> {
+    let carried = |c: &Condition, type_: &'static str| {
+        Desired::new(
+            type_,
+            c.status == "True",
+            c.reason.clone(),
+            c.message.clone(),
+        )
+    };
+    let mut desired = decide(observation);
+    if matches!(observation, Observation::WaitingForConnection { .. }) {
         // A full connection budget is not news about the store: what was last observed stands.
         desired.extend(
             previous
@@ -359,37 +427,40 @@ pub async fn reconcile(
                     [READY, STALLED, CONNECTED, INITIALIZED, SCHEMA_UP_TO_DATE]
                         .into_iter()
                         .find(|t| *t == c.type_)
-                        .map(|t| {
-                            Desired::new(t, c.status == "True", c.reason.clone(), c.message.clone())
-                        })
+                        .map(|t| carried(c, t))
                 }),
         );
     }
-    match &janitor {
+    match janitor {
         Some(step) => desired.extend(step.condition.clone()),
         // While the store cannot be observed, the last janitor verdict still stands.
         None if store.spec.janitor.is_some() => desired.extend(
-            conditions::find(&previous.conditions, store_janitor::JANITOR_SUCCEEDED).map(|c| {
-                Desired::new(
-                    store_janitor::JANITOR_SUCCEEDED,
-                    c.status == "True",
-                    c.reason.clone(),
-                    c.message.clone(),
-                )
-            }),
+            conditions::find(&previous.conditions, store_janitor::JANITOR_SUCCEEDED)
+                .map(|c| carried(c, store_janitor::JANITOR_SUCCEEDED)),
         ),
         None => {}
     }
-    let desired: Vec<Desired> = desired
+    let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    desired
         .into_iter()
         .map(|mut d| {
-            let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
             d.message = redact(&d.message, &secret_refs);
             d
         })
-        .collect();
-    let now = ctx.now();
-    let conds = conditions::merge(&previous.conditions, &desired, store.meta().generation, now);
+        .collect()
+}
+
+/// The status to write: the conditions merged, the facts observed (or the last known ones
+/// while the store cannot be observed), the janitor's.
+fn next_status(
+    store: &StateStore,
+    observation: &Observation,
+    previous: &StateStoreStatus,
+    desired: &[Desired],
+    janitor: Option<&JanitorStep>,
+    now: Timestamp,
+) -> StateStoreStatus {
+    let conds = conditions::merge(&previous.conditions, desired, store.meta().generation, now);
     let mut status = StateStoreStatus {
         observed_generation: store.meta().generation,
         phase: Some(phase(&conds).into()),
@@ -398,14 +469,14 @@ pub async fn reconcile(
             .then(|| crate::engine::MigrationChain::shipped().latest()),
         last_checked_time: Some(now.to_string()),
         conditions: conds,
-        janitor: match &janitor {
+        janitor: match janitor {
             Some(step) => Some(step.status.clone()),
             None if store.spec.janitor.is_some() => previous.janitor.clone(),
             None => None,
         },
         ..Default::default()
     };
-    if let Observation::Observed { report, .. } = &observation {
+    if let Observation::Observed { report, .. } = observation {
         status.schema_version = Some(report.current_version);
         status.framework_versions = (!report.versions.is_empty()).then(|| report.versions.clone());
         status.counts = Some(report.counts.clone());
@@ -429,27 +500,31 @@ pub async fn reconcile(
         status.counts = previous.counts.clone();
         status.backups = previous.backups.clone();
     }
+    status
+}
 
-    // Every status write is a watch event that wakes this reconciler again, and costs the API
-    // server a write: write only when something changed. An idle store costs no writes at all
-    // (a thousand of them included); `lastCheckedTime` is when the status last changed.
-    let changed = {
-        let mut before = previous.clone();
-        let mut after = status.clone();
-        before.last_checked_time = None;
-        after.last_checked_time = None;
-        before != after
-    };
-    if changed {
-        write_status(&ctx, &namespace, &name, &status).await?;
-    }
-    for event in transition_events(&previous.conditions, &status.conditions) {
-        ctx.publish(&event, &reference).await;
-    }
+/// Whether the status says anything new besides the time of the check.
+fn changed_besides_check_time(previous: &StateStoreStatus, status: &StateStoreStatus) -> bool {
+    let mut before = previous.clone();
+    let mut after = status.clone();
+    before.last_checked_time = None;
+    after.last_checked_time = None;
+    before != after
+}
 
+/// The store's gauges. While it waits for a connection nothing is known, so readiness keeps its
+/// last value.
+fn record_metrics(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    status: &StateStoreStatus,
+    healthy: bool,
+    waiting: bool,
+) {
     let labels = ObjectLabels {
-        namespace: namespace.clone(),
-        name: name.clone(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
     };
     if !waiting {
         ctx.metrics
@@ -463,20 +538,6 @@ pub async fn reconcile(
             .get_or_create(&labels)
             .set(i64::from(version));
     }
-    let outcome =
-        conditions::find(&status.conditions, READY).map_or("Unknown", |c| c.reason.as_str());
-    ctx.metrics
-        .record_reconcile("StateStore", outcome, started.elapsed());
-
-    Ok(if healthy {
-        ctx.reset_failures(&key).await;
-        Action::requeue(janitor.map_or(ctx.settings.resync_interval, |step| step.requeue))
-    } else if waiting {
-        // Not a failure: no backoff, another try as soon as connections may have come free.
-        Action::requeue(ctx.settings.min_backoff)
-    } else {
-        Action::requeue(ctx.next_backoff(&key).await)
-    })
 }
 
 /// Called by the controller runtime when `reconcile` itself failed (the API server refused us).
@@ -485,104 +546,17 @@ pub fn error_policy(store: Arc<StateStore>, error: &ReconcileError, _ctx: Arc<Co
     Action::requeue(Duration::from_secs(15))
 }
 
-async fn write_status(
-    ctx: &Context,
-    namespace: &str,
-    name: &str,
-    status: &StateStoreStatus,
-) -> Result<(), ReconcileError> {
-    let api: Api<StateStore> = Api::namespaced(ctx.client.clone(), namespace);
-    let patch = json!({
-        "apiVersion": "statekeeper.dev/v1alpha1",
-        "kind": "StateStore",
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
-}
-
 /// Connects (through the pool cache), initialises when allowed, and reads the store's status.
 /// Also returns the secret values it read, so that callers can redact them from messages.
-/// Connects to a StateStore's database through the pool cache. On success, returns the engine
-/// handle and the secret values read (for redaction); otherwise what went wrong, as an observation.
-pub async fn connect(
-    store: &StateStore,
-    namespace: &str,
-    ctx: &Context,
-) -> Result<(Store, Vec<String>), (Observation, Vec<String>)> {
-    let key = format!("{namespace}/{}", store.name_any());
-    let schema = SchemaName::new(store.spec.schema_name())
-        .map_err(|e| (Observation::InvalidSpec(e.to_string()), Vec::new()))?;
-    let (settings, secrets) = resolve_connection(store, namespace, ctx)
-        .await
-        .map_err(|observation| (observation, Vec::new()))?;
-    match ctx.pool_for(&key, &settings, &secrets).await {
-        Ok(pool) => Ok((
-            Store::new(pool, schema)
-                .with_framework(store.spec.framework.into())
-                .with_actor(format!("operator:{key}"))
-                .with_lock_timeout(ctx.settings.lock_timeout),
-            secrets,
-        )),
-        Err(PoolError::NoSlot { budget, waited }) => Err((
-            Observation::WaitingForConnection {
-                message: format!(
-                    "waiting for a database connection: all {budget} of this operator's are in \
-                     use (--max-db-connections) and none came free in {}s; retrying",
-                    waited.as_secs()
-                ),
-            },
-            secrets,
-        )),
-        Err(PoolError::Engine(e)) => Err((
-            Observation::ConnectFailed {
-                reason: e.reason(),
-                message: e.to_string(),
-            },
-            secrets,
-        )),
-    }
-}
-
-/// The engine of a store another resource operates on, or why it cannot be used (reason, message),
-/// with any secret redacted from the message.
-pub async fn connect_for_operation(
-    store: &StateStore,
-    namespace: &str,
-    ctx: &Context,
-) -> Result<(Store, Vec<String>), (String, String)> {
-    connect(store, namespace, ctx)
-        .await
-        .map_err(|(observation, secrets)| {
-            let (reason, message) = observation
-                .problem()
-                .unwrap_or_else(|| ("StoreUnavailable".into(), "the store cannot be used".into()));
-            let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
-            (
-                reason,
-                format!(
-                    "StateStore \"{}\": {}",
-                    store.name_any(),
-                    redact(&message, &secret_refs)
-                ),
-            )
-        })
-}
-
 async fn observe(
     store: &StateStore,
     namespace: &str,
     key: &str,
     ctx: &Context,
 ) -> (Observation, Vec<String>, Option<Store>) {
-    let (engine, secrets) = match connect(store, namespace, ctx).await {
+    let (engine, secrets) = match access::connect(store, namespace, ctx).await {
         Ok(connected) => connected,
-        Err((observation, secrets)) => return (observation, secrets, None),
+        Err((problem, secrets)) => return (problem.into(), secrets, None),
     };
     let observation = match observe_store(&engine, store.spec.init_policy, ctx, store).await {
         Ok(observation) => observation,
@@ -671,355 +645,4 @@ async fn observe_store(
         report: Box::new(report),
         initialized_now: Some(init),
     })
-}
-
-/// Builds connection settings from the spec and its Secrets, or says precisely what is wrong.
-async fn resolve_connection(
-    store: &StateStore,
-    namespace: &str,
-    ctx: &Context,
-) -> Result<(ConnectionSettings, Vec<String>), Observation> {
-    let spec = &store.spec.connection;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let timeout = Duration::from_secs(
-        spec.connect_timeout_seconds
-            .map(u64::from)
-            .unwrap_or(ctx.settings.connect_timeout.as_secs()),
-    );
-    let (settings, secret_values) = match (&spec.url_secret_ref, &spec.host) {
-        (Some(url_ref), None) => {
-            let url = read_secret_key(&secrets, namespace, url_ref).await?;
-            let settings = ConnectionSettings::from_url(&url).map_err(|e| {
-                Observation::InvalidSpec(format!(
-                    "the URL in Secret \"{}\" key \"{}\" is not usable: {e}",
-                    url_ref.name, url_ref.key
-                ))
-            })?;
-            let password = crate::engine::connection::password_in_url(&url).unwrap_or_default();
-            (settings, vec![url, password])
-        }
-        (None, Some(host)) => {
-            let user = spec.user.as_deref().ok_or_else(|| {
-                Observation::InvalidSpec("connection.user is required with connection.host".into())
-            })?;
-            let password = match &spec.password_secret_ref {
-                Some(r) => Some(read_secret_key(&secrets, namespace, r).await?),
-                None => None,
-            };
-            let settings = ConnectionSettings::from_parts(&ConnectionParts {
-                host,
-                port: spec.port.unwrap_or(5432),
-                database: spec.database.as_deref().unwrap_or("postgres"),
-                user,
-                password: password.as_deref(),
-                ssl_mode: spec.ssl_mode.map(|m| m.as_libpq()),
-            })
-            .map_err(|e| Observation::InvalidSpec(e.to_string()))?;
-            (settings, password.into_iter().collect())
-        }
-        _ => {
-            return Err(Observation::InvalidSpec(
-                "set exactly one of connection.urlSecretRef and connection.host".into(),
-            ));
-        }
-    };
-    let (tls, material) = read_tls(spec.tls.as_ref(), &secrets, namespace, ctx).await?;
-    let mut secret_values = secret_values;
-    // The material is part of what makes a pool: a new CA or certificate makes a new one. The
-    // key is secret; the certificates are kept out of messages all the same.
-    secret_values.extend(material);
-    Ok((
-        settings.with_tls(tls).with_connect_timeout(timeout),
-        secret_values,
-    ))
-}
-
-/// The TLS material a connection names: its CA (ConfigMap or Secret) and client certificate,
-/// and the same as text (for the pool's fingerprint and for redaction).
-async fn read_tls(
-    tls: Option<&TlsSpec>,
-    secrets: &Api<Secret>,
-    namespace: &str,
-    ctx: &Context,
-) -> Result<(TlsMaterial, Vec<String>), Observation> {
-    let mut material = TlsMaterial::default();
-    let mut texts = Vec::new();
-    let Some(tls) = tls else {
-        return Ok((material, texts));
-    };
-    if let Some(source) = &tls.ca_certificate {
-        let ca = match (&source.config_map_key_ref, &source.secret_key_ref) {
-            (Some(r), _) => read_config_map_key(ctx, namespace, r).await?,
-            (None, Some(r)) => read_secret_key(secrets, namespace, r).await?,
-            (None, None) => {
-                return Err(Observation::InvalidSpec(
-                    "tls.caCertificate names neither a ConfigMap nor a Secret".into(),
-                ));
-            }
-        };
-        material.root_certificate = Some(ca.clone().into_bytes());
-        texts.push(ca);
-    }
-    if let Some(client) = &tls.client_certificate {
-        let key_of = |key: &str| SecretKeyRef {
-            name: client.secret_name.clone(),
-            key: key.to_owned(),
-        };
-        let certificate =
-            read_secret_key(secrets, namespace, &key_of(&client.certificate_key)).await?;
-        let key = read_secret_key(secrets, namespace, &key_of(&client.private_key_key)).await?;
-        material.client_certificate = Some(certificate.clone().into_bytes());
-        material.client_key = Some(key.clone().into_bytes());
-        texts.extend([certificate, key]);
-    }
-    Ok((material, texts))
-}
-
-async fn read_config_map_key(
-    ctx: &Context,
-    namespace: &str,
-    r: &ConfigMapKeyRef,
-) -> Result<String, Observation> {
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
-    let config_map = api
-        .get_opt(&r.name)
-        .await
-        .map_err(|e| Observation::SecretProblem {
-            reason: "ConfigMapUnreadable",
-            message: format!(
-                "cannot read ConfigMap \"{}\" in namespace \"{namespace}\": {e}",
-                r.name
-            ),
-        })?
-        .ok_or_else(|| Observation::SecretProblem {
-            reason: "ConfigMapNotFound",
-            message: format!(
-                "ConfigMap \"{}\" not found in namespace \"{namespace}\"",
-                r.name
-            ),
-        })?;
-    let data = config_map.data.unwrap_or_default();
-    data.get(&r.key)
-        .cloned()
-        .ok_or_else(|| Observation::SecretProblem {
-            reason: "ConfigMapKeyMissing",
-            message: format!(
-                "ConfigMap \"{}\" has no key \"{}\" (it has: {})",
-                r.name,
-                r.key,
-                if data.is_empty() {
-                    "no keys".to_owned()
-                } else {
-                    data.keys().cloned().collect::<Vec<_>>().join(", ")
-                }
-            ),
-        })
-}
-
-async fn read_secret_key(
-    api: &Api<Secret>,
-    namespace: &str,
-    r: &SecretKeyRef,
-) -> Result<String, Observation> {
-    let secret = api
-        .get_opt(&r.name)
-        .await
-        .map_err(|e| Observation::SecretProblem {
-            reason: "SecretUnreadable",
-            message: format!(
-                "cannot read Secret \"{}\" in namespace \"{namespace}\": {e}",
-                r.name
-            ),
-        })?
-        .ok_or_else(|| Observation::SecretProblem {
-            reason: "SecretNotFound",
-            message: format!(
-                "Secret \"{}\" not found in namespace \"{namespace}\"",
-                r.name
-            ),
-        })?;
-    let data = secret.data.unwrap_or_default();
-    let value = data.get(&r.key).ok_or_else(|| Observation::SecretProblem {
-        reason: "SecretKeyMissing",
-        message: format!(
-            "Secret \"{}\" has no key \"{}\" (it has: {})",
-            r.name,
-            r.key,
-            if data.is_empty() {
-                "no keys".to_string()
-            } else {
-                data.keys().cloned().collect::<Vec<_>>().join(", ")
-            }
-        ),
-    })?;
-    String::from_utf8(value.0.clone()).map_err(|_| Observation::SecretProblem {
-        reason: "SecretValueInvalid",
-        message: format!("Secret \"{}\" key \"{}\" is not UTF-8 text", r.name, r.key),
-    })
-}
-
-/// Database pools shared by every store that connects the same way (same target, user and
-/// Secrets): a thousand stores in one database use one pool. The connections of all pools
-/// together stay within a budget: the least recently used idle pools are closed to make room,
-/// and when every pool is busy a new one waits (the reconcile retries) rather than exceed it.
-pub struct PoolCache {
-    inner: tokio::sync::Mutex<Pools>,
-    /// Connections all pools may hold together.
-    budget: u32,
-    /// Connections one pool (one database) may hold.
-    per_pool: u32,
-    /// How long a store waits for room in the budget before it says it is waiting.
-    slot_wait: Duration,
-}
-
-/// How long a store waits for a slot in the connection budget within one reconcile.
-pub const SLOT_WAIT: Duration = Duration::from_secs(10);
-
-/// Why the pool cache gave no pool.
-#[derive(Debug)]
-pub enum PoolError {
-    /// Connecting failed (an unreachable database, wrong credentials …).
-    Engine(EngineError),
-    /// Every connection of the budget is held by a busy pool, for longer than the wait.
-    NoSlot { budget: u32, waited: Duration },
-}
-
-#[derive(Default)]
-struct Pools {
-    /// Store key → the fingerprint of the pool it uses.
-    stores: HashMap<String, String>,
-    /// Fingerprint → (pool, its connection limit, last use).
-    pools: HashMap<String, (PgPool, u32, std::time::Instant)>,
-}
-
-impl Default for PoolCache {
-    fn default() -> Self {
-        Self::new(16, 4)
-    }
-}
-
-impl PoolCache {
-    pub fn with_slot_wait(mut self, wait: Duration) -> Self {
-        self.slot_wait = wait;
-        self
-    }
-
-    pub fn new(budget: u32, per_pool: u32) -> Self {
-        Self {
-            inner: Default::default(),
-            budget: budget.max(1),
-            per_pool: per_pool.clamp(1, budget.max(1)),
-            slot_wait: SLOT_WAIT,
-        }
-    }
-
-    /// The pool for `key`'s connection settings, made when missing. When the budget is spent
-    /// by pools that are all busy, it waits for one to become idle (a store queues for a slot:
-    /// a full budget is not an unreachable database), up to [`SLOT_WAIT`].
-    pub async fn get_or_connect(
-        &self,
-        key: &str,
-        settings: &ConnectionSettings,
-        secrets: &[String],
-    ) -> Result<PgPool, PoolError> {
-        let fingerprint = {
-            let mut hasher = Sha256::new();
-            hasher.update(settings.target());
-            hasher.update(settings.user());
-            hasher.update(settings.connect_timeout.as_millis().to_le_bytes());
-            for secret in secrets {
-                hasher.update([0]);
-                hasher.update(secret);
-            }
-            hex::encode(hasher.finalize())
-        };
-        let started = std::time::Instant::now();
-        loop {
-            if let Some(pool) = self.try_get_or_connect(key, &fingerprint, settings).await? {
-                return Ok(pool);
-            }
-            if started.elapsed() >= self.slot_wait {
-                return Err(PoolError::NoSlot {
-                    budget: self.budget,
-                    waited: started.elapsed(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    /// One attempt: the pool, or `None` when there is no room for it yet.
-    async fn try_get_or_connect(
-        &self,
-        key: &str,
-        fingerprint: &str,
-        settings: &ConnectionSettings,
-    ) -> Result<Option<PgPool>, PoolError> {
-        let mut inner = self.inner.lock().await;
-        if let Some((pool, _, used)) = inner.pools.get_mut(fingerprint)
-            && !pool.is_closed()
-        {
-            *used = std::time::Instant::now();
-            let pool = pool.clone();
-            inner.stores.insert(key.to_owned(), fingerprint.to_owned());
-            return Ok(Some(pool));
-        }
-        // The store's previous pool (its Secret changed) goes if nobody else uses it.
-        if let Some(old) = inner.stores.remove(key) {
-            inner.release_if_unused(&old).await;
-        }
-        let mut held: u32 = inner.pools.values().map(|(_, limit, _)| limit).sum();
-        while held + self.per_pool > self.budget {
-            let idle = inner
-                .pools
-                .iter()
-                .filter(|(_, (pool, _, _))| pool.size() as usize == pool.num_idle())
-                .min_by_key(|(_, (_, _, used))| *used)
-                .map(|(fingerprint, _)| fingerprint.clone());
-            let Some(idle) = idle else { break };
-            if let Some((pool, limit, _)) = inner.pools.remove(&idle) {
-                pool.close().await;
-                held -= limit;
-            }
-            inner.stores.retain(|_, f| *f != idle);
-        }
-        let limit = self.per_pool.min(self.budget.saturating_sub(held));
-        if limit == 0 {
-            return Ok(None);
-        }
-        let pool = settings
-            .clone()
-            .with_max_connections(limit)
-            .connect()
-            .await
-            .map_err(PoolError::Engine)?;
-        inner.pools.insert(
-            fingerprint.to_owned(),
-            (pool.clone(), limit, std::time::Instant::now()),
-        );
-        inner.stores.insert(key.to_owned(), fingerprint.to_owned());
-        Ok(Some(pool))
-    }
-
-    /// Drops a store's use of its pool (a connection broke); the pool closes when unused.
-    pub async fn forget(&self, key: &str) {
-        let mut inner = self.inner.lock().await;
-        if let Some(fingerprint) = inner.stores.remove(key) {
-            // A broken pool is rebuilt with a fresh probe by whoever needs it next.
-            if let Some((pool, _, _)) = inner.pools.remove(&fingerprint) {
-                pool.close().await;
-            }
-            inner.stores.retain(|_, f| *f != fingerprint);
-        }
-    }
-}
-
-impl Pools {
-    async fn release_if_unused(&mut self, fingerprint: &str) {
-        if !self.stores.values().any(|f| f == fingerprint)
-            && let Some((pool, _, _)) = self.pools.remove(fingerprint)
-        {
-            pool.close().await;
-        }
-    }
 }

@@ -9,6 +9,7 @@ use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 
+use crate::api::phases;
 use crate::api::{StateExport, StateMigration, StateStore};
 
 /// The names of the Secrets a store reads (its password or URL, its CA, its client
@@ -91,7 +92,8 @@ pub fn store_of_finished_migration(migration: &StateMigration) -> Option<ObjectR
         .status
         .as_ref()
         .and_then(|s| s.phase.as_deref())
-        .is_some_and(|phase| matches!(phase, "Succeeded" | "Failed"));
+        // A dry run (Planned) changed nothing.
+        .is_some_and(|phase| matches!(phase, phases::SUCCEEDED | phases::FAILED));
     finished.then(|| {
         let reference = ObjectRef::new(&migration.spec.store_ref.name);
         match migration.namespace() {

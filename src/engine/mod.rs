@@ -50,3 +50,10 @@ pub use store::Store;
 pub use transfer::{
     Compression, ExportOptions, ExportReport, ImportMode, ImportOptions, ImportReport,
 };
+
+// Used by the controller.
+pub use connection::password_in_url;
+pub use frameworks::meltano::backend::prefix_url;
+pub use frameworks::meltano::{MeltanoDriver, search_path_option};
+pub use plan::{copy_source_label, runner_description};
+pub use store::DEFAULT_LOCK_TIMEOUT;

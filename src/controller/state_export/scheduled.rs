@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -15,26 +16,20 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 
-use super::conditions::{self, Desired, READY, RECONCILING, STALLED};
-use super::schedule::{self, Due, Schedule};
-use super::state_export::{
-    PHASE_FAILED, PHASE_SUCCEEDED, file_url, resolve_destination, write_status,
-};
-use super::{Context, ReconcileError};
-use crate::api::state_export::{StateExport, StateExportStatus};
+use super::status::{failed, write_status};
+use crate::api::phases;
+use crate::api::state_export::{StateExport, StateExportSpec, StateExportStatus};
+use crate::controller::access::{file_url, resolve_destination};
+use crate::controller::conditions::{self, Desired, READY, RECONCILING, STALLED};
+use crate::controller::context::{Context, ReconcileError};
+use crate::controller::schedule::{self, Schedule};
 use crate::engine::Compression;
 
-/// Label on every child: the name of its schedule.
-pub const SCHEDULE_LABEL: &str = "statekeeper.dev/schedule";
-/// Annotation on every child: the occurrence (or run-now request time) it was created for.
-pub const SCHEDULED_AT_ANNOTATION: &str = "statekeeper.dev/scheduled-at";
-/// Setting this annotation on a schedule to a new value (e.g. the current time) runs one extra
-/// export as soon as none is running.
-pub const RUN_NOW_ANNOTATION: &str = "statekeeper.dev/run-now";
-
-pub const PHASE_SCHEDULED: &str = "Scheduled";
-pub const PHASE_ACTIVE: &str = "Active";
-pub const PHASE_SUSPENDED: &str = "Suspended";
+/// The keys this reconciler sets, by the paths they have always had.
+pub use crate::api::labels::{
+    MANAGED_BY, RUN_NOW_ANNOTATION, RUN_NOW_TOKEN_ANNOTATION, SCHEDULE_LABEL,
+    SCHEDULED_AT_ANNOTATION,
+};
 
 /// The name of the child created for the run at `at`.
 pub fn child_name(parent: &str, at: Timestamp) -> String {
@@ -49,9 +44,6 @@ pub fn run_now_child_name(parent: &str, token: &str) -> String {
     let digest = hex::encode(sha2::Sha256::digest(token.as_bytes()));
     format!("{parent}-now-{}", &digest[..10])
 }
-
-/// On a run-now child: the request token it was made for.
-pub const RUN_NOW_TOKEN_ANNOTATION: &str = "statekeeper.dev/run-now-token";
 
 /// The URL of a child's file: inside the schedule's folder, named after the child.
 pub fn child_url(folder: &str, child: &str, compression: Compression) -> String {
@@ -74,7 +66,14 @@ fn sort_by_run(children: &mut [StateExport]) {
 }
 
 fn is_finished(child: &StateExport) -> bool {
-    matches!(phase_of(child), Some(PHASE_SUCCEEDED | PHASE_FAILED))
+    phases::export_is_finished(phase_of(child))
+}
+
+/// A child that was looked at and could not start (its store missing or not ready, a Secret
+/// missing). It must not hold the schedule for ever: when the next run is due it is superseded.
+fn never_started(child: &StateExport) -> bool {
+    phase_of(child) == Some(phases::PENDING)
+        && child.status.as_ref().is_some_and(|s| s.attempts == 0)
 }
 
 fn phase_of(child: &StateExport) -> Option<&str> {
@@ -94,72 +93,22 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
     let namespace = export.namespace().ok_or(ReconcileError::NotNamespaced)?;
-    let name = export.name_any();
     let spec = &export.spec;
     let previous = export.status.clone().unwrap_or_default();
     let reference = export.object_ref(&());
     let now = ctx.now();
-    let cap = ctx.settings.resync_interval;
     let mut status = StateExportStatus {
         observed_generation: export.meta().generation,
         ..previous.clone()
     };
-
-    let schedule = match Schedule::parse(
-        spec.schedule.as_deref().unwrap_or_default(),
-        spec.time_zone.as_deref(),
-    ) {
-        Ok(schedule) => schedule,
-        Err(message) => {
-            status.phase = Some(PHASE_SCHEDULED.into());
-            status.next_schedule_time = None;
-            stalled(
-                &ctx,
-                &export,
-                status,
-                &previous,
-                "InvalidSchedule",
-                &message,
-            )
-            .await?;
-            return Ok(Action::await_change());
-        }
-    };
-    // A destination that can never work is reported now, not at the first run.
-    let compression = Compression::from(spec.compression);
-    let sample = child_url(&spec.destination.url, &child_name(&name, now), compression);
-    if let Err(problem) = resolve_destination(&ctx, &namespace, &spec.destination, &sample).await
-        && problem.permanent
-    {
-        stalled(
-            &ctx,
-            &export,
-            status,
-            &previous,
-            problem.reason,
-            &problem.message,
-        )
-        .await?;
+    let Some(schedule) =
+        schedule_or_stall(&ctx, &export, &namespace, now, &status, &previous).await?
+    else {
         return Ok(Action::await_change());
-    }
+    };
 
     let api: Api<StateExport> = Api::namespaced(ctx.client.clone(), &namespace);
-    let uid = export.uid();
-    let mut children: Vec<StateExport> = api
-        .list(&ListParams::default().labels(&format!("{SCHEDULE_LABEL}={name}")))
-        .await?
-        .items
-        .into_iter()
-        // Only our own children: a namesake schedule recreated later starts afresh.
-        .filter(|child| {
-            child
-                .owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
-        })
-        .collect();
-    sort_by_run(&mut children);
-
+    let mut children = children_of(&api, &export).await?;
     let created: Timestamp = export
         .meta()
         .creation_timestamp
@@ -178,77 +127,29 @@ pub async fn reconcile(
         spec.starting_deadline_seconds.map(Duration::from_secs),
         spec.suspend,
     );
-    // A child that was looked at and could not start (its store missing or not ready, a Secret
-    // missing) must not hold the schedule for ever: when the next run is due it is superseded.
-    // One not reconciled yet, or started, makes the schedule busy.
-    let never_started = |c: &StateExport| {
-        phase_of(c) == Some(super::state_export::PHASE_PENDING)
-            && c.status.as_ref().is_some_and(|s| s.attempts == 0)
-    };
+    // A child not reconciled yet, or started, makes the schedule busy.
     let busy = children
         .iter()
         .any(|c| !is_finished(c) && !never_started(c));
-    // The store's absence is the schedule's problem too: every run would wait for it.
-    let stores: Api<crate::api::StateStore> = Api::namespaced(ctx.client.clone(), &namespace);
-    let store_problem = match stores.get_opt(&spec.store_ref.name).await? {
-        Some(_) => None,
-        None => Some(format!(
-            "StateStore \"{}\" not found in namespace \"{namespace}\": no export can run until it exists",
-            spec.store_ref.name
-        )),
-    };
-    let mut run: Option<(Timestamp, Trigger)> = None;
-    match &due {
-        Due::Wait { next } => status.next_schedule_time = next.map(|t| t.to_string()),
-        Due::Missed { scheduled, next } => {
-            status.last_schedule_time = Some(scheduled.to_string());
-            status.next_schedule_time = next.map(|t| t.to_string());
-            ctx.publish(
-                &schedule::missed_event("export", *scheduled, spec.starting_deadline_seconds),
-                &reference,
-            )
-            .await;
-        }
-        Due::Run { scheduled, next } => {
-            status.next_schedule_time = next.map(|t| t.to_string());
-            // Never two at once: the occurrence stays due until the running export finishes
-            // (a finishing child wakes us), unless it is past its deadline by then.
-            if !busy {
-                run = Some((*scheduled, Trigger::Schedule));
-            }
-        }
+    let store_problem = missing_store(&ctx, &namespace, spec).await?;
+    let (due_now, missed) = schedule::record(
+        &due,
+        "export",
+        spec.starting_deadline_seconds,
+        &mut status.last_schedule_time,
+        &mut status.next_schedule_time,
+    );
+    if let Some(event) = missed {
+        ctx.publish(&event, &reference).await;
     }
-    if run.is_none()
-        && !busy
-        && spec.immediate
-        && !spec.suspend
-        && previous.last_schedule_time.is_none()
-        && children.is_empty()
-    {
-        run = Some((created, Trigger::Immediate));
-    }
-    // A request is done once a child carries its token, whatever a (possibly stale) status says.
-    let requested = export.annotations().get(RUN_NOW_ANNOTATION).cloned();
-    let answered = requested.as_ref().is_some_and(|token| {
-        children
-            .iter()
-            .any(|c| c.annotations().get(RUN_NOW_TOKEN_ANNOTATION) == Some(token))
-    });
-    if answered {
-        status.last_run_now = requested.clone();
-    }
-    let run_now =
-        requested.filter(|token| !answered && previous.last_run_now.as_ref() != Some(token));
-    if let Some(token) = &run_now
-        && run.is_none()
-        && !busy
-    {
-        run = Some((now, Trigger::RunNow));
-        status.last_run_now = Some(token.clone());
-    }
-
+    let run_now = run_now_request(&export, &children, &previous, &mut status);
+    let run = choose_run(
+        spec, &previous, &children, busy, due_now, created, now, &run_now,
+    );
     if let Some((at, trigger)) = run {
-        if trigger != Trigger::RunNow {
+        if let Trigger::RunNow = trigger {
+            status.last_run_now = run_now.clone();
+        } else {
             status.last_schedule_time = Some(at.to_string());
         }
         for stuck in children.iter_mut().filter(|c| never_started(c)) {
@@ -279,12 +180,150 @@ pub async fn reconcile(
     if changed(&status, &previous, &desired, now) {
         write_status(&ctx, &export, status, &previous, desired, &reference).await?;
     }
-    let mut requeue = schedule::requeue_after(&due, now, cap);
+    let mut requeue = schedule::requeue_after(&due, now, ctx.settings.resync_interval);
     if run_now.is_some() && run.is_none() {
         // A run-now request waits for the running export; its finish wakes us, this is a backstop.
         requeue = requeue.min(Duration::from_secs(30));
     }
     Ok(Action::requeue(requeue))
+}
+
+/// The schedule, when the spec can work: an invalid cron expression, or a destination that
+/// can never work, stalls the schedule now rather than at its first run (`None`).
+async fn schedule_or_stall(
+    ctx: &Context,
+    export: &StateExport,
+    namespace: &str,
+    now: Timestamp,
+    status: &StateExportStatus,
+    previous: &StateExportStatus,
+) -> Result<Option<Schedule>, ReconcileError> {
+    let spec = &export.spec;
+    let schedule = match Schedule::parse(
+        spec.schedule.as_deref().unwrap_or_default(),
+        spec.time_zone.as_deref(),
+    ) {
+        Ok(schedule) => schedule,
+        Err(message) => {
+            let status = StateExportStatus {
+                phase: Some(phases::SCHEDULED.into()),
+                next_schedule_time: None,
+                ..status.clone()
+            };
+            stalled(ctx, export, status, previous, "InvalidSchedule", &message).await?;
+            return Ok(None);
+        }
+    };
+    let sample = child_url(
+        &spec.destination.url,
+        &child_name(&export.name_any(), now),
+        Compression::from(spec.compression),
+    );
+    if let Err(problem) = resolve_destination(ctx, namespace, &spec.destination, &sample).await
+        && problem.permanent
+    {
+        stalled(
+            ctx,
+            export,
+            status.clone(),
+            previous,
+            problem.reason,
+            &problem.message,
+        )
+        .await?;
+        return Ok(None);
+    }
+    Ok(Some(schedule))
+}
+
+/// The schedule's children, oldest run first. Only its own: a namesake schedule recreated later
+/// starts afresh.
+async fn children_of(
+    api: &Api<StateExport>,
+    export: &StateExport,
+) -> Result<Vec<StateExport>, ReconcileError> {
+    let uid = export.uid();
+    let mut children: Vec<StateExport> = api
+        .list(&ListParams::default().labels(&format!("{SCHEDULE_LABEL}={}", export.name_any())))
+        .await?
+        .items
+        .into_iter()
+        .filter(|child| {
+            child
+                .owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .collect();
+    sort_by_run(&mut children);
+    Ok(children)
+}
+
+/// The store's absence is the schedule's problem too: every run would wait for it.
+async fn missing_store(
+    ctx: &Context,
+    namespace: &str,
+    spec: &StateExportSpec,
+) -> Result<Option<String>, ReconcileError> {
+    let stores: Api<crate::api::StateStore> = Api::namespaced(ctx.client.clone(), namespace);
+    Ok(match stores.get_opt(&spec.store_ref.name).await? {
+        Some(_) => None,
+        None => Some(format!(
+            "StateStore \"{}\" not found in namespace \"{namespace}\": no export can run until it exists",
+            spec.store_ref.name
+        )),
+    })
+}
+
+/// The token of a run-now request not answered yet. A request is done once a child carries its
+/// token, whatever a (possibly stale) status says; the status then records it.
+fn run_now_request(
+    export: &StateExport,
+    children: &[StateExport],
+    previous: &StateExportStatus,
+    status: &mut StateExportStatus,
+) -> Option<String> {
+    let requested = export.annotations().get(RUN_NOW_ANNOTATION).cloned();
+    let answered = requested.as_ref().is_some_and(|token| {
+        children
+            .iter()
+            .any(|c| c.annotations().get(RUN_NOW_TOKEN_ANNOTATION) == Some(token))
+    });
+    if answered {
+        status.last_run_now = requested.clone();
+    }
+    requested.filter(|token| !answered && previous.last_run_now.as_ref() != Some(token))
+}
+
+/// The run that starts now, if any, and why: the occurrence due, else the first run of an
+/// `immediate` schedule, else a run-now request. Never two at once: a due occurrence stays due
+/// until the running export finishes (a finishing child wakes us), unless it is past its
+/// deadline by then.
+#[allow(clippy::too_many_arguments)]
+fn choose_run(
+    spec: &StateExportSpec,
+    previous: &StateExportStatus,
+    children: &[StateExport],
+    busy: bool,
+    due_now: Option<Timestamp>,
+    created: Timestamp,
+    now: Timestamp,
+    run_now: &Option<String>,
+) -> Option<(Timestamp, Trigger)> {
+    if busy {
+        return None;
+    }
+    if let Some(scheduled) = due_now {
+        return Some((scheduled, Trigger::Schedule));
+    }
+    if spec.immediate
+        && !spec.suspend
+        && previous.last_schedule_time.is_none()
+        && children.is_empty()
+    {
+        return Some((created, Trigger::Immediate));
+    }
+    run_now.as_ref().map(|_| (now, Trigger::RunNow))
 }
 
 async fn create_child(
@@ -311,10 +350,7 @@ async fn create_child(
             namespace: parent.namespace(),
             labels: Some(BTreeMap::from([
                 (SCHEDULE_LABEL.to_owned(), parent_name.clone()),
-                (
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    "statekeeper".to_owned(),
-                ),
+                (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
             ])),
             annotations: Some(
                 [(SCHEDULED_AT_ANNOTATION.to_owned(), at.to_string())]
@@ -365,10 +401,13 @@ async fn prune(
     children: &mut Vec<StateExport>,
     keep_last: u32,
     keep_failed: u32,
-    parent: &k8s_openapi::api::core::v1::ObjectReference,
+    parent: &ObjectReference,
 ) -> Result<Option<String>, ReconcileError> {
     let mut doomed: Vec<String> = Vec::new();
-    for (phase, keep) in [(PHASE_SUCCEEDED, keep_last), (PHASE_FAILED, keep_failed)] {
+    for (phase, keep) in [
+        (phases::SUCCEEDED, keep_last),
+        (phases::FAILED, keep_failed),
+    ] {
         doomed.extend(
             children
                 .iter()
@@ -444,7 +483,7 @@ fn summarize(status: &mut StateExportStatus, children: &[StateExport], suspend: 
     let last_success = children
         .iter()
         .rev()
-        .find(|c| phase_of(c) == Some(PHASE_SUCCEEDED));
+        .find(|c| phase_of(c) == Some(phases::SUCCEEDED));
     if let Some(child) = last_success {
         let result = child.status.clone().unwrap_or_default();
         status.last_successful_export = Some(child.name_any());
@@ -458,11 +497,11 @@ fn summarize(status: &mut StateExportStatus, children: &[StateExport], suspend: 
     }
     status.phase = Some(
         if active.is_some() {
-            PHASE_ACTIVE
+            phases::ACTIVE
         } else if suspend {
-            PHASE_SUSPENDED
+            phases::SUSPENDED
         } else {
-            PHASE_SCHEDULED
+            phases::SCHEDULED
         }
         .into(),
     );
@@ -480,16 +519,16 @@ async fn supersede(
         .unwrap_or_default();
     let message = format!("superseded by the run due at {at}: it never started{why}");
     let status = StateExportStatus {
-        phase: Some(PHASE_FAILED.into()),
+        phase: Some(phases::FAILED.into()),
         finished_at: Some(ctx.now().to_string()),
         ..previous.clone()
     };
-    let written = super::state_export::write_status(
+    let written = write_status(
         ctx,
         child,
         status,
         &previous,
-        super::state_export::failed("Superseded", &message, true),
+        failed("Superseded", &message, true),
         &child.object_ref(&()),
     )
     .await?;
@@ -525,7 +564,7 @@ fn schedule_conditions(
             "StoreNotFound",
             store_problem.clone().unwrap_or_default(),
         ),
-        Some(child) if phase_of(child) == Some(PHASE_FAILED) => {
+        Some(child) if phase_of(child) == Some(phases::FAILED) => {
             let why = child
                 .status
                 .as_ref()

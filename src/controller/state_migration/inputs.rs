@@ -1,0 +1,176 @@
+//! What an operation reads besides its store: the file of an import (from its source or a
+//! finished StateExport), the store a copy comes from.
+
+use kube::api::Api;
+
+use super::requested::Requested;
+use super::run::Run;
+use crate::api::phases;
+use crate::api::state_export::StateExport;
+use crate::api::state_store::StateStore;
+use crate::controller::access::{connect_for_operation, resolve_destination};
+use crate::engine::{Destination, ImportMode, Store, copy_source_label};
+
+/// The file an import reads, resolved from `import.source` or a finished StateExport.
+pub(super) struct ImportInput {
+    pub(super) url: String,
+    pub(super) expected_sha256: Option<String>,
+    pub(super) mode: ImportMode,
+    pub(super) destination: Destination,
+}
+
+/// Everything an operation needs besides the store: resolved once per reconcile.
+pub(super) enum Inputs {
+    None,
+    Import(ImportInput),
+    Copy { source: Store, label: String },
+}
+
+/// Why the inputs cannot be used: for now (pending) or for good.
+pub(super) enum Stop {
+    Pending(String, String),
+    Fail(String, String),
+}
+
+/// The inputs of the requested operation: the file an import reads, the store a copy reads
+/// (connected; its secrets join the ones kept out of the status).
+pub(super) async fn resolve_inputs(
+    run: &mut Run<'_>,
+    requested: &Requested,
+) -> Result<Inputs, Stop> {
+    match requested {
+        Requested::Import => {
+            let Some(import) = &run.migration.spec.import else {
+                return Err(Stop::Fail("InvalidSpec".into(), "no import".into()));
+            };
+            let (url, spec_destination, expected) = match (&import.source, &import.from_export) {
+                (Some(source), _) => (
+                    source.url.clone(),
+                    source.clone(),
+                    import.expected_sha256.clone(),
+                ),
+                (None, Some(export_ref)) => {
+                    let exports: Api<StateExport> =
+                        Api::namespaced(run.ctx.client.clone(), &run.namespace);
+                    let export = exports
+                        .get_opt(&export_ref.name)
+                        .await
+                        .map_err(|e| Stop::Pending("ExportUnreadable".into(), e.to_string()))?
+                        .ok_or_else(|| {
+                            Stop::Pending(
+                                "ExportNotFound".into(),
+                                format!(
+                                    "StateExport \"{}\" not found in namespace \"{}\"",
+                                    export_ref.name, run.namespace
+                                ),
+                            )
+                        })?;
+                    let status = export.status.clone().unwrap_or_default();
+                    match status.phase.as_deref() {
+                        Some(phases::SUCCEEDED) => {}
+                        Some(phases::FAILED) => {
+                            return Err(Stop::Fail(
+                                "ExportFailed".into(),
+                                format!(
+                                    "StateExport \"{}\" failed; there is no file to import",
+                                    export_ref.name
+                                ),
+                            ));
+                        }
+                        _ if export.spec.schedule.is_some() => {
+                            return Err(Stop::Fail(
+                                "InvalidSpec".into(),
+                                format!(
+                                    "StateExport \"{}\" is a schedule: name one of its exports \
+                                     (status.lastSuccessfulExport)",
+                                    export_ref.name
+                                ),
+                            ));
+                        }
+                        _ => {
+                            return Err(Stop::Pending(
+                                "ExportNotFinished".into(),
+                                format!(
+                                    "waiting for StateExport \"{}\" to succeed",
+                                    export_ref.name
+                                ),
+                            ));
+                        }
+                    }
+                    let (Some(url), Some(sha256)) = (status.url.clone(), status.sha256.clone())
+                    else {
+                        return Err(Stop::Fail(
+                            "ExportIncomplete".into(),
+                            format!(
+                                "StateExport \"{}\" records no url or sha256",
+                                export_ref.name
+                            ),
+                        ));
+                    };
+                    if let Some(expected) = &import.expected_sha256
+                        && *expected != sha256
+                    {
+                        return Err(Stop::Fail(
+                            "ChecksumMismatch".into(),
+                            format!(
+                                "expectedSha256 is {expected}, but StateExport \"{}\" recorded {sha256}; nothing was changed",
+                                export_ref.name
+                            ),
+                        ));
+                    }
+                    let destination = crate::api::state_export::Destination {
+                        url: url.clone(),
+                        ..export.spec.destination.clone()
+                    };
+                    (url, destination, Some(sha256))
+                }
+                (None, None) => {
+                    return Err(Stop::Fail(
+                        "InvalidSpec".into(),
+                        "set either import.source or import.fromExport".into(),
+                    ));
+                }
+            };
+            let destination = resolve_destination(run.ctx, &run.namespace, &spec_destination, &url)
+                .await
+                .map_err(|problem| {
+                    if problem.permanent {
+                        Stop::Fail(problem.reason.into(), problem.message)
+                    } else {
+                        Stop::Pending(problem.reason.into(), problem.message)
+                    }
+                })?;
+            Ok(Inputs::Import(ImportInput {
+                url,
+                expected_sha256: expected,
+                mode: import.mode.into(),
+                destination,
+            }))
+        }
+        Requested::Copy { store: name } => {
+            let stores: Api<StateStore> = Api::namespaced(run.ctx.client.clone(), &run.namespace);
+            let source_store = stores
+                .get_opt(name)
+                .await
+                .map_err(|e| Stop::Pending("StoreUnreadable".into(), e.to_string()))?
+                .ok_or_else(|| {
+                    Stop::Pending(
+                        "SourceStoreNotFound".into(),
+                        format!(
+                            "source StateStore \"{name}\" not found in namespace \"{}\"",
+                            run.namespace
+                        ),
+                    )
+                })?;
+            let (source, secrets) = connect_for_operation(&source_store, &run.namespace, run.ctx)
+                .await
+                .map_err(|(reason, message)| Stop::Pending(reason, message))?;
+            run.secrets.extend(secrets);
+            Ok(Inputs::Copy {
+                source,
+                label: copy_source_label(name),
+            })
+        }
+        _ => Ok(Inputs::None),
+    }
+}
