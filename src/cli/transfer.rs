@@ -8,8 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use std::collections::BTreeMap;
 
-use crate::engine::frameworks::meltano::backend::prefix_url;
 use crate::engine::io::Observed;
+use crate::engine::prefix_url;
 use crate::engine::{Destination, Error, ExportFormat};
 
 /// Where an export goes or an import comes from.

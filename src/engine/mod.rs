@@ -23,6 +23,7 @@ mod janitor_report;
 pub mod json;
 mod jsonscan;
 mod lifecycle;
+mod meltano_backend;
 pub mod migrations;
 pub mod plan;
 pub mod reports;
@@ -37,9 +38,9 @@ pub use connection::{ConnectionParts, ConnectionSettings, TlsMaterial, redact};
 pub use destination::Destination;
 pub use error::Error;
 pub use framework::{ExportFormat, Framework, StoreVersion};
-pub use frameworks::meltano::backend::MeltanoLocks;
 pub use identifier::SchemaName;
 pub use janitor::{JanitorOptions, JanitorReport};
+pub use meltano_backend::MeltanoLocks;
 pub use migrations::{Migration, MigrationChain};
 pub use plan::{Operation, Plan};
 pub use reports::{
@@ -53,7 +54,7 @@ pub use transfer::{
 
 // Used by the controller.
 pub use connection::password_in_url;
-pub use frameworks::meltano::backend::prefix_url;
 pub use frameworks::meltano::{MeltanoDriver, search_path_option};
+pub use meltano_backend::prefix_url;
 pub use plan::{copy_source_label, runner_description};
 pub use store::DEFAULT_LOCK_TIMEOUT;

@@ -497,10 +497,10 @@ fn absolute(
             if files.contains_key(&candidate) {
                 return Some(candidate.into_iter().chain(rest.iter().cloned()).collect());
             }
-            if child != "statekeeper" {
-                return None;
-            }
-            base.clear();
+            // Another crate, or a name this module imports (its `use` line is the reference).
+            // The library never names itself by its crate name: a module of its own called
+            // `statekeeper` (frameworks::statekeeper) is such an imported name.
+            return None;
         }
     }
     Some(base.into_iter().chain(rest.iter().cloned()).collect())

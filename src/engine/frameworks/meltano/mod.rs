@@ -4,7 +4,6 @@
 //! (`meltano upgrade database`) and does not take statekeeper's advisory lock: statekeeper reads
 //! them from one snapshot, writes them under table locks, and never creates or alters them.
 
-pub mod backend;
 pub mod export;
 pub mod import;
 pub(crate) mod janitor;

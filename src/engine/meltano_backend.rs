@@ -2,7 +2,8 @@
 //! and a source: one `<prefix>/<state_id>/state.json` (`{"completed": …, "partial": …}`) per
 //! state ID, and a `<prefix>/<state_id>/lock` file (a UTC epoch timestamp) while a Meltano
 //! process writes it. A lock younger than `lock_timeout_seconds` is held; an older one is
-//! abandoned, and Meltano itself breaks it.
+//! abandoned, and Meltano itself breaks it. An operation beside export and import, built on the
+//! import facade (each state file is imported as a Meltano export).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -79,7 +80,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         let version = self.require_initialized(&mut tx).await?;
-        let filter = super::export::selection(self, &mut tx, options).await?;
+        let filter =
+            crate::engine::frameworks::meltano::export::selection(self, &mut tx, options).await?;
         let s = self.schema().quoted();
         // Every state ID must be a file name Meltano would use, before anything is written.
         let mut ids = sqlx::query_scalar::<_, String>(AssertSqlSafe(format!(
