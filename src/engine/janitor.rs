@@ -89,6 +89,7 @@ impl Store {
         }
     }
 
+    /// The janitor's phases in order, each in batches of at most `batch_size` rows.
     async fn janitor_phases(
         &self,
         conn: &mut PgConnection,
@@ -96,13 +97,34 @@ impl Store {
         report: &mut JanitorReport,
         on_released: &mut (dyn FnMut(String) + Send),
     ) -> Result<(), Error> {
-        let s = self.schema().quoted();
         let batch = i64::from(options.batch_size.max(1));
-        let unsuffixed = options.unsuffixed_environment.as_str();
-
         if options.expired_environments {
-            let sql = format!(
-                "WITH victims AS (
+            self.remove_expired_environments(conn, options, batch, report)
+                .await?;
+        }
+        if let Some(keep) = options.keep_checkpoints {
+            self.prune_checkpoints(conn, options, keep, batch, report)
+                .await?;
+        }
+        self.remove_unreferenced_model_versions(conn, options, batch, report, on_released)
+            .await?;
+        self.remove_unreferenced_function_versions(conn, options, batch, report)
+            .await
+    }
+
+    /// Expired environments go with their checkpoints; the unsuffixed environment never
+    /// expires.
+    async fn remove_expired_environments(
+        &self,
+        conn: &mut PgConnection,
+        options: &JanitorOptions,
+        batch: i64,
+        report: &mut JanitorReport,
+    ) -> Result<(), Error> {
+        let s = self.schema().quoted();
+        let unsuffixed = options.unsuffixed_environment.as_str();
+        let sql = format!(
+            "WITH victims AS (
                    SELECT name FROM {s}.virtual_environments
                    WHERE expires_at < now() AND name <> $1
                    ORDER BY name LIMIT $2 FOR UPDATE SKIP LOCKED),
@@ -114,37 +136,49 @@ impl Store {
                    WHERE e.name = v.name RETURNING 1)
                  SELECT (SELECT count(*) FROM environments) AS environments,
                         (SELECT count(*) FROM checkpoints) AS checkpoints"
-            );
-            loop {
-                let row = self
-                    .run_batch(conn, report, |tx| {
-                        Box::pin(
-                            sqlx::query(AssertSqlSafe(sql.clone()))
-                                .bind(unsuffixed)
-                                .bind(batch)
-                                .fetch_one(tx),
-                        )
-                    })
-                    .await?;
-                let environments: i64 = row.try_get("environments")?;
-                report.expired_environments += environments as u64;
-                report.checkpoints += row.try_get::<i64, _>("checkpoints")? as u64;
-                if environments < batch {
-                    break;
-                }
+        );
+        loop {
+            let row = self
+                .run_batch(conn, report, |tx| {
+                    Box::pin(
+                        sqlx::query(AssertSqlSafe(sql.clone()))
+                            .bind(unsuffixed)
+                            .bind(batch)
+                            .fetch_one(tx),
+                    )
+                })
+                .await?;
+            let environments: i64 = row.try_get("environments")?;
+            report.expired_environments += environments as u64;
+            report.checkpoints += row.try_get::<i64, _>("checkpoints")? as u64;
+            if environments < batch {
+                break;
             }
         }
+        Ok(())
+    }
 
-        if let Some(keep) = options.keep_checkpoints {
-            let keep = i64::from(keep);
-            let min_age = options.checkpoint_min_age.as_secs_f64();
-            let crowded = format!(
-                "SELECT environment FROM {s}.virtual_environment_checkpoints
+    /// Keeps each environment's newest `keep` checkpoints and any younger than
+    /// `checkpoint_min_age`, going through the crowded environments a page at a time.
+    async fn prune_checkpoints(
+        &self,
+        conn: &mut PgConnection,
+        options: &JanitorOptions,
+        keep: u32,
+        batch: i64,
+        report: &mut JanitorReport,
+    ) -> Result<(), Error> {
+        let s = self.schema().quoted();
+        let unsuffixed = options.unsuffixed_environment.as_str();
+        let keep = i64::from(keep);
+        let min_age = options.checkpoint_min_age.as_secs_f64();
+        let crowded = format!(
+            "SELECT environment FROM {s}.virtual_environment_checkpoints
                  WHERE environment <> $1 AND environment > $2
                  GROUP BY environment HAVING count(*) > $3 ORDER BY environment LIMIT 100"
-            );
-            let prune = format!(
-                "WITH keep AS (
+        );
+        let prune = format!(
+            "WITH keep AS (
                    SELECT id FROM {s}.virtual_environment_checkpoints WHERE environment = $1
                    ORDER BY created_at DESC, id DESC LIMIT $2),
                  victims AS (
@@ -154,43 +188,55 @@ impl Store {
                    ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
                  DELETE FROM {s}.virtual_environment_checkpoints c USING victims v
                  WHERE c.id = v.id RETURNING 1"
-            );
-            let mut after = String::new();
-            loop {
-                let environments: Vec<String> = sqlx::query_scalar(AssertSqlSafe(crowded.clone()))
-                    .bind(unsuffixed)
-                    .bind(&after)
-                    .bind(keep)
-                    .fetch_all(&mut *conn)
-                    .await?;
-                let Some(last) = environments.last().cloned() else {
-                    break;
-                };
-                for environment in &environments {
-                    loop {
-                        let removed = self
-                            .run_batch(conn, report, |tx| {
-                                Box::pin(
-                                    sqlx::query(AssertSqlSafe(prune.clone()))
-                                        .bind(environment)
-                                        .bind(keep)
-                                        .bind(min_age)
-                                        .bind(batch)
-                                        .execute(tx),
-                                )
-                            })
-                            .await?
-                            .rows_affected() as i64;
-                        report.checkpoints += removed as u64;
-                        if removed < batch {
-                            break;
-                        }
+        );
+        let mut after = String::new();
+        loop {
+            let environments: Vec<String> = sqlx::query_scalar(AssertSqlSafe(crowded.clone()))
+                .bind(unsuffixed)
+                .bind(&after)
+                .bind(keep)
+                .fetch_all(&mut *conn)
+                .await?;
+            let Some(last) = environments.last().cloned() else {
+                break;
+            };
+            for environment in &environments {
+                loop {
+                    let removed = self
+                        .run_batch(conn, report, |tx| {
+                            Box::pin(
+                                sqlx::query(AssertSqlSafe(prune.clone()))
+                                    .bind(environment)
+                                    .bind(keep)
+                                    .bind(min_age)
+                                    .bind(batch)
+                                    .execute(tx),
+                            )
+                        })
+                        .await?
+                        .rows_affected() as i64;
+                    report.checkpoints += removed as u64;
+                    if removed < batch {
+                        break;
                     }
                 }
-                after = last;
             }
+            after = last;
         }
+        Ok(())
+    }
 
+    /// Model versions no environment or checkpoint references, older than `version_grace`, with
+    /// their intervals and physical relations (each released relation goes to `on_released`).
+    async fn remove_unreferenced_model_versions(
+        &self,
+        conn: &mut PgConnection,
+        options: &JanitorOptions,
+        batch: i64,
+        report: &mut JanitorReport,
+        on_released: &mut (dyn FnMut(String) + Send),
+    ) -> Result<(), Error> {
+        let s = self.schema().quoted();
         let grace = options.version_grace.as_secs_f64();
         let versions = format!(
             "WITH victims AS (
@@ -236,7 +282,19 @@ impl Store {
                 _ => break,
             }
         }
+        Ok(())
+    }
 
+    /// Function versions no environment or checkpoint references, older than `version_grace`.
+    async fn remove_unreferenced_function_versions(
+        &self,
+        conn: &mut PgConnection,
+        options: &JanitorOptions,
+        batch: i64,
+        report: &mut JanitorReport,
+    ) -> Result<(), Error> {
+        let s = self.schema().quoted();
+        let grace = options.version_grace.as_secs_f64();
         let functions = format!(
             "WITH victims AS (
                SELECT fv.id FROM {s}.function_versions fv

@@ -610,12 +610,10 @@ pub fn function_lengths(text: &str) -> Vec<(String, usize, usize)> {
         if name.is_empty() {
             continue;
         }
-        // The body opens at the first `{` before any `;` (a declaration without a body has `;`).
+        // The body opens at the first `{` outside brackets, before any `;` there (a declaration
+        // without a body ends with `;`; `[u64; 4]` in a signature does not).
         let rest = &code[at..];
-        let Some(open) = rest
-            .find(['{', ';'])
-            .filter(|&i| rest.as_bytes()[i] == b'{')
-        else {
+        let Some(open) = body_start(rest) else {
             continue;
         };
         let Some(close) = matching_brace(rest, open) else {
@@ -626,6 +624,21 @@ pub fn function_lengths(text: &str) -> Vec<(String, usize, usize)> {
         out.push((name, line, lines));
     }
     out
+}
+
+/// Where a function's body opens, or None for a declaration without one.
+fn body_start(signature: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, c) in signature.char_indices() {
+        match c {
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth = depth.saturating_sub(1),
+            '{' if depth == 0 => return Some(i),
+            ';' if depth == 0 => return None,
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Like [`code_only`], keeping test modules (their functions count too).

@@ -151,6 +151,9 @@ const REFERENCE_COLUMNS: [&str; 3] = ["environment", "model_name", "model_versio
 /// Where a row of the environments query goes in its environment's object.
 const ENVIRONMENT_PARTS: [&str; 4] = ["environment", "refs", "function_refs", "checkpoints"];
 
+/// Rows written per part of the environments' objects, in [`ENVIRONMENT_PARTS`] order.
+type PartCounts = [u64; ENVIRONMENT_PARTS.len()];
+
 /// `"environments":{name:{environment, refs, function_refs, checkpoints}, …}`.
 ///
 /// The model references are the bulk of the section. PostgreSQL reads them in their primary
@@ -181,40 +184,12 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
         only("f.environment"),
         only("c.environment"),
     );
-    let columns = catalog::columns(tx, store.schema().as_str(), "virtual_environment_refs").await?;
-    // A table with other columns than this statekeeper knows is written by PostgreSQL.
-    let refs_doc = if columns
-        .iter()
-        .map(|(name, _)| name.as_str())
-        .eq(REFERENCE_COLUMNS)
-    {
-        "NULL::text"
-    } else {
-        "row_to_json(r)::text"
-    };
+    let refs_doc = reference_doc(store, tx).await?;
 
     let mut spare = store.spare_connection().await;
-    let mut side = match spare.as_mut() {
-        Some(conn) => {
-            let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
-                .fetch_one(&mut *tx)
-                .await?;
-            match begin_beside(conn, &snapshot, filter).await {
-                Ok(side) => Some(side),
-                Err(e) => {
-                    tracing::debug!(
-                        schema = %store.schema(),
-                        error = %e,
-                        "reading the references on the export's own connection"
-                    );
-                    None
-                }
-            }
-        }
-        None => None,
-    };
+    let mut side = begin_side_reader(store, tx, spare.as_deref_mut(), filter).await?;
     // Read under the main transaction's locks, which it holds until after this returns.
-    let mut model_refs = match side.as_mut() {
+    let model_refs = match side.as_mut() {
         Some(side) => Some(
             CopyLines::open(
                 side,
@@ -235,7 +210,7 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
     } else {
         String::new()
     };
-    let mut rows = CopyLines::open(
+    let rows = CopyLines::open(
         tx,
         &format!(
             "COPY (SELECT environment, part, name, id, doc FROM (
@@ -255,6 +230,65 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
     )
     .await?;
 
+    let counts = write_environment_objects(out, rows, model_refs).await?;
+    if let Some(side) = side {
+        side.commit().await?;
+    }
+    record_environment_rows(tx, s, &checkpoints, counts, report).await
+}
+
+/// How `row_to_json` would spell a model reference, or NULL where the export builds the object
+/// itself (`push_reference`): a table with other columns than this statekeeper knows is written
+/// by PostgreSQL.
+async fn reference_doc(store: &Store, tx: &mut PgConnection) -> Result<&'static str, Error> {
+    let columns = catalog::columns(tx, store.schema().as_str(), "virtual_environment_refs").await?;
+    let known = columns
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .eq(REFERENCE_COLUMNS);
+    Ok(if known {
+        "NULL::text"
+    } else {
+        "row_to_json(r)::text"
+    })
+}
+
+/// A transaction on the spare connection at the export's snapshot, to read the model references
+/// beside the main one; none without a spare connection, or when it cannot read the snapshot
+/// (the references are then sorted in on the export's own connection).
+async fn begin_side_reader<'c>(
+    store: &Store,
+    tx: &mut PgConnection,
+    spare: Option<&'c mut PgConnection>,
+    filter: Option<&str>,
+) -> Result<Option<sqlx::Transaction<'c, sqlx::Postgres>>, Error> {
+    let Some(conn) = spare else {
+        return Ok(None);
+    };
+    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .fetch_one(&mut *tx)
+        .await?;
+    match begin_beside(conn, &snapshot, filter).await {
+        Ok(side) => Ok(Some(side)),
+        Err(e) => {
+            tracing::debug!(
+                schema = %store.schema(),
+                error = %e,
+                "reading the references on the export's own connection"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Writes `"environments":{…}` from the environments query's `rows` (sorted by environment and
+/// part), each environment's references from `model_refs` right after its row where a side
+/// connection sends them. Returns the rows written per part.
+async fn write_environment_objects<W: AsyncWrite + Unpin + Send>(
+    out: &mut Output<W>,
+    mut rows: CopyLines<'_>,
+    mut model_refs: Option<CopyLines<'_>>,
+) -> Result<PartCounts, Error> {
     out.write(b",\"environments\":{").await?;
     let mut counts = [0u64; 4];
     // The part the last row went to in the open environment; None before the first.
@@ -283,23 +317,9 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
             open = Some(1);
             first_in_part = true;
             if let Some(model_refs) = model_refs.as_mut() {
-                while let Some(reference) = model_refs.line() {
-                    let [ref_environment, name, id, doc] = fields(reference)?;
-                    if ref_environment != environment {
-                        break;
-                    }
-                    if !first_in_part {
-                        json.push(b',');
-                    }
-                    first_in_part = false;
-                    push_reference(ref_environment, name, id, doc, &mut json)?;
-                    counts[1] += 1;
-                    model_refs.advance().await?;
-                    if json.len() >= FLUSH_BYTES {
-                        out.write(&json).await?;
-                        json.clear();
-                    }
-                }
+                let written = write_side_refs(environment, model_refs, &mut json, out).await?;
+                counts[1] += written;
+                first_in_part = written == 0;
             }
         } else {
             let Some(mut at) = open else {
@@ -339,10 +359,46 @@ async fn write_environments<W: AsyncWrite + Unpin + Send>(
     if left_over {
         return Err(corrupt_row());
     }
-    if let Some(side) = side {
-        side.commit().await?;
-    }
+    Ok(counts)
+}
 
+/// Writes the model references of `environment` (whose `"refs":[` is open) from the side
+/// connection, which sends them in the environments' order; returns how many.
+async fn write_side_refs<W: AsyncWrite + Unpin + Send>(
+    environment: &[u8],
+    model_refs: &mut CopyLines<'_>,
+    json: &mut Vec<u8>,
+    out: &mut Output<W>,
+) -> Result<u64, Error> {
+    let mut written = 0;
+    while let Some(reference) = model_refs.line() {
+        let [ref_environment, name, id, doc] = fields(reference)?;
+        if ref_environment != environment {
+            break;
+        }
+        if written > 0 {
+            json.push(b',');
+        }
+        push_reference(ref_environment, name, id, doc, json)?;
+        written += 1;
+        model_refs.advance().await?;
+        if json.len() >= FLUSH_BYTES {
+            out.write(json).await?;
+            json.clear();
+        }
+    }
+    Ok(written)
+}
+
+/// The report's counts of the environments section: the written rows per part, and the
+/// checkpoints' references (written inside their checkpoints) counted by PostgreSQL.
+async fn record_environment_rows(
+    tx: &mut PgConnection,
+    s: &str,
+    checkpoints: &str,
+    counts: PartCounts,
+    report: &mut ExportReport,
+) -> Result<(), Error> {
     let (checkpoint_refs, checkpoint_function_refs): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT (SELECT count(*) FROM {s}.virtual_environment_checkpoint_refs r JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id {checkpoints}),
                 (SELECT count(*) FROM {s}.virtual_environment_checkpoint_function_refs r JOIN {s}.virtual_environment_checkpoints c ON c.id = r.checkpoint_id {checkpoints})"
