@@ -26,7 +26,7 @@ use super::frameworks;
 use super::io::Observed;
 use super::jsonscan::{Cursor, ScanError};
 use super::store::Store;
-use super::transfer::{Compression, ImportOptions, ImportReport};
+use super::transfer::{Compression, ExportOptions, ImportOptions, ImportReport};
 
 // ---------------------------------------------------------------------------------------------
 // Reading: raw bytes are counted and hashed as they are read, before decompression.
@@ -217,6 +217,34 @@ impl Store {
             }
         }
     }
+
+    /// Makes this store equal to `source`, a store of the same framework and schema version: an
+    /// exact export of the source (one snapshot) streamed straight into an exact import here (one
+    /// transaction, with a backup of what it replaces). No file, memory bounded by the pipe.
+    pub async fn copy_from(&self, source: &Store) -> Result<ImportReport, Error> {
+        self.refuse_copy_across_frameworks(source)?;
+        let (writer, reader) = tokio::io::duplex(1 << 20);
+        let options = ExportOptions {
+            environments: None,
+            compression: Compression::None,
+            format: ExportFormat::Exact,
+        };
+        let export = async move {
+            source
+                .export(writer, &options)
+                .await
+                .map(|(report, _)| report)
+        };
+        let replace = ImportOptions::replace();
+        let import = self.import(reader, &replace);
+        let (exported, imported) = tokio::join!(export, import);
+        match (exported, imported) {
+            // The import stopped reading first (it refused the data): its reason is the news.
+            (Err(Error::ExportWrite(_)), Err(e)) => Err(e),
+            (Err(e), _) => Err(e),
+            (Ok(_), imported) => imported,
+        }
+    }
 }
 
 /// What a file holds, read to its end without a database.
@@ -306,34 +334,4 @@ fn read_header(metadata: &[u8], versions: &[u8]) -> Result<Header, ScanError> {
         metadata,
         versions,
     })
-}
-
-impl Store {
-    /// Makes this store equal to `source`, a store of the same framework and schema version: an
-    /// exact export of the source (one snapshot) streamed straight into an exact import here (one
-    /// transaction, with a backup of what it replaces). No file, memory bounded by the pipe.
-    pub async fn copy_from(&self, source: &Store) -> Result<ImportReport, Error> {
-        self.refuse_copy_across_frameworks(source)?;
-        let (writer, reader) = tokio::io::duplex(1 << 20);
-        let options = crate::engine::transfer::ExportOptions {
-            environments: None,
-            compression: crate::engine::transfer::Compression::None,
-            format: ExportFormat::Exact,
-        };
-        let export = async move {
-            source
-                .export(writer, &options)
-                .await
-                .map(|(report, _)| report)
-        };
-        let replace = crate::engine::transfer::ImportOptions::replace();
-        let import = self.import(reader, &replace);
-        let (exported, imported) = tokio::join!(export, import);
-        match (exported, imported) {
-            // The import stopped reading first (it refused the data): its reason is the news.
-            (Err(Error::ExportWrite(_)), Err(e)) => Err(e),
-            (Err(e), _) => Err(e),
-            (Ok(_), imported) => imported,
-        }
-    }
 }
