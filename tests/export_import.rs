@@ -369,8 +369,11 @@ async fn bad_files_are_refused_and_change_nothing() {
     let doc: serde_json::Value = serde_json::from_slice(&plain).unwrap();
 
     // Exports put "metadata" and "versions" first, so that imports can refuse a file early.
+    // Edited files lose their manifest (as files written before manifests have none), so that
+    // the checks behind it are reached.
     let edited = |edit: &dyn Fn(&mut serde_json::Value)| {
         let mut d = doc.clone();
+        d.as_object_mut().unwrap().remove("manifest");
         edit(&mut d);
         let map = d.as_object().unwrap();
         let mut parts = Vec::new();
@@ -391,9 +394,53 @@ async fn bad_files_are_refused_and_change_nothing() {
         *byte ^= 0x5a;
     }
     let text = String::from_utf8(plain.clone()).unwrap();
-    let duplicate_environment = text.replacen("\"environments\":{", "\"environments\":{\"prod\":{\"environment\":{\"name\":\"prod\"},\"refs\":[],\"function_refs\":[],\"checkpoints\":[]},", 1);
+    let manifest_at = text
+        .rfind(",\"manifest\":")
+        .expect("an export ends with its manifest");
+    let without_manifest = format!("{}}}\n", &text[..manifest_at]);
+    // One character of one value changed, the manifest left as it was.
+    let fingerprint_at = text.find("\"fingerprint\":\"").unwrap() + "\"fingerprint\":\"".len();
+    let mut tampered = text.clone().into_bytes();
+    tampered[fingerprint_at] = if tampered[fingerprint_at] == b'0' {
+        b'1'
+    } else {
+        b'0'
+    };
+    let mut unlisted = doc.clone();
+    unlisted["manifest"]["sha256"]
+        .as_object_mut()
+        .unwrap()
+        .remove("locks");
+    let unlisted = format!(
+        "{}{}}}\n",
+        &text[..manifest_at + ",\"manifest\":".len()],
+        unlisted["manifest"]
+    );
+    let duplicate_environment = without_manifest.replacen("\"environments\":{", "\"environments\":{\"prod\":{\"environment\":{\"name\":\"prod\"},\"refs\":[],\"function_refs\":[],\"checkpoints\":[]},", 1);
 
     let cases: Vec<(&str, Vec<u8>, Option<String>, &str)> = vec![
+        (
+            "one value changed",
+            tampered,
+            None,
+            "table \"model_versions\" is not what was exported",
+        ),
+        (
+            "a table left out of the manifest",
+            unlisted.into_bytes(),
+            None,
+            "table \"locks\" is in the file but not in the export's manifest",
+        ),
+        (
+            "a key after the manifest",
+            format!(
+                "{},\"extra\":[]}}\n",
+                text.trim_end().strip_suffix('}').unwrap()
+            )
+            .into_bytes(),
+            None,
+            "\"extra\" follows the manifest",
+        ),
         (
             "truncated",
             plain[..plain.len() / 2].to_vec(),
@@ -884,6 +931,10 @@ async fn logical_export_writes_rows_as_row_to_json_does_in_utc_from_every_time_z
         let object = document.as_object_mut().unwrap();
         object.remove("metadata");
         object.remove("versions");
+        assert!(
+            object.remove("manifest").is_some(),
+            "the export has no manifest"
+        );
         let expected = logical_document_by_postgres(&mut compare).await;
         for (section, rows) in expected.as_object().unwrap() {
             assert!(

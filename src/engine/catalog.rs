@@ -36,6 +36,20 @@ pub async fn existing_tables(
     .await?)
 }
 
+/// The schemas whose names start with `prefix`, sorted.
+pub async fn schemas_with_prefix(
+    conn: &mut PgConnection,
+    prefix: &str,
+) -> Result<Vec<String>, Error> {
+    // left() rather than LIKE: '_' in schema names is a LIKE wildcard.
+    Ok(sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE left(nspname, length($1)) = $1 ORDER BY 1",
+    )
+    .bind(prefix)
+    .fetch_all(conn)
+    .await?)
+}
+
 pub async fn schema_exists(conn: &mut PgConnection, schema: &str) -> Result<bool, Error> {
     Ok(
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")

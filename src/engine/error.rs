@@ -195,6 +195,10 @@ pub enum Error {
     #[error("the export file is not importable: {0}; nothing was changed")]
     InvalidExport(String),
 
+    /// `state verify` found the file unrestorable or not what was exported.
+    #[error("the export failed verification: {0}")]
+    VerificationFailed(String),
+
     /// The server went away or ended the session mid-operation (a restart, a failover, a
     /// network cut). The transaction either committed whole or changed nothing.
     #[error("lost the connection to PostgreSQL: {0}")]
@@ -260,6 +264,7 @@ impl Error {
             Error::MeltanoStateLocked { .. } => "StateIdLocked",
             Error::ExportWrite(_) => "ExportWriteFailed",
             Error::InvalidExport(_) => "InvalidExport",
+            Error::VerificationFailed(_) => "VerificationFailed",
             Error::ConnectionLost(_) => "DatabaseUnreachable",
             Error::Database(sqlx::Error::PoolTimedOut) => "ConnectTimeout",
             Error::Database(_) => "DatabaseError",

@@ -105,9 +105,17 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
         let text = |e: serde_json::Error| Error::ExportWrite(e.to_string());
         out.write(
             format!(
-                "{}{}:{{\"columns\":{},\"rows\":[",
+                "{}{}:",
                 if i == 0 { "" } else { "," },
                 serde_json::to_string(table).map_err(text)?,
+            )
+            .as_bytes(),
+        )
+        .await?;
+        out.begin_digest(table);
+        out.write(
+            format!(
+                "{{\"columns\":{},\"rows\":[",
                 serde_json::to_string(&columns).map_err(text)?
             )
             .as_bytes(),
@@ -122,10 +130,12 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
         )
         .await?;
         out.write(b"]}").await?;
+        out.end_digest();
         report.rows.insert(table.clone(), rows);
     }
     report.environments = environments_in(store, &report.rows);
-    out.write(b"}}\n").await
+    out.write(b"}").await?;
+    out.end_with_manifest(&report.rows).await
 }
 
 /// How many environments (Meltano: state IDs) a store's table rows hold.
@@ -156,8 +166,14 @@ impl SectionReader for Sections {
             if !names.insert(name.clone()) {
                 return Err(ScanError(format!("table \"{name}\" appears twice")));
             }
-            read_table(cursor, &name, emitter)
+            let ((), digest) = cursor.digest(|cursor| read_table(cursor, &name, emitter))?;
+            emitter.digests.insert(name, digest);
+            Ok(())
         })
+    }
+
+    fn digests_its_tables(&self) -> bool {
+        true
     }
 
     fn finish(&mut self, _emitter: &mut Emitter) -> Result<(), ScanError> {

@@ -8,6 +8,8 @@ use super::Error;
 pub const MAX_IDENTIFIER_BYTES: usize = 63;
 /// Separator between a store schema and the id of one of its backups.
 pub const BACKUP_INFIX: &str = "__backup_";
+/// Separator between a store schema and the id of a scratch schema `state verify` restores into.
+pub const SCRATCH_INFIX: &str = "__verify_";
 /// Backup ids are UTC timestamps with milliseconds: `YYYYMMDDHHMMSSmmm`.
 pub const BACKUP_ID_LEN: usize = 17;
 /// The longest store schema whose backup schema names still fit in 63 bytes.
@@ -55,6 +57,11 @@ impl SchemaName {
                 "'{BACKUP_INFIX}' is reserved for backup schemas"
             )));
         }
+        if name.contains(SCRATCH_INFIX) {
+            return Err(invalid(format!(
+                "'{SCRATCH_INFIX}' is reserved for the scratch schemas of `state verify`"
+            )));
+        }
         Ok(Self(name.to_owned()))
     }
 
@@ -70,6 +77,12 @@ impl SchemaName {
     /// The name of the backup schema with the given id.
     pub fn backup_schema(&self, backup_id: &str) -> String {
         format!("{}{BACKUP_INFIX}{backup_id}", self.0)
+    }
+
+    /// The scratch schema `state verify` restores into, beside the store: as long as a backup
+    /// schema's name (the infixes have the same length).
+    pub fn scratch_schema(&self, id: &str) -> Self {
+        Self(format!("{}{SCRATCH_INFIX}{id}", self.0))
     }
 
     /// The prefix every backup schema of this store starts with.

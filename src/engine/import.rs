@@ -25,6 +25,7 @@ use super::framework::{ExportFormat, Framework};
 use super::frameworks;
 use super::io::Observed;
 use super::jsonscan::{Cursor, ScanError};
+use super::manifest::{MANIFEST_KEY, Manifest};
 use super::store::Store;
 use super::transfer::{Compression, ExportOptions, ImportOptions, ImportReport};
 
@@ -71,9 +72,26 @@ fn read_document(
     let mut position = 0;
     let mut metadata = Vec::new();
     let mut reader: Option<Box<dyn SectionReader>> = None;
+    // Documents with a header (all but Meltano's) may end with a manifest.
+    let mut has_header = false;
+    let mut manifest: Option<Manifest> = None;
     cursor.object(|cursor, key| {
         position += 1;
         match (position, reader.as_mut()) {
+            (_, Some(_)) if manifest.is_some() => Err(ScanError(format!(
+                "\"{key}\" follows the manifest, which ends an export"
+            ))),
+            (_, Some(_)) if has_header && key == MANIFEST_KEY => {
+                manifest = Some(serde_json::from_slice(&cursor.raw()?).map_err(|e| {
+                    ScanError(format!("the export's manifest cannot be read: {e}"))
+                })?);
+                Ok(())
+            }
+            (_, Some(reader)) if has_header && !reader.digests_its_tables() => {
+                let ((), digest) = cursor.digest(|cursor| reader.section(cursor, &key, emitter))?;
+                emitter.digests.insert(key, digest);
+                Ok(())
+            }
             // A Meltano document's reader is set at its first key: every later key is a state.
             (_, Some(reader)) => reader.section(cursor, &key, emitter),
             (1, _) if key == "metadata" => {
@@ -93,6 +111,7 @@ fn read_document(
             (2, _) if key == "versions" => {
                 let header = read_header(&metadata, &cursor.raw()?)?;
                 let format = header.format;
+                has_header = true;
                 emitter.send(Message::Header(header)).map_err(ScanError)?;
                 reader = Some(match format {
                     ExportFormat::Exact => Box::new(exact::Sections::default()),
@@ -113,6 +132,10 @@ fn read_document(
             (_, None) => Err(ScanError("the header is incomplete".into())),
         }
     })?;
+    if let Some(manifest) = manifest {
+        manifest.check(&emitter.digests).map_err(ScanError)?;
+        emitter.manifest = Some(manifest);
+    }
     match reader {
         Some(mut reader) => reader.finish(emitter),
         // `{}`: a Meltano document without state.
@@ -258,6 +281,10 @@ pub struct ScanReport {
     pub rows: BTreeMap<String, u64>,
     pub bytes: u64,
     pub sha256: String,
+    /// The manifest the file carries, which every table matched (none in older files and in
+    /// Meltano's format).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<Manifest>,
 }
 
 /// Reads a whole file as an import would, without a database: its format, rows and checksum, or
@@ -280,7 +307,8 @@ pub async fn scan<R: AsyncRead + Unpin + Send + 'static>(reader: R) -> Result<Sc
             Message::End {
                 counts,
                 environments,
-            } => end = Some((counts, environments)),
+                manifest,
+            } => end = Some((counts, environments, manifest)),
             Message::Rows(_) | Message::Table { .. } => {}
         }
     }
@@ -288,7 +316,7 @@ pub async fn scan<R: AsyncRead + Unpin + Send + 'static>(reader: R) -> Result<Sc
         .await
         .map_err(|e| Error::InvalidExport(format!("the reader stopped: {e}")))?
         .map_err(|e| Error::InvalidExport(format!("the file is truncated or corrupt: {e}")))?;
-    let (Some(format), Some((rows, environments))) = (format, end) else {
+    let (Some(format), Some((rows, environments, manifest))) = (format, end) else {
         return Err(Error::InvalidExport(STREAM_ENDED.into()));
     };
     let (bytes, sha256) = std::mem::take(
@@ -304,6 +332,7 @@ pub async fn scan<R: AsyncRead + Unpin + Send + 'static>(reader: R) -> Result<Sc
         rows,
         bytes,
         sha256,
+        manifest,
     })
 }
 

@@ -6,6 +6,8 @@
 
 use std::io::Read;
 
+use sha2::{Digest, Sha256};
+
 /// Where a malformed document went wrong.
 #[derive(Debug)]
 pub struct ScanError(pub String);
@@ -26,6 +28,9 @@ pub struct Cursor<R> {
     eof: bool,
     /// Bytes dropped from the front of `buf` so far (for error positions).
     offset: u64,
+    /// While [`Cursor::digest`] runs: the hash of the value's bytes so far, and where in `buf`
+    /// its unhashed part starts.
+    tap: Option<(Sha256, usize)>,
 }
 
 const READ_SIZE: usize = 256 * 1024;
@@ -39,6 +44,7 @@ impl<R: Read> Cursor<R> {
             end: 0,
             eof: false,
             offset: 0,
+            tap: None,
         }
     }
 
@@ -48,6 +54,13 @@ impl<R: Read> Cursor<R> {
             return Ok(false);
         }
         if keep > 0 {
+            if let Some((hasher, from)) = self.tap.as_mut() {
+                if *from < keep {
+                    hasher.update(&self.buf[*from..keep]);
+                    *from = keep;
+                }
+                *from -= keep;
+            }
             self.buf.copy_within(keep..self.end, 0);
             self.offset += keep as u64;
             self.end -= keep;
@@ -227,6 +240,25 @@ impl<R: Read> Cursor<R> {
         self.buf[start..end].to_vec()
     }
 
+    /// Runs `read` on the next value and returns, with its result, the hex sha256 of that
+    /// value's bytes exactly as they are in the document (from its first byte to its last):
+    /// what an export's manifest records of each table. One digest at a time.
+    pub fn digest<T>(&mut self, read: impl FnOnce(&mut Self) -> Result<T>) -> Result<(T, String)> {
+        self.peek_value()?;
+        if self.tap.is_some() {
+            return Err(self.error("a digest inside a digest"));
+        }
+        self.tap = Some((Sha256::new(), self.pos));
+        let result = read(self);
+        let (mut hasher, from) = self
+            .tap
+            .take()
+            .ok_or_else(|| ScanError("the digest was lost".into()))?;
+        let value = result?;
+        hasher.update(&self.buf[from..self.pos]);
+        Ok((value, hex::encode(hasher.finalize())))
+    }
+
     /// Nothing but whitespace may follow the document; reads to the end.
     pub fn end(&mut self) -> Result<()> {
         match self.peek()? {
@@ -271,6 +303,29 @@ mod tests {
         })?;
         cursor.end()?;
         Ok(seen)
+    }
+
+    #[test]
+    fn a_digest_covers_exactly_the_value_across_refills() {
+        let value = r#"[{"a": "x\"]"}, [1, 2], "tail"]"#;
+        let text = format!("{{\"first\": 1, \"list\":  {value} , \"last\": true}}");
+        let expected = hex::encode(Sha256::digest(value.as_bytes()));
+        for chunk in [1, 2, 3, 7, 64] {
+            let mut cursor = Cursor::new(Trickle(text.as_bytes(), chunk));
+            let mut digests = Vec::new();
+            cursor
+                .object(|c, key| {
+                    if key == "list" {
+                        let ((), digest) = c.digest(|c| c.array(|c| c.raw().map(drop)))?;
+                        digests.push(digest);
+                        Ok(())
+                    } else {
+                        c.raw().map(drop)
+                    }
+                })
+                .expect("the document is valid");
+            assert_eq!(digests, vec![expected.clone()], "chunk {chunk}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod janitor_report;
 pub mod json;
 mod jsonscan;
 mod lifecycle;
+pub mod manifest;
 mod meltano_backend;
 pub mod migrations;
 pub mod plan;
@@ -31,6 +32,7 @@ pub mod run;
 pub mod store;
 mod tableset;
 pub mod transfer;
+pub mod verify;
 pub mod words;
 
 pub use backup::BackupInfo;
@@ -51,6 +53,7 @@ pub use store::Store;
 pub use transfer::{
     Compression, ExportOptions, ExportReport, ImportMode, ImportOptions, ImportReport,
 };
+pub use verify::{VerifyOptions, VerifyReport};
 
 // Used by the controller.
 pub use connection::password_in_url;

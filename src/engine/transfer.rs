@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backup::BackupInfo;
 use super::framework::{ExportFormat, Framework};
+use super::manifest::Manifest;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,6 +148,10 @@ pub struct ImportReport {
     pub bytes: u64,
     pub sha256: String,
     pub compression: Compression,
+    /// The manifest the file carries, which every table matched; none in files written before
+    /// exports carried one, and in Meltano's format.
+    #[serde(rename = "checkedAgainstManifest", serialize_with = "is_some")]
+    pub manifest: Option<Manifest>,
     /// The store as it was before the import.
     pub backup: Option<BackupInfo>,
     /// A replace: what the store held that the file does not (gone now, kept in the backup).
@@ -193,3 +198,8 @@ impl ImportReport {
 
 /// How many removed names a report lists.
 pub const REMOVED_NAMES: i64 = 10;
+
+/// Serialises an option as whether it is there.
+fn is_some<T, S: serde::Serializer>(value: &Option<T>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_bool(value.is_some())
+}

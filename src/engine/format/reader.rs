@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use super::stream::{Message, Row};
 use crate::engine::json;
 use crate::engine::jsonscan::{Cursor, ScanError};
+use crate::engine::manifest::Manifest;
 
 /// Rows are sent to the importing task in batches of at most this many rows or bytes.
 const BATCH: usize = 512;
@@ -22,6 +23,10 @@ pub(crate) struct Emitter {
     batch_bytes: usize,
     counts: BTreeMap<String, u64>,
     pub environments: u64,
+    /// The sha256 of each table's (or section's) value as read, for the manifest.
+    pub digests: BTreeMap<String, String>,
+    /// The file's manifest, once every digest matched it.
+    pub manifest: Option<Manifest>,
 }
 
 impl Emitter {
@@ -32,6 +37,8 @@ impl Emitter {
             batch_bytes: 0,
             counts: BTreeMap::new(),
             environments: 0,
+            digests: BTreeMap::new(),
+            manifest: None,
         }
     }
 
@@ -41,6 +48,7 @@ impl Emitter {
         let end = Message::End {
             counts: std::mem::take(&mut self.counts),
             environments: self.environments,
+            manifest: self.manifest.take(),
         };
         self.send(end)
     }
@@ -110,6 +118,8 @@ impl Emitter {
             batch_bytes: 0,
             counts: BTreeMap::new(),
             environments: 0,
+            digests: BTreeMap::new(),
+            manifest: None,
         }
     }
 
@@ -145,4 +155,10 @@ pub(crate) trait SectionReader {
 
     /// After the last section: what must have been there.
     fn finish(&mut self, emitter: &mut Emitter) -> Result<(), ScanError>;
+
+    /// Whether the reader digests each table itself (an exact export's tables are one section),
+    /// instead of the document digesting each section.
+    fn digests_its_tables(&self) -> bool {
+        false
+    }
 }

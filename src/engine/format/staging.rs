@@ -17,6 +17,7 @@ use crate::engine::catalog;
 use crate::engine::failpoint;
 use crate::engine::framework::ExportFormat;
 use crate::engine::identifier::{quote_ident, quote_literal};
+use crate::engine::manifest::Manifest;
 use crate::engine::store::Store;
 use crate::engine::transfer::{
     Compression, ImportMode, ImportOptions, ImportReport, REMOVED_NAMES, Removed,
@@ -90,6 +91,8 @@ pub(crate) struct Staged {
     pub tables: Vec<(String, Vec<(String, String)>)>,
     pub bytes: u64,
     pub sha256: String,
+    /// The file's manifest, which every table matched.
+    pub manifest: Option<Manifest>,
 }
 
 /// What an import knows at its end beyond what staging counted.
@@ -126,6 +129,7 @@ pub(crate) async fn commit_import(
         rows: staged.counts,
         bytes: staged.bytes,
         sha256: staged.sha256,
+        manifest: staged.manifest,
         compression: incoming.compression,
         backup: ending.backup,
         removed: ending.removed,
@@ -241,7 +245,7 @@ impl<'a> Incoming<'a> {
         encode: impl Fn(&Row, &mut Vec<u8>) -> Result<(), Error>,
     ) -> Result<Staged, Error> {
         let mut tables = Vec::new();
-        let (counts, environments) = {
+        let (counts, environments, manifest) = {
             let mut copy = conn.copy_in_raw(copy_sql).await?;
             let streamed = async {
                 let mut buffer = Vec::with_capacity(512 * 1024);
@@ -257,7 +261,8 @@ impl<'a> Incoming<'a> {
                         Some(Message::End {
                             counts,
                             environments,
-                        }) => break (counts, environments),
+                            manifest,
+                        }) => break (counts, environments, manifest),
                         Some(Message::Header(..)) => {
                             return Err(Error::InvalidExport("the header appears twice".into()));
                         }
@@ -316,6 +321,7 @@ impl<'a> Incoming<'a> {
             tables,
             bytes,
             sha256,
+            manifest,
         })
     }
 }

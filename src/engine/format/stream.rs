@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::engine::Error;
 use crate::engine::framework::ExportFormat;
+use crate::engine::manifest::Manifest;
 
 /// The opening of every document: its format, `metadata` and `versions`.
 pub(crate) struct Header {
@@ -73,6 +74,8 @@ pub(crate) enum Message {
     End {
         counts: BTreeMap<String, u64>,
         environments: u64,
+        /// The file's manifest, which every table matched; none in files without one.
+        manifest: Option<Manifest>,
     },
 }
 

@@ -1,6 +1,7 @@
 //! The writing half of every format: the output stream (compressed, counted and hashed as it is
 //! written), flushing in bounded chunks, and turning rows read by COPY into JSON.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use async_compression::tokio::write::{GzipEncoder, ZstdEncoder};
@@ -12,6 +13,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::engine::Error;
 use crate::engine::io::Observed;
+use crate::engine::manifest::{MANIFEST_KEY, Manifest};
 use crate::engine::transfer::Compression;
 
 /// Bytes counted and hashed as they are written.
@@ -99,13 +101,46 @@ fn io_error(e: std::io::Error) -> Error {
 /// Where a format writes its document: compressed, counted and hashed on the way out.
 pub(crate) struct Output<W: AsyncWrite + Unpin> {
     encoder: Encoder<W>,
+    /// While a table's value is written: its name and the hash of its bytes so far.
+    tap: Option<(String, Sha256)>,
+    /// The finished tables' digests, for the manifest.
+    digests: BTreeMap<String, String>,
 }
 
 impl<W: AsyncWrite + Unpin + Send> Output<W> {
     pub(crate) fn new(writer: W, compression: Compression, measure: Arc<Mutex<Measure>>) -> Self {
         Output {
             encoder: Encoder::new(writer, compression, measure),
+            tap: None,
+            digests: BTreeMap::new(),
         }
+    }
+
+    /// Starts hashing a table's value for the manifest: call it right before the value's first
+    /// byte (after its key and colon), as an import's reader starts at the value.
+    pub(crate) fn begin_digest(&mut self, table: &str) {
+        self.tap = Some((table.to_owned(), Sha256::new()));
+    }
+
+    /// Ends the table's digest, right after its value's last byte.
+    pub(crate) fn end_digest(&mut self) {
+        if let Some((table, hasher)) = self.tap.take() {
+            self.digests.insert(table, hex::encode(hasher.finalize()));
+        }
+    }
+
+    /// Ends the document with its manifest (`,"manifest":{…}}` and a newline): the rows per
+    /// table the export counted and the digests taken.
+    pub(crate) async fn end_with_manifest(
+        &mut self,
+        rows: &BTreeMap<String, u64>,
+    ) -> Result<(), Error> {
+        self.end_digest();
+        let manifest = Manifest::new(rows.clone(), std::mem::take(&mut self.digests));
+        let json =
+            serde_json::to_string(&manifest).map_err(|e| Error::ExportWrite(e.to_string()))?;
+        self.write(format!(",\"{MANIFEST_KEY}\":{json}}}\n").as_bytes())
+            .await
     }
 
     /// Ends the compressed stream and hands back the writer.
@@ -114,6 +149,9 @@ impl<W: AsyncWrite + Unpin + Send> Output<W> {
     }
 
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        if let Some((_, hasher)) = self.tap.as_mut() {
+            hasher.update(bytes);
+        }
         self.encoder.write(bytes).await.map_err(io_error)
     }
 

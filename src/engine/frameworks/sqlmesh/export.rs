@@ -63,14 +63,23 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
     )
     .await?;
 
-    out.write(b",\"snapshots\":[").await?;
+    // SQLMesh's own import reads the sections it knows by name: the manifest at the end is
+    // invisible to it.
+    out.write(b",\"snapshots\":").await?;
+    out.begin_digest("snapshots");
+    out.write(b"[").await?;
     let snapshots = write_snapshots(store, tx, out, options).await?;
     report.rows.insert("snapshots".into(), snapshots);
-    out.write(b"],\"environments\":{").await?;
+    out.write(b"]").await?;
+    out.end_digest();
+    out.write(b",\"environments\":").await?;
+    out.begin_digest("environments");
+    out.write(b"{").await?;
     let environments = write_environments(store, tx, out, options).await?;
     report.environments = environments;
     report.rows.insert("environments".into(), environments);
-    out.write(b"}}\n").await
+    out.write(b"}").await?;
+    out.end_with_manifest(&report.rows).await
 }
 
 /// The snapshots the chosen environments reference, each with its intervals.

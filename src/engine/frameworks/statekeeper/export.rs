@@ -135,13 +135,17 @@ pub(crate) async fn write<W: AsyncWrite + Unpin + Send>(
         sections.push(("state_operations", "ORDER BY t.id".into()));
     }
     for (table, rest) in &sections {
-        out.write(format!(",\"{table}\":[").as_bytes()).await?;
+        out.write(format!(",\"{table}\":").as_bytes()).await?;
+        out.begin_digest(table);
+        out.write(b"[").await?;
         let n =
             stream_table_as_objects(&mut *tx, out, store.schema().as_str(), table, rest).await?;
         out.write(b"]").await?;
+        out.end_digest();
         report.rows.insert((*table).to_owned(), n);
     }
-    write_environments(store, tx, out, report, filtered.then_some(filter.as_str())).await
+    write_environments(store, tx, out, report, filtered.then_some(filter.as_str())).await?;
+    out.end_with_manifest(&report.rows).await
 }
 
 /// The columns of `virtual_environment_refs`, whose objects the export builds itself
@@ -289,7 +293,9 @@ async fn write_environment_objects<W: AsyncWrite + Unpin + Send>(
     mut rows: CopyLines<'_>,
     mut model_refs: Option<CopyLines<'_>>,
 ) -> Result<PartCounts, Error> {
-    out.write(b",\"environments\":{").await?;
+    out.write(b",\"environments\":").await?;
+    out.begin_digest("environments");
+    out.write(b"{").await?;
     let mut counts = [0u64; 4];
     // The part the last row went to in the open environment; None before the first.
     let mut open: Option<usize> = None;
@@ -352,8 +358,9 @@ async fn write_environment_objects<W: AsyncWrite + Unpin + Send>(
     if let Some(at) = open {
         close_environment(at, &mut json);
     }
-    json.extend_from_slice(b"}}\n");
+    json.push(b'}');
     out.write(&json).await?;
+    out.end_digest();
     // A reference left over belongs to no environment that was written.
     let left_over = model_refs.is_some_and(|left| left.line().is_some());
     if left_over {
