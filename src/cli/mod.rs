@@ -121,6 +121,10 @@ enum StateCommand {
     /// Import an export from a file, an object store or stdin (validated fully before anything
     /// changes; a backup is kept).
     Import(ImportArgs),
+    /// Prove an export restorable: read it back from where it is stored, check it against the
+    /// manifest it carries, and restore it into a scratch schema beside the store (dropped
+    /// afterwards). The store is only read.
+    Verify(VerifyArgs),
     /// List backups, or drop one.
     Backups {
         #[command(subcommand)]
@@ -300,6 +304,22 @@ struct ImportArgs {
     format: Option<ExportFormat>,
     #[command(flatten)]
     meltano_locks: MeltanoLockArgs,
+}
+
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    /// The export: a path, file:///PATH, s3://BUCKET/KEY, gs://BUCKET/KEY, az://CONTAINER/KEY,
+    /// or - for stdin. Compression is detected.
+    #[arg(long, short = 'i', value_name = "URL")]
+    from: String,
+    /// Object store option KEY=VALUE (endpoint, region, aws_access_key_id, ...); repeatable.
+    /// AWS_*, GOOGLE_* and AZURE_* environment variables are read too.
+    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = transfer::key_value)]
+    storage_options: Vec<(String, String)>,
+    /// The file's sha256 as exported (a StateExport's `status.sha256`): the stored bytes must
+    /// have it. Needed for Meltano-format files, which carry no manifest.
+    #[arg(long, value_name = "HEX")]
+    sha256: Option<String>,
 }
 
 /// `state import --format`: the one format that is not a file, so not detected from one.
@@ -488,6 +508,7 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
         }
         StateCommand::Export(export) => export_state(&store, export, json).await?,
         StateCommand::Import(import) => import_state(&store, import, json).await?,
+        StateCommand::Verify(verify) => verify_export(&store, verify, json).await?,
         StateCommand::Backups { command } => match command {
             None | Some(BackupsCommand::List) => output::backups(&store.backups().await?, json),
             Some(BackupsCommand::Drop { backup_id }) => {
@@ -512,6 +533,9 @@ fn check_location(command: &StateCommand) -> Result<(), Error> {
         }
         StateCommand::Import(import) => {
             transfer::Location::parse(&import.from, &import.storage_options, import.format())?;
+        }
+        StateCommand::Verify(verify) => {
+            transfer::Location::parse(&verify.from, &verify.storage_options, ExportFormat::Exact)?;
         }
         _ => {}
     }
@@ -579,6 +603,31 @@ async fn import_state(store: &Store, import: &ImportArgs, json: bool) -> Result<
     };
     bar.finish_and_clear();
     Ok(output::imported(&report, &location.to_string(), json))
+}
+
+/// `state verify`: the file read back from its location, never from memory.
+async fn verify_export(store: &Store, verify: &VerifyArgs, json: bool) -> Result<String, Error> {
+    let location =
+        transfer::Location::parse(&verify.from, &verify.storage_options, ExportFormat::Exact)?;
+    let options = crate::engine::VerifyOptions {
+        expected_sha256: verify.sha256.clone(),
+    };
+    let bar = transfer::progress("verifying");
+    let report = match &location {
+        transfer::Location::Std => {
+            store
+                .verify(transfer::counted(tokio::io::stdin(), &bar), &options)
+                .await?
+        }
+        transfer::Location::Object(source) => {
+            let reader = source.open().await?;
+            store
+                .verify(transfer::counted(reader, &bar), &options)
+                .await?
+        }
+    };
+    bar.finish_and_clear();
+    Ok(output::verified(&report, &location.to_string(), json))
 }
 
 async fn plan_operation(

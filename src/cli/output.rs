@@ -302,6 +302,28 @@ pub fn imported(r: &ImportReport, from: &str, json: bool) -> String {
     out
 }
 
+pub fn verified(r: &crate::engine::VerifyReport, from: &str, json: bool) -> String {
+    if json {
+        let mut value = serde_json::to_value(r).unwrap_or_default();
+        value["durationMs"] = serde_json::json!(r.duration.as_millis() as u64);
+        value["source"] = serde_json::json!(from);
+        return serde_json::to_string_pretty(&value).unwrap_or_default();
+    }
+    let mut out = format!("{} in {:.1}s", r.summary(from), r.duration.as_secs_f64());
+    for table in &r.tables {
+        out.push_str(&format!(
+            "\n  {:<44} {:>10} rows{}",
+            table.name,
+            table.rows,
+            match table.restored_rows {
+                Some(_) => ", restored",
+                None => "",
+            }
+        ));
+    }
+    out
+}
+
 pub fn plan(p: &crate::engine::Plan, json: bool) -> String {
     if json {
         return to_json(p);

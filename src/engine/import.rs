@@ -96,6 +96,7 @@ fn read_document(
             (_, Some(reader)) => reader.section(cursor, &key, emitter),
             (1, _) if key == "metadata" => {
                 metadata = cursor.raw()?;
+                emitter.digests.insert(key, sha256_hex(&metadata));
                 Ok(())
             }
             // No metadata: the document `meltano state export` writes, keyed by state ID.
@@ -109,7 +110,9 @@ fn read_document(
                 frameworks::meltano::import::Sections::state(cursor, &key, emitter)
             }
             (2, _) if key == "versions" => {
-                let header = read_header(&metadata, &cursor.raw()?)?;
+                let versions = cursor.raw()?;
+                emitter.digests.insert(key, sha256_hex(&versions));
+                let header = read_header(&metadata, &versions)?;
                 let format = header.format;
                 has_header = true;
                 emitter.send(Message::Header(header)).map_err(ScanError)?;
@@ -148,6 +151,11 @@ fn read_document(
             "the document has no \"metadata\" and \"versions\"".into(),
         )),
     }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// Parses the whole document from a blocking reader, reads to the end (so the checksum covers

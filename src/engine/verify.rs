@@ -73,7 +73,7 @@ impl VerifyReport {
             "its sha256 matched the one given (the format carries no manifest)"
         };
         format!(
-            "verified {from}: a {} export ({}, {}), {checked}, and it restored into a scratch \
+            "verified {from} ({} export, {}, {}): {checked}, and it restored into a scratch \
              schema with every row; sha256 {}",
             self.format,
             super::words::counted(self.total_rows(), "rows"),

@@ -161,11 +161,18 @@ impl<W: AsyncWrite + Unpin + Send> Output<W> {
         metadata: &impl Serialize,
         versions: &impl Serialize,
     ) -> Result<(), Error> {
-        let header = format!(
-            "{{\"metadata\":{},\"versions\":{}",
-            serde_json::to_string(metadata).map_err(|e| Error::ExportWrite(e.to_string()))?,
-            serde_json::to_string(versions).map_err(|e| Error::ExportWrite(e.to_string()))?
-        );
+        let metadata =
+            serde_json::to_string(metadata).map_err(|e| Error::ExportWrite(e.to_string()))?;
+        let versions =
+            serde_json::to_string(versions).map_err(|e| Error::ExportWrite(e.to_string()))?;
+        // The header is in the manifest too: a changed version or framework is a changed file.
+        for (key, value) in [("metadata", &metadata), ("versions", &versions)] {
+            self.digests.insert(
+                key.to_owned(),
+                hex::encode(Sha256::digest(value.as_bytes())),
+            );
+        }
+        let header = format!("{{\"metadata\":{metadata},\"versions\":{versions}");
         self.write(header.as_bytes()).await
     }
 }
