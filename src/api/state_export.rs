@@ -74,6 +74,12 @@ pub struct StateExportSpec {
     /// How many finished exports of a schedule (and their files) to keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+    /// Verify each export after writing it: read it back from the destination, check it against
+    /// the manifest it carries and restore it into a scratch schema beside the store (condition
+    /// `Verified`, `status.verifiedAt`; Ready only once verified). A schedule verifies every
+    /// export it runs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub verify: bool,
 }
 
 impl StateExportSpec {
@@ -239,6 +245,9 @@ pub struct StateExportStatus {
     pub finished_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// When the export was verified (`spec.verify`): read back, checked and restored in scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<String>,
     /// Attempts made so far.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,

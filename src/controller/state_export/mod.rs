@@ -6,6 +6,7 @@
 mod one_shot;
 pub mod scheduled;
 mod status;
+mod verification;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use crate::controller::context::{Context, ReconcileError};
 /// Where an export writes, by the path it has always had.
 pub use crate::controller::access::file_url;
 pub use one_shot::retry_backoff;
+pub use verification::VERIFIED;
 
 pub async fn reconcile(
     export: Arc<StateExport>,

@@ -9,6 +9,7 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
 use super::status::{failed, write_status};
+use super::verification;
 use crate::api::labels::SCHEDULE_LABEL;
 use crate::api::phases;
 use crate::api::state_export::{StateExport, StateExportStatus};
@@ -29,8 +30,11 @@ pub(super) async fn reconcile(
 ) -> Result<Action, ReconcileError> {
     let namespace = export.namespace().ok_or(ReconcileError::NotNamespaced)?;
     let previous = export.status.clone().unwrap_or_default();
-    // Finished exports are never run again.
+    // Finished exports are never run again; one written is still verified when asked.
     if phases::export_is_finished(previous.phase.as_deref()) {
+        if verification::pending(&export) {
+            return verification::resume(&export, &ctx, &namespace).await;
+        }
         return Ok(Action::await_change());
     }
     // A retry waits for its backoff even when a watch event (our own status write) wakes us.
@@ -252,7 +256,7 @@ impl<'a> Attempt<'a> {
         // Completed or aborted: no upload of this attempt is left to clean up.
         self.status.staging_upload = None;
         match outcome {
-            Ok(report) => self.succeeded(report).await,
+            Ok(report) => self.succeeded(report, destination, &store).await,
             Err(e) => self.attempt_failed(e, destination, &store.secrets).await,
         }
     }
@@ -294,7 +298,12 @@ impl<'a> Attempt<'a> {
         Ok(())
     }
 
-    async fn succeeded(mut self, report: ExportReport) -> Done {
+    async fn succeeded(
+        mut self,
+        report: ExportReport,
+        destination: &Destination,
+        store: &OperatedStore,
+    ) -> Done {
         let ctx = self.ctx;
         self.status.phase = Some(phases::SUCCEEDED.into());
         self.status.bytes = Some(report.bytes);
@@ -313,6 +322,13 @@ impl<'a> Attempt<'a> {
             report.bytes,
             ctx.now().as_second(),
         );
+        if verification::requested(self.export) {
+            // Written: recorded first, so that a restart verifies it rather than exporting again.
+            let written = self
+                .write(self.status.clone(), verification::verifying(&self.url))
+                .await?;
+            return verification::run(ctx, self.export, &written, destination, store).await;
+        }
         let desired = vec![
             Desired::new(READY, true, "ExportSucceeded", message),
             Desired::new(
