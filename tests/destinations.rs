@@ -41,16 +41,15 @@ fn uncompressed() -> ExportOptions {
 
 #[tokio::test]
 async fn s3_round_trip_uses_multipart_and_imports_every_row() {
-    let db = TestDb::new().await;
-    // Uncompressed, this is over the 8 MiB single-PUT buffer: a multipart upload.
-    let store = generated(&db, 15_000).await;
     let bucket = s3::bucket().await;
-    let url = format!("s3://{bucket}/nightly/state.json");
-    let destination = Destination::parse(&url, &s3::options()).unwrap();
-    let report = store
-        .export_to(&destination, &uncompressed(), |_| {})
-        .await
-        .unwrap();
+    // Uncompressed, this is over the 8 MiB single-PUT buffer: a multipart upload.
+    let (destination, report) = round_trip(
+        &format!("s3://{bucket}/nightly/state.json"),
+        &s3::options(),
+        15_000,
+        &uncompressed(),
+    )
+    .await;
     assert_eq!(s3::keys(&bucket).await, vec!["nightly/state.json"]);
     let (size, parts) = s3::object_parts(&bucket, "nightly/state.json").await;
     assert_eq!(size, report.bytes);
@@ -59,28 +58,6 @@ async fn s3_round_trip_uses_multipart_and_imports_every_row() {
         "{size} bytes went up in {parts} part(s), expected multipart"
     );
     assert!(s3::pending_uploads(&bucket).await.is_empty());
-
-    // Back from S3 into a fresh store: every row of every table.
-    let target = TestDb::new().await;
-    let copy = target.store("state").await;
-    copy.init(None).await.unwrap();
-    let reader = destination.open().await.unwrap();
-    copy.import(
-        reader,
-        &ImportOptions {
-            mode: statekeeper::engine::ImportMode::Replace,
-            expected_sha256: report.sha256.clone(),
-        },
-    )
-    .await
-    .unwrap();
-    let mut a = db.conn().await;
-    let mut b = target.conn().await;
-    let (before, after) = (
-        current_state(&mut a, "state").await,
-        current_state(&mut b, "state").await,
-    );
-    assert!(before == after, "the import differs from the source");
 
     // Deleting is idempotent: retention may retry it.
     destination.delete().await.unwrap();
@@ -263,16 +240,6 @@ async fn cli_exports_to_and_imports_from_s3_with_credentials_from_the_environmen
     generated(&db, 300).await;
     let bucket = s3::bucket().await;
     let url = format!("s3://{bucket}/cli/state.json.zst");
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_statekeeper"))
-            .args(args)
-            .env("STATEKEEPER_DATABASE_URL", &db.url)
-            .env("AWS_ACCESS_KEY_ID", "statekeeper-test")
-            .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_ACCESS_KEY)
-            .env("AWS_REGION", "us-east-1")
-            .output()
-            .unwrap()
-    };
     let endpoint = format!("endpoint={}", s3::endpoint());
     // Without credentials: said so, not as the metadata service's refusal.
     let started = std::time::Instant::now();
@@ -297,109 +264,33 @@ async fn cli_exports_to_and_imports_from_s3_with_credentials_from_the_environmen
         "{err} (after {:?})",
         started.elapsed()
     );
-    let out = run(&[
-        "state",
-        "export",
-        "--schema",
-        "state",
-        "--to",
+    let settings = [
+        ("AWS_ACCESS_KEY_ID", "statekeeper-test"),
+        ("AWS_SECRET_ACCESS_KEY", s3::SECRET_ACCESS_KEY),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let missing = format!("s3://{bucket}/cli/missing.json");
+    let options = ["--storage-option", &endpoint];
+    cli_round_trip(
+        &db,
         &url,
-        "--compression",
-        "zstd",
-        "--storage-option",
-        &endpoint,
-        "-o",
-        "json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(summary["destination"], url.as_str(), "{summary}");
+        &missing,
+        &settings,
+        &options,
+        s3::SECRET_ACCESS_KEY,
+    )
+    .await;
     assert_eq!(s3::keys(&bucket).await, vec!["cli/state.json.zst"]);
-
-    let out = run(&["state", "init", "--schema", "copy"]);
-    assert!(out.status.success());
-    let out = run(&[
-        "state",
-        "import",
-        "--replace",
-        "--schema",
-        "copy",
-        "--from",
-        &url,
-        "--storage-option",
-        &endpoint,
-        "--sha256",
-        summary["sha256"].as_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut conn = db.conn().await;
-    let (before, after) = (
-        current_state(&mut conn, "state").await,
-        current_state(&mut conn, "copy").await,
-    );
-    assert!(before == after, "the import differs from the source");
-
-    // A missing object: one line, the reason, never the secret.
-    let out = run(&[
-        "state",
-        "import",
-        "--schema",
-        "copy",
-        "--from",
-        &format!("s3://{bucket}/cli/missing.json"),
-        "--storage-option",
-        &endpoint,
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("not found"), "{err}");
-    assert!(!err.contains(s3::SECRET_ACCESS_KEY), "{err}");
 }
 
 #[tokio::test]
 async fn azure_round_trip_in_blocks_through_a_real_emulator() {
-    let db = TestDb::new().await;
-    // Over the single-PUT buffer: the blob goes up as blocks committed at the end.
-    let store = generated(&db, 15_000).await;
     let prefix = format!("run-{}", std::process::id());
     let url = format!("az://{}/{prefix}/state.json", support::azure::CONTAINER);
-    let destination = Destination::parse(&url, &support::azure::options()).unwrap();
-    assert!(!destination.exists().await.unwrap());
-    let report = store
-        .export_to(&destination, &uncompressed(), |_| {})
-        .await
-        .unwrap();
+    // Over the single-PUT buffer: the blob goes up as blocks committed at the end.
+    let (destination, report) =
+        round_trip(&url, &support::azure::options(), 15_000, &uncompressed()).await;
     assert!(report.bytes > 8 * 1024 * 1024, "{} bytes", report.bytes);
-    assert!(destination.exists().await.unwrap());
-
-    let target = TestDb::new().await;
-    let copy = target.store("state").await;
-    copy.init(None).await.unwrap();
-    let imported = copy
-        .import(
-            destination.open().await.unwrap(),
-            &ImportOptions {
-                mode: statekeeper::engine::ImportMode::Replace,
-                expected_sha256: report.sha256.clone(),
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(imported.bytes, report.bytes);
-    let (before, after) = (
-        current_state(&mut db.conn().await, "state").await,
-        current_state(&mut target.conn().await, "state").await,
-    );
-    assert!(before == after, "the import differs from the source");
     destination.delete().await.unwrap();
     assert!(!destination.exists().await.unwrap());
 }
@@ -570,64 +461,84 @@ async fn cli_exports_to_and_imports_from_gcs_with_settings_from_the_environment(
     generated(&db, 300).await;
     let bucket = gcs::bucket().await;
     let url = format!("gs://{bucket}/cli/state.json.zst");
+    let key = gcs::service_account_key();
+    let settings = [
+        ("GOOGLE_BASE_URL", gcs::endpoint()),
+        ("GOOGLE_SERVICE_ACCOUNT_KEY", key.as_str()),
+    ];
+    let missing = format!("gs://{bucket}/cli/missing.json");
+    cli_round_trip(&db, &url, &missing, &settings, &[], gcs::PRIVATE_KEY).await;
+    assert_eq!(gcs::keys(&bucket).await, vec!["cli/state.json.zst"]);
+}
+
+/// The CLI's round trip through `url`, with the provider's environment variables `settings` and
+/// the arguments `options` (`--storage-option`s): `state export --compression zstd` of the
+/// schema `state` in `db`, `state import --replace --sha256` of it into the schema `copy`,
+/// compared table by table, and an import from the missing object `missing`, refused on one line
+/// that says "not found". `secret` shows in no output.
+async fn cli_round_trip(
+    db: &TestDb,
+    url: &str,
+    missing: &str,
+    settings: &[(&str, &str)],
+    options: &[&str],
+    secret: &str,
+) {
     let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+        let out = Command::new(env!("CARGO_BIN_EXE_statekeeper"))
             .args(args)
             .env("STATEKEEPER_DATABASE_URL", &db.url)
-            .env("GOOGLE_BASE_URL", gcs::endpoint())
-            .env("GOOGLE_SERVICE_ACCOUNT_KEY", gcs::service_account_key())
+            .envs(settings.iter().copied())
             .output()
-            .unwrap()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{stderr}"
+        );
+        (out.status.code(), stdout, stderr)
     };
-    let out = run(&[
-        "state",
-        "export",
-        "--schema",
-        "state",
-        "--to",
-        &url,
-        "--compression",
-        "zstd",
-        "-o",
-        "json",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(summary["destination"], url.as_str(), "{summary}");
-    assert_eq!(gcs::keys(&bucket).await, vec!["cli/state.json.zst"]);
+    let export = ["state", "export", "--schema", "state", "--to", url];
+    let (code, stdout, stderr) = run(&[
+        &export[..],
+        options,
+        &["--compression", "zstd", "-o", "json"],
+    ]
+    .concat());
+    assert_eq!(code, Some(0), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["destination"], url, "{summary}");
 
-    assert!(run(&["state", "init", "--schema", "copy"]).status.success());
+    assert_eq!(run(&["state", "init", "--schema", "copy"]).0, Some(0));
     let sha256 = summary["sha256"].as_str().unwrap();
-    let out = run(&[
+    let import = [
         "state",
         "import",
         "--replace",
         "--schema",
         "copy",
         "--from",
-        &url,
-        "--sha256",
-        sha256,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        url,
+    ];
+    let (code, _, stderr) = run(&[&import[..], options, &["--sha256", sha256]].concat());
+    assert_eq!(code, Some(0), "{stderr}");
     let mut conn = db.conn().await;
     let (before, after) = (
         current_state(&mut conn, "state").await,
         current_state(&mut conn, "copy").await,
     );
-    assert!(before == after, "the import differs from the source");
+    assert!(
+        before == after,
+        "the import from {url} differs from the source"
+    );
 
-    // A missing object: one line, the reason, never the key.
-    let missing = format!("gs://{bucket}/cli/missing.json");
-    let out = run(&["state", "import", "--schema", "copy", "--from", &missing]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("not found"), "{err}");
-    assert!(!err.contains(gcs::PRIVATE_KEY), "{err}");
+    // A missing object: one line, the reason.
+    let import = ["state", "import", "--schema", "copy", "--from", missing];
+    let (code, _, stderr) = run(&[&import[..], options].concat());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("not found"), "{stderr}");
 }
