@@ -30,7 +30,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -66,17 +65,17 @@ def die_with_parent():
 
 
 def start_emulator(port, public_port):
-    log = tempfile.NamedTemporaryFile(prefix="statekeeper-fake-gcs.", suffix=".log", delete=False)
+    # Its output goes where this process's goes (the throwaway script's log file).
     child = subprocess.Popen(
         [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
          "-port", str(port), "-public-host", f"127.0.0.1:{port}",
          "-external-url", f"http://127.0.0.1:{public_port}", "-log-level", "warn"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+        stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if child.poll() is not None:
-            sys.exit(f"fake-gcs-server exited with {child.returncode}; see {log.name}")
+            sys.exit(f"fake-gcs-server exited with {child.returncode}")
         try:
             status, _, _ = call("GET", "/storage/v1/b")
             if status == 200:
@@ -85,7 +84,7 @@ def start_emulator(port, public_port):
             pass
         time.sleep(0.05)
     child.kill()
-    sys.exit(f"fake-gcs-server did not start; see {log.name}")
+    sys.exit("fake-gcs-server did not start within 10 s")
 
 
 def call(method, path, body=None, headers=None):
@@ -134,6 +133,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
