@@ -48,6 +48,7 @@ async fn s3_round_trip_uses_multipart_and_imports_every_row() {
         &s3::options(),
         15_000,
         &uncompressed(),
+        ImportOptions::replace(),
     )
     .await;
     assert_eq!(s3::keys(&bucket).await, vec!["nightly/state.json"]);
@@ -288,8 +289,14 @@ async fn azure_round_trip_in_blocks_through_a_real_emulator() {
     let prefix = format!("run-{}", std::process::id());
     let url = format!("az://{}/{prefix}/state.json", support::azure::CONTAINER);
     // Over the single-PUT buffer: the blob goes up as blocks committed at the end.
-    let (destination, report) =
-        round_trip(&url, &support::azure::options(), 15_000, &uncompressed()).await;
+    let (destination, report) = round_trip(
+        &url,
+        &support::azure::options(),
+        15_000,
+        &uncompressed(),
+        ImportOptions::replace(),
+    )
+    .await;
     assert!(report.bytes > 8 * 1024 * 1024, "{} bytes", report.bytes);
     destination.delete().await.unwrap();
     assert!(!destination.exists().await.unwrap());
@@ -297,14 +304,15 @@ async fn azure_round_trip_in_blocks_through_a_real_emulator() {
 
 /// One export round trip, the scenario every destination runs: a store of `model_versions`
 /// generated versions is exported to `url` (with the object store `options`) as `export` says,
-/// read back from there into a fresh store (checked against the export's sha256) and compared
+/// read back from there into a fresh store with `import` (and the export's sha256) and compared
 /// table by table. A variant (a verified or an encrypted export, say) is this with other
-/// options, asserting on what it returns.
+/// options, asserting on the destination and report it returns.
 async fn round_trip(
     url: &str,
     options: &BTreeMap<String, String>,
     model_versions: u64,
     export: &ExportOptions,
+    import: ImportOptions,
 ) -> (Destination, ExportReport) {
     let db = TestDb::new().await;
     let store = generated(&db, model_versions).await;
@@ -321,7 +329,7 @@ async fn round_trip(
             destination.open().await.unwrap(),
             &ImportOptions {
                 expected_sha256: report.sha256.clone(),
-                ..ImportOptions::replace()
+                ..import
             },
         )
         .await
@@ -347,6 +355,7 @@ async fn gcs_round_trip_uses_multipart_and_imports_every_row() {
         &gcs::options(),
         15_000,
         &uncompressed(),
+        ImportOptions::replace(),
     )
     .await;
     assert_eq!(gcs::keys(&bucket).await, vec!["nightly/state.json"]);
@@ -374,7 +383,14 @@ async fn gcs_round_trip_of_a_compressed_export_in_one_part() {
         format: ExportFormat::Statekeeper,
         ..Default::default()
     };
-    let (_, report) = round_trip(&url, &gcs::options(), 2_000, &export).await;
+    let (_, report) = round_trip(
+        &url,
+        &gcs::options(),
+        2_000,
+        &export,
+        ImportOptions::replace(),
+    )
+    .await;
     assert_eq!(
         gcs::object_parts(&bucket, "state.json.gz").await,
         (report.bytes, 1)
