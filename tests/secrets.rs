@@ -1,5 +1,6 @@
 //! Secrets never appear in output (docs/reliability.md): marker values in every secret — the
-//! database password, an S3 secret key, an Azure account key — driven through every failure
+//! database password, an S3 secret key, an Azure account key, a GCS service account's private
+//! key — driven through every failure
 //! path the CLI and the reconcilers can reach, with debug logs on; every byte of output (CLI
 //! stdout and stderr in text and JSON, the operator's logs, status, Events and metrics) is
 //! searched for them.
@@ -20,7 +21,9 @@ const PG_MARKER: &str = "pgpw-marker-8c41d2e7";
 const S3_MARKER: &str = "s3key-marker-5d2a9b61";
 /// An Azure account key (base64, as Azure requires) of `azkey-marker-3e9f0a`.
 const AZ_MARKER: &str = "YXprZXktbWFya2VyLTNlOWYwYQ==";
-const MARKERS: &[&str] = &[PG_MARKER, S3_MARKER, AZ_MARKER];
+/// The private key in the GCS service account key the tests use.
+const GCS_MARKER: &str = support::gcs::PRIVATE_KEY;
+const MARKERS: &[&str] = &[PG_MARKER, S3_MARKER, AZ_MARKER, GCS_MARKER];
 
 fn leaks(text: &str) -> Vec<&'static str> {
     MARKERS
@@ -97,7 +100,21 @@ async fn no_secret_reaches_any_output_on_any_failure_path() {
         "--to".to_owned(),
         format!("az://{}/secrets/backup.json", support::azure::CONTAINER),
     ];
+    let gcs = |url: String| {
+        vec![
+            "--storage-option".to_owned(),
+            format!("google_base_url={}", support::gcs::endpoint()),
+            "--storage-option".to_owned(),
+            format!(
+                "google_service_account_key={}",
+                support::gcs::service_account_key()
+            ),
+            "--to".to_owned(),
+            url,
+        ]
+    };
     let bucket = support::s3::bucket().await;
+    let gcs_bucket = support::gcs::bucket().await;
     let wrong_password = format!("postgres://postgres:{PG_MARKER}@{host}:{port}/{database}");
     let unreachable = format!("postgres://{user}:{PG_MARKER}@127.0.0.1:1/{database}");
     let bad_port = format!("postgres://{user}:{PG_MARKER}@{host}:99999/{database}");
@@ -181,6 +198,18 @@ async fn no_secret_reaches_any_output_on_any_failure_path() {
         export_azure,
         false,
     ));
+    for (what, to, should_succeed) in [
+        ("GCS export", format!("gs://{gcs_bucket}/backup.json"), true),
+        (
+            "GCS bucket does not exist",
+            "gs://no-such-bucket-statekeeper/backup.json".to_owned(),
+            false,
+        ),
+    ] {
+        let mut export_gcs = strings(&["export"]);
+        export_gcs.extend(gcs(to));
+        paths.push((what, url.clone(), export_gcs, should_succeed));
+    }
 
     let mut leaked = Vec::new();
     for (what, url, args, should_succeed) in &paths {
@@ -265,6 +294,24 @@ async fn no_secret_reaches_any_output_on_any_failure_path() {
         ),
     );
     let (_, refused) = h.reconcile_export("to-azure").await;
+    assert_refused(&refused);
+    operator_paths += 1;
+    let gcs_key = support::gcs::service_account_key();
+    put_secret(
+        &h.kube,
+        "gcs-credentials",
+        &[("google_service_account_key", &gcs_key)],
+    );
+    h.kube.put(
+        &export_path("to-gcs"),
+        state_export(
+            "to-gcs",
+            "gs://no-such-bucket-statekeeper/operator.json.zst",
+            json!({"destination": {"options": {"google_base_url": support::gcs::endpoint()},
+                   "credentialsSecretRef": {"name": "gcs-credentials"}}, "backoffLimit": 1}),
+        ),
+    );
+    let (_, refused) = h.reconcile_export("to-gcs").await;
     assert_refused(&refused);
     operator_paths += 1;
     // A secret key that is also set in the spec's options (refused, naming the key only).

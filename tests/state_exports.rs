@@ -1,6 +1,7 @@
 //! The StateExport reconciler (one-shot exports and schedules), called for real against a real
-//! PostgreSQL, a real S3-compatible server and an in-memory Kubernetes API: each test asserts the
-//! status, conditions, events, child objects and files that result.
+//! PostgreSQL, a real S3-compatible server (and a Google Cloud Storage emulator) and an in-memory
+//! Kubernetes API: each test asserts the status, conditions, events, child objects and files that
+//! result.
 
 mod support;
 
@@ -11,7 +12,7 @@ use serde_json::json;
 use statekeeper::api::StateExport;
 use statekeeper::controller::export_schedule::{RUN_NOW_ANNOTATION, run_now_child_name};
 use support::operator::*;
-use support::{TestDb, s3};
+use support::{TestDb, gcs, s3};
 
 #[tokio::test]
 async fn state_export_runs_once_and_keeps_its_result() {
@@ -788,5 +789,51 @@ async fn retention_keeps_the_newest_runs_when_scheduled_and_run_now_children_mix
             notes.iter().any(|n| n.contains(&format!("\"{name}\""))),
             "no ExportPruned Event names {name}: {notes:?}"
         );
+    }
+}
+
+#[tokio::test]
+async fn a_schedule_to_gcs_writes_and_prunes_its_files_with_a_key_from_a_secret() {
+    let db = TestDb::new().await;
+    let h = store_harness(&db).await;
+    put_secret(
+        &h.kube,
+        "gcs-credentials",
+        &[("google_service_account_key", &gcs::service_account_key())],
+    );
+    let bucket = gcs::bucket().await;
+    let mut object = schedule_object(
+        &bucket,
+        json!({"spec": {"immediate": true, "retention": {"keepLast": 1, "keepFailed": 0}}}),
+    );
+    object["spec"]["destination"] = json!({
+        "url": format!("gs://{bucket}/nightly"),
+        "options": {"google_base_url": gcs::endpoint()},
+        "credentialsSecretRef": {"name": "gcs-credentials"}
+    });
+    h.kube.put(&export_path("nightly"), object);
+    at(&h.ctx, "2026-11-20T12:00:03Z");
+    h.reconcile_export("nightly").await;
+    run_children(&h).await;
+    for day in 21..=22 {
+        at(&h.ctx, &format!("2026-11-{day}T02:00:01Z"));
+        h.reconcile_export("nightly").await;
+        run_children(&h).await;
+    }
+    at(&h.ctx, "2026-11-22T02:05:00Z");
+    let (_, parent) = h.reconcile_export("nightly").await;
+    assert_eq!(child_names(&h), vec!["nightly-20261122020000"]);
+    assert_eq!(
+        gcs::keys(&bucket).await,
+        vec!["nightly/nightly-20261122020000.json.zst"],
+        "pruned exports took their objects with them"
+    );
+    let status = parent.status.unwrap();
+    let (size, _) = gcs::object_parts(&bucket, "nightly/nightly-20261122020000.json.zst").await;
+    assert_eq!(status.bytes, Some(size));
+    assert!(gcs::pending_uploads(&bucket).await.is_empty());
+    assert!(!h.kube.dump().contains(gcs::PRIVATE_KEY));
+    for event in h.kube.events(NS) {
+        assert!(!event.to_string().contains(gcs::PRIVATE_KEY));
     }
 }

@@ -6,6 +6,7 @@
 pub mod azure;
 pub mod cel_cost;
 pub mod fake_kube;
+pub mod gcs;
 pub mod meltano;
 pub mod operator;
 pub mod s3;
@@ -67,6 +68,46 @@ pub fn start_throwaway_with(script: &str, options: &[&str]) -> BTreeMap<String, 
         .lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// One plain HTTP/1.1 request to a test server at `endpoint` (`http://host:port`): the status,
+/// the head (status line and headers) and the body.
+pub async fn http_request(
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authority = endpoint.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the test server at {endpoint}: {e}"));
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// The text of every `<tag>…</tag>` in an XML document, in order.
+pub fn xml_tags(xml: &str, tag: &str) -> Vec<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    xml.split(&open)
+        .skip(1)
+        .filter_map(|rest| rest.split_once(&close).map(|(value, _)| value.to_owned()))
         .collect()
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use super::xml_tags;
 
 static ENDPOINT: OnceLock<String> = OnceLock::new();
 static NEXT_BUCKET: AtomicUsize = AtomicUsize::new(0);
@@ -55,7 +55,7 @@ pub fn options() -> BTreeMap<String, String> {
 pub async fn keys(bucket: &str) -> Vec<String> {
     let (status, body) = request("GET", &format!("/{bucket}?list-type=2")).await;
     assert_eq!(status, 200, "{body}");
-    let mut keys = tags(&body, "Key");
+    let mut keys = xml_tags(&body, "Key");
     keys.sort();
     keys
 }
@@ -64,26 +64,26 @@ pub async fn keys(bucket: &str) -> Vec<String> {
 pub async fn start_upload(bucket: &str, key: &str) -> String {
     let (status, body) = request("POST", &format!("/{bucket}/{key}?uploads")).await;
     assert_eq!(status, 200, "{body}");
-    tags(&body, "UploadId").pop().expect("an upload id")
+    xml_tags(&body, "UploadId").pop().expect("an upload id")
 }
 
 /// Multipart uploads started but neither completed nor aborted.
 pub async fn pending_uploads(bucket: &str) -> Vec<String> {
     let (status, body) = request("GET", &format!("/{bucket}?uploads")).await;
     assert_eq!(status, 200, "{body}");
-    tags(&body, "UploadId")
+    xml_tags(&body, "UploadId")
 }
 
 /// The size of an object in bytes, and how many parts it was uploaded in (1 for a plain PUT).
 pub async fn object_parts(bucket: &str, key: &str) -> (u64, u32) {
     let (status, body) = request("GET", &format!("/{bucket}?list-type=2&prefix={key}")).await;
     assert_eq!(status, 200, "{body}");
-    let size = tags(&body, "Size")
+    let size = xml_tags(&body, "Size")
         .first()
         .and_then(|s| s.parse().ok())
         .expect("object listed");
     // A multipart object's ETag ends in -<parts>.
-    let etag = tags(&body, "ETag").first().cloned().unwrap_or_default();
+    let etag = xml_tags(&body, "ETag").first().cloned().unwrap_or_default();
     let parts = etag
         .replace("&quot;", "")
         .trim_matches('"')
@@ -93,36 +93,8 @@ pub async fn object_parts(bucket: &str, key: &str) -> (u64, u32) {
     (size, parts)
 }
 
-fn tags(xml: &str, tag: &str) -> Vec<String> {
-    let open = format!("<{tag}>");
-    let close = format!("</{tag}>");
-    xml.split(&open)
-        .skip(1)
-        .filter_map(|rest| rest.split_once(&close).map(|(value, _)| value.to_owned()))
-        .collect()
-}
-
 /// One unsigned HTTP/1.1 request to the test server (it does not check signatures).
 async fn request(method: &str, path: &str) -> (u16, String) {
-    let authority = endpoint().trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(authority)
-        .await
-        .expect("connect to the S3 test server");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let (status, _, body) = super::http_request(endpoint(), method, path, "").await;
     (status, body)
 }
