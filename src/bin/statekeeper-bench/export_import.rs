@@ -29,6 +29,9 @@ struct Transfer {
     export_peak_mib: f64,
     import: Duration,
     import_peak_mib: f64,
+    /// `state verify` of the same file, against the source store (a scratch restore beside it).
+    verify: Duration,
+    verify_peak_mib: f64,
 }
 
 /// One round a size, its row printed as soon as it is measured; the files go to a temporary
@@ -102,6 +105,16 @@ async fn export_and_import(settings: &Settings, dir: &Path, size: u64) -> BenchR
     if let Some(backup) = &imported.backup {
         target.drop_backup(&backup.id).await?;
     }
+    reset_peak_rss();
+    let verified = source
+        .verify(
+            destination.open().await?,
+            &statekeeper::engine::VerifyOptions {
+                expected_sha256: report.sha256.clone(),
+            },
+        )
+        .await?;
+    let verify_peak_mib = peak_rss_mib();
     Ok(Transfer {
         rows: report.total_rows(),
         export: report.duration,
@@ -109,6 +122,8 @@ async fn export_and_import(settings: &Settings, dir: &Path, size: u64) -> BenchR
         export_peak_mib,
         import: imported.duration,
         import_peak_mib,
+        verify: verified.duration,
+        verify_peak_mib,
     })
 }
 
@@ -118,13 +133,15 @@ fn print_header(settings: &Settings) {
         "export/import benchmark ({format} format, {compression:?}; pg_dump --data-only plain SQL with COPY; same schema, same run)"
     );
     println!(
-        "{:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   ratios",
+        "{:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   ratios",
         "versions",
         "rows",
         "export s",
         "MiB",
         "peak MiB",
         "import s",
+        "peak MiB",
+        "verify s",
         "peak MiB",
         "pg_dump s",
         "MiB",
@@ -134,7 +151,7 @@ fn print_header(settings: &Settings) {
 
 fn print_row(size: u64, ours: &Transfer, reference: &Baseline) {
     println!(
-        "{:>9} {:>9} {:>9.2} {:>9.1} {:>9.1} {:>9.2} {:>9.1} {:>9.2} {:>9.1} {:>9.2}   export/pg_dump {:.2}x, import/restore {:.2}x",
+        "{:>9} {:>9} {:>9.2} {:>9.1} {:>9.1} {:>9.2} {:>9.1} {:>9.2} {:>9.1} {:>9.2} {:>9.1} {:>9.2}   export/pg_dump {:.2}x, import/restore {:.2}x, verify/import {:.2}x",
         size,
         ours.rows,
         ours.export.as_secs_f64(),
@@ -142,10 +159,13 @@ fn print_row(size: u64, ours: &Transfer, reference: &Baseline) {
         ours.export_peak_mib,
         ours.import.as_secs_f64(),
         ours.import_peak_mib,
+        ours.verify.as_secs_f64(),
+        ours.verify_peak_mib,
         reference.pg_dump.as_secs_f64(),
         reference.dump_bytes as f64 / 1048576.0,
         reference.restore.as_secs_f64(),
         ours.export.as_secs_f64() / reference.pg_dump.as_secs_f64(),
         ours.import.as_secs_f64() / reference.restore.as_secs_f64(),
+        ours.verify.as_secs_f64() / ours.import.as_secs_f64(),
     );
 }
