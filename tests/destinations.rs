@@ -33,6 +33,7 @@ fn uncompressed() -> ExportOptions {
         environments: None,
         compression: Compression::None,
         format: ExportFormat::Statekeeper,
+        ..Default::default()
     }
 }
 
@@ -67,6 +68,7 @@ async fn s3_round_trip_uses_multipart_and_imports_every_row() {
         &ImportOptions {
             mode: statekeeper::engine::ImportMode::Replace,
             expected_sha256: report.sha256.clone(),
+            ..ImportOptions::merge()
         },
     )
     .await
@@ -213,6 +215,7 @@ async fn local_files_are_written_whole_and_never_half() {
                 environments: None,
                 compression: Compression::Zstd,
                 format: ExportFormat::Statekeeper,
+                ..Default::default()
             },
             |_| {},
         )
@@ -229,6 +232,7 @@ async fn local_files_are_written_whole_and_never_half() {
                 environments: Some(vec!["nope".into()]),
                 compression: Compression::None,
                 format: ExportFormat::Statekeeper,
+                ..Default::default()
             },
             |_| {},
         )
@@ -375,6 +379,7 @@ async fn azure_round_trip_in_blocks_through_a_real_emulator() {
             &ImportOptions {
                 mode: statekeeper::engine::ImportMode::Replace,
                 expected_sha256: report.sha256.clone(),
+                ..ImportOptions::merge()
             },
         )
         .await

@@ -79,6 +79,7 @@ async fn export_and_import(settings: &Settings, dir: &Path, size: u64) -> BenchR
                 environments: None,
                 compression: settings.compression,
                 format: settings.format,
+                ..Default::default()
             },
             |_| {},
         )

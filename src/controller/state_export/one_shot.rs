@@ -234,6 +234,7 @@ impl<'a> Attempt<'a> {
             environments: (!spec.environments.is_empty()).then(|| spec.environments.clone()),
             compression: Compression::from(spec.compression),
             format: ExportFormat::from(spec.format),
+            ..Default::default()
         };
         let outcome = match upload {
             Some(upload) => {
