@@ -33,6 +33,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "engine::failpoint",
             "engine::migrations",
             "engine::words",
+            "engine::encryption",
         ],
     ),
     (

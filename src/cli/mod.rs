@@ -281,19 +281,20 @@ impl ExportArgs {
         let mut recipients = crate::engine::Recipients::default();
         for value in &self.encrypt_to {
             let path = std::path::Path::new(value);
-            recipients.extend(if value.trim_start().starts_with("age1") || !path.exists() {
-                crate::engine::Recipients::parse(value, "--encrypt-to")?
-            } else {
-                let origin = format!("recipients file {value}");
-                let text = std::fs::read_to_string(path).map_err(|_| {
-                    Error::InvalidEncryptionKey {
-                        origin: origin.clone(),
-                        line: None,
-                        problem: "cannot be read as text",
-                    }
-                })?;
-                crate::engine::Recipients::parse(&text, &origin)?
-            });
+            recipients.extend(
+                if value.trim_start().starts_with("age1") || !path.exists() {
+                    crate::engine::Recipients::parse(value, "--encrypt-to")?
+                } else {
+                    let origin = format!("recipients file {value}");
+                    let text =
+                        std::fs::read_to_string(path).map_err(|_| Error::InvalidEncryptionKey {
+                            origin: origin.clone(),
+                            line: None,
+                            problem: "cannot be read as text",
+                        })?;
+                    crate::engine::Recipients::parse(&text, &origin)?
+                },
+            );
         }
         Ok(recipients)
     }

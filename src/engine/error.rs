@@ -197,7 +197,7 @@ pub enum Error {
 
     /// A recipient or identity that is not an age key. Says where and on which line, never
     /// the text of the line (it may be a secret key given in the wrong place).
-    #[error("{origin}{}: {problem}", .line.map(|n| format!(", line {n},")).unwrap_or_default())]
+    #[error("{origin}{}: {problem}", .line.map(|n| format!(", line {n}")).unwrap_or_default())]
     InvalidEncryptionKey {
         origin: String,
         line: Option<usize>,
