@@ -244,13 +244,13 @@ impl<'a> Attempt<'a> {
             .and_then(|upload| upload.staging_id())
             .map(str::to_owned);
         self.record_attempt().await?;
-        let options = ExportOptions {
+        let mut options = ExportOptions {
             environments: (!spec.environments.is_empty()).then(|| spec.environments.clone()),
             compression: Compression::from(spec.compression),
             format: ExportFormat::from(spec.format),
-            recipients: self.recipients.clone(),
             ..Default::default()
         };
+        options.recipients = self.recipients.clone();
         let outcome = match upload {
             Some(upload) => {
                 store
