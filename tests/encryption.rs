@@ -490,3 +490,72 @@ async fn the_cli_encrypts_to_keys_and_files_and_decrypts_with_identity_files() {
     assert!(!dir.join("never.json").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn sqlmesh_state_written_by_sqlmesh_round_trips_encrypted() {
+    use statekeeper::engine::Framework;
+    let (db, _project) = support::sqlmesh::planned().await;
+    let store = db
+        .store("sqlmesh")
+        .await
+        .with_framework(Framework::Sqlmesh);
+    let planned = support::sqlmesh::sqlmesh_state(&db.url).await;
+    let (ours, our_public) = key_pair();
+    let identities = Identities::parse(&ours, "test").unwrap();
+    let recipients = Recipients::parse(&our_public, "test").unwrap();
+    let mut files = Vec::new();
+    for format in [ExportFormat::Exact, ExportFormat::Sqlmesh] {
+        let (report, bytes) = store
+            .export(
+                Vec::new(),
+                &ExportOptions {
+                    format,
+                    compression: Compression::Zstd,
+                    recipients: recipients.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert!(bytes.starts_with(b"age-encryption.org/v1\n"), "{format}");
+        assert_eq!(report.encrypted_to, 1);
+        files.push((format, bytes));
+    }
+
+    // The store loses an environment; an import without the identity changes nothing.
+    sqlx::query("DELETE FROM sqlmesh._environments WHERE name = 'dev'")
+        .execute(&mut db.conn().await)
+        .await
+        .unwrap();
+    let changed = support::sqlmesh::sqlmesh_state(&db.url).await;
+    assert_ne!(changed, planned);
+    for (format, bytes) in &files {
+        let refused = store
+            .import(
+                std::io::Cursor::new(bytes.clone()),
+                &import_options(ImportMode::Replace, Identities::default()),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, Error::IdentityRequired { recipients: 1 }),
+            "{format}: {refused:?}"
+        );
+        assert_eq!(support::sqlmesh::sqlmesh_state(&db.url).await, changed);
+    }
+    // With it, each format restores what SQLMesh planned.
+    for (format, bytes) in files {
+        store
+            .import(
+                std::io::Cursor::new(bytes),
+                &import_options(ImportMode::Replace, identities.clone()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{format}: {e}"));
+        assert_eq!(
+            support::sqlmesh::sqlmesh_state(&db.url).await,
+            planned,
+            "{format}"
+        );
+    }
+}
