@@ -34,6 +34,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "engine::failpoint",
             "engine::migrations",
             "engine::words",
+            "engine::encryption",
         ],
     ),
     (

@@ -278,6 +278,7 @@ async fn eight_clients_at_once_serialize_lose_nothing_and_export_consistent_stat
                 format: ExportFormat::Statekeeper,
                 compression: statekeeper::engine::Compression::None,
                 environments: None,
+                ..Default::default()
             },
         )
         .await
@@ -518,6 +519,7 @@ async fn eight_clients_at_once_serialize_lose_nothing_and_export_consistent_stat
                 &ImportOptions {
                     mode: ImportMode::Replace,
                     expected_sha256: None,
+                    ..ImportOptions::merge()
                 },
             )
             .await

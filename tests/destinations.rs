@@ -36,6 +36,7 @@ fn uncompressed() -> ExportOptions {
         environments: None,
         compression: Compression::None,
         format: ExportFormat::Statekeeper,
+        ..Default::default()
     }
 }
 
@@ -206,6 +207,7 @@ async fn local_files_are_written_whole_and_never_half() {
                 environments: None,
                 compression: Compression::Zstd,
                 format: ExportFormat::Statekeeper,
+                ..Default::default()
             },
             |_| {},
         )
@@ -222,6 +224,7 @@ async fn local_files_are_written_whole_and_never_half() {
                 environments: Some(vec!["nope".into()]),
                 compression: Compression::None,
                 format: ExportFormat::Statekeeper,
+                ..Default::default()
             },
             |_| {},
         )
@@ -594,6 +597,7 @@ async fn exports_verify_read_back_from_s3_gcs_and_azure() {
                 destination.open().await.unwrap(),
                 &statekeeper::engine::VerifyOptions {
                     expected_sha256: report.sha256.clone(),
+                    ..Default::default()
                 },
             )
             .await

@@ -85,6 +85,7 @@ fn replace() -> ImportOptions {
     ImportOptions {
         mode: ImportMode::Replace,
         expected_sha256: None,
+        ..ImportOptions::merge()
     }
 }
 
@@ -105,6 +106,7 @@ async fn full_round_trip_reproduces_every_row_with_every_compression() {
                 environments: None,
                 compression,
                 format: ExportFormat::Statekeeper,
+                ..Default::default()
             },
         )
         .await;
@@ -132,6 +134,7 @@ async fn full_round_trip_reproduces_every_row_with_every_compression() {
                 &ImportOptions {
                     mode: ImportMode::Replace,
                     expected_sha256: report.sha256.clone(),
+                    ..ImportOptions::merge()
                 },
             )
             .await
@@ -214,6 +217,7 @@ async fn environment_filtered_export_imports_on_its_own() {
             environments: Some(wanted.clone()),
             compression: Compression::Zstd,
             format: ExportFormat::Statekeeper,
+            ..Default::default()
         },
     )
     .await;
@@ -258,6 +262,7 @@ async fn environment_filtered_export_imports_on_its_own() {
                 environments: Some(vec!["nope".into()]),
                 compression: Compression::None,
                 format: ExportFormat::Statekeeper,
+                ..Default::default()
             },
         )
         .await
@@ -278,6 +283,7 @@ async fn merge_replaces_namesakes_and_keeps_the_rest() {
             environments: Some(vec!["env_1".into()]),
             compression: Compression::Gzip,
             format: ExportFormat::Statekeeper,
+            ..Default::default()
         },
     )
     .await;
@@ -300,6 +306,7 @@ async fn merge_replaces_namesakes_and_keeps_the_rest() {
             &ImportOptions {
                 mode: ImportMode::Merge,
                 expected_sha256: None,
+                ..ImportOptions::merge()
             },
         )
         .await
@@ -363,6 +370,7 @@ async fn bad_files_are_refused_and_change_nothing() {
             environments: None,
             compression: Compression::Gzip,
             format: ExportFormat::Statekeeper,
+            ..Default::default()
         },
     )
     .await;
@@ -549,6 +557,7 @@ async fn bad_files_are_refused_and_change_nothing() {
                 &ImportOptions {
                     mode: ImportMode::Replace,
                     expected_sha256,
+                    ..ImportOptions::merge()
                 },
             )
             .await

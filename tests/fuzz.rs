@@ -200,6 +200,7 @@ async fn export_bytes(store: &statekeeper::engine::Store, format: ExportFormat) 
                 format,
                 compression: Compression::None,
                 environments: None,
+                ..Default::default()
             },
         )
         .await

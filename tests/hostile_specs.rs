@@ -420,6 +420,37 @@ fn rows() -> Vec<Row> {
             json!(-1),
             Schema("minimum"),
         ),
+        row(
+            "StateExport",
+            "encryption.recipients",
+            "a secret key where a public key belongs",
+            json!(["AGE-SECRET-KEY-1QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ"]),
+            Schema("pattern"),
+        ),
+        row(
+            "StateExport",
+            "encryption.recipients",
+            "33 keys",
+            json!(vec![
+                "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+                33
+            ]),
+            Schema("maxItems"),
+        ),
+        row(
+            "StateExport",
+            "encryption.recipientsSecretRef.name",
+            "another namespace's Secret",
+            json!("kube-system/keys"),
+            Schema("pattern"),
+        ),
+        row(
+            "StateExport",
+            "encryption.recipientsSecretRef.name",
+            "a Secret that holds a secret key",
+            json!("backup-identity"),
+            Condition("InvalidEncryptionKey"),
+        ),
         // StateMigration
         row(
             "StateMigration",
@@ -468,6 +499,13 @@ fn rows() -> Vec<Row> {
             "import.fromExport.name",
             "another namespace's export",
             json!("other-team/nightly"),
+            Schema("pattern"),
+        ),
+        row(
+            "StateMigration",
+            "import.identitySecretRef.name",
+            "another namespace's Secret",
+            json!("kube-system/keys"),
             Schema("pattern"),
         ),
         row(
@@ -682,6 +720,10 @@ async fn every_hostile_spec_value_is_refused_with_a_reason_or_harmless() {
         "aws",
         &[("aws_access_key_id", "a"), ("aws_secret_access_key", "b")],
     );
+    // An identity where recipients belong: refused without being echoed.
+    let identity = age::x25519::Identity::generate();
+    let identity = age::secrecy::ExposeSecret::expose_secret(&identity.to_string()).to_owned();
+    put_secret(&h.kube, "backup-identity", &[("recipients", &identity)]);
     let (_, healthy) = h.reconcile(&store_for(&db, "analytics", json!({}))).await;
     assert_eq!(
         condition(&healthy.status.unwrap().conditions, "Ready").0,

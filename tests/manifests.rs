@@ -68,6 +68,9 @@ fn crd_has_status_subresource_list_map_conditions_and_cel_rules() {
     }
 }
 
+/// An age public key (the one in examples/stateexport-encrypted.yaml).
+const RECIPIENT: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+
 /// Every YAML file under examples/, its subfolders (examples/sqlmesh/) included.
 fn example_files() -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
@@ -112,13 +115,13 @@ fn every_example_state_store_parses_into_the_real_type() {
                         statekeeper::controller::export_schedule::child_url(
                             &spec.destination.url,
                             &format!("{name}-20261122030000"),
-                            spec.compression.into(),
+                            &spec.file_extension(),
                         )
                     }
                     None => statekeeper::controller::state_export::file_url(
                         &spec.destination.url,
                         &name,
-                        spec.compression.into(),
+                        &spec.file_extension(),
                     ),
                 };
                 statekeeper::engine::Destination::parse(&url, &spec.destination.options)
@@ -556,6 +559,42 @@ fn every_cel_rule_accepts_and_refuses_what_it_should() {
             "format meltano-backend writes the folder",
             export(
                 json!({"storeRef": {"name": "a"}, "destination": destination, "format": "meltano-backend", "compression": "none", "schedule": "0 3 * * *"}),
+            ),
+            None,
+            false,
+        ),
+        (
+            "StateExport",
+            "format meltano-backend writes the plain files",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "format": "meltano", "encryption": {"recipients": [RECIPIENT]}}),
+            ),
+            None,
+            true,
+        ),
+        (
+            "StateExport",
+            "format meltano-backend writes the plain files",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "format": "meltano-backend", "compression": "none", "encryption": {"recipients": [RECIPIENT]}}),
+            ),
+            None,
+            false,
+        ),
+        (
+            "StateExport",
+            "encryption needs recipients or recipientsSecretRef",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "encryption": {"recipientsSecretRef": {"name": "backup-recipients"}, "identitySecretRef": {"name": "backup-identity"}}}),
+            ),
+            None,
+            true,
+        ),
+        (
+            "StateExport",
+            "encryption needs recipients or recipientsSecretRef",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "encryption": {"identitySecretRef": {"name": "backup-identity"}}}),
             ),
             None,
             false,

@@ -204,6 +204,7 @@ async fn exact_exports_round_trip_a_meltano_database_bit_for_bit() {
         environments: None,
         compression: Compression::Zstd,
         format: ExportFormat::Exact,
+        ..Default::default()
     };
     let (report, bytes) = source.export(Vec::new(), &options).await.unwrap();
     assert_eq!(report.rows["state"], 3);
@@ -304,6 +305,7 @@ async fn refusals_name_the_problem_and_change_nothing() {
             format: ExportFormat::Statekeeper,
             compression: Compression::None,
             environments: None,
+            ..Default::default()
         },
         |_| {},
     )

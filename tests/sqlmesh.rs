@@ -39,6 +39,7 @@ async fn export_file(store: &Store, path: &Path, format: ExportFormat, environme
                     .then(|| environments.iter().map(|e| e.to_string()).collect()),
                 compression: Compression::None,
                 format,
+                ..Default::default()
             },
             |_| {},
         )
@@ -54,6 +55,7 @@ async fn import_file(store: &Store, path: &Path, mode: ImportMode) -> Result<(),
             &ImportOptions {
                 mode,
                 expected_sha256: None,
+                ..ImportOptions::merge()
             },
         )
         .await
@@ -405,6 +407,7 @@ async fn our_sqlmesh_export_imports_into_sqlmesh_like_its_own() {
                     environments: Some(vec!["dev_fwd".into()]),
                     compression: Compression::None,
                     format: ExportFormat::Sqlmesh,
+                    ..Default::default()
                 },
                 |_| {},
             )
@@ -640,6 +643,7 @@ async fn bad_files_are_refused_and_change_nothing() {
                 &ImportOptions {
                     mode: ImportMode::Replace,
                     expected_sha256: sha,
+                    ..ImportOptions::merge()
                 },
             )
             .await

@@ -42,6 +42,7 @@ async fn verify_file(
             source.open().await?,
             &VerifyOptions {
                 expected_sha256: sha256.map(str::to_owned),
+                ..Default::default()
             },
         )
         .await

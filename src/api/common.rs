@@ -30,6 +30,35 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
+/// A Secret in the resource's namespace and the key in it that holds age keys; `key` defaults
+/// to what the referring field says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeysSecretRef {
+    /// Name of the Secret, in the referring object's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Key inside the Secret's data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: Option<String>,
+}
+
+/// The key of a recipients Secret when `key` is not given.
+pub const RECIPIENTS_KEY: &str = "recipients";
+/// The key of an identity Secret when `key` is not given.
+pub const IDENTITY_KEY: &str = "identity";
+
+impl KeysSecretRef {
+    /// The key to read: `key`, or `default`.
+    pub fn key_or<'a>(&'a self, default: &'a str) -> &'a str {
+        self.key.as_deref().unwrap_or(default)
+    }
+}
+
 /// `conditions` as a list-map keyed by `type`, so server-side apply merges per condition.
 pub fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
     let mut schema = <Vec<Condition>>::json_schema(generator);

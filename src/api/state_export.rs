@@ -5,6 +5,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::common::KeysSecretRef;
+
 /// A backup of a StateStore. Without `schedule` it is a one-shot export: it runs once and its
 /// status keeps the result for good. With `schedule` it is a schedule, like a CronJob: each due
 /// run creates a one-shot child StateExport named `<name>-<UTC yyyymmddhhmmss>`.
@@ -22,6 +24,9 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("!has(self.spec.schedule) || size(self.metadata.name) <= 63").message("a scheduled StateExport's name is at most 63 characters (it labels its children)"),
     validation = Rule::new("!has(self.spec.environments) || size(self.spec.environments) == 0 || (has(self.spec.format) && self.spec.format != 'exact')").message("environments select part of a store: set format: statekeeper (or sqlmesh for a SQLMesh store); an exact export always holds every table"),
     validation = Rule::new("!has(self.spec.format) || self.spec.format != 'meltano-backend' || (!has(self.spec.schedule) && has(self.spec.compression) && self.spec.compression == 'none')").message("format meltano-backend writes the folder a Meltano state backend reads: one-shot only (no schedule), with compression: none"),
+    validation = Rule::new("!has(self.spec.encryption) || !has(self.spec.format) || self.spec.format != 'meltano-backend'").message("format meltano-backend writes the plain files Meltano itself reads: it cannot be encrypted (export the meltano format to encrypt Meltano's state)"),
+    validation = Rule::new("!has(self.spec.encryption) || has(self.spec.encryption.recipients) || has(self.spec.encryption.recipientsSecretRef)").message("encryption needs recipients or recipientsSecretRef: the age public keys to encrypt to"),
+    validation = Rule::new("!has(self.spec.verify) || !self.spec.verify || !has(self.spec.encryption) || has(self.spec.encryption.identitySecretRef)").message("verifying an encrypted export needs encryption.identitySecretRef: the identity that decrypts it"),
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Store","type":"string","jsonPath":".spec.storeRef.name"}"#,
     printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
@@ -80,6 +85,34 @@ pub struct StateExportSpec {
     /// export it runs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub verify: bool,
+    /// Encrypt the file with age to these public keys, after compressing it (the file is named
+    /// `….json.zst.age`). A schedule's exports inherit it. Not for `meltano-backend`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// Client-side encryption at rest with age (docs/encryption.md): the file is encrypted to every
+/// recipient given here and in the Secret; any one of their identities decrypts it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Encryption {
+    /// age X25519 public keys (`age1…`, as `age-keygen` prints them). Public keys are not
+    /// secret; a secret key is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 32),
+        inner(length(min = 5, max = 128), regex(pattern = r"^age1[0-9a-z]+$"))
+    )]
+    pub recipients: Vec<String>,
+    /// A Secret with more recipients: one `age1…` key a line, `#` comments allowed (key
+    /// `recipients` unless `key` says otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients_secret_ref: Option<KeysSecretRef>,
+    /// A Secret with an identity that decrypts the file (the `AGE-SECRET-KEY-1…` file
+    /// `age-keygen` writes; key `identity` unless `key` says otherwise): read to verify an
+    /// export, and by a StateMigration importing it with `fromExport`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_secret_ref: Option<KeysSecretRef>,
 }
 
 impl StateExportSpec {
@@ -97,6 +130,15 @@ impl StateExportSpec {
             immediate: false,
             retention: None,
             ..self.clone()
+        }
+    }
+
+    /// The ending of the file's name: `json[.gz|.zst]`, then `.age` when encrypted.
+    pub fn file_extension(&self) -> String {
+        let compressed = crate::engine::Compression::from(self.compression).file_extension();
+        match self.encryption {
+            Some(_) => format!("{compressed}.age"),
+            None => compressed.to_owned(),
         }
     }
 }
@@ -229,9 +271,13 @@ pub struct StateExportStatus {
     pub url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
-    /// Hex sha256 of the file; `statekeeper state import --sha256` checks it.
+    /// Hex sha256 of the file as stored (encrypted, when encrypted); `statekeeper state import
+    /// --sha256` checks it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// How many age recipients the file is encrypted to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted_to: Option<u64>,
     /// Rows per table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<BTreeMap<String, u64>>,

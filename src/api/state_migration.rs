@@ -4,6 +4,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::common::KeysSecretRef;
 use super::runner::Runner;
 use super::state_export::{Destination, StoreRef};
 
@@ -139,6 +140,11 @@ pub struct ImportOperation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub expected_sha256: Option<String>,
+    /// A Secret with the age identity that decrypts an encrypted file (the `AGE-SECRET-KEY-1…`
+    /// file `age-keygen` writes; key `identity` unless `key` says otherwise). With
+    /// `fromExport`, the export's `encryption.identitySecretRef` is used when this is not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_secret_ref: Option<KeysSecretRef>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -194,6 +194,10 @@ enum PlanOperation {
         /// The file's expected sha256 (`expectedSha256`, or the StateExport's `status.sha256`).
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
+        // As `state import --identity` takes them, so that one command line serves both; the
+        // plan does not read the file, but identities that do not parse are refused here too.
+        #[command(flatten)]
+        identities: IdentityArgs,
     },
     /// Make the store equal to another store of the same framework.
     Copy {
@@ -247,8 +251,57 @@ struct ExportArgs {
     /// <STATE_ID>/state.json per state ID below --to, as Meltano's file state backends keep them).
     #[arg(long, default_value = "exact")]
     format: ExportFormat,
+    /// Encrypt the export with age to this public key (age1…), after compressing it; repeatable
+    /// (any one of the identities decrypts it). A value that is not a key is read as a
+    /// recipients file: one age1… key a line, # comments allowed.
+    #[arg(long = "encrypt-to", value_name = "RECIPIENT|FILE")]
+    encrypt_to: Vec<String>,
     #[command(flatten)]
     meltano_locks: MeltanoLockArgs,
+}
+
+/// The age identities that decrypt an encrypted export.
+#[derive(Args, Debug)]
+struct IdentityArgs {
+    /// An age identity file (the AGE-SECRET-KEY-1… file `age-keygen` writes) to decrypt an
+    /// encrypted file with; repeatable. Encryption is detected from the file.
+    #[arg(long = "identity", value_name = "FILE")]
+    identity: Vec<std::path::PathBuf>,
+}
+
+impl IdentityArgs {
+    fn identities(&self) -> Result<crate::engine::Identities, Error> {
+        let mut identities = crate::engine::Identities::default();
+        for path in &self.identity {
+            identities.extend(crate::engine::Identities::from_file(path)?);
+        }
+        Ok(identities)
+    }
+}
+
+impl ExportArgs {
+    /// Every `--encrypt-to`: a public key, or a recipients file.
+    fn recipients(&self) -> Result<crate::engine::Recipients, Error> {
+        let mut recipients = crate::engine::Recipients::default();
+        for value in &self.encrypt_to {
+            let path = std::path::Path::new(value);
+            recipients.extend(
+                if value.trim_start().starts_with("age1") || !path.exists() {
+                    crate::engine::Recipients::parse(value, "--encrypt-to")?
+                } else {
+                    let origin = format!("recipients file {value}");
+                    let text =
+                        std::fs::read_to_string(path).map_err(|_| Error::InvalidEncryptionKey {
+                            origin: origin.clone(),
+                            line: None,
+                            problem: "cannot be read as text",
+                        })?;
+                    crate::engine::Recipients::parse(&text, &origin)?
+                },
+            );
+        }
+        Ok(recipients)
+    }
 }
 
 /// How Meltano's lock files are honoured (`--format meltano-backend`).
@@ -298,6 +351,8 @@ struct ImportArgs {
     /// Refuse the file unless its sha256 is this hex digest.
     #[arg(long, value_name = "HEX")]
     sha256: Option<String>,
+    #[command(flatten)]
+    identities: IdentityArgs,
     /// meltano-backend: read every <STATE_ID>/state.json below --from (a Meltano file state
     /// backend's folder or prefix). Files are otherwise recognised by their content.
     #[arg(long, value_name = "FORMAT", value_parser = only_meltano_backend)]
@@ -320,6 +375,8 @@ struct VerifyArgs {
     /// have it. Needed for Meltano-format files, which carry no manifest.
     #[arg(long, value_name = "HEX")]
     sha256: Option<String>,
+    #[command(flatten)]
+    identities: IdentityArgs,
 }
 
 /// `state import --format`: the one format that is not a file, so not detected from one.
@@ -530,9 +587,11 @@ fn check_location(command: &StateCommand) -> Result<(), Error> {
     match command {
         StateCommand::Export(export) => {
             transfer::Location::parse(&export.to, &export.storage_options, export.format)?;
+            export.recipients()?;
         }
         StateCommand::Import(import) => {
             transfer::Location::parse(&import.from, &import.storage_options, import.format())?;
+            import.identities.identities()?;
         }
         StateCommand::Verify(verify) => {
             transfer::Location::parse(&verify.from, &verify.storage_options, ExportFormat::Exact)?;
@@ -549,6 +608,7 @@ async fn export_state(store: &Store, export: &ExportArgs, json: bool) -> Result<
         environments: (!export.environments.is_empty()).then(|| export.environments.clone()),
         compression: export.compression,
         format: export.format,
+        recipients: export.recipients()?,
     };
     let bar = transfer::progress("exporting");
     let report = match &location {
@@ -581,6 +641,7 @@ async fn import_state(store: &Store, import: &ImportArgs, json: bool) -> Result<
     let options = crate::engine::ImportOptions {
         mode: import_mode(import.replace),
         expected_sha256: import.sha256.clone(),
+        identities: import.identities.identities()?,
     };
     let bar = transfer::progress("importing");
     let report = match &location {
@@ -611,6 +672,7 @@ async fn verify_export(store: &Store, verify: &VerifyArgs, json: bool) -> Result
         transfer::Location::parse(&verify.from, &verify.storage_options, ExportFormat::Exact)?;
     let options = crate::engine::VerifyOptions {
         expected_sha256: verify.sha256.clone(),
+        identities: verify.identities.identities()?,
     };
     let bar = transfer::progress("verifying");
     let report = match &location {
@@ -685,7 +747,9 @@ async fn plan_operation(
             replace,
             merge: _,
             sha256,
+            identities,
         } => {
+            identities.identities()?;
             store
                 .plan(
                     Operation::Import {

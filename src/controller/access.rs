@@ -14,10 +14,12 @@ use kube::api::Api;
 use super::context::{Context, ReconcileError};
 use super::pool_cache::PoolError;
 use crate::api::SecretKeyRef;
+use crate::api::common::{IDENTITY_KEY, KeysSecretRef, RECIPIENTS_KEY};
+use crate::api::state_export::Encryption;
 use crate::api::state_store::{ConfigMapKeyRef, StateStore, TlsSpec};
 use crate::engine::{
-    Compression, ConnectionParts, ConnectionSettings, Destination, SchemaName, Store, TlsMaterial,
-    password_in_url, redact,
+    ConnectionParts, ConnectionSettings, Destination, Identities, Recipients, SchemaName, Store,
+    TlsMaterial, password_in_url, redact,
 };
 
 /// The reason while a store waits for one of the operator's database connections.
@@ -365,17 +367,17 @@ async fn read_secret_key(
 }
 
 /// The URL of the file an export writes: `url` itself, or `<url><name>.<extension>` when `url`
-/// ends in `/` (a folder).
-pub fn file_url(url: &str, name: &str, compression: Compression) -> String {
+/// ends in `/` (a folder); `extension` is the spec's (`StateExportSpec::file_extension`).
+pub fn file_url(url: &str, name: &str, extension: &str) -> String {
     if url.ends_with('/') {
-        format!("{url}{name}.{}", compression.file_extension())
+        format!("{url}{name}.{extension}")
     } else {
         url.to_owned()
     }
 }
 
-/// Why a destination cannot be used: permanent problems fail the export for good, the rest
-/// (a Secret not created yet) are retried.
+/// Why a destination (or the keys of an encryption) cannot be used: permanent problems fail the
+/// export for good, the rest (a Secret not created yet) are retried.
 pub struct DestinationProblem {
     pub reason: &'static str,
     pub message: String,
@@ -427,4 +429,99 @@ pub async fn resolve_destination(
         message: e.to_string(),
         permanent: true,
     })
+}
+
+/// The age keys in `secret_ref` (`default_key` unless it names another): a missing Secret or key
+/// may still appear (retried); one that is not text is permanent. Never a value in a message.
+async fn read_keys(
+    ctx: &Context,
+    namespace: &str,
+    secret_ref: &KeysSecretRef,
+    default_key: &str,
+    what: &str,
+) -> Result<(String, String), DestinationProblem> {
+    let key = secret_ref.key_or(default_key);
+    let mut data = read_secret(ctx, namespace, &secret_ref.name, what)
+        .await
+        .map_err(|problem| DestinationProblem {
+            reason: problem.reason,
+            message: problem.message,
+            permanent: false,
+        })?;
+    let Some(value) = data.remove(key) else {
+        return Err(DestinationProblem {
+            reason: "SecretKeyMissing",
+            message: format!(
+                "{what} \"{}\" has no key \"{key}\" (it has: {})",
+                secret_ref.name,
+                key_list(data.keys())
+            ),
+            permanent: false,
+        });
+    };
+    let text = secret_text(&secret_ref.name, key, value).map_err(|problem| DestinationProblem {
+        reason: problem.reason,
+        message: problem.message,
+        permanent: true,
+    })?;
+    Ok((
+        text,
+        format!("{what} \"{}\" key \"{key}\"", secret_ref.name),
+    ))
+}
+
+/// A key that is not an age key of the right kind: the spec (or the Secret) must change.
+fn invalid_keys(e: crate::engine::Error) -> DestinationProblem {
+    DestinationProblem {
+        reason: e.reason(),
+        message: e.to_string(),
+        permanent: true,
+    }
+}
+
+/// The recipients an export is encrypted to: the spec's and its Secret's.
+pub async fn read_recipients(
+    ctx: &Context,
+    namespace: &str,
+    encryption: &Encryption,
+) -> Result<Recipients, DestinationProblem> {
+    let mut recipients = Recipients::default();
+    if !encryption.recipients.is_empty() {
+        recipients.extend(
+            Recipients::parse(&encryption.recipients.join("\n"), "encryption.recipients")
+                .map_err(invalid_keys)?,
+        );
+    }
+    if let Some(secret_ref) = &encryption.recipients_secret_ref {
+        let (text, origin) = read_keys(
+            ctx,
+            namespace,
+            secret_ref,
+            RECIPIENTS_KEY,
+            "recipients Secret",
+        )
+        .await?;
+        recipients.extend(Recipients::parse(&text, &origin).map_err(invalid_keys)?);
+    }
+    if recipients.is_empty() {
+        return Err(DestinationProblem {
+            reason: "InvalidSpec",
+            message: "encryption names no recipient: set encryption.recipients or \
+                      encryption.recipientsSecretRef"
+                .into(),
+            permanent: true,
+        });
+    }
+    Ok(recipients)
+}
+
+/// The identities in an identity Secret (to import or verify an encrypted export).
+pub async fn read_identities(
+    ctx: &Context,
+    namespace: &str,
+    secret_ref: &KeysSecretRef,
+) -> Result<Identities, DestinationProblem> {
+    let (text, origin) =
+        read_keys(ctx, namespace, secret_ref, IDENTITY_KEY, "identity Secret").await?;
+    Identities::parse(&text, &origin).map_err(invalid_keys)
 }

@@ -199,6 +199,33 @@ pub enum Error {
     #[error("the export failed verification: {0}")]
     VerificationFailed(String),
 
+    /// A recipient or identity that is not an age key. Says where and on which line, never
+    /// the text of the line (it may be a secret key given in the wrong place).
+    #[error("{origin}{}: {problem}", .line.map(|n| format!(", line {n}")).unwrap_or_default())]
+    InvalidEncryptionKey {
+        origin: String,
+        line: Option<usize>,
+        problem: &'static str,
+    },
+
+    #[error(
+        "the file is encrypted to {}: pass --identity FILE (on a StateMigration: \
+         spec.import.identitySecretRef); nothing was changed",
+        super::words::counted(*.recipients as u64, "recipients")
+    )]
+    IdentityRequired { recipients: usize },
+
+    #[error(
+        "no identity matches: the file is encrypted to {} and none of the {} given is one of \
+         them; nothing was changed",
+        super::words::counted(*.recipients as u64, "recipients"),
+        super::words::counted(*.identities as u64, "identities")
+    )]
+    NoMatchingIdentity {
+        recipients: usize,
+        identities: usize,
+    },
+
     /// The server went away or ended the session mid-operation (a restart, a failover, a
     /// network cut). The transaction either committed whole or changed nothing.
     #[error("lost the connection to PostgreSQL: {0}")]
@@ -265,6 +292,9 @@ impl Error {
             Error::ExportWrite(_) => "ExportWriteFailed",
             Error::InvalidExport(_) => "InvalidExport",
             Error::VerificationFailed(_) => "VerificationFailed",
+            Error::InvalidEncryptionKey { .. } => "InvalidEncryptionKey",
+            Error::IdentityRequired { .. } => "IdentityRequired",
+            Error::NoMatchingIdentity { .. } => "NoMatchingIdentity",
             Error::ConnectionLost(_) => "DatabaseUnreachable",
             Error::Database(sqlx::Error::PoolTimedOut) => "ConnectTimeout",
             Error::Database(_) => "DatabaseError",

@@ -41,11 +41,17 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         let measure = Arc::new(Mutex::new(Measure::default()));
-        let mut out = Output::new(writer, options.compression, measure.clone());
+        let mut out = Output::new(
+            writer,
+            options.compression,
+            &options.recipients,
+            measure.clone(),
+        )?;
         let mut report = ExportReport {
             framework: self.framework(),
             format: options.format,
             compression: options.compression,
+            encrypted_to: options.recipients.len() as u64,
             ..Default::default()
         };
         match options.format {

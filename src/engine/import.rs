@@ -12,10 +12,11 @@ use std::time::Instant;
 
 use async_compression::tokio::bufread::{GzipDecoder, ZstdDecoder};
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
 
 use super::Error;
+use super::encryption::{self, Identities};
 use super::exact;
 use super::format::reader::{Emitter, SectionReader};
 use super::format::staging::{Incoming, STREAM_ENDED};
@@ -34,24 +35,54 @@ use super::transfer::{Compression, ExportOptions, ImportOptions, ImportReport};
 
 type BoxedRead = Pin<Box<dyn AsyncRead + Send>>;
 
-/// Detects gzip and zstd by their magic bytes and returns the decompressed stream.
-async fn decoded<R: AsyncRead + Unpin + Send + 'static>(
+/// What a file's first bytes showed: the plaintext stream and how it was stored.
+pub(crate) struct Decoded {
+    /// The document, decrypted and decompressed.
+    pub reader: BoxedRead,
+    pub compression: Compression,
+    /// How many age recipients the file is encrypted to (0: not encrypted).
+    pub encrypted_to: usize,
+}
+
+/// Reads a stored file: counts and hashes its bytes as stored (`measure`), decrypts it with
+/// `identities` when it is an age file, then detects gzip and zstd by their magic bytes and
+/// returns the document. The shared first step of import, scan and verification.
+pub(crate) async fn decoded<R: AsyncRead + Unpin + Send + 'static>(
     reader: R,
     measure: Arc<Mutex<Measure>>,
-) -> Result<(BoxedRead, Compression), Error> {
+    identities: &Identities,
+) -> Result<Decoded, Error> {
     let measured = Observed::new(reader, move |bytes: &[u8]| {
         if let Ok(mut m) = measure.lock() {
             m.add(bytes);
         }
     });
     let mut buffered = BufReader::with_capacity(256 * 1024, measured);
-    let head = buffered
-        .fill_buf()
-        .await
-        .map_err(|e| Error::InvalidExport(format!("cannot read the file: {e}")))?;
-    if head.is_empty() {
-        return Err(Error::InvalidExport("the file is empty".into()));
+    let head = first_bytes(&mut buffered).await?;
+    if !encryption::is_encrypted(head) {
+        let (reader, compression) = decompressed(buffered).await?;
+        return Ok(Decoded {
+            reader,
+            compression,
+            encrypted_to: 0,
+        });
     }
+    let armored = !head.starts_with(b"age");
+    let (plaintext, encrypted_to) = encryption::decrypt(buffered, armored, identities).await?;
+    let (reader, compression) =
+        decompressed(BufReader::with_capacity(256 * 1024, plaintext)).await?;
+    Ok(Decoded {
+        reader,
+        compression,
+        encrypted_to,
+    })
+}
+
+/// Detects gzip and zstd by their magic bytes and returns the decompressed stream.
+async fn decompressed<B: AsyncBufRead + Unpin + Send + 'static>(
+    mut buffered: B,
+) -> Result<(BoxedRead, Compression), Error> {
+    let head = first_bytes(&mut buffered).await?;
     Ok(if head.starts_with(&[0x1f, 0x8b]) {
         (Box::pin(GzipDecoder::new(buffered)), Compression::Gzip)
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
@@ -59,6 +90,18 @@ async fn decoded<R: AsyncRead + Unpin + Send + 'static>(
     } else {
         (Box::pin(buffered), Compression::None)
     })
+}
+
+/// The first bytes of a stream (without consuming them), or why there are none.
+async fn first_bytes<B: AsyncBufRead + Unpin>(reader: &mut B) -> Result<&[u8], Error> {
+    let head = reader
+        .fill_buf()
+        .await
+        .map_err(|e| Error::InvalidExport(format!("cannot read the file: {e}")))?;
+    if head.is_empty() {
+        return Err(Error::InvalidExport("the file is empty".into()));
+    }
+    Ok(head)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -182,7 +225,11 @@ impl Store {
     ) -> Result<ImportReport, Error> {
         let started = Instant::now();
         let measure = Arc::new(Mutex::new(Measure::default()));
-        let (decoded, compression) = decoded(reader, measure.clone()).await?;
+        let Decoded {
+            reader: decoded,
+            compression,
+            ..
+        } = decoded(reader, measure.clone(), &options.identities).await?;
         // A few batches in flight keep both sides busy; more would only hold memory.
         let (tx, mut rx) = mpsc::channel::<Message>(8);
         let bridge = tokio_util::io::SyncIoBridge::new(decoded);
@@ -259,6 +306,7 @@ impl Store {
             environments: None,
             compression: Compression::None,
             format: ExportFormat::Exact,
+            ..Default::default()
         };
         let export = async move {
             source
@@ -293,14 +341,33 @@ pub struct ScanReport {
     /// Meltano's format).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub manifest: Option<Manifest>,
+    /// How many age recipients the file is encrypted to (0: not encrypted).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub encrypted_to: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Reads a whole file as an import would, without a database: its format, rows and checksum, or
 /// why it cannot be imported (compression, structure, header, every row's shape). The checks
 /// that need the store (versions, references, duplicates) come on import.
 pub async fn scan<R: AsyncRead + Unpin + Send + 'static>(reader: R) -> Result<ScanReport, Error> {
+    scan_decrypting(reader, &Identities::default()).await
+}
+
+/// [`scan`] of a file that may be encrypted, decrypted with `identities`.
+pub async fn scan_decrypting<R: AsyncRead + Unpin + Send + 'static>(
+    reader: R,
+    identities: &Identities,
+) -> Result<ScanReport, Error> {
     let measure = Arc::new(Mutex::new(Measure::default()));
-    let (decoded, compression) = decoded(reader, measure.clone()).await?;
+    let Decoded {
+        reader: decoded,
+        compression,
+        encrypted_to,
+    } = decoded(reader, measure.clone(), identities).await?;
     let (tx, mut rx) = mpsc::channel::<Message>(8);
     let bridge = tokio_util::io::SyncIoBridge::new(decoded);
     let parser = tokio::task::spawn_blocking(move || parse(bridge, tx));
@@ -341,6 +408,7 @@ pub async fn scan<R: AsyncRead + Unpin + Send + 'static>(reader: R) -> Result<Sc
         bytes,
         sha256,
         manifest,
+        encrypted_to,
     })
 }
 

@@ -75,6 +75,14 @@ impl Store {
                     .into(),
             ));
         }
+        if !options.recipients.is_empty() {
+            return Err(Error::InvalidExportRequest(
+                "Meltano's state backends read plain state.json files, which Meltano itself must \
+                 read: encryption is not available with the meltano-backend format (export the \
+                 meltano format to encrypt Meltano's state)"
+                    .into(),
+            ));
+        }
         let mut tx = self.begin_snapshot().await?;
         sqlx::query("SET TRANSACTION READ ONLY")
             .execute(&mut *tx)
@@ -130,6 +138,7 @@ impl Store {
             environments: count,
             rows: [("state".to_owned(), count)].into(),
             bytes,
+            encrypted_to: 0,
             sha256: None,
             compression: Compression::None,
             duration: started.elapsed(),

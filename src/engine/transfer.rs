@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::backup::BackupInfo;
+use super::encryption::{Identities, Recipients};
 use super::framework::{ExportFormat, Framework};
 use super::manifest::Manifest;
 
@@ -50,6 +51,8 @@ pub struct ExportOptions {
     pub environments: Option<Vec<String>>,
     pub compression: Compression,
     pub format: ExportFormat,
+    /// Encrypt the file to these age public keys, after compressing it (none: not encrypted).
+    pub recipients: Recipients,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -64,9 +67,13 @@ pub struct ExportReport {
     pub environments: u64,
     /// Rows per table.
     pub rows: BTreeMap<String, u64>,
-    /// Bytes written, after compression.
+    /// Bytes written, after compression (and encryption).
     pub bytes: u64,
-    /// Hex sha256 of the bytes written; none for a folder of files (`meltano-backend`).
+    /// How many age recipients the file is encrypted to (0: not encrypted).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub encrypted_to: u64,
+    /// Hex sha256 of the bytes written (encrypted ones, when encrypted); none for a folder of
+    /// files (`meltano-backend`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     pub compression: Compression,
@@ -83,12 +90,20 @@ impl ExportReport {
     pub fn summary(&self, to: &str) -> String {
         let groups = self.framework.profile().entities.noun;
         format!(
-            "exported {} ({}, {}) to {to}: {}{}",
+            "exported {} ({}, {}) to {to}: {}{}{}",
             super::words::counted(self.total_rows(), "rows"),
             super::words::counted(self.environments, groups),
             self.framework
                 .describe_version(self.schema_version, &self.versions),
             super::words::counted(self.bytes, "bytes"),
+            if self.encrypted_to > 0 {
+                format!(
+                    " encrypted to {}",
+                    super::words::counted(self.encrypted_to, "recipients")
+                )
+            } else {
+                String::new()
+            },
             self.sha256
                 .as_ref()
                 .map(|sha| format!(", sha256 {sha}"))
@@ -114,6 +129,8 @@ pub struct ImportOptions {
     pub mode: ImportMode,
     /// Refuse the file unless its sha256 (of the bytes as stored) is this hex digest.
     pub expected_sha256: Option<String>,
+    /// The age identities that decrypt an encrypted file (tried in order).
+    pub identities: Identities,
 }
 
 impl ImportOptions {
@@ -121,6 +138,7 @@ impl ImportOptions {
         Self {
             mode: ImportMode::Replace,
             expected_sha256: None,
+            identities: Identities::default(),
         }
     }
 
@@ -128,6 +146,7 @@ impl ImportOptions {
         Self {
             mode: ImportMode::Merge,
             expected_sha256: None,
+            identities: Identities::default(),
         }
     }
 }
@@ -194,6 +213,10 @@ impl ImportReport {
             ),
         }
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// How many removed names a report lists.

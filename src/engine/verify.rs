@@ -14,6 +14,7 @@ use tokio::io::AsyncRead;
 
 use super::Error;
 use super::catalog;
+use super::encryption::Identities;
 use super::framework::{ExportFormat, ResetStyle};
 use super::identifier::{SCRATCH_INFIX, SchemaName, quote_ident};
 use super::store::Store;
@@ -27,6 +28,8 @@ const STALE_SCRATCH_HOURS: i64 = 24;
 pub struct VerifyOptions {
     /// The file's sha256 as stored, when known (a StateExport's `status.sha256`).
     pub expected_sha256: Option<String>,
+    /// The age identities that decrypt an encrypted file.
+    pub identities: Identities,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -169,6 +172,7 @@ async fn verify_into<R: AsyncRead + Unpin + Send + 'static>(
     let import = ImportOptions {
         mode: ImportMode::Replace,
         expected_sha256: options.expected_sha256.clone(),
+        identities: options.identities.clone(),
     };
     let imported = scratch.import(reader, &import).await.map_err(|e| match e {
         Error::InvalidExport(reason) => Error::VerificationFailed(reason),

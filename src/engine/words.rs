@@ -6,6 +6,9 @@ pub fn counted(n: u64, plural: &str) -> String {
     if n != 1 {
         return format!("{n} {plural}");
     }
+    if let Some(stem) = plural.strip_suffix("ies") {
+        return format!("1 {stem}y");
+    }
     let singular = ["ches", "shes", "sses", "xes"]
         .iter()
         .find(|end| plural.ends_with(*end))
@@ -25,5 +28,6 @@ mod tests {
         assert_eq!(super::counted(1, "state IDs"), "1 state ID");
         assert_eq!(super::counted(1, "batches"), "1 batch");
         assert_eq!(super::counted(1, "rows"), "1 row");
+        assert_eq!(super::counted(1, "identities"), "1 identity");
     }
 }

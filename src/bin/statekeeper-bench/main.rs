@@ -56,6 +56,10 @@ enum Command {
         /// exact (every table, history included) or statekeeper (current state only).
         #[arg(long, default_value = "exact")]
         format: statekeeper::engine::ExportFormat,
+        /// Also export and import each store encrypted with age (a fresh key), alternating
+        /// with plain runs (3 of each, medians), and print the encrypted/plain ratios.
+        #[arg(long)]
+        encrypt: bool,
     },
     /// Meltano's state export and import (and its way into a file state backend) next to
     /// statekeeper's, on state the real Meltano wrote, in the same run on the same server; both
@@ -291,6 +295,7 @@ async fn run(cli: Cli) -> BenchResult<()> {
             environments,
             compression,
             format,
+            encrypt,
         } => {
             let url = server_url(target.database_url.as_deref()).await?;
             export_import::run(
@@ -300,6 +305,7 @@ async fn run(cli: Cli) -> BenchResult<()> {
                     environments,
                     compression,
                     format,
+                    encrypt,
                 },
                 &sizes,
             )

@@ -18,7 +18,7 @@ use crate::controller::conditions::{Desired, READY, RECONCILING, STALLED};
 use crate::controller::context::{Context, ReconcileError};
 use crate::engine::{
     Compression, Destination, Error as EngineError, ExportFormat, ExportOptions, ExportReport,
-    MeltanoLocks, prefix_url, redact,
+    MeltanoLocks, Recipients, prefix_url, redact,
 };
 
 /// The reconcile ends here, with this result.
@@ -59,6 +59,8 @@ struct Attempt<'a> {
     to_folder: bool,
     previous: StateExportStatus,
     status: StateExportStatus,
+    /// The age public keys the file is encrypted to (none: not encrypted).
+    recipients: Recipients,
 }
 
 impl<'a> Attempt<'a> {
@@ -76,7 +78,7 @@ impl<'a> Attempt<'a> {
             file_url(
                 &spec.destination.url,
                 &export.name_any(),
-                Compression::from(spec.compression),
+                &spec.file_extension(),
             )
         };
         let status = StateExportStatus {
@@ -92,6 +94,7 @@ impl<'a> Attempt<'a> {
             to_folder,
             previous,
             status,
+            recipients: Recipients::default(),
         }
     }
 
@@ -121,6 +124,17 @@ impl<'a> Attempt<'a> {
                     .await);
             }
         };
+        if let Some(encryption) = &spec.encryption {
+            match access::read_recipients(self.ctx, &self.namespace, encryption).await {
+                Ok(recipients) => self.recipients = recipients,
+                // A missing Secret may still appear; a key that is not one never will.
+                Err(problem) => {
+                    return Err(self
+                        .stop(problem.reason, &problem.message, problem.permanent)
+                        .await);
+                }
+            }
+        }
         let store = match access::store_for_operation(
             self.ctx,
             &self.namespace,
@@ -234,11 +248,13 @@ impl<'a> Attempt<'a> {
             .and_then(|upload| upload.staging_id())
             .map(str::to_owned);
         self.record_attempt().await?;
-        let options = ExportOptions {
+        let mut options = ExportOptions {
             environments: (!spec.environments.is_empty()).then(|| spec.environments.clone()),
             compression: Compression::from(spec.compression),
             format: ExportFormat::from(spec.format),
+            ..Default::default()
         };
+        options.recipients = self.recipients.clone();
         let outcome = match upload {
             Some(upload) => {
                 store
@@ -308,6 +324,7 @@ impl<'a> Attempt<'a> {
         self.status.phase = Some(phases::SUCCEEDED.into());
         self.status.bytes = Some(report.bytes);
         self.status.sha256 = report.sha256.clone();
+        self.status.encrypted_to = (report.encrypted_to > 0).then_some(report.encrypted_to);
         self.status.environments = Some(report.environments);
         self.status.schema_version = Some(report.schema_version);
         self.status.duration_ms = Some(report.duration.as_millis() as u64);

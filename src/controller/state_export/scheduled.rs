@@ -19,11 +19,10 @@ use kube::{Resource, ResourceExt};
 use super::status::{failed, write_status};
 use crate::api::phases;
 use crate::api::state_export::{StateExport, StateExportSpec, StateExportStatus};
-use crate::controller::access::{file_url, resolve_destination};
+use crate::controller::access::{file_url, read_recipients, resolve_destination};
 use crate::controller::conditions::{self, Desired, READY, RECONCILING, STALLED};
 use crate::controller::context::{Context, ReconcileError};
 use crate::controller::schedule::{self, Schedule};
-use crate::engine::Compression;
 
 /// The keys this reconciler sets, by the paths they have always had.
 pub use crate::api::labels::{
@@ -46,9 +45,9 @@ pub fn run_now_child_name(parent: &str, token: &str) -> String {
 }
 
 /// The URL of a child's file: inside the schedule's folder, named after the child.
-pub fn child_url(folder: &str, child: &str, compression: Compression) -> String {
+pub fn child_url(folder: &str, child: &str, extension: &str) -> String {
     let folder = format!("{}/", folder.trim_end_matches('/'));
-    file_url(&folder, child, compression)
+    file_url(&folder, child, extension)
 }
 
 /// Orders children oldest run first: by creation, then by the time they were created for (two
@@ -217,11 +216,17 @@ async fn schedule_or_stall(
     let sample = child_url(
         &spec.destination.url,
         &child_name(&export.name_any(), now),
-        Compression::from(spec.compression),
+        &spec.file_extension(),
     );
-    if let Err(problem) = resolve_destination(ctx, namespace, &spec.destination, &sample).await
-        && problem.permanent
-    {
+    let destination = resolve_destination(ctx, namespace, &spec.destination, &sample)
+        .await
+        .err();
+    // Keys that are not keys would fail every child: the schedule stalls instead.
+    let keys = match &spec.encryption {
+        Some(encryption) => read_recipients(ctx, namespace, encryption).await.err(),
+        None => None,
+    };
+    if let Some(problem) = destination.into_iter().chain(keys).find(|p| p.permanent) {
         stalled(
             ctx,
             export,
@@ -342,7 +347,7 @@ async fn create_child(
     let url = child_url(
         &parent.spec.destination.url,
         &name,
-        Compression::from(parent.spec.compression),
+        &parent.spec.file_extension(),
     );
     let child = StateExport {
         metadata: ObjectMeta {
@@ -430,7 +435,7 @@ async fn prune(
                 file_url(
                     &child.spec.destination.url,
                     &name,
-                    child.spec.compression.into(),
+                    &child.spec.file_extension(),
                 )
             });
         let staging = child.status.as_ref().and_then(|s| s.staging_upload.clone());

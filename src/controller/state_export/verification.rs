@@ -13,7 +13,9 @@ use crate::api::state_export::{StateExport, StateExportStatus};
 use crate::controller::access::{self, OperatedStore, resolve_destination};
 use crate::controller::conditions::{Desired, READY, RECONCILING, STALLED};
 use crate::controller::context::{Context, ReconcileError};
-use crate::engine::{Destination, Error as EngineError, ExportFormat, VerifyOptions, redact};
+use crate::engine::{
+    Destination, Error as EngineError, ExportFormat, Identities, VerifyOptions, redact,
+};
 
 /// The condition a verifying export carries.
 pub const VERIFIED: &str = "Verified";
@@ -97,8 +99,36 @@ pub(super) async fn run(
         export.namespace().unwrap_or_default(),
         export.name_any()
     );
+    // An encrypted export is verified with the identity its spec names (a CEL rule requires
+    // one with `verify`); a Secret still missing or wrong is retried, as it can be fixed.
+    let identities = match export
+        .spec
+        .encryption
+        .as_ref()
+        .and_then(|e| e.identity_secret_ref.as_ref())
+    {
+        Some(secret_ref) => {
+            let namespace = export.namespace().unwrap_or_default();
+            match access::read_identities(ctx, &namespace, secret_ref).await {
+                Ok(identities) => identities,
+                Err(problem) => {
+                    return retry_later(
+                        ctx,
+                        export,
+                        previous,
+                        &key,
+                        problem.reason,
+                        &problem.message,
+                    )
+                    .await;
+                }
+            }
+        }
+        None => Identities::default(),
+    };
     let options = VerifyOptions {
         expected_sha256: status.sha256.clone(),
+        identities,
     };
     let outcome = match destination.open().await {
         Ok(reader) => store.engine.verify(reader, &options).await,

@@ -8,8 +8,10 @@ use super::run::Run;
 use crate::api::phases;
 use crate::api::state_export::StateExport;
 use crate::api::state_store::StateStore;
-use crate::controller::access::{connect_for_operation, resolve_destination};
-use crate::engine::{Destination, ImportMode, Store, copy_source_label};
+use crate::controller::access::{
+    DestinationProblem, connect_for_operation, read_identities, resolve_destination,
+};
+use crate::engine::{Destination, Identities, ImportMode, Store, copy_source_label};
 
 /// The file an import reads, resolved from `import.source` or a finished StateExport.
 pub(super) struct ImportInput {
@@ -17,6 +19,8 @@ pub(super) struct ImportInput {
     pub(super) expected_sha256: Option<String>,
     pub(super) mode: ImportMode,
     pub(super) destination: Destination,
+    /// The age identities that decrypt an encrypted file.
+    pub(super) identities: Identities,
 }
 
 /// Everything an operation needs besides the store: resolved once per reconcile.
@@ -32,6 +36,17 @@ pub(super) enum Stop {
     Fail(String, String),
 }
 
+impl From<DestinationProblem> for Stop {
+    /// A Secret that may still appear waits; a destination or key that cannot work fails.
+    fn from(problem: DestinationProblem) -> Self {
+        if problem.permanent {
+            Stop::Fail(problem.reason.into(), problem.message)
+        } else {
+            Stop::Pending(problem.reason.into(), problem.message)
+        }
+    }
+}
+
 /// The inputs of the requested operation: the file an import reads, the store a copy reads
 /// (connected; its secrets join the ones kept out of the status).
 pub(super) async fn resolve_inputs(
@@ -43,11 +58,15 @@ pub(super) async fn resolve_inputs(
             let Some(import) = &run.migration.spec.import else {
                 return Err(Stop::Fail("InvalidSpec".into(), "no import".into()));
             };
-            let (url, spec_destination, expected) = match (&import.source, &import.from_export) {
+            let (url, spec_destination, expected, identity_ref) = match (
+                &import.source,
+                &import.from_export,
+            ) {
                 (Some(source), _) => (
                     source.url.clone(),
                     source.clone(),
                     import.expected_sha256.clone(),
+                    import.identity_secret_ref.clone(),
                 ),
                 (None, Some(export_ref)) => {
                     let exports: Api<StateExport> =
@@ -122,7 +141,15 @@ pub(super) async fn resolve_inputs(
                         url: url.clone(),
                         ..export.spec.destination.clone()
                     };
-                    (url, destination, Some(sha256))
+                    // The export's own identity, unless the import names one.
+                    let identity_ref = import.identity_secret_ref.clone().or_else(|| {
+                        export
+                            .spec
+                            .encryption
+                            .as_ref()
+                            .and_then(|e| e.identity_secret_ref.clone())
+                    });
+                    (url, destination, Some(sha256), identity_ref)
                 }
                 (None, None) => {
                     return Err(Stop::Fail(
@@ -131,20 +158,18 @@ pub(super) async fn resolve_inputs(
                     ));
                 }
             };
-            let destination = resolve_destination(run.ctx, &run.namespace, &spec_destination, &url)
-                .await
-                .map_err(|problem| {
-                    if problem.permanent {
-                        Stop::Fail(problem.reason.into(), problem.message)
-                    } else {
-                        Stop::Pending(problem.reason.into(), problem.message)
-                    }
-                })?;
+            let destination =
+                resolve_destination(run.ctx, &run.namespace, &spec_destination, &url).await?;
+            let identities = match &identity_ref {
+                Some(secret_ref) => read_identities(run.ctx, &run.namespace, secret_ref).await?,
+                None => Identities::default(),
+            };
             Ok(Inputs::Import(ImportInput {
                 url,
                 expected_sha256: expected,
                 mode: import.mode.into(),
                 destination,
+                identities,
             }))
         }
         Requested::Copy { store: name } => {

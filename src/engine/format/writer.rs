@@ -1,5 +1,5 @@
-//! The writing half of every format: the output stream (compressed, counted and hashed as it is
-//! written), flushing in bounded chunks, and turning rows read by COPY into JSON.
+//! The writing half of every format: the output stream (compressed, then encrypted when asked,
+//! counted and hashed as it is written), flushing in bounded chunks, and turning rows read by COPY into JSON.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +12,7 @@ use sqlx::PgConnection;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::engine::Error;
+use crate::engine::encryption::{Encrypting, Recipients};
 use crate::engine::io::Observed;
 use crate::engine::manifest::{MANIFEST_KEY, Manifest};
 use crate::engine::transfer::Compression;
@@ -36,15 +37,69 @@ impl Measure {
 
 type Measured<W> = Observed<W, Box<dyn FnMut(&[u8]) + Send>>;
 
-/// The compressing layer over the measured destination.
+/// The bytes as stored: the measured destination, behind age's encryption when asked.
+enum Stored<W: AsyncWrite + Unpin> {
+    Plain(Measured<W>),
+    Encrypted(Encrypting<Measured<W>>),
+}
+
+impl<W: AsyncWrite + Unpin> Stored<W> {
+    fn into_inner(self) -> Measured<W> {
+        match self {
+            Self::Plain(w) => w,
+            Self::Encrypted(w) => w.into_inner(),
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Stored<W> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+            Self::Encrypted(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(w) => std::pin::Pin::new(w).poll_flush(cx),
+            Self::Encrypted(w) => std::pin::Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(w) => std::pin::Pin::new(w).poll_shutdown(cx),
+            Self::Encrypted(w) => std::pin::Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The compressing layer over the stored bytes: compression comes before encryption (encrypted
+/// bytes do not compress).
 enum Encoder<W: AsyncWrite + Unpin> {
-    Plain(tokio::io::BufWriter<Measured<W>>),
-    Gzip(GzipEncoder<Measured<W>>),
-    Zstd(ZstdEncoder<Measured<W>>),
+    Plain(tokio::io::BufWriter<Stored<W>>),
+    Gzip(GzipEncoder<Stored<W>>),
+    Zstd(ZstdEncoder<Stored<W>>),
 }
 
 impl<W: AsyncWrite + Unpin> Encoder<W> {
-    fn new(writer: W, compression: Compression, measure: Arc<Mutex<Measure>>) -> Self {
+    fn new(
+        writer: W,
+        compression: Compression,
+        recipients: &Recipients,
+        measure: Arc<Mutex<Measure>>,
+    ) -> Result<Self, Error> {
         let measured: Measured<W> = Observed::new(
             writer,
             Box::new(move |bytes: &[u8]| {
@@ -53,16 +108,21 @@ impl<W: AsyncWrite + Unpin> Encoder<W> {
                 }
             }),
         );
-        match compression {
+        let stored = if recipients.is_empty() {
+            Stored::Plain(measured)
+        } else {
+            Stored::Encrypted(Encrypting::new(measured, recipients)?)
+        };
+        Ok(match compression {
             Compression::None => {
-                Self::Plain(tokio::io::BufWriter::with_capacity(256 * 1024, measured))
+                Self::Plain(tokio::io::BufWriter::with_capacity(256 * 1024, stored))
             }
-            Compression::Gzip => Self::Gzip(GzipEncoder::new(measured)),
+            Compression::Gzip => Self::Gzip(GzipEncoder::new(stored)),
             Compression::Zstd => Self::Zstd(ZstdEncoder::with_quality(
-                measured,
+                stored,
                 async_compression::Level::Fastest,
             )),
-        }
+        })
     }
 
     async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -73,10 +133,10 @@ impl<W: AsyncWrite + Unpin> Encoder<W> {
         }
     }
 
-    /// Shuts every layer down, the destination included (writing compression trailers and
-    /// completing an upload), and returns the destination.
+    /// Shuts every layer down, the destination included (writing compression trailers, age's
+    /// last chunk and completing an upload), and returns the destination.
     async fn finish(self) -> std::io::Result<W> {
-        let measured = match self {
+        let stored = match self {
             Self::Plain(mut w) => {
                 w.shutdown().await?;
                 w.into_inner()
@@ -90,7 +150,7 @@ impl<W: AsyncWrite + Unpin> Encoder<W> {
                 w.into_inner()
             }
         };
-        Ok(measured.inner)
+        Ok(stored.into_inner().inner)
     }
 }
 
@@ -108,12 +168,18 @@ pub(crate) struct Output<W: AsyncWrite + Unpin> {
 }
 
 impl<W: AsyncWrite + Unpin + Send> Output<W> {
-    pub(crate) fn new(writer: W, compression: Compression, measure: Arc<Mutex<Measure>>) -> Self {
-        Output {
-            encoder: Encoder::new(writer, compression, measure),
+    /// The output stream: compressed, then encrypted to `recipients` unless there are none.
+    pub(crate) fn new(
+        writer: W,
+        compression: Compression,
+        recipients: &Recipients,
+        measure: Arc<Mutex<Measure>>,
+    ) -> Result<Self, Error> {
+        Ok(Output {
+            encoder: Encoder::new(writer, compression, recipients, measure)?,
             tap: None,
             digests: BTreeMap::new(),
-        }
+        })
     }
 
     /// Starts hashing a table's value for the manifest: call it right before the value's first
