@@ -480,7 +480,9 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
         StateCommand::Upgrade { target_version } => {
             output::upgrade(&store.upgrade(*target_version).await?, json)
         }
-        StateCommand::Rollback { backup_id } => rollback(&store, backup_id.as_deref(), json).await?,
+        StateCommand::Rollback { backup_id } => {
+            rollback(&store, backup_id.as_deref(), json).await?
+        }
         StateCommand::Reset {
             allow_reset,
             auto_approve,
@@ -551,7 +553,10 @@ async fn rollback(store: &Store, backup_id: Option<&str>, json: bool) -> Result<
             newest.id
         }
     };
-    Ok(output::rollback(&store.rollback(Some(&chosen)).await?, json))
+    Ok(output::rollback(
+        &store.rollback(Some(&chosen)).await?,
+        json,
+    ))
 }
 
 /// A bad destination or source fails before anything connects.

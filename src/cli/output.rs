@@ -217,7 +217,11 @@ fn status_backups(backups: &[BackupInfo]) -> Vec<String> {
         return out;
     }
     let newest: Vec<&BackupInfo> = backups.iter().rev().take(STATUS_BACKUPS).collect();
-    out.extend(backup_table(&newest).into_iter().map(|line| format!("  {line}")));
+    out.extend(
+        backup_table(&newest)
+            .into_iter()
+            .map(|line| format!("  {line}")),
+    );
     if backups.len() > newest.len() {
         out.push(format!(
             "  … {} more: statekeeper state backups list",

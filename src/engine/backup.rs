@@ -67,7 +67,10 @@ pub const TAGS: &[(&str, &str)] = &[
     ("pre-run", "`state run --backup`, before the command"),
     ("pre-rollback", "a rollback, of the state it replaces"),
     ("pre-reset", "a reset, of the state it removes"),
-    ("pre-janitor", "a StateStore's framework janitor Job with `backup: true`"),
+    (
+        "pre-janitor",
+        "a StateStore's framework janitor Job with `backup: true`",
+    ),
 ];
 
 /// The metadata row as stored; backups made before frameworks existed lack the newer columns.
@@ -455,7 +458,11 @@ impl BackupPin {
 
 /// Pins a backup for the rest of `conn`'s session (see [`PIN_CLASS`]); closing the session
 /// releases it.
-pub(crate) async fn pin(conn: &mut PgConnection, schema: &SchemaName, id: &str) -> Result<(), Error> {
+pub(crate) async fn pin(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    id: &str,
+) -> Result<(), Error> {
     sqlx::query("SELECT pg_advisory_lock_shared($1, hashtext($2))")
         .bind(PIN_CLASS)
         .bind(schema.backup_schema(id))
@@ -496,7 +503,11 @@ pub(crate) async fn pinned(
     .bind(schema.backup_prefix())
     .fetch_all(conn)
     .await?;
-    Ok(ids.iter().filter(|id| !free.contains(id)).cloned().collect())
+    Ok(ids
+        .iter()
+        .filter(|id| !free.contains(id))
+        .cloned()
+        .collect())
 }
 
 /// Drops the backups in one statement (in the caller's transaction).

@@ -13,10 +13,10 @@ use super::framework::{Framework, StoreVersion};
 use super::frameworks::statekeeper;
 use super::hooks;
 use super::identifier::quote_ident;
-use super::retention::{self, KeptBackup, KeptBecause, PruneOptions, PruneReport};
 use super::reports::{
     InitReport, ResetApproval, ResetReport, RollbackReport, StatusReport, UpgradeReport,
 };
+use super::retention::{self, KeptBackup, KeptBecause, PruneOptions, PruneReport};
 use super::store::Store;
 use super::tableset;
 
