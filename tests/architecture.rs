@@ -50,6 +50,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "engine::reports",
             "engine::transfer",
             "engine::janitor_report",
+            "engine::retention",
         ],
     ),
     ("store core", &["engine::store"]),
@@ -112,6 +113,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "controller::state_store",
             "controller::store_janitor",
+            "controller::store_backups",
             "controller::state_export",
             "controller::state_export::*",
             "controller::state_migration",
