@@ -164,7 +164,11 @@ impl StateMigration {
     pub fn operation_id(&self) -> String {
         use kube::{Resource, ResourceExt};
         self.meta().uid.clone().unwrap_or_else(|| {
-            format!("{}/{}", self.namespace().unwrap_or_default(), self.name_any())
+            format!(
+                "{}/{}",
+                self.namespace().unwrap_or_default(),
+                self.name_any()
+            )
         })
     }
 }

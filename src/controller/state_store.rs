@@ -308,7 +308,9 @@ pub async fn reconcile(
     };
     // Backups are pruned after the janitor, so that a janitor Job's backup is seen.
     let pruning = match &engine {
-        Some(engine) => prune_backups(&store, &namespace, engine, &mut observation, &ctx, &secrets).await,
+        Some(engine) => {
+            prune_backups(&store, &namespace, engine, &mut observation, &ctx, &secrets).await
+        }
         None => None,
     };
     let mut desired =

@@ -64,7 +64,9 @@ pub fn protection(
 ) -> (BTreeSet<String>, BTreeSet<String>) {
     let mut operations = BTreeSet::new();
     let mut kept = BTreeSet::new();
-    let newest = backups.iter().max_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    let newest = backups
+        .iter()
+        .max_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     for migration in migrations.iter().filter(|m| m.spec.store_ref.name == store) {
         let phase = migration.status.as_ref().and_then(|s| s.phase.as_deref());
         if phases::migration_is_finished(phase) {

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use kube::Resource;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::Resource;
 
 use crate::api::phases;
 use crate::api::state_migration::{StateMigration, StateMigrationStatus};
