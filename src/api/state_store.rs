@@ -468,9 +468,9 @@ pub struct BackupSummary {
     /// When `spec.backups` last dropped backups (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_pruned_at: Option<String>,
-    /// The ids of the backups dropped then.
+    /// The ids of the backups dropped then (the first 100).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 1000))]
+    #[schemars(length(max = 100))]
     pub pruned: Vec<String>,
     /// The bytes they took.
     #[serde(default, skip_serializing_if = "Option::is_none")]

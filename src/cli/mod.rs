@@ -376,11 +376,13 @@ enum BackupsCommand {
     List,
     /// Drop the backup with this id.
     Drop { backup_id: String },
-    /// Drop old backups in one transaction under the store's lock. A backup is kept when it is
-    /// among the newest N (--keep-last) or not older than AGE (--older-than), and dropped
-    /// otherwise: with both flags, those beyond the newest N that are also older than AGE go;
-    /// with one, that flag alone decides. At least one flag is required. A backup that a running
-    /// `state run --backup` may restore is always kept.
+    /// Drop the backups a retention policy does not keep (--keep-last, --older-than).
+    ///
+    /// In one transaction under the store's lock. A backup is kept when it is among the newest N
+    /// (--keep-last) or not older than AGE (--older-than), and dropped otherwise: with both
+    /// flags, those beyond the newest N that are also older than AGE go; with one, that flag
+    /// alone decides. At least one flag is required. A backup that a running `state run
+    /// --backup` may restore is always kept.
     Prune(PruneArgs),
 }
 
