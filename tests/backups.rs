@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sqlx::AssertSqlSafe;
 use statekeeper::engine::{
-    BackupInfo, Error, KeptBecause, PruneOptions, PruneReport, RetentionPolicy, Store,
+    BackupInfo, Error, Framework, KeptBecause, PruneOptions, PruneReport, RetentionPolicy, Store,
 };
 use support::{TestDb, hold_store_lock};
 
@@ -34,8 +34,12 @@ async fn store_with_backups(db: &TestDb, ages: &[i64]) -> (Store, Vec<String>) {
 }
 
 async fn backdate(conn: &mut sqlx::PgConnection, id: &str, seconds: i64) {
+    backdate_in(conn, SCHEMA, id, seconds).await
+}
+
+async fn backdate_in(conn: &mut sqlx::PgConnection, schema: &str, id: &str, seconds: i64) {
     sqlx::query(AssertSqlSafe(format!(
-        "UPDATE \"{SCHEMA}__backup_{id}\"._statekeeper_backup \
+        "UPDATE \"{schema}__backup_{id}\"._statekeeper_backup \
          SET created_at = now() - make_interval(secs => {seconds})"
     )))
     .execute(conn)
@@ -234,15 +238,10 @@ async fn backups_of_unfinished_operations_are_never_pruned() {
     assert_eq!(ids(&report.dropped), vec![all[1].clone(), tagged.id]);
 }
 
-/// `state run --backup` restores its backup when the command fails: while the command runs, its
-/// backup is pinned, and neither prune nor drop removes it.
-#[tokio::test]
-async fn a_running_state_run_keeps_the_backup_it_may_restore() {
-    let db = TestDb::new().await;
-    let (store, all) = store_with_backups(&db, &[5]).await;
-    let marker = std::env::temp_dir().join(format!("sk-prune-run-{}", std::process::id()));
-    let _ = std::fs::remove_file(&marker);
-    let command: Vec<String> = [
+/// A command for `run_guarded` that runs until `marker` is removed, then fails.
+fn failing_after(marker: &std::path::Path) -> Vec<String> {
+    let _ = std::fs::remove_file(marker);
+    [
         "sh",
         "-c",
         &format!(
@@ -251,17 +250,31 @@ async fn a_running_state_run_keeps_the_backup_it_may_restore() {
         ),
     ]
     .map(String::from)
-    .to_vec();
-    let runner = store.clone();
-    let run = tokio::spawn(async move { runner.run_guarded(&command, &[], true).await });
-    // The command runs once the marker exists: its backup was made before it started.
+    .to_vec()
+}
+
+async fn wait_for(marker: &std::path::Path) {
     for _ in 0..400 {
         if marker.exists() {
-            break;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(marker.exists(), "the command did not start");
+    panic!("the command did not start");
+}
+
+/// `state run --backup` restores its backup when the command fails: while the command runs, its
+/// backup is pinned, and neither prune nor drop removes it.
+#[tokio::test]
+async fn a_running_state_run_keeps_the_backup_it_may_restore() {
+    let db = TestDb::new().await;
+    let (store, all) = store_with_backups(&db, &[5]).await;
+    let marker = std::env::temp_dir().join(format!("sk-prune-run-{}", std::process::id()));
+    let command = failing_after(&marker);
+    let runner = store.clone();
+    let run = tokio::spawn(async move { runner.run_guarded(&command, &[], true).await });
+    // The command runs once the marker exists: its backup was made before it started.
+    wait_for(&marker).await;
     let backups = store.backups().await.unwrap();
     let pre_run = backups
         .iter()
@@ -287,6 +300,52 @@ async fn a_running_state_run_keeps_the_backup_it_may_restore() {
     let report = store.prune_backups(&policy(Some(0), None)).await.unwrap();
     assert!(report.kept.is_empty(), "{:?}", kept(&report));
     assert!(remaining(&store).await.is_empty());
+}
+
+/// State written by the real SQLMesh: its backups (tables with their keys and indexes) are sized
+/// and pruned like statekeeper's, and a failing `state run --backup` (as around `sqlmesh
+/// migrate`) restores SQLMesh's state exactly although a prune to zero ran while it did.
+#[tokio::test]
+async fn sqlmesh_backups_are_pruned_and_a_failing_run_still_restores() {
+    let (db, _project) = support::sqlmesh::planned().await;
+    let store = db.store("sqlmesh").await.with_framework(Framework::Sqlmesh);
+    let before = support::sqlmesh::sqlmesh_state(&db.url).await;
+    let mut conn = db.conn().await;
+    let mut all = Vec::new();
+    for hours in [30, 20, 10] {
+        let backup = store.backup().await.unwrap();
+        backdate_in(&mut conn, "sqlmesh", &backup.id, hours * 3600).await;
+        all.push(backup.id);
+    }
+    let listed = store.backups().await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .all(|b| b.bytes > 0 && b.framework == Framework::Sqlmesh)
+    );
+
+    let marker = std::env::temp_dir().join(format!("sk-prune-sqlmesh-{}", std::process::id()));
+    let command = failing_after(&marker);
+    let runner = store.clone();
+    let run = tokio::spawn(async move { runner.run_guarded(&command, &[], true).await });
+    wait_for(&marker).await;
+    // What the command would have broken.
+    sqlx::query("DELETE FROM sqlmesh._environments WHERE name = 'dev'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    // Without its pin, the run's backup (the newest) would go with the others.
+    let report = store.prune_backups(&policy(Some(0), None)).await.unwrap();
+    assert_eq!(ids(&report.dropped), pick(&all, &[2, 1, 0]));
+    let kept_now = kept(&report);
+    assert_eq!(kept_now.len(), 1, "{kept_now:?}");
+    assert_eq!(kept_now[0].1, KeptBecause::InUse);
+    let pre_run = kept_now[0].0.clone();
+
+    std::fs::remove_file(&marker).unwrap();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.restored.unwrap().restored_backup.id, pre_run);
+    assert_eq!(support::sqlmesh::sqlmesh_state(&db.url).await, before);
 }
 
 #[tokio::test]
