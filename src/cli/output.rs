@@ -266,7 +266,7 @@ pub fn rollback(r: &RollbackReport, json: bool) -> String {
         None => String::new(),
     };
     format!(
-        "rolled back schema \"{}\" to backup {} (version {} -> {}), {} rows restored in {} ms{}",
+        "rolled back schema \"{}\" to backup {}: version {} -> {}, {} rows restored in {} ms{}",
         r.schema,
         backup_brief(&r.restored_backup),
         r.from_version,
