@@ -525,6 +525,22 @@ mod crash {
             batched: false,
             args: args(&["backup"]),
         });
+        // Three backups; the prune drops two in one transaction: all or none.
+        let pruned = statekeeper_store(42, 1_500).await;
+        {
+            let store = pruned.store("sqlmesh_state").await;
+            for _ in 0..3 {
+                store.backup().await.unwrap();
+            }
+        }
+        scenarios.push(Scenario {
+            name: "backups prune",
+            template: pruned,
+            framework: "statekeeper",
+            schema: "sqlmesh_state",
+            batched: false,
+            args: args(&["backups", "prune", "--keep-last", "1"]),
+        });
         scenarios.push(Scenario {
             name: "janitor",
             template: statekeeper_store(42, 1_500).await,
