@@ -52,6 +52,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "engine::reports",
             "engine::transfer",
             "engine::janitor_report",
+            "engine::retention",
         ],
     ),
     ("store core", &["engine::store"]),
@@ -115,6 +116,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "controller::state_store",
             "controller::store_janitor",
+            "controller::store_backups",
             "controller::state_export",
             "controller::state_export::*",
             "controller::state_migration",

@@ -122,6 +122,23 @@ mod crash {
             .collect()
     }
 
+    /// What a scenario changes: the store's tables and, for a prune, how many backups there are
+    /// (all of them or the one kept, never some).
+    async fn state_of(db: &TestDb, scenario: &Scenario) -> Tables {
+        let mut tables = digest(db, scenario.schema).await;
+        if scenario.name == "backups prune" {
+            let count = db
+                .store(scenario.schema)
+                .await
+                .backups()
+                .await
+                .unwrap()
+                .len();
+            tables.insert("(backups)".into(), vec![count.to_string()]);
+        }
+        tables
+    }
+
     /// Every listed backup holds the rows its metadata says it does.
     async fn backups_are_whole(db: &TestDb, framework: &str, schema: &str) -> Result<(), String> {
         let store = db
@@ -210,7 +227,7 @@ mod crash {
             .lines()
             .map(str::to_owned)
             .collect();
-        (digest(&db, scenario.schema).await, took, points)
+        (state_of(&db, scenario).await, took, points)
     }
 
     /// Kills the operation at `point` (`NAME@N`) or after `delay`, then checks the store.
@@ -245,7 +262,7 @@ mod crash {
         } else {
             figures.random += 1;
         }
-        let now = digest(&db, scenario.schema).await;
+        let now = state_of(&db, scenario).await;
         let completed = &now == after && before != after && !scenario.batched;
         if &now == before {
             figures.before += 1;
@@ -314,7 +331,7 @@ mod crash {
                 .map(|(t, rows)| (t.clone(), rows.len()))
                 .collect()
         };
-        let again = digest(&db, scenario.schema).await;
+        let again = state_of(&db, scenario).await;
         assert!(
             counts(&again) == counts(after),
             "{}: killed at {what}, then the next operation: rows per table {:?}, expected {:?}",
@@ -341,9 +358,9 @@ mod crash {
     /// Every named point the operation passes (each of its hits), and random moments.
     async fn crash_everywhere(scenario: Scenario, random: usize, work: &Path) -> Figures {
         let trace = work.join(format!("{}.trace", scenario.name));
-        let before = digest(&scenario.template, scenario.schema).await;
+        let before = state_of(&scenario.template, &scenario).await;
         let (after, took, points) = reference(&scenario, &trace).await;
-        // A backup changes no table of the store; everything else does.
+        // A backup changes no table of the store; everything else does (a prune, its backups).
         assert_eq!(
             before != after,
             scenario.name != "backup",
@@ -524,6 +541,22 @@ mod crash {
             schema: "sqlmesh_state",
             batched: false,
             args: args(&["backup"]),
+        });
+        // Three backups; the prune drops two in one transaction: all or none.
+        let pruned = statekeeper_store(42, 1_500).await;
+        {
+            let store = pruned.store("sqlmesh_state").await;
+            for _ in 0..3 {
+                store.backup().await.unwrap();
+            }
+        }
+        scenarios.push(Scenario {
+            name: "backups prune",
+            template: pruned,
+            framework: "statekeeper",
+            schema: "sqlmesh_state",
+            batched: false,
+            args: args(&["backups", "prune", "--keep-last", "1"]),
         });
         scenarios.push(Scenario {
             name: "janitor",

@@ -686,6 +686,27 @@ fn every_cel_rule_accepts_and_refuses_what_it_should() {
             false,
         ),
         (
+            "StateStore",
+            "an empty backups policy says nothing about what to keep",
+            json!({"keepLast": 0}),
+            None,
+            true,
+        ),
+        (
+            "StateStore",
+            "an empty backups policy says nothing about what to keep",
+            json!({"maxAge": "7d"}),
+            None,
+            true,
+        ),
+        (
+            "StateStore",
+            "an empty backups policy says nothing about what to keep",
+            json!({}),
+            None,
+            false,
+        ),
+        (
             "StateMigration",
             "set either import.source or import.fromExport",
             json!({"fromExport": {"name": "e"}}),

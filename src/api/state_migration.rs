@@ -164,6 +164,21 @@ pub enum ImportModeSpec {
     Merge,
 }
 
+impl StateMigration {
+    /// The id the migration's backups are tagged with (its uid; namespace/name for an object
+    /// that has none yet), by which the store's backup pruning recognises them.
+    pub fn operation_id(&self) -> String {
+        use kube::{Resource, ResourceExt};
+        self.meta().uid.clone().unwrap_or_else(|| {
+            format!(
+                "{}/{}",
+                self.namespace().unwrap_or_default(),
+                self.name_any()
+            )
+        })
+    }
+}
+
 impl From<ImportModeSpec> for crate::engine::ImportMode {
     fn from(value: ImportModeSpec) -> Self {
         match value {

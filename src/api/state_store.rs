@@ -61,6 +61,29 @@ pub struct StateStoreSpec {
     /// Run the janitor on a schedule, like a CronJob.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub janitor: Option<JanitorSpec>,
+    /// Prune the store's backup schemas (`<schema>__backup_<id>`) after every operation and on
+    /// every resync. Unset: backups are kept until dropped by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backups: Option<BackupRetentionSpec>,
+}
+
+/// Which backups to keep. A backup is kept when it is among the newest `keepLast` or not older
+/// than `maxAge`, and dropped otherwise (with both: dropped when beyond the newest `keepLast`
+/// *and* older than `maxAge`; with one, that one alone decides). Backups of StateMigrations that
+/// have not finished (and the backup an unfinished rollback will restore) are always kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.keepLast) || has(self.maxAge)").message("set keepLast, maxAge or both: an empty backups policy says nothing about what to keep"))]
+pub struct BackupRetentionSpec {
+    /// Keep the newest N backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub keep_last: Option<u32>,
+    /// Keep backups not older than this: a number and a unit, `s`, `m`, `h`, `d` or `w`
+    /// (e.g. `7d`, `12h`, `30m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 16), regex(pattern = r"^[0-9]{1,9}[smhdw]$"))]
+    pub max_age: Option<String>,
 }
 
 /// The scheduled janitor: removes expired environments, old checkpoints and unreferenced
@@ -355,9 +378,13 @@ pub struct StateStoreStatus {
     /// environments, intervals, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counts: Option<BTreeMap<String, i64>>,
-    /// Backup schemas of this store, oldest first.
+    /// The newest backup schemas of this store (at most 20), oldest first; `backupSummary`
+    /// counts them all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backups: Option<Vec<BackupStatus>>,
+    /// How many backups the store has, their size, and what `spec.backups` last pruned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_summary: Option<BackupSummary>,
     /// When the operator last found the store changed (RFC 3339). It looks every `resyncSeconds`,
     /// but writes status only when something changed, so an idle store costs no writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -423,6 +450,29 @@ pub struct BackupStatus {
     pub id: String,
     pub created_at: String,
     pub schema_version: i32,
+    /// Its tag: why it was made (`pre-upgrade`, `pre-import`, `manual`, …).
     pub reason: String,
     pub rows: i64,
+    /// What its tables take on disk, in bytes.
+    #[serde(default)]
+    pub bytes: i64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSummary {
+    /// Backups of the store now.
+    pub count: u32,
+    /// What they take on disk, in bytes.
+    pub bytes: i64,
+    /// When `spec.backups` last dropped backups (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pruned_at: Option<String>,
+    /// The ids of the backups dropped then (the first 100).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub pruned: Vec<String>,
+    /// The bytes they took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned_bytes: Option<i64>,
 }

@@ -99,7 +99,8 @@ enum StateCommand {
         #[arg(long)]
         target_version: Option<i32>,
     },
-    /// Restore a backup (the newest unless --backup-id names one); the replaced state is backed up.
+    /// Restore a backup (the newest unless --backup-id names one; which one is said on stderr
+    /// first); the replaced state is backed up.
     Rollback {
         #[arg(long)]
         backup_id: Option<String>,
@@ -125,7 +126,7 @@ enum StateCommand {
     /// manifest it carries, and restore it into a scratch schema beside the store (dropped
     /// afterwards). The store is only read.
     Verify(VerifyArgs),
-    /// List backups, or drop one.
+    /// List backups (tag, age, size), drop one, or prune them to a retention policy.
     Backups {
         #[command(subcommand)]
         command: Option<BackupsCommand>,
@@ -448,10 +449,32 @@ impl JanitorArgs {
 
 #[derive(Subcommand, Debug)]
 enum BackupsCommand {
-    /// List backups (the default).
+    /// List backups (the default): id, tag, age, size, version, rows.
     List,
     /// Drop the backup with this id.
     Drop { backup_id: String },
+    /// Drop the backups a retention policy does not keep (--keep-last, --older-than).
+    ///
+    /// In one transaction under the store's lock. A backup is kept when it is among the newest N
+    /// (--keep-last) or not older than AGE (--older-than), and dropped otherwise: with both
+    /// flags, those beyond the newest N that are also older than AGE go; with one, that flag
+    /// alone decides. At least one flag is required. A backup that a running `state run
+    /// --backup` may restore is always kept.
+    Prune(PruneArgs),
+}
+
+#[derive(Args, Debug)]
+struct PruneArgs {
+    /// Keep the newest N backups (0: keep none for this reason).
+    #[arg(long, value_name = "N")]
+    keep_last: Option<u32>,
+    /// Keep backups not older than AGE (e.g. 7d, 12h, 30m); older ones go unless --keep-last
+    /// keeps them.
+    #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration)]
+    older_than: Option<std::time::Duration>,
+    /// Report what would be dropped; drop nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// Runs a `state` command; errors print one line (never a password) and exit non-zero.
@@ -537,7 +560,7 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
             output::upgrade(&store.upgrade(*target_version).await?, json)
         }
         StateCommand::Rollback { backup_id } => {
-            output::rollback(&store.rollback(backup_id.as_deref()).await?, json)
+            rollback(&store, backup_id.as_deref(), json).await?
         }
         StateCommand::Reset {
             allow_reset,
@@ -571,6 +594,17 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
             Some(BackupsCommand::Drop { backup_id }) => {
                 output::dropped_backup(&store.drop_backup(backup_id).await?, json)
             }
+            Some(BackupsCommand::Prune(prune)) => {
+                let options = crate::engine::PruneOptions {
+                    policy: crate::engine::RetentionPolicy {
+                        keep_last: prune.keep_last,
+                        older_than: prune.older_than,
+                    },
+                    dry_run: prune.dry_run,
+                    ..Default::default()
+                };
+                output::pruned(&store.prune_backups(&options).await?, json)
+            }
         },
         StateCommand::Plan(plan) => output::plan(&plan_operation(&store, plan, args).await?, json),
         StateCommand::Run(run) => {
@@ -580,6 +614,29 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
         }
     };
     Ok((rendered, 0))
+}
+
+/// `state rollback`: without --backup-id, the newest backup, named on stderr before it is
+/// restored (and exactly that one is restored, whatever is backed up meanwhile).
+async fn rollback(store: &Store, backup_id: Option<&str>, json: bool) -> Result<String, Error> {
+    let chosen = match backup_id {
+        Some(id) => id.to_owned(),
+        None => {
+            let backups = store.backups().await?;
+            let count = backups.len();
+            let Some(newest) = backups.into_iter().last() else {
+                return Err(Error::NoBackups {
+                    schema: store.schema().to_string(),
+                });
+            };
+            eprintln!("{}", output::announce_rollback(&newest, count));
+            newest.id
+        }
+    };
+    Ok(output::rollback(
+        &store.rollback(Some(&chosen)).await?,
+        json,
+    ))
 }
 
 /// A bad destination or source fails before anything connects.

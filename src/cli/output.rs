@@ -4,9 +4,14 @@ use serde::Serialize;
 
 use crate::engine::words::counted;
 use crate::engine::{
-    BackupInfo, ExportReport, Framework, ImportReport, InitReport, JanitorReport, ResetReport,
-    RollbackReport, StatusReport, UpgradeReport,
+    BackupInfo, ExportReport, Framework, ImportReport, InitReport, JanitorReport, PruneReport,
+    ResetReport, RollbackReport, StatusReport, UpgradeReport,
 };
+
+use super::transfer::human_bytes;
+
+/// How many backups `state status` shows (the newest); `backups list` shows them all.
+const STATUS_BACKUPS: usize = 5;
 
 fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
@@ -20,17 +25,82 @@ fn steps(applied: &[crate::engine::reports::AppliedStep]) -> String {
         .join("\n")
 }
 
-fn backup_line(b: &BackupInfo) -> String {
+/// An age in its largest unit or two: `45s`, `12m`, `3h 5m`, `2d 4h`.
+pub fn human_age(seconds: i64) -> String {
+    let s = seconds.max(0);
+    let (d, h, m) = (s / 86_400, s % 86_400 / 3_600, s % 3_600 / 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, m) => format!("{m}m"),
+        (0, h, 0) => format!("{h}h"),
+        (0, h, m) => format!("{h}h {m}m"),
+        (d, 0, _) => format!("{d}d"),
+        (d, h, _) => format!("{d}d {h}h"),
+    }
+}
+
+/// The backups as a table, in the order given.
+fn backup_table(list: &[&BackupInfo]) -> Vec<String> {
+    let rows: Vec<[String; 6]> = list
+        .iter()
+        .map(|b| {
+            [
+                b.id.clone(),
+                b.reason.clone(),
+                human_age(b.age_seconds),
+                human_bytes(b.bytes.max(0) as u64),
+                format!(
+                    "{}, {}",
+                    b.framework.profile().display_name,
+                    b.framework
+                        .describe_version(b.schema_version, &b.version_details)
+                ),
+                format!(
+                    "{}, {}",
+                    counted(b.tables.max(0) as u64, "tables"),
+                    counted(b.rows.max(0) as u64, "rows")
+                ),
+            ]
+        })
+        .collect();
+    let header = ["ID", "TAG", "AGE", "SIZE", "STORE", "CONTENT"].map(String::from);
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    std::iter::once(&header)
+        .chain(&rows)
+        .map(|row| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(widths)
+                .map(|(cell, width)| format!("{cell:<width$}"))
+                .collect();
+            cells.join("  ").trim_end().to_owned()
+        })
+        .collect()
+}
+
+/// A backup in a few words: `20261207170000123 (pre-upgrade, 3h 5m old, 1.2 MiB)`.
+fn backup_brief(b: &BackupInfo) -> String {
     format!(
-        "{}  {}, {}  {}  {}, {}  ({})",
+        "{} ({}, {} old, {})",
         b.id,
-        b.framework.profile().display_name,
-        b.framework
-            .describe_version(b.schema_version, &b.version_details),
-        b.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
-        counted(b.tables.max(0) as u64, "tables"),
-        counted(b.rows.max(0) as u64, "rows"),
-        b.reason
+        b.reason,
+        human_age(b.age_seconds),
+        human_bytes(b.bytes.max(0) as u64)
+    )
+}
+
+/// What `state rollback` without --backup-id says before it restores.
+pub fn announce_rollback(b: &BackupInfo, of: usize) -> String {
+    format!(
+        "restoring backup {}, the newest of {} (taken {})",
+        backup_brief(b),
+        counted(of as u64, "backups"),
+        b.created_at.format("%Y-%m-%d %H:%M:%S UTC")
     )
 }
 
@@ -131,9 +201,34 @@ pub fn status(r: &StatusReport, json: bool) -> String {
                 None => format!("  {name:<34} {n}"),
             }),
     );
-    out.push(format!("backups: {}", r.backups.len()));
-    out.extend(r.backups.iter().map(|b| format!("  {}", backup_line(b))));
+    out.extend(status_backups(&r.backups));
     out.join("\n")
+}
+
+/// The backups in `state status`: how many and their size, then the newest few, newest first.
+fn status_backups(backups: &[BackupInfo]) -> Vec<String> {
+    let bytes: i64 = backups.iter().map(|b| b.bytes.max(0)).sum();
+    let mut out = vec![format!(
+        "backups: {} ({})",
+        backups.len(),
+        human_bytes(bytes as u64)
+    )];
+    if backups.is_empty() {
+        return out;
+    }
+    let newest: Vec<&BackupInfo> = backups.iter().rev().take(STATUS_BACKUPS).collect();
+    out.extend(
+        backup_table(&newest)
+            .into_iter()
+            .map(|line| format!("  {line}")),
+    );
+    if backups.len() > newest.len() {
+        out.push(format!(
+            "  … {} more: statekeeper state backups list",
+            backups.len() - newest.len()
+        ));
+    }
+    out
 }
 
 pub fn upgrade(r: &UpgradeReport, json: bool) -> String {
@@ -171,9 +266,9 @@ pub fn rollback(r: &RollbackReport, json: bool) -> String {
         None => String::new(),
     };
     format!(
-        "rolled back schema \"{}\" to backup {} (version {} -> {}), {} rows restored in {} ms{}",
+        "rolled back schema \"{}\" to backup {}: version {} -> {}, {} rows restored in {} ms{}",
         r.schema,
-        r.restored_backup.id,
+        backup_brief(&r.restored_backup),
         r.from_version,
         r.to_version,
         r.rows_restored,
@@ -207,7 +302,46 @@ pub fn backups(list: &[BackupInfo], json: bool) -> String {
     if list.is_empty() {
         return "no backups".into();
     }
-    list.iter().map(backup_line).collect::<Vec<_>>().join("\n")
+    let bytes: i64 = list.iter().map(|b| b.bytes.max(0)).sum();
+    let mut out = backup_table(&list.iter().collect::<Vec<_>>());
+    out.push(format!(
+        "{}, {}",
+        counted(list.len() as u64, "backups"),
+        human_bytes(bytes as u64)
+    ));
+    out.join("\n")
+}
+
+pub fn pruned(r: &PruneReport, json: bool) -> String {
+    if json {
+        return to_json(r);
+    }
+    let verb = if r.dry_run { "would drop" } else { "dropped" };
+    let mut out = vec![format!(
+        "{verb} {} ({}), kept {}{}",
+        counted(r.dropped.len() as u64, "backups"),
+        human_bytes(r.bytes_freed.max(0) as u64),
+        r.kept.len(),
+        if r.dry_run {
+            "; dry run: nothing was changed"
+        } else {
+            ""
+        }
+    )];
+    out.extend(
+        r.dropped
+            .iter()
+            .map(|b| format!("  {verb:<10} {}", backup_brief(b))),
+    );
+    out.extend(r.kept.iter().map(|k| {
+        format!(
+            "  {:<10} {}: {}",
+            "kept",
+            backup_brief(&k.backup),
+            k.kept_because.describe()
+        )
+    }));
+    out.join("\n")
 }
 
 pub fn dropped_backup(b: &BackupInfo, json: bool) -> String {
@@ -343,6 +477,9 @@ pub fn plan(p: &crate::engine::Plan, json: bool) -> String {
     }
     if let Some(source) = &p.source {
         out.push_str(&format!("source: {source}\n"));
+    }
+    if let Some(b) = &p.restores {
+        out.push_str(&format!("restores: backup {}\n", backup_brief(b)));
     }
     out.push_str(&format!(
         "store now: {} tables, {} rows\n",

@@ -13,6 +13,7 @@ use kube::{Resource, ResourceExt};
 use super::access::{self, ConnectProblem, WAITING_FOR_CONNECTION};
 use super::conditions::{self, Desired, READY, RECONCILING, STALLED};
 use super::context::{Context, ReconcileError};
+use super::store_backups::{self, PruneStep};
 use super::store_janitor::{self, JanitorStep};
 use super::telemetry::ObjectLabels;
 use crate::api::phases;
@@ -24,6 +25,9 @@ use crate::engine::{Error as EngineError, InitReport, StatusReport, Store, redac
 pub const CONNECTED: &str = "Connected";
 pub const INITIALIZED: &str = "Initialized";
 pub const SCHEMA_UP_TO_DATE: &str = "SchemaUpToDate";
+
+/// How many backups `status.backups` lists (the newest); `status.backupSummary` counts them all.
+const STATUS_BACKUPS: usize = 20;
 
 /// What the reconciler found, before it is turned into conditions.
 #[derive(Debug)]
@@ -302,8 +306,31 @@ pub async fn reconcile(
         }
         None => None,
     };
-    let desired = desired_conditions(&store, &observation, &previous, janitor.as_ref(), &secrets);
-    let status = next_status(
+    // Backups are pruned after the janitor, so that a janitor Job's backup is seen.
+    let pruning = match &engine {
+        Some(engine) => {
+            prune_backups(&store, &namespace, engine, &mut observation, &ctx, &secrets).await
+        }
+        None => None,
+    };
+    let mut desired =
+        desired_conditions(&store, &observation, &previous, janitor.as_ref(), &secrets);
+    match &pruning {
+        Some(step) => desired.push(step.condition.clone()),
+        // While the store cannot be observed, the last verdict stands.
+        None if store.spec.backups.is_some() => desired.extend(
+            conditions::find(&previous.conditions, store_backups::BACKUPS_PRUNED).map(|c| {
+                Desired::new(
+                    store_backups::BACKUPS_PRUNED,
+                    c.status == "True",
+                    c.reason.clone(),
+                    c.message.clone(),
+                )
+            }),
+        ),
+        None => {}
+    }
+    let mut status = next_status(
         &store,
         &observation,
         &previous,
@@ -311,6 +338,14 @@ pub async fn reconcile(
         janitor.as_ref(),
         ctx.now(),
     );
+    if let Observation::Observed { report, .. } = &observation {
+        status.backup_summary = Some(store_backups::summary(
+            &report.backups,
+            pruning.as_ref().and_then(|p| p.pruned.as_ref()),
+            previous.backup_summary.as_ref(),
+            &ctx.now().to_string(),
+        ));
+    }
 
     // Every status write is a watch event that wakes this reconciler again, and costs the API
     // server a write: write only when something changed. An idle store costs no writes at all
@@ -398,6 +433,42 @@ async fn run_janitor(
     Some(step)
 }
 
+/// `spec.backups` applied to a healthy store; a prune that dropped backups refreshes the
+/// observation, so the status lists what is left.
+async fn prune_backups(
+    store: &StateStore,
+    namespace: &str,
+    engine: &Store,
+    observation: &mut Observation,
+    ctx: &Context,
+    secrets: &[String],
+) -> Option<PruneStep> {
+    let spec = store.spec.backups.as_ref()?;
+    let Observation::Observed { report, .. } = observation else {
+        return None;
+    };
+    let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    let previous = store.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+    let step = store_backups::step(
+        spec,
+        store,
+        namespace,
+        &report.backups,
+        previous,
+        engine,
+        ctx,
+        &store.object_ref(&()),
+        &secret_refs,
+    )
+    .await;
+    if step.pruned.is_some()
+        && let Ok(refreshed) = engine.status().await
+    {
+        **report = refreshed;
+    }
+    Some(step)
+}
+
 /// The conditions to report, secrets redacted: what was observed, the janitor's verdict, and
 /// what was last observed for whatever could not be looked at this time.
 fn desired_conditions(
@@ -480,9 +551,9 @@ fn next_status(
         status.schema_version = Some(report.current_version);
         status.framework_versions = (!report.versions.is_empty()).then(|| report.versions.clone());
         status.counts = Some(report.counts.clone());
+        let newest = report.backups.len().saturating_sub(STATUS_BACKUPS);
         status.backups = Some(
-            report
-                .backups
+            report.backups[newest..]
                 .iter()
                 .map(|b| BackupStatus {
                     id: b.id.clone(),
@@ -490,6 +561,7 @@ fn next_status(
                     schema_version: b.schema_version,
                     reason: b.reason.clone(),
                     rows: b.rows,
+                    bytes: b.bytes,
                 })
                 .collect(),
         );
@@ -499,6 +571,7 @@ fn next_status(
         status.framework_versions = previous.framework_versions.clone();
         status.counts = previous.counts.clone();
         status.backups = previous.backups.clone();
+        status.backup_summary = previous.backup_summary.clone();
     }
     status
 }

@@ -32,14 +32,46 @@ pub struct BackupInfo {
     /// Further version facts of the store at the time (SQLMesh's and SQLGlot's versions).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub version_details: BTreeMap<String, String>,
-    /// Why it was taken: `manual`, `pre-upgrade`, `pre-rollback`, `pre-reset`, `pre-import`.
+    /// Why it was taken, its tag: see [`TAGS`].
     pub reason: String,
     pub tables: i32,
     pub rows: i64,
-    /// The request the backup was made for (a StateMigration's uid), when one was named.
+    /// What the backup schema takes on disk: the sum of `pg_total_relation_size` of its tables
+    /// (their indexes and TOAST included).
+    pub bytes: i64,
+    /// Seconds from `created_at` to when the backup was listed, by the database's clock (0 for
+    /// a backup just made).
+    pub age_seconds: i64,
+    /// The request the backup was made for (a StateMigration's uid, a janitor Job's name), when
+    /// one was named.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operation: Option<String>,
 }
+
+/// Every tag a backup can have, and who makes it. A backup made by an older statekeeper may carry
+/// another word; it is listed and pruned like any other.
+pub const TAGS: &[(&str, &str)] = &[
+    ("manual", "`state backup`"),
+    (
+        "pre-upgrade",
+        "an upgrade of statekeeper's schema (`state upgrade`, a StateMigration's upgrade)",
+    ),
+    (
+        "pre-migration",
+        "a StateMigration's runner upgrade (the framework's own migration as a Job)",
+    ),
+    (
+        "pre-import",
+        "an import or a copy from another store (`state import`, a StateMigration's import or copyFrom)",
+    ),
+    ("pre-run", "`state run --backup`, before the command"),
+    ("pre-rollback", "a rollback, of the state it replaces"),
+    ("pre-reset", "a reset, of the state it removes"),
+    (
+        "pre-janitor",
+        "a StateStore's framework janitor Job with `backup: true`",
+    ),
+];
 
 /// The metadata row as stored; backups made before frameworks existed lack the newer columns.
 #[derive(Deserialize)]
@@ -139,6 +171,8 @@ pub async fn create(
         reason: reason.to_owned(),
         tables: source.tables.len() as i32,
         rows,
+        bytes: 0,
+        age_seconds: 0,
         operation: source.operation.map(str::to_owned),
     };
     sqlx::query(AssertSqlSafe(format!(
@@ -157,6 +191,14 @@ pub async fn create(
     .bind(serde_json::to_value(&info.version_details).unwrap_or_default())
     .bind(&info.operation)
     .execute(&mut *conn)
+    .await?;
+    let mut info = info;
+    info.bytes = sqlx::query_scalar(
+        "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
+    )
+    .bind(&backup_schema)
+    .fetch_one(&mut *conn)
     .await?;
     Ok(info)
 }
@@ -216,27 +258,61 @@ pub(crate) async fn copy_table(
     Ok(copied.rows_affected() as i64)
 }
 
-/// Every backup of the store, oldest first.
+/// Every backup of the store, oldest first, with its size and age. Two queries whatever the
+/// number of backups: one over the catalog (the backup schemas, their sizes, which have a
+/// metadata table, the database's clock), one reading every metadata row.
 pub async fn list(conn: &mut PgConnection, schema: &SchemaName) -> Result<Vec<BackupInfo>, Error> {
     let prefix = schema.backup_prefix();
     // left() rather than LIKE: '_' in schema names is a LIKE wildcard.
-    let candidates: Vec<String> = sqlx::query_scalar(
-        "SELECT nspname::text FROM pg_namespace WHERE left(nspname, length($1)) = $1 ORDER BY 1",
+    let candidates: Vec<(String, i64, bool, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT n.nspname::text, \
+                coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint, \
+                coalesce(bool_or(c.relname = $2), false), \
+                now() \
+         FROM pg_namespace n \
+         LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind = 'r' \
+         WHERE left(n.nspname, length($1)) = $1 \
+         GROUP BY n.nspname ORDER BY 1",
     )
     .bind(&prefix)
+    .bind(BACKUP_METADATA_TABLE)
     .fetch_all(&mut *conn)
     .await?;
-    let mut backups = Vec::new();
-    for backup_schema in candidates {
-        let id = &backup_schema[prefix.len()..];
-        if validate_backup_id(id).is_err()
-            || !catalog::table_exists(conn, &backup_schema, BACKUP_METADATA_TABLE).await?
-        {
-            continue;
-        }
-        backups.push(read_metadata(conn, schema, id).await?);
+    let backups: Vec<(String, i64, DateTime<Utc>)> = candidates
+        .into_iter()
+        .filter(|(name, _, has_metadata, _)| {
+            *has_metadata && validate_backup_id(&name[prefix.len()..]).is_ok()
+        })
+        .map(|(name, bytes, _, now)| (name, bytes, now))
+        .collect();
+    if backups.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(backups)
+    let selects: Vec<String> = backups
+        .iter()
+        .map(|(name, _, _)| {
+            format!(
+                "SELECT {}::text, to_jsonb(m)::text FROM {}.{} m",
+                super::identifier::quote_literal(name),
+                quote_ident(name),
+                quote_ident(BACKUP_METADATA_TABLE)
+            )
+        })
+        .collect();
+    let rows: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(selects.join(" UNION ALL ")))
+        .fetch_all(&mut *conn)
+        .await?;
+    let metadata: BTreeMap<String, String> = rows.into_iter().collect();
+    let mut list = Vec::with_capacity(backups.len());
+    for (name, bytes, now) in backups {
+        let id = &name[prefix.len()..];
+        let row = metadata.get(&name).map(String::as_str);
+        let mut info = parse_metadata(schema, id, row)?;
+        info.bytes = bytes;
+        info.age_seconds = (now - info.created_at).num_seconds().max(0);
+        list.push(info);
+    }
+    Ok(list)
 }
 
 pub async fn read_metadata(
@@ -244,10 +320,6 @@ pub async fn read_metadata(
     schema: &SchemaName,
     id: &str,
 ) -> Result<BackupInfo, Error> {
-    let incompatible = |reason: String| Error::IncompatibleBackup {
-        id: id.to_owned(),
-        reason,
-    };
     let row: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT to_jsonb(m)::text FROM {}.{} m",
         quote_ident(&schema.backup_schema(id)),
@@ -255,8 +327,17 @@ pub async fn read_metadata(
     )))
     .fetch_optional(&mut *conn)
     .await?;
+    parse_metadata(schema, id, row.as_deref())
+}
+
+/// A backup's metadata row, as `to_jsonb` gives it (none: the table is empty).
+fn parse_metadata(schema: &SchemaName, id: &str, row: Option<&str>) -> Result<BackupInfo, Error> {
+    let incompatible = |reason: String| Error::IncompatibleBackup {
+        id: id.to_owned(),
+        reason,
+    };
     let row = row.ok_or_else(|| incompatible("its metadata table is empty".into()))?;
-    let stored: StoredMetadata = serde_json::from_str(&row)
+    let stored: StoredMetadata = serde_json::from_str(row)
         .map_err(|e| incompatible(format!("its metadata cannot be read: {e}")))?;
     Ok(BackupInfo {
         id: stored.backup_id,
@@ -268,6 +349,8 @@ pub async fn read_metadata(
         reason: stored.reason,
         tables: stored.tables,
         rows: stored.row_count,
+        bytes: 0,
+        age_seconds: 0,
         operation: stored.operation,
     })
 }
@@ -337,5 +420,114 @@ pub(crate) async fn recreate_tables(
         .execute(&mut *conn)
         .await?;
     }
+    Ok(())
+}
+
+/// First key of the advisory locks that pin a backup (the second is derived from the backup
+/// schema's name): an operation that may still restore a backup holds its pin, shared, for as
+/// long as it may, and pruning or dropping a backup needs the pin exclusively.
+const PIN_CLASS: i32 = 0x534B_5042; // "SKPB"
+
+/// A backup pinned by a running operation that may restore it (see [`PIN_CLASS`]): held on a
+/// session of its own until released (or until the process ends and the session with it).
+pub struct BackupPin {
+    session: PgConnection,
+    schema: SchemaName,
+    id: String,
+}
+
+impl BackupPin {
+    pub(crate) fn new(session: PgConnection, schema: SchemaName, id: String) -> Self {
+        Self {
+            session,
+            schema,
+            id,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Unpins the backup and closes the pin's session.
+    pub async fn release(mut self) {
+        let _ = unpin(&mut self.session, &self.schema, &self.id).await;
+        let _ = sqlx::Connection::close(self.session).await;
+    }
+}
+
+/// Pins a backup for the rest of `conn`'s session (see [`PIN_CLASS`]); closing the session
+/// releases it.
+pub(crate) async fn pin(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    id: &str,
+) -> Result<(), Error> {
+    sqlx::query("SELECT pg_advisory_lock_shared($1, hashtext($2))")
+        .bind(PIN_CLASS)
+        .bind(schema.backup_schema(id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub(crate) async fn unpin(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    id: &str,
+) -> Result<(), Error> {
+    sqlx::query("SELECT pg_advisory_unlock_shared($1, hashtext($2))")
+        .bind(PIN_CLASS)
+        .bind(schema.backup_schema(id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Of `ids`, those some session has pinned. The others are locked exclusively until `conn`'s
+/// transaction ends, so that none can be pinned before they are dropped.
+pub(crate) async fn pinned(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    ids: &[String],
+) -> Result<Vec<String>, Error> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let free: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM unnest($1::text[]) AS ids(id) \
+         WHERE pg_try_advisory_xact_lock($2, hashtext($3 || id))",
+    )
+    .bind(ids)
+    .bind(PIN_CLASS)
+    .bind(schema.backup_prefix())
+    .fetch_all(conn)
+    .await?;
+    Ok(ids
+        .iter()
+        .filter(|id| !free.contains(id))
+        .cloned()
+        .collect())
+}
+
+/// Drops the backups in one statement (in the caller's transaction).
+pub(crate) async fn drop_all(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    ids: &[String],
+) -> Result<(), Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let schemas: Vec<String> = ids
+        .iter()
+        .map(|id| quote_ident(&schema.backup_schema(id)))
+        .collect();
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA {} CASCADE",
+        schemas.join(", ")
+    )))
+    .execute(conn)
+    .await?;
     Ok(())
 }

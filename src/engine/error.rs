@@ -145,6 +145,12 @@ pub enum Error {
     #[error("backup \"{id}\" of schema \"{schema}\" not found")]
     BackupNotFound { schema: String, id: String },
 
+    #[error(
+        "backup \"{id}\" of schema \"{schema}\" is in use: a running operation (`state run \
+         --backup`) may still restore it; try again once it has ended"
+    )]
+    BackupInUse { schema: String, id: String },
+
     #[error("backup \"{id}\" cannot be restored: {reason}")]
     IncompatibleBackup { id: String, reason: String },
 
@@ -281,6 +287,7 @@ impl Error {
             Error::ResetRefused(_) => "ResetRefused",
             Error::NoBackups { .. } => "NoBackups",
             Error::BackupNotFound { .. } => "BackupNotFound",
+            Error::BackupInUse { .. } => "BackupInUse",
             Error::IncompatibleBackup { .. } => "IncompatibleBackup",
             Error::MigrationFailed { .. } => "MigrationFailed",
             Error::Busy { .. } => "StoreBusy",

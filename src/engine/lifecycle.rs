@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::Error;
-use super::backup::{self, BackupInfo};
+use super::backup::{self, BackupInfo, BackupPin};
 use super::catalog;
 use super::framework::{Framework, StoreVersion};
 use super::frameworks::statekeeper;
@@ -16,6 +16,7 @@ use super::identifier::quote_ident;
 use super::reports::{
     InitReport, ResetApproval, ResetReport, RollbackReport, StatusReport, UpgradeReport,
 };
+use super::retention::{self, KeptBackup, KeptBecause, PruneOptions, PruneReport};
 use super::store::Store;
 use super::tableset;
 
@@ -104,6 +105,34 @@ impl Store {
     /// waiting for the lock would predate the operation that held it. The session is detached
     /// from the pool, so that if this is cancelled PostgreSQL releases the lock with it.
     pub async fn backup_with_reason(&self, reason: &str) -> Result<BackupInfo, Error> {
+        let (info, session) = self.backup_on_session(reason, false).await?;
+        if let Some(session) = session {
+            let _ = sqlx::Connection::close(session).await;
+        }
+        Ok(info)
+    }
+
+    /// A backup now, as [`Store::backup_with_reason`], pinned until the pin is released: no
+    /// prune or drop removes it meanwhile. The pin is taken before the store's lock is given
+    /// back, so no prune comes between the backup and its pin; it lives on a session of its own,
+    /// so a process that dies releases it.
+    pub async fn pinned_backup(&self, reason: &str) -> Result<(BackupInfo, BackupPin), Error> {
+        let (info, session) = self.backup_on_session(reason, true).await?;
+        let session = session.ok_or_else(|| {
+            Error::InvalidOperation(format!(
+                "backup {} was made but could not be pinned; it is kept",
+                info.id
+            ))
+        })?;
+        let pin = BackupPin::new(session, self.schema().clone(), info.id.clone());
+        Ok((info, pin))
+    }
+
+    async fn backup_on_session(
+        &self,
+        reason: &str,
+        pinned: bool,
+    ) -> Result<(BackupInfo, Option<PgConnection>), Error> {
         let mut lock = self.pool().acquire().await?.detach();
         self.lock_session(&mut lock).await?;
         let backup = async {
@@ -112,13 +141,23 @@ impl Store {
             let info = self.create_backup(&mut tx, &version, reason).await?;
             super::failpoint::hit("backup.before_commit");
             tx.commit().await?;
+            if pinned {
+                backup::pin(&mut lock, self.schema(), &info.id).await?;
+            }
             Ok(info)
         }
         .await;
-        if self.unlock_session(&mut lock).await.is_ok() {
-            let _ = sqlx::Connection::close(lock).await;
+        let unlocked = self.unlock_session(&mut lock).await;
+        match (backup, unlocked) {
+            (Ok(info), Ok(())) => Ok((info, Some(lock))),
+            // The backup committed: without a pin to keep, dropping the session (closing it)
+            // releases the lock as well.
+            (Ok(info), Err(_)) if !pinned => Ok((info, None)),
+            (Ok(_), Err(e)) | (Err(e), _) => {
+                let _ = sqlx::Connection::close(lock).await;
+                Err(e)
+            }
         }
-        backup
     }
 
     /// Replaces the store with a backup (the newest, or the one named). The replaced state is
@@ -148,12 +187,71 @@ impl Store {
         backup::list(&mut conn, self.schema()).await
     }
 
+    /// Drops one backup, unless a running operation has pinned it ([`Store::pinned_backup`]).
     pub async fn drop_backup(&self, id: &str) -> Result<BackupInfo, Error> {
         let mut tx = self.begin_locked().await?;
         let info = backup::find(&mut tx, self.schema(), Some(id)).await?;
+        if !backup::pinned(&mut tx, self.schema(), std::slice::from_ref(&info.id))
+            .await?
+            .is_empty()
+        {
+            return Err(Error::BackupInUse {
+                schema: self.schema().to_string(),
+                id: info.id,
+            });
+        }
         backup::drop(&mut tx, self.schema(), &info.id).await?;
         tx.commit().await?;
         Ok(info)
+    }
+
+    /// Drops the backups the policy does not keep (see `retention.rs` for the exact rule), in one
+    /// transaction under the store's lock (waiting at most the lock timeout, then `StoreBusy`).
+    /// Backups of protected operations, and backups pinned by a running operation, are kept
+    /// whatever the policy says. A dry run reports the same and drops nothing.
+    pub async fn prune_backups(&self, options: &PruneOptions) -> Result<PruneReport, Error> {
+        options.policy.check()?;
+        let started = std::time::Instant::now();
+        let mut tx = self.begin_locked().await?;
+        let backups = backup::list(&mut tx, self.schema()).await?;
+        let mut verdicts = retention::decide(&backups, options);
+        let candidates: Vec<String> = verdicts
+            .iter()
+            .filter(|(_, verdict)| verdict.is_ok())
+            .map(|(b, _)| b.id.clone())
+            .collect();
+        let in_use = backup::pinned(&mut tx, self.schema(), &candidates).await?;
+        for (backup, verdict) in &mut verdicts {
+            if verdict.is_ok() && in_use.contains(&backup.id) {
+                *verdict = Err(KeptBecause::InUse);
+            }
+        }
+        let mut dropped = Vec::new();
+        let mut kept = Vec::new();
+        for (backup, verdict) in verdicts {
+            match verdict {
+                Ok(()) => dropped.push(backup),
+                Err(kept_because) => kept.push(KeptBackup {
+                    backup,
+                    kept_because,
+                }),
+            }
+        }
+        if !options.dry_run {
+            let ids: Vec<String> = dropped.iter().map(|b| b.id.clone()).collect();
+            backup::drop_all(&mut tx, self.schema(), &ids).await?;
+            super::failpoint::hit("prune.before_commit");
+        }
+        tx.commit().await?;
+        Ok(PruneReport {
+            schema: self.schema().to_string(),
+            dry_run: options.dry_run,
+            policy: options.policy,
+            bytes_freed: dropped.iter().map(|b| b.bytes).sum(),
+            dropped,
+            kept,
+            duration_ms: super::store::elapsed_ms(started),
+        })
     }
 
     async fn counts(&self, conn: &mut PgConnection) -> Result<BTreeMap<String, i64>, Error> {

@@ -29,6 +29,7 @@ mod meltano_backend;
 pub mod migrations;
 pub mod plan;
 pub mod reports;
+pub mod retention;
 pub mod run;
 pub mod store;
 mod tableset;
@@ -50,6 +51,7 @@ pub use plan::{Operation, Plan};
 pub use reports::{
     InitReport, ResetApproval, ResetReport, RollbackReport, StatusReport, UpgradeReport,
 };
+pub use retention::{KeptBecause, PruneOptions, PruneReport, RetentionPolicy};
 pub use run::{RunOutcome, RunReport};
 pub use store::Store;
 pub use transfer::{

@@ -96,6 +96,10 @@ pub struct Plan {
     pub source: Option<String>,
     /// True when there is nothing to do (an upgrade of a store already at its target).
     pub no_op: bool,
+    /// A rollback's backup, with its age as the plan was made. Not part of the hash (its age
+    /// changes by the second; its id is in `source`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restores: Option<BackupInfo>,
     /// sha256 of everything above, first [`PLAN_HASH_LEN`] hex digits.
     pub hash: String,
 }
@@ -103,9 +107,11 @@ pub struct Plan {
 impl Plan {
     fn sealed(mut self) -> Self {
         self.hash = String::new();
+        let restores = self.restores.take();
         let canonical = serde_json::to_vec(&self).unwrap_or_default();
         let digest = hex::encode(Sha256::digest(&canonical));
         self.hash = digest[..PLAN_HASH_LEN].to_owned();
+        self.restores = restores;
         self
     }
 
@@ -188,6 +194,7 @@ impl Store {
             job: None,
             source: None,
             no_op: false,
+            restores: None,
             hash: String::new(),
         };
         match operation {
@@ -314,6 +321,7 @@ impl Store {
             "replace every table of the store with backup {}",
             restored.id
         ));
+        plan.restores = Some(restored.clone());
     }
 
     fn plan_reset(

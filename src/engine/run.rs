@@ -99,10 +99,12 @@ impl Store {
                     .map_or(0, |v| v.schema_version)
             }
         };
-        let backup = if backup {
-            Some(self.backup_with_reason("pre-run").await?)
+        // Pinned until the run is over: no prune or drop can remove the backup it may restore.
+        let (backup, pin) = if backup {
+            let (info, pin) = self.pinned_backup("pre-run").await?;
+            (Some(info), Some(pin))
         } else {
-            None
+            (None, None)
         };
         let taken = || {
             backup
@@ -166,6 +168,9 @@ impl Store {
             (RunOutcome::Succeeded, _) | (_, None) => None,
             (_, Some(backup)) => Some(self.rollback(Some(&backup.id)).await?),
         };
+        if let Some(pin) = pin {
+            pin.release().await;
+        }
         let to_version = {
             let mut conn = self.pool().acquire().await?;
             super::hooks::read_version(self, &mut conn)

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use kube::Resource;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Resource, ResourceExt};
 
 use crate::api::phases;
 use crate::api::state_migration::{StateMigration, StateMigrationStatus};
@@ -244,13 +244,7 @@ pub(super) fn current_conditions(run: &Run<'_>) -> Vec<Desired> {
 /// The id recorded in the backups a migration makes, to tell after a restart whether its
 /// transaction committed.
 pub(super) fn migration_id(migration: &StateMigration) -> String {
-    migration.meta().uid.clone().unwrap_or_else(|| {
-        format!(
-            "{}/{}",
-            migration.namespace().unwrap_or_default(),
-            migration.name_any()
-        )
-    })
+    migration.operation_id()
 }
 
 /// Engine errors that no retry can fix: the migration fails for good.
