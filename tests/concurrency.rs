@@ -518,6 +518,7 @@ async fn eight_clients_at_once_serialize_lose_nothing_and_export_consistent_stat
                 &ImportOptions {
                     mode: ImportMode::Replace,
                     expected_sha256: None,
+                    ..Default::default()
                 },
             )
             .await

@@ -67,6 +67,7 @@ async fn s3_round_trip_uses_multipart_and_imports_every_row() {
         &ImportOptions {
             mode: statekeeper::engine::ImportMode::Replace,
             expected_sha256: report.sha256.clone(),
+            ..Default::default()
         },
     )
     .await
@@ -375,6 +376,7 @@ async fn azure_round_trip_in_blocks_through_a_real_emulator() {
             &ImportOptions {
                 mode: statekeeper::engine::ImportMode::Replace,
                 expected_sha256: report.sha256.clone(),
+                ..Default::default()
             },
         )
         .await

@@ -85,6 +85,7 @@ fn replace() -> ImportOptions {
     ImportOptions {
         mode: ImportMode::Replace,
         expected_sha256: None,
+        ..Default::default()
     }
 }
 
@@ -132,6 +133,7 @@ async fn full_round_trip_reproduces_every_row_with_every_compression() {
                 &ImportOptions {
                     mode: ImportMode::Replace,
                     expected_sha256: report.sha256.clone(),
+                    ..Default::default()
                 },
             )
             .await
@@ -300,6 +302,7 @@ async fn merge_replaces_namesakes_and_keeps_the_rest() {
             &ImportOptions {
                 mode: ImportMode::Merge,
                 expected_sha256: None,
+                ..Default::default()
             },
         )
         .await
@@ -502,6 +505,7 @@ async fn bad_files_are_refused_and_change_nothing() {
                 &ImportOptions {
                     mode: ImportMode::Replace,
                     expected_sha256,
+                    ..Default::default()
                 },
             )
             .await

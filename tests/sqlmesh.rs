@@ -54,6 +54,7 @@ async fn import_file(store: &Store, path: &Path, mode: ImportMode) -> Result<(),
             &ImportOptions {
                 mode,
                 expected_sha256: None,
+                ..Default::default()
             },
         )
         .await
@@ -640,6 +641,7 @@ async fn bad_files_are_refused_and_change_nothing() {
                 &ImportOptions {
                     mode: ImportMode::Replace,
                     expected_sha256: sha,
+                    ..Default::default()
                 },
             )
             .await

@@ -56,6 +56,7 @@ async fn state_export_runs_once_and_keeps_its_result() {
             &statekeeper::engine::ImportOptions {
                 mode: statekeeper::engine::ImportMode::Replace,
                 expected_sha256: Some(sha),
+                ..Default::default()
             },
         )
         .await

@@ -139,6 +139,32 @@ pub struct ImportOperation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub expected_sha256: Option<String>,
+    /// Restore in part (needs `mode: Merge`): only these environments, each with the snapshots
+    /// or versions it references; everything else in the store stays as it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(min = 1, max = 253)))]
+    pub environments: Vec<String>,
+    /// Restore in part (needs `mode: Merge`): only these models' snapshots or versions, with
+    /// their intervals; no environment changes unless `environments` names it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(min = 1, max = 1024)))]
+    pub models: Vec<String>,
+    /// Restore in part of a Meltano store (needs `mode: Merge`): only these state IDs (or the
+    /// ones a `*` glob matches).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(min = 1, max = 1024)))]
+    pub state_ids: Vec<String>,
+}
+
+impl ImportOperation {
+    /// What a restore in part takes from the file (empty: all of it).
+    pub fn selection(&self) -> crate::engine::Selection {
+        crate::engine::Selection {
+            environments: self.environments.clone(),
+            models: self.models.clone(),
+            state_ids: self.state_ids.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

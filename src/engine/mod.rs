@@ -49,7 +49,8 @@ pub use reports::{
 pub use run::{RunOutcome, RunReport};
 pub use store::Store;
 pub use transfer::{
-    Compression, ExportOptions, ExportReport, ImportMode, ImportOptions, ImportReport,
+    Compression, ExportOptions, ExportReport, ImportMode, ImportOptions, ImportReport, Restored,
+    Selection,
 };
 
 // Used by the controller.

@@ -94,6 +94,7 @@ pub(super) async fn execute_in_database(
             let options = ImportOptions {
                 mode: input.mode,
                 expected_sha256: input.expected_sha256.clone(),
+                selection: input.selection.clone(),
             };
             match input.destination.open().await {
                 Ok(reader) => engine.import(reader, &options).await.map(|r| {

@@ -9,7 +9,7 @@ use crate::api::phases;
 use crate::api::state_export::StateExport;
 use crate::api::state_store::StateStore;
 use crate::controller::access::{connect_for_operation, resolve_destination};
-use crate::engine::{Destination, ImportMode, Store, copy_source_label};
+use crate::engine::{Destination, ImportMode, Selection, Store, copy_source_label};
 
 /// The file an import reads, resolved from `import.source` or a finished StateExport.
 pub(super) struct ImportInput {
@@ -17,6 +17,8 @@ pub(super) struct ImportInput {
     pub(super) expected_sha256: Option<String>,
     pub(super) mode: ImportMode,
     pub(super) destination: Destination,
+    /// A restore in part: `import.environments`, `.models`, `.stateIds`.
+    pub(super) selection: Selection,
 }
 
 /// Everything an operation needs besides the store: resolved once per reconcile.
@@ -145,6 +147,7 @@ pub(super) async fn resolve_inputs(
                 expected_sha256: expected,
                 mode: import.mode.into(),
                 destination,
+                selection: import.selection(),
             }))
         }
         Requested::Copy { store: name } => {
