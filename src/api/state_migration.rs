@@ -121,6 +121,7 @@ pub struct ResetOperation {}
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.source) != has(self.fromExport)").message("set either import.source or import.fromExport"))]
+#[x_kube(validation = Rule::new("!has(self.mode) || self.mode == 'Merge' || !(has(self.environments) || has(self.models) || has(self.stateIds))").message("a restore in part (environments, models, stateIds) is a merge: set mode: Merge"))]
 pub struct ImportOperation {
     /// Where the file is (`url`, `options`, `credentialsSecretRef`, as a StateExport's
     /// destination).

@@ -190,14 +190,14 @@ enum PlanOperation {
         /// Plan a merge from this in-database backup instead of a file.
         #[arg(long, value_name = "ID", conflicts_with_all = ["from", "sha256"])]
         backup_id: Option<String>,
-        #[command(flatten)]
-        selection: restore::SelectionArgs,
         /// Plan a replace (`import.mode: Replace`); the default is a merge.
         #[arg(long, conflicts_with = "merge")]
         replace: bool,
         /// Plan a merge (the default).
         #[arg(long)]
         merge: bool,
+        #[command(flatten)]
+        selection: restore::SelectionArgs,
         /// The file's expected sha256 (`expectedSha256`, or the StateExport's `status.sha256`).
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
@@ -299,8 +299,6 @@ struct ImportArgs {
     /// --environment, --model or --state-id, restores that part of it.
     #[arg(long, value_name = "ID", conflicts_with_all = ["from", "format", "sha256"])]
     backup_id: Option<String>,
-    #[command(flatten)]
-    selection: restore::SelectionArgs,
     /// Object store option KEY=VALUE (endpoint, region, aws_access_key_id, ...); repeatable.
     /// AWS_*, GOOGLE_* and AZURE_* environment variables are read too.
     #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = transfer::key_value)]
@@ -313,6 +311,8 @@ struct ImportArgs {
     /// `sqlmesh state import` and `meltano state import` do).
     #[arg(long)]
     merge: bool,
+    #[command(flatten)]
+    selection: restore::SelectionArgs,
     /// Refuse the file unless its sha256 is this hex digest.
     #[arg(long, value_name = "HEX")]
     sha256: Option<String>,
