@@ -683,9 +683,12 @@ async fn statekeeper_environment_is_restored_from_a_backup_and_from_a_file() {
 // ---------------------------------------------------------------------------------------------
 // Refusals and plans
 
-/// `statekeeper state --schema sk -o json ARGS` against the test database.
+/// `statekeeper state --schema sk -o json ARGS` against the test database (`STATEKEEPER_BIN`, when
+/// set, names the binary: a target folder shared by several checkouts holds the last one built).
 fn cli(db: &TestDb, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_statekeeper"))
+    let bin = std::env::var("STATEKEEPER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_statekeeper").to_owned());
+    std::process::Command::new(bin)
         .args([
             "state",
             "--database-url",

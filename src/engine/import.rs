@@ -278,6 +278,11 @@ impl Store {
                  `statekeeper state rollback --backup-id {backup_id}`"
             )));
         }
+        if options.expected_sha256.is_some() {
+            return Err(Error::InvalidOperation(
+                "a checksum pins a file; a backup is read from the database, not a file".into(),
+            ));
+        }
         options.selection.check(self.framework(), options.mode)?;
         let (writer, reader) = tokio::io::duplex(1 << 20);
         let export_options = ExportOptions {

@@ -414,10 +414,15 @@ impl Store {
             );
             return Ok(());
         }
+        let what = if source.backup.is_some() {
+            "backup"
+        } else {
+            "file"
+        };
         plan.steps.push(match mode {
-            ImportMode::Replace => "replace the store's state with the file's".into(),
+            ImportMode::Replace => format!("replace the store's state with the {what}'s"),
             ImportMode::Merge => {
-                "merge the file: what it holds replaces its namesakes, the rest stays".into()
+                format!("merge the {what}: what it holds replaces its namesakes, the rest stays")
             }
         });
         Ok(())

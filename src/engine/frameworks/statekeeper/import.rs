@@ -501,6 +501,10 @@ async fn keep_selected(
     if selection.is_empty() {
         return Ok(None);
     }
+    // The selection's joins read the staged rows by section: statistics make them hash joins.
+    sqlx::query("ANALYZE statekeeper_import")
+        .execute(&mut *conn)
+        .await?;
     const ENVIRONMENT: &str = "(x.environment::jsonb #>> '{}')";
     refuse_unmatched(
         conn,

@@ -30,6 +30,10 @@ pub(super) async fn keep_selected(
     if selection.is_empty() {
         return Ok(None);
     }
+    // The selection's joins read the staged rows by section: statistics make them hash joins.
+    sqlx::query("ANALYZE statekeeper_import")
+        .execute(&mut *conn)
+        .await?;
     let env_name = at(ENVIRONMENT_COLUMNS, "name");
     let snapshot_name = at(SNAPSHOT_COLUMNS, "name");
     refuse_unmatched(
