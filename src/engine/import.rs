@@ -285,10 +285,20 @@ impl Store {
         }
         options.selection.check(self.framework(), options.mode)?;
         let (writer, reader) = tokio::io::duplex(1 << 20);
+        // Environments (or state IDs) alone are chosen by the export already; a model is found
+        // among all the backup's snapshots, on the import's side.
+        let selection = &options.selection;
+        let chosen = match self.framework() {
+            Framework::Meltano => selection.state_ids.clone(),
+            _ if selection.models.is_empty() => selection.environments.clone(),
+            _ => Vec::new(),
+        };
         let export_options = ExportOptions {
             format: self.logical_format(),
+            environments: (!chosen.is_empty()).then_some(chosen),
             ..Default::default()
         };
+        let backup_store = source.clone();
         let export = async move {
             source
                 .export(writer, &export_options)
@@ -312,6 +322,9 @@ impl Store {
             other => other,
         };
         let mut report = match (exported, imported) {
+            (Err(Error::UnknownEnvironments { names, .. }), _) => {
+                return Err(self.not_in_backup(&backup_store, backup_id, &names).await);
+            }
             // The import stopped reading first (it refused the data): its reason is the news.
             (Err(Error::ExportWrite(_)), Err(e)) => return Err(renamed(e)),
             (Err(e), _) => return Err(e),
@@ -319,6 +332,35 @@ impl Store {
         };
         report.source_store = format!("backup {backup_id}");
         Ok(report)
+    }
+
+    /// The error of a restore in part from a backup that lacks `missing` (environments or state
+    /// IDs), naming what the backup has.
+    async fn not_in_backup(&self, backup: &Store, backup_id: &str, missing: &[String]) -> Error {
+        let entities = &self.profile().entities;
+        let existing = async {
+            let mut conn = self.pool().acquire().await?;
+            sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!(
+                "SELECT {key}::text FROM {}.{} ORDER BY 1",
+                backup.schema().quoted(),
+                super::identifier::quote_ident(entities.table),
+                key = super::identifier::quote_ident(entities.key),
+            )))
+            .fetch_all(&mut *conn)
+            .await
+        }
+        .await
+        .unwrap_or_default();
+        let what = match self.framework() {
+            Framework::Meltano => "state ID",
+            _ => "environment",
+        };
+        super::format::selection::nothing_to_restore(
+            format!("backup {backup_id}"),
+            what,
+            missing,
+            &existing,
+        )
     }
 
     /// The backup `backup_id` of this store, read as a store of its own (its schema).

@@ -36,12 +36,28 @@ pub(crate) async fn refuse_unmatched(
     let existing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(existing_sql.to_owned()))
         .fetch_all(&mut *conn)
         .await?;
-    Err(Error::NothingToRestore {
-        source_name: THE_FILE.into(),
+    Err(nothing_to_restore(
+        THE_FILE.into(),
+        what,
+        &missing,
+        &existing,
+    ))
+}
+
+/// The error of a restore in part that asked for `missing`, which `source_name` does not have;
+/// `existing` is what it has.
+pub(crate) fn nothing_to_restore(
+    source_name: String,
+    what: &'static str,
+    missing: &[String],
+    existing: &[String],
+) -> Error {
+    Error::NothingToRestore {
+        source_name,
         what,
         names: missing.iter().map(|n| format!("\"{n}\"")).collect(),
-        available: available(what, &existing),
-    })
+        available: available(what, existing),
+    }
 }
 
 /// What a restore in part restores: the named environments and models, with the rows left staged
