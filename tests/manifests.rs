@@ -720,6 +720,27 @@ fn every_cel_rule_accepts_and_refuses_what_it_should() {
             None,
             false,
         ),
+        (
+            "StateMigration",
+            "a restore in part (environments, models, stateIds) is a merge: set mode: Merge",
+            json!({"fromExport": {"name": "e"}, "environments": ["dev"]}),
+            None,
+            true,
+        ),
+        (
+            "StateMigration",
+            "a restore in part (environments, models, stateIds) is a merge: set mode: Merge",
+            json!({"fromExport": {"name": "e"}, "mode": "Merge", "stateIds": ["x"]}),
+            None,
+            true,
+        ),
+        (
+            "StateMigration",
+            "a restore in part (environments, models, stateIds) is a merge: set mode: Merge",
+            json!({"fromExport": {"name": "e"}, "mode": "Replace", "models": ["m"]}),
+            None,
+            false,
+        ),
     ];
     // Each field of a StateMigration's spec but `approval` keeps its value: (rule's message, the
     // value, another value).

@@ -679,3 +679,75 @@ async fn invalid_requests_fail_with_the_reason() {
         "no secret anywhere"
     );
 }
+
+/// `import.environments`: a restore in part of one environment of a file, planned with the
+/// selection among its steps; the other environments keep what changed since the export.
+#[tokio::test]
+async fn import_restores_one_environment_of_a_file_in_part() {
+    let db = TestDb::new().await;
+    let h = latest_harness(&db, json!({})).await;
+    let file = temp_dir("restore-part").join("before.json");
+    let destination =
+        statekeeper::engine::Destination::parse(&file.to_string_lossy(), &Default::default())
+            .unwrap();
+    let options = statekeeper::engine::ExportOptions {
+        format: statekeeper::engine::ExportFormat::Statekeeper,
+        ..Default::default()
+    };
+    db.store(SCHEMA)
+        .await
+        .export_to(&destination, &options, |_| {})
+        .await
+        .unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {SCHEMA}.virtual_environments SET plan_id = 'changed'"
+    )))
+    .execute(&mut db.conn().await)
+    .await
+    .unwrap();
+    let url = format!("file://{}", file.display());
+    // With `mode: Replace` (which the CRD's rule refuses on a real API server): refused.
+    h.kube.put(
+        &migration_path("restore-prod-replace"),
+        state_migration(
+            "restore-prod-replace",
+            "2026-11-27T09:00:00Z",
+            json!({"import": {"source": {"url": url}, "mode": "Replace", "environments": ["prod"]}}),
+        ),
+    );
+    let (_, m) = h.reconcile_migration("restore-prod-replace").await;
+    assert_eq!(phase(&m), "Failed", "{:?}", m.status);
+    let (_, _, message) = migration_condition(&m, "Ready");
+    assert!(message.contains("import.mode: Merge"), "{message}");
+
+    h.kube.put(
+        &migration_path("restore-prod"),
+        state_migration(
+            "restore-prod",
+            "2026-11-27T10:00:00Z",
+            json!({"import": {"source": {"url": url}, "environments": ["prod"]}}),
+        ),
+    );
+    let (_, m) = h.reconcile_migration("restore-prod").await;
+    assert_eq!(phase(&m), "Succeeded", "{:?}", m.status);
+    let status = m.status.unwrap();
+    let message = status.message.unwrap_or_default();
+    assert!(message.contains("restored environments prod"), "{message}");
+    let steps = status.plan.unwrap().steps;
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.contains("keep only environment prod")),
+        "{steps:?}"
+    );
+    let plans: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT name, plan_id FROM {SCHEMA}.virtual_environments ORDER BY name"
+    )))
+    .fetch_all(&mut db.conn().await)
+    .await
+    .unwrap();
+    assert!(plans.len() > 1);
+    for (name, plan_id) in plans {
+        assert_eq!(plan_id == "changed", name != "prod", "{name}: {plan_id}");
+    }
+}

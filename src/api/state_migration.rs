@@ -122,6 +122,7 @@ pub struct ResetOperation {}
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.source) != has(self.fromExport)").message("set either import.source or import.fromExport"))]
+#[x_kube(validation = Rule::new("!has(self.mode) || self.mode == 'Merge' || !(has(self.environments) || has(self.models) || has(self.stateIds))").message("a restore in part (environments, models, stateIds) is a merge: set mode: Merge"))]
 pub struct ImportOperation {
     /// Where the file is (`url`, `options`, `credentialsSecretRef`, as a StateExport's
     /// destination).
@@ -145,6 +146,32 @@ pub struct ImportOperation {
     /// `fromExport`, the export's `encryption.identitySecretRef` is used when this is not set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_secret_ref: Option<KeysSecretRef>,
+    /// Restore in part (needs `mode: Merge`): only these environments, each with the snapshots
+    /// or versions it references; everything else in the store stays as it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(min = 1, max = 253)))]
+    pub environments: Vec<String>,
+    /// Restore in part (needs `mode: Merge`): only these models' snapshots or versions, with
+    /// their intervals; no environment changes unless `environments` names it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(min = 1, max = 1024)))]
+    pub models: Vec<String>,
+    /// Restore in part of a Meltano store (needs `mode: Merge`): only these state IDs (or the
+    /// ones a `*` glob matches).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(min = 1, max = 1024)))]
+    pub state_ids: Vec<String>,
+}
+
+impl ImportOperation {
+    /// What a restore in part takes from the file (empty: all of it).
+    pub fn selection(&self) -> crate::engine::Selection {
+        crate::engine::Selection {
+            environments: self.environments.clone(),
+            models: self.models.clone(),
+            state_ids: self.state_ids.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -1,6 +1,7 @@
 //! `statekeeper`: the command line. `state …` works against any PostgreSQL URL, no cluster needed.
 
 mod output;
+mod restore;
 mod transfer;
 
 use std::io::Write as _;
@@ -184,14 +185,24 @@ enum PlanOperation {
     /// Import a file: --from is the URL as the StateMigration names it (`import.source.url`, or
     /// the StateExport's `status.url`).
     Import {
-        #[arg(long, short = 'i', value_name = "URL")]
-        from: String,
+        #[arg(
+            long,
+            short = 'i',
+            value_name = "URL",
+            required_unless_present = "backup_id"
+        )]
+        from: Option<String>,
+        /// Plan a merge from this in-database backup instead of a file.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["from", "sha256"])]
+        backup_id: Option<String>,
         /// Plan a replace (`import.mode: Replace`); the default is a merge.
         #[arg(long, conflicts_with = "merge")]
         replace: bool,
         /// Plan a merge (the default).
         #[arg(long)]
         merge: bool,
+        #[command(flatten)]
+        selection: restore::SelectionArgs,
         /// The file's expected sha256 (`expectedSha256`, or the StateExport's `status.sha256`).
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
@@ -335,8 +346,17 @@ impl MeltanoLockArgs {
 struct ImportArgs {
     /// Source: a path, file:///PATH, s3://BUCKET/KEY, gs://BUCKET/KEY, az://CONTAINER/KEY,
     /// or - for stdin. Compression is detected.
-    #[arg(long, short = 'i', value_name = "URL")]
-    from: String,
+    #[arg(
+        long,
+        short = 'i',
+        value_name = "URL",
+        required_unless_present = "backup_id"
+    )]
+    from: Option<String>,
+    /// Merge from this in-database backup (`state backups`) instead of a file: with
+    /// --environment, --model or --state-id, restores that part of it.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["from", "format", "sha256"])]
+    backup_id: Option<String>,
     /// Object store option KEY=VALUE (endpoint, region, aws_access_key_id, ...); repeatable.
     /// AWS_*, GOOGLE_* and AZURE_* environment variables are read too.
     #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = transfer::key_value)]
@@ -349,6 +369,8 @@ struct ImportArgs {
     /// `sqlmesh state import` and `meltano state import` do).
     #[arg(long)]
     merge: bool,
+    #[command(flatten)]
+    selection: restore::SelectionArgs,
     /// Refuse the file unless its sha256 is this hex digest.
     #[arg(long, value_name = "HEX")]
     sha256: Option<String>,
@@ -647,7 +669,9 @@ fn check_location(command: &StateCommand) -> Result<(), Error> {
             export.recipients()?;
         }
         StateCommand::Import(import) => {
-            transfer::Location::parse(&import.from, &import.storage_options, import.format())?;
+            if let Some(from) = &import.from {
+                transfer::Location::parse(from, &import.storage_options, import.format())?;
+            }
             import.identities.identities()?;
         }
         StateCommand::Verify(verify) => {
@@ -693,13 +717,25 @@ async fn export_state(store: &Store, export: &ExportArgs, json: bool) -> Result<
 
 /// `state import`: from stdin, a file or object store, or a Meltano state backend's layout.
 async fn import_state(store: &Store, import: &ImportArgs, json: bool) -> Result<String, Error> {
-    let location =
-        transfer::Location::parse(&import.from, &import.storage_options, import.format())?;
     let options = crate::engine::ImportOptions {
         mode: import_mode(import.replace),
         expected_sha256: import.sha256.clone(),
         identities: import.identities.identities()?,
+        selection: import.selection.selection(import.merge)?,
     };
+    let from = match (&import.from, &import.backup_id) {
+        (Some(from), _) => from,
+        (None, Some(id)) => {
+            let report = store.import_from_backup(id, &options).await?;
+            return Ok(output::imported(&report, &format!("backup {id}"), json));
+        }
+        (None, None) => {
+            return Err(Error::InvalidOperation(
+                "name the source: --from URL or --backup-id ID".into(),
+            ));
+        }
+    };
+    let location = transfer::Location::parse(from, &import.storage_options, import.format())?;
     let bar = transfer::progress("importing");
     let report = match &location {
         transfer::Location::Object(prefix) if import.format.is_some() => {
@@ -801,18 +837,28 @@ async fn plan_operation(
         }
         PlanOperation::Import {
             from,
+            backup_id,
+            selection,
             replace,
-            merge: _,
+            merge,
             sha256,
             identities,
         } => {
             identities.identities()?;
+            let selection = selection.selection(*merge)?;
+            let source = match (from, backup_id) {
+                (Some(from), _) => from.clone(),
+                (None, Some(id)) => format!("backup {id}"),
+                (None, None) => String::new(),
+            };
             store
                 .plan(
                     Operation::Import {
-                        source: from,
+                        source: &source,
                         mode: import_mode(*replace),
                         expected_sha256: sha256.as_deref(),
+                        selection: &selection,
+                        backup_id: backup_id.as_deref(),
                     },
                     backup,
                 )

@@ -73,6 +73,21 @@ pub const TAGS: &[(&str, &str)] = &[
     ),
 ];
 
+impl BackupInfo {
+    /// For people and plans: `backup ID (taken …, reason, version V, T tables, R rows)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "backup {} (taken {}, {}, version {}, {} tables, {} rows)",
+            self.id,
+            self.created_at.to_rfc3339(),
+            self.reason,
+            self.schema_version,
+            self.tables,
+            self.rows
+        )
+    }
+}
+
 /// The metadata row as stored; backups made before frameworks existed lack the newer columns.
 #[derive(Deserialize)]
 struct StoredMetadata {

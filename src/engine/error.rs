@@ -174,6 +174,18 @@ pub enum Error {
         names: Vec<String>,
     },
 
+    /// A restore in part asked for names its source does not hold; nothing changed.
+    #[error("{source_name} has no {what} {}; it has {available}", .names.join(", "))]
+    NothingToRestore {
+        /// "the file", "backup 2026…".
+        source_name: String,
+        /// "environment", "model", "state ID".
+        what: &'static str,
+        names: Vec<String>,
+        /// Some of what it has, for people.
+        available: String,
+    },
+
     #[error("cannot use \"{url}\": {reason}")]
     InvalidDestination { url: String, reason: String },
 
@@ -292,6 +304,7 @@ impl Error {
             Error::MigrationFailed { .. } => "MigrationFailed",
             Error::Busy { .. } => "StoreBusy",
             Error::UnknownEnvironments { .. } => "UnknownEnvironments",
+            Error::NothingToRestore { .. } => "NothingToRestore",
             Error::InvalidDestination { .. } => "InvalidDestination",
             Error::DestinationUnavailable { .. } => "DestinationUnavailable",
             Error::InvalidExportRequest(_) => "InvalidExportRequest",

@@ -346,6 +346,7 @@ pub(crate) async fn import(
         environments: environments_in(store, &staged.counts),
         backup,
         removed: Some(removed),
+        restored: None,
     };
     commit_import(tx, store, incoming, staged, ending).await
 }

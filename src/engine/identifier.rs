@@ -85,6 +85,12 @@ impl SchemaName {
         Self(format!("{}{SCRATCH_INFIX}{id}", self.0))
     }
 
+    /// The backup schema with the given (validated) id, as a schema of its own: only the engine
+    /// reads a backup as a store (a restore in part exports from it), so only it may name one.
+    pub(crate) fn backup_of(&self, backup_id: &str) -> Self {
+        Self(self.backup_schema(backup_id))
+    }
+
     /// The prefix every backup schema of this store starts with.
     pub fn backup_prefix(&self) -> String {
         format!("{}{BACKUP_INFIX}", self.0)

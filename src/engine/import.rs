@@ -282,6 +282,18 @@ impl Store {
                 header.format, profile.display_name
             )));
         }
+        incoming
+            .options
+            .selection
+            .check(self.framework(), incoming.options.mode)?;
+        if header.format == ExportFormat::Exact && !incoming.options.selection.is_empty() {
+            return Err(Error::InvalidOperation(format!(
+                "an exact export is restored whole (it holds every row of every table, not \
+                 {}); restore in part from a {} export, or from a backup with --backup-id",
+                self.profile().entities.noun,
+                self.logical_format()
+            )));
+        }
         match header.format {
             ExportFormat::Exact => exact::import(self, header, &mut incoming).await,
             ExportFormat::Statekeeper => {
@@ -322,6 +334,144 @@ impl Store {
             (Err(Error::ExportWrite(_)), Err(e)) => Err(e),
             (Err(e), _) => Err(e),
             (Ok(_), imported) => imported,
+        }
+    }
+}
+
+impl Store {
+    /// Restores from the in-database backup `backup_id` (see [`super::backup`]) what `options`
+    /// selects, as a merge: the backup's schema, read as a store of this framework, is exported
+    /// in the framework's logical format (one snapshot) and streamed straight into a merge import
+    /// here (one transaction under the store's lock, with a backup of the store first). No file;
+    /// memory bounded by the pipe.
+    pub async fn import_from_backup(
+        &self,
+        backup_id: &str,
+        options: &ImportOptions,
+    ) -> Result<ImportReport, Error> {
+        let source = self.backup_as_store(backup_id).await?;
+        if options.mode == super::transfer::ImportMode::Replace {
+            return Err(Error::InvalidOperation(format!(
+                "an import from backup {backup_id} is a merge (of some of it: --environment, \
+                 --model, --state-id); to make the store equal to the backup, roll back: \
+                 `statekeeper state rollback --backup-id {backup_id}`"
+            )));
+        }
+        if options.expected_sha256.is_some() {
+            return Err(Error::InvalidOperation(
+                "a checksum pins a file; a backup is read from the database, not a file".into(),
+            ));
+        }
+        options.selection.check(self.framework(), options.mode)?;
+        let (writer, reader) = tokio::io::duplex(1 << 20);
+        // Environments (or state IDs) alone are chosen by the export already; a model is found
+        // among all the backup's snapshots, on the import's side.
+        let selection = &options.selection;
+        let chosen = match self.framework() {
+            Framework::Meltano => selection.state_ids.clone(),
+            _ if selection.models.is_empty() => selection.environments.clone(),
+            _ => Vec::new(),
+        };
+        let export_options = ExportOptions {
+            format: self.logical_format(),
+            environments: (!chosen.is_empty()).then_some(chosen),
+            ..Default::default()
+        };
+        let backup_store = source.clone();
+        let export = async move {
+            source
+                .export(writer, &export_options)
+                .await
+                .map(|(report, _)| report)
+        };
+        let import = self.import(reader, options);
+        let (exported, imported) = tokio::join!(export, import);
+        let renamed = |e: Error| match e {
+            Error::NothingToRestore {
+                what,
+                names,
+                available,
+                ..
+            } => Error::NothingToRestore {
+                source_name: format!("backup {backup_id}"),
+                what,
+                names,
+                available,
+            },
+            other => other,
+        };
+        let mut report = match (exported, imported) {
+            (Err(Error::UnknownEnvironments { names, .. }), _) => {
+                return Err(self.not_in_backup(&backup_store, backup_id, &names).await);
+            }
+            // The import stopped reading first (it refused the data): its reason is the news.
+            (Err(Error::ExportWrite(_)), Err(e)) => return Err(renamed(e)),
+            (Err(e), _) => return Err(e),
+            (Ok(_), imported) => imported.map_err(renamed)?,
+        };
+        report.source_store = format!("backup {backup_id}");
+        Ok(report)
+    }
+
+    /// The error of a restore in part from a backup that lacks `missing` (environments or state
+    /// IDs), naming what the backup has.
+    async fn not_in_backup(&self, backup: &Store, backup_id: &str, missing: &[String]) -> Error {
+        let entities = &self.profile().entities;
+        let existing = async {
+            let mut conn = self.pool().acquire().await?;
+            sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!(
+                "SELECT {key}::text FROM {}.{} ORDER BY 1",
+                backup.schema().quoted(),
+                super::identifier::quote_ident(entities.table),
+                key = super::identifier::quote_ident(entities.key),
+            )))
+            .fetch_all(&mut *conn)
+            .await
+        }
+        .await
+        .unwrap_or_default();
+        let what = match self.framework() {
+            Framework::Meltano => "state ID",
+            _ => "environment",
+        };
+        super::format::selection::nothing_to_restore(
+            format!("backup {backup_id}"),
+            what,
+            missing,
+            &existing,
+        )
+    }
+
+    /// The backup `backup_id` of this store, read as a store of its own (its schema).
+    async fn backup_as_store(&self, backup_id: &str) -> Result<Store, Error> {
+        super::backup::validate_backup_id(backup_id)?;
+        let info = {
+            let mut conn = self.pool().acquire().await?;
+            super::backup::find(&mut conn, self.schema(), Some(backup_id)).await?
+        };
+        if info.framework != self.framework() {
+            return Err(Error::IncompatibleBackup {
+                id: backup_id.to_owned(),
+                reason: format!(
+                    "it holds a {} store, this store is {}",
+                    info.framework.profile().display_name,
+                    self.profile().display_name
+                ),
+            });
+        }
+        Ok(
+            Store::new(self.pool().clone(), self.schema().backup_of(backup_id))
+                .with_framework(self.framework())
+                .beside_other_frameworks(true),
+        )
+    }
+
+    /// The format this store's framework merges: its own logical format.
+    fn logical_format(&self) -> ExportFormat {
+        match self.framework() {
+            Framework::Statekeeper => ExportFormat::Statekeeper,
+            Framework::Sqlmesh => ExportFormat::Sqlmesh,
+            Framework::Meltano => ExportFormat::Meltano,
         }
     }
 }

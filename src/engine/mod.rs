@@ -55,7 +55,8 @@ pub use retention::{KeptBecause, PruneOptions, PruneReport, RetentionPolicy};
 pub use run::{RunOutcome, RunReport};
 pub use store::Store;
 pub use transfer::{
-    Compression, ExportOptions, ExportReport, ImportMode, ImportOptions, ImportReport,
+    Compression, ExportOptions, ExportReport, ImportMode, ImportOptions, ImportReport, Restored,
+    Selection,
 };
 pub use verify::{VerifyOptions, VerifyReport};
 

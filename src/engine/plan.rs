@@ -16,7 +16,7 @@ use super::guards;
 use super::hooks;
 use super::identifier::quote_ident;
 use super::store::Store;
-use crate::engine::transfer::ImportMode;
+use crate::engine::transfer::{ImportMode, Selection};
 
 /// Hex digits of a plan hash: 64 bits, plenty to tell two plans of one store apart.
 pub const PLAN_HASH_LEN: usize = 16;
@@ -38,10 +38,14 @@ pub enum Operation<'a> {
     Reset {
         allow_reset: bool,
     },
+    /// An import of the file at `source`, or (`backup_id`) a merge from an in-database backup;
+    /// a non-empty `selection` restores only part of it.
     Import {
         source: &'a str,
         mode: ImportMode,
         expected_sha256: Option<&'a str>,
+        selection: &'a Selection,
+        backup_id: Option<&'a str>,
     },
     /// Make the store equal to `from` (named `label` for people).
     Copy {
@@ -94,6 +98,9 @@ pub struct Plan {
     pub job: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// A restore in part: what it takes from its source (hashed with the rest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selection: Option<Selection>,
     /// True when there is nothing to do (an upgrade of a store already at its target).
     pub no_op: bool,
     /// A rollback's backup, with its age as the plan was made. Not part of the hash (its age
@@ -134,6 +141,13 @@ pub fn runner_description(profile: &Profile, image: &str, command: &[String]) ->
 /// How a copy's source appears in a plan (shared by the operator and the CLI, as above).
 pub fn copy_source_label(store_name: &str) -> String {
     format!("StateStore {store_name}")
+}
+
+/// Where a planned import reads from: a file, or an in-database backup.
+struct ImportSource<'a> {
+    url: &'a str,
+    expected_sha256: Option<&'a str>,
+    backup: Option<&'a BackupInfo>,
 }
 
 /// What every operation's plan starts from: the store as one snapshot found it.
@@ -193,6 +207,7 @@ impl Store {
             backup: None,
             job: None,
             source: None,
+            selection: None,
             no_op: false,
             restores: None,
             hash: String::new(),
@@ -213,7 +228,20 @@ impl Store {
                 source,
                 mode,
                 expected_sha256,
-            } => self.plan_import(&planning, &mut plan, source, mode, expected_sha256)?,
+                selection,
+                backup_id,
+            } => {
+                let from_backup = match backup_id {
+                    Some(id) => Some(backup::find(&mut tx, self.schema(), Some(id)).await?),
+                    None => None,
+                };
+                let source = ImportSource {
+                    url: source,
+                    expected_sha256,
+                    backup: from_backup.as_ref(),
+                };
+                self.plan_import(&planning, &mut plan, &source, mode, selection)?
+            }
             Operation::Copy { from, label } => {
                 self.plan_copy(&planning, &mut plan, from, label).await?
             }
@@ -308,15 +336,7 @@ impl Store {
     fn plan_rollback(&self, planning: &Planning, plan: &mut Plan, restored: &BackupInfo) {
         plan.to_version = Some(restored.schema_version);
         plan.backup = planning.backup_step(self, "pre-rollback");
-        plan.source = Some(format!(
-            "backup {} (taken {}, {}, version {}, {} tables, {} rows)",
-            restored.id,
-            restored.created_at.to_rfc3339(),
-            restored.reason,
-            restored.schema_version,
-            restored.tables,
-            restored.rows
-        ));
+        plan.source = Some(restored.describe());
         plan.steps.push(format!(
             "replace every table of the store with backup {}",
             restored.id
@@ -354,28 +374,63 @@ impl Store {
         &self,
         planning: &Planning,
         plan: &mut Plan,
-        source: &str,
+        source: &ImportSource<'_>,
         mode: ImportMode,
-        expected_sha256: Option<&str>,
+        selection: &Selection,
     ) -> Result<(), Error> {
         if !planning.initialized {
             return Err(self.not_initialized());
         }
+        selection.check(self.framework(), mode)?;
         plan.backup = planning.backup_step(self, "pre-import");
         plan.to_version = Some(planning.from_version);
-        plan.source = Some(match expected_sha256 {
-            Some(sha) => format!("{source} (sha256 {sha})"),
-            None => format!(
-                "{source} (not pinned: set expectedSha256 to bind an approval to the file's \
-                 content)"
-            ),
-        });
-        plan.steps
-            .push("read the whole file and validate it before writing".into());
+        let read = match source.backup {
+            Some(backup) => {
+                if mode == ImportMode::Replace {
+                    return Err(Error::InvalidOperation(format!(
+                        "an import from backup {} is a merge; to make the store equal to the \
+                         backup, plan a rollback",
+                        backup.id
+                    )));
+                }
+                plan.source = Some(backup.describe());
+                format!("read backup {} as one snapshot", backup.id)
+            }
+            None => {
+                plan.source = Some(match source.expected_sha256 {
+                    Some(sha) => format!("{} (sha256 {sha})", source.url),
+                    None => format!(
+                        "{} (not pinned: set expectedSha256 to bind an approval to the file's \
+                         content)",
+                        source.url
+                    ),
+                });
+                "read the whole file and validate it before writing".into()
+            }
+        };
+        plan.steps.push(read);
+        if !selection.is_empty() {
+            plan.selection = Some(selection.clone());
+            plan.steps.push(format!(
+                "keep only {} (each environment with the versions it references, each model's \
+                 versions with their intervals); refuse a name the source does not have",
+                selection.describe()
+            ));
+            plan.steps.push(
+                "merge them: they replace their namesakes; nothing else in the store changes"
+                    .into(),
+            );
+            return Ok(());
+        }
+        let what = if source.backup.is_some() {
+            "backup"
+        } else {
+            "file"
+        };
         plan.steps.push(match mode {
-            ImportMode::Replace => "replace the store's state with the file's".into(),
+            ImportMode::Replace => format!("replace the store's state with the {what}'s"),
             ImportMode::Merge => {
-                "merge the file: what it holds replaces its namesakes, the rest stays".into()
+                format!("merge the {what}: what it holds replaces its namesakes, the rest stays")
             }
         });
         Ok(())

@@ -131,14 +131,16 @@ pub struct ImportOptions {
     pub expected_sha256: Option<String>,
     /// The age identities that decrypt an encrypted file (tried in order).
     pub identities: Identities,
+    /// Restore in part: only these environments, models or state IDs of the file (a merge);
+    /// empty, the whole file.
+    pub selection: Selection,
 }
 
 impl ImportOptions {
     pub fn replace() -> Self {
         Self {
             mode: ImportMode::Replace,
-            expected_sha256: None,
-            identities: Identities::default(),
+            ..Self::merge()
         }
     }
 
@@ -147,7 +149,138 @@ impl ImportOptions {
             mode: ImportMode::Merge,
             expected_sha256: None,
             identities: Identities::default(),
+            selection: Selection::default(),
         }
+    }
+
+    /// A merge of only `selection`.
+    pub fn restore(selection: Selection) -> Self {
+        Self {
+            selection,
+            ..Self::merge()
+        }
+    }
+}
+
+/// A merge, the default of the CLI and of StateMigrations (never a replace).
+impl Default for ImportOptions {
+    fn default() -> Self {
+        Self::merge()
+    }
+}
+
+/// What a restore in part takes from its source: environments (each with the snapshots or
+/// versions it references), models (their snapshots or versions, with their intervals; no
+/// environment changes) or Meltano state IDs (exact, or `*` globs). Empty: everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Selection {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub environments: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state_ids: Vec<String>,
+}
+
+impl Selection {
+    pub fn is_empty(&self) -> bool {
+        self.environments.is_empty() && self.models.is_empty() && self.state_ids.is_empty()
+    }
+
+    /// For people: `environment prod, model "db"."s"."m"`.
+    pub fn describe(&self) -> String {
+        [
+            ("environment", &self.environments),
+            ("model", &self.models),
+            ("state ID", &self.state_ids),
+        ]
+        .iter()
+        .filter(|(_, names)| !names.is_empty())
+        .map(|(what, names)| {
+            format!(
+                "{what}{} {}",
+                if names.len() > 1 { "s" } else { "" },
+                names.join(", ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+    }
+
+    /// Refuses a selection that cannot be restored: any selection but in a merge (a partial
+    /// replace would drop everything else), and names a framework's store does not have.
+    pub fn check(&self, framework: Framework, mode: ImportMode) -> Result<(), super::Error> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let refuse = |reason: String| Err(super::Error::InvalidOperation(reason));
+        if mode == ImportMode::Replace {
+            return refuse(format!(
+                "a restore in part ({}) is a merge: it replaces only what it names and leaves                  the rest alone, so it cannot replace the store; pass --merge instead of                  --replace (import.mode: Merge)",
+                self.describe()
+            ));
+        }
+        match framework {
+            Framework::Meltano if !self.environments.is_empty() || !self.models.is_empty() => {
+                refuse(
+                    "a Meltano store holds state IDs, not environments or models: choose them                      with --state-id"
+                        .into(),
+                )
+            }
+            Framework::Statekeeper | Framework::Sqlmesh if !self.state_ids.is_empty() => {
+                refuse(format!(
+                    "state IDs are Meltano's; a {} store is restored in part by --environment                      or --model",
+                    framework.profile().display_name
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What a restore in part restored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Restored {
+    /// Environments restored, by name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub environments: Vec<String>,
+    /// Models whose snapshots or versions were restored, by name as the store spells them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    /// Meltano state IDs restored (globs expanded).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub state_ids: Vec<String>,
+    /// Snapshots (SQLMesh) or model versions (statekeeper) written with them.
+    pub versions: u64,
+    /// Interval rows written with them.
+    pub intervals: u64,
+}
+
+impl Restored {
+    /// One line for people.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        for (what, names) in [
+            ("environments", &self.environments),
+            ("models", &self.models),
+            ("state IDs", &self.state_ids),
+        ] {
+            if !names.is_empty() {
+                parts.push(format!("{what} {}", names.join(", ")));
+            }
+        }
+        let mut line = format!("restored {}", parts.join("; "));
+        if self.versions > 0 || self.intervals > 0 {
+            line.push_str(&format!(
+                " ({} and {} with them)",
+                super::words::counted(self.versions, "versions"),
+                super::words::counted(self.intervals, "interval rows")
+            ));
+        }
+        line.push_str("; nothing else changed");
+        line
     }
 }
 
@@ -176,6 +309,9 @@ pub struct ImportReport {
     /// A replace: what the store held that the file does not (gone now, kept in the backup).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub removed: Option<Removed>,
+    /// A restore in part: what it restored (everything else stayed as it was).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored: Option<Restored>,
     #[serde(skip)]
     pub duration: Duration,
 }
@@ -195,6 +331,9 @@ pub struct Removed {
 impl ImportReport {
     /// What the import did to what the store held, in one line.
     pub fn effect(&self) -> String {
+        if let Some(restored) = &self.restored {
+            return restored.summary();
+        }
         match &self.removed {
             None => "merged: what the file holds replaced its namesakes, the rest stayed".into(),
             Some(removed) if removed.count == 0 => format!(

@@ -18,7 +18,7 @@ use super::encryption::Identities;
 use super::framework::{ExportFormat, ResetStyle};
 use super::identifier::{SCRATCH_INFIX, SchemaName, quote_ident};
 use super::store::Store;
-use super::transfer::{Compression, ImportMode, ImportOptions, ImportReport};
+use super::transfer::{Compression, ImportOptions, ImportReport};
 
 /// Scratch schemas older than this are left over from a verification that was killed: the next
 /// verification of the store drops them.
@@ -170,9 +170,9 @@ async fn verify_into<R: AsyncRead + Unpin + Send + 'static>(
     options: &VerifyOptions,
 ) -> Result<VerifyReport, Error> {
     let import = ImportOptions {
-        mode: ImportMode::Replace,
         expected_sha256: options.expected_sha256.clone(),
         identities: options.identities.clone(),
+        ..ImportOptions::replace()
     };
     let imported = scratch.import(reader, &import).await.map_err(|e| match e {
         Error::InvalidExport(reason) => Error::VerificationFailed(reason),

@@ -95,6 +95,7 @@ pub(super) async fn execute_in_database(
                 mode: input.mode,
                 expected_sha256: input.expected_sha256.clone(),
                 identities: input.identities.clone(),
+                selection: input.selection.clone(),
             };
             match input.destination.open().await {
                 Ok(reader) => engine.import(reader, &options).await.map(|r| {

@@ -11,7 +11,7 @@ use crate::api::state_store::StateStore;
 use crate::controller::access::{
     DestinationProblem, connect_for_operation, read_identities, resolve_destination,
 };
-use crate::engine::{Destination, Identities, ImportMode, Store, copy_source_label};
+use crate::engine::{Destination, Identities, ImportMode, Selection, Store, copy_source_label};
 
 /// The file an import reads, resolved from `import.source` or a finished StateExport.
 pub(super) struct ImportInput {
@@ -21,6 +21,8 @@ pub(super) struct ImportInput {
     pub(super) destination: Destination,
     /// The age identities that decrypt an encrypted file.
     pub(super) identities: Identities,
+    /// A restore in part: `import.environments`, `.models`, `.stateIds`.
+    pub(super) selection: Selection,
 }
 
 /// Everything an operation needs besides the store: resolved once per reconcile.
@@ -170,6 +172,7 @@ pub(super) async fn resolve_inputs(
                 mode: import.mode.into(),
                 destination,
                 identities,
+                selection: import.selection(),
             }))
         }
         Requested::Copy { store: name } => {

@@ -53,6 +53,8 @@ pub(super) async fn make_plan(
             source: &input.url,
             mode: input.mode,
             expected_sha256: input.expected_sha256.as_deref(),
+            selection: &input.selection,
+            backup_id: None,
         },
         (Requested::Copy { .. }, Inputs::Copy { source, label }) => Operation::Copy {
             from: source,

@@ -20,7 +20,7 @@ use crate::engine::identifier::{quote_ident, quote_literal};
 use crate::engine::manifest::Manifest;
 use crate::engine::store::Store;
 use crate::engine::transfer::{
-    Compression, ImportMode, ImportOptions, ImportReport, REMOVED_NAMES, Removed,
+    Compression, ImportMode, ImportOptions, ImportReport, REMOVED_NAMES, Removed, Restored,
 };
 
 /// Before a replace deletes anything: remembers the names of the store's entities (a temporary
@@ -105,6 +105,8 @@ pub(crate) struct Ending {
     pub environments: u64,
     pub backup: Option<BackupInfo>,
     pub removed: Option<Removed>,
+    /// A restore in part: what it restored.
+    pub restored: Option<Restored>,
 }
 
 /// The end of every import: the store's one transaction commits (with a crash point on each
@@ -133,6 +135,7 @@ pub(crate) async fn commit_import(
         compression: incoming.compression,
         backup: ending.backup,
         removed: ending.removed,
+        restored: ending.restored,
         duration: incoming.started.elapsed(),
     })
 }

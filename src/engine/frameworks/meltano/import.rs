@@ -10,6 +10,7 @@ use sqlx::AssertSqlSafe;
 
 use crate::engine::Error;
 use crate::engine::format::reader::{Emitter, SectionReader};
+use crate::engine::format::selection::{like_pattern_sql, refuse_unmatched};
 use crate::engine::format::staging::{
     Ending, Incoming, commit_import, remember_entities, removed_by,
 };
@@ -18,7 +19,7 @@ use crate::engine::framework::ExportFormat;
 use crate::engine::json::python_dumps;
 use crate::engine::jsonscan::{Cursor, ScanError};
 use crate::engine::store::{Store, TableLock};
-use crate::engine::transfer::{ImportMode, ImportReport};
+use crate::engine::transfer::{ImportMode, ImportReport, Restored};
 
 /// The staging section of state rows.
 const STATE: &str = "state";
@@ -159,6 +160,7 @@ pub(crate) async fn import(
         )
         .await
         .map_err(state_id_twice)?;
+    let restored = keep_selected(&mut tx, &incoming.options.selection.state_ids).await?;
 
     store.lock_tables(&mut tx, TableLock::ReadersWait).await?;
     let backup = store
@@ -192,9 +194,50 @@ pub(crate) async fn import(
         mode,
         source_store: String::new(),
         schema_version: current.schema_version,
-        environments: staged.environments,
+        environments: restored
+            .as_ref()
+            .map_or(staged.environments, |r| r.state_ids.len() as u64),
         backup,
         removed: removed_by(mode, store, &mut tx).await?,
+        restored,
     };
     commit_import(tx, store, incoming, staged, ending).await
+}
+
+/// A restore in part: keeps only the staged states whose IDs `asked` names (exact, or `*`
+/// globs), each of which must match one; `None` when nothing was asked (the whole file).
+async fn keep_selected(
+    conn: &mut sqlx::PgConnection,
+    asked: &[String],
+) -> Result<Option<Restored>, Error> {
+    if asked.is_empty() {
+        return Ok(None);
+    }
+    let matches = format!("s.state_id LIKE {}", like_pattern_sql("a"));
+    refuse_unmatched(
+        conn,
+        "state ID",
+        asked,
+        &format!(
+            "SELECT a FROM unnest($1::text[]) a WHERE NOT EXISTS \
+             (SELECT 1 FROM statekeeper_meltano_state s WHERE {matches})"
+        ),
+        "SELECT state_id FROM statekeeper_meltano_state ORDER BY 1",
+    )
+    .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM statekeeper_meltano_state s WHERE NOT EXISTS \
+         (SELECT 1 FROM unnest($1::text[]) a WHERE {matches})"
+    )))
+    .bind(asked)
+    .execute(&mut *conn)
+    .await?;
+    let state_ids: Vec<String> =
+        sqlx::query_scalar("SELECT state_id FROM statekeeper_meltano_state ORDER BY 1")
+            .fetch_all(&mut *conn)
+            .await?;
+    Ok(Some(Restored {
+        state_ids,
+        ..Default::default()
+    }))
 }

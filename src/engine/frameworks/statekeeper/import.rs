@@ -12,6 +12,7 @@ use super::export::{EXPORT_MIN_VERSION, FILE_VERSION};
 use crate::engine::Error;
 use crate::engine::catalog;
 use crate::engine::format::reader::{Emitter, SectionReader};
+use crate::engine::format::selection::{model_matches, refuse_unmatched, restored};
 use crate::engine::format::staging::{
     Ending, Incoming, commit_import, drop_secondary_structures, invalid, remember_entities,
     removed_by, restore_secondary_structures,
@@ -20,7 +21,7 @@ use crate::engine::format::stream::Header;
 use crate::engine::framework::{ExportFormat, StoreVersion};
 use crate::engine::jsonscan::{Cursor, ScanError};
 use crate::engine::store::{Store, TableLock};
-use crate::engine::transfer::{ImportMode, ImportReport};
+use crate::engine::transfer::{ImportMode, ImportReport, Restored, Selection};
 
 /// Sections of flat rows at the top of the document.
 const TOP_SECTIONS: &[&str] = &[
@@ -181,6 +182,7 @@ pub(crate) async fn import(
     }
     let sections: Vec<&str> = TABLES.iter().map(|(section, _)| *section).collect();
     let staged = incoming.stage(&mut tx, &sections, 0).await?;
+    let restored = keep_selected(&mut tx, &incoming.options.selection).await?;
     let mode = incoming.options.mode;
     match mode {
         // A replace loads into tables whose keys check every rule but these.
@@ -243,9 +245,12 @@ pub(crate) async fn import(
         mode: incoming.options.mode,
         source_store,
         schema_version: current,
-        environments: staged.environments,
+        environments: restored
+            .as_ref()
+            .map_or(staged.environments, |r| r.environments.len() as u64),
         backup,
         removed,
+        restored,
     };
     commit_import(tx, store, incoming, staged, ending).await
 }
@@ -484,4 +489,131 @@ async fn apply_merge(store: &Store, conn: &mut PgConnection) -> Result<(), Error
             .map_err(|e| invalid(&e))?;
     }
     Ok(())
+}
+
+/// A restore in part: keeps only the staged rows of the chosen environments (with the versions
+/// their refs and checkpoints name) and of the chosen models' versions, each version with its
+/// intervals and physical relations; `None` when nothing was asked (the whole file).
+async fn keep_selected(
+    conn: &mut PgConnection,
+    selection: &Selection,
+) -> Result<Option<Restored>, Error> {
+    if selection.is_empty() {
+        return Ok(None);
+    }
+    // The selection's joins read the staged rows by section: statistics make them hash joins.
+    sqlx::query("ANALYZE statekeeper_import")
+        .execute(&mut *conn)
+        .await?;
+    const ENVIRONMENT: &str = "(x.environment::jsonb #>> '{}')";
+    refuse_unmatched(
+        conn,
+        "environment",
+        &selection.environments,
+        &format!(
+            "SELECT a FROM unnest($1::text[]) a WHERE NOT EXISTS (SELECT 1 FROM statekeeper_import x \
+             WHERE x.section = 'environment' AND {ENVIRONMENT} = a)"
+        ),
+        &format!(
+            "SELECT {ENVIRONMENT} FROM statekeeper_import x WHERE x.section = 'environment' ORDER BY 1"
+        ),
+    )
+    .await?;
+    let named = model_matches("x.doc->>'name'", "a");
+    refuse_unmatched(
+        conn,
+        "model",
+        &selection.models,
+        &format!(
+            "SELECT a FROM unnest($1::text[]) a WHERE NOT EXISTS (SELECT 1 FROM statekeeper_import x \
+             WHERE x.section = 'model_versions' AND {named})"
+        ),
+        "SELECT DISTINCT x.doc->>'name' FROM statekeeper_import x \
+         WHERE x.section = 'model_versions' ORDER BY 1",
+    )
+    .await?;
+    let kept = |section: &str, field: &str, by: &str, by_field: &str| {
+        format!(
+            "DELETE FROM statekeeper_import x WHERE x.section = '{section}' AND NOT EXISTS \
+             (SELECT 1 FROM statekeeper_import k WHERE k.section IN ({by}) \
+              AND k.doc->>'{by_field}' = x.doc->>'{field}')"
+        )
+    };
+    sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM statekeeper_import x WHERE x.section IN ('environment', 'refs', \
+         'function_refs', 'checkpoint', 'checkpoint_refs', 'checkpoint_function_refs') \
+         AND NOT ({ENVIRONMENT} = ANY($1))"
+    )))
+    .bind(&selection.environments)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "{} AND NOT EXISTS (SELECT 1 FROM unnest($1::text[]) a WHERE {named})",
+        kept(
+            "model_versions",
+            "id",
+            "'refs', 'checkpoint_refs'",
+            "model_version_id"
+        )
+    )))
+    .bind(&selection.models)
+    .execute(&mut *conn)
+    .await?;
+    for statement in [
+        kept(
+            "function_versions",
+            "id",
+            "'function_refs', 'checkpoint_function_refs'",
+            "function_version_id",
+        ),
+        kept(
+            "model_version_intervals",
+            "model_version_id",
+            "'model_versions'",
+            "id",
+        ),
+        kept(
+            "physical_relations",
+            "model_version_id",
+            "'model_versions'",
+            "id",
+        ),
+        kept(
+            "physical_relation_ancestry",
+            "relation_id",
+            "'physical_relations'",
+            "id",
+        ),
+        kept(
+            "physical_relation_ancestry",
+            "parent_relation_id",
+            "'physical_relations'",
+            "id",
+        ),
+        "DELETE FROM statekeeper_import WHERE section IN ('locks', 'state_operations')".into(),
+    ] {
+        sqlx::query(AssertSqlSafe(statement))
+            .execute(&mut *conn)
+            .await?;
+    }
+    let environments: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT {ENVIRONMENT} FROM statekeeper_import x WHERE x.section = 'environment' ORDER BY 1"
+    )))
+    .fetch_all(&mut *conn)
+    .await?;
+    let models: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT DISTINCT x.doc->>'name' FROM statekeeper_import x WHERE x.section = 'model_versions' \
+         AND EXISTS (SELECT 1 FROM unnest($1::text[]) a WHERE {named}) ORDER BY 1"
+    )))
+    .bind(&selection.models)
+    .fetch_all(&mut *conn)
+    .await?;
+    restored(
+        conn,
+        environments,
+        models,
+        ("model_versions", "model_version_intervals"),
+    )
+    .await
+    .map(Some)
 }

@@ -9,6 +9,7 @@ mod checks;
 mod environment_rows;
 mod layout;
 mod reader;
+mod select;
 mod snapshot_rows;
 
 pub(crate) use reader::Sections;
@@ -40,6 +41,7 @@ pub(crate) async fn import(
     let staged = incoming
         .stage(&mut tx, &[SNAPSHOTS, INTERVALS], staged_width())
         .await?;
+    let restored = select::keep_selected(&mut tx, &incoming.options.selection).await?;
 
     store.lock_tables(&mut tx, TableLock::ReadersWait).await?;
     let backup = store
@@ -54,9 +56,12 @@ pub(crate) async fn import(
         mode,
         source_store: String::new(),
         schema_version: current.schema_version,
-        environments: staged.environments,
+        environments: restored
+            .as_ref()
+            .map_or(staged.environments, |r| r.environments.len() as u64),
         backup,
         removed: removed_by(mode, store, &mut tx).await?,
+        restored,
     };
     commit_import(tx, store, incoming, staged, ending).await
 }
