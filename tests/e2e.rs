@@ -774,6 +774,8 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
         "no staging file is left"
     );
 
+    verified_encrypted_schedule(&kubeconfig, &exports_dir);
+
     // Both examples share the namespace: delete them together at the end.
     kubectl(&kubeconfig, &["delete", "-f", &migration, "--wait=false"]);
     kubectl(&kubeconfig, &["delete", "-f", &upgrade, "--wait=false"]);
@@ -786,6 +788,122 @@ async fn operator_makes_the_example_store_ready_on_a_real_cluster() {
             &format!("{root}/examples/statestore.yaml"),
             "--wait=false",
             "--ignore-not-found",
+        ],
+    );
+}
+
+/// A scheduled export, encrypted with age to a key made here and verified after it is written
+/// (the identity from a Secret): its first run is Verified on a real API server, its file is age
+/// ciphertext, and the secret key appears in no object or Event.
+fn verified_encrypted_schedule(kubeconfig: &str, exports_dir: &std::path::Path) {
+    let identity = age::x25519::Identity::generate();
+    let recipient = identity.to_public().to_string();
+    let secret_key = age::secrecy::ExposeSecret::expose_secret(&identity.to_string()).to_owned();
+    let secret = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "e2e-backup-identity", "namespace": "data"},
+        "stringData": {"identity": secret_key}
+    });
+    let applied = kubectl_stdin(kubeconfig, &["apply", "-f", "-"], &secret.to_string());
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let dir = exports_dir.join("verified");
+    std::fs::create_dir_all(&dir).expect("a directory for the schedule");
+    let schedule = serde_json::json!({
+        "apiVersion": "statekeeper.dev/v1alpha1", "kind": "StateExport",
+        "metadata": {"name": "e2e-verified", "namespace": "data"},
+        "spec": {
+            "storeRef": {"name": "analytics"},
+            "schedule": "0 3 * * *",
+            "immediate": true,
+            "verify": true,
+            "compression": "zstd",
+            "destination": {"url": format!("file://{}/", dir.display())},
+            "encryption": {
+                "recipients": [recipient],
+                "identitySecretRef": {"name": "e2e-backup-identity"}
+            }
+        }
+    });
+    let applied = kubectl_stdin(kubeconfig, &["apply", "-f", "-"], &schedule.to_string());
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let started = std::time::Instant::now();
+    let child = loop {
+        let names = kubectl(
+            kubeconfig,
+            &[
+                "-n",
+                "data",
+                "get",
+                "stateexports",
+                "-l",
+                "statekeeper.dev/schedule=e2e-verified",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ],
+        );
+        if let Some(name) = names.split_whitespace().next() {
+            break name.to_owned();
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "the schedule's immediate run never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    kubectl(
+        kubeconfig,
+        &[
+            "-n",
+            "data",
+            "wait",
+            &format!("stateexport/{child}"),
+            "--for=condition=Verified",
+            "--timeout=300s",
+        ],
+    );
+    let url = kubectl(
+        kubeconfig,
+        &[
+            "-n",
+            "data",
+            "get",
+            &format!("stateexport/{child}"),
+            "-o",
+            "jsonpath={.status.url}",
+        ],
+    );
+    assert!(url.ends_with(".json.zst.age"), "{url}");
+    let path = url.trim_start_matches("file://");
+    let head = std::fs::read(path).expect("the encrypted export");
+    assert!(
+        head.starts_with(b"age-encryption.org/v1"),
+        "the file is not age ciphertext"
+    );
+    let objects = kubectl(
+        kubeconfig,
+        &["-n", "data", "get", "stateexports,events", "-o", "json"],
+    );
+    assert!(
+        !objects.contains(&secret_key),
+        "the secret key leaked into the API"
+    );
+    kubectl(
+        kubeconfig,
+        &[
+            "-n",
+            "data",
+            "delete",
+            "stateexport/e2e-verified",
+            "secret/e2e-backup-identity",
+            "--wait=false",
         ],
     );
 }
