@@ -24,17 +24,6 @@ fn key_pair() -> (String, String) {
     )
 }
 
-async fn harness(db: &TestDb) -> Harness {
-    generated_store(db).await;
-    let h = Harness::new();
-    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
-    h.kube.put(
-        &store_path("analytics"),
-        store_for(db, "analytics", json!({})),
-    );
-    h
-}
-
 fn phase(m: &statekeeper::api::StateMigration) -> String {
     m.status
         .as_ref()
@@ -50,7 +39,7 @@ fn said(status: &impl serde::Serialize) -> String {
 #[tokio::test]
 async fn an_encrypted_export_is_restored_with_the_identity_from_a_secret() {
     let db = TestDb::new().await;
-    let h = harness(&db).await;
+    let h = store_harness(&db).await;
     let (ours, our_public) = key_pair();
     let (_, theirs) = key_pair();
     let (stranger, _) = key_pair();
@@ -179,7 +168,7 @@ async fn an_encrypted_export_is_restored_with_the_identity_from_a_secret() {
 #[tokio::test]
 async fn recipient_secrets_that_are_missing_or_hold_the_wrong_key_say_what_to_fix() {
     let db = TestDb::new().await;
-    let h = harness(&db).await;
+    let h = store_harness(&db).await;
     let dir = temp_dir("recipients");
     h.kube.put(
         &export_path("nightly"),

@@ -177,18 +177,6 @@ async fn state_export_with_an_unusable_destination_fails_at_once() {
     assert!(message.contains("absolute path"), "{message}");
 }
 
-/// The StateStore `analytics` on generated state, with its password Secret, in the fake API.
-async fn store_harness(db: &TestDb) -> Harness {
-    generated_store(db).await;
-    let h = Harness::new();
-    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
-    h.kube.put(
-        &store_path("analytics"),
-        store_for(db, "analytics", json!({})),
-    );
-    h
-}
-
 /// The same, plus S3 credentials in a Secret.
 async fn s3_harness(db: &TestDb) -> Harness {
     let h = store_harness(db).await;

@@ -9,17 +9,6 @@ use serde_json::json;
 use support::operator::*;
 use support::{TestDb, schemas};
 
-async fn harness(db: &TestDb) -> Harness {
-    generated_store(db).await;
-    let h = Harness::new();
-    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
-    h.kube.put(
-        &store_path("analytics"),
-        store_for(db, "analytics", json!({})),
-    );
-    h
-}
-
 /// An export written to `url` and not verified yet: the status a verifying export has when the
 /// operator stopped between writing and verifying it (made by an export without `verify`, whose
 /// status the verifying object then carries; its spec is immutable, so it never changes).
@@ -40,7 +29,7 @@ async fn written_unverified(
 #[tokio::test]
 async fn a_verified_export_is_ready_only_once_restored_in_scratch() {
     let db = TestDb::new().await;
-    let h = harness(&db).await;
+    let h = store_harness(&db).await;
     let dir = temp_dir("verified");
     let file = dir.join("backup.json.zst");
     h.kube.put(
@@ -93,7 +82,7 @@ async fn a_verified_export_is_ready_only_once_restored_in_scratch() {
 #[tokio::test]
 async fn a_file_changed_after_it_was_written_fails_verification_naming_the_table() {
     let db = TestDb::new().await;
-    let h = harness(&db).await;
+    let h = store_harness(&db).await;
     let dir = temp_dir("tampered");
     let file = dir.join("backup.json");
     let url = format!("file://{}", file.display());
@@ -146,7 +135,7 @@ async fn a_file_changed_after_it_was_written_fails_verification_naming_the_table
 #[tokio::test]
 async fn a_verification_that_cannot_run_is_retried_without_exporting_again() {
     let db = TestDb::new().await;
-    let h = harness(&db).await;
+    let h = store_harness(&db).await;
     let dir = temp_dir("retried");
     let file = dir.join("backup.json.zst");
     let url = format!("file://{}", file.display());

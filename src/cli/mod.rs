@@ -743,17 +743,7 @@ async fn import_state(store: &Store, import: &ImportArgs, json: bool) -> Result<
                 .import_meltano_backend(prefix, &options, import.meltano_locks.locks())
                 .await?
         }
-        transfer::Location::Std => {
-            store
-                .import(transfer::counted(tokio::io::stdin(), &bar), &options)
-                .await?
-        }
-        transfer::Location::Object(source) => {
-            let reader = source.open().await?;
-            store
-                .import(transfer::counted(reader, &bar), &options)
-                .await?
-        }
+        location => store.import(location.open(&bar).await?, &options).await?,
     };
     bar.finish_and_clear();
     Ok(output::imported(&report, &location.to_string(), json))
@@ -768,19 +758,7 @@ async fn verify_export(store: &Store, verify: &VerifyArgs, json: bool) -> Result
         identities: verify.identities.identities()?,
     };
     let bar = transfer::progress("verifying");
-    let report = match &location {
-        transfer::Location::Std => {
-            store
-                .verify(transfer::counted(tokio::io::stdin(), &bar), &options)
-                .await?
-        }
-        transfer::Location::Object(source) => {
-            let reader = source.open().await?;
-            store
-                .verify(transfer::counted(reader, &bar), &options)
-                .await?
-        }
-    };
+    let report = store.verify(location.open(&bar).await?, &options).await?;
     bar.finish_and_clear();
     Ok(output::verified(&report, &location.to_string(), json))
 }

@@ -57,6 +57,19 @@ impl Location {
     }
 }
 
+impl Location {
+    /// The file to read (stdin, or the object), its bytes counted into `bar`.
+    pub async fn open(
+        &self,
+        bar: &ProgressBar,
+    ) -> Result<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>, Error> {
+        Ok(match self {
+            Location::Std => Box::pin(counted(tokio::io::stdin(), bar)),
+            Location::Object(source) => Box::pin(counted(source.open().await?, bar)),
+        })
+    }
+}
+
 impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

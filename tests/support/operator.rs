@@ -131,6 +131,18 @@ pub async fn generated_store(db: &TestDb) {
         .unwrap();
 }
 
+/// The StateStore `analytics` on generated state, with its password Secret, in the fake API.
+pub async fn store_harness(db: &TestDb) -> Harness {
+    generated_store(db).await;
+    let h = Harness::new();
+    put_secret(&h.kube, "pg-credentials", &[("password", &db.password())]);
+    h.kube.put(
+        &store_path("analytics"),
+        store_for(db, "analytics", json!({})),
+    );
+    h
+}
+
 pub fn export_path(name: &str) -> String {
     format!("/apis/statekeeper.dev/v1alpha1/namespaces/{NS}/stateexports/{name}")
 }
