@@ -183,3 +183,67 @@ fn a_schedule_verifies_every_export_it_runs() {
     .unwrap();
     assert!(spec.child("s3://bucket/nightly/x.json".into()).verify);
 }
+
+/// A schedule that encrypts and verifies: its immediate run writes age ciphertext, is verified
+/// with the identity from its Secret, and is Ready; the secret key is in no object or Event.
+#[tokio::test]
+async fn a_scheduled_encrypted_export_is_verified_with_the_identity_from_its_secret() {
+    let db = TestDb::new().await;
+    let h = store_harness(&db).await;
+    let dir = temp_dir("verified-encrypted");
+    let identity = age::x25519::Identity::generate();
+    let secret_key = age::secrecy::ExposeSecret::expose_secret(&identity.to_string()).to_owned();
+    put_secret(&h.kube, "backup-identity", &[("identity", &secret_key)]);
+    let mut schedule = state_export(
+        "nightly",
+        &format!("file://{}/", dir.display()),
+        json!({
+            "schedule": "0 3 * * *",
+            "immediate": true,
+            "verify": true,
+            "encryption": {
+                "recipients": [identity.to_public().to_string()],
+                "identitySecretRef": {"name": "backup-identity"}
+            }
+        }),
+    );
+    schedule["metadata"]["creationTimestamp"] = json!("2026-11-20T12:00:00Z");
+    h.kube.put(&export_path("nightly"), schedule);
+    at(&h.ctx, "2026-11-20T12:00:03Z");
+    h.reconcile_export("nightly").await;
+    let children: Vec<statekeeper::api::StateExport> = h
+        .kube
+        .list(&format!(
+            "/apis/statekeeper.dev/v1alpha1/namespaces/{NS}/stateexports"
+        ))
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .filter(|e: &statekeeper::api::StateExport| e.spec.schedule.is_none())
+        .collect();
+    assert_eq!(children.len(), 1, "the immediate run");
+    let name = children[0].metadata.name.clone().unwrap();
+    assert!(children[0].spec.verify && children[0].spec.encryption.is_some());
+
+    let (action, child) = h.reconcile_export(&name).await;
+    assert_eq!(action, Action::await_change());
+    let status = child.status.clone().unwrap();
+    assert!(status.verified_at.is_some(), "{status:?}");
+    assert_eq!(export_condition(&child, "Verified").0, "True");
+    assert_eq!(export_condition(&child, "Ready").1, "ExportVerified");
+    let url = status.url.clone().unwrap();
+    assert!(url.ends_with(".json.zst.age"), "{url}");
+    let stored = std::fs::read(url.trim_start_matches("file://")).unwrap();
+    assert!(stored.starts_with(b"age-encryption.org/v1"));
+    let stored_objects: Vec<serde_json::Value> = h.kube.list(&format!(
+        "/apis/statekeeper.dev/v1alpha1/namespaces/{NS}/stateexports"
+    ));
+    assert!(
+        !serde_json::to_string(&stored_objects)
+            .unwrap()
+            .contains(secret_key.as_str()),
+        "the secret key leaked into a StateExport"
+    );
+    let events = serde_json::to_string(&h.kube.events(NS)).unwrap();
+    assert!(!events.contains(secret_key.as_str()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -266,3 +266,60 @@ async fn meltano_state_verifies_by_manifest_or_checksum() {
     assert!(!report.manifest);
     assert_eq!(report.total_rows(), 2);
 }
+
+#[tokio::test]
+async fn an_encrypted_export_verifies_with_its_identity_only() {
+    let db = TestDb::new().await;
+    let store = generated(&db).await;
+    let identity = age::x25519::Identity::generate();
+    let identities = statekeeper::engine::Identities::parse(
+        age::secrecy::ExposeSecret::expose_secret(&identity.to_string()),
+        "the test's key",
+    )
+    .unwrap();
+    let path = temp_file("encrypted.json.zst.age");
+    let destination = Destination::parse(path.to_str().unwrap(), &Default::default()).unwrap();
+    store
+        .export_to(
+            &destination,
+            &ExportOptions {
+                compression: Compression::Zstd,
+                recipients: identities.recipients(),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    let err = verify_unchanged(&db, &store, &path, None)
+        .await
+        .expect_err("an encrypted file verifies without its identity");
+    assert!(
+        matches!(err, Error::IdentityRequired { recipients: 1 }),
+        "{err}"
+    );
+    let verify = |identities| async {
+        store
+            .verify(
+                destination.open().await.unwrap(),
+                &VerifyOptions {
+                    identities,
+                    ..Default::default()
+                },
+            )
+            .await
+    };
+    let other = age::x25519::Identity::generate();
+    let wrong = statekeeper::engine::Identities::parse(
+        age::secrecy::ExposeSecret::expose_secret(&other.to_string()),
+        "another key",
+    )
+    .unwrap();
+    let err = verify(wrong).await.expect_err("a wrong identity verifies");
+    assert!(matches!(err, Error::NoMatchingIdentity { .. }), "{err}");
+    let report = verify(identities)
+        .await
+        .expect("verified with the identity");
+    assert!(report.manifest);
+    assert_eq!(report.format, ExportFormat::Exact);
+}
