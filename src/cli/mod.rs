@@ -1,5 +1,6 @@
 //! `statekeeper`: the command line. `state …` works against any PostgreSQL URL, no cluster needed.
 
+mod files;
 mod output;
 mod restore;
 mod transfer;
@@ -9,10 +10,15 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use files::{
+    ExportArgs, IdentityArgs, ImportArgs, VerifyArgs, export_state, import_mode, import_state,
+    verify_export,
+};
+
 use crate::engine::frameworks::meltano::MeltanoDriver;
 use crate::engine::{
-    ConnectionSettings, Error, ExportFormat, Framework, JanitorOptions, MeltanoLocks,
-    ResetApproval, SchemaName, Store, redact,
+    ConnectionSettings, Error, ExportFormat, Framework, JanitorOptions, ResetApproval, SchemaName,
+    Store, redact,
 };
 
 #[derive(Parser, Debug)]
@@ -238,179 +244,6 @@ struct RunArgs {
         value_name = "COMMAND"
     )]
     command: Vec<String>,
-}
-
-#[derive(Args, Debug)]
-struct ExportArgs {
-    /// Destination: a path, file:///PATH, s3://BUCKET/KEY, gs://BUCKET/KEY,
-    /// az://CONTAINER/KEY, or - for stdout.
-    #[arg(long, value_name = "URL")]
-    to: String,
-    /// Object store option KEY=VALUE (endpoint, region, aws_access_key_id, ...); repeatable.
-    /// AWS_*, GOOGLE_* and AZURE_* environment variables are read too.
-    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = transfer::key_value)]
-    storage_options: Vec<(String, String)>,
-    /// Export only this environment (with every version it references); repeatable. For a
-    /// Meltano store: a state ID, or a `*` glob of them (alias --state-id).
-    #[arg(long = "environment", visible_alias = "state-id", value_name = "NAME")]
-    environments: Vec<String>,
-    /// none, gzip or zstd.
-    #[arg(long, default_value = "none")]
-    compression: crate::engine::Compression,
-    /// exact (every row of every table, history included: restores bit for bit), statekeeper
-    /// (statekeeper's logical format, mergeable), sqlmesh (the document `sqlmesh state export`
-    /// writes), meltano (the document `meltano state export` writes) or meltano-backend (one
-    /// <STATE_ID>/state.json per state ID below --to, as Meltano's file state backends keep them).
-    #[arg(long, default_value = "exact")]
-    format: ExportFormat,
-    /// Encrypt the export with age to this public key (age1…), after compressing it; repeatable
-    /// (any one of the identities decrypts it). A value that is not a key is read as a
-    /// recipients file: one age1… key a line, # comments allowed.
-    #[arg(long = "encrypt-to", value_name = "RECIPIENT|FILE")]
-    encrypt_to: Vec<String>,
-    #[command(flatten)]
-    meltano_locks: MeltanoLockArgs,
-}
-
-/// The age identities that decrypt an encrypted export.
-#[derive(Args, Debug)]
-struct IdentityArgs {
-    /// An age identity file (the AGE-SECRET-KEY-1… file `age-keygen` writes) to decrypt an
-    /// encrypted file with; repeatable. Encryption is detected from the file.
-    #[arg(long = "identity", value_name = "FILE")]
-    identity: Vec<std::path::PathBuf>,
-}
-
-impl IdentityArgs {
-    fn identities(&self) -> Result<crate::engine::Identities, Error> {
-        let mut identities = crate::engine::Identities::default();
-        for path in &self.identity {
-            identities.extend(crate::engine::Identities::from_file(path)?);
-        }
-        Ok(identities)
-    }
-}
-
-impl ExportArgs {
-    /// Every `--encrypt-to`: a public key, or a recipients file.
-    fn recipients(&self) -> Result<crate::engine::Recipients, Error> {
-        let mut recipients = crate::engine::Recipients::default();
-        for value in &self.encrypt_to {
-            let path = std::path::Path::new(value);
-            recipients.extend(
-                if value.trim_start().starts_with("age1") || !path.exists() {
-                    crate::engine::Recipients::parse(value, "--encrypt-to")?
-                } else {
-                    let origin = format!("recipients file {value}");
-                    let text =
-                        std::fs::read_to_string(path).map_err(|_| Error::InvalidEncryptionKey {
-                            origin: origin.clone(),
-                            line: None,
-                            problem: "cannot be read as text",
-                        })?;
-                    crate::engine::Recipients::parse(&text, &origin)?
-                },
-            );
-        }
-        Ok(recipients)
-    }
-}
-
-/// How Meltano's lock files are honoured (`--format meltano-backend`).
-#[derive(Args, Debug)]
-struct MeltanoLockArgs {
-    /// Meltano's state_backend.lock_timeout_seconds: a younger lock file is held by a writer.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-    meltano_lock_timeout: u64,
-    /// How long to wait for a held lock before failing with the state ID it guards.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-    meltano_lock_wait: u64,
-}
-
-impl ImportArgs {
-    fn format(&self) -> ExportFormat {
-        self.format.unwrap_or_default()
-    }
-}
-
-impl MeltanoLockArgs {
-    fn locks(&self) -> MeltanoLocks {
-        MeltanoLocks {
-            timeout: std::time::Duration::from_secs(self.meltano_lock_timeout),
-            wait: std::time::Duration::from_secs(self.meltano_lock_wait),
-        }
-    }
-}
-
-#[derive(Args, Debug)]
-struct ImportArgs {
-    /// Source: a path, file:///PATH, s3://BUCKET/KEY, gs://BUCKET/KEY, az://CONTAINER/KEY,
-    /// or - for stdin. Compression is detected.
-    #[arg(
-        long,
-        short = 'i',
-        value_name = "URL",
-        required_unless_present = "backup_id"
-    )]
-    from: Option<String>,
-    /// Merge from this in-database backup (`state backups`) instead of a file: with
-    /// --environment, --model or --state-id, restores that part of it.
-    #[arg(long, value_name = "ID", conflicts_with_all = ["from", "format", "sha256"])]
-    backup_id: Option<String>,
-    /// Object store option KEY=VALUE (endpoint, region, aws_access_key_id, ...); repeatable.
-    /// AWS_*, GOOGLE_* and AZURE_* environment variables are read too.
-    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = transfer::key_value)]
-    storage_options: Vec<(String, String)>,
-    /// The store ends up equal to the file: what it holds beyond the file (environments, state
-    /// IDs) is removed, kept only in the backup. Never implied; an exact export needs it.
-    #[arg(long, conflicts_with = "merge")]
-    replace: bool,
-    /// What the file holds replaces its namesakes; the rest stays (the default, as
-    /// `sqlmesh state import` and `meltano state import` do).
-    #[arg(long)]
-    merge: bool,
-    #[command(flatten)]
-    selection: restore::SelectionArgs,
-    /// Refuse the file unless its sha256 is this hex digest.
-    #[arg(long, value_name = "HEX")]
-    sha256: Option<String>,
-    #[command(flatten)]
-    identities: IdentityArgs,
-    /// meltano-backend: read every <STATE_ID>/state.json below --from (a Meltano file state
-    /// backend's folder or prefix). Files are otherwise recognised by their content.
-    #[arg(long, value_name = "FORMAT", value_parser = only_meltano_backend)]
-    format: Option<ExportFormat>,
-    #[command(flatten)]
-    meltano_locks: MeltanoLockArgs,
-}
-
-#[derive(Args, Debug)]
-struct VerifyArgs {
-    /// The export: a path, file:///PATH, s3://BUCKET/KEY, gs://BUCKET/KEY, az://CONTAINER/KEY,
-    /// or - for stdin. Compression is detected.
-    #[arg(long, short = 'i', value_name = "URL")]
-    from: String,
-    /// Object store option KEY=VALUE (endpoint, region, aws_access_key_id, ...); repeatable.
-    /// AWS_*, GOOGLE_* and AZURE_* environment variables are read too.
-    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = transfer::key_value)]
-    storage_options: Vec<(String, String)>,
-    /// The file's sha256 as exported (a StateExport's `status.sha256`): the stored bytes must
-    /// have it. Needed for Meltano-format files, which carry no manifest.
-    #[arg(long, value_name = "HEX")]
-    sha256: Option<String>,
-    #[command(flatten)]
-    identities: IdentityArgs,
-}
-
-/// `state import --format`: the one format that is not a file, so not detected from one.
-fn only_meltano_backend(text: &str) -> Result<ExportFormat, String> {
-    match text.parse()? {
-        ExportFormat::MeltanoBackend => Ok(ExportFormat::MeltanoBackend),
-        other => Err(format!(
-            "{other} files are recognised by their content: leave --format out (only \
-             meltano-backend, a folder, needs it)"
-        )),
-    }
 }
 
 #[derive(Args, Debug)]
@@ -682,87 +515,6 @@ fn check_location(command: &StateCommand) -> Result<(), Error> {
     Ok(())
 }
 
-/// `state export`: to stdout, a file or object store, or a Meltano state backend's layout.
-async fn export_state(store: &Store, export: &ExportArgs, json: bool) -> Result<String, Error> {
-    let location = transfer::Location::parse(&export.to, &export.storage_options, export.format)?;
-    let options = crate::engine::ExportOptions {
-        environments: (!export.environments.is_empty()).then(|| export.environments.clone()),
-        compression: export.compression,
-        format: export.format,
-        recipients: export.recipients()?,
-    };
-    let bar = transfer::progress("exporting");
-    let report = match &location {
-        transfer::Location::Object(prefix) if export.format == ExportFormat::MeltanoBackend => {
-            store
-                .export_meltano_backend(prefix, &options, export.meltano_locks.locks())
-                .await?
-        }
-        transfer::Location::Std => {
-            let out = transfer::counted(tokio::io::stdout(), &bar);
-            store.export(out, &options).await?.0
-        }
-        transfer::Location::Object(destination) => {
-            let progress = bar.clone();
-            store
-                .export_to(destination, &options, move |bytes: &[u8]| {
-                    progress.inc(bytes.len() as u64)
-                })
-                .await?
-        }
-    };
-    bar.finish_and_clear();
-    Ok(output::exported(&report, &location.to_string(), json))
-}
-
-/// `state import`: from stdin, a file or object store, or a Meltano state backend's layout.
-async fn import_state(store: &Store, import: &ImportArgs, json: bool) -> Result<String, Error> {
-    let options = crate::engine::ImportOptions {
-        mode: import_mode(import.replace),
-        expected_sha256: import.sha256.clone(),
-        identities: import.identities.identities()?,
-        selection: import.selection.selection(import.merge)?,
-    };
-    let from = match (&import.from, &import.backup_id) {
-        (Some(from), _) => from,
-        (None, Some(id)) => {
-            let report = store.import_from_backup(id, &options).await?;
-            return Ok(output::imported(&report, &format!("backup {id}"), json));
-        }
-        (None, None) => {
-            return Err(Error::InvalidOperation(
-                "name the source: --from URL or --backup-id ID".into(),
-            ));
-        }
-    };
-    let location = transfer::Location::parse(from, &import.storage_options, import.format())?;
-    let bar = transfer::progress("importing");
-    let report = match &location {
-        transfer::Location::Object(prefix) if import.format.is_some() => {
-            store
-                .import_meltano_backend(prefix, &options, import.meltano_locks.locks())
-                .await?
-        }
-        location => store.import(location.open(&bar).await?, &options).await?,
-    };
-    bar.finish_and_clear();
-    Ok(output::imported(&report, &location.to_string(), json))
-}
-
-/// `state verify`: the file read back from its location, never from memory.
-async fn verify_export(store: &Store, verify: &VerifyArgs, json: bool) -> Result<String, Error> {
-    let location =
-        transfer::Location::parse(&verify.from, &verify.storage_options, ExportFormat::Exact)?;
-    let options = crate::engine::VerifyOptions {
-        expected_sha256: verify.sha256.clone(),
-        identities: verify.identities.identities()?,
-    };
-    let bar = transfer::progress("verifying");
-    let report = store.verify(location.open(&bar).await?, &options).await?;
-    bar.finish_and_clear();
-    Ok(output::verified(&report, &location.to_string(), json))
-}
-
 async fn plan_operation(
     store: &Store,
     plan: &PlanArgs,
@@ -903,15 +655,6 @@ fn run_environment(url: &str, store: &Store) -> Vec<(String, String)> {
         ));
     }
     env
-}
-
-/// Replace only when asked; merge otherwise.
-fn import_mode(replace: bool) -> crate::engine::ImportMode {
-    if replace {
-        crate::engine::ImportMode::Replace
-    } else {
-        crate::engine::ImportMode::Merge
-    }
 }
 
 fn whoami() -> String {
