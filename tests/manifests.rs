@@ -600,6 +600,24 @@ fn every_cel_rule_accepts_and_refuses_what_it_should() {
             false,
         ),
         (
+            "StateExport",
+            "verifying an encrypted export needs encryption.identitySecretRef",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "verify": true, "encryption": {"recipients": ["age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"], "identitySecretRef": {"name": "backup-identity"}}}),
+            ),
+            None,
+            true,
+        ),
+        (
+            "StateExport",
+            "verifying an encrypted export needs encryption.identitySecretRef",
+            export(
+                json!({"storeRef": {"name": "a"}, "destination": destination, "verify": true, "encryption": {"recipients": ["age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"]}}),
+            ),
+            None,
+            false,
+        ),
+        (
             "StateStore",
             "either configMapKeyRef or secretKeyRef",
             json!({"configMapKeyRef": {"name": "rds-ca", "key": "ca.crt"}}),
