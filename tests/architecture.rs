@@ -78,6 +78,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "engine::frameworks::*::janitor",
             "engine::frameworks::*::lifecycle",
             "engine::frameworks::*::intervals",
+            "engine::frameworks::*::environments",
             "engine::exact",
         ],
     ),

@@ -2,6 +2,7 @@
 //! `sqlmesh migrate`) and does not take statekeeper's advisory lock: statekeeper reads them from
 //! one snapshot and writes them under table locks, and never creates or alters them.
 
+pub mod environments;
 pub mod export;
 pub mod import;
 mod intervals;
