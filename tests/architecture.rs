@@ -93,6 +93,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "engine::run",
             "engine::meltano_backend",
             "engine::verify",
+            "engine::virtual_layer",
             "engine::generator",
         ],
     ),

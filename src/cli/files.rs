@@ -148,6 +148,8 @@ pub(super) struct ImportArgs {
     pub(super) format: Option<ExportFormat>,
     #[command(flatten)]
     pub(super) meltano_locks: MeltanoLockArgs,
+    #[command(flatten)]
+    pub repoint: super::views::RepointArgs,
 }
 
 #[derive(Args, Debug)]
@@ -221,7 +223,7 @@ pub(super) async fn import_state(
     store: &Store,
     import: &ImportArgs,
     json: bool,
-) -> Result<String, Error> {
+) -> Result<(String, Option<crate::engine::BackupInfo>), Error> {
     let options = crate::engine::ImportOptions {
         mode: import_mode(import.replace),
         expected_sha256: import.sha256.clone(),
@@ -232,7 +234,8 @@ pub(super) async fn import_state(
         (Some(from), _) => from,
         (None, Some(id)) => {
             let report = store.import_from_backup(id, &options).await?;
-            return Ok(output::imported(&report, &format!("backup {id}"), json));
+            let rendered = output::imported(&report, &format!("backup {id}"), json);
+            return Ok((rendered, report.backup));
         }
         (None, None) => {
             return Err(Error::InvalidOperation(
@@ -251,7 +254,8 @@ pub(super) async fn import_state(
         location => store.import(location.open(&bar).await?, &options).await?,
     };
     bar.finish_and_clear();
-    Ok(output::imported(&report, &location.to_string(), json))
+    let rendered = output::imported(&report, &location.to_string(), json);
+    Ok((rendered, report.backup))
 }
 
 /// `state verify`: the file read back from its location, never from memory.

@@ -4,6 +4,7 @@ mod files;
 mod output;
 mod restore;
 mod transfer;
+mod views;
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -111,7 +112,13 @@ enum StateCommand {
     Rollback {
         #[arg(long)]
         backup_id: Option<String>,
+        #[command(flatten)]
+        repoint: views::RepointArgs,
     },
+    /// SQLMesh: re-point the views of every environment that differs from a backup (the state a
+    /// restore replaced) at the snapshots the store now names, through SQLMesh's own code: the
+    /// fix a restore prints when it could not reach the warehouse. Exits 3 while views stay stale.
+    RepointViews(views::RepointViewsArgs),
     /// Drop every state table (a backup is kept). Needs --allow-reset and --auto-approve.
     Reset {
         /// Confirms that this store may be reset.
@@ -236,6 +243,8 @@ struct RunArgs {
     /// Back up first; restore the backup when the command fails or is interrupted.
     #[arg(long)]
     backup: bool,
+    #[command(flatten)]
+    repoint: views::RepointArgs,
     /// The command and its arguments, after `--`.
     #[arg(
         trailing_var_arg = true,
@@ -384,7 +393,7 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
             "no database URL: pass --database-url or set STATEKEEPER_DATABASE_URL".into(),
         )
     })?;
-    check_location(&args.command)?;
+    check_location(&args.command, args.framework)?;
     let pool = ConnectionSettings::from_url(url)?.connect().await?;
     let store = Store::new(pool, schema)
         .with_framework(args.framework)
@@ -414,8 +423,15 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
         StateCommand::Upgrade { target_version } => {
             output::upgrade(&store.upgrade(*target_version).await?, json)
         }
-        StateCommand::Rollback { backup_id } => {
-            rollback(&store, backup_id.as_deref(), json).await?
+        StateCommand::Rollback { backup_id, repoint } => {
+            let report = rollback(&store, backup_id.as_deref()).await?;
+            let rendered = output::rollback(&report, json);
+            let replaced = report.pre_rollback_backup.as_ref();
+            return restored(&store, rendered, replaced, repoint, url, json).await;
+        }
+        StateCommand::RepointViews(repoint) => {
+            let (env, secrets) = (run_environment(url, &store), secrets_of(url));
+            return views::repoint_views(&store, repoint, env, secrets, json).await;
         }
         StateCommand::Reset {
             allow_reset,
@@ -442,7 +458,11 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
             output::janitor(&report, &released, json)
         }
         StateCommand::Export(export) => export_state(&store, export, json).await?,
-        StateCommand::Import(import) => import_state(&store, import, json).await?,
+        StateCommand::Import(import) => {
+            let (rendered, replaced) = import_state(&store, import, json).await?;
+            let repoint = &import.repoint;
+            return restored(&store, rendered, replaced.as_ref(), repoint, url, json).await;
+        }
         StateCommand::Verify(verify) => verify_export(&store, verify, json).await?,
         StateCommand::Backups { command } => match command {
             None | Some(BackupsCommand::List) => output::backups(&store.backups().await?, json),
@@ -465,15 +485,53 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
         StateCommand::Run(run) => {
             let env = run_environment(url, &store);
             let report = store.run_guarded(&run.command, &env, run.backup).await?;
-            return Ok((output::run(&report, json), report.outcome.exit_code()));
+            let rendered = output::run(&report, json);
+            let Some(restore) = &report.restored else {
+                return Ok((rendered, report.outcome.exit_code()));
+            };
+            let replaced = restore.pre_rollback_backup.as_ref();
+            let (rendered, _) =
+                restored(&store, rendered, replaced, &run.repoint, url, json).await?;
+            return Ok((rendered, report.outcome.exit_code()));
         }
     };
     Ok((rendered, 0))
 }
 
+/// A restore's report with what became of a SQLMesh store's views, and its exit status (3 when
+/// views it was asked to re-point stayed stale).
+async fn restored(
+    store: &Store,
+    rendered: String,
+    replaced: Option<&crate::engine::BackupInfo>,
+    repoint: &views::RepointArgs,
+    url: &str,
+    json: bool,
+) -> Result<(String, u8), Error> {
+    let (env, secrets) = (run_environment(url, store), secrets_of(url));
+    let report = views::after_restore(store, replaced, repoint, env, secrets).await?;
+    let status = views::exit_status(report.as_ref());
+    let rendered = views::with_report(rendered, report.as_ref(), store, repoint, json);
+    Ok((rendered, status))
+}
+
+/// The store's password, as given and decoded: kept out of what a driver reports.
+fn secrets_of(url: &str) -> Vec<String> {
+    let Some(password) = crate::engine::connection::password_in_url(url) else {
+        return Vec::new();
+    };
+    let decoded = percent_encoding::percent_decode_str(&password)
+        .decode_utf8_lossy()
+        .into_owned();
+    vec![password, decoded]
+}
+
 /// `state rollback`: without --backup-id, the newest backup, named on stderr before it is
 /// restored (and exactly that one is restored, whatever is backed up meanwhile).
-async fn rollback(store: &Store, backup_id: Option<&str>, json: bool) -> Result<String, Error> {
+async fn rollback(
+    store: &Store,
+    backup_id: Option<&str>,
+) -> Result<crate::engine::RollbackReport, Error> {
     let chosen = match backup_id {
         Some(id) => id.to_owned(),
         None => {
@@ -488,14 +546,11 @@ async fn rollback(store: &Store, backup_id: Option<&str>, json: bool) -> Result<
             newest.id
         }
     };
-    Ok(output::rollback(
-        &store.rollback(Some(&chosen)).await?,
-        json,
-    ))
+    store.rollback(Some(&chosen)).await
 }
 
-/// A bad destination or source fails before anything connects.
-fn check_location(command: &StateCommand) -> Result<(), Error> {
+/// A bad destination, source or flag fails before anything connects.
+fn check_location(command: &StateCommand, framework: Framework) -> Result<(), Error> {
     match command {
         StateCommand::Export(export) => {
             transfer::Location::parse(&export.to, &export.storage_options, export.format)?;
@@ -506,10 +561,13 @@ fn check_location(command: &StateCommand) -> Result<(), Error> {
                 transfer::Location::parse(from, &import.storage_options, import.format())?;
             }
             import.identities.identities()?;
+            import.repoint.check(framework)?;
         }
         StateCommand::Verify(verify) => {
             transfer::Location::parse(&verify.from, &verify.storage_options, ExportFormat::Exact)?;
         }
+        StateCommand::Rollback { repoint, .. } => repoint.check(framework)?,
+        StateCommand::Run(run) => run.repoint.check(framework)?,
         _ => {}
     }
     Ok(())
@@ -636,10 +694,7 @@ fn run_environment(url: &str, store: &Store) -> Vec<(String, String)> {
     if let Ok(settings) = ConnectionSettings::from_url(url) {
         env.extend(settings.libpq_environment());
     }
-    if let Some(password) = crate::engine::connection::password_in_url(url) {
-        let decoded = percent_encoding::percent_decode_str(&password)
-            .decode_utf8_lossy()
-            .into_owned();
+    if let Some(decoded) = secrets_of(url).pop() {
         env.push(("PGPASSWORD".to_owned(), decoded));
     }
     if store.framework() == Framework::Meltano {

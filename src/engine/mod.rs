@@ -35,6 +35,7 @@ pub mod store;
 mod tableset;
 pub mod transfer;
 pub mod verify;
+pub mod virtual_layer;
 pub mod words;
 
 pub use backup::BackupInfo;
@@ -59,6 +60,7 @@ pub use transfer::{
     Selection,
 };
 pub use verify::{VerifyOptions, VerifyReport};
+pub use virtual_layer::{RepointOptions, VirtualLayerReport, repoint_command};
 
 // Used by the controller.
 pub use connection::password_in_url;

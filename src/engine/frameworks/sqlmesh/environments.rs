@@ -29,6 +29,10 @@ pub struct EnvironmentChange {
     /// In model name order; a model is listed when its snapshot (or the environment's naming of
     /// views) differs.
     pub models: Vec<ModelChange>,
+    /// How the `from` side named this environment's views (SQLMesh's `EnvironmentNamingInfo`
+    /// fields as JSON), when it had the environment: what dropping its old views needs.
+    #[serde(skip)]
+    pub from_naming: Option<String>,
 }
 
 /// A model of an environment: the snapshot it had on the `from` side and has on the `to` side.
@@ -40,6 +44,10 @@ pub struct ModelChange {
     pub from: Option<SnapshotRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<SnapshotRef>,
+    /// The `from` side's entry as SQLMesh wrote it (a `SnapshotTableInfo`), when the model has
+    /// no snapshot on the `to` side: what dropping its view needs.
+    #[serde(skip)]
+    pub from_entry: Option<String>,
 }
 
 /// A snapshot as an environment refers to it: its identifier and the version that names its
@@ -75,8 +83,10 @@ pub async fn environment_changes(
     let entries = |schema: &SchemaName| {
         format!(
             "SELECT e.name AS environment, x ->> 'name' AS model, x AS info,
-                    jsonb_build_array(e.suffix_target, e.catalog_name_override, e.normalize_name,
-                                      e.gateway_managed) AS naming
+                    jsonb_build_object('name', e.name, 'suffix_target', e.suffix_target,
+                                       'catalog_name_override', e.catalog_name_override,
+                                       'normalize_name', e.normalize_name,
+                                       'gateway_managed', e.gateway_managed) AS naming
              FROM {}._environments e
              CROSS JOIN LATERAL jsonb_array_elements(COALESCE(e.snapshots, '[]')::jsonb) x",
             schema.quoted()
@@ -85,18 +95,25 @@ pub async fn environment_changes(
     let sql = format!(
         "WITH f AS ({from_entries}), t AS ({to_entries}),
               fe AS (SELECT name FROM {from}._environments),
+              fn AS (SELECT name, jsonb_build_object('name', name, 'suffix_target', suffix_target,
+                                       'catalog_name_override', catalog_name_override,
+                                       'normalize_name', normalize_name,
+                                       'gateway_managed', gateway_managed) AS naming
+                     FROM {from}._environments),
               te AS (SELECT name FROM {to}._environments)
          SELECT COALESCE(t.environment, f.environment), COALESCE(t.model, f.model),
                 f.info ->> 'fingerprint', f.info ->> 'version',
                 t.info ->> 'fingerprint', t.info ->> 'version',
                 EXISTS (SELECT 1 FROM fe WHERE fe.name = COALESCE(t.environment, f.environment)),
-                EXISTS (SELECT 1 FROM te WHERE te.name = COALESCE(t.environment, f.environment))
+                EXISTS (SELECT 1 FROM te WHERE te.name = COALESCE(t.environment, f.environment)),
+                CASE WHEN t.info IS NULL THEN f.info::text END, NULL
          FROM f FULL JOIN t ON f.environment = t.environment AND f.model = t.model
          WHERE f.info IS DISTINCT FROM t.info OR f.naming IS DISTINCT FROM t.naming
          UNION ALL
          SELECT name, NULL, NULL, NULL, NULL, NULL,
                 EXISTS (SELECT 1 FROM fe WHERE fe.name = n.name),
-                EXISTS (SELECT 1 FROM te WHERE te.name = n.name)
+                EXISTS (SELECT 1 FROM te WHERE te.name = n.name),
+                NULL, (SELECT naming::text FROM fn WHERE fn.name = n.name)
          FROM (SELECT name FROM fe UNION SELECT name FROM te) n
          ORDER BY 1, 2 NULLS FIRST",
         from_entries = entries(from),
@@ -113,20 +130,29 @@ pub async fn environment_changes(
         Option<String>,
         bool,
         bool,
+        Option<String>,
+        Option<String>,
     );
     let mut rows = sqlx::query_as::<_, Row>(AssertSqlSafe(sql)).fetch(&mut *conn);
     let mut changes: Vec<EnvironmentChange> = Vec::new();
-    while let Some((environment, model, from_fp, from_version, to_fp, to_version, in_from, in_to)) =
-        rows.try_next().await?
-    {
+    // One row per environment comes before its models' rows (NULLS FIRST): it starts an entry
+    // when the environment is on one side only, or holds its naming until a model differs.
+    let mut naming: Option<String> = None;
+    while let Some(row) = rows.try_next().await? {
+        let (environment, model, from_fp, from_version, to_fp, to_version, in_from, in_to) =
+            (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
         let Some(model) = model else {
-            // One row per environment, before its models: it starts an entry when it is on one
-            // side only; an environment on both sides gets one only when a model differs.
+            naming = row.9;
             if in_from != in_to {
                 changes.push(EnvironmentChange {
                     name: environment,
-                    change: if in_to { Change::Added } else { Change::Removed },
+                    change: if in_to {
+                        Change::Added
+                    } else {
+                        Change::Removed
+                    },
                     models: Vec::new(),
+                    from_naming: naming.clone(),
                 });
             }
             continue;
@@ -136,6 +162,7 @@ pub async fn environment_changes(
                 name: environment.clone(),
                 change: Change::Changed,
                 models: Vec::new(),
+                from_naming: naming.clone(),
             });
         }
         if let Some(entry) = changes.last_mut() {
@@ -143,6 +170,7 @@ pub async fn environment_changes(
                 name: model,
                 from: snapshot_ref(from_fp, from_version)?,
                 to: snapshot_ref(to_fp, to_version)?,
+                from_entry: row.8,
             });
         }
     }
