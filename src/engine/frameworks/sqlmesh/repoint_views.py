@@ -4,13 +4,14 @@
 # SnapshotEvaluator.promote a plan's virtual-layer stage calls, with the deployability and table
 # mapping that stage computes, and the view naming SQLMesh's demotion uses.
 #
-# Input (stdin, JSON): {"sqlmeshVersion": the store's, "gateway": name or null,
+# Input (the environment variable STATEKEEPER_REPOINT_REQUEST, else stdin; JSON): {"sqlmeshVersion": the store's, "gateway": name or null,
 #   "environments": [{"name", "change": "added"|"removed"|"changed",
 #                     "promote": [model names], "demote": [SnapshotTableInfo JSON text],
 #                     "fromNaming": EnvironmentNamingInfo JSON text or null}]}
 # Output (stdout, last line, JSON): {"environments": [{"name", "promoted", "demoted"}]} or
 #   {"error": {"reason": "...", "message": "...", "environment": name or null}}; exit 1 on error.
 import json
+import os
 import sys
 
 
@@ -20,7 +21,8 @@ def fail(reason, message, environment=None):
 
 
 def main():
-    request = json.load(sys.stdin)
+    raw = os.environ.get("STATEKEEPER_REPOINT_REQUEST")
+    request = json.loads(raw) if raw else json.load(sys.stdin)
     try:
         import sqlmesh
         from sqlglot import exp
@@ -69,11 +71,21 @@ def main():
             environment = state.get_environment(name) if promote else None
             if environment is not None:
                 snapshots = state.get_snapshots(environment.snapshots)
+                # Only the promoted snapshots have views (a dev environment promotes only what
+                # it changed); a changed model without one loses the view it may have had.
+                promoted = {s.name for s in environment.promoted_snapshots}
                 targets = [
                     snapshots[s.snapshot_id]
                     for s in environment.snapshots
-                    if s.name in promote and s.snapshot_id in snapshots
+                    if s.name in promote and s.name in promoted and s.snapshot_id in snapshots
                 ]
+                for info in environment.snapshots:
+                    if info.name in promote and info.name not in promoted and info.is_model:
+                        view = info.qualified_view_name.for_environment(
+                            environment.naming_info, dialect=adapter.dialect
+                        )
+                        adapter.drop_view(view, ignore_if_not_exists=True)
+                        demoted += 1
                 missing = [
                     s.name for s in environment.snapshots if s.snapshot_id not in snapshots
                 ]
