@@ -85,6 +85,8 @@ fn install_sqlmesh(requirements: &str, venv: Option<String>) -> String {
 pub struct Project {
     pub dir: PathBuf,
     pub database_url: String,
+    /// The warehouse: a PostgreSQL database's URL, or none for the project's DuckDB file.
+    pub warehouse_url: Option<String>,
 }
 
 impl Project {
@@ -98,7 +100,16 @@ impl Project {
         let project = Self {
             dir,
             database_url: db.url.clone(),
+            warehouse_url: None,
         };
+        project.write_config();
+        project
+    }
+
+    /// Like [`Project::new`], with the warehouse in the PostgreSQL database `warehouse`.
+    pub fn with_postgres_warehouse(db: &TestDb, warehouse: &TestDb) -> Self {
+        let mut project = Self::new(db);
+        project.warehouse_url = Some(warehouse.url.clone());
         project.write_config();
         project
     }
@@ -110,19 +121,29 @@ impl Project {
         let project = Self {
             dir,
             database_url: db.url.clone(),
+            warehouse_url: self.warehouse_url.clone(),
         };
         project.write_config();
         project
     }
 
-    fn write_config(&self) {
+    /// Writes config.yaml: gateway `test`, its warehouse, and its state in the test database.
+    pub fn write_config(&self) {
+        let connection = match &self.warehouse_url {
+            None => "type: duckdb\n      database: warehouse.duckdb".to_owned(),
+            Some(url) => {
+                let (host, port, user, password, database) = url_parts(url);
+                format!(
+                    "type: postgres\n      host: {host}\n      port: {port}\n      user: {user}\n      password: {password}\n      database: {database}"
+                )
+            }
+        };
         let (host, port, user, password, database) = url_parts(&self.database_url);
         let config = format!(
             "gateways:
   test:
     connection:
-      type: duckdb
-      database: warehouse.duckdb
+      {connection}
     state_connection:
       type: postgres
       host: {host}
@@ -258,6 +279,7 @@ impl Project {
         Self {
             dir: self.dir.clone(),
             database_url: self.database_url.clone(),
+            warehouse_url: self.warehouse_url.clone(),
         }
     }
 }
