@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 use sqlx::{Connection, PgConnection};
 use support::TestDb;
 use support::sqlmesh::{DEV_CHANGE, Project, old_sqlmesh_bin, sqlmesh_bin, sqlmesh_version};
+use tokio::sync::OnceCell;
 
 /// The bad change: the prod view `top_items` keeps no row.
 const BAD_CHANGE: (&str, &str, &str) = (
@@ -24,7 +25,7 @@ const BAD_MODEL: &str = "models/bad_model.sql";
 
 /// A planned project (prod, and dev with a changed view), backed up by statekeeper, then a bad
 /// plan into prod that also adds a model and an environment `hotfix`; the project's files are
-/// back as the backup has them.
+/// back as the backup has them. Each test gets its own copy (state, warehouse and project).
 struct Scenario {
     _db: TestDb,
     _warehouse: Option<TestDb>,
@@ -33,7 +34,45 @@ struct Scenario {
     rows_before: i64,
 }
 
+/// A planned scenario: the project, the backup and the rows its prod view had.
+struct Template {
+    project: Project,
+    backup: String,
+    rows_before: i64,
+}
+
 async fn scenario(postgres_warehouse: bool) -> Scenario {
+    // A PostgreSQL warehouse's database name is the catalog in every model name SQLMesh
+    // stores, so a copy under another name is another warehouse: each test plans its own.
+    if postgres_warehouse {
+        let (template, db, warehouse) = plan_scenario(true).await;
+        return Scenario {
+            _db: db,
+            _warehouse: warehouse,
+            project: template.project,
+            backup: template.backup,
+            rows_before: template.rows_before,
+        };
+    }
+    static DUCKDB: OnceCell<(String, Template)> = OnceCell::const_new();
+    let (db_name, template) = DUCKDB
+        .get_or_init(|| async {
+            let (template, db, _) = plan_scenario(false).await;
+            (db.name.clone(), template)
+        })
+        .await;
+    let db = TestDb::from_template(db_name).await;
+    let project = template.project.copy_for(&db);
+    Scenario {
+        _db: db,
+        _warehouse: None,
+        project,
+        backup: template.backup.clone(),
+        rows_before: template.rows_before,
+    }
+}
+
+async fn plan_scenario(postgres_warehouse: bool) -> (Template, TestDb, Option<TestDb>) {
     let db = TestDb::new().await;
     let warehouse = if postgres_warehouse {
         Some(TestDb::new().await)
@@ -78,13 +117,12 @@ async fn scenario(postgres_warehouse: bool) -> Scenario {
         0,
         "the bad plan ran"
     );
-    Scenario {
-        _db: db,
-        _warehouse: warehouse,
+    let template = Template {
         project,
         backup,
         rows_before,
-    }
+    };
+    (template, db, warehouse)
 }
 
 /// `statekeeper ARGS` against the project's state, with the tests' SQLMesh first on PATH.

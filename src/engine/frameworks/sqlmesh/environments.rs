@@ -66,8 +66,33 @@ impl ModelChange {
             s.as_ref()
                 .map_or_else(|| "(none)".to_owned(), |s| format!("version {}", s.version))
         };
-        format!("{}: {} -> {}", self.name, side(&self.from), side(&self.to))
+        format!(
+            "{}: {} -> {}",
+            display_name(&self.name),
+            side(&self.from),
+            side(&self.to)
+        )
     }
+}
+
+/// A stored model name (`"warehouse"."shop"."orders"`) as people write it
+/// (`warehouse.shop.orders`), when no part needs its quotes.
+pub fn display_name(stored: &str) -> String {
+    let parts: Vec<&str> = stored.split('.').collect();
+    let plain = parts.iter().all(|p| {
+        let inner = p.strip_prefix('"').and_then(|p| p.strip_suffix('"'));
+        inner.is_some_and(|i| {
+            !i.is_empty() && i.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+    });
+    if !plain {
+        return stored.to_owned();
+    }
+    parts
+        .iter()
+        .map(|p| p.trim_matches('"'))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// The environments that differ between the `_environments` tables of schemas `from` and `to`
