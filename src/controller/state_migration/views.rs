@@ -124,6 +124,7 @@ pub(super) async fn after_restore(
             stale(run, e.reason(), &why, retry)
         }
     };
+    warn_if_stale(run).await;
     Views {
         conditions: vec![condition(run)],
         requeue,
@@ -217,6 +218,7 @@ async fn retry(run: &mut Run<'_>) -> Result<Action, ReconcileError> {
             Duration::ZERO
         }
     };
+    warn_if_stale(run).await;
     write(run).await?;
     Ok(if requeue.is_zero() {
         Action::await_change()
@@ -384,7 +386,9 @@ async fn follow_job(run: &mut Run<'_>, name: &str) -> Result<Action, ReconcileEr
                 "Job {name} {} (the last line of its log is the driver's report)",
                 runner::describe_failure(&reason, &message, deadline)
             );
-            stale(run, &reason, &why, true)
+            let wait = stale(run, &reason, &why, true);
+            warn_if_stale(run).await;
+            wait
         }
     };
     write(run).await?;
@@ -505,6 +509,18 @@ fn condition(run: &Run<'_>) -> Desired {
         vl.reason.clone(),
         vl.message.clone(),
     )
+}
+
+/// A Warning Event when the views are stale now, with why and the fix.
+async fn warn_if_stale(run: &Run<'_>) {
+    if run
+        .status
+        .virtual_layer
+        .as_ref()
+        .is_some_and(|vl| vl.state == VirtualLayerStatus::STALE)
+    {
+        notify(run, EventType::Warning, "ViewsStale").await;
+    }
 }
 
 async fn notify(run: &Run<'_>, type_: EventType, reason: &str) {
