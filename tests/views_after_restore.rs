@@ -531,3 +531,57 @@ async fn the_restore_after_a_failed_runner_job_repoints_views_and_gives_up_after
         .count();
     assert_eq!(repoint_jobs, 5);
 }
+
+/// An import that puts an older prod back is a restore too: its backup of the state it
+/// replaced is what the views are compared with, and prod's views are re-pointed.
+#[tokio::test]
+async fn an_import_that_changes_prod_repoints_its_views() {
+    use statekeeper::engine::{Compression, Destination, ExportFormat, ExportOptions};
+    let (db, project) = planned().await;
+    let file = std::env::temp_dir().join(format!("sk-views-import-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let url = file.to_string_lossy().into_owned();
+    sqlmesh_store(&db)
+        .await
+        .export_to(
+            &Destination::parse(&url, &Default::default()).unwrap(),
+            &ExportOptions {
+                compression: Compression::None,
+                format: ExportFormat::Exact,
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    let (path, from, to) = DEV_CHANGE;
+    project.edit(path, from, to);
+    project.plan("prod", &[]);
+    let h = harness(
+        &db,
+        json!({"virtualLayer": {"runner": {"image": "ghcr.io/acme/analytics-sqlmesh:0.237.0"}}}),
+    );
+    h.kube.put(
+        &migration_path("import"),
+        state_migration(
+            "import",
+            "2026-11-27T10:00:00Z",
+            json!({"import": {"source": {"url": url}, "mode": "Replace"}}),
+        ),
+    );
+    let (_, m) = h.reconcile_migration("import").await;
+    let status = m.status.clone().unwrap();
+    assert_eq!(
+        status.phase.as_deref(),
+        Some("Succeeded"),
+        "{:?}",
+        status.message
+    );
+    let vl = views(&m);
+    assert_eq!(vl.state, "Repointing", "{vl:?}");
+    assert_eq!(vl.environments, ["prod"]);
+    assert_eq!(Some(vl.since_backup), status.backup_id);
+    assert_eq!(vl.job_name.as_deref(), Some("import-repoint-views"));
+    assert!(h.kube.get(&job_path("import-repoint-views")).is_some());
+    let _ = std::fs::remove_file(&file);
+}
