@@ -119,6 +119,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "controller::state_store",
             "controller::store_janitor",
             "controller::store_backups",
+            "controller::store_views",
             "controller::state_export",
             "controller::state_export::*",
             "controller::state_migration",

@@ -383,6 +383,52 @@ fn every_cel_rule_accepts_and_refuses_what_it_should() {
         ),
         (
             "StateStore",
+            "only a SQLMesh store has them",
+            store(
+                json!({"framework": "sqlmesh", "connection": connection, "virtualLayer": {"runner": {"image": "i"}}}),
+            ),
+            None,
+            true,
+        ),
+        (
+            "StateStore",
+            "only a SQLMesh store has them",
+            store(json!({"framework": "meltano", "connection": connection})),
+            None,
+            true,
+        ),
+        (
+            "StateStore",
+            "only a SQLMesh store has them",
+            store(json!({"connection": connection, "virtualLayer": {"runner": {"image": "i"}}})),
+            None,
+            false,
+        ),
+        (
+            "StateStore",
+            "only a SQLMesh store has them",
+            store(
+                json!({"framework": "meltano", "connection": connection, "virtualLayer": {"runner": {"image": "i"}}}),
+            ),
+            None,
+            false,
+        ),
+        (
+            "StateStore",
+            "virtualLayer.runner.args is not used",
+            json!({"runner": {"image": "i", "command": ["/opt/venv/bin/python"]}, "gateway": "prod"}),
+            None,
+            true,
+        ),
+        (
+            "StateStore",
+            "virtualLayer.runner.args is not used",
+            json!({"runner": {"image": "i", "args": ["-m", "x"]}}),
+            None,
+            false,
+        ),
+        (
+            "StateStore",
             "set either urlSecretRef, or host",
             connection.clone(),
             None,

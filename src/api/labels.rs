@@ -6,7 +6,7 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "statekeep
 
 /// On runner Jobs: the StateStore they work on.
 pub const STORE_LABEL: &str = "statekeeper.dev/store";
-/// On runner Jobs: what the Job is for, `upgrade` or `janitor`.
+/// On runner Jobs: what the Job is for, `upgrade`, `janitor` or `repoint-views`.
 pub const PURPOSE_LABEL: &str = "statekeeper.dev/purpose";
 /// On runner upgrade Jobs: the StateMigration that made them.
 pub const MIGRATION_LABEL: &str = "statekeeper.dev/migration";
@@ -23,3 +23,9 @@ pub const SCHEDULED_AT_ANNOTATION: &str = "statekeeper.dev/scheduled-at";
 pub const RUN_NOW_ANNOTATION: &str = "statekeeper.dev/run-now";
 /// On a run-now child: the request token it was made for.
 pub const RUN_NOW_TOKEN_ANNOTATION: &str = "statekeeper.dev/run-now-token";
+
+/// Set to `true` on a StateMigration whose views are stale after its restore, once they were
+/// re-pointed by hand (`statekeeper state repoint-views …`): the migration's views become
+/// `Current` (reason `Acknowledged`), the store's `VirtualLayerStale` clears, its janitor may
+/// run again, and no further re-point Job is made.
+pub const VIEWS_REPOINTED_ANNOTATION: &str = "statekeeper.dev/views-repointed";

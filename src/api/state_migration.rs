@@ -274,9 +274,58 @@ pub struct StateMigrationStatus {
     /// What happened, and after a failure what to do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// After a restore of a SQLMesh store: whether the warehouse's environment views agree
+    /// with the restored state (the `ViewsCurrent` condition says the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_layer: Option<VirtualLayerStatus>,
     #[serde(default)]
     #[schemars(schema_with = "super::common::conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// SQLMesh's views after this migration's restore. The restore stands whatever this says: the
+/// migration's phase is the restore's outcome.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualLayerStatus {
+    /// `Current` (every view agrees with the restored state), `Repointing` (a Job re-points
+    /// them) or `Stale` (some still select from the replaced state's tables).
+    pub state: String,
+    /// Why it is so: `NoEnvironmentChanged`, `Repointed`, `Acknowledged`, `NotConfigured`
+    /// (the store has no `spec.virtualLayer`), a failed Job's reason (`DeadlineExceeded`,
+    /// `PodFailed`, `JobDeleted`, …), or `GaveUp` after the last attempt.
+    pub reason: String,
+    /// The environments whose views the restore made stale.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub environments: Vec<String>,
+    /// The backup of the state the restore replaced: the state the views were built for.
+    pub since_backup: String,
+    /// The re-point Job of the latest attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// Re-point Jobs created so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// When the next attempt starts, after a failed one (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+    /// The command that re-points the views by hand (with the store's `--database-url`, from
+    /// a machine that reaches the warehouse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    pub message: String,
+}
+
+impl VirtualLayerStatus {
+    pub const CURRENT: &'static str = "Current";
+    pub const REPOINTING: &'static str = "Repointing";
+    pub const STALE: &'static str = "Stale";
+
+    /// Stale or being re-pointed: a janitor must not drop the tables those views may need,
+    /// and the store's `VirtualLayerStale` condition is True.
+    pub fn is_unsettled(&self) -> bool {
+        self.state != Self::CURRENT
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -18,6 +18,7 @@ use super::common::SecretKeyRef;
     shortname = "sks",
     category = "statekeeper",
     validation = Rule::new("(has(self.spec.framework) ? self.spec.framework : 'statekeeper') == (has(oldSelf.spec.framework) ? oldSelf.spec.framework : 'statekeeper')").message("spec.framework is immutable: create a new StateStore for another framework"),
+    validation = Rule::new("!has(self.spec.virtualLayer) || (has(self.spec.framework) && self.spec.framework == 'sqlmesh')").message("spec.virtualLayer re-points SQLMesh's environment views after a restore: only a SQLMesh store has them"),
     validation = Rule::new("!has(self.spec.janitor) || ((has(self.spec.framework) && self.spec.framework == 'sqlmesh') == has(self.spec.janitor.runner))").message("a SQLMesh store's janitor is SQLMesh's own (`sqlmesh janitor`): set spec.janitor.runner; statekeeper and Meltano stores are cleaned by statekeeper's janitor, which takes no runner"),
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Framework","type":"string","jsonPath":".spec.framework"}"#,
@@ -65,6 +66,35 @@ pub struct StateStoreSpec {
     /// every resync. Unset: backups are kept until dropped by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backups: Option<BackupRetentionSpec>,
+    /// SQLMesh stores: after a restore (a StateMigration's rollback or import, or the restore
+    /// after a failed runner Job), re-point the views of the environments it changed at the
+    /// restored snapshots' tables, with SQLMesh's own code in a Job from the project's image.
+    /// Unset: such a restore reports those views stale (the StateMigration's
+    /// `status.virtualLayer`, the store's `VirtualLayerStale` condition) with the command that
+    /// fixes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_layer: Option<VirtualLayerSpec>,
+}
+
+/// How the operator re-points SQLMesh's views after a restore: a Job runs statekeeper's driver
+/// (SQLMesh's promotion code, the same the CLI's `state repoint-views` runs) with the Python of
+/// the image's SQLMesh, in the project's directory, so the project's config reaches the
+/// warehouse. The Job gets the store's connection as every runner Job does (its Secret by
+/// `secretKeyRef`) and the request (which environments, which models) in
+/// `STATEKEEPER_REPOINT_REQUEST`. The image's SQLMesh must be the store's version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.runner.args)").message("virtualLayer.runner.args is not used: the operator runs `COMMAND -c <driver>`; name the Python interpreter in runner.command"))]
+pub struct VirtualLayerSpec {
+    /// The image with the project and SQLMesh; `workingDir` is the project's directory.
+    /// `command` names the Python interpreter SQLMesh is installed in (default `["python3"]`,
+    /// e.g. `["/opt/venv/bin/python"]`): the operator always runs `COMMAND -c <driver>`, so
+    /// `args` must stay empty.
+    pub runner: crate::api::runner::Runner,
+    /// The project's gateway whose warehouse holds the views (default: its `default_gateway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub gateway: Option<String>,
 }
 
 /// Which backups to keep. A backup is kept when it is among the newest `keepLast` or not older

@@ -3,7 +3,7 @@
 //! Dependencies run one way. At the bottom: `context` (what every reconcile shares),
 //! `pool_cache`, `access` (databases, Secrets, destinations), `conditions`, `events`, `runner`,
 //! `schedule`, `telemetry`, `wakeups`. Above them the reconcilers — `state_store` (with
-//! `store_janitor` and `store_backups`), `state_export`, `state_migration` — which never import each other; on top
+//! `store_janitor`, `store_backups` and `store_views`), `state_export`, `state_migration` — which never import each other; on top
 //! `operator`, which runs them.
 
 pub mod access;
@@ -19,6 +19,7 @@ pub mod state_migration;
 pub mod state_store;
 pub mod store_backups;
 pub mod store_janitor;
+pub mod store_views;
 pub mod telemetry;
 pub mod wakeups;
 

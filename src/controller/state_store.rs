@@ -15,6 +15,7 @@ use super::conditions::{self, Desired, READY, RECONCILING, STALLED};
 use super::context::{Context, ReconcileError};
 use super::store_backups::{self, PruneStep};
 use super::store_janitor::{self, JanitorStep};
+use super::store_views::{self, ViewsVerdict};
 use super::telemetry::ObjectLabels;
 use crate::api::phases;
 use crate::api::state_store::{
@@ -291,6 +292,13 @@ pub async fn reconcile(
     let previous = store.status.clone().unwrap_or_default();
     let reference = store.object_ref(&());
 
+    // SQLMesh's views after the store's restores: reported, and the janitor waits for them.
+    let views = match store.spec.framework {
+        StoreFramework::Sqlmesh => {
+            store_views::verdict(&ctx, &namespace, &name, &previous.conditions).await
+        }
+        _ => ViewsVerdict::default(),
+    };
     // The scheduled janitor runs only against a healthy store.
     let janitor = match &engine {
         Some(engine) => {
@@ -299,8 +307,8 @@ pub async fn reconcile(
                 &previous,
                 engine,
                 &mut observation,
-                &ctx,
-                &reference,
+                (&ctx, &reference),
+                views.janitor_waits_for.as_deref(),
             )
             .await
         }
@@ -315,6 +323,7 @@ pub async fn reconcile(
     };
     let mut desired =
         desired_conditions(&store, &observation, &previous, janitor.as_ref(), &secrets);
+    desired.extend(views.condition);
     match &pruning {
         Some(step) => desired.push(step.condition.clone()),
         // While the store cannot be observed, the last verdict stands.
@@ -381,8 +390,8 @@ async fn run_janitor(
     previous: &StateStoreStatus,
     engine: &Store,
     observation: &mut Observation,
-    ctx: &Context,
-    reference: &ObjectReference,
+    (ctx, reference): (&Context, &ObjectReference),
+    waits_for_views: Option<&str>,
 ) -> Option<JanitorStep> {
     let spec = store.spec.janitor.as_ref()?;
     let previous_condition =
@@ -397,11 +406,11 @@ async fn run_janitor(
                 spec,
                 runner,
                 store,
-                previous.janitor.as_ref(),
-                previous_condition,
+                (previous.janitor.as_ref(), previous_condition),
                 engine,
                 ctx,
                 reference,
+                waits_for_views,
             )
             .await,
         );

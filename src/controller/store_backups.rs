@@ -55,7 +55,8 @@ pub fn policy(spec: &BackupRetentionSpec) -> Result<RetentionPolicy, String> {
 /// the store that has not finished (its backup proves after a restart that it committed, or a
 /// runner Job's failure restores it); the backup an unfinished rollback names, or the newest one
 /// when it names none (pruning it would change what the rollback restores); the running janitor
-/// Job's.
+/// Job's; the backup of the state a restore replaced while that restore's views are stale or
+/// being re-pointed.
 pub fn protection(
     store: &str,
     migrations: &[StateMigration],
@@ -69,6 +70,16 @@ pub fn protection(
         .max_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     for migration in migrations.iter().filter(|m| m.spec.store_ref.name == store) {
         let phase = migration.status.as_ref().and_then(|s| s.phase.as_deref());
+        // The state a restore replaced, while its views are not re-pointed yet: each attempt
+        // reads it again to tell which views differ.
+        if let Some(vl) = migration
+            .status
+            .as_ref()
+            .and_then(|s| s.virtual_layer.as_ref())
+            && vl.is_unsettled()
+        {
+            kept.insert(vl.since_backup.clone());
+        }
         if phases::migration_is_finished(phase) {
             continue;
         }

@@ -229,17 +229,19 @@ fn failure(reason: &str, message: String) -> Option<Desired> {
 /// (named from the run's time, so a restart adopts it rather than creating a second), an
 /// optional backup first, never two at once, never while a StateMigration of the store runs.
 /// A failed run is reported and never restored: the framework's janitor also drops warehouse
-/// objects, so the old state could point at tables that no longer exist.
+/// objects, so the old state could point at tables that no longer exist. For the same reason a
+/// due run waits while a restore's views are stale or being re-pointed (`waits_for_views` says
+/// why): the restored state's tables must survive until its views are re-pointed.
 #[allow(clippy::too_many_arguments)]
 pub async fn runner_step(
     spec: &JanitorSpec,
     runner: &Runner,
     store: &StateStore,
-    previous: Option<&JanitorStatus>,
-    previous_condition: Option<&Condition>,
+    (previous, previous_condition): (Option<&JanitorStatus>, Option<&Condition>),
     engine: &Store,
     ctx: &Context,
     reference: &ObjectReference,
+    waits_for_views: Option<&str>,
 ) -> JanitorStep {
     let now = ctx.now();
     let mut status = previous.cloned().unwrap_or_default();
@@ -270,6 +272,7 @@ pub async fn runner_step(
         reference,
         jobs: Api::namespaced(ctx.client.clone(), &namespace),
         namespace,
+        waits_for_views,
     };
     if let Some(active) = status.active_job.clone() {
         return janitor.follow_job(&active, now, status, condition).await;
@@ -314,6 +317,7 @@ struct RunnerJanitor<'a> {
     reference: &'a ObjectReference,
     namespace: String,
     jobs: Api<Job>,
+    waits_for_views: Option<&'a str>,
 }
 
 impl RunnerJanitor<'_> {
@@ -432,6 +436,20 @@ impl RunnerJanitor<'_> {
                     format!(
                         "the janitor run due at {scheduled} waits for StateMigration {migration}"
                     ),
+                )),
+                requeue: Duration::from_secs(15),
+                changed_store: false,
+            };
+        }
+        if let Some(why) = self.waits_for_views {
+            // Still due: it runs once the views agree with the restored state.
+            return JanitorStep {
+                status,
+                condition: Some(Desired::new(
+                    JANITOR_SUCCEEDED,
+                    condition.as_ref().is_none_or(|c| c.status),
+                    "WaitingForViews",
+                    format!("the janitor run due at {scheduled} waits: {why}"),
                 )),
                 requeue: Duration::from_secs(15),
                 changed_store: false,

@@ -20,7 +20,12 @@ pub use super::frameworks::sqlmesh::environments::{Change, EnvironmentChange};
 use super::store::Store;
 
 /// The driver run with the `sqlmesh` installation's Python: SQLMesh's promotion and view naming.
-const DRIVER: &str = include_str!("frameworks/sqlmesh/repoint_views.py");
+/// Public for the operator's re-point Job, which runs it as `PYTHON -c DRIVER` in the project's
+/// image.
+pub const DRIVER: &str = include_str!("frameworks/sqlmesh/repoint_views.py");
+
+/// The environment variable the driver reads its request from (else stdin).
+pub const REQUEST_ENV: &str = "STATEKEEPER_REPOINT_REQUEST";
 
 /// Where the project is, and the `sqlmesh` whose code re-points its views.
 #[derive(Clone, Debug)]
@@ -121,7 +126,8 @@ impl Store {
             return Ok(report);
         };
         let version = self.sqlmesh_version().await?;
-        match run_driver(options, &request(&report.changes, options, version)).await {
+        let request = request(&report.changes, options.gateway.as_deref(), version);
+        match run_driver(options, &request).await {
             Ok(repointed) => {
                 report.stale.clear();
                 report.repointed = repointed;
@@ -154,7 +160,8 @@ impl Store {
         })
     }
 
-    async fn sqlmesh_version(&self) -> Result<Option<String>, Error> {
+    /// The SQLMesh version that wrote the store: the driver refuses to run with another.
+    pub async fn sqlmesh_version(&self) -> Result<Option<String>, Error> {
         Ok(self.version().await?.details.get("sqlmeshVersion").cloned())
     }
 }
@@ -193,10 +200,11 @@ fn shell_word(word: &str) -> String {
 }
 
 /// The driver's request: per environment, the models to promote (those with a snapshot now) and
-/// the old entries whose views go (those without one).
-fn request(
+/// the old entries whose views go (those without one). The CLI writes it to the driver's stdin;
+/// the operator's re-point Job gets it in `STATEKEEPER_REPOINT_REQUEST` ([`REQUEST_ENV`]).
+pub fn request(
     changes: &[EnvironmentChange],
-    options: &RepointOptions,
+    gateway: Option<&str>,
     version: Option<String>,
 ) -> serde_json::Value {
     let environments: Vec<serde_json::Value> = changes
@@ -228,7 +236,7 @@ fn request(
         .collect();
     serde_json::json!({
         "sqlmeshVersion": version,
-        "gateway": options.gateway,
+        "gateway": gateway,
         "environments": environments,
     })
 }

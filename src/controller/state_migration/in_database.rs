@@ -6,6 +6,7 @@ use kube::runtime::controller::Action;
 use super::inputs::Inputs;
 use super::requested::Requested;
 use super::run::{Run, migration_id};
+use super::views::{self, Views};
 use crate::api::phases;
 use crate::api::state_migration::QueueStatus;
 use crate::api::state_store::StateStore;
@@ -18,7 +19,9 @@ use crate::engine::{Error as EngineError, ImportOptions, ResetApproval, Store};
 /// migration is decided here.
 pub(super) async fn resume_in_database(
     run: &mut Run<'_>,
+    store: &StateStore,
     engine: &Store,
+    requested: &Requested,
 ) -> Result<Option<Action>, ReconcileError> {
     let id = migration_id(run.migration);
     let committed = match engine.backup_of_operation(&id).await {
@@ -35,8 +38,12 @@ pub(super) async fn resume_in_database(
             run.status.operation.clone().unwrap_or_default(),
             backup.id
         );
-        let approved = run.approved_condition().into_iter().collect();
-        return run.succeed(message, approved).await.map(Some);
+        let replaced = Some(backup.id.as_str());
+        let views = restored_views(run, store, engine, requested, replaced).await;
+        let mut extra: Vec<_> = run.approved_condition().into_iter().collect();
+        extra.extend(views.conditions.iter().cloned());
+        let action = run.succeed(message, extra).await?;
+        return Ok(Some(views.then(action)));
     }
     // Not committed (with a backup, its tag would exist; without one, the caller compares the
     // new plan with the recorded one): planned and run again like a new request.
@@ -131,13 +138,17 @@ pub(super) async fn execute_in_database(
     };
     match outcome {
         Ok((backup, to_version, message)) => {
-            run.status.backup_id = backup;
+            run.status.backup_id = backup.clone();
             run.status.to_version = Some(to_version);
             run.ctx
                 .reset_failures(&format!("{}/{}", run.namespace, run.name))
                 .await;
-            let approved = run.approved_condition().into_iter().collect();
-            run.succeed(message, approved).await
+            let views = restored_views(run, store, engine, requested, backup.as_deref()).await;
+            let mut extra: Vec<_> = run.approved_condition().into_iter().collect();
+            extra.extend(views.conditions.iter().cloned());
+            let message = format!("{message}{}", views::note(run));
+            let action = run.succeed(message, extra).await?;
+            Ok(views.then(action))
         }
         Err(EngineError::Busy { .. }) => {
             run.status.started_at = None;
@@ -170,5 +181,22 @@ pub(super) async fn execute_in_database(
             );
             run.fail(e.reason(), message).await
         }
+    }
+}
+
+/// The views after a rollback or an import (the restores; `replaced` is the backup of the state
+/// they replaced): see `views::after_restore`. Other operations leave the views alone.
+async fn restored_views(
+    run: &mut Run<'_>,
+    store: &StateStore,
+    engine: &Store,
+    requested: &Requested,
+    replaced: Option<&str>,
+) -> Views {
+    match requested {
+        Requested::Rollback { .. } | Requested::Import => {
+            views::after_restore(run, store, engine, replaced).await
+        }
+        _ => Views::none(),
     }
 }

@@ -11,6 +11,7 @@ mod queue;
 mod requested;
 mod run;
 mod runner_job;
+mod views;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,7 @@ use crate::engine::{Plan, Store};
 
 pub use requested::Requested;
 pub use run::{APPROVED, PLANNED, SUCCEEDED};
+pub use views::VIEWS_CURRENT;
 
 pub async fn reconcile(
     migration: Arc<StateMigration>,
@@ -42,8 +44,10 @@ pub async fn reconcile(
     let started = std::time::Instant::now();
     let namespace = migration.namespace().ok_or(ReconcileError::NotNamespaced)?;
     let previous = migration.status.clone().unwrap_or_default();
-    // A finished migration is a record: never run again, whatever changes.
-    if phases::migration_is_finished(previous.phase.as_deref()) {
+    // A finished migration is a record: never run again, whatever changes. Only the views of
+    // its restore may still be re-pointed.
+    let finished = phases::migration_is_finished(previous.phase.as_deref());
+    if finished && !views::needs_attention(&previous) {
         return Ok(Action::await_change());
     }
     let mut run = Run {
@@ -55,7 +59,11 @@ pub async fn reconcile(
         previous,
         secrets: Vec::new(),
     };
-    let action = step(&mut run).await;
+    let action = if finished {
+        views::follow(&mut run).await
+    } else {
+        step(&mut run).await
+    };
     let outcome = run
         .status
         .conditions
@@ -91,7 +99,7 @@ async fn step(run: &mut Run<'_>) -> Done {
         run.previous.phase.as_deref(),
         Some(phases::RUNNING | phases::PENDING)
     ) && !matches!(requested, Requested::RunnerUpgrade { .. })
-        && let Some(action) = resume_in_database(run, &engine).await?
+        && let Some(action) = resume_in_database(run, &store, &engine, &requested).await?
     {
         return Ok(action);
     }

@@ -151,6 +151,16 @@ impl Run<'_> {
         reason: &str,
         message: String,
     ) -> Result<Action, ReconcileError> {
+        self.fail_with(reason, message, Vec::new()).await
+    }
+
+    /// A failure with further conditions (the views of a restore that followed it).
+    pub(super) async fn fail_with(
+        &mut self,
+        reason: &str,
+        message: String,
+        extra: Vec<Desired>,
+    ) -> Result<Action, ReconcileError> {
         self.status.phase = Some(phases::FAILED.into());
         self.status.finished_at = Some(self.ctx.now().to_string());
         self.status.queue = None;
@@ -172,6 +182,7 @@ impl Run<'_> {
                 "no plan could be made",
             ));
         }
+        desired.extend(extra);
         self.write(desired).await?;
         Ok(Action::await_change())
     }

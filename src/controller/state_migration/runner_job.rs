@@ -8,6 +8,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::run::{Run, WAIT, current_conditions, is_permanent, migration_id};
+use super::views;
 use crate::api::labels::MIGRATION_LABEL;
 use crate::api::runner::Runner;
 use crate::api::state_store::StateStore;
@@ -62,6 +63,7 @@ pub(super) async fn runner_step(
             // The Job was recorded and is gone (deleted by hand): its outcome is unknown.
             return job_failed(
                 run,
+                store,
                 engine,
                 &job_name,
                 "JobDeleted",
@@ -137,7 +139,7 @@ pub(super) async fn runner_step(
             run.succeed(message, approved).await
         }
         JobOutcome::Failed { reason, message } => {
-            job_failed(run, engine, &job_name, &reason, &message, runner).await
+            job_failed(run, store, engine, &job_name, &reason, &message, runner).await
         }
     }
 }
@@ -146,6 +148,7 @@ pub(super) async fn runner_step(
 /// saying what was done and what to do.
 async fn job_failed(
     run: &mut Run<'_>,
+    store: &StateStore,
     engine: &Store,
     job_name: &str,
     reason: &str,
@@ -167,14 +170,16 @@ async fn job_failed(
         Ok(report) => {
             run.status.restored = Some(true);
             run.status.to_version = Some(report.to_version);
+            let replaced = report.pre_rollback_backup.as_ref().map(|b| b.id.clone());
+            let views = views::after_restore(run, store, engine, replaced.as_deref()).await;
             let message = format!(
-                "{what}; the store was restored from backup {backup_id} (version {}){}. Read the \
-                 Job's logs, fix the cause, and create a new StateMigration",
+                "{what}; the store was restored from backup {backup_id} (version {}){}{}. Read \
+                 the Job's logs, fix the cause, and create a new StateMigration",
                 report.to_version,
-                report
-                    .pre_rollback_backup
-                    .map(|b| format!("; what the Job left is kept in backup {}", b.id))
-                    .unwrap_or_default()
+                replaced
+                    .map(|id| format!("; what the Job left is kept in backup {id}"))
+                    .unwrap_or_default(),
+                views::note(run)
             );
             run.ctx
                 .notify(
@@ -185,7 +190,10 @@ async fn job_failed(
                     &format!("restored backup {backup_id} after {what}"),
                 )
                 .await;
-            run.fail(reason, message).await
+            let action = run
+                .fail_with(reason, message, views.conditions.clone())
+                .await?;
+            Ok(views.then(action))
         }
         Err(e) => {
             run.status.restored = Some(false);
