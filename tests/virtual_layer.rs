@@ -139,8 +139,33 @@ fn statekeeper(project: &Project, args: &[&str]) -> Output {
         .env("STATEKEEPER_FRAMEWORK", "sqlmesh")
         .env_remove("STATEKEEPER_SCHEMA")
         .env("PATH", path)
+        .current_dir(&project.dir)
         .output()
         .expect("run statekeeper")
+}
+
+/// `statekeeper state rollback` to the scenario's backup, re-pointing views, with `extra` flags.
+fn rollback_repointing(scenario: &Scenario, extra: &[&str]) -> Output {
+    let project_dir = scenario.project.dir.to_string_lossy().into_owned();
+    let mut args = vec![
+        "state",
+        "rollback",
+        "--backup-id",
+        &scenario.backup,
+        "--repoint-views",
+        "--project",
+        &project_dir,
+    ];
+    args.extend_from_slice(extra);
+    statekeeper(&scenario.project, &args)
+}
+
+/// The command a restore prints for fixing stale views.
+fn fix_command(said: &str) -> String {
+    said.lines()
+        .find_map(|l| l.split_once("fix them with (same --database-url): "))
+        .map(|(_, command)| command.trim().to_owned())
+        .unwrap_or_else(|| panic!("no command: {said}"))
 }
 
 fn text(out: &Output) -> String {
@@ -294,21 +319,7 @@ async fn assert_views_match_state(scenario: &Scenario) {
 
 async fn rollback_repoints_views(postgres_warehouse: bool) {
     let scenario = scenario(postgres_warehouse).await;
-    let project_dir = scenario.project.dir.to_string_lossy().into_owned();
-    let out = statekeeper(
-        &scenario.project,
-        &[
-            "state",
-            "rollback",
-            "--backup-id",
-            &scenario.backup,
-            "--repoint-views",
-            "--project",
-            &project_dir,
-            "--gateway",
-            "test",
-        ],
-    );
+    let out = rollback_repointing(&scenario, &["--gateway", "test"]);
     let said = text(&out);
     assert!(out.status.success(), "rollback: {said}");
     assert!(
@@ -341,18 +352,7 @@ async fn an_unreachable_warehouse_leaves_the_restore_and_prints_the_command_that
     });
     scenario.project.write_config();
     let project_dir = scenario.project.dir.to_string_lossy().into_owned();
-    let out = statekeeper(
-        &scenario.project,
-        &[
-            "state",
-            "rollback",
-            "--backup-id",
-            &scenario.backup,
-            "--repoint-views",
-            "--project",
-            &project_dir,
-        ],
-    );
+    let out = rollback_repointing(&scenario, &[]);
     let said = text(&out);
     assert_eq!(out.status.code(), Some(3), "restored, views stale: {said}");
     assert!(said.contains("rolled back schema \"sqlmesh\""), "{said}");
@@ -368,11 +368,7 @@ async fn an_unreachable_warehouse_leaves_the_restore_and_prints_the_command_that
         !stale_line.contains("dev ("),
         "dev did not change: {stale_line}"
     );
-    let command = said
-        .lines()
-        .find_map(|l| l.split_once("fix them with (same --database-url): "))
-        .map(|(_, command)| command.trim().to_owned())
-        .unwrap_or_else(|| panic!("no command: {said}"));
+    let command = fix_command(&said);
     assert!(
         command.starts_with("statekeeper state repoint-views --framework sqlmesh")
             && command.contains(&project_dir),
@@ -422,11 +418,7 @@ async fn a_rollback_not_asked_to_repoint_says_how_and_a_failed_guarded_plan_is_r
         said.contains("VIEWS STALE") && said.contains("NotRequested"),
         "{said}"
     );
-    let command = said
-        .lines()
-        .find_map(|l| l.split_once("fix them with (same --database-url): "))
-        .map(|(_, command)| command.trim().replace("PROJECT_DIR", &project_dir))
-        .unwrap_or_else(|| panic!("no command: {said}"));
+    let command = fix_command(&said).replace("PROJECT_DIR", &project_dir);
     let words: Vec<&str> = command.split_whitespace().skip(1).collect();
     let fixed = statekeeper(project, &words);
     assert!(fixed.status.success(), "{command}: {}", text(&fixed));
@@ -440,8 +432,9 @@ async fn a_rollback_not_asked_to_repoint_says_how_and_a_failed_guarded_plan_is_r
         "NO_COLOR=1 {} plan --auto-apply --no-prompts >/dev/null && exit 1",
         sqlmesh_bin()
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_statekeeper"))
-        .args([
+    let out = statekeeper(
+        project,
+        &[
             "state",
             "run",
             "--backup",
@@ -452,23 +445,8 @@ async fn a_rollback_not_asked_to_repoint_says_how_and_a_failed_guarded_plan_is_r
             "sh",
             "-c",
             &script,
-        ])
-        .current_dir(&project.dir)
-        .env("STATEKEEPER_DATABASE_URL", &project.database_url)
-        .env("STATEKEEPER_FRAMEWORK", "sqlmesh")
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                Path::new(sqlmesh_bin())
-                    .parent()
-                    .expect("venv bin")
-                    .display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
-        .output()
-        .expect("run statekeeper");
+        ],
+    );
     let said = text(&out);
     project.edit(file, to, from);
     assert_eq!(out.status.code(), Some(1), "the command's status: {said}");
@@ -483,20 +461,7 @@ async fn a_rollback_not_asked_to_repoint_says_how_and_a_failed_guarded_plan_is_r
 async fn repointing_refuses_another_sqlmesh_version_and_other_frameworks() {
     let scenario = scenario(false).await;
     let project_dir = scenario.project.dir.to_string_lossy().into_owned();
-    let out = statekeeper(
-        &scenario.project,
-        &[
-            "state",
-            "rollback",
-            "--backup-id",
-            &scenario.backup,
-            "--repoint-views",
-            "--project",
-            &project_dir,
-            "--sqlmesh",
-            old_sqlmesh_bin(),
-        ],
-    );
+    let out = rollback_repointing(&scenario, &["--sqlmesh", old_sqlmesh_bin()]);
     let said = text(&out);
     assert_eq!(out.status.code(), Some(3), "{said}");
     assert!(
