@@ -422,9 +422,14 @@ fn interval_line(intervals: &Capped<IntervalChange>, lines: &mut Vec<String>) {
         counted(intervals.count, "model versions")
     );
     if intervals.truncated == 0 {
-        line.push_str(&format!(
-            "; {gaining} gain intervals, {losing} lose intervals"
-        ));
+        let mut parts = Vec::new();
+        if gaining > 0 {
+            parts.push(format!("{gaining} with new intervals"));
+        }
+        if losing > 0 {
+            parts.push(format!("{losing} with intervals gone"));
+        }
+        line.push_str(&format!(" ({})", parts.join(", ")));
     }
     lines.push(line);
 }
