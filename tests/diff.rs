@@ -13,7 +13,7 @@ use sqlx::AssertSqlSafe;
 use statekeeper::engine::diff::report::Change;
 use statekeeper::engine::{
     Compression, Destination, DiffOptions, DiffReport, DiffSide, Error, ExportFormat,
-    ExportOptions, FileSource, Framework, Store,
+    ExportOptions, FileSource, Framework, Operation, Store,
 };
 use support::TestDb;
 use support::operator::{
@@ -187,6 +187,41 @@ async fn sqlmesh_a_backup_against_the_store_shows_the_model_that_moved_and_its_s
         assert!(same.identical, "{same:#?}");
         assert_eq!(same.summary_lines(), ["no differences"]);
     }
+
+    // A backup of another SQLMesh state version (one taken before a `sqlmesh migrate`) is not
+    // compared: SQLMesh's tables change shape between versions. A rollback plan says why it shows
+    // no changes, and stands.
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE sqlmesh__backup_{}._statekeeper_backup SET schema_version = schema_version - 1",
+        backup.id
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let refused = store
+        .diff(
+            Side::Backup(backup.id.clone()),
+            Side::Live,
+            &DiffOptions::default(),
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(Error::Incomparable { .. })),
+        "{refused:?}"
+    );
+    let rollback = Operation::Rollback {
+        backup_id: Some(&backup.id),
+    };
+    let changes = store.plan(rollback, true).await.unwrap().changes.unwrap();
+    assert_eq!(changes.summary.len(), 1, "{changes:?}");
+    assert!(
+        changes.summary[0].starts_with(&format!(
+            "not compared: cannot compare the store now with backup {}: one holds SQLMesh state \
+             schema version",
+            backup.id
+        )),
+        "{changes:?}"
+    );
 }
 
 #[tokio::test]
