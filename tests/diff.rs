@@ -120,8 +120,8 @@ async fn sqlmesh_a_backup_against_the_store_shows_the_model_that_moved_and_its_s
     let sqlmesh = report.sqlmesh.as_ref().unwrap();
     // prod, and only prod, changed: top_items moved from the backup's version to a new one.
     let environments = &sqlmesh.environments;
-    assert_eq!(environments.count, 1, "{environments:#?}");
-    let prod = &environments.items[0];
+    assert_eq!(environments.count(), 1, "{environments:#?}");
+    let prod = &environments.changed.items[0];
     assert_eq!((prod.name.as_str(), prod.change), ("prod", Change::Changed));
     assert_eq!(prod.models.count, 1, "{prod:#?}");
     let moved = &prod.models.items[0];
@@ -167,7 +167,7 @@ async fn sqlmesh_a_backup_against_the_store_shows_the_model_that_moved_and_its_s
     // The other way round, each difference is reversed.
     let back = diff(&store, Side::Live, Side::Backup(backup.id.clone())).await;
     let sqlmesh = back.sqlmesh.as_ref().unwrap();
-    let moved = &sqlmesh.environments.items[0].models.items[0];
+    let moved = &sqlmesh.environments.changed.items[0].models.items[0];
     assert_eq!(
         (moved.from.clone(), moved.to.clone()),
         (Some(new), Some(old))
@@ -337,17 +337,21 @@ async fn statekeeper_environments_versions_and_checkpoints_differ_by_what_they_a
 
     let report = diff(&store, Side::Backup(backup.clone()), Side::Live).await;
     let s = report.statekeeper.as_ref().unwrap();
-    let environments: Vec<(&str, Change, u64)> = s
+    let environments: Vec<(Change, &str, u64)> = s
         .environments
-        .items
-        .iter()
-        .map(|e| (e.name.as_str(), e.change, e.models.count))
+        .lists()
+        .into_iter()
+        .flat_map(|(change, list)| {
+            list.items
+                .iter()
+                .map(move |e| (change, e.name.as_str(), e.models.count))
+        })
         .collect();
     assert_eq!(
         environments,
-        [("feature", Change::Added, 1), ("prod", Change::Changed, 1)]
+        [(Change::Changed, "prod", 1), (Change::Added, "feature", 1)]
     );
-    let moved = &s.environments.items[1].models.items[0];
+    let moved = &s.environments.changed.items[0].models.items[0];
     assert_eq!(moved.name, model);
     assert_eq!(moved.from.as_ref().unwrap().version, old_version);
     assert_eq!(moved.to.as_ref().unwrap().version, "v-new");
@@ -507,9 +511,9 @@ async fn the_cli_caps_lists_at_the_limit_with_exact_counts_and_exits_zero_either
     assert_eq!(added["items"].as_array().unwrap().len(), 5);
     assert_eq!(added["truncated"], 295);
     let environments = &report["statekeeper"]["environments"];
-    assert_eq!(environments["count"], 3);
-    for environment in environments["items"].as_array().unwrap() {
-        assert_eq!(environment["change"], "added");
+    assert_eq!(environments["added"]["count"], 3);
+    assert_eq!(environments["changed"]["count"], 0);
+    for environment in environments["added"]["items"].as_array().unwrap() {
         let models = &environment["models"];
         assert!(models["items"].as_array().unwrap().len() <= 5);
         assert_eq!(

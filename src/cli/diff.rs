@@ -8,8 +8,7 @@ use super::files::IdentityArgs;
 use super::transfer;
 use crate::engine::backup::validate_backup_id;
 use crate::engine::diff::report::{
-    Capped, Change, CheckpointEntry, EnvironmentDiff, IntervalChange, MeltanoDiff, OneSided,
-    VersionEntry, VersionRef,
+    Capped, CheckpointEntry, Environments, IntervalChange, MeltanoDiff, OneSided, VersionEntry,
 };
 use crate::engine::words::counted;
 use crate::engine::{
@@ -226,47 +225,41 @@ fn more<T>(list: &Capped<T>, what: &str, indent: &str, out: &mut String) {
     }
 }
 
-/// `changed 2, added 1`: the kinds of what the list holds (counted among the items shown).
-fn kinds(list: &Capped<EnvironmentDiff>) -> String {
-    let mut parts = Vec::new();
-    for change in [Change::Changed, Change::Added, Change::Removed] {
-        let n = list.items.iter().filter(|e| e.change == change).count();
-        if n > 0 {
-            parts.push(format!("{n} {}", change.as_str()));
-        }
-    }
-    if list.truncated > 0 {
-        parts.push(format!("{} more", list.truncated));
-    }
-    parts.join(", ")
-}
-
-fn environments(list: &Capped<EnvironmentDiff>, out: &mut String) {
+fn environments(list: &Environments, out: &mut String) {
     if list.is_empty() {
         return;
     }
-    out.push_str(&format!("\n\nenvironments: {}", kinds(list)));
-    let version = |v: &Option<VersionRef>| {
-        v.as_ref()
-            .map_or_else(|| "(none)".to_owned(), |v| format!("version {}", v.version))
-    };
-    for e in &list.items {
-        out.push_str(&format!(
-            "\n  {:<8} {} ({})",
-            e.change.as_str(),
-            e.name,
-            counted(e.models.count, "models")
-        ));
-        let rows: Vec<Vec<String>> = e
-            .models
-            .items
-            .iter()
-            .map(|m| vec![m.name.clone(), version(&m.from), "→".into(), version(&m.to)])
-            .collect();
-        out.push_str(&aligned(&rows, "      "));
-        more(&e.models, " models", "      ", out);
+    let kinds: Vec<String> = list
+        .lists()
+        .iter()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(change, l)| format!("{} {}", l.count, change.as_str()))
+        .collect();
+    out.push_str(&format!("\n\nenvironments: {}", kinds.join(", ")));
+    for (change, environments) in list.lists() {
+        for e in &environments.items {
+            out.push_str(&format!(
+                "\n  {:<8} {} ({})",
+                change.as_str(),
+                e.name,
+                counted(e.models.count, "models")
+            ));
+            let rows: Vec<Vec<String>> = e
+                .models
+                .items
+                .iter()
+                .map(|m| vec![m.name.clone(), m.side(&m.from), "→".into(), m.side(&m.to)])
+                .collect();
+            out.push_str(&aligned(&rows, "      "));
+            more(&e.models, " models", "      ", out);
+        }
+        more(
+            environments,
+            &format!(" {} environments", change.as_str()),
+            "  ",
+            out,
+        );
     }
-    more(list, " environments", "  ", out);
 }
 
 fn version_row(v: &VersionEntry, id: &str) -> Vec<String> {

@@ -130,7 +130,7 @@ async fn round(
         .statekeeper
         .map(|s| {
             (
-                s.environments.count,
+                s.environments.count(),
                 s.versions.added.count + s.versions.removed.count,
                 s.checkpoints.added.count + s.checkpoints.removed.count,
             )

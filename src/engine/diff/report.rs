@@ -96,8 +96,47 @@ impl Change {
 #[serde(rename_all = "camelCase")]
 pub struct EnvironmentDiff {
     pub name: String,
+    /// Which list of [`Environments`] it is in.
+    #[serde(skip)]
     pub change: Change,
     pub models: Capped<ModelMove>,
+}
+
+/// The environments that differ, by what happened to them: each list capped, each count exact.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Environments {
+    pub changed: Capped<EnvironmentDiff>,
+    pub added: Capped<EnvironmentDiff>,
+    pub removed: Capped<EnvironmentDiff>,
+}
+
+impl Environments {
+    /// Counts `environment` in its list, and keeps it while that list has room.
+    pub fn push(&mut self, environment: EnvironmentDiff, limit: usize) {
+        match environment.change {
+            Change::Changed => self.changed.push(environment, limit),
+            Change::Added => self.added.push(environment, limit),
+            Change::Removed => self.removed.push(environment, limit),
+        }
+    }
+
+    /// The lists, changed first.
+    pub fn lists(&self) -> [(Change, &Capped<EnvironmentDiff>); 3] {
+        [
+            (Change::Changed, &self.changed),
+            (Change::Added, &self.added),
+            (Change::Removed, &self.removed),
+        ]
+    }
+
+    pub fn count(&self) -> u64 {
+        self.changed.count + self.added.count + self.removed.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count() == 0
+    }
 }
 
 /// A model of an environment: the version it had in FROM and has in TO (none: not there).
@@ -121,13 +160,29 @@ pub struct VersionRef {
 }
 
 impl ModelMove {
-    /// `shop.orders: version 12 → 34`.
+    /// `shop.orders: version 12 → version 34`.
     pub fn describe(&self) -> String {
-        let side = |s: &Option<VersionRef>| {
-            s.as_ref()
-                .map_or_else(|| "(none)".to_owned(), |s| format!("version {}", s.version))
+        format!(
+            "{}: {} → {}",
+            self.name,
+            self.side(&self.from),
+            self.side(&self.to)
+        )
+    }
+
+    /// `version 12`; with the identifier (its first 12 characters) when both sides have one
+    /// version, and only the identifier tells them apart.
+    pub fn side(&self, side: &Option<VersionRef>) -> String {
+        let Some(v) = side else {
+            return "(none)".to_owned();
         };
-        format!("{}: {} → {}", self.name, side(&self.from), side(&self.to))
+        let same = matches!((&self.from, &self.to), (Some(a), Some(b)) if a.version == b.version);
+        if same {
+            let short: String = v.identifier.chars().take(12).collect();
+            format!("version {} ({short})", v.version)
+        } else {
+            format!("version {}", v.version)
+        }
     }
 }
 
@@ -216,7 +271,7 @@ pub struct BookmarkChange {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SqlmeshDiff {
-    pub environments: Capped<EnvironmentDiff>,
+    pub environments: Environments,
     /// Snapshots (by name and identifier) on one side only.
     pub snapshots: OneSided<VersionEntry>,
     /// Model versions whose intervals differ.
@@ -226,7 +281,7 @@ pub struct SqlmeshDiff {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatekeeperDiff {
-    pub environments: Capped<EnvironmentDiff>,
+    pub environments: Environments,
     /// Model versions (by name and fingerprint) on one side only.
     pub versions: OneSided<VersionEntry>,
     /// Checkpoints (by environment, time, plan and description) on one side only.
@@ -334,45 +389,25 @@ impl DiffReport {
     }
 }
 
-/// One line per kind of environment change: `1 environment changed: prod (2 models)`.
-fn environment_lines(environments: &Capped<EnvironmentDiff>, lines: &mut Vec<String>) {
-    for change in [Change::Changed, Change::Added, Change::Removed] {
-        let of_kind: Vec<&EnvironmentDiff> = environments
-            .items
-            .iter()
-            .filter(|e| e.change == change)
-            .collect();
-        if of_kind.is_empty() {
+/// One line per kind of environment change, with exact counts: `1 environment changed: prod
+/// (shop.orders: version 1 → version 2)`, `2 environments removed: a, b`.
+fn environment_lines(environments: &Environments, lines: &mut Vec<String>) {
+    for (change, list) in environments.lists() {
+        if list.is_empty() {
             continue;
         }
-        let shown: Vec<String> = of_kind
-            .iter()
-            .take(SUMMARY_NAMES)
-            .map(|e| {
+        let text = names(list, |e| match (change, e.models.count) {
+            (_, 0) => e.name.clone(),
+            (Change::Changed, 1) => {
                 let moves: Vec<String> = e.models.items.iter().map(ModelMove::describe).collect();
-                match (change, e.models.count) {
-                    (_, 0) => e.name.clone(),
-                    (Change::Changed, 1) => format!("{} ({})", e.name, moves.join("")),
-                    (_, n) => format!("{} ({})", e.name, counted(n, "models")),
-                }
-            })
-            .collect();
-        let mut text = shown.join(", ");
-        let more = of_kind.len().saturating_sub(SUMMARY_NAMES);
-        if more > 0 {
-            text.push_str(&format!(" and {more} more"));
-        }
-        let kind = of_kind.len() as u64;
+                format!("{} ({})", e.name, moves.join(""))
+            }
+            (_, n) => format!("{} ({})", e.name, counted(n, "models")),
+        });
         lines.push(format!(
             "{} {}: {text}",
-            counted(kind, "environments"),
+            counted(list.count, "environments"),
             change.as_str()
-        ));
-    }
-    if environments.truncated > 0 {
-        lines.push(format!(
-            "and {} more",
-            counted(environments.truncated, "environments")
         ));
     }
 }

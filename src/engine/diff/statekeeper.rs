@@ -8,8 +8,8 @@ use futures::TryStreamExt as _;
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::report::{
-    Capped, Change, CheckpointEntry, EnvironmentDiff, ModelMove, OneSided, StatekeeperDiff,
-    VersionEntry, VersionRef,
+    Capped, Change, CheckpointEntry, EnvironmentDiff, Environments, ModelMove, OneSided,
+    StatekeeperDiff, VersionEntry, VersionRef,
 };
 use crate::engine::Error;
 use crate::engine::identifier::SchemaName;
@@ -51,7 +51,7 @@ async fn environments(
     to: &SchemaName,
     limit: usize,
     merge: bool,
-) -> Result<Capped<EnvironmentDiff>, Error> {
+) -> Result<Environments, Error> {
     let refs = |s: &SchemaName| {
         format!(
             "SELECT r.environment, r.model_name, v.fingerprint, v.version
@@ -77,7 +77,7 @@ async fn environments(
         from = from.quoted(),
         to = to.quoted(),
     );
-    let mut out = Capped::default();
+    let mut out = Environments::default();
     let mut current: Option<EnvironmentDiff> = None;
     // An environment on both sides whose own row is the same: it is changed only if a model is.
     let mut unchanged: Option<String> = None;
@@ -137,12 +137,7 @@ async fn environments(
     Ok(out)
 }
 
-fn flush(
-    current: &mut Option<EnvironmentDiff>,
-    out: &mut Capped<EnvironmentDiff>,
-    limit: usize,
-    merge: bool,
-) {
+fn flush(current: &mut Option<EnvironmentDiff>, out: &mut Environments, limit: usize, merge: bool) {
     if let Some(entry) = current.take()
         && !(merge && entry.change == Change::Removed)
     {
