@@ -378,6 +378,38 @@ async fn statekeeper_environments_versions_and_checkpoints_differ_by_what_they_a
         ]
     );
 
+    // A merge of the whole backup, planned: only what it adds or replaces (prod's version and
+    // checkpoint come back; the new environment and version stay).
+    let merge = ok(&cli(
+        &db.url,
+        &[
+            "state",
+            "plan",
+            "import",
+            "--backup-id",
+            &backup,
+            "--merge",
+            "-o",
+            "json",
+        ],
+    ));
+    let merge: Value = serde_json::from_str(&merge).unwrap();
+    let changes = &merge["changes"];
+    assert!(
+        changes["compared"]
+            .as_str()
+            .unwrap()
+            .contains("merged with backup"),
+        "{merge:#}"
+    );
+    assert_eq!(
+        changes["summary"],
+        json!([
+            format!("1 environment changed: prod ({model}: version v-new → version {old_version})"),
+            format!("checkpoints: 1 added (prod {})", checkpoint.created_at),
+        ])
+    );
+
     // Exports of the store compare as the store, whatever their format: statekeeper's own
     // renumbers versions and checkpoints on import, and they are matched by what they are.
     for format in [ExportFormat::Exact, ExportFormat::Statekeeper] {

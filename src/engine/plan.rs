@@ -268,7 +268,15 @@ impl Store {
             Operation::Rollback { backup_id } => {
                 let restored = backup::find(&mut tx, self.schema(), backup_id).await?;
                 self.plan_rollback(&planning, &mut plan, &restored);
-                plan.changes = Some(self.rollback_changes(&mut tx, &planning, &restored).await?);
+                let compared = format!(
+                    "the store now → backup {}: what the rollback restores (added) and undoes \
+                     (removed)",
+                    restored.id
+                );
+                let changes = self
+                    .backup_changes(&mut tx, &planning, &restored, compared, false)
+                    .await?;
+                plan.changes = Some(changes);
             }
             Operation::Reset { allow_reset } => {
                 self.plan_reset(&planning, &mut plan, allow_reset)?
@@ -289,7 +297,19 @@ impl Store {
                     expected_sha256,
                     backup: from_backup.as_ref(),
                 };
-                self.plan_import(&planning, &mut plan, &source, mode, selection)?
+                self.plan_import(&planning, &mut plan, &source, mode, selection)?;
+                // A merge of a whole backup (a restore in part names what it takes instead).
+                if let Some(merged) = from_backup.as_ref().filter(|_| selection.is_empty()) {
+                    let compared = format!(
+                        "the store now → the store merged with backup {}: what the backup adds \
+                         or replaces (nothing else goes)",
+                        merged.id
+                    );
+                    let changes = self
+                        .backup_changes(&mut tx, &planning, merged, compared, true)
+                        .await?;
+                    plan.changes = Some(changes);
+                }
             }
             Operation::Copy { from, label } => {
                 self.plan_copy(&planning, &mut plan, from, label).await?
@@ -393,19 +413,17 @@ impl Store {
         plan.restores = Some(restored.clone());
     }
 
-    /// What a rollback changes: the store now against the backup, in the plan's snapshot. A diff
-    /// that cannot run (a backup of another SQLMesh state version, a table its version lacks) is
-    /// no failure of the plan: its changes say why instead.
-    async fn rollback_changes(
+    /// What a rollback to a backup (or a merge of it) changes: the store now against the backup,
+    /// in the plan's snapshot. A diff that cannot run (a backup of another SQLMesh state version, a
+    /// table its version lacks) is no failure of the plan: its changes say why instead.
+    async fn backup_changes(
         &self,
         tx: &mut PgConnection,
         planning: &Planning,
         restored: &BackupInfo,
+        compared: String,
+        merge: bool,
     ) -> Result<PlanChanges, Error> {
-        let compared = format!(
-            "the store now → backup {}: what the rollback restores (added) and undoes (removed)",
-            restored.id
-        );
         if !planning.initialized {
             return Ok(PlanChanges {
                 compared,
@@ -422,7 +440,7 @@ impl Store {
         let to = Side::backup(self, restored);
         let options = DiffOptions {
             limit: PLAN_DIFF_LIMIT,
-            merge: false,
+            merge,
         };
         // In a savepoint: a diff that fails leaves the plan's snapshot usable.
         let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
