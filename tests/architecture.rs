@@ -94,6 +94,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "engine::meltano_backend",
             "engine::verify",
             "engine::virtual_layer",
+            "engine::diff",
+            "engine::diff::*",
             "engine::generator",
         ],
     ),

@@ -361,6 +361,21 @@ pub struct MigrationPlan {
     /// Where the new state comes from (import file, backup, other store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// What the operation changes, from a diff of the store now with what it becomes (a
+    /// rollback: its backup), so that an approver sees what it will undo before approving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<PlannedChanges>,
+}
+
+/// A few lines of `statekeeper state diff`: environments changed, added or removed (with the
+/// models that move), versions, intervals, checkpoints or state IDs on one side only.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedChanges {
+    /// What was compared with what, e.g. `the store now → backup 20261127093000123: …`.
+    pub compared: String,
+    /// What differs, or why nothing could be compared.
+    pub summary: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

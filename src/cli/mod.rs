@@ -1,5 +1,6 @@
 //! `statekeeper`: the command line. `state …` works against any PostgreSQL URL, no cluster needed.
 
+mod diff;
 mod files;
 mod output;
 mod restore;
@@ -140,6 +141,16 @@ enum StateCommand {
     /// manifest it carries, and restore it into a scratch schema beside the store (dropped
     /// afterwards). The store is only read.
     Verify(VerifyArgs),
+    /// Show what differs between two copies of the store's state: backups, exports, the store.
+    ///
+    /// FROM and TO are each backup:ID, an export's path or URL, or live; TO left out is the store
+    /// as it is. SQLMesh: environments (which models moved from which version to which),
+    /// snapshots on one side only, intervals added or removed; statekeeper: environments, model
+    /// versions, checkpoints; Meltano: state IDs added, removed or changed (with the bookmarks
+    /// that changed). A file is restored into a scratch schema beside the store (dropped
+    /// afterwards); the store is only read. Exits 0 whether or not anything differs (JSON:
+    /// `identical`), 1 on an error.
+    Diff(diff::DiffArgs),
     /// List backups (tag, age, size), drop one, or prune them to a retention policy.
     Backups {
         #[command(subcommand)]
@@ -219,10 +230,13 @@ enum PlanOperation {
         /// The file's expected sha256 (`expectedSha256`, or the StateExport's `status.sha256`).
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
-        // As `state import --identity` takes them, so that one command line serves both; the
-        // plan does not read the file, but identities that do not parse are refused here too.
+        // As `state import --identity` takes them, so that one command line serves both: the
+        // plan reads the file to show what the import changes (`changes`, not in the hash).
         #[command(flatten)]
         identities: IdentityArgs,
+        /// Object store option KEY=VALUE for reading the file; repeatable.
+        #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = transfer::key_value)]
+        storage_options: Vec<(String, String)>,
     },
     /// Make the store equal to another store of the same framework.
     Copy {
@@ -464,6 +478,7 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
             return restored(&store, rendered, replaced.as_ref(), repoint, url, json).await;
         }
         StateCommand::Verify(verify) => verify_export(&store, verify, json).await?,
+        StateCommand::Diff(args) => diff::diff_state(&store, args, json).await?,
         StateCommand::Backups { command } => match command {
             None | Some(BackupsCommand::List) => output::backups(&store.backups().await?, json),
             Some(BackupsCommand::Drop { backup_id }) => {
@@ -568,6 +583,7 @@ fn check_location(command: &StateCommand, framework: Framework) -> Result<(), Er
         }
         StateCommand::Rollback { repoint, .. } => repoint.check(framework)?,
         StateCommand::Run(run) => run.repoint.check(framework)?,
+        StateCommand::Diff(args) => args.check()?,
         _ => {}
     }
     Ok(())
@@ -631,15 +647,16 @@ async fn plan_operation(
             merge,
             sha256,
             identities,
+            storage_options,
         } => {
-            identities.identities()?;
+            let keys = identities.identities()?;
             let selection = selection.selection(*merge)?;
             let source = match (from, backup_id) {
                 (Some(from), _) => from.clone(),
                 (None, Some(id)) => format!("backup {id}"),
                 (None, None) => String::new(),
             };
-            store
+            let plan = store
                 .plan(
                     Operation::Import {
                         source: &source,
@@ -650,7 +667,17 @@ async fn plan_operation(
                     },
                     backup,
                 )
-                .await
+                .await?;
+            match from {
+                // A restore in part is not compared: its plan names what it takes.
+                Some(url) if selection.is_empty() => {
+                    let mode = import_mode(*replace);
+                    let sha256 = sha256.as_deref();
+                    diff::with_import_changes(store, plan, url, storage_options, sha256, keys, mode)
+                        .await
+                }
+                _ => Ok(plan),
+            }
         }
         PlanOperation::Copy {
             from_database_url,

@@ -481,6 +481,12 @@ pub fn plan(p: &crate::engine::Plan, json: bool) -> String {
     if let Some(b) = &p.restores {
         out.push_str(&format!("restores: backup {}\n", backup_brief(b)));
     }
+    if let Some(changes) = &p.changes {
+        out.push_str(&format!("changes ({}):\n", changes.compared));
+        for line in &changes.summary {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
     out.push_str(&format!(
         "store now: {} tables, {} rows\n",
         p.tables.len(),

@@ -186,6 +186,14 @@ pub enum Error {
         available: String,
     },
 
+    /// `state diff` was given two sides it cannot compare.
+    #[error("cannot compare {from} with {to}: {reason}")]
+    Incomparable {
+        from: String,
+        to: String,
+        reason: String,
+    },
+
     #[error("cannot use \"{url}\": {reason}")]
     InvalidDestination { url: String, reason: String },
 
@@ -305,6 +313,7 @@ impl Error {
             Error::Busy { .. } => "StoreBusy",
             Error::UnknownEnvironments { .. } => "UnknownEnvironments",
             Error::NothingToRestore { .. } => "NothingToRestore",
+            Error::Incomparable { .. } => "Incomparable",
             Error::InvalidDestination { .. } => "InvalidDestination",
             Error::DestinationUnavailable { .. } => "DestinationUnavailable",
             Error::InvalidExportRequest(_) => "InvalidExportRequest",

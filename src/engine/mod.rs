@@ -5,6 +5,7 @@ pub mod backup;
 mod catalog;
 pub mod connection;
 pub mod destination;
+pub mod diff;
 pub mod encryption;
 mod error;
 mod exact;
@@ -41,6 +42,7 @@ pub mod words;
 pub use backup::BackupInfo;
 pub use connection::{ConnectionParts, ConnectionSettings, TlsMaterial, redact};
 pub use destination::Destination;
+pub use diff::{DiffOptions, DiffReport, DiffSide, FileSource};
 pub use encryption::{Identities, Recipients};
 pub use error::Error;
 pub use framework::{ExportFormat, Framework, StoreVersion};
@@ -48,7 +50,7 @@ pub use identifier::SchemaName;
 pub use janitor::{JanitorOptions, JanitorReport};
 pub use meltano_backend::MeltanoLocks;
 pub use migrations::{Migration, MigrationChain};
-pub use plan::{Operation, Plan};
+pub use plan::{Operation, Plan, PlanChanges};
 pub use reports::{
     InitReport, ResetApproval, ResetReport, RollbackReport, StatusReport, UpgradeReport,
 };

@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::{AssertSqlSafe, PgConnection};
+use tokio::io::AsyncRead;
 
 use super::Error;
 use super::backup::{self, BackupInfo};
+use super::diff::{self, DiffOptions, DiffReport, DiffSide, FileSource, Side};
 use super::framework::{Framework, Profile, ResetStyle};
 use super::guards;
 use super::hooks;
@@ -20,6 +22,9 @@ use crate::engine::transfer::{ImportMode, Selection};
 
 /// Hex digits of a plan hash: 64 bits, plenty to tell two plans of one store apart.
 pub const PLAN_HASH_LEN: usize = 16;
+
+/// Items a plan's diff keeps per list: its summary names only the first few.
+const PLAN_DIFF_LIMIT: usize = 20;
 
 /// An operation to plan.
 #[derive(Clone, Copy)]
@@ -107,18 +112,60 @@ pub struct Plan {
     /// changes by the second; its id is in `source`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restores: Option<BackupInfo>,
+    /// What the operation changes, from a diff of the store now with what it becomes (a
+    /// rollback: the backup; an import planned with its file at hand: the file). Not part of the
+    /// hash: it is a function of what the hash covers (the store's rows, the backup's id, the
+    /// file's sha256 when pinned), and a plan made without reading the file has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changes: Option<PlanChanges>,
     /// sha256 of everything above, first [`PLAN_HASH_LEN`] hex digits.
     pub hash: String,
+}
+
+/// What an operation changes, in the few lines of [`DiffReport::summary_lines`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanChanges {
+    /// What was compared with what: `the store now → backup 2026…`.
+    pub compared: String,
+    /// What differs (the store now is FROM: "added" is what the operation brings, "removed"
+    /// what it takes away), or why nothing could be compared.
+    pub summary: Vec<String>,
+}
+
+impl PlanChanges {
+    /// Changes that could not be compared, saying why.
+    pub fn not_compared(compared: String, why: &Error) -> Self {
+        Self {
+            compared,
+            summary: vec![format!("not compared: {why}")],
+        }
+    }
+
+    fn from_report(compared: String, report: &DiffReport) -> Self {
+        Self {
+            compared,
+            summary: report.summary_lines(),
+        }
+    }
 }
 
 impl Plan {
     fn sealed(mut self) -> Self {
         self.hash = String::new();
         let restores = self.restores.take();
+        let changes = self.changes.take();
         let canonical = serde_json::to_vec(&self).unwrap_or_default();
         let digest = hex::encode(Sha256::digest(&canonical));
         self.hash = digest[..PLAN_HASH_LEN].to_owned();
         self.restores = restores;
+        self.changes = changes;
+        self
+    }
+
+    /// The plan with what the operation changes (which leaves its hash as it is).
+    pub fn with_changes(mut self, changes: PlanChanges) -> Self {
+        self.changes = Some(changes);
         self
     }
 
@@ -210,6 +257,7 @@ impl Store {
             selection: None,
             no_op: false,
             restores: None,
+            changes: None,
             hash: String::new(),
         };
         match operation {
@@ -219,7 +267,16 @@ impl Store {
             }
             Operation::Rollback { backup_id } => {
                 let restored = backup::find(&mut tx, self.schema(), backup_id).await?;
-                self.plan_rollback(&planning, &mut plan, &restored)
+                self.plan_rollback(&planning, &mut plan, &restored);
+                let compared = format!(
+                    "the store now → backup {}: what the rollback restores (added) and undoes \
+                     (removed)",
+                    restored.id
+                );
+                let changes = self
+                    .backup_changes(&mut tx, &planning, &restored, compared, false)
+                    .await?;
+                plan.changes = Some(changes);
             }
             Operation::Reset { allow_reset } => {
                 self.plan_reset(&planning, &mut plan, allow_reset)?
@@ -240,7 +297,19 @@ impl Store {
                     expected_sha256,
                     backup: from_backup.as_ref(),
                 };
-                self.plan_import(&planning, &mut plan, &source, mode, selection)?
+                self.plan_import(&planning, &mut plan, &source, mode, selection)?;
+                // A merge of a whole backup (a restore in part names what it takes instead).
+                if let Some(merged) = from_backup.as_ref().filter(|_| selection.is_empty()) {
+                    let compared = format!(
+                        "the store now → the store merged with backup {}: what the backup adds \
+                         or replaces (nothing else goes)",
+                        merged.id
+                    );
+                    let changes = self
+                        .backup_changes(&mut tx, &planning, merged, compared, true)
+                        .await?;
+                    plan.changes = Some(changes);
+                }
             }
             Operation::Copy { from, label } => {
                 self.plan_copy(&planning, &mut plan, from, label).await?
@@ -342,6 +411,85 @@ impl Store {
             restored.id
         ));
         plan.restores = Some(restored.clone());
+    }
+
+    /// What a rollback to a backup (or a merge of it) changes: the store now against the backup,
+    /// in the plan's snapshot. A diff that cannot run (a backup of another SQLMesh state version, a
+    /// table its version lacks) is no failure of the plan: its changes say why instead.
+    async fn backup_changes(
+        &self,
+        tx: &mut PgConnection,
+        planning: &Planning,
+        restored: &BackupInfo,
+        compared: String,
+        merge: bool,
+    ) -> Result<PlanChanges, Error> {
+        if !planning.initialized {
+            return Ok(PlanChanges {
+                compared,
+                summary: vec![format!(
+                    "the store holds no state now: all of backup {} comes back ({} rows)",
+                    restored.id, restored.rows
+                )],
+            });
+        }
+        let from = Side {
+            version: Some(planning.from_version),
+            ..Side::live(self, "the store now")
+        };
+        let to = Side::backup(self, restored);
+        let options = DiffOptions {
+            limit: PLAN_DIFF_LIMIT,
+            merge,
+        };
+        // In a savepoint: a diff that fails leaves the plan's snapshot usable.
+        let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+        match diff::compare(self, &mut savepoint, &from, &to, &options).await {
+            Ok(report) => {
+                savepoint.commit().await?;
+                Ok(PlanChanges::from_report(compared, &report))
+            }
+            Err(e @ (Error::Incomparable { .. } | Error::Database(_))) => {
+                savepoint.rollback().await?;
+                Ok(PlanChanges::not_compared(compared, &e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What importing a file changes, for a plan made with the file at hand (`state plan import
+    /// --from`): the store now against the file restored in scratch; for a merge, only what the
+    /// merge changes. A file that cannot be read or restored is said in the changes rather than
+    /// failing the plan (the import itself refuses it); an unreachable database fails it.
+    pub async fn import_changes<R: AsyncRead + Unpin + Send + 'static>(
+        &self,
+        reader: R,
+        source: FileSource,
+        mode: ImportMode,
+    ) -> Result<PlanChanges, Error> {
+        let compared = match mode {
+            ImportMode::Replace => format!(
+                "the store now → {}: a replace, the store becomes the file's state",
+                source.label
+            ),
+            ImportMode::Merge => format!(
+                "the store now → the store merged with {}: what the file adds or replaces \
+                 (nothing else goes)",
+                source.label
+            ),
+        };
+        let options = DiffOptions {
+            limit: PLAN_DIFF_LIMIT,
+            merge: mode == ImportMode::Merge,
+        };
+        match self
+            .diff(DiffSide::Live, DiffSide::File(reader, source), &options)
+            .await
+        {
+            Ok(report) => Ok(PlanChanges::from_report(compared, &report)),
+            Err(e) if e.is_connection_error() => Err(e),
+            Err(e) => Ok(PlanChanges::not_compared(compared, &e)),
+        }
     }
 
     fn plan_reset(

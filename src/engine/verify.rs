@@ -106,14 +106,23 @@ impl Store {
 
     /// A new, empty store of this store's framework and version in a scratch schema: statekeeper
     /// creates its own tables there from its migrations; a framework's tables are copied from the
-    /// store's definitions, with the rows that record its version.
-    async fn scratch_store(&self) -> Result<Store, Error> {
+    /// store's definitions, with the rows that record its version. `state verify` and `state
+    /// diff` restore files into it; the caller drops it ([`drop_schema`]).
+    pub(crate) async fn scratch_store(&self) -> Result<Store, Error> {
         let mut conn = self.pool().acquire().await?;
         let version = self.require_initialized(&mut conn).await?;
         drop_stale_scratch_schemas(&mut conn, self.schema()).await?;
-        let scratch_name = self
-            .schema()
-            .scratch_schema(&Utc::now().format("%Y%m%d%H%M%S%3f").to_string());
+        // A diff of two files makes two in the same millisecond: each gets a name of its own.
+        let mut at = Utc::now();
+        let scratch_name = loop {
+            let name = self
+                .schema()
+                .scratch_schema(&at.format("%Y%m%d%H%M%S%3f").to_string());
+            if !catalog::schema_exists(&mut conn, name.as_str()).await? {
+                break name;
+            }
+            at += ChronoDuration::milliseconds(1);
+        };
         let scratch = Store::new(self.pool().clone(), scratch_name)
             .with_framework(self.framework())
             .with_chain(self.chain().clone())
@@ -268,7 +277,7 @@ async fn restored_rows(
     Ok(Some(count.max(0) as u64))
 }
 
-async fn drop_schema(pool: &PgPool, schema: &SchemaName) -> Result<(), Error> {
+pub(crate) async fn drop_schema(pool: &PgPool, schema: &SchemaName) -> Result<(), Error> {
     sqlx::query(AssertSqlSafe(format!(
         "DROP SCHEMA IF EXISTS {} CASCADE",
         schema.quoted()

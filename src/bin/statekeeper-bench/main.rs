@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use statekeeper::engine::generator::GenerateOptions;
 
+mod diff_bench;
 mod export_import;
 mod janitor_bench;
 mod meltano_bench;
@@ -60,6 +61,18 @@ enum Command {
         /// with plain runs (3 of each, medians), and print the encrypted/plain ratios.
         #[arg(long)]
         encrypt: bool,
+    },
+    /// `state diff` at growing sizes: a backup against the store and an exact export against the
+    /// store, after a day of changes, next to an export and an import of the same store in the
+    /// same run (wall time, peak RSS of each).
+    Diff {
+        #[command(flatten)]
+        target: Target,
+        /// Model versions per round.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        sizes: Vec<u64>,
+        #[arg(long, default_value_t = 200)]
+        environments: u32,
     },
     /// Meltano's state export and import (and its way into a file state backend) next to
     /// statekeeper's, on state the real Meltano wrote, in the same run on the same server; both
@@ -310,6 +323,14 @@ async fn run(cli: Cli) -> BenchResult<()> {
                 &sizes,
             )
             .await
+        }
+        Command::Diff {
+            target,
+            sizes,
+            environments,
+        } => {
+            let url = server_url(target.database_url.as_deref()).await?;
+            diff_bench::run(&url, &target.schema, &sizes, environments).await
         }
         Command::Janitor {
             target,

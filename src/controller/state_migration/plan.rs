@@ -7,7 +7,9 @@ use super::inputs::{Inputs, Stop, resolve_inputs};
 use super::requested::Requested;
 use super::run::{APPROVED, Run, is_permanent};
 use crate::api::phases;
-use crate::api::state_migration::{MigrationPlan, PlannedTable, StateMigrationStatus};
+use crate::api::state_migration::{
+    MigrationPlan, PlannedChanges, PlannedTable, StateMigrationStatus,
+};
 use crate::api::state_store::StateStore;
 use crate::controller::conditions::Desired;
 use crate::controller::context::ReconcileError;
@@ -101,6 +103,10 @@ pub(super) fn record_plan(status: &mut StateMigrationStatus, plan: &Plan) {
         backup: plan.backup.clone(),
         job: plan.job.clone(),
         source: plan.source.clone(),
+        changes: plan.changes.as_ref().map(|c| PlannedChanges {
+            compared: c.compared.clone(),
+            summary: c.summary.clone(),
+        }),
     });
 }
 

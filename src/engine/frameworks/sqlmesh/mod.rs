@@ -5,7 +5,7 @@
 pub mod environments;
 pub mod export;
 pub mod import;
-mod intervals;
+pub(crate) mod intervals;
 pub mod profile;
 
 use std::collections::BTreeMap;
