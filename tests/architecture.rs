@@ -53,6 +53,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "engine::transfer",
             "engine::janitor_report",
             "engine::retention",
+            "engine::job_report",
         ],
     ),
     ("store core", &["engine::store"]),

@@ -3,6 +3,7 @@
 mod diff;
 mod files;
 mod output;
+mod report;
 mod restore;
 mod transfer;
 mod views;
@@ -74,6 +75,10 @@ pub struct StateArgs {
     /// Seconds to wait for another operation on the same store before giving up.
     #[arg(long, default_value_t = 30, global = true)]
     lock_timeout: u64,
+    /// For the operator's Jobs: on success, keep the JSON report (implies -o json) under this
+    /// operation id beside the store, or fail (cli::report, engine::job_report).
+    #[arg(long, env = "STATEKEEPER_REPORT_ID", global = true, hide = true)]
+    report_id: Option<String>,
     #[command(subcommand)]
     command: StateCommand,
 }
@@ -408,12 +413,61 @@ async fn execute(args: &StateArgs) -> Result<(String, u8), Error> {
         )
     })?;
     check_location(&args.command, args.framework)?;
+    if let Some(id) = &args.report_id {
+        let export_to = match &args.command {
+            StateCommand::Export(export) => Some(export.to.as_str()),
+            _ => None,
+        };
+        report::check(id, export_to)?;
+    }
     let pool = ConnectionSettings::from_url(url)?.connect().await?;
     let store = Store::new(pool, schema)
         .with_framework(args.framework)
         .with_actor(format!("cli:{}", whoami()))
         .with_lock_timeout(std::time::Duration::from_secs(args.lock_timeout));
-    let json = args.output == OutputFormat::Json;
+    // A recorded report is the JSON one, so a Job's output is that too.
+    let json = args.output == OutputFormat::Json || args.report_id.is_some();
+    let (rendered, status) = dispatch(args, &store, url, json).await?;
+    if let Some(id) = &args.report_id
+        && status == 0
+    {
+        report::record(&store, id, command_name(&args.command), &rendered).await?;
+    }
+    Ok((rendered, status))
+}
+
+/// The command's name, as a recorded report's kind.
+fn command_name(command: &StateCommand) -> &'static str {
+    match command {
+        StateCommand::Init { .. } => "init",
+        StateCommand::Status => "status",
+        StateCommand::Backup => "backup",
+        StateCommand::Upgrade { .. } => "upgrade",
+        StateCommand::Rollback { .. } => "rollback",
+        StateCommand::RepointViews(_) => "repoint-views",
+        StateCommand::Reset { .. } => "reset",
+        StateCommand::Janitor(_) => "janitor",
+        StateCommand::Export(_) => "export",
+        StateCommand::Import(_) => "import",
+        StateCommand::Verify(_) => "verify",
+        StateCommand::Diff(_) => "diff",
+        StateCommand::Backups { command } => match command {
+            None | Some(BackupsCommand::List) => "backups list",
+            Some(BackupsCommand::Drop { .. }) => "backups drop",
+            Some(BackupsCommand::Prune(_)) => "backups prune",
+        },
+        StateCommand::Plan(_) => "plan",
+        StateCommand::Run(_) => "run",
+    }
+}
+
+/// Runs one command against the store: its rendered report and exit status.
+async fn dispatch(
+    args: &StateArgs,
+    store: &Store,
+    url: &str,
+    json: bool,
+) -> Result<(String, u8), Error> {
     let rendered = match &args.command {
         StateCommand::Init {
             target_version,

@@ -19,7 +19,7 @@ use super::identifier::{BACKUP_ID_LEN, SchemaName, quote_ident};
 /// The table inside every backup schema that describes the backup.
 pub const BACKUP_METADATA_TABLE: &str = "_statekeeper_backup";
 
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupInfo {
     pub id: String,
@@ -30,7 +30,7 @@ pub struct BackupInfo {
     /// The store's schema version when the backup was taken.
     pub schema_version: i32,
     /// Further version facts of the store at the time (SQLMesh's and SQLGlot's versions).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub version_details: BTreeMap<String, String>,
     /// Why it was taken, its tag: see [`TAGS`].
     pub reason: String,

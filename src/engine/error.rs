@@ -252,6 +252,22 @@ pub enum Error {
         identities: usize,
     },
 
+    /// An operation id a Job's report would be kept under is not one (`engine::job_report`).
+    #[error("invalid operation id \"{id}\": {reason}")]
+    InvalidOperationId { id: String, reason: String },
+
+    /// The command's work was done, but its report could not be kept: the operator must not
+    /// count the operation as succeeded.
+    #[error(
+        "the {kind} was done but its report was not recorded under operation \"{operation}\": \
+         {reason}; it does not count as succeeded"
+    )]
+    ReportNotRecorded {
+        operation: String,
+        kind: String,
+        reason: String,
+    },
+
     /// The server went away or ended the session mid-operation (a restart, a failover, a
     /// network cut). The transaction either committed whole or changed nothing.
     #[error("lost the connection to PostgreSQL: {0}")]
@@ -324,6 +340,8 @@ impl Error {
             Error::InvalidEncryptionKey { .. } => "InvalidEncryptionKey",
             Error::IdentityRequired { .. } => "IdentityRequired",
             Error::NoMatchingIdentity { .. } => "NoMatchingIdentity",
+            Error::InvalidOperationId { .. } => "InvalidOperationId",
+            Error::ReportNotRecorded { .. } => "ReportNotRecorded",
             Error::ConnectionLost(_) => "DatabaseUnreachable",
             Error::Database(sqlx::Error::PoolTimedOut) => "ConnectTimeout",
             Error::Database(_) => "DatabaseError",

@@ -10,6 +10,9 @@ pub const MAX_IDENTIFIER_BYTES: usize = 63;
 pub const BACKUP_INFIX: &str = "__backup_";
 /// Separator between a store schema and the id of a scratch schema `state verify` restores into.
 pub const SCRATCH_INFIX: &str = "__verify_";
+/// Suffix of the schema beside a store that holds statekeeper's own bookkeeping about it (the
+/// reports its Jobs leave, `engine::job_report`), never a framework's tables.
+pub const REPORTS_SUFFIX: &str = "__statekeeper";
 /// Backup ids are UTC timestamps with milliseconds: `YYYYMMDDHHMMSSmmm`.
 pub const BACKUP_ID_LEN: usize = 17;
 /// The longest store schema whose backup schema names still fit in 63 bytes.
@@ -62,6 +65,11 @@ impl SchemaName {
                 "'{SCRATCH_INFIX}' is reserved for the scratch schemas of `state verify`"
             )));
         }
+        if name.contains(REPORTS_SUFFIX) {
+            return Err(invalid(format!(
+                "'{REPORTS_SUFFIX}' is reserved for the schema statekeeper keeps beside a store"
+            )));
+        }
         Ok(Self(name.to_owned()))
     }
 
@@ -83,6 +91,12 @@ impl SchemaName {
     /// schema's name (the infixes have the same length).
     pub fn scratch_schema(&self, id: &str) -> Self {
         Self(format!("{}{SCRATCH_INFIX}{id}", self.0))
+    }
+
+    /// The schema beside the store where statekeeper keeps its own bookkeeping about it (Jobs'
+    /// reports): shorter than a backup schema's name, so it always fits.
+    pub fn reports_schema(&self) -> String {
+        format!("{}{REPORTS_SUFFIX}", self.0)
     }
 
     /// The backup schema with the given (validated) id, as a schema of its own: only the engine
@@ -158,6 +172,9 @@ mod tests {
             "pg_catalog",
             "information_schema",
             "x__backup_1",
+            "x__verify_1",
+            "x__statekeeper",
+            "x__statekeeper_2",
             "é",
             too_long.as_str(),
         ] {
@@ -176,6 +193,13 @@ mod tests {
             schema.backup_schema(&"9".repeat(BACKUP_ID_LEN)).len(),
             MAX_IDENTIFIER_BYTES
         );
+    }
+
+    #[test]
+    fn reports_schema_fits_and_is_no_store_name() {
+        let schema = SchemaName::new(&"s".repeat(MAX_SCHEMA_BYTES)).unwrap();
+        assert!(schema.reports_schema().len() <= MAX_IDENTIFIER_BYTES);
+        assert!(SchemaName::new(&schema.reports_schema()).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::framework::Framework;
 
@@ -48,7 +48,8 @@ impl Default for JanitorOptions {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+/// Read back from its JSON (a Job's report) as the CLI prints it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JanitorReport {
     pub dry_run: bool,
@@ -69,7 +70,13 @@ pub struct JanitorReport {
     pub runs: u64,
     /// Meltano runs marked failed because they went stale.
     pub stale_runs_failed: u64,
-    #[serde(skip)]
+    /// Not serialised here (the CLI adds `durationMs`); read back from `durationMs`.
+    #[serde(
+        skip_serializing,
+        default,
+        rename = "durationMs",
+        deserialize_with = "super::transfer::duration_from_ms"
+    )]
     pub duration: Duration,
 }
 

@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::backup::BackupInfo;
 use super::framework::Framework;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AppliedStep {
     pub version: i32,
@@ -60,7 +60,7 @@ pub struct StatusReport {
     pub backups: Vec<BackupInfo>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UpgradeReport {
     pub schema: String,
@@ -72,7 +72,7 @@ pub struct UpgradeReport {
     pub duration_ms: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RollbackReport {
     pub schema: String,

@@ -55,14 +55,15 @@ pub struct ExportOptions {
     pub recipients: Recipients,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+/// Read back from its JSON (a Job's report, `engine::job_report`) as the CLI prints it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExportReport {
     pub framework: Framework,
     pub format: ExportFormat,
     pub schema_version: i32,
     /// Further version facts (SQLMesh's version, Meltano's Alembic revision).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub versions: BTreeMap<String, String>,
     pub environments: u64,
     /// Rows per table.
@@ -70,14 +71,20 @@ pub struct ExportReport {
     /// Bytes written, after compression (and encryption).
     pub bytes: u64,
     /// How many age recipients the file is encrypted to (0: not encrypted).
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub encrypted_to: u64,
     /// Hex sha256 of the bytes written (encrypted ones, when encrypted); none for a folder of
     /// files (`meltano-backend`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     pub compression: Compression,
-    #[serde(skip)]
+    /// Not serialised here (the CLI adds `durationMs`); read back from `durationMs`.
+    #[serde(
+        skip_serializing,
+        default,
+        rename = "durationMs",
+        deserialize_with = "super::transfer::duration_from_ms"
+    )]
     pub duration: Duration,
 }
 
@@ -115,7 +122,7 @@ impl ExportReport {
 /// How an import treats what the store holds. No default: replacing is never implied (the CLI
 /// and StateMigrations merge unless told to replace, as `sqlmesh state import` and
 /// `meltano state import` do).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImportMode {
     /// The store ends up equal to the file.
@@ -240,17 +247,17 @@ impl Selection {
 }
 
 /// What a restore in part restored.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Restored {
     /// Environments restored, by name.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub environments: Vec<String>,
     /// Models whose snapshots or versions were restored, by name as the store spells them.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<String>,
     /// Meltano state IDs restored (globs expanded).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub state_ids: Vec<String>,
     /// Snapshots (SQLMesh) or model versions (statekeeper) written with them.
     pub versions: u64,
@@ -284,7 +291,9 @@ impl Restored {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// Read back from its JSON as the CLI prints it; of the manifest, only whether one was checked
+/// survives (read back as an empty manifest).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ImportReport {
     /// The framework of the store imported into.
     pub framework: Framework,
@@ -302,7 +311,11 @@ pub struct ImportReport {
     pub compression: Compression,
     /// The manifest the file carries, which every table matched; none in files written before
     /// exports carried one, and in Meltano's format.
-    #[serde(rename = "checkedAgainstManifest", serialize_with = "is_some")]
+    #[serde(
+        rename = "checkedAgainstManifest",
+        serialize_with = "is_some",
+        deserialize_with = "checked"
+    )]
     pub manifest: Option<Manifest>,
     /// The store as it was before the import.
     pub backup: Option<BackupInfo>,
@@ -312,13 +325,19 @@ pub struct ImportReport {
     /// A restore in part: what it restored (everything else stayed as it was).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored: Option<Restored>,
-    #[serde(skip)]
+    /// Not serialised here (the CLI adds `durationMs`); read back from `durationMs`.
+    #[serde(
+        skip_serializing,
+        default,
+        rename = "durationMs",
+        deserialize_with = "super::transfer::duration_from_ms"
+    )]
     pub duration: Duration,
 }
 
 /// What a replace removed: the store's environments (or Meltano state IDs) that the file does
 /// not have.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Removed {
     /// "environments" or "state IDs".
@@ -364,4 +383,18 @@ pub const REMOVED_NAMES: i64 = 10;
 /// Serialises an option as whether it is there.
 fn is_some<T, S: serde::Serializer>(value: &Option<T>, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_bool(value.is_some())
+}
+
+/// Reads `checkedAgainstManifest` back: a manifest was checked (its content is not in a report).
+fn checked<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Manifest>, D::Error> {
+    Ok(bool::deserialize(deserializer)?.then(Manifest::default))
+}
+
+/// Reads a report's `durationMs` back as a duration.
+pub(crate) fn duration_from_ms<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Duration, D::Error> {
+    Ok(Duration::from_millis(u64::deserialize(deserializer)?))
 }

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Duration as ChronoDuration, NaiveDateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use tokio::io::AsyncRead;
 
@@ -32,7 +32,8 @@ pub struct VerifyOptions {
     pub identities: Identities,
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// Read back from its JSON (a Job's report) as the CLI prints it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VerifyReport {
     pub format: ExportFormat,
@@ -44,11 +45,17 @@ pub struct VerifyReport {
     /// sha256 given, in formats that carry none).
     pub manifest: bool,
     pub tables: Vec<VerifiedTable>,
-    #[serde(skip)]
+    /// Not serialised here (the CLI adds `durationMs`); read back from `durationMs`.
+    #[serde(
+        skip_serializing,
+        default,
+        rename = "durationMs",
+        deserialize_with = "super::transfer::duration_from_ms"
+    )]
     pub duration: Duration,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VerifiedTable {
     pub name: String,
