@@ -11,7 +11,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::State(args) => {
             init_logging(false);
-            statekeeper::cli::run_state(args).await
+            statekeeper::cli::run_state(*args).await
         }
         Command::Crd => match statekeeper::api::crds_yaml() {
             Ok(yaml) => {

@@ -297,6 +297,8 @@ async fn an_export_records_its_report_and_a_failed_one_records_nothing() {
         .expect("the export's report");
     assert_eq!(recorded.kind, "export");
     assert_eq!(recorded.report, printed);
+    let password = db.password();
+    assert!(password.is_empty() || !recorded.report.to_string().contains(&password));
     let report: ExportReport = recorded.parse().unwrap();
     let bytes = std::fs::read(&file).unwrap();
     assert_eq!(

@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Operate on a state store directly.
-    State(StateArgs),
+    State(Box<StateArgs>),
     /// Run the Kubernetes operator (reconciles StateStore resources).
     Operator(crate::controller::OperatorArgs),
     /// Print the CustomResourceDefinitions as YAML.
@@ -492,14 +492,14 @@ async fn dispatch(
             output::upgrade(&store.upgrade(*target_version).await?, json)
         }
         StateCommand::Rollback { backup_id, repoint } => {
-            let report = rollback(&store, backup_id.as_deref()).await?;
+            let report = rollback(store, backup_id.as_deref()).await?;
             let rendered = output::rollback(&report, json);
             let replaced = report.pre_rollback_backup.as_ref();
-            return restored(&store, rendered, replaced, repoint, url, json).await;
+            return restored(store, rendered, replaced, repoint, url, json).await;
         }
         StateCommand::RepointViews(repoint) => {
-            let (env, secrets) = (run_environment(url, &store), secrets_of(url));
-            return views::repoint_views(&store, repoint, env, secrets, json).await;
+            let (env, secrets) = (run_environment(url, store), secrets_of(url));
+            return views::repoint_views(store, repoint, env, secrets, json).await;
         }
         StateCommand::Reset {
             allow_reset,
@@ -525,14 +525,14 @@ async fn dispatch(
                 .await?;
             output::janitor(&report, &released, json)
         }
-        StateCommand::Export(export) => export_state(&store, export, json).await?,
+        StateCommand::Export(export) => export_state(store, export, json).await?,
         StateCommand::Import(import) => {
-            let (rendered, replaced) = import_state(&store, import, json).await?;
+            let (rendered, replaced) = import_state(store, import, json).await?;
             let repoint = &import.repoint;
-            return restored(&store, rendered, replaced.as_ref(), repoint, url, json).await;
+            return restored(store, rendered, replaced.as_ref(), repoint, url, json).await;
         }
-        StateCommand::Verify(verify) => verify_export(&store, verify, json).await?,
-        StateCommand::Diff(args) => diff::diff_state(&store, args, json).await?,
+        StateCommand::Verify(verify) => verify_export(store, verify, json).await?,
+        StateCommand::Diff(args) => diff::diff_state(store, args, json).await?,
         StateCommand::Backups { command } => match command {
             None | Some(BackupsCommand::List) => output::backups(&store.backups().await?, json),
             Some(BackupsCommand::Drop { backup_id }) => {
@@ -550,9 +550,9 @@ async fn dispatch(
                 output::pruned(&store.prune_backups(&options).await?, json)
             }
         },
-        StateCommand::Plan(plan) => output::plan(&plan_operation(&store, plan, args).await?, json),
+        StateCommand::Plan(plan) => output::plan(&plan_operation(store, plan, args).await?, json),
         StateCommand::Run(run) => {
-            let env = run_environment(url, &store);
+            let env = run_environment(url, store);
             let report = store.run_guarded(&run.command, &env, run.backup).await?;
             let rendered = output::run(&report, json);
             let Some(restore) = &report.restored else {
@@ -560,7 +560,7 @@ async fn dispatch(
             };
             let replaced = restore.pre_rollback_backup.as_ref();
             let (rendered, _) =
-                restored(&store, rendered, replaced, &run.repoint, url, json).await?;
+                restored(store, rendered, replaced, &run.repoint, url, json).await?;
             return Ok((rendered, report.outcome.exit_code()));
         }
     };
