@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use statekeeper::engine::job_report;
-use statekeeper::engine::{Error, ExportReport, JanitorReport, SchemaName};
+use statekeeper::engine::{Error, ExportReport, ImportReport, JanitorReport, SchemaName};
 use support::{TestDb, schemas, snapshot};
 
 fn statekeeper(url: &str, args: &[&str]) -> Output {
@@ -322,6 +322,30 @@ async fn an_export_records_its_report_and_a_failed_one_records_nothing() {
         },
         again
     );
+
+    // The import of that file reports back too, with the backup it took and its manifest check.
+    let out = statekeeper(
+        &db.url,
+        &[
+            "state",
+            "import",
+            "--from",
+            file_arg,
+            "--replace",
+            "--report-id",
+            "import-1",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let import = job_report::read(&pool, store.schema(), "import-1")
+        .await
+        .unwrap()
+        .expect("the import's report");
+    assert_eq!(import.kind, "import");
+    let import: ImportReport = import.parse().unwrap();
+    assert_eq!(Some(import.sha256.as_str()), report.sha256.as_deref());
+    assert!(import.manifest.is_some(), "checked against its manifest");
+    assert!(import.backup.is_some(), "the replaced state's backup");
 
     // The environment variable names it too, and the janitor's report reads back.
     let out = Command::new(env!("CARGO_BIN_EXE_statekeeper"))
