@@ -468,8 +468,19 @@ async fn killed_before_the_commit_leaves_no_report() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("failpoint job_report.before_commit"),
+        "killed at the point: {}",
+        stderr(&out)
+    );
     let none: Option<job_report::JobReport> = job_report::read(&pool, store.schema(), "killed-2")
         .await
         .unwrap();
     assert_eq!(none, None);
+    // The schema made in the same transaction went with it.
+    assert!(
+        !schemas(&mut db.conn().await)
+            .await
+            .contains(&"statekeeper__statekeeper".into())
+    );
 }
