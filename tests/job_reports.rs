@@ -85,7 +85,8 @@ async fn record_read_replace_forget_and_prune() {
         .await
         .unwrap_err();
     assert!(
-        err.to_string().contains("already has a export report"),
+        err.to_string()
+            .contains("already has a report of kind \"export\""),
         "{err}"
     );
     assert_eq!(

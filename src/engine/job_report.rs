@@ -152,8 +152,8 @@ pub async fn record(
     let Some((kind, report, recorded_at)) = row else {
         let existing = read_kind(&mut tx, schema, operation_id).await?;
         return Err(Error::InvalidOperation(format!(
-            "operation \"{operation_id}\" already has a {} report; an operation id names one \
-             operation",
+            "operation \"{operation_id}\" already has a report of kind \"{}\"; an operation id \
+             names one operation",
             existing.unwrap_or_default()
         )));
     };
