@@ -3,9 +3,13 @@
 //! shows of it.
 
 use chrono::{SecondsFormat, TimeZone, Utc};
+use futures::TryStreamExt as _;
 use serde::Serialize;
+use sqlx::{AssertSqlSafe, PgConnection};
 
+use crate::engine::Error;
 use crate::engine::framework::Framework;
+use crate::engine::identifier::{SchemaName, quote_ident};
 use crate::engine::words::counted;
 
 /// How many names a summary line shows before it says "and N more".
@@ -68,6 +72,49 @@ impl<T> Default for OneSided<T> {
 impl<T> OneSided<T> {
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl OneSided<VersionEntry> {
+    /// Rows of `table` (SQLMesh's `_snapshots`, statekeeper's `model_versions`) on one side only,
+    /// by `name` and `key_column`, with their `version`. With `merge`, only what `to` adds.
+    pub(super) async fn versions_by_key(
+        conn: &mut PgConnection,
+        from: &SchemaName,
+        to: &SchemaName,
+        table: &str,
+        key_column: &str,
+        limit: usize,
+        merge: bool,
+    ) -> Result<Self, Error> {
+        let (table, key) = (quote_ident(table), quote_ident(key_column));
+        let sql = format!(
+            "SELECT COALESCE(f.name, t.name), COALESCE(f.{key}, t.{key}),
+                    COALESCE(f.version, t.version), f.name IS NULL
+             FROM {from}.{table} f
+             FULL JOIN {to}.{table} t ON f.name = t.name AND f.{key} = t.{key}
+             WHERE f.name IS NULL OR t.name IS NULL
+             ORDER BY 1, 2",
+            from = from.quoted(),
+            to = to.quoted(),
+        );
+        let mut out = Self::default();
+        let mut rows =
+            sqlx::query_as::<_, (String, String, Option<String>, bool)>(AssertSqlSafe(sql))
+                .fetch(&mut *conn);
+        while let Some((name, identifier, version, added)) = rows.try_next().await? {
+            let entry = VersionEntry {
+                name,
+                identifier,
+                version,
+            };
+            if added {
+                out.added.push(entry, limit);
+            } else if !merge {
+                out.removed.push(entry, limit);
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -8,7 +8,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::report::{
     Capped, Change, EnvironmentDiff, IntervalChange, ModelMove, OneSided, Range, SqlmeshDiff,
-    VersionEntry, VersionRef,
+    VersionRef,
 };
 use crate::engine::Error;
 use crate::engine::frameworks::sqlmesh::environments::{self, EnvironmentChange, SnapshotRef};
@@ -31,7 +31,9 @@ pub(super) async fn diff(
         }
         out.environments.push(environment(change, limit), limit);
     }
-    out.snapshots = snapshots(conn, from, to, limit, merge).await?;
+    // Snapshots by their key (name and identifier) on one side only.
+    out.snapshots =
+        OneSided::versions_by_key(conn, from, to, "_snapshots", "identifier", limit, merge).await?;
     out.intervals = interval_changes(conn, from, to, limit, merge).await?;
     Ok(out)
 }
@@ -61,42 +63,6 @@ fn environment(change: EnvironmentChange, limit: usize) -> EnvironmentDiff {
         },
         models,
     }
-}
-
-/// Snapshots by their key (name and identifier) on one side only.
-async fn snapshots(
-    conn: &mut PgConnection,
-    from: &SchemaName,
-    to: &SchemaName,
-    limit: usize,
-    merge: bool,
-) -> Result<OneSided<VersionEntry>, Error> {
-    let sql = format!(
-        "SELECT COALESCE(f.name, t.name), COALESCE(f.identifier, t.identifier),
-                COALESCE(f.version, t.version), f.name IS NULL
-         FROM {from}._snapshots f
-         FULL JOIN {to}._snapshots t ON f.name = t.name AND f.identifier = t.identifier
-         WHERE f.name IS NULL OR t.name IS NULL
-         ORDER BY 1, 2",
-        from = from.quoted(),
-        to = to.quoted(),
-    );
-    let mut out = OneSided::default();
-    let mut rows = sqlx::query_as::<_, (String, String, Option<String>, bool)>(AssertSqlSafe(sql))
-        .fetch(&mut *conn);
-    while let Some((name, identifier, version, added)) = rows.try_next().await? {
-        let entry = VersionEntry {
-            name,
-            identifier,
-            version,
-        };
-        if added {
-            out.added.push(entry, limit);
-        } else if !merge {
-            out.removed.push(entry, limit);
-        }
-    }
-    Ok(out)
 }
 
 /// One `_intervals` row of a model version, with its side.

@@ -9,7 +9,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::report::{
     Capped, Change, CheckpointEntry, EnvironmentDiff, Environments, ModelMove, OneSided,
-    StatekeeperDiff, VersionEntry, VersionRef,
+    StatekeeperDiff, VersionRef,
 };
 use crate::engine::Error;
 use crate::engine::identifier::SchemaName;
@@ -26,7 +26,17 @@ pub(super) async fn diff(
 ) -> Result<StatekeeperDiff, Error> {
     Ok(StatekeeperDiff {
         environments: environments(conn, from, to, limit, merge).await?,
-        versions: versions(conn, from, to, limit, merge).await?,
+        // Model versions by name and fingerprint on one side only.
+        versions: OneSided::versions_by_key(
+            conn,
+            from,
+            to,
+            "model_versions",
+            "fingerprint",
+            limit,
+            merge,
+        )
+        .await?,
         checkpoints: checkpoints(conn, from, to, limit, merge).await?,
     })
 }
@@ -143,42 +153,6 @@ fn flush(current: &mut Option<EnvironmentDiff>, out: &mut Environments, limit: u
     {
         out.push(entry, limit);
     }
-}
-
-/// Model versions by name and fingerprint on one side only.
-async fn versions(
-    conn: &mut PgConnection,
-    from: &SchemaName,
-    to: &SchemaName,
-    limit: usize,
-    merge: bool,
-) -> Result<OneSided<VersionEntry>, Error> {
-    let sql = format!(
-        "SELECT COALESCE(f.name, t.name), COALESCE(f.fingerprint, t.fingerprint),
-                COALESCE(f.version, t.version), f.name IS NULL
-         FROM {from}.model_versions f
-         FULL JOIN {to}.model_versions t ON f.name = t.name AND f.fingerprint = t.fingerprint
-         WHERE f.name IS NULL OR t.name IS NULL
-         ORDER BY 1, 2",
-        from = from.quoted(),
-        to = to.quoted(),
-    );
-    let mut out = OneSided::default();
-    let mut rows =
-        sqlx::query_as::<_, (String, String, String, bool)>(AssertSqlSafe(sql)).fetch(&mut *conn);
-    while let Some((name, identifier, version, added)) = rows.try_next().await? {
-        let entry = VersionEntry {
-            name,
-            identifier,
-            version: Some(version),
-        };
-        if added {
-            out.added.push(entry, limit);
-        } else if !merge {
-            out.removed.push(entry, limit);
-        }
-    }
-    Ok(out)
 }
 
 type CheckpointRow = (
